@@ -1,0 +1,82 @@
+"""The collaboration state machine: which step may move a session where, and who may take it.
+
+PROPOSED -> ACTIVE -> COMPLETED, PROPOSED -> DECLINED, PROPOSED/ACTIVE -> EXPIRED.
+Pure functions: the store applies the result inside its transaction.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+
+from .errors import failed_precondition, permission_denied
+
+State = pb.CollaborationState
+OPEN_STATES = (State.COLLABORATION_STATE_PROPOSED, State.COLLABORATION_STATE_ACTIVE)
+
+
+class Step(enum.Enum):
+    ACCEPT = "accept"
+    DECLINE = "decline"
+    PROGRESS = "report progress on"
+    COMPLETE = "complete"
+
+
+# (step, from state) -> to state
+_TRANSITIONS: dict[tuple[Step, int], int] = {
+    (Step.ACCEPT, State.COLLABORATION_STATE_PROPOSED): State.COLLABORATION_STATE_ACTIVE,
+    (Step.DECLINE, State.COLLABORATION_STATE_PROPOSED): State.COLLABORATION_STATE_DECLINED,
+    (Step.PROGRESS, State.COLLABORATION_STATE_ACTIVE): State.COLLABORATION_STATE_ACTIVE,
+    (Step.COMPLETE, State.COLLABORATION_STATE_ACTIVE): State.COLLABORATION_STATE_COMPLETED,
+}
+_TARGET_ONLY = {Step.ACCEPT, Step.DECLINE}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Deadlines that keep sessions from waiting forever."""
+
+    proposal_ttl: timedelta = timedelta(seconds=120)  # PROPOSED must be answered within
+    activity_ttl: timedelta = timedelta(seconds=300)  # ACTIVE must see progress within
+    partner_offline_grace: timedelta = timedelta(seconds=30)  # after a partner disconnects
+    max_open_per_agent: int = 16
+
+    def deadline(self, state: int, now: datetime) -> datetime | None:
+        if state == State.COLLABORATION_STATE_PROPOSED:
+            return now + self.proposal_ttl
+        if state == State.COLLABORATION_STATE_ACTIVE:
+            return now + self.activity_ttl
+        return None
+
+
+def advance(
+    *, session_id: str, state: int, initiator: str, target: str, actor: str, step: Step
+) -> int:
+    """The state after `actor` takes `step`, or the HubError that says why not."""
+    if actor not in (initiator, target):
+        raise permission_denied(f"{actor} is not a partner of collaboration {session_id}")
+    if step in _TARGET_ONLY and actor != target:
+        raise permission_denied(
+            f"only the target ({target}) may {step.value} collaboration {session_id}"
+        )
+    new_state = _TRANSITIONS.get((step, state))
+    if new_state is None:
+        raise failed_precondition(
+            f"cannot {step.value} collaboration {session_id}: it is {State.Name(state)}"
+        )
+    return new_state
+
+
+def expiry_reason(state: int, offline_partner: str | None) -> str:
+    if offline_partner:
+        return f"partner {offline_partner} went offline"
+    if state == State.COLLABORATION_STATE_PROPOSED:
+        return "the proposal was not answered in time"
+    return "no progress was reported in time"
+
+
+def is_open(state: int) -> bool:
+    return state in OPEN_STATES

@@ -1,0 +1,91 @@
+"""Group commit: writes from every stream are queued, applied in batches of one
+transaction each, and answered only after their commit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from .commands import Command, Outcome
+from .errors import HubError, unavailable
+from .store import HubStore
+
+log = logging.getLogger(__name__)
+
+_Item = tuple[Command, "asyncio.Future[Outcome]"]
+
+
+class GroupCommitter:
+    """Queues commands (bounded), commits them in batches, publishes in `seq` order.
+
+    `on_commit` runs on the event loop for each committed outcome, in commit
+    order, before any future is resolved: events reach the router in the
+    order of their `seq`.
+    """
+
+    def __init__(
+        self,
+        store: HubStore,
+        on_commit: Callable[[Outcome], None],
+        batch_size: int = 512,
+        queue_size: int = 8192,
+    ) -> None:
+        self._store = store
+        self._on_commit = on_commit
+        self._batch_size = batch_size
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue(queue_size)
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="group-commit")
+
+    async def enqueue(self, command: Command) -> asyncio.Future[Outcome]:
+        """Wait for room in the queue; the future resolves after the commit."""
+        if self._closed:
+            raise unavailable("the hub is shutting down; reconnect and resend")
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        await self._queue.put((command, future))
+        return future
+
+    async def submit(self, command: Command) -> Outcome:
+        return await (await self.enqueue(command))
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._batch_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                results: list[Outcome | HubError] = await self._store.commit([c for c, _ in batch])
+            except Exception as exc:  # the store could not even run the batch
+                log.exception("group commit failed")
+                results = [unavailable(f"commit failed: {exc}")] * len(batch)
+            for (_, future), result in zip(batch, results, strict=True):
+                if isinstance(result, Outcome):
+                    try:
+                        self._on_commit(result)
+                    except Exception:
+                        log.exception("routing a committed event failed")
+                    if not future.done():
+                        future.set_result(result)
+                elif not future.done():
+                    future.set_exception(result)
+            for _ in batch:
+                self._queue.task_done()
+
+    async def stop(self, timeout: float) -> None:
+        """Refuse new commands, commit what is queued (within `timeout`), then stop."""
+        self._closed = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while not self._queue.empty():  # only if the timeout struck
+            _, future = self._queue.get_nowait()
+            if not future.done():
+                future.set_exception(unavailable("the hub shut down before committing this"))

@@ -1,0 +1,69 @@
+"""Hub settings: defaults, overridden by KERNELHUB_* environment variables, then by flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from .collaboration import Policy
+from .validation import Limits
+
+DEFAULT_PORT = 50051
+
+
+@dataclass
+class HubConfig:
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    database_url: str = "sqlite:///kernelhub.db"
+    # Seconds between training syncs to every agent (0: only on connect).
+    training_sync_interval: float = 30.0
+    # A stream's messages awaiting their receipt; reading pauses beyond this.
+    max_inflight_per_stream: int = 256
+    # Live events queued per connection before it falls back to reading the log.
+    outbound_queue_size: int = 1024
+    max_events_per_response: int = 64
+    replay_page_size: int = 512
+    commit_batch_size: int = 512
+    commit_queue_size: int = 8192
+    hello_timeout: float = 10.0
+    reaper_interval: float = 1.0
+    shutdown_grace: float = 5.0
+    max_message_bytes: int = 4 * 1024 * 1024
+    keepalive_time: float = 30.0
+    keepalive_timeout: float = 10.0
+    limits: Limits = field(default_factory=Limits)
+    policy: Policy = field(default_factory=Policy)
+
+    @staticmethod
+    def sqlite_url(path: str | Path) -> str:
+        return f"sqlite:///{Path(path)}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> HubConfig:
+        """Defaults overridden by KERNELHUB_HOST, KERNELHUB_PORT, KERNELHUB_DATABASE_URL,
+        KERNELHUB_DB (a SQLite path), KERNELHUB_TRAINING_SYNC_INTERVAL and, for any other
+        top-level setting, KERNELHUB_<NAME>."""
+        config = cls()
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f"KERNELHUB_{f.name.upper()}")
+            if raw is None or f.name in ("limits", "policy"):
+                continue
+            kind = type(getattr(config, f.name))
+            try:
+                setattr(config, f.name, kind(raw))
+            except ValueError:
+                raise ValueError(
+                    f"KERNELHUB_{f.name.upper()}={raw!r} is not a valid {kind.__name__}"
+                ) from None
+        if "KERNELHUB_DB" in environ and "KERNELHUB_DATABASE_URL" not in environ:
+            config.database_url = cls.sqlite_url(environ["KERNELHUB_DB"])
+        grace = environ.get("KERNELHUB_PARTNER_OFFLINE_GRACE")
+        if grace:
+            config.policy = dataclasses.replace(
+                config.policy, partner_offline_grace=timedelta(seconds=float(grace))
+            )
+        return config

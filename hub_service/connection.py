@@ -1,0 +1,174 @@
+"""One live trainer stream on the way out: what waits to be sent, and the sender.
+
+Everything waiting is bounded. Receipts and errors are bounded by the stream's
+in-flight window (a message's slot is freed only once its answer is written).
+Live events wait in a fixed-size queue; when it is full the connection stops
+taking live events and reads them back from the event log instead, in order,
+then rejoins the live feed. New connections start that way too, which is how
+replay after `resume_after_seq` works: one mechanism for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+
+from .commands import Outcome
+from .errors import HubError
+from .router import Router
+from .store import HubStore
+
+log = logging.getLogger(__name__)
+
+
+class Connection:
+    def __init__(
+        self,
+        hello: pb.Hello,
+        *,
+        store: HubStore,
+        router: Router,
+        max_inflight: int,
+        queue_size: int,
+        events_per_response: int,
+        replay_page_size: int,
+    ) -> None:
+        self.agent_id = hello.agent_id
+        self.hello = hello
+        self._window = asyncio.Semaphore(max_inflight)
+        self._unanswered = 0
+        self._all_answered = asyncio.Event()
+        self._all_answered.set()
+        self._store = store
+        self._router = router
+        self._queue_size = queue_size
+        self._per_response = events_per_response
+        self._replay_page = replay_page_size
+        # The highest seq queued or sent: nothing at or below it is sent again.
+        self.cursor = hello.resume_after_seq
+        self.catching_up = True
+        self.fell_behind = 0  # times the live queue overflowed
+        self._events: deque[pb.HubEvent] = deque()
+        self._receipts: list[pb.Receipt] = []
+        self._errors: list[pb.RequestError] = []
+        self._sync: pb.TrainingSync | None = None
+        self._wake = asyncio.Event()
+        self.end_status: tuple[grpc.StatusCode, str] | None = None
+        self.ended = asyncio.Event()
+
+    # --- called by the router and the reader ---------------------------------
+
+    def offer(self, event: pb.HubEvent) -> None:
+        if self.catching_up or event.seq <= self.cursor:
+            return
+        if len(self._events) >= self._queue_size:
+            self.catching_up = True  # the log has it; read it back when the queue drains
+            self.fell_behind += 1
+            return
+        self._events.append(event)
+        self.cursor = event.seq
+        self._wake.set()
+
+    def answer(
+        self, message_id: str, result: asyncio.Future[object] | BaseException | object
+    ) -> None:
+        """Queue the receipt or error for one message (its window slot is freed once sent)."""
+        if isinstance(result, asyncio.Future):
+            result = result.exception() or result.result()
+        if isinstance(result, Outcome):
+            self._receipts.append(
+                pb.Receipt(
+                    message_id=message_id,
+                    seq=result.seq,
+                    resource_id=result.resource_id,
+                    duplicate=result.duplicate,
+                )
+            )
+        else:
+            error = (
+                result
+                if isinstance(result, HubError)
+                else HubError(
+                    grpc.StatusCode.INTERNAL, f"the hub failed to handle this message: {result}"
+                )
+            )
+            self._errors.append(error.to_request_error(message_id))
+        self._wake.set()
+
+    def send_sync(self, sync: pb.TrainingSync) -> None:
+        self._sync = sync  # only the latest matters
+        self._wake.set()
+
+    def end(self, code: grpc.StatusCode, message: str) -> None:
+        if self.end_status is None:
+            self.end_status = (code, message)
+        self.ended.set()
+        self._wake.set()
+
+    async def admit(self) -> None:
+        """Take a window slot for one incoming message; waits while the window is full."""
+        await self._window.acquire()
+        self._unanswered += 1
+        self._all_answered.clear()
+
+    async def wait_all_answered(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._all_answered.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # --- the sender -----------------------------------------------------------
+
+    async def run_sender(
+        self, welcome: pb.Welcome, write: Callable[[pb.ConnectResponse], Awaitable[None]]
+    ) -> None:
+        await write(pb.ConnectResponse(welcome=welcome))
+        while not self.ended.is_set():
+            if self.catching_up and not self._events:
+                await self._read_back()
+            if not (self._events or self._receipts or self._errors or self._sync):
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                continue
+            await self._flush(write)
+
+    async def _flush(self, write: Callable[[pb.ConnectResponse], Awaitable[None]]) -> None:
+        receipts, self._receipts = self._receipts, []
+        errors, self._errors = self._errors, []
+        count = min(len(self._events), self._per_response)
+        response = pb.ConnectResponse(
+            receipts=receipts,
+            errors=errors,
+            events=[self._events.popleft() for _ in range(count)],
+        )
+        if self._sync is not None:
+            response.training_sync.CopyFrom(self._sync)
+            self._sync = None
+        await write(response)
+        for _ in range(len(receipts) + len(errors)):
+            self._window.release()
+        self._unanswered -= len(receipts) + len(errors)
+        if self._unanswered == 0:
+            self._all_answered.set()
+
+    async def _read_back(self) -> None:
+        """Fill the queue from the event log; rejoin the live feed once level with it."""
+        published = self._router.last_published_seq
+        events = await self._store.events_for(self.agent_id, self.cursor, self._replay_page)
+        for event in events:
+            if event.seq > self.cursor:
+                self._events.append(event)
+                self.cursor = event.seq
+        if len(events) < self._replay_page and self._router.last_published_seq == published:
+            # Every event up to `published` was committed before the read, so the
+            # read saw all of them; anything later will be offered live.
+            self.catching_up = False

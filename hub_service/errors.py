@@ -1,0 +1,79 @@
+"""The one exception type the hub's domain code raises, and its two wire forms:
+an in-stream `RequestError` and a rich `google.rpc.Status` for unary RPCs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+
+
+class HubError(Exception):
+    """A request the hub refuses, with the status code and the sentence that says why."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        violations: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.violations = list(violations)
+
+    def to_request_error(self, message_id: str) -> pb.RequestError:
+        return pb.RequestError(
+            message_id=message_id,
+            code=self.code.value[0],
+            code_name=self.code.name,
+            message=self.message,
+            field_violations=[
+                pb.FieldViolation(field=f, description=d) for f, d in self.violations
+            ],
+        )
+
+    def to_status(self) -> grpc.Status:
+        """A status carrying `BadRequest` details, which grpcurl and other clients print."""
+        details = []
+        if self.violations:
+            bad_request = error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                    for f, d in self.violations
+                ]
+            )
+            packed = any_pb2.Any()
+            packed.Pack(bad_request)
+            details.append(packed)
+        status = status_pb2.Status(
+            code=getattr(code_pb2, self.code.name), message=self.message, details=details
+        )
+        return rpc_status.to_status(status)
+
+
+def invalid(violations: Sequence[tuple[str, str]]) -> HubError:
+    """INVALID_ARGUMENT whose message lists every bad field."""
+    summary = "; ".join(f"{field}: {why}" for field, why in violations)
+    return HubError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {summary}", violations)
+
+
+def not_found(what: str) -> HubError:
+    return HubError(grpc.StatusCode.NOT_FOUND, f"{what} not found")
+
+
+def failed_precondition(message: str) -> HubError:
+    return HubError(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
+def permission_denied(message: str) -> HubError:
+    return HubError(grpc.StatusCode.PERMISSION_DENIED, message)
+
+
+def unavailable(message: str) -> HubError:
+    return HubError(grpc.StatusCode.UNAVAILABLE, message)

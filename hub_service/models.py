@@ -1,0 +1,175 @@
+"""Database tables (SQLModel). Protobuf bodies are stored as bytes beside the
+columns that queries filter on, so a row is served without re-assembling it."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import UTC, datetime
+
+from sqlalchemy import Column, Index, LargeBinary
+from sqlmodel import Field, SQLModel
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id(prefix: str) -> str:
+    """Time-ordered id (48-bit milliseconds + 64 random bits): inserts stay
+    append-mostly in the primary-key index, which is several times faster than
+    random UUIDs, and ids sort by creation."""
+    return f"{prefix}_{time.time_ns() // 1_000_000:012x}{int.from_bytes(os.urandom(8)):016x}"
+
+
+class AgentRow(SQLModel, table=True):
+    __tablename__ = "agent"
+    agent_id: str = Field(primary_key=True, max_length=128)
+    specialization: int = 0
+    capabilities: str = ""  # newline-separated
+    version: str = ""
+    online: bool = False
+    last_seen_at: datetime = Field(default_factory=utcnow)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class TokenRow(SQLModel, table=True):
+    __tablename__ = "token"
+    token_id: str = Field(primary_key=True, max_length=64)
+    agent_id: str = Field(index=True, max_length=128)
+    token_hash: str = Field(unique=True, max_length=64)  # sha256 hex; plaintext is never stored
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+class EventRow(SQLModel, table=True):
+    """The event log: one row per hub event, `seq` global and increasing."""
+
+    __tablename__ = "event"
+    seq: int = Field(primary_key=True)
+    sender_id: str = Field(max_length=128)
+    # True: every agent but the sender receives it; False: only event_recipient rows.
+    broadcast: bool
+    created_at: datetime = Field(default_factory=utcnow)
+    body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # serialized HubEvent
+
+
+class EventRecipientRow(SQLModel, table=True):
+    __tablename__ = "event_recipient"
+    __table_args__ = (Index("ix_event_recipient_agent_seq", "agent_id", "seq"),)
+    seq: int = Field(primary_key=True)
+    agent_id: str = Field(primary_key=True, max_length=128)
+
+
+class ReceivedMessageRow(SQLModel, table=True):
+    """Idempotency ledger: a (agent, message_id) seen before gets its old receipt back."""
+
+    __tablename__ = "received_message"
+    agent_id: str = Field(primary_key=True, max_length=128)
+    message_id: str = Field(primary_key=True, max_length=128)
+    seq: int = 0
+    resource_id: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ArtifactRow(SQLModel, table=True):
+    __tablename__ = "artifact"
+    __table_args__ = (
+        Index("ix_artifact_kind_seq", "kind", "seq"),
+        Index("ix_artifact_contributor_seq", "contributor_id", "seq"),
+        Index("ix_artifact_specialization_seq", "specialization", "seq"),
+    )
+    artifact_id: str = Field(primary_key=True, max_length=64)
+    seq: int = Field(unique=True)
+    kind: int
+    contributor_id: str = Field(max_length=128)
+    specialization: int = 0
+    name: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+    body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # serialized Artifact
+
+
+class FeatureRequestRow(SQLModel, table=True):
+    __tablename__ = "feature_request"
+    request_id: str = Field(primary_key=True, max_length=64)
+    seq: int = Field(unique=True)
+    requester_id: str = Field(index=True, max_length=128)
+    feature: str
+    delivery_count: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+    body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # FeatureRequestInfo
+
+
+class FeatureDeliveryRow(SQLModel, table=True):
+    __tablename__ = "feature_delivery"
+    artifact_id: str = Field(primary_key=True, max_length=64)
+    request_id: str = Field(index=True, max_length=64)
+    deliverer_id: str = Field(max_length=128)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class CollaborationRow(SQLModel, table=True):
+    __tablename__ = "collaboration"
+    __table_args__ = (
+        Index("ix_collaboration_initiator", "initiator_id"),
+        Index("ix_collaboration_target", "target_id"),
+        Index("ix_collaboration_state_expires", "state", "expires_at"),
+    )
+    session_id: str = Field(primary_key=True, max_length=64)
+    initiator_id: str = Field(max_length=128)
+    target_id: str = Field(max_length=128)
+    type: int
+    description: str = ""
+    state: int
+    progress: float = 0.0
+    last_note: str = ""
+    end_reason: str = ""
+    result_artifact_id: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime | None = None
+
+
+def capabilities_of(row: AgentRow) -> list[str]:
+    return row.capabilities.split("\n") if row.capabilities else []
+
+
+def agent_to_proto(row: AgentRow) -> pb.AgentInfo:
+    info = pb.AgentInfo(
+        agent_id=row.agent_id,
+        specialization=row.specialization,  # type: ignore[arg-type]
+        capabilities=capabilities_of(row),
+        version=row.version,
+        online=row.online,
+    )
+    info.last_seen_time.FromDatetime(row.last_seen_at)
+    return info
+
+
+def collaboration_to_proto(row: CollaborationRow) -> pb.Collaboration:
+    collab = pb.Collaboration(
+        session_id=row.session_id,
+        initiator_id=row.initiator_id,
+        target_id=row.target_id,
+        type=row.type,  # type: ignore[arg-type]
+        description=row.description,
+        state=row.state,  # type: ignore[arg-type]
+        progress=row.progress,
+        last_note=row.last_note,
+        end_reason=row.end_reason,
+        result_artifact_id=row.result_artifact_id,
+    )
+    collab.create_time.FromDatetime(row.created_at)
+    collab.update_time.FromDatetime(row.updated_at)
+    if row.expires_at is not None:
+        collab.expire_time.FromDatetime(row.expires_at)
+    return collab
+
+
+def feature_request_to_proto(row: FeatureRequestRow) -> pb.FeatureRequestInfo:
+    info = pb.FeatureRequestInfo.FromString(row.body)
+    info.delivery_count = row.delivery_count
+    return info

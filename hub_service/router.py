@@ -1,0 +1,55 @@
+"""Fan-out: hands each committed event to the live connections entitled to it.
+
+This is the one seam between "committed" and "delivered". A multi-replica
+deployment would feed it from the shared database's notifications instead of
+the local committer; connections would not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from .commands import Outcome
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+
+class Router:
+    def __init__(self) -> None:
+        self._connections: dict[str, Connection] = {}
+        # Highest seq handed out; every event up to it is committed.
+        self.last_published_seq = 0
+
+    def attach(self, connection: Connection) -> Connection | None:
+        """Make `connection` the agent's live one; returns the one it supersedes."""
+        old = self._connections.get(connection.agent_id)
+        self._connections[connection.agent_id] = connection
+        return old
+
+    def detach(self, connection: Connection) -> bool:
+        """Forget `connection`; False if a newer one had already superseded it."""
+        if self._connections.get(connection.agent_id) is connection:
+            del self._connections[connection.agent_id]
+            return True
+        return False
+
+    def connections(self) -> Iterator[Connection]:
+        return iter(list(self._connections.values()))
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    def publish(self, outcome: Outcome) -> None:
+        for routed in outcome.events:
+            event = routed.event
+            self.last_published_seq = max(self.last_published_seq, event.seq)
+            if routed.recipients is None:
+                for agent_id, connection in self._connections.items():
+                    if agent_id != event.sender_id:
+                        connection.offer(event)
+            else:
+                for agent_id in routed.recipients:
+                    if (connection := self._connections.get(agent_id)) is not None:
+                        connection.offer(event)

@@ -1,0 +1,143 @@
+"""The hub process: the gRPC server with auth, health and reflection, and its background loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+from generated.kernelhub.v1 import hub_pb2_grpc
+
+from . import commands as cmd
+from .auth import BearerAuthInterceptor
+from .committer import GroupCommitter
+from .config import HubConfig
+from .errors import HubError
+from .router import Router
+from .servicer import HubServicer
+from .store import HubStore, IssuedToken, SqlStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HubService"].full_name
+
+
+class HubServer:
+    """A running hub. `start()` binds and serves; `stop()` drains and shuts down cleanly."""
+
+    def __init__(self, config: HubConfig, store: HubStore | None = None) -> None:
+        self.config = config
+        self.store = store or SqlStore(config.database_url, config.policy)
+        self.router = Router()
+        self.committer = GroupCommitter(
+            self.store,
+            self.router.publish,
+            batch_size=config.commit_batch_size,
+            queue_size=config.commit_queue_size,
+        )
+        self.servicer = HubServicer(config, self.store, self.committer, self.router)
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._loops: list[asyncio.Task[None]] = []
+
+    async def start(self) -> int:
+        await self.store.open()
+        self.committer.start()
+        await self.committer.submit(cmd.ResetPresence())
+        self.router.last_published_seq = await self.store.head_seq()
+        self._server = grpc.aio.server(
+            interceptors=[BearerAuthInterceptor(self.store.authenticate)],
+            options=[
+                ("grpc.max_receive_message_length", self.config.max_message_bytes),
+                ("grpc.max_send_message_length", self.config.max_message_bytes),
+                ("grpc.keepalive_time_ms", int(self.config.keepalive_time * 1000)),
+                ("grpc.keepalive_timeout_ms", int(self.config.keepalive_timeout * 1000)),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.bdp_probe", 0),
+            ],
+        )
+        hub_pb2_grpc.add_HubServiceServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        await self._server.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._loops = [
+            asyncio.create_task(self._every(self.config.reaper_interval, self._expire_due)),
+        ]
+        if self.config.training_sync_interval > 0:
+            self._loops.append(
+                asyncio.create_task(
+                    self._every(
+                        self.config.training_sync_interval, self.servicer.broadcast_training_sync
+                    )
+                )
+            )
+        log.info(
+            "kernelhub listening on %s:%d (%s)",
+            self.config.host,
+            self.port,
+            _safe_url(self.config.database_url),
+        )
+        return self.port
+
+    async def issue_token(self, agent_id: str, ttl: timedelta | None = None) -> str:
+        issued: IssuedToken = await self.store.issue_token(agent_id, ttl)
+        return issued.token
+
+    async def _expire_due(self) -> None:
+        await self.committer.submit(cmd.ExpireDue())
+
+    @staticmethod
+    async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await job()
+            except HubError as error:
+                log.warning("%s: %s", getattr(job, "__name__", "periodic job"), error.message)
+            except Exception:
+                log.exception("periodic job failed")
+
+    async def stop(self) -> None:
+        """Stop taking messages, commit and acknowledge what was read, end streams, shut down."""
+        if self._server is None:
+            return
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        for loop in self._loops:
+            loop.cancel()
+        for loop in self._loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+        await self.servicer.drain(self.config.shutdown_grace)
+        await self._server.stop(self.config.shutdown_grace)
+        self._server = None
+        await self.store.close()
+        log.info("kernelhub stopped")
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+def _safe_url(url: str) -> str:
+    """The database URL without a password, for logs."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        credentials, _, host = rest.rpartition("@")
+        user = credentials.split(":", 1)[0]
+        return f"{scheme}{sep}{user}:***@{host}"
+    return url

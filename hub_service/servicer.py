@@ -1,0 +1,366 @@
+"""HubService: the Connect stream and the query RPCs.
+
+The data path of a trainer message reads top to bottom: stream in ->
+validate -> persist (group commit) -> route (router) -> stream out (the
+connection's sender).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from typing import Any, TypeVar
+
+import grpc
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+from generated.kernelhub.v1 import hub_pb2_grpc
+
+from . import __version__, paging
+from . import commands as cmd
+from .auth import current_agent
+from .collaboration import Step
+from .committer import GroupCommitter
+from .complementarity import Candidate, opportunities
+from .config import HubConfig
+from .connection import Connection
+from .errors import HubError, failed_precondition, invalid, not_found, permission_denied
+from .router import Router
+from .store import HubStore
+from .validation import validate, validate_hello
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def to_command(agent_id: str, request: pb.ConnectRequest, kind: str) -> cmd.Command:
+    """The state change a validated message asks for."""
+    mid = request.message_id
+    if kind == "share_pattern":
+        return cmd.ShareArtifact(
+            agent_id,
+            mid,
+            pb.Artifact(kind=pb.ARTIFACT_KIND_PATTERN, pattern=request.share_pattern.pattern),
+        )
+    if kind == "share_code_component":
+        return cmd.ShareArtifact(
+            agent_id,
+            mid,
+            pb.Artifact(
+                kind=pb.ARTIFACT_KIND_CODE_COMPONENT,
+                code_component=request.share_code_component.code_component,
+            ),
+        )
+    if kind == "share_os_component":
+        return cmd.ShareArtifact(
+            agent_id,
+            mid,
+            pb.Artifact(
+                kind=pb.ARTIFACT_KIND_OS_COMPONENT,
+                os_component=request.share_os_component.os_component,
+            ),
+        )
+    if kind == "request_feature":
+        return cmd.RequestFeature(agent_id, mid, request.request_feature)
+    if kind == "deliver_feature":
+        return cmd.DeliverFeature(agent_id, mid, request.deliver_feature)
+    if kind == "propose_collaboration":
+        proposal = request.propose_collaboration
+        if proposal.target_agent_id == agent_id:
+            raise failed_precondition("you cannot propose a collaboration to yourself")
+        return cmd.ProposeCollaboration(agent_id, mid, proposal)
+    if kind == "accept_collaboration":
+        return cmd.CollaborationStep(
+            agent_id, mid, request.accept_collaboration.session_id, Step.ACCEPT
+        )
+    if kind == "decline_collaboration":
+        body = request.decline_collaboration
+        return cmd.CollaborationStep(agent_id, mid, body.session_id, Step.DECLINE, note=body.reason)
+    if kind == "report_collaboration_progress":
+        report = request.report_collaboration_progress
+        return cmd.CollaborationStep(
+            agent_id,
+            mid,
+            report.session_id,
+            Step.PROGRESS,
+            progress=report.progress,
+            note=report.note,
+        )
+    if kind == "complete_collaboration":
+        done = request.complete_collaboration
+        return cmd.CollaborationStep(
+            agent_id, mid, done.session_id, Step.COMPLETE, component=done.component
+        )
+    raise failed_precondition(f"unsupported message kind {kind}")  # validate() knows every kind
+
+
+Query = TypeVar("Query")
+Answer = TypeVar("Answer")
+
+
+def _rich_errors(
+    method: Callable[[HubServicer, Query, Context], Awaitable[Answer]],
+) -> Callable[[HubServicer, Query, Context], Awaitable[Answer]]:
+    """Answer a HubError with a rich status (BadRequest details that grpcurl prints)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: HubServicer, request: Query, context: Context) -> Answer:
+        try:
+            return await method(self, request, context)
+        except HubError as error:
+            await context.abort_with_status(error.to_status())
+            raise  # abort_with_status raises; this keeps type checkers informed
+
+    return wrapper
+
+
+class HubServicer(hub_pb2_grpc.HubServiceServicer):
+    def __init__(
+        self, config: HubConfig, store: HubStore, committer: GroupCommitter, router: Router
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._committer = committer
+        self._router = router
+        self._draining = False
+
+    # --- the stream -----------------------------------------------------------
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[pb.ConnectRequest], context: Context
+    ) -> None:
+        agent_id = current_agent()
+        if self._draining:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "the hub is shutting down; retry shortly"
+            )
+        hello = await self._expect_hello(agent_id, request_iterator, context)
+        connection = Connection(
+            hello,
+            store=self._store,
+            router=self._router,
+            max_inflight=self._config.max_inflight_per_stream,
+            queue_size=self._config.outbound_queue_size,
+            events_per_response=self._config.max_events_per_response,
+            replay_page_size=self._config.replay_page_size,
+        )
+        superseded = self._router.attach(connection)
+        if superseded is not None:
+            superseded.end(
+                grpc.StatusCode.ABORTED, "superseded by a newer connection for this agent"
+            )
+        log.info("%s connected (resume after seq %d)", agent_id, hello.resume_after_seq)
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await self._committer.submit(cmd.AgentOnline(agent_id, hello))
+            welcome = pb.Welcome(
+                agent_id=agent_id,
+                head_seq=self._router.last_published_seq,
+                training_sync_interval_seconds=self._config.training_sync_interval,
+                hub_version=__version__,
+            )
+            connection.send_sync(await self.training_sync(connection))
+            tasks = [
+                asyncio.create_task(connection.run_sender(welcome, context.write)),
+                asyncio.create_task(self._read(connection, request_iterator)),
+            ]
+            ended = asyncio.create_task(connection.ended.wait())
+            done, _ = await asyncio.wait([*tasks, ended], return_when=asyncio.FIRST_COMPLETED)
+            ended.cancel()
+            for task in done:
+                if task is not ended and (exc := task.exception()) is not None:
+                    raise exc
+        except HubError as error:
+            connection.end(error.code, error.message)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            if self._router.detach(connection):
+                with contextlib.suppress(HubError):
+                    await self._committer.submit(cmd.AgentOffline(agent_id))
+            log.info("%s disconnected", agent_id)
+        if connection.end_status is not None:
+            await context.abort(*connection.end_status)
+
+    async def _expect_hello(
+        self, agent_id: str, requests: AsyncIterator[pb.ConnectRequest], context: Context
+    ) -> pb.Hello:
+        try:
+            first = await asyncio.wait_for(anext(requests), self._config.hello_timeout)
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no Hello within {self._config.hello_timeout:g}s of opening the stream",
+            )
+        except StopAsyncIteration:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "stream closed before Hello")
+        if first.WhichOneof("body") != "hello":
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the first message must be hello, got {first.WhichOneof('body') or 'an empty body'}",
+            )
+        try:
+            validate_hello(first.hello, self._config.limits)
+            if first.hello.agent_id != agent_id:
+                raise permission_denied(
+                    f"this token belongs to {agent_id}; it cannot say hello as {first.hello.agent_id}"
+                )
+        except HubError as error:
+            await context.abort(error.code, error.message)
+        return first.hello
+
+    async def _read(
+        self, connection: Connection, requests: AsyncIterator[pb.ConnectRequest]
+    ) -> None:
+        """Take one message at a time; the next is read only once this one is queued."""
+        agent_id = connection.agent_id
+        async for request in requests:
+            await connection.admit()
+            try:
+                command = to_command(agent_id, request, validate(request, self._config.limits))
+                future = await self._committer.enqueue(command)
+            except HubError as error:
+                connection.answer(request.message_id, error)
+            else:
+                future.add_done_callback(partial(connection.answer, request.message_id))
+            if self._draining:
+                break
+        # The trainer finished sending: answer what it sent, then end the stream.
+        await connection.wait_all_answered(self._config.shutdown_grace)
+
+    # --- training sync ----------------------------------------------------------
+
+    async def training_sync(
+        self, connection: Connection, knowledge_base: pb.KnowledgeBaseSummary | None = None
+    ) -> pb.TrainingSync:
+        """What `connection`'s agent should know: who is active, whom to pair with, the KB."""
+        if knowledge_base is None:
+            knowledge_base = await self._store.knowledge_base(recent=5)
+        others = [c for c in self._router.connections() if c.agent_id != connection.agent_id]
+        sync = pb.TrainingSync(
+            active_agents=[
+                pb.AgentInfo(
+                    agent_id=c.agent_id,
+                    specialization=c.hello.specialization,
+                    capabilities=c.hello.capabilities,
+                    version=c.hello.version,
+                    online=True,
+                )
+                for c in others
+            ],
+            opportunities=opportunities(
+                connection.agent_id,
+                connection.hello.specialization,
+                (Candidate(c.agent_id, c.hello.specialization) for c in others),
+            ),
+            knowledge_base=knowledge_base,
+        )
+        sync.create_time.GetCurrentTime()
+        return sync
+
+    async def broadcast_training_sync(self) -> None:
+        knowledge_base = await self._store.knowledge_base(recent=5)
+        for connection in self._router.connections():
+            connection.send_sync(await self.training_sync(connection, knowledge_base))
+
+    # --- shutdown ---------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> None:
+        """Stop reading, commit and answer what was read, then end every stream."""
+        self._draining = True
+        await self._committer.stop(timeout)
+        connections = list(self._router.connections())
+        await asyncio.gather(*(c.wait_all_answered(timeout) for c in connections))
+        for connection in connections:
+            connection.end(
+                grpc.StatusCode.UNAVAILABLE, "the hub is shutting down; reconnect shortly"
+            )
+
+    # --- queries ----------------------------------------------------------------
+
+    @_rich_errors
+    async def ListAgents(
+        self, request: pb.ListAgentsRequest, context: Context
+    ) -> pb.ListAgentsResponse:
+        limit = paging.page_size(request.page_size)
+        cursor = paging.decode_int(request.page_token)
+        page = await self._store.list_agents(request.online_only, limit, str(cursor or ""))
+        return pb.ListAgentsResponse(agents=page.items, next_page_token=_token(page.next_cursor))
+
+    @_rich_errors
+    async def ListArtifacts(
+        self, request: pb.ListArtifactsRequest, context: Context
+    ) -> pb.ListArtifactsResponse:
+        _check_enum("kind", request.kind, pb.ArtifactKind)
+        _check_enum("specialization", request.specialization, pb.Specialization)
+        limit = paging.page_size(request.page_size)
+        cursor = paging.decode_int(request.page_token)
+        page = await self._store.list_artifacts(
+            request.kind, request.specialization, request.contributor_id, limit, str(cursor or "")
+        )
+        return pb.ListArtifactsResponse(
+            artifacts=page.items, next_page_token=_token(page.next_cursor)
+        )
+
+    @_rich_errors
+    async def GetArtifact(
+        self, request: pb.GetArtifactRequest, context: Context
+    ) -> pb.GetArtifactResponse:
+        if not request.artifact_id:
+            raise invalid([("artifact_id", "is required")])
+        artifact = await self._store.get_artifact(request.artifact_id)
+        if artifact is None:
+            raise not_found(f"artifact {request.artifact_id}")
+        return pb.GetArtifactResponse(artifact=artifact)
+
+    @_rich_errors
+    async def ListCollaborations(
+        self, request: pb.ListCollaborationsRequest, context: Context
+    ) -> pb.ListCollaborationsResponse:
+        _check_enum("state", request.state, pb.CollaborationState)
+        limit = paging.page_size(request.page_size)
+        page = await self._store.list_collaborations(
+            request.agent_id, request.state, limit, paging.decode(request.page_token)
+        )
+        return pb.ListCollaborationsResponse(
+            collaborations=page.items, next_page_token=_token(page.next_cursor)
+        )
+
+    @_rich_errors
+    async def ListFeatureRequests(
+        self, request: pb.ListFeatureRequestsRequest, context: Context
+    ) -> pb.ListFeatureRequestsResponse:
+        limit = paging.page_size(request.page_size)
+        cursor = paging.decode_int(request.page_token)
+        page = await self._store.list_feature_requests(
+            request.requester_id, limit, str(cursor or "")
+        )
+        return pb.ListFeatureRequestsResponse(
+            feature_requests=page.items, next_page_token=_token(page.next_cursor)
+        )
+
+    @_rich_errors
+    async def GetHubStats(
+        self, request: pb.GetHubStatsRequest, context: Context
+    ) -> pb.GetHubStatsResponse:
+        stats = await self._store.stats()
+        stats.agents_online = len(self._router)
+        stats.hub_version = __version__
+        return stats
+
+
+def _token(cursor: str) -> str:
+    return paging.encode(cursor) if cursor else ""
+
+
+def _check_enum(field: str, value: int, enum_type: Any) -> None:
+    if value not in enum_type.DESCRIPTOR.values_by_number:
+        raise invalid([(field, f"{value} is not a known {enum_type.DESCRIPTOR.name}")])

@@ -1,0 +1,424 @@
+"""Persistence: the `HubStore` interface and its SQL implementation (SQLite or PostgreSQL).
+
+Database work never runs on the event loop: writes go to one writer thread
+(which also makes the event log's `seq` strictly increasing), reads to a small
+pool of reader threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from sqlalchemy import Engine, event, exists, func, or_, text
+from sqlalchemy.exc import OperationalError
+from sqlmodel import Session, SQLModel, col, create_engine, select
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+
+from . import collaboration as collab
+from .commands import Command, Outcome, Tx
+from .errors import HubError, unavailable
+from .models import (
+    AgentRow,
+    ArtifactRow,
+    CollaborationRow,
+    EventRecipientRow,
+    EventRow,
+    FeatureDeliveryRow,
+    FeatureRequestRow,
+    ReceivedMessageRow,
+    TokenRow,
+    agent_to_proto,
+    collaboration_to_proto,
+    feature_request_to_proto,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token_id: str
+    agent_id: str
+    token: str  # plaintext: shown once, never stored
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a List query: the rows as protos and the cursor of the next page."""
+
+    items: list[Any]
+    next_cursor: str
+
+
+class HubStore(Protocol):
+    """Everything the hub persists. SQLite and PostgreSQL both serve it (`SqlStore`)."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def commit(self, commands: Sequence[Command]) -> list[Outcome | HubError]: ...
+    async def events_for(self, agent_id: str, after_seq: int, limit: int) -> list[pb.HubEvent]: ...
+    async def head_seq(self) -> int: ...
+    async def authenticate(self, token: str) -> str | None: ...
+    async def issue_token(self, agent_id: str, ttl: timedelta | None = None) -> IssuedToken: ...
+    async def list_tokens(self) -> list[TokenRow]: ...
+    async def revoke_tokens(self, agent_or_token_id: str) -> int: ...
+    async def list_agents(self, online_only: bool, limit: int, cursor: str) -> Page: ...
+    async def list_artifacts(
+        self, kind: int, specialization: int, contributor_id: str, limit: int, cursor: str
+    ) -> Page: ...
+    async def get_artifact(self, artifact_id: str) -> pb.Artifact | None: ...
+    async def list_collaborations(
+        self, agent_id: str, state: int, limit: int, cursor: str
+    ) -> Page: ...
+    async def list_feature_requests(self, requester_id: str, limit: int, cursor: str) -> Page: ...
+    async def knowledge_base(self, recent: int) -> pb.KnowledgeBaseSummary: ...
+    async def stats(self) -> pb.GetHubStatsResponse: ...
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+        cursor.close()
+
+    return on_connect
+
+
+def make_engine(database_url: str, busy_timeout_ms: int = 5000) -> Engine:
+    if database_url.startswith("sqlite"):
+        engine = create_engine(
+            database_url,
+            connect_args={"check_same_thread": False, "timeout": busy_timeout_ms / 1000},
+            pool_size=8,
+        )
+        event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms))
+        return engine
+    return create_engine(database_url, pool_size=8, pool_pre_ping=True)
+
+
+class SqlStore:
+    """`HubStore` on any SQLAlchemy database (SQLite WAL by default, PostgreSQL)."""
+
+    def __init__(
+        self,
+        database_url: str,
+        policy: collab.Policy | None = None,
+        reader_threads: int = 4,
+    ) -> None:
+        self.database_url = database_url
+        self.policy = policy or collab.Policy()
+        self._engine = make_engine(database_url)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="kernelhub-writer")
+        self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="kernelhub-reader")
+        self._seq = 0
+
+    # --- threads ------------------------------------------------------------
+
+    def _session(self) -> Session:
+        # Rows outlive their session (they are returned to the event loop).
+        return Session(self._engine, expire_on_commit=False)
+
+    async def _read(self, fn: Callable[[Session], T]) -> T:
+        def run() -> T:
+            with self._session() as session:
+                return fn(session)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._readers, run)
+        except OperationalError as exc:
+            raise unavailable(f"database unavailable: {exc.orig}") from exc
+
+    async def _write(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn)
+
+    # --- lifecycle ----------------------------------------------------------
+
+    async def open(self) -> None:
+        def create() -> None:
+            SQLModel.metadata.create_all(self._engine)
+            with self._session() as session:
+                self._seq = int(session.exec(select(func.max(EventRow.seq))).one() or 0)
+
+        await self._write(create)
+
+    async def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        self._engine.dispose()
+
+    # --- writes -------------------------------------------------------------
+
+    async def commit(self, commands: Sequence[Command]) -> list[Outcome | HubError]:
+        """Apply the commands in order in one transaction (group commit).
+
+        A refused command yields its HubError and the others still commit. If
+        the transaction itself fails, each command is retried alone so one
+        poisoned command cannot sink its batch-mates; a database that is down
+        yields UNAVAILABLE for all (nothing was committed, so no receipt).
+        """
+        return await self._write(lambda: self._commit_sync(commands))
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _commit_sync(self, commands: Sequence[Command]) -> list[Outcome | HubError]:
+        try:
+            return self._transaction(commands)
+        except OperationalError as exc:
+            log.warning(
+                "database unavailable, %d commands not committed: %s", len(commands), exc.orig
+            )
+            return [unavailable(f"database unavailable, retry later: {exc.orig}")] * len(commands)
+        except Exception:
+            if len(commands) == 1:
+                log.exception("command %s failed", type(commands[0]).__name__)
+                return [HubError(grpc.StatusCode.INTERNAL, "the hub failed to apply this message")]
+            return [self._commit_sync([command])[0] for command in commands]
+
+    def _transaction(self, commands: Sequence[Command]) -> list[Outcome | HubError]:
+        results: list[Outcome | HubError] = []
+        with self._session() as session:
+            tx = Tx(session, utcnow(), self._next_seq, self.policy)
+            for command in commands:
+                try:
+                    results.append(self._apply(tx, command))
+                except HubError as error:
+                    results.append(error)
+            session.commit()
+        return results
+
+    @staticmethod
+    def _apply(tx: Tx, command: Command) -> Outcome:
+        if command.message_id:
+            seen = tx.session.get(ReceivedMessageRow, (command.agent_id, command.message_id))
+            if seen is not None:
+                return Outcome(seq=seen.seq, resource_id=seen.resource_id, duplicate=True)
+        outcome = command.apply(tx)
+        if command.message_id:
+            tx.session.add(
+                ReceivedMessageRow(
+                    agent_id=command.agent_id,
+                    message_id=command.message_id,
+                    seq=outcome.seq,
+                    resource_id=outcome.resource_id,
+                    created_at=tx.now,
+                )
+            )
+        return outcome
+
+    # --- the event log ------------------------------------------------------
+
+    async def head_seq(self) -> int:
+        return await self._read(lambda s: int(s.exec(select(func.max(EventRow.seq))).one() or 0))
+
+    async def events_for(self, agent_id: str, after_seq: int, limit: int) -> list[pb.HubEvent]:
+        """The events after `after_seq` that `agent_id` is entitled to, oldest first."""
+        direct = exists().where(
+            EventRecipientRow.seq == EventRow.seq, EventRecipientRow.agent_id == agent_id
+        )
+        query = (
+            select(EventRow.body)
+            .where(
+                EventRow.seq > after_seq,
+                or_(col(EventRow.broadcast) & (EventRow.sender_id != agent_id), direct),
+            )
+            .order_by(col(EventRow.seq))
+            .limit(limit)
+        )
+        bodies = await self._read(lambda s: s.exec(query).all())
+        return [pb.HubEvent.FromString(body) for body in bodies]
+
+    # --- tokens -------------------------------------------------------------
+
+    async def issue_token(self, agent_id: str, ttl: timedelta | None = None) -> IssuedToken:
+        token = "kh_" + secrets.token_urlsafe(32)
+        row = TokenRow(
+            token_id="tok_" + secrets.token_hex(6),
+            agent_id=agent_id,
+            token_hash=hash_token(token),
+            expires_at=utcnow() + ttl if ttl else None,
+        )
+
+        def insert() -> None:
+            with self._session() as session:
+                session.add(row)
+                session.commit()
+
+        await self._write(insert)
+        return IssuedToken(row.token_id, agent_id, token, row.expires_at)
+
+    async def authenticate(self, token: str) -> str | None:
+        """The agent the token belongs to, if it is valid, unrevoked and unexpired."""
+        digest = hash_token(token)
+        row = await self._read(
+            lambda s: s.exec(select(TokenRow).where(TokenRow.token_hash == digest)).first()
+        )
+        if row is None or not hmac.compare_digest(row.token_hash, digest):
+            return None
+        if row.revoked_at is not None or (row.expires_at and row.expires_at <= utcnow()):
+            return None
+        return row.agent_id
+
+    async def list_tokens(self) -> list[TokenRow]:
+        return await self._read(
+            lambda s: list(s.exec(select(TokenRow).order_by(col(TokenRow.created_at))).all())
+        )
+
+    async def revoke_tokens(self, agent_or_token_id: str) -> int:
+        """Revoke one token by id, or every token of an agent; returns how many."""
+
+        def revoke() -> int:
+            with self._session() as session:
+                rows = session.exec(
+                    select(TokenRow).where(
+                        or_(
+                            TokenRow.token_id == agent_or_token_id,
+                            TokenRow.agent_id == agent_or_token_id,
+                        ),
+                        col(TokenRow.revoked_at).is_(None),
+                    )
+                ).all()
+                for row in rows:
+                    row.revoked_at = utcnow()
+                    session.add(row)
+                session.commit()
+                return len(rows)
+
+        return await self._write(revoke)
+
+    # --- queries ------------------------------------------------------------
+
+    async def list_agents(self, online_only: bool, limit: int, cursor: str) -> Page:
+        offset = int(cursor or 0)
+        query = select(AgentRow).order_by(col(AgentRow.online).desc(), col(AgentRow.agent_id))
+        if online_only:
+            query = query.where(col(AgentRow.online))
+        rows = await self._read(lambda s: s.exec(query.offset(offset).limit(limit + 1)).all())
+        more = len(rows) > limit
+        return Page([agent_to_proto(r) for r in rows[:limit]], str(offset + limit) if more else "")
+
+    async def list_artifacts(
+        self, kind: int, specialization: int, contributor_id: str, limit: int, cursor: str
+    ) -> Page:
+        query = select(ArtifactRow.seq, ArtifactRow.body).order_by(col(ArtifactRow.seq).desc())
+        if kind:
+            query = query.where(ArtifactRow.kind == kind)
+        if specialization:
+            query = query.where(ArtifactRow.specialization == specialization)
+        if contributor_id:
+            query = query.where(ArtifactRow.contributor_id == contributor_id)
+        if cursor:
+            query = query.where(ArtifactRow.seq < int(cursor))
+        rows = await self._read(lambda s: s.exec(query.limit(limit + 1)).all())
+        page = rows[:limit]
+        return Page(
+            [pb.Artifact.FromString(body) for _, body in page],
+            str(page[-1][0]) if len(rows) > limit else "",
+        )
+
+    async def get_artifact(self, artifact_id: str) -> pb.Artifact | None:
+        row = await self._read(lambda s: s.get(ArtifactRow, artifact_id))
+        return pb.Artifact.FromString(row.body) if row else None
+
+    async def list_collaborations(self, agent_id: str, state: int, limit: int, cursor: str) -> Page:
+        query = select(CollaborationRow).order_by(col(CollaborationRow.session_id).desc())
+        if agent_id:
+            query = query.where(
+                or_(
+                    CollaborationRow.initiator_id == agent_id,
+                    CollaborationRow.target_id == agent_id,
+                )
+            )
+        if state:
+            query = query.where(CollaborationRow.state == state)
+        if cursor:
+            query = query.where(CollaborationRow.session_id < cursor)
+        rows = await self._read(lambda s: s.exec(query.limit(limit + 1)).all())
+        page = rows[:limit]
+        return Page(
+            [collaboration_to_proto(r) for r in page],
+            page[-1].session_id if len(rows) > limit else "",
+        )
+
+    async def list_feature_requests(self, requester_id: str, limit: int, cursor: str) -> Page:
+        query = select(FeatureRequestRow).order_by(col(FeatureRequestRow.seq).desc())
+        if requester_id:
+            query = query.where(FeatureRequestRow.requester_id == requester_id)
+        if cursor:
+            query = query.where(FeatureRequestRow.seq < int(cursor))
+        rows = await self._read(lambda s: s.exec(query.limit(limit + 1)).all())
+        page = rows[:limit]
+        return Page(
+            [feature_request_to_proto(r) for r in page],
+            str(page[-1].seq) if len(rows) > limit else "",
+        )
+
+    async def knowledge_base(self, recent: int) -> pb.KnowledgeBaseSummary:
+        def summary(s: Session) -> pb.KnowledgeBaseSummary:
+            counts = dict(
+                s.exec(select(ArtifactRow.kind, func.count()).group_by(ArtifactRow.kind)).all()
+            )
+            newest = s.exec(
+                select(ArtifactRow.body).order_by(col(ArtifactRow.seq).desc()).limit(recent)
+            ).all()
+            return pb.KnowledgeBaseSummary(
+                pattern_count=counts.get(pb.ARTIFACT_KIND_PATTERN, 0),
+                code_component_count=counts.get(pb.ARTIFACT_KIND_CODE_COMPONENT, 0),
+                os_component_count=counts.get(pb.ARTIFACT_KIND_OS_COMPONENT, 0),
+                feature_request_count=s.exec(
+                    select(func.count()).select_from(FeatureRequestRow)
+                ).one(),
+                recent_artifacts=[pb.Artifact.FromString(b) for b in newest],
+            )
+
+        return await self._read(summary)
+
+    async def stats(self) -> pb.GetHubStatsResponse:
+        def count(s: Session, model: type[SQLModel], *where: Any) -> int:
+            return int(s.exec(select(func.count()).select_from(model).where(*where)).one())
+
+        def gather(s: Session) -> pb.GetHubStatsResponse:
+            by_state = s.exec(
+                select(CollaborationRow.state, func.count()).group_by(CollaborationRow.state)
+            ).all()
+            return pb.GetHubStatsResponse(
+                agents_known=count(s, AgentRow),
+                agents_online=count(s, AgentRow, col(AgentRow.online)),
+                feature_delivery_count=count(s, FeatureDeliveryRow),
+                collaborations_by_state={
+                    pb.CollaborationState.Name(state): n  # type: ignore[arg-type]
+                    for state, n in by_state
+                },
+                head_seq=int(s.exec(select(func.max(EventRow.seq))).one() or 0),
+            )
+
+        response = await self._read(gather)
+        response.knowledge_base.CopyFrom(await self.knowledge_base(recent=0))
+        return response
+
+    async def integrity_check(self) -> str:
+        """SQLite's own consistency check ('ok' when sound); other databases answer 'ok'."""
+        if not self.database_url.startswith("sqlite"):
+            return "ok"
+        return await self._read(lambda s: str(s.execute(text("PRAGMA integrity_check")).scalar()))

@@ -1,0 +1,232 @@
+"""Checks every trainer message before anything is stored, and names each bad field.
+
+Validation is pure and synchronous: it runs on the stream's own task, so a bad
+message is answered at once and never reaches the database or other agents.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from google.protobuf.message import Message
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+
+from .errors import failed_precondition, invalid
+
+IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+SNAKE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits; each crossing is an INVALID_ARGUMENT that names the field and the limit."""
+
+    max_id_length: int = 128
+    max_name_length: int = 200
+    max_text_length: int = 4096
+    max_code_bytes: int = 64 * 1024
+    max_list_items: int = 64
+    max_attributes: int = 32
+    max_attribute_value_length: int = 1024
+
+
+class _Checker:
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.violations: list[tuple[str, str]] = []
+
+    def fail(self, path: str, why: str) -> None:
+        self.violations.append((path, why))
+
+    def identifier(self, path: str, value: str, required: bool = True) -> None:
+        if not value:
+            if required:
+                self.fail(path, "is required")
+        elif len(value) > self.limits.max_id_length:
+            self.fail(
+                path, f"must be at most {self.limits.max_id_length} characters, got {len(value)}"
+            )
+        elif not IDENTIFIER.match(value):
+            self.fail(
+                path,
+                "may contain only letters, digits and _ . : - (starting with a letter or digit)",
+            )
+
+    def snake(self, path: str, value: str, required: bool = True) -> None:
+        if not value:
+            if required:
+                self.fail(path, "is required")
+        elif len(value) > 64 or not SNAKE.match(value):
+            self.fail(
+                path, f"must be lower_snake_case of at most 64 characters, got {value[:80]!r}"
+            )
+
+    def text(self, path: str, value: str, limit: int | None = None, required: bool = False) -> None:
+        limit = limit or self.limits.max_text_length
+        if required and not value.strip():
+            self.fail(path, "is required")
+        elif len(value) > limit:
+            self.fail(path, f"must be at most {limit} characters, got {len(value)}")
+
+    def fraction(self, path: str, value: float) -> None:
+        if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+            self.fail(path, f"must be between 0.0 and 1.0, got {value}")
+
+    def non_negative(self, path: str, value: float) -> None:
+        if not math.isfinite(value) or value < 0.0:
+            self.fail(path, f"must be a finite number >= 0, got {value}")
+
+    def enum(self, path: str, value: int, enum_type: type, required: bool = True) -> None:
+        descriptor = enum_type.DESCRIPTOR  # type: ignore[attr-defined]
+        if value not in descriptor.values_by_number:
+            self.fail(path, f"{value} is not a known {descriptor.name}")
+        elif required and value == 0:
+            self.fail(path, f"is required (not {descriptor.values_by_number[0].name})")
+
+    def items(self, path: str, values: Iterable[str], snake: bool = False) -> None:
+        values = list(values)
+        if len(values) > self.limits.max_list_items:
+            self.fail(
+                path, f"must have at most {self.limits.max_list_items} items, got {len(values)}"
+            )
+            return
+        for i, value in enumerate(values):
+            if snake:
+                self.snake(f"{path}[{i}]", value)
+            else:
+                self.text(f"{path}[{i}]", value, self.limits.max_name_length, required=True)
+
+    def attributes(self, path: str, values: Mapping[str, str]) -> None:
+        if len(values) > self.limits.max_attributes:
+            self.fail(
+                path, f"must have at most {self.limits.max_attributes} entries, got {len(values)}"
+            )
+            return
+        for key, value in values.items():
+            self.snake(f"{path}[{key[:40]!r}]", key)
+            self.text(f"{path}[{key[:40]!r}]", value, self.limits.max_attribute_value_length)
+
+    def present(self, path: str, parent: Message, field: str) -> bool:
+        if not parent.HasField(field):
+            self.fail(f"{path}.{field}" if path else field, "is required")
+            return False
+        return True
+
+    # --- messages -----------------------------------------------------------
+
+    def pattern(self, path: str, p: pb.Pattern) -> None:
+        self.identifier(f"{path}.pattern_id", p.pattern_id)
+        self.snake(f"{path}.pattern_type", p.pattern_type)
+        self.enum(f"{path}.specialization", p.specialization, pb.Specialization)
+        for name in ("complexity", "reusability", "performance_impact", "confidence"):
+            self.fraction(f"{path}.{name}", getattr(p, name))
+        self.attributes(f"{path}.attributes", p.attributes)
+
+    def code_component(self, path: str, c: pb.CodeComponent) -> None:
+        self.identifier(f"{path}.component_id", c.component_id)
+        self.text(f"{path}.name", c.name, self.limits.max_name_length, required=True)
+        self.snake(f"{path}.language", c.language)
+        self.code(f"{path}.code", c.code)
+        self.items(f"{path}.dependencies", c.dependencies)
+        self.fraction(f"{path}.test_coverage", c.test_coverage)
+        self.fraction(f"{path}.performance_score", c.performance_score)
+        self.enum(f"{path}.specialization", c.specialization, pb.Specialization)
+        self.attributes(f"{path}.attributes", c.attributes)
+
+    def os_component(self, path: str, c: pb.OsComponent) -> None:
+        self.identifier(f"{path}.component_id", c.component_id)
+        self.text(f"{path}.name", c.name, self.limits.max_name_length, required=True)
+        self.snake(f"{path}.component_type", c.component_type)
+        if not c.specializations:
+            self.fail(f"{path}.specializations", "needs at least one specialization")
+        elif len(c.specializations) > len(pb.Specialization.keys()):
+            self.fail(f"{path}.specializations", f"has {len(c.specializations)} items, too many")
+        else:
+            for i, spec in enumerate(c.specializations):
+                self.enum(f"{path}.specializations[{i}]", spec, pb.Specialization)
+        self.snake(f"{path}.language", c.language)
+        self.code(f"{path}.implementation", c.implementation)
+        self.items(f"{path}.test_cases", c.test_cases)
+        m = c.performance_metrics
+        self.fraction(f"{path}.performance_metrics.cpu_usage", m.cpu_usage)
+        self.non_negative(f"{path}.performance_metrics.memory_kib", m.memory_kib)
+        self.non_negative(
+            f"{path}.performance_metrics.execution_time_seconds", m.execution_time_seconds
+        )
+        self.fraction(f"{path}.quality_score", c.quality_score)
+        self.attributes(f"{path}.attributes", c.attributes)
+
+    def code(self, path: str, code: str) -> None:
+        size = len(code.encode())
+        if not code.strip():
+            self.fail(path, "is required")
+        elif size > self.limits.max_code_bytes:
+            self.fail(path, f"must be at most {self.limits.max_code_bytes} bytes, got {size}")
+
+    def requirements(self, path: str, r: pb.FeatureRequirements) -> None:
+        self.enum(f"{path}.performance", r.performance, pb.PerformanceLevel)
+        self.enum(f"{path}.compatibility", r.compatibility, pb.Specialization, required=False)
+        self.enum(f"{path}.priority", r.priority, pb.Priority)
+
+
+def validate_hello(hello: pb.Hello, limits: Limits) -> None:
+    check = _Checker(limits)
+    check.identifier("hello.agent_id", hello.agent_id)
+    check.enum("hello.specialization", hello.specialization, pb.Specialization)
+    check.items("hello.capabilities", hello.capabilities, snake=True)
+    check.text("hello.version", hello.version, limits.max_name_length)
+    if check.violations:
+        raise invalid(check.violations)
+
+
+def validate(request: pb.ConnectRequest, limits: Limits) -> str:
+    """Raise `HubError(INVALID_ARGUMENT)` listing every bad field; return the body's name."""
+    check = _Checker(limits)
+    check.identifier("message_id", request.message_id)
+    kind = request.WhichOneof("body")
+    if kind is None:
+        raise invalid([*check.violations, ("body", "no message kind is set (the oneof is empty)")])
+    if kind == "hello":
+        raise failed_precondition("hello may be sent only once, as the first message")
+    body = getattr(request, kind)
+    if kind == "share_pattern":
+        if check.present(kind, body, "pattern"):
+            check.pattern(f"{kind}.pattern", body.pattern)
+    elif kind == "share_code_component":
+        if check.present(kind, body, "code_component"):
+            check.code_component(f"{kind}.code_component", body.code_component)
+    elif kind == "share_os_component":
+        if check.present(kind, body, "os_component"):
+            check.os_component(f"{kind}.os_component", body.os_component)
+    elif kind == "request_feature":
+        check.snake(f"{kind}.feature", body.feature)
+        if check.present(kind, body, "requirements"):
+            check.requirements(f"{kind}.requirements", body.requirements)
+        check.text(f"{kind}.description", body.description)
+    elif kind == "deliver_feature":
+        check.identifier(f"{kind}.request_id", body.request_id)
+        if check.present(kind, body, "component"):
+            check.os_component(f"{kind}.component", body.component)
+    elif kind == "propose_collaboration":
+        check.identifier(f"{kind}.target_agent_id", body.target_agent_id)
+        check.enum(f"{kind}.type", body.type, pb.CollaborationType)
+        check.text(f"{kind}.description", body.description)
+    elif kind in ("accept_collaboration", "decline_collaboration"):
+        check.identifier(f"{kind}.session_id", body.session_id)
+        if kind == "decline_collaboration":
+            check.text(f"{kind}.reason", body.reason)
+    elif kind == "report_collaboration_progress":
+        check.identifier(f"{kind}.session_id", body.session_id)
+        check.fraction(f"{kind}.progress", body.progress)
+        check.text(f"{kind}.note", body.note)
+    elif kind == "complete_collaboration":
+        check.identifier(f"{kind}.session_id", body.session_id)
+        if check.present(kind, body, "component"):
+            check.os_component(f"{kind}.component", body.component)
+    if check.violations:
+        raise invalid(check.violations)
+    return kind
