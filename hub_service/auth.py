@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
 from .errors import HubError
+
+# grpc.RpcMethodHandler; grpcio ships no type hints, so grpc types are Any to mypy.
+Handler: TypeAlias = Any
 
 _agent: ContextVar[str] = ContextVar("kernelhub_authenticated_agent")
 
@@ -32,16 +35,14 @@ def bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
     return None
 
 
-def _refusal(
-    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
-) -> grpc.RpcMethodHandler:
+def _refusal(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
     """A handler of the same kind as `handler` that only aborts.
 
     The kind must match: a unary abort handler answering a streaming method
     leaves the client hanging.
     """
 
-    async def abort(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def abort(_request: Any, context: Any) -> None:
         await context.abort(code, message)
 
     make = {
@@ -50,14 +51,14 @@ def _refusal(
         (True, False): grpc.stream_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
     }[(handler.request_streaming, handler.response_streaming)]
-    return make(  # type: ignore[no-any-return]
+    return make(
         abort,
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
 
-class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # untyped base
     """Rejects RPCs without a valid `authorization: Bearer <token>` with UNAUTHENTICATED."""
 
     def __init__(self, authenticate: Callable[[str], Awaitable[str | None]]) -> None:
@@ -65,9 +66,9 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler:
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(OPEN_METHOD_PREFIXES):
             return handler

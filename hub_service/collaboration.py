@@ -65,7 +65,7 @@ def advance(
     new_state = _TRANSITIONS.get((step, state))
     if new_state is None:
         raise failed_precondition(
-            f"cannot {step.value} collaboration {session_id}: it is {State.Name(state)}"
+            f"cannot {step.value} collaboration {session_id}: it is {State.Name(State.ValueType(state))}"
         )
     return new_state
 

@@ -106,6 +106,7 @@ class Tx:
 
 def artifact_row(artifact: pb.Artifact, seq: int, now: datetime) -> ArtifactRow:
     content = artifact.WhichOneof("content")
+    specialization: int
     if content == "pattern":
         specialization, name = artifact.pattern.specialization, artifact.pattern.pattern_type
     elif content == "code_component":
@@ -198,7 +199,10 @@ def _bring_deadlines_forward(tx: Tx, agent_id: str | None) -> None:
     query = select(CollaborationRow).where(col(CollaborationRow.state).in_(collab.OPEN_STATES))
     if agent_id is not None:
         query = query.where(
-            or_(CollaborationRow.initiator_id == agent_id, CollaborationRow.target_id == agent_id)
+            or_(
+                col(CollaborationRow.initiator_id) == agent_id,
+                col(CollaborationRow.target_id) == agent_id,
+            )
         )
     for row in tx.session.exec(query):
         if row.expires_at is None or row.expires_at > latest:
@@ -311,7 +315,10 @@ def _open_count(tx: Tx, agent_id: str) -> int:
         .select_from(CollaborationRow)
         .where(
             col(CollaborationRow.state).in_(collab.OPEN_STATES),
-            or_(CollaborationRow.initiator_id == agent_id, CollaborationRow.target_id == agent_id),
+            or_(
+                col(CollaborationRow.initiator_id) == agent_id,
+                col(CollaborationRow.target_id) == agent_id,
+            ),
         )
     )
     return int(tx.session.exec(query).one())

@@ -93,7 +93,10 @@ def opportunities(
     found.sort()
     return [
         pb.CollaborationOpportunity(
-            agent_id=agent_id, specialization=spec, score=fit.score, reason=fit.reason
+            agent_id=agent_id,
+            specialization=pb.Specialization.ValueType(spec),
+            score=fit.score,
+            reason=fit.reason,
         )
         for _, agent_id, spec, fit in found[:limit]
     ]

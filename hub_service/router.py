@@ -51,5 +51,5 @@ class Router:
                         connection.offer(event)
             else:
                 for agent_id in routed.recipients:
-                    if (connection := self._connections.get(agent_id)) is not None:
-                        connection.offer(event)
+                    if (recipient := self._connections.get(agent_id)) is not None:
+                        recipient.offer(event)

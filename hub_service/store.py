@@ -235,7 +235,8 @@ class SqlStore:
     async def events_for(self, agent_id: str, after_seq: int, limit: int) -> list[pb.HubEvent]:
         """The events after `after_seq` that `agent_id` is entitled to, oldest first."""
         direct = exists().where(
-            EventRecipientRow.seq == EventRow.seq, EventRecipientRow.agent_id == agent_id
+            col(EventRecipientRow.seq) == col(EventRow.seq),
+            col(EventRecipientRow.agent_id) == agent_id,
         )
         query = (
             select(EventRow.body)
@@ -293,8 +294,8 @@ class SqlStore:
                 rows = session.exec(
                     select(TokenRow).where(
                         or_(
-                            TokenRow.token_id == agent_or_token_id,
-                            TokenRow.agent_id == agent_or_token_id,
+                            col(TokenRow.token_id) == agent_or_token_id,
+                            col(TokenRow.agent_id) == agent_or_token_id,
                         ),
                         col(TokenRow.revoked_at).is_(None),
                     )
@@ -346,8 +347,8 @@ class SqlStore:
         if agent_id:
             query = query.where(
                 or_(
-                    CollaborationRow.initiator_id == agent_id,
-                    CollaborationRow.target_id == agent_id,
+                    col(CollaborationRow.initiator_id) == agent_id,
+                    col(CollaborationRow.target_id) == agent_id,
                 )
             )
         if state:
@@ -377,7 +378,7 @@ class SqlStore:
     async def knowledge_base(self, recent: int) -> pb.KnowledgeBaseSummary:
         def summary(s: Session) -> pb.KnowledgeBaseSummary:
             counts = dict(
-                s.exec(select(ArtifactRow.kind, func.count()).group_by(ArtifactRow.kind)).all()
+                s.exec(select(ArtifactRow.kind, func.count()).group_by(col(ArtifactRow.kind))).all()
             )
             newest = s.exec(
                 select(ArtifactRow.body).order_by(col(ArtifactRow.seq).desc()).limit(recent)
@@ -400,7 +401,7 @@ class SqlStore:
 
         def gather(s: Session) -> pb.GetHubStatsResponse:
             by_state = s.exec(
-                select(CollaborationRow.state, func.count()).group_by(CollaborationRow.state)
+                select(CollaborationRow.state, func.count()).group_by(col(CollaborationRow.state))
             ).all()
             return pb.GetHubStatsResponse(
                 agents_known=count(s, AgentRow),

@@ -1,0 +1,132 @@
+"""The Connect stream's lifecycle: authentication, Hello, Welcome, supersession."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+
+from .conftest import WAIT, HubHarness, auth, hello, pattern
+
+
+async def _first_status(call: grpc.aio.StreamStreamCall) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await asyncio.wait_for(call.read(), WAIT)
+    return raised.value
+
+
+async def test_missing_token_is_unauthenticated_on_stream_and_unary(harness: HubHarness) -> None:
+    call = harness.stub.Connect()
+    error = await _first_status(call)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "authorization: Bearer" in (error.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await harness.stub.GetHubStats(pb.GetHubStatsRequest(), timeout=WAIT)
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize("header", ["Bearer kh_not_a_real_token", "Basic abc", "Bearer "])
+async def test_wrong_token_is_unauthenticated(harness: HubHarness, header: str) -> None:
+    call = harness.stub.Connect(metadata=[("authorization", header)])
+    await call.write(pb.ConnectRequest(message_id="h", hello=hello("AI_Node_1")))
+    assert (await _first_status(call)).code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_revoked_and_expired_tokens_are_refused(harness: HubHarness) -> None:
+    token = await harness.token("AI_Node_1")
+    assert await harness.server.store.revoke_tokens("AI_Node_1") == 1
+    expired = await harness.server.issue_token("AI_Node_2", ttl=timedelta(seconds=-1))
+    for agent, tok in (("AI_Node_1", token), ("AI_Node_2", expired)):
+        call = harness.stub.Connect(metadata=auth(tok))
+        await call.write(pb.ConnectRequest(message_id="h", hello=hello(agent)))
+        error = await _first_status(call)
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "revoked" in (error.details() or "")
+
+
+async def test_hello_for_another_agent_is_permission_denied(harness: HubHarness) -> None:
+    call = harness.stub.Connect(metadata=auth(await harness.token("AI_Node_1")))
+    await call.write(pb.ConnectRequest(message_id="h", hello=hello("AI_Node_2")))
+    error = await _first_status(call)
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "AI_Node_1" in (error.details() or "") and "AI_Node_2" in (error.details() or "")
+    agents = await harness.query("ListAgents", pb.ListAgentsRequest())
+    assert [a.agent_id for a in agents.agents] == []  # the spoofed hello stored nothing
+
+
+async def test_first_message_must_be_hello(harness: HubHarness) -> None:
+    call = harness.stub.Connect(metadata=auth(await harness.token("AI_Node_1")))
+    await call.write(
+        pb.ConnectRequest(message_id="m", share_pattern=pb.SharePattern(pattern=pb.Pattern()))
+    )
+    error = await _first_status(call)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "first message must be hello" in (error.details() or "")
+
+
+async def test_invalid_hello_names_the_fields(harness: HubHarness) -> None:
+    call = harness.stub.Connect(metadata=auth(await harness.token("AI_Node_1")))
+    bad = pb.Hello(agent_id="AI_Node_1", capabilities=["Not Snake"])
+    await call.write(pb.ConnectRequest(message_id="h", hello=bad))
+    error = await _first_status(call)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "hello.specialization" in (error.details() or "")
+    assert "hello.capabilities[0]" in (error.details() or "")
+
+
+async def test_health_and_reflection_need_no_token(harness: HubHarness) -> None:
+    health = health_pb2_grpc.HealthStub(harness.channel)
+    for service in ("", "kernelhub.v1.HubService"):
+        answer = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=WAIT)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(harness.channel)
+    responses = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=WAIT
+    )
+    names = [s.name async for r in responses for s in r.list_services_response.service]
+    assert "kernelhub.v1.HubService" in names
+
+
+async def test_welcome_then_presence_and_sync(harness: HubHarness) -> None:
+    first = await harness.connect("AI_Node_1")
+    assert first.welcome.agent_id == "AI_Node_1"
+    second = await harness.connect(
+        "AI_Node_2",
+        hello("AI_Node_2", pb.SPECIALIZATION_SECURITY, capabilities=["security_analysis"]),
+    )
+    joined = await first.event("agent_joined", agent__agent_id="AI_Node_2")
+    assert joined.sender_id == "AI_Node_2"
+    assert joined.agent_joined.agent.specialization == pb.SPECIALIZATION_SECURITY
+    # The newcomer's sync lists the other agent and the complementary pairing.
+    while not second.syncs:
+        await second._read_one()
+    sync = second.syncs[-1]
+    assert [a.agent_id for a in sync.active_agents] == ["AI_Node_1"]
+    assert [o.agent_id for o in sync.opportunities] == ["AI_Node_1"]
+    assert sync.opportunities[0].score > 0
+    await second.close()
+    left = await first.event("agent_left", agent_id="AI_Node_2")
+    assert left.seq > joined.seq
+    stats = await harness.query("GetHubStats", pb.GetHubStatsRequest())
+    assert (stats.agents_known, stats.agents_online) == (2, 1)
+
+
+async def test_new_connection_supersedes_the_old_one(harness: HubHarness) -> None:
+    old = await harness.connect("AI_Node_1")
+    new = await harness.connect("AI_Node_1")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        while True:
+            await old._read_one()
+    assert raised.value.code() == grpc.StatusCode.ABORTED
+    assert "superseded" in (raised.value.details() or "")
+    # The new stream works, and the agent stays online.
+    message_id = await new.send(share_pattern=pb.SharePattern(pattern=pattern()))
+    assert (await new.receipt(message_id)).seq > 0
+    agents = await harness.query("ListAgents", pb.ListAgentsRequest(online_only=True))
+    assert [a.agent_id for a in agents.agents] == ["AI_Node_1"]

@@ -1,0 +1,133 @@
+"""Graceful shutdown: what was read is committed and acknowledged, streams end with a clear
+status, and a restarted hub on the same database carries on where it stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service.server import HubServer
+
+from .conftest import WAIT, HubHarness, async_stub, auth, hello, make_config, pattern
+
+
+async def test_stop_commits_what_was_read_and_ends_streams(database_url: str) -> None:
+    hub = HubServer(make_config(database_url))
+    await hub.start()
+    harness = HubHarness(hub)
+    sender = await harness.connect("AI_Node_1")
+    sent = [
+        await sender.send(share_pattern=pb.SharePattern(pattern=pattern(f"p{i}")))
+        for i in range(200)
+    ]
+    await sender.receipt(sent[0])  # the hub is reading; now stop it mid-stream
+    await hub.stop()
+
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        while True:
+            await sender._read_one()
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in (ended.value.details() or "")
+    acknowledged = {mid: r for mid, r in sender.receipts.items() if mid in sent}
+    assert acknowledged, "at least the first message was acknowledged"
+    await harness.close()
+
+    restarted = HubServer(make_config(database_url))
+    await restarted.start()
+    harness = HubHarness(restarted)
+    try:
+        for receipt in acknowledged.values():
+            stored = await harness.query(
+                "GetArtifact", pb.GetArtifactRequest(artifact_id=receipt.resource_id)
+            )
+            assert stored.artifact.artifact_id == receipt.resource_id
+        listed = await harness.query("ListArtifacts", pb.ListArtifactsRequest(page_size=500))
+        assert len(listed.artifacts) >= len(acknowledged)
+        again = await harness.connect("AI_Node_1")
+        fresh = await again.receipt(
+            await again.send(share_pattern=pb.SharePattern(pattern=pattern("after")))
+        )
+        assert fresh.seq > max(r.seq for r in acknowledged.values()), "seq keeps increasing"
+        # Re-sending an acknowledged message_id after the restart is still a duplicate.
+        first_mid = sent[0]
+        await again.send(first_mid, share_pattern=pb.SharePattern(pattern=pattern("p0")))
+        assert (await again.receipt(first_mid)).duplicate
+    finally:
+        await harness.close()
+        await restarted.stop()
+
+
+def _hub_cli(*args: str, db: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hub_service", *args, "--db", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_cli_tokens_and_serve_with_sigterm(tmp_path: Path) -> None:
+    db = tmp_path / "cli.db"
+    tokens_file = tmp_path / "tokens.txt"
+    issued = _hub_cli("token", "issue", "AI_Node_1", "AI_Node_2", "--out", str(tokens_file), db=db)
+    assert issued.returncode == 0, issued.stderr
+    lines = tokens_file.read_text().split("\n")
+    pairs = dict(line.split(" ") for line in lines if line)
+    assert set(pairs) == {"AI_Node_1", "AI_Node_2"}
+    assert oct(tokens_file.stat().st_mode & 0o777) == "0o600"
+
+    listing = _hub_cli("token", "list", db=db)
+    assert "AI_Node_1" in listing.stdout and "active" in listing.stdout
+    assert pairs["AI_Node_1"] not in listing.stdout, "tokens are never shown again"
+    assert pairs["AI_Node_1"] not in db.read_bytes().decode(errors="replace")
+
+    server = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "hub_service",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--db",
+        str(db),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "KERNELHUB_LOG_LEVEL": "WARNING"},
+    )
+    try:
+        assert server.stdout is not None
+        line = (await asyncio.wait_for(server.stdout.readline(), WAIT * 3)).decode()
+        assert line.startswith("kernelhub serving on 127.0.0.1:"), line
+        port = int(line.rsplit(":", 1)[1])
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        stub = async_stub(channel)
+        call = stub.Connect(metadata=auth(pairs["AI_Node_1"]))
+        await call.write(pb.ConnectRequest(message_id="h", hello=hello("AI_Node_1")))
+        assert (await asyncio.wait_for(call.read(), WAIT)).HasField("welcome")
+
+        server.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while True:
+                await asyncio.wait_for(call.read(), WAIT)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert await asyncio.wait_for(server.wait(), WAIT * 3) == 0
+        await channel.close(None)
+    finally:
+        if server.returncode is None:
+            server.kill()
+            await server.wait()
+
+    revoked = _hub_cli("token", "revoke", "AI_Node_2", db=db)
+    assert revoked.returncode == 0 and "revoked 1" in revoked.stdout
+    assert _hub_cli("token", "revoke", "AI_Node_2", db=db).returncode == 1  # nothing left to revoke
