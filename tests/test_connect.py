@@ -11,8 +11,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service.server import HubServer
 
-from .conftest import WAIT, HubHarness, auth, hello, pattern
+from .conftest import WAIT, HubHarness, auth, hello, make_config, pattern
 
 
 async def _first_status(call: grpc.aio.StreamStreamCall) -> grpc.aio.AioRpcError:
@@ -130,3 +131,25 @@ async def test_new_connection_supersedes_the_old_one(harness: HubHarness) -> Non
     assert (await new.receipt(message_id)).seq > 0
     agents = await harness.query("ListAgents", pb.ListAgentsRequest(online_only=True))
     assert [a.agent_id for a in agents.agents] == ["AI_Node_1"]
+
+
+async def test_training_sync_arrives_periodically_with_knowledge_counts(database_url: str) -> None:
+    server = HubServer(make_config(database_url, training_sync_interval=0.2))
+    await server.start()
+    harness = HubHarness(server)
+    try:
+        agent = await harness.connect("AI_Node_1")
+        writer = await harness.connect("AI_Node_2")
+        await writer.receipt(await writer.send(share_pattern=pb.SharePattern(pattern=pattern())))
+        assert agent.welcome.training_sync_interval_seconds == pytest.approx(0.2)
+        while not any(s.knowledge_base.pattern_count == 1 for s in agent.syncs):
+            await agent._read_one()
+        latest = agent.syncs[-1]
+        assert [a.agent_id for a in latest.active_agents] == ["AI_Node_2"]
+        assert latest.knowledge_base.recent_artifacts[0].pattern.pattern_id == "p1"
+        count = len(agent.syncs)
+        while len(agent.syncs) < count + 2:  # it keeps coming
+            await agent._read_one()
+    finally:
+        await harness.close()
+        await server.stop()
