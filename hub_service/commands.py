@@ -8,6 +8,7 @@ receive them; the router delivers them once the transaction has committed.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -15,7 +16,7 @@ from typing import Any, Protocol
 
 import grpc
 from sqlalchemy import func, or_, update
-from sqlmodel import Session, col, select
+from sqlmodel import Session, SQLModel, col, select
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
@@ -67,6 +68,14 @@ class Tx:
         self.now = now
         self.policy = policy
         self._next_seq = next_seq
+        # Append-only rows (events, artifacts, ...), inserted in bulk just before the commit:
+        # nothing in the same transaction reads them back.
+        self.appends: dict[type[SQLModel], list[dict[str, Any]]] = defaultdict(list)
+        # (agent_id, message_id) -> outcome, for idempotency across and within batches.
+        self.received: dict[tuple[str, str], Outcome] = {}
+
+    def append(self, model: type[SQLModel], **values: Any) -> None:
+        self.appends[model].append(values)
 
     def emit(
         self, outcome: Outcome, sender: str, recipients: frozenset[str] | None, **body: Any
@@ -75,17 +84,16 @@ class Tx:
         seq = self._next_seq()
         event = pb.HubEvent(seq=seq, sender_id=sender, **body)
         event.create_time.FromDatetime(self.now)
-        self.session.add(
-            EventRow(
-                seq=seq,
-                sender_id=sender,
-                broadcast=recipients is None,
-                created_at=self.now,
-                body=event.SerializeToString(),
-            )
+        self.append(
+            EventRow,
+            seq=seq,
+            sender_id=sender,
+            broadcast=recipients is None,
+            created_at=self.now,
+            body=event.SerializeToString(),
         )
         for agent_id in sorted(recipients or ()):
-            self.session.add(EventRecipientRow(seq=seq, agent_id=agent_id))
+            self.append(EventRecipientRow, seq=seq, agent_id=agent_id)
         outcome.events.append(RoutedEvent(event, recipients))
         outcome.seq = seq
         return seq
@@ -100,11 +108,11 @@ class Tx:
     def store_artifact(self, outcome: Outcome, sender: str, artifact: pb.Artifact) -> str:
         """Stamp, store and broadcast an artifact; returns its hub-assigned id."""
         seq = self.emit(outcome, sender, None, artifact_shared=self.stamp(artifact, sender))
-        self.session.add(artifact_row(artifact, seq, self.now))
+        self.append(ArtifactRow, **artifact_row(artifact, seq, self.now))
         return artifact.artifact_id
 
 
-def artifact_row(artifact: pb.Artifact, seq: int, now: datetime) -> ArtifactRow:
+def artifact_row(artifact: pb.Artifact, seq: int, now: datetime) -> dict[str, Any]:
     content = artifact.WhichOneof("content")
     specialization: int
     if content == "pattern":
@@ -115,16 +123,16 @@ def artifact_row(artifact: pb.Artifact, seq: int, now: datetime) -> ArtifactRow:
     else:
         specs = artifact.os_component.specializations
         specialization, name = (specs[0] if specs else 0), artifact.os_component.name
-    return ArtifactRow(
-        artifact_id=artifact.artifact_id,
-        seq=seq,
-        kind=artifact.kind,
-        contributor_id=artifact.contributor_id,
-        specialization=specialization,
-        name=name[:200],
-        created_at=now,
-        body=artifact.SerializeToString(),
-    )
+    return {
+        "artifact_id": artifact.artifact_id,
+        "seq": seq,
+        "kind": artifact.kind,
+        "contributor_id": artifact.contributor_id,
+        "specialization": specialization,
+        "name": name[:200],
+        "created_at": now,
+        "body": artifact.SerializeToString(),
+    }
 
 
 class Command(Protocol):
@@ -291,7 +299,7 @@ class DeliverFeature:
             frozenset({request.requester_id}),
             feature_delivered=pb.FeatureDelivered(request_id=request.request_id, artifact=artifact),
         )
-        tx.session.add(artifact_row(artifact, seq, tx.now))
+        tx.append(ArtifactRow, **artifact_row(artifact, seq, tx.now))
         tx.session.add(
             FeatureDeliveryRow(
                 artifact_id=artifact.artifact_id,

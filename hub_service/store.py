@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 import grpc
-from sqlalchemy import Engine, event, exists, func, or_, text
+from sqlalchemy import Engine, event, exists, func, insert, or_, text
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
@@ -200,30 +200,49 @@ class SqlStore:
         results: list[Outcome | HubError] = []
         with self._session() as session:
             tx = Tx(session, utcnow(), self._next_seq, self.policy)
+            tx.received = self._received(session, commands)
             for command in commands:
                 try:
                     results.append(self._apply(tx, command))
                 except HubError as error:
                     results.append(error)
+            for model, rows in tx.appends.items():
+                session.execute(insert(model), rows)
             session.commit()
         return results
 
     @staticmethod
+    def _received(session: Session, commands: Sequence[Command]) -> dict[tuple[str, str], Outcome]:
+        """The receipts already given for this batch's message ids, in one query."""
+        keys = {(c.agent_id, c.message_id) for c in commands if c.message_id}
+        if not keys:
+            return {}
+        rows = session.exec(
+            select(ReceivedMessageRow).where(
+                col(ReceivedMessageRow.message_id).in_({mid for _, mid in keys})
+            )
+        )
+        return {
+            (r.agent_id, r.message_id): Outcome(seq=r.seq, resource_id=r.resource_id)
+            for r in rows
+            if (r.agent_id, r.message_id) in keys
+        }
+
+    @staticmethod
     def _apply(tx: Tx, command: Command) -> Outcome:
-        if command.message_id:
-            seen = tx.session.get(ReceivedMessageRow, (command.agent_id, command.message_id))
-            if seen is not None:
-                return Outcome(seq=seen.seq, resource_id=seen.resource_id, duplicate=True)
+        key = (command.agent_id, command.message_id)
+        if command.message_id and (seen := tx.received.get(key)) is not None:
+            return Outcome(seq=seen.seq, resource_id=seen.resource_id, duplicate=True)
         outcome = command.apply(tx)
         if command.message_id:
-            tx.session.add(
-                ReceivedMessageRow(
-                    agent_id=command.agent_id,
-                    message_id=command.message_id,
-                    seq=outcome.seq,
-                    resource_id=outcome.resource_id,
-                    created_at=tx.now,
-                )
+            tx.received[key] = outcome
+            tx.append(
+                ReceivedMessageRow,
+                agent_id=command.agent_id,
+                message_id=command.message_id,
+                seq=outcome.seq,
+                resource_id=outcome.resource_id,
+                created_at=tx.now,
             )
         return outcome
 
