@@ -349,6 +349,8 @@ class ProposeCollaboration:
 
     def apply(self, tx: Tx) -> Outcome:
         target = self.proposal.target_agent_id
+        if target == self.agent_id:
+            raise failed_precondition("you cannot propose a collaboration to yourself")
         if tx.session.get(AgentRow, target) is None:
             raise not_found(f"agent {target}")
         limit = tx.policy.max_open_per_agent

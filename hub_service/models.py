@@ -4,10 +4,11 @@ columns that queries filter on, so a row is served without re-assembling it."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from datetime import UTC, datetime
 
-from sqlalchemy import Column, Index, LargeBinary
+from sqlalchemy import BigInteger, Column, Index, LargeBinary
 from sqlmodel import Field, SQLModel
 
 from generated.kernelhub.v1 import hub_pb2 as pb
@@ -17,11 +18,22 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+_id_lock = threading.Lock()
+_last_id = (0, 0)  # (milliseconds, low bits) of the newest id
+
+
 def new_id(prefix: str) -> str:
-    """Time-ordered id (48-bit milliseconds + 64 random bits): inserts stay
-    append-mostly in the primary-key index, which is several times faster than
-    random UUIDs, and ids sort by creation."""
-    return f"{prefix}_{time.time_ns() // 1_000_000:012x}{int.from_bytes(os.urandom(8)):016x}"
+    """Time-ordered id: 48-bit milliseconds + 64 bits, random for the first id of a
+    millisecond and incremented after that (ULID's monotonic mode), so ids sort in
+    creation order even within a millisecond. Append-mostly primary-key inserts are
+    also several times faster than random UUIDs."""
+    global _last_id
+    with _id_lock:
+        ms, low = time.time_ns() // 1_000_000, int.from_bytes(os.urandom(8)) >> 1
+        if ms <= _last_id[0]:
+            ms, low = _last_id[0], _last_id[1] + 1
+        _last_id = (ms, low)
+    return f"{prefix}_{ms:012x}{low:016x}"
 
 
 class AgentRow(SQLModel, table=True):
@@ -49,7 +61,7 @@ class EventRow(SQLModel, table=True):
     """The event log: one row per hub event, `seq` global and increasing."""
 
     __tablename__ = "event"
-    seq: int = Field(primary_key=True)
+    seq: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
     sender_id: str = Field(max_length=128)
     # True: every agent but the sender receives it; False: only event_recipient rows.
     broadcast: bool
@@ -60,7 +72,7 @@ class EventRow(SQLModel, table=True):
 class EventRecipientRow(SQLModel, table=True):
     __tablename__ = "event_recipient"
     __table_args__ = (Index("ix_event_recipient_agent_seq", "agent_id", "seq"),)
-    seq: int = Field(primary_key=True)
+    seq: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
     agent_id: str = Field(primary_key=True, max_length=128)
 
 
@@ -70,7 +82,7 @@ class ReceivedMessageRow(SQLModel, table=True):
     __tablename__ = "received_message"
     agent_id: str = Field(primary_key=True, max_length=128)
     message_id: str = Field(primary_key=True, max_length=128)
-    seq: int = 0
+    seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     resource_id: str = ""
     created_at: datetime = Field(default_factory=utcnow)
 
@@ -83,7 +95,7 @@ class ArtifactRow(SQLModel, table=True):
         Index("ix_artifact_specialization_seq", "specialization", "seq"),
     )
     artifact_id: str = Field(primary_key=True, max_length=64)
-    seq: int = Field(unique=True)
+    seq: int = Field(sa_column=Column(BigInteger, unique=True, nullable=False))
     kind: int
     contributor_id: str = Field(max_length=128)
     specialization: int = 0
@@ -95,7 +107,7 @@ class ArtifactRow(SQLModel, table=True):
 class FeatureRequestRow(SQLModel, table=True):
     __tablename__ = "feature_request"
     request_id: str = Field(primary_key=True, max_length=64)
-    seq: int = Field(unique=True)
+    seq: int = Field(sa_column=Column(BigInteger, unique=True, nullable=False))
     requester_id: str = Field(index=True, max_length=128)
     feature: str
     delivery_count: int = 0

@@ -71,10 +71,7 @@ def to_command(agent_id: str, request: pb.ConnectRequest, kind: str) -> cmd.Comm
     if kind == "deliver_feature":
         return cmd.DeliverFeature(agent_id, mid, request.deliver_feature)
     if kind == "propose_collaboration":
-        proposal = request.propose_collaboration
-        if proposal.target_agent_id == agent_id:
-            raise failed_precondition("you cannot propose a collaboration to yourself")
-        return cmd.ProposeCollaboration(agent_id, mid, proposal)
+        return cmd.ProposeCollaboration(agent_id, mid, request.propose_collaboration)
     if kind == "accept_collaboration":
         return cmd.CollaborationStep(
             agent_id, mid, request.accept_collaboration.session_id, Step.ACCEPT

@@ -17,8 +17,8 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 
 from .errors import failed_precondition, invalid
 
-IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
-SNAKE = re.compile(r"^[a-z][a-z0-9_]*$")
+IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")  # used with fullmatch
+SNAKE = re.compile(r"[a-z][a-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class _Checker:
             self.fail(
                 path, f"must be at most {self.limits.max_id_length} characters, got {len(value)}"
             )
-        elif not IDENTIFIER.match(value):
+        elif not IDENTIFIER.fullmatch(value):
             self.fail(
                 path,
                 "may contain only letters, digits and _ . : - (starting with a letter or digit)",
@@ -60,7 +60,7 @@ class _Checker:
         if not value:
             if required:
                 self.fail(path, "is required")
-        elif len(value) > 64 or not SNAKE.match(value):
+        elif len(value) > 64 or not SNAKE.fullmatch(value):
             self.fail(
                 path, f"must be lower_snake_case of at most 64 characters, got {value[:80]!r}"
             )
@@ -71,6 +71,8 @@ class _Checker:
             self.fail(path, "is required")
         elif len(value) > limit:
             self.fail(path, f"must be at most {limit} characters, got {len(value)}")
+        elif "\x00" in value:
+            self.fail(path, "must not contain NUL characters")
 
     def fraction(self, path: str, value: float) -> None:
         if not math.isfinite(value) or not 0.0 <= value <= 1.0:
@@ -166,6 +168,8 @@ class _Checker:
             self.fail(path, "is required")
         elif size > self.limits.max_code_bytes:
             self.fail(path, f"must be at most {self.limits.max_code_bytes} bytes, got {size}")
+        elif "\x00" in code:
+            self.fail(path, "must not contain NUL characters")
 
     def requirements(self, path: str, r: pb.FeatureRequirements) -> None:
         self.enum(f"{path}.performance", r.performance, pb.PerformanceLevel)

@@ -1,0 +1,510 @@
+"""Collaboration sessions through the stream: propose, accept, progress, complete, decline, expire."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service.collaboration import Policy, Step, advance, expiry_reason, is_open
+from hub_service.config import HubConfig
+from hub_service.errors import HubError
+
+from .conftest import (
+    HubHarness,
+    RawTrainer,
+    hello,
+    make_config,
+    os_component,
+    pattern,
+    short_policy,
+)
+
+S = pb.CollaborationState
+NOT_FOUND, PERMISSION_DENIED = 5, 7
+RESOURCE_EXHAUSTED, FAILED_PRECONDITION = 8, 9
+
+
+@pytest.fixture
+def hub_config(request: pytest.FixtureRequest, database_url: str) -> HubConfig:
+    """Default: deadlines far away. Tests pass Policy/config overrides with indirect params."""
+    overrides: dict[str, Any] = dict(getattr(request, "param", {}))
+    policy = short_policy(**overrides.pop("policy", {}))
+    return make_config(database_url, policy=policy, **overrides)
+
+
+def short(**policy: Any) -> pytest.MarkDecorator:
+    """An indirect `hub_config` parameter: these Policy fields, and a fast reaper."""
+    return pytest.mark.parametrize(
+        "hub_config", [{"policy": policy, "reaper_interval": 0.2}], indirect=True
+    )
+
+
+async def connect_pair(harness: HubHarness) -> tuple[RawTrainer, RawTrainer]:
+    a = await harness.connect("AI_Node_1", hello("AI_Node_1", pb.SPECIALIZATION_NETWORKING))
+    b = await harness.connect(
+        "AI_Node_2",
+        hello("AI_Node_2", pb.SPECIALIZATION_SECURITY, capabilities=["security_analysis"]),
+    )
+    return a, b
+
+
+async def propose(initiator: RawTrainer, target: str, description: str = "secure transport") -> str:
+    mid = await initiator.send(
+        propose_collaboration=pb.ProposeCollaboration(
+            target_agent_id=target,
+            type=pb.COLLABORATION_TYPE_CROSS_SPECIALIZATION,
+            description=description,
+        )
+    )
+    receipt = await initiator.receipt(mid)
+    assert receipt.resource_id.startswith("collab_") and receipt.seq > 0
+    return receipt.resource_id
+
+
+async def accept(target: RawTrainer, session_id: str) -> pb.Receipt:
+    mid = await target.send(accept_collaboration=pb.AcceptCollaboration(session_id=session_id))
+    return await target.receipt(mid)
+
+
+async def updated(
+    trainer: RawTrainer, session_id: str, state: int, **match: Any
+) -> pb.Collaboration:
+    event = await trainer.event(
+        "collaboration_updated",
+        collaboration__session_id=session_id,
+        collaboration__state=state,
+        **{f"collaboration__{k}": v for k, v in match.items()},
+    )
+    return event.collaboration_updated.collaboration
+
+
+async def still_works(trainer: RawTrainer) -> None:
+    """After a refused message the same stream accepts and stores a good one."""
+    receipt = await trainer.receipt(
+        await trainer.send(share_pattern=pb.SharePattern(pattern=pattern()))
+    )
+    assert receipt.seq > 0 and receipt.resource_id.startswith("art_")
+
+
+def collaborative_component() -> pb.OsComponent:
+    component = os_component("secure_channel")
+    component.component_type = "collaborative_component"
+    del component.specializations[:]
+    component.specializations.extend([pb.SPECIALIZATION_NETWORKING, pb.SPECIALIZATION_SECURITY])
+    component.attributes["origin"] = "pair"
+    return component
+
+
+# --- the happy path ----------------------------------------------------------
+
+
+async def test_propose_accept_progress_complete(harness: HubHarness) -> None:
+    a, b = await connect_pair(harness)
+    c = await harness.connect("AI_Node_3", hello("AI_Node_3", pb.SPECIALIZATION_AUDIO))
+
+    proposal_mid = await a.send(
+        propose_collaboration=pb.ProposeCollaboration(
+            target_agent_id="AI_Node_2",
+            type=pb.COLLABORATION_TYPE_CROSS_SPECIALIZATION,
+            description="secure transport",
+        )
+    )
+    proposed_receipt = await a.receipt(proposal_mid)
+    session_id = proposed_receipt.resource_id
+    assert session_id.startswith("collab_")
+    for partner in (a, b):
+        event = await partner.event("collaboration_updated", collaboration__session_id=session_id)
+        assert event.seq == proposed_receipt.seq
+        assert event.sender_id == "AI_Node_1"
+        collab = event.collaboration_updated.collaboration
+        assert collab.state == S.COLLABORATION_STATE_PROPOSED
+        assert (collab.initiator_id, collab.target_id) == ("AI_Node_1", "AI_Node_2")
+        assert collab.type == pb.COLLABORATION_TYPE_CROSS_SPECIALIZATION
+        assert collab.description == "secure transport"
+        assert (
+            collab.HasField("expire_time")
+            and collab.expire_time.ToDatetime() > collab.create_time.ToDatetime()
+        )
+
+    accepted = await accept(b, session_id)
+    assert accepted.resource_id == session_id and accepted.seq > proposed_receipt.seq
+    for partner in (a, b):
+        collab = await updated(partner, session_id, S.COLLABORATION_STATE_ACTIVE)
+        assert collab.progress == 0.0 and collab.HasField("expire_time")
+
+    progress_mid = await a.send(
+        report_collaboration_progress=pb.ReportCollaborationProgress(
+            session_id=session_id, progress=0.4, note="handshake done"
+        )
+    )
+    progressed = await a.receipt(progress_mid)
+    assert progressed.resource_id == session_id and progressed.seq > accepted.seq
+    for partner in (a, b):
+        collab = await updated(partner, session_id, S.COLLABORATION_STATE_ACTIVE, progress=0.4)
+        assert collab.last_note == "handshake done"
+
+    complete_mid = await b.send(
+        complete_collaboration=pb.CompleteCollaboration(
+            session_id=session_id, component=collaborative_component()
+        )
+    )
+    completed = await b.receipt(complete_mid)
+    artifact_id = completed.resource_id
+    assert artifact_id.startswith("art_") and completed.seq > progressed.seq
+    for partner in (a, b):
+        collab = await updated(partner, session_id, S.COLLABORATION_STATE_COMPLETED)
+        assert collab.result_artifact_id == artifact_id
+        assert collab.progress == 1.0
+        assert not collab.HasField("expire_time")
+
+    # The component is stored as an OS component that names its session ...
+    stored = (
+        await harness.query("GetArtifact", pb.GetArtifactRequest(artifact_id=artifact_id))
+    ).artifact
+    assert stored.kind == pb.ARTIFACT_KIND_OS_COMPONENT
+    assert stored.contributor_id == "AI_Node_2"
+    assert stored.os_component.name == "secure_channel"
+    assert stored.os_component.attributes["collaboration_session_id"] == session_id
+    assert stored.os_component.attributes["origin"] == "pair"
+    assert list(stored.os_component.specializations) == [
+        pb.SPECIALIZATION_NETWORKING,
+        pb.SPECIALIZATION_SECURITY,
+    ]
+    # ... and shared with every other agent, but not echoed to the one who completed it.
+    for other in (a, c):
+        shared = await other.event("artifact_shared", artifact_id=artifact_id)
+        assert shared.artifact_shared == stored
+        assert shared.sender_id == "AI_Node_2"
+    assert not any(e.WhichOneof("body") == "artifact_shared" for e in b.events)
+    # The bystander heard nothing about the session itself (a later share is the barrier).
+    barrier = await a.receipt(await a.send(share_pattern=pb.SharePattern(pattern=pattern())))
+    await c.until_seq(barrier.seq)
+    assert not any(e.WhichOneof("body") == "collaboration_updated" for e in c.events)
+
+    listed = await harness.query(
+        "ListCollaborations", pb.ListCollaborationsRequest(agent_id="AI_Node_1")
+    )
+    assert [x.session_id for x in listed.collaborations] == [session_id]
+    final = listed.collaborations[0]
+    assert final.state == S.COLLABORATION_STATE_COMPLETED
+    assert final.result_artifact_id == artifact_id
+    assert final.last_note == "handshake done"
+    only_completed = await harness.query(
+        "ListCollaborations",
+        pb.ListCollaborationsRequest(state=S.COLLABORATION_STATE_COMPLETED),
+    )
+    assert [x.session_id for x in only_completed.collaborations] == [session_id]
+    none_active = await harness.query(
+        "ListCollaborations", pb.ListCollaborationsRequest(state=S.COLLABORATION_STATE_ACTIVE)
+    )
+    assert list(none_active.collaborations) == []
+
+
+@pytest.mark.parametrize(
+    ("reason", "expected"),
+    [("busy with the scheduler", "busy with the scheduler"), ("", "declined by AI_Node_2")],
+)
+async def test_decline_ends_the_session_with_a_reason(
+    harness: HubHarness, reason: str, expected: str
+) -> None:
+    a, b = await connect_pair(harness)
+    session_id = await propose(a, "AI_Node_2")
+    mid = await b.send(
+        decline_collaboration=pb.DeclineCollaboration(session_id=session_id, reason=reason)
+    )
+    receipt = await b.receipt(mid)
+    assert receipt.resource_id == session_id
+    for partner in (a, b):
+        collab = await updated(partner, session_id, S.COLLABORATION_STATE_DECLINED)
+        assert collab.end_reason == expected
+        assert not collab.HasField("expire_time")
+    listed = await harness.query("ListCollaborations", pb.ListCollaborationsRequest())
+    assert [(x.session_id, x.state, x.end_reason) for x in listed.collaborations] == [
+        (session_id, S.COLLABORATION_STATE_DECLINED, expected)
+    ]
+    # A declined session cannot be accepted any more.
+    late = await b.error(
+        await b.send(accept_collaboration=pb.AcceptCollaboration(session_id=session_id))
+    )
+    assert late.code == FAILED_PRECONDITION and "COLLABORATION_STATE_DECLINED" in late.message
+
+
+# --- expiry --------------------------------------------------------------------
+
+
+@short(proposal_ttl=timedelta(seconds=1))
+async def test_unanswered_proposal_expires(harness: HubHarness) -> None:
+    a, b = await connect_pair(harness)
+    session_id = await propose(a, "AI_Node_2")
+    for partner in (a, b):
+        event = await partner.event(
+            "collaboration_updated",
+            collaboration__session_id=session_id,
+            collaboration__state=S.COLLABORATION_STATE_EXPIRED,
+        )
+        assert event.sender_id == ""  # raised by the hub itself
+        collab = event.collaboration_updated.collaboration
+        assert collab.end_reason == "the proposal was not answered in time"
+        assert not collab.HasField("expire_time")
+    # Accepting after expiry is refused and the stream goes on.
+    late = await b.error(
+        await b.send(accept_collaboration=pb.AcceptCollaboration(session_id=session_id))
+    )
+    assert late.code == FAILED_PRECONDITION
+    await still_works(b)
+    stats = await harness.query("GetHubStats", pb.GetHubStatsRequest())
+    assert dict(stats.collaborations_by_state) == {"COLLABORATION_STATE_EXPIRED": 1}
+
+
+@short(activity_ttl=timedelta(seconds=1))
+async def test_active_session_without_progress_expires(harness: HubHarness) -> None:
+    a, b = await connect_pair(harness)
+    session_id = await propose(a, "AI_Node_2")
+    await accept(b, session_id)
+    for partner in (a, b):
+        collab = await updated(partner, session_id, S.COLLABORATION_STATE_EXPIRED)
+        assert collab.end_reason == "no progress was reported in time"
+    listed = await harness.query(
+        "ListCollaborations", pb.ListCollaborationsRequest(state=S.COLLABORATION_STATE_EXPIRED)
+    )
+    assert [x.session_id for x in listed.collaborations] == [session_id]
+
+
+@short(partner_offline_grace=timedelta(seconds=1))
+async def test_session_expires_when_a_partner_stays_offline(harness: HubHarness) -> None:
+    a, b = await connect_pair(harness)
+    session_id = await propose(a, "AI_Node_2")
+    await accept(b, session_id)
+    await updated(a, session_id, S.COLLABORATION_STATE_ACTIVE)
+    await b.close()
+    await a.event("agent_left", agent_id="AI_Node_2")
+    collab = await updated(a, session_id, S.COLLABORATION_STATE_EXPIRED)
+    assert collab.end_reason == "partner AI_Node_2 went offline"
+    # The absent partner finds out when it comes back.
+    back = await harness.connect("AI_Node_2", hello("AI_Node_2", pb.SPECIALIZATION_SECURITY))
+    collab = await updated(back, session_id, S.COLLABORATION_STATE_EXPIRED)
+    assert collab.end_reason == "partner AI_Node_2 went offline"
+
+
+# --- refusals ------------------------------------------------------------------
+
+
+async def test_only_the_target_may_accept(harness: HubHarness) -> None:
+    a, b = await connect_pair(harness)
+    session_id = await propose(a, "AI_Node_2")
+    error = await a.error(
+        await a.send(accept_collaboration=pb.AcceptCollaboration(session_id=session_id))
+    )
+    assert (error.code, error.code_name) == (PERMISSION_DENIED, "PERMISSION_DENIED")
+    assert "AI_Node_2" in error.message and session_id in error.message
+    await still_works(a)
+    # The session is untouched and the target can still accept it.
+    await accept(b, session_id)
+    await updated(a, session_id, S.COLLABORATION_STATE_ACTIVE)
+
+
+async def test_a_stranger_cannot_touch_a_session(harness: HubHarness) -> None:
+    a, b = await connect_pair(harness)
+    stranger = await harness.connect("AI_Node_3", hello("AI_Node_3", pb.SPECIALIZATION_AUDIO))
+    session_id = await propose(a, "AI_Node_2")
+    await accept(b, session_id)
+    progress_mid = await stranger.send(
+        report_collaboration_progress=pb.ReportCollaborationProgress(
+            session_id=session_id, progress=0.9, note="not mine"
+        )
+    )
+    error = await stranger.error(progress_mid)
+    assert (error.code, error.code_name) == (PERMISSION_DENIED, "PERMISSION_DENIED")
+    assert "AI_Node_3" in error.message and "not a partner" in error.message
+    await still_works(stranger)
+    listed = await harness.query("ListCollaborations", pb.ListCollaborationsRequest())
+    assert listed.collaborations[0].progress == 0.0 and listed.collaborations[0].last_note == ""
+
+
+async def test_complete_a_proposed_session_is_failed_precondition(harness: HubHarness) -> None:
+    a, _ = await connect_pair(harness)
+    session_id = await propose(a, "AI_Node_2")
+    mid = await a.send(
+        complete_collaboration=pb.CompleteCollaboration(
+            session_id=session_id, component=collaborative_component()
+        )
+    )
+    error = await a.error(mid)
+    assert (error.code, error.code_name) == (FAILED_PRECONDITION, "FAILED_PRECONDITION")
+    assert "COLLABORATION_STATE_PROPOSED" in error.message
+    await still_works(a)
+    # Nothing but the good share was stored.
+    listed = await harness.query(
+        "ListArtifacts", pb.ListArtifactsRequest(kind=pb.ARTIFACT_KIND_OS_COMPONENT)
+    )
+    assert list(listed.artifacts) == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"accept_collaboration": pb.AcceptCollaboration(session_id="collab_nope")},
+        {"decline_collaboration": pb.DeclineCollaboration(session_id="collab_nope")},
+        {
+            "report_collaboration_progress": pb.ReportCollaborationProgress(
+                session_id="collab_nope", progress=0.5
+            )
+        },
+    ],
+    ids=["accept", "decline", "progress"],
+)
+async def test_unknown_session_is_not_found(harness: HubHarness, body: dict[str, Any]) -> None:
+    a, _ = await connect_pair(harness)
+    error = await a.error(await a.send(**body))
+    assert (error.code, error.code_name) == (NOT_FOUND, "NOT_FOUND")
+    assert "collab_nope" in error.message
+    await still_works(a)
+
+
+async def test_propose_to_an_unknown_agent_is_not_found(harness: HubHarness) -> None:
+    a, _ = await connect_pair(harness)
+    mid = await a.send(
+        propose_collaboration=pb.ProposeCollaboration(
+            target_agent_id="AI_Node_99", type=pb.COLLABORATION_TYPE_CODE_REVIEW
+        )
+    )
+    error = await a.error(mid)
+    assert (error.code, error.code_name) == (NOT_FOUND, "NOT_FOUND")
+    assert "AI_Node_99" in error.message
+    await still_works(a)
+    listed = await harness.query("ListCollaborations", pb.ListCollaborationsRequest())
+    assert list(listed.collaborations) == []
+
+
+async def test_propose_to_yourself_is_failed_precondition(harness: HubHarness) -> None:
+    a, _ = await connect_pair(harness)
+    mid = await a.send(
+        propose_collaboration=pb.ProposeCollaboration(
+            target_agent_id="AI_Node_1", type=pb.COLLABORATION_TYPE_CODE_REVIEW
+        )
+    )
+    error = await a.error(mid)
+    assert (error.code, error.code_name) == (FAILED_PRECONDITION, "FAILED_PRECONDITION")
+    assert "yourself" in error.message
+    await still_works(a)
+    listed = await harness.query("ListCollaborations", pb.ListCollaborationsRequest())
+    assert list(listed.collaborations) == []
+
+
+@short(max_open_per_agent=2)
+async def test_open_sessions_per_agent_are_limited(harness: HubHarness) -> None:
+    a, b = await connect_pair(harness)
+    c = await harness.connect("AI_Node_3", hello("AI_Node_3", pb.SPECIALIZATION_PERFORMANCE))
+    first = await propose(a, "AI_Node_2", "one")
+    await propose(a, "AI_Node_3", "two")
+
+    # The initiator is at its limit ...
+    over = await a.send(
+        propose_collaboration=pb.ProposeCollaboration(
+            target_agent_id="AI_Node_2", type=pb.COLLABORATION_TYPE_CODE_REVIEW
+        )
+    )
+    error = await a.error(over)
+    assert (error.code, error.code_name) == (RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED")
+    assert "AI_Node_1" in error.message and "2" in error.message
+    await still_works(a)
+
+    # ... and so is a target: C may not add a third open session to A.
+    to_full = await c.send(
+        propose_collaboration=pb.ProposeCollaboration(
+            target_agent_id="AI_Node_1", type=pb.COLLABORATION_TYPE_CODE_REVIEW
+        )
+    )
+    error = await c.error(to_full)
+    assert error.code == RESOURCE_EXHAUSTED and "AI_Node_1" in error.message
+    await still_works(c)
+
+    # Ending a session frees a slot.
+    await b.receipt(
+        await b.send(decline_collaboration=pb.DeclineCollaboration(session_id=first, reason="no"))
+    )
+    third = await propose(a, "AI_Node_2", "three")
+    assert third != first
+    listed = await harness.query(
+        "ListCollaborations", pb.ListCollaborationsRequest(state=S.COLLABORATION_STATE_PROPOSED)
+    )
+    assert len(listed.collaborations) == 2
+
+
+@pytest.mark.parametrize(
+    "hub_config",
+    [{"policy": {"proposal_ttl": timedelta(seconds=-1)}, "reaper_interval": 60}],
+    indirect=True,
+)
+async def test_a_step_after_the_deadline_is_refused_before_the_reaper_runs(
+    harness: HubHarness,
+) -> None:
+    a, b = await connect_pair(harness)
+    session_id = await propose(a, "AI_Node_2")  # due at once; the reaper is a minute away
+    error = await b.error(
+        await b.send(accept_collaboration=pb.AcceptCollaboration(session_id=session_id))
+    )
+    assert error.code == FAILED_PRECONDITION and "deadline" in error.message
+    listed = await harness.query("ListCollaborations", pb.ListCollaborationsRequest())
+    assert listed.collaborations[0].state == S.COLLABORATION_STATE_PROPOSED
+    await still_works(b)
+
+
+# --- the state machine itself ----------------------------------------------------
+
+
+INIT, TGT, STRANGER = "initiator", "target", "stranger"
+ALL_STATES = [
+    S.COLLABORATION_STATE_PROPOSED,
+    S.COLLABORATION_STATE_ACTIVE,
+    S.COLLABORATION_STATE_COMPLETED,
+    S.COLLABORATION_STATE_DECLINED,
+    S.COLLABORATION_STATE_EXPIRED,
+]
+ALLOWED: dict[tuple[Step, int, str], int] = {
+    (Step.ACCEPT, S.COLLABORATION_STATE_PROPOSED, TGT): S.COLLABORATION_STATE_ACTIVE,
+    (Step.DECLINE, S.COLLABORATION_STATE_PROPOSED, TGT): S.COLLABORATION_STATE_DECLINED,
+    (Step.PROGRESS, S.COLLABORATION_STATE_ACTIVE, INIT): S.COLLABORATION_STATE_ACTIVE,
+    (Step.PROGRESS, S.COLLABORATION_STATE_ACTIVE, TGT): S.COLLABORATION_STATE_ACTIVE,
+    (Step.COMPLETE, S.COLLABORATION_STATE_ACTIVE, INIT): S.COLLABORATION_STATE_COMPLETED,
+    (Step.COMPLETE, S.COLLABORATION_STATE_ACTIVE, TGT): S.COLLABORATION_STATE_COMPLETED,
+}
+
+
+@pytest.mark.parametrize("step", list(Step), ids=lambda s: s.name)
+@pytest.mark.parametrize("state", ALL_STATES, ids=S.Name)
+@pytest.mark.parametrize("actor", [INIT, TGT, STRANGER])
+def test_state_machine(step: Step, state: int, actor: str) -> None:
+    def run() -> int:
+        return advance(
+            session_id="s1", state=state, initiator=INIT, target=TGT, actor=actor, step=step
+        )
+
+    expected = ALLOWED.get((step, state, actor))
+    if expected is not None:
+        assert run() == expected
+        return
+    with pytest.raises(HubError) as raised:
+        run()
+    if actor == STRANGER or (step in (Step.ACCEPT, Step.DECLINE) and actor == INIT):
+        assert raised.value.code == grpc.StatusCode.PERMISSION_DENIED
+    else:
+        assert raised.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert S.Name(S.ValueType(state)) in raised.value.message
+
+
+def test_policy_deadlines() -> None:
+    policy = Policy(proposal_ttl=timedelta(seconds=5), activity_ttl=timedelta(seconds=7))
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    assert policy.deadline(S.COLLABORATION_STATE_PROPOSED, now) == now + timedelta(seconds=5)
+    assert policy.deadline(S.COLLABORATION_STATE_ACTIVE, now) == now + timedelta(seconds=7)
+    for ended in ALL_STATES[2:]:
+        assert policy.deadline(ended, now) is None
+    assert [s for s in ALL_STATES if is_open(s)] == ALL_STATES[:2]
+    assert (
+        expiry_reason(S.COLLABORATION_STATE_ACTIVE, "AI_Node_9") == "partner AI_Node_9 went offline"
+    )
