@@ -9,11 +9,12 @@ from typing import Any, TypeAlias
 import grpc
 
 from .errors import HubError
+from .tokens import hash_token
 
 # grpc.RpcMethodHandler; grpcio ships no type hints, so grpc types are Any to mypy.
 Handler: TypeAlias = Any
 
-_agent: ContextVar[str] = ContextVar("kernelhub_authenticated_agent")
+_identity: ContextVar[tuple[str, str]] = ContextVar("kernelhub_identity")  # (agent, token hash)
 
 # Health checks and reflection are for operators and load balancers: no token.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -21,7 +22,12 @@ OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 def current_agent() -> str:
     """The agent whose token authenticated the RPC being handled."""
-    return _agent.get()
+    return _identity.get()[0]
+
+
+def current_token_hash() -> str:
+    """The hash of that token, to re-check it while the stream lives."""
+    return _identity.get()[1]
 
 
 def bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
@@ -88,5 +94,5 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  
                 handler, grpc.StatusCode.UNAUTHENTICATED, "invalid, expired or revoked token"
             )
         # The interceptor and the handler share one contextvars.Context (grpc.aio docs).
-        _agent.set(agent_id)
+        _identity.set((agent_id, hash_token(token)))
         return handler

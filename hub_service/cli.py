@@ -51,6 +51,34 @@ def build_parser(config: HubConfig) -> argparse.ArgumentParser:
         default=config.training_sync_interval,
         help="how often every agent gets a training sync, e.g. 30s (0: only on connect)",
     )
+    serve.add_argument(
+        "--tls-cert",
+        default=config.tls_cert,
+        metavar="PEM",
+        help="server certificate (enables TLS)",
+    )
+    serve.add_argument(
+        "--tls-key", default=config.tls_key, metavar="PEM", help="server private key"
+    )
+    serve.add_argument(
+        "--tls-client-ca",
+        default=config.tls_client_ca,
+        metavar="PEM",
+        help="CA that signs client certificates (enables mutual TLS)",
+    )
+    serve.add_argument(
+        "--rate-limit",
+        type=float,
+        default=config.rate_limit_per_second,
+        metavar="MSGS_PER_S",
+        help=f"per-agent message rate (default {config.rate_limit_per_second:g}; 0 disables)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=config.max_connections,
+        help=f"live streams at once (default {config.max_connections})",
+    )
     _database_args(serve, config)
 
     token = commands.add_parser("token", help="manage agent tokens").add_subparsers(
@@ -125,6 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         config.host, config.port = args.host, args.port
         config.training_sync_interval = args.training_sync_interval
+        config.tls_cert, config.tls_key = args.tls_cert, args.tls_key
+        config.tls_client_ca = args.tls_client_ca
+        config.rate_limit_per_second = args.rate_limit
+        config.max_connections = args.max_connections
         config.database_url = database_url
         asyncio.run(_serve(config))
         return 0

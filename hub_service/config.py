@@ -35,6 +35,19 @@ class HubConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     keepalive_time: float = 30.0
     keepalive_timeout: float = 10.0
+    # Pings more often than this (without data) count as abuse; 2 strikes close the connection.
+    min_client_ping_interval: float = 5.0
+    # Per-agent message rate (token bucket); 0 disables.
+    rate_limit_per_second: float = 5000.0
+    rate_limit_burst: int = 10000
+    # Live Connect streams the hub carries at once.
+    max_connections: int = 10000
+    # How often live streams' tokens are re-checked (revocation, expiry).
+    token_recheck_interval: float = 2.0
+    # TLS: server certificate and key (PEM files); a client CA turns on mutual TLS.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
     limits: Limits = field(default_factory=Limits)
     policy: Policy = field(default_factory=Policy)
 

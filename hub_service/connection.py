@@ -33,6 +33,7 @@ class Connection:
         self,
         hello: pb.Hello,
         *,
+        token_hash: str,
         store: HubStore,
         router: Router,
         max_inflight: int,
@@ -41,6 +42,7 @@ class Connection:
         replay_page_size: int,
     ) -> None:
         self.agent_id = hello.agent_id
+        self.token_hash = token_hash  # re-checked while the stream lives (revocation)
         self.hello = hello
         self._window = asyncio.Semaphore(max_inflight)
         self._unanswered = 0

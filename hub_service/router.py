@@ -35,6 +35,9 @@ class Router:
             return True
         return False
 
+    def is_connected(self, agent_id: str) -> bool:
+        return agent_id in self._connections
+
     def connections(self) -> Iterator[Connection]:
         return iter(list(self._connections.values()))
 

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -60,7 +61,11 @@ class HubServer:
                 ("grpc.max_send_message_length", self.config.max_message_bytes),
                 ("grpc.keepalive_time_ms", int(self.config.keepalive_time * 1000)),
                 ("grpc.keepalive_timeout_ms", int(self.config.keepalive_timeout * 1000)),
-                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                (
+                    "grpc.http2.min_ping_interval_without_data_ms",
+                    int(self.config.min_client_ping_interval * 1000),
+                ),
+                ("grpc.http2.max_ping_strikes", 2),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.bdp_probe", 0),
             ],
@@ -70,12 +75,20 @@ class HubServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
-        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        credentials = server_credentials(self.config)
+        if credentials is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, credentials)
         await self._server.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._loops = [
             asyncio.create_task(self._every(self.config.reaper_interval, self._expire_due)),
+            asyncio.create_task(
+                self._every(self.config.token_recheck_interval, self._end_revoked_streams)
+            ),
         ]
         if self.config.training_sync_interval > 0:
             self._loops.append(
@@ -96,6 +109,16 @@ class HubServer:
     async def issue_token(self, agent_id: str, ttl: timedelta | None = None) -> str:
         issued: IssuedToken = await self.store.issue_token(agent_id, ttl)
         return issued.token
+
+    async def _end_revoked_streams(self) -> None:
+        """A revoked or expired token loses its live stream within one re-check interval."""
+        connections = list(self.router.connections())
+        valid = await self.store.valid_token_hashes({c.token_hash for c in connections})
+        for connection in connections:
+            if connection.token_hash not in valid:
+                connection.end(
+                    grpc.StatusCode.UNAUTHENTICATED, "the token was revoked or has expired"
+                )
 
     async def _expire_due(self) -> None:
         await self.committer.submit(cmd.ExpireDue())
@@ -131,6 +154,20 @@ class HubServer:
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def server_credentials(config: HubConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the configured PEM files; mutual TLS when a client CA is set."""
+    if not (config.tls_cert or config.tls_key or config.tls_client_ca):
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 def _safe_url(url: str) -> str:

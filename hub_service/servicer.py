@@ -22,13 +22,14 @@ from generated.kernelhub.v1 import hub_pb2_grpc
 
 from . import __version__, paging
 from . import commands as cmd
-from .auth import current_agent
+from .auth import current_agent, current_token_hash
 from .collaboration import Step
 from .committer import GroupCommitter
 from .complementarity import Candidate, opportunities
 from .config import HubConfig
 from .connection import Connection
 from .errors import HubError, failed_precondition, invalid, not_found, permission_denied
+from .ratelimit import TokenBucket
 from .router import Router
 from .store import HubStore
 from .validation import validate, validate_hello
@@ -126,6 +127,8 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         self._committer = committer
         self._router = router
         self._draining = False
+        # Per agent, so reconnecting does not refill the bucket; one small object per agent.
+        self._buckets: dict[str, TokenBucket] = {}
 
     # --- the stream -----------------------------------------------------------
 
@@ -138,8 +141,15 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
                 grpc.StatusCode.UNAVAILABLE, "the hub is shutting down; retry shortly"
             )
         hello = await self._expect_hello(agent_id, request_iterator, context)
+        limit = self._config.max_connections
+        if len(self._router) >= limit and not self._router.is_connected(agent_id):
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the hub carries at most {limit} live connections; retry later",
+            )
         connection = Connection(
             hello,
+            token_hash=current_token_hash(),
             store=self._store,
             router=self._router,
             max_inflight=self._config.max_inflight_per_stream,
@@ -220,9 +230,20 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
     ) -> None:
         """Take one message at a time; the next is read only once this one is queued."""
         agent_id = connection.agent_id
+        bucket = self._buckets.get(agent_id)
+        if bucket is None and self._config.rate_limit_per_second > 0:
+            bucket = self._buckets[agent_id] = TokenBucket(
+                self._config.rate_limit_per_second, self._config.rate_limit_burst
+            )
         async for request in requests:
             await connection.admit()
             try:
+                if bucket is not None and not bucket.take():
+                    raise HubError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"rate limit: at most {bucket.rate:g} messages/s (bursts of "
+                        f"{bucket.burst:g}); resend this message_id later",
+                    )
                 command = to_command(agent_id, request, validate(request, self._config.limits))
                 future = await self._committer.enqueue(command)
             except HubError as error:

@@ -8,11 +8,10 @@ pool of reader threads.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -43,6 +42,7 @@ from .models import (
     feature_request_to_proto,
     utcnow,
 )
+from .tokens import hash_token, new_token
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,6 +74,7 @@ class HubStore(Protocol):
     async def head_seq(self) -> int: ...
     async def authenticate(self, token: str) -> str | None: ...
     async def issue_token(self, agent_id: str, ttl: timedelta | None = None) -> IssuedToken: ...
+    async def valid_token_hashes(self, hashes: Collection[str]) -> set[str]: ...
     async def list_tokens(self) -> list[TokenRow]: ...
     async def revoke_tokens(self, agent_or_token_id: str) -> int: ...
     async def list_agents(self, online_only: bool, limit: int, cursor: str) -> Page: ...
@@ -87,10 +88,6 @@ class HubStore(Protocol):
     async def list_feature_requests(self, requester_id: str, limit: int, cursor: str) -> Page: ...
     async def knowledge_base(self, recent: int) -> pb.KnowledgeBaseSummary: ...
     async def stats(self) -> pb.GetHubStatsResponse: ...
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
@@ -272,7 +269,7 @@ class SqlStore:
     # --- tokens -------------------------------------------------------------
 
     async def issue_token(self, agent_id: str, ttl: timedelta | None = None) -> IssuedToken:
-        token = "kh_" + secrets.token_urlsafe(32)
+        token = new_token()
         row = TokenRow(
             token_id="tok_" + secrets.token_hex(6),
             agent_id=agent_id,
@@ -299,6 +296,20 @@ class SqlStore:
         if row.revoked_at is not None or (row.expires_at and row.expires_at <= utcnow()):
             return None
         return row.agent_id
+
+    async def valid_token_hashes(self, hashes: Collection[str]) -> set[str]:
+        """Which of these token hashes are still valid (not revoked, not expired)."""
+        if not hashes:
+            return set()
+        now = utcnow()
+        rows = await self._read(
+            lambda s: s.exec(
+                select(TokenRow).where(
+                    col(TokenRow.token_hash).in_(list(hashes)), col(TokenRow.revoked_at).is_(None)
+                )
+            ).all()
+        )
+        return {r.token_hash for r in rows if r.expires_at is None or r.expires_at > now}
 
     async def list_tokens(self) -> list[TokenRow]:
         return await self._read(
