@@ -30,6 +30,8 @@ class HubConfig:
     commit_batch_size: int = 512
     commit_queue_size: int = 8192
     hello_timeout: float = 10.0
+    # How long SQLite waits for another writer's lock before the commit fails (UNAVAILABLE).
+    sqlite_busy_timeout: float = 5.0
     reaper_interval: float = 1.0
     shutdown_grace: float = 5.0
     max_message_bytes: int = 4 * 1024 * 1024

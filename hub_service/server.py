@@ -35,7 +35,9 @@ class HubServer:
 
     def __init__(self, config: HubConfig, store: HubStore | None = None) -> None:
         self.config = config
-        self.store = store or SqlStore(config.database_url, config.policy)
+        self.store = store or SqlStore(
+            config.database_url, config.policy, busy_timeout=config.sqlite_busy_timeout
+        )
         self.router = Router()
         self.committer = GroupCommitter(
             self.store,

@@ -110,7 +110,8 @@ def make_engine(database_url: str, busy_timeout_ms: int = 5000) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms))
         return engine
-    return create_engine(database_url, pool_size=8, pool_pre_ping=True)
+    connect_args = {"connect_timeout": 5} if database_url.startswith("postgresql") else {}
+    return create_engine(database_url, pool_size=8, pool_pre_ping=True, connect_args=connect_args)
 
 
 class SqlStore:
@@ -121,10 +122,11 @@ class SqlStore:
         database_url: str,
         policy: collab.Policy | None = None,
         reader_threads: int = 4,
+        busy_timeout: float = 5.0,
     ) -> None:
         self.database_url = database_url
         self.policy = policy or collab.Policy()
-        self._engine = make_engine(database_url)
+        self._engine = make_engine(database_url, int(busy_timeout * 1000))
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="kernelhub-writer")
         self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="kernelhub-reader")
         self._seq = 0

@@ -1,0 +1,188 @@
+"""The database locks up or goes away: the hub answers UNAVAILABLE, sends no receipt without a
+commit, does not crash, and carries on when the database is back."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import sqlite3
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service.server import HubServer
+
+from .conftest import HubHarness, make_config, pattern
+
+PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class PrivateCluster:
+    """A PostgreSQL cluster of the test's own (never the machine's shared one)."""
+
+    data: Path
+    port: int
+
+    def _ctl(self, *args: str) -> None:
+        assert PG_BIN is not None
+        subprocess.run(
+            [
+                "runuser",
+                "-u",
+                "postgres",
+                "--",
+                str(PG_BIN / "pg_ctl"),
+                "-D",
+                str(self.data),
+                *args,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off"
+        # -l: the server must not inherit our pipes, or waiting for pg_ctl never ends.
+        self._ctl("-o", options, "-l", str(self.data.parent / "server.log"), "-w", "start")
+
+    def stop(self) -> None:
+        self._ctl("-m", "fast", "-w", "stop")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+
+@pytest.fixture
+def private_cluster() -> Iterator[PrivateCluster]:
+    if PG_BIN is None or shutil.which("runuser") is None:
+        pytest.skip("PostgreSQL server binaries are not installed (scripts/setup installs them)")
+    # Its own directory (pytest's tmp_path is root-only): PostgreSQL refuses to run as root.
+    root = Path(tempfile.mkdtemp(prefix="kernelhub-pg-"))
+    data = root / "pgdata"
+    data.mkdir()
+    shutil.chown(root, "postgres")
+    shutil.chown(data, "postgres")
+    subprocess.run(
+        [
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            str(PG_BIN / "initdb"),
+            "-D",
+            str(data),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    cluster = PrivateCluster(data, _free_port())
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        subprocess.run(
+            [
+                "runuser",
+                "-u",
+                "postgres",
+                "--",
+                str(PG_BIN / "pg_ctl"),
+                "-D",
+                str(data),
+                "-m",
+                "immediate",
+                "stop",
+            ],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+
+
+async def test_postgres_goes_away_and_comes_back(private_cluster: PrivateCluster) -> None:
+    hub = HubServer(
+        make_config(private_cluster.url, reaper_interval=0.2, token_recheck_interval=0.2)
+    )
+    await hub.start()
+    harness = HubHarness(hub)
+    try:
+        sender = await harness.connect("AI_Node_1")
+        peer = await harness.connect("AI_Node_2")
+        before = await sender.receipt(
+            await sender.send(share_pattern=pb.SharePattern(pattern=pattern("before")))
+        )
+
+        await harness.token("observer")  # issued while the database is up
+        private_cluster.stop()
+        error = await sender.error(
+            await sender.send("while-down", share_pattern=pb.SharePattern(pattern=pattern("down")))
+        )
+        assert error.code_name == "UNAVAILABLE" and "database unavailable" in error.message
+        assert "while-down" not in sender.receipts  # no receipt without a commit
+        with pytest.raises(grpc.aio.AioRpcError) as query:
+            await harness.query("GetHubStats", pb.GetHubStatsRequest())
+        assert query.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        private_cluster.start()
+        # The same message_id, resent, is committed once now; live streams survived the outage.
+        del sender.errors["while-down"]
+        await sender.send("while-down", share_pattern=pb.SharePattern(pattern=pattern("down")))
+        after = await sender.receipt("while-down")
+        assert after.seq > before.seq and not after.duplicate
+        shared = await peer.event("artifact_shared", artifact_id=after.resource_id)
+        assert shared.artifact_shared.pattern.pattern_id == "down"
+        listed = await harness.query("ListArtifacts", pb.ListArtifactsRequest())
+        assert sorted(a.pattern.pattern_id for a in listed.artifacts) == ["before", "down"]
+    finally:
+        await harness.close()
+        await hub.stop()
+
+
+async def test_sqlite_locked_by_another_writer(database_url: str, tmp_path: Path) -> None:
+    hub = HubServer(make_config(database_url, sqlite_busy_timeout=0.3))
+    await hub.start()
+    harness = HubHarness(hub)
+    try:
+        sender = await harness.connect("AI_Node_1")
+        await sender.receipt(
+            await sender.send(share_pattern=pb.SharePattern(pattern=pattern("first")))
+        )
+        intruder = sqlite3.connect(str(tmp_path / "hub.db"), isolation_level=None)
+        intruder.execute("BEGIN EXCLUSIVE")  # another process's writer holds the lock
+        try:
+            error = await sender.error(
+                await sender.send(
+                    "locked", share_pattern=pb.SharePattern(pattern=pattern("locked"))
+                )
+            )
+            assert error.code_name == "UNAVAILABLE" and "locked" in error.message
+        finally:
+            intruder.execute("ROLLBACK")
+            intruder.close()
+        del sender.errors["locked"]
+        await sender.send("locked", share_pattern=pb.SharePattern(pattern=pattern("locked")))
+        assert (await sender.receipt("locked")).seq > 0
+        assert await hub.store.integrity_check() == "ok"  # type: ignore[attr-defined]
+    finally:
+        await harness.close()
+        await hub.stop()
