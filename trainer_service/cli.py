@@ -1,0 +1,384 @@
+"""`kernelhub-trainer`: run one trainer against a hub, or a swarm of them.
+
+Exit codes: 0 success, 1 fatal hub error (one line on stderr, no traceback),
+2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Final
+
+import grpc
+from rich.console import Console
+from rich.logging import RichHandler
+
+from trainer_service import __version__
+from trainer_service.behavior import Behavior, load_behavior
+from trainer_service.capabilities import SPECIALIZATION_NAMES, parse_specialization
+from trainer_service.client import DEFAULT_TARGET
+from trainer_service.errors import HubError
+from trainer_service.swarm import (
+    MAX_SWARM_SIZE,
+    EmbeddedHubUnavailable,
+    SwarmResult,
+    agent_ids,
+    embedded_hub,
+    run_swarm,
+    summary_tables,
+)
+from trainer_service.trainer import NetworkedKernelTrainer, TrainingMetrics
+
+EXIT_OK: Final = 0
+EXIT_FATAL: Final = 1
+EXIT_USAGE: Final = 2
+
+TOKEN_ENV: Final = "KERNELHUB_TOKEN"
+HUB_ENV: Final = "KERNELHUB_HUB"
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMAT: Final = "%(asctime)s - %(agent_id)s - %(levelname)s - %(message)s"
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([hms])")
+_UNIT_SECONDS: Final = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+class UsageError(Exception):
+    """Bad input discovered after parsing (unreadable token file, ...): exit 2."""
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "90", "30s", "5m", "1h" or "1m30s"."""
+    value = text.strip().lower()
+    seconds: float
+    try:
+        seconds = float(value)
+    except ValueError:
+        parts = _DURATION_PART.findall(value)
+        if not parts or "".join(n + u for n, u in parts) != value:
+            raise argparse.ArgumentTypeError(
+                f"invalid duration {text!r}; use e.g. 30s, 5m, 1h or plain seconds"
+            ) from None
+        seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"duration must be positive, got {text!r}")
+    return seconds
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
+def _swarm_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= MAX_SWARM_SIZE:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_SWARM_SIZE}, got {value}")
+    return value
+
+
+def _specialization(text: str) -> str:
+    try:
+        parse_specialization(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def read_token_file(path: Path) -> str:
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read token file {path}: {exc.strerror or exc}") from exc
+    if not token or any(c.isspace() for c in token):
+        raise UsageError(f"token file {path} must hold exactly one token")
+    return token
+
+
+def read_tokens_file(path: Path) -> dict[str, str]:
+    """Lines `agent_id token`; blank lines and `#` comments are ignored."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read tokens file {path}: {exc.strerror or exc}") from exc
+    tokens: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = line.split()
+        if len(fields) != 2:
+            raise UsageError(
+                f"{path}:{number}: expected `agent_id token`, got {len(fields)} fields"
+            )
+        agent_id, token = fields
+        if agent_id in tokens:
+            raise UsageError(f"{path}:{number}: {agent_id} appears twice")
+        tokens[agent_id] = token
+    return tokens
+
+
+def _credentials(ca_file: Path | None) -> grpc.ChannelCredentials | None:
+    if ca_file is None:
+        return None
+    try:
+        return grpc.ssl_channel_credentials(root_certificates=ca_file.read_bytes())
+    except OSError as exc:
+        raise UsageError(f"cannot read CA file {ca_file}: {exc.strerror or exc}") from exc
+
+
+def _behavior_factory(spec: str | None) -> Callable[[], Behavior] | None:
+    if spec is None:
+        return None
+    try:
+        load_behavior(spec)  # fail at startup, not inside every trainer
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    return lambda: load_behavior(spec)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kernelhub-trainer",
+        description="Simulated AI trainers that build OS components together through a kernelhub.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub: argparse.ArgumentParser, default_duration: str) -> None:
+        sub.add_argument(
+            "--duration",
+            type=parse_duration,
+            default=parse_duration(default_duration),
+            help=f"how long to train: 30s, 5m, 1h or seconds (default {default_duration})",
+        )
+        sub.add_argument("--seed", type=int, default=0, help="seed for every random choice")
+        sub.add_argument(
+            "--tempo",
+            type=_positive_float,
+            default=1.0,
+            help="speed-up factor for every pause (default 1; 10 runs ten times faster)",
+        )
+        sub.add_argument(
+            "--behavior",
+            metavar="MODULE:CLASS",
+            help="decision logic to use instead of the simulation, e.g. mypkg.brain:Brain",
+        )
+        sub.add_argument(
+            "--tls-ca", type=Path, metavar="FILE", help="PEM CA bundle: connect with TLS"
+        )
+
+    run = commands.add_parser("run", help="run one trainer against a hub")
+    run.add_argument("--id", required=True, dest="agent_id", help="agent id, e.g. AI_Node_1")
+    run.add_argument(
+        "--specialization",
+        required=True,
+        type=_specialization,
+        metavar="NAME",
+        help="one of: " + ", ".join(SPECIALIZATION_NAMES),
+    )
+    run.add_argument(
+        "--hub",
+        default=os.environ.get(HUB_ENV, DEFAULT_TARGET),
+        metavar="HOST:PORT",
+        help=f"hub address (default ${HUB_ENV} or {DEFAULT_TARGET})",
+    )
+    token = run.add_mutually_exclusive_group()
+    token.add_argument("--token", help=f"bearer token (default ${TOKEN_ENV})")
+    token.add_argument("--token-file", type=Path, metavar="FILE", help="file holding the token")
+    run.add_argument(
+        "--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO", help="default INFO"
+    )
+    common(run, "5m")
+
+    swarm = commands.add_parser("swarm", help="run N trainers in one process, with live progress")
+    swarm.add_argument(
+        "--count", type=_swarm_count, required=True, help="number of trainers, AI_Node_1..N"
+    )
+    swarm.add_argument(
+        "--hub",
+        metavar="HOST:PORT",
+        help="use this hub (needs --tokens-file); without it the swarm runs its own",
+    )
+    swarm.add_argument(
+        "--tokens-file", type=Path, metavar="FILE", help="lines `agent_id token` for --hub"
+    )
+    swarm.add_argument(
+        "--db", type=Path, metavar="PATH", help="SQLite file for the embedded hub (default: temp)"
+    )
+    swarm.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="WARNING",
+        help="logging level under the live view (default WARNING)",
+    )
+    common(swarm, "60s")
+    return parser
+
+
+class _AgentIdDefault(logging.Filter):
+    """Records from outside a trainer (grpc, the embedded hub) have no agent id."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "agent_id"):
+            record.agent_id = "kernelhub"
+        return True
+
+
+@contextlib.contextmanager
+def _logging_to(handler: logging.Handler, level: str) -> Iterator[None]:
+    root = logging.getLogger()
+    previous = root.level
+    handler.addFilter(_AgentIdDefault())
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+
+
+@contextlib.contextmanager
+def _graceful_stop(stop: Callable[[], None]) -> Iterator[None]:
+    """First Ctrl-C/SIGTERM stops cleanly; a second Ctrl-C interrupts at once."""
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        logging.getLogger(__name__).warning("%s: stopping (again to abort)", sig.name)
+        with contextlib.suppress(ValueError, RuntimeError):
+            loop.remove_signal_handler(sig)
+        stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, on_signal, sig)
+            installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            with contextlib.suppress(ValueError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+
+def _print_metrics(agent_id: str, metrics: TrainingMetrics) -> None:
+    values = metrics.as_dict()
+    width = max(len(k) for k in values)
+    print(f"Final metrics for {agent_id}:")
+    for key, value in values.items():
+        print(f"  {key:<{width}}  {value}")
+
+
+async def _run(args: argparse.Namespace) -> int:
+    token: str | None = args.token
+    if args.token_file is not None:
+        token = read_token_file(args.token_file)
+    token = token or os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise UsageError(f"no token: pass --token or --token-file, or set {TOKEN_ENV}")
+    factory = _behavior_factory(args.behavior)
+    trainer = NetworkedKernelTrainer(
+        args.agent_id,
+        parse_specialization(args.specialization),
+        args.hub,
+        token,
+        behavior=factory() if factory else None,
+        seed=args.seed,
+        tempo=args.tempo,
+        credentials=_credentials(args.tls_ca),
+    )
+    with _graceful_stop(trainer.stop):
+        metrics = await trainer.run(args.duration)
+    _print_metrics(args.agent_id, metrics)
+    return EXIT_OK
+
+
+async def _swarm(args: argparse.Namespace, console: Console) -> int:
+    if (args.hub is None) != (args.tokens_file is None):
+        raise UsageError("--hub and --tokens-file go together")
+    if args.hub is not None and args.db is not None:
+        raise UsageError("--db is for the embedded hub; it cannot be used with --hub")
+    factory = _behavior_factory(args.behavior)
+    credentials = _credentials(args.tls_ca)
+    ids = agent_ids(args.count)
+    stop = asyncio.Event()
+
+    async def run_against(target: str, tokens: dict[str, str]) -> SwarmResult:
+        return await run_swarm(
+            target=target,
+            tokens=tokens,
+            count=args.count,
+            duration_seconds=args.duration,
+            seed=args.seed,
+            tempo=args.tempo,
+            credentials=credentials,
+            behavior_factory=factory,
+            console=console,
+            stop=stop,
+        )
+
+    with _graceful_stop(stop.set):
+        if args.hub is not None:
+            tokens = read_tokens_file(args.tokens_file)
+            missing = [agent_id for agent_id in ids if agent_id not in tokens]
+            if missing:
+                raise UsageError(f"{args.tokens_file} has no token for {', '.join(missing[:5])}")
+            result = await run_against(args.hub, tokens)
+        else:
+            try:
+                async with embedded_hub(args.db, tempo=args.tempo, agents=ids) as (target, tokens):
+                    result = await run_against(target, tokens)
+            except EmbeddedHubUnavailable as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return EXIT_FATAL
+    for table in summary_tables(result):
+        console.print(table)
+    failures = result.failures
+    for trainer in failures:
+        print(f"error: {trainer.agent_id}: {trainer.error or trainer.status}", file=sys.stderr)
+    return EXIT_FATAL if failures else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter(LOG_FORMAT))
+            with _logging_to(handler, args.log_level):
+                return asyncio.run(_run(args))
+        # Piped output gets room for the whole summary instead of a truncated 80 columns.
+        console = Console(width=None if sys.stdout.isatty() else 160)
+        rich_handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+        rich_handler.setFormatter(logging.Formatter("%(agent_id)s - %(message)s"))
+        with _logging_to(rich_handler, args.log_level):
+            return asyncio.run(_swarm(args, console))
+    except UsageError as exc:
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except HubError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
