@@ -351,8 +351,10 @@ class ProposeCollaboration:
         target = self.proposal.target_agent_id
         if target == self.agent_id:
             raise failed_precondition("you cannot propose a collaboration to yourself")
-        if tx.session.get(AgentRow, target) is None:
+        target_row = tx.session.get(AgentRow, target)
+        if target_row is None:
             raise not_found(f"agent {target}")
+        initiator_row = tx.session.get(AgentRow, self.agent_id)
         limit = tx.policy.max_open_per_agent
         for agent_id in (self.agent_id, target):
             if _open_count(tx, agent_id) >= limit:
@@ -367,6 +369,8 @@ class ProposeCollaboration:
             target_id=target,
             type=self.proposal.type,
             description=self.proposal.description,
+            initiator_specialization=initiator_row.specialization if initiator_row else 0,
+            target_specialization=target_row.specialization,
             state=state,
             created_at=tx.now,
             updated_at=tx.now,

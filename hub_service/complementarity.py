@@ -80,7 +80,7 @@ class Candidate:
 
 
 def opportunities(
-    me: str, my_specialization: int, others: Iterable[Candidate], limit: int = 5
+    me: str, my_specialization: int, others: Iterable[Candidate], limit: int = 10
 ) -> list[pb.CollaborationOpportunity]:
     """Best partners for `me` among `others`, highest score first, ties by agent id."""
     found = []

@@ -140,6 +140,8 @@ class CollaborationRow(SQLModel, table=True):
     last_note: str = ""
     end_reason: str = ""
     result_artifact_id: str = ""
+    initiator_specialization: int = 0
+    target_specialization: int = 0
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
     expires_at: datetime | None = None
@@ -173,6 +175,8 @@ def collaboration_to_proto(row: CollaborationRow) -> pb.Collaboration:
         last_note=row.last_note,
         end_reason=row.end_reason,
         result_artifact_id=row.result_artifact_id,
+        initiator_specialization=row.initiator_specialization,  # type: ignore[arg-type]
+        target_specialization=row.target_specialization,  # type: ignore[arg-type]
     )
     collab.create_time.FromDatetime(row.created_at)
     collab.update_time.FromDatetime(row.updated_at)

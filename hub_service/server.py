@@ -70,6 +70,8 @@ class HubServer:
                 ("grpc.http2.max_ping_strikes", 2),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.bdp_probe", 0),
+                # A second hub on the same port must fail to bind, not share the port.
+                ("grpc.so_reuseport", 0),
             ],
         )
         hub_pb2_grpc.add_HubServiceServicer_to_server(self.servicer, self._server)

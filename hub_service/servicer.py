@@ -157,6 +157,8 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
             events_per_response=self._config.max_events_per_response,
             replay_page_size=self._config.replay_page_size,
         )
+        if hello.skip_history:
+            connection.cursor = max(connection.cursor, self._router.last_published_seq)
         superseded = self._router.attach(connection)
         if superseded is not None:
             superseded.end(

@@ -508,3 +508,16 @@ def test_policy_deadlines() -> None:
     assert (
         expiry_reason(S.COLLABORATION_STATE_ACTIVE, "AI_Node_9") == "partner AI_Node_9 went offline"
     )
+
+
+async def test_sessions_carry_both_partners_specializations(harness: HubHarness) -> None:
+    a, b = await connect_pair(harness)
+    session_id = await propose(a, "AI_Node_2")
+    for trainer in (a, b):
+        collab = await updated(trainer, session_id, pb.COLLABORATION_STATE_PROPOSED)
+        assert collab.initiator_specialization == pb.SPECIALIZATION_NETWORKING
+        assert collab.target_specialization == pb.SPECIALIZATION_SECURITY
+    listed = await harness.query(
+        "ListCollaborations", pb.ListCollaborationsRequest(agent_id="AI_Node_1")
+    )
+    assert listed.collaborations[0].target_specialization == pb.SPECIALIZATION_SECURITY

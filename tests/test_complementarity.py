@@ -110,10 +110,10 @@ def test_opportunities_honour_the_limit(limit: int) -> None:
     assert [o.agent_id for o in found] == ["amy", "bob", "cat", "dan", "zed"][:limit]
 
 
-def test_opportunities_default_to_five() -> None:
-    many = [Candidate(f"perf_{i:02d}", pb.SPECIALIZATION_PERFORMANCE) for i in range(9)]
+def test_opportunities_default_to_ten() -> None:
+    many = [Candidate(f"perf_{i:02d}", pb.SPECIALIZATION_PERFORMANCE) for i in range(12)]
     assert [o.agent_id for o in opportunities("me", PM, many)] == [
-        f"perf_{i:02d}" for i in range(5)
+        f"perf_{i:02d}" for i in range(10)
     ]
 
 

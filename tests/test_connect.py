@@ -153,3 +153,21 @@ async def test_training_sync_arrives_periodically_with_knowledge_counts(database
     finally:
         await harness.close()
         await server.stop()
+
+
+async def test_skip_history_starts_at_the_head(harness: HubHarness) -> None:
+    writer = await harness.connect("AI_Node_2")
+    old = await writer.receipt(
+        await writer.send(share_pattern=pb.SharePattern(pattern=pattern("old")))
+    )
+    fresh = await harness.connect("AI_Node_1", hello("AI_Node_1", skip_history=True))
+    assert fresh.welcome.head_seq >= old.seq
+    new = await writer.receipt(
+        await writer.send(share_pattern=pb.SharePattern(pattern=pattern("new")))
+    )
+    await fresh.until_seq(new.seq)
+    assert all(e.seq > old.seq for e in fresh.events), "nothing from before the connect"
+    shared = [
+        e.artifact_shared.pattern.pattern_id for e in fresh.events if e.HasField("artifact_shared")
+    ]
+    assert shared == ["new"]

@@ -139,6 +139,7 @@ class HubClient:
         capabilities: Sequence[str] = (),
         version: str = __version__,
         resume_after_seq: int = 0,
+        skip_history: bool = False,
         credentials: grpc.ChannelCredentials | None = None,
         stream: bool = True,
         connect_timeout: float = 10.0,
@@ -198,6 +199,8 @@ class HubClient:
         self._log = logging.LoggerAdapter(logging.getLogger(__name__), {"agent_id": agent_id})
 
         self._last_seq = resume_after_seq
+        # Only the first Hello may skip history; reconnects resume from _last_seq.
+        self._skip_history = skip_history
         self._last_processed_seq = resume_after_seq
         self._welcome: pb.Welcome | None = None
         self._latest_sync: pb.TrainingSync | None = None
@@ -583,6 +586,7 @@ class HubClient:
                 capabilities=self._capabilities,
                 version=self._version,
                 resume_after_seq=self._last_seq,
+                skip_history=self._skip_history and self._welcome is None,
             ),
         )
         try:
@@ -606,6 +610,9 @@ class HubClient:
         if not first.HasField("welcome"):
             call.cancel()
             raise FailedPrecondition("the hub's first response did not carry Welcome")
+        if self._skip_history and self._welcome is None:
+            # History was skipped up to the head: a reconnect resumes from there.
+            self._last_seq = self._last_processed_seq = max(self._last_seq, first.welcome.head_seq)
         self._welcome = first.welcome
         self._log.info(
             "connected to %s (hub %s, head seq %d, resuming after %d, %d unacknowledged)",

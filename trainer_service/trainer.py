@@ -240,6 +240,8 @@ class NetworkedKernelTrainer:
             capabilities=self.capabilities,
             version=__version__,
             credentials=self._credentials,
+            # A fresh trainer has no saved seq: the network's history is not its work.
+            skip_history=True,
             connect_timeout=self._connect_timeout,
             reconnect_timeout=self._reconnect_timeout,
         )

@@ -10,11 +10,21 @@ A trainer opens one bidirectional `Connect` stream, authenticated with
 be `Hello`; the hub answers `Welcome`, replays every event the agent missed
 since the `seq` it last processed, then streams live events. Every message
 the trainer sends carries a `message_id` of its choosing and is answered by
-a `Receipt` (once it is durably stored) or a `RequestError`; sending the
-same `message_id` again is safe and returns the original receipt.
+a `Receipt` (once it is durably stored) or a `RequestError` (Hello alone
+is answered by `Welcome`); sending the same `message_id` again is safe and
+returns the original receipt.
 
 Query RPCs (ListAgents, ListArtifacts, ...) page through what the hub has
 stored; they need the same bearer token.
+
+Formats the hub checks (a violation is an INVALID_ARGUMENT naming the field):
+ids (agent_id, message_id, pattern_id, component_id, request_id,
+session_id) are 1-128 characters of letters, digits and `_ . : -`,
+starting with a letter or digit; kinds and names meant for machines
+(pattern_type, language, component_type, capabilities, feature, attribute
+keys) are lower_snake_case of at most 64 characters; fractions (confidence,
+progress, scores, coverage) are 0.0 to 1.0; free text is at most 4096
+characters and code at most 64 KiB; no string may contain NUL.
 """
 
 from collections import abc as _abc
@@ -719,6 +729,8 @@ class Collaboration(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    INITIATOR_SPECIALIZATION_FIELD_NUMBER: _builtins.int
+    TARGET_SPECIALIZATION_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Hub-assigned id."""
     initiator_id: _builtins.str
@@ -739,6 +751,10 @@ class Collaboration(_message.Message):
     """Why it was declined or expired, when it was."""
     result_artifact_id: _builtins.str
     """The collaborative component, once COMPLETED."""
+    initiator_specialization: Global___Specialization.ValueType
+    """The initiator's specialization when it proposed."""
+    target_specialization: Global___Specialization.ValueType
+    """The target's specialization when it was proposed to."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was proposed."""
@@ -767,10 +783,12 @@ class Collaboration(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        initiator_specialization: Global___Specialization.ValueType = ...,
+        target_specialization: Global___Specialization.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "end_reason", b"end_reason", "expire_time", b"expire_time", "initiator_id", b"initiator_id", "last_note", b"last_note", "progress", b"progress", "result_artifact_id", b"result_artifact_id", "session_id", b"session_id", "state", b"state", "target_id", b"target_id", "type", b"type", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "end_reason", b"end_reason", "expire_time", b"expire_time", "initiator_id", b"initiator_id", "initiator_specialization", b"initiator_specialization", "last_note", b"last_note", "progress", b"progress", "result_artifact_id", b"result_artifact_id", "session_id", b"session_id", "state", b"state", "target_id", b"target_id", "target_specialization", b"target_specialization", "type", b"type", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -886,6 +904,7 @@ class Hello(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     RESUME_AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    SKIP_HISTORY_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Must equal the agent id bound to the token, else PERMISSION_DENIED."""
     specialization: Global___Specialization.ValueType
@@ -895,6 +914,11 @@ class Hello(_message.Message):
     resume_after_seq: _builtins.int
     """The last event `seq` this agent processed; 0 for a fresh start. The hub
     replays every later event the agent is entitled to before going live.
+    """
+    skip_history: _builtins.bool
+    """Replay nothing: start with the events after the hub's current head. For a
+    trainer with no saved state that does not want the network's history;
+    a reconnect should resume by `resume_after_seq` instead.
     """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -908,10 +932,11 @@ class Hello(_message.Message):
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
         version: _builtins.str = ...,
         resume_after_seq: _builtins.int = ...,
+        skip_history: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "resume_after_seq", b"resume_after_seq", "specialization", b"specialization", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "resume_after_seq", b"resume_after_seq", "skip_history", b"skip_history", "specialization", b"specialization", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -10,11 +10,21 @@ A trainer opens one bidirectional `Connect` stream, authenticated with
 be `Hello`; the hub answers `Welcome`, replays every event the agent missed
 since the `seq` it last processed, then streams live events. Every message
 the trainer sends carries a `message_id` of its choosing and is answered by
-a `Receipt` (once it is durably stored) or a `RequestError`; sending the
-same `message_id` again is safe and returns the original receipt.
+a `Receipt` (once it is durably stored) or a `RequestError` (Hello alone
+is answered by `Welcome`); sending the same `message_id` again is safe and
+returns the original receipt.
 
 Query RPCs (ListAgents, ListArtifacts, ...) page through what the hub has
 stored; they need the same bearer token.
+
+Formats the hub checks (a violation is an INVALID_ARGUMENT naming the field):
+ids (agent_id, message_id, pattern_id, component_id, request_id,
+session_id) are 1-128 characters of letters, digits and `_ . : -`,
+starting with a letter or digit; kinds and names meant for machines
+(pattern_type, language, component_type, capabilities, feature, attribute
+keys) are lower_snake_case of at most 64 characters; fractions (confidence,
+progress, scores, coverage) are 0.0 to 1.0; free text is at most 4096
+characters and code at most 64 KiB; no string may contain NUL.
 """
 
 from collections import abc as _abc
