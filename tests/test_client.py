@@ -1,0 +1,145 @@
+"""HubClient against a real hub: typed sends and errors, events, and reconnection that resumes
+by seq, resends unacknowledged messages with their original ids and never duplicates."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service.server import HubServer
+from trainer_service.client import HubClient
+from trainer_service.errors import (
+    ConnectionLost,
+    InvalidArgument,
+    NotFound,
+    Superseded,
+    Unauthenticated,
+)
+
+from .conftest import WAIT, HubHarness, make_config, pattern, target
+
+
+def client(hub_target: str, agent_id: str, token: str, **kw: object) -> HubClient:
+    return HubClient(
+        hub_target,
+        agent_id,
+        token,
+        specialization=pb.SPECIALIZATION_NETWORKING,
+        capabilities=["network_protocols"],
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def next_event(events: AsyncIterator[object], kind: str) -> pb.HubEvent:
+    async with asyncio.timeout(WAIT):
+        async for item in events:
+            if isinstance(item, pb.HubEvent) and item.WhichOneof("body") == kind:
+                return item
+    raise AssertionError(f"the stream ended before a {kind} event")
+
+
+async def test_typed_sends_events_and_errors(hub: HubServer, harness: HubHarness) -> None:
+    async with (
+        client(target(hub), "AI_Node_1", await harness.token("AI_Node_1")) as alice,
+        client(target(hub), "AI_Node_2", await harness.token("AI_Node_2")) as bob,
+    ):
+        receipt = await alice.share_pattern(pattern("typed"))
+        assert receipt.seq > 0 and receipt.resource_id.startswith("art_")
+        shared = await next_event(bob.events(), "artifact_shared")
+        assert shared.artifact_shared.artifact_id == receipt.resource_id
+        assert bob.last_processed_seq == shared.seq
+
+        with pytest.raises(InvalidArgument) as bad:
+            await alice.share_pattern(pattern("bad", confidence=2.0))
+        assert ("share_pattern.pattern.confidence", "must be between 0.0 and 1.0, got 2.0") in [
+            tuple(v) for v in bad.value.field_violations
+        ]
+        with pytest.raises(NotFound, match="collaboration collab_nope not found"):
+            await alice.accept_collaboration("collab_nope")
+        assert (await alice.get_artifact(receipt.resource_id)).pattern.pattern_id == "typed"
+        assert (await alice.stats()).knowledge_base.pattern_count == 1
+
+
+async def test_bad_token_and_supersession_are_typed(hub: HubServer, harness: HubHarness) -> None:
+    with pytest.raises(Unauthenticated):
+        async with client(target(hub), "AI_Node_1", "kh_wrong"):
+            pass
+    token = await harness.token("AI_Node_1")
+    # Entered in order: the second connection for the same agent supersedes the first.
+    async with (
+        client(target(hub), "AI_Node_1", token) as first,
+        client(target(hub), "AI_Node_1", token),
+    ):
+        with pytest.raises(Superseded):
+            async with asyncio.timeout(WAIT):
+                async for _ in first.events():
+                    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_reconnects_resends_and_resumes_across_a_hub_restart(tmp_path: Path) -> None:
+    port = _free_port()
+    config = make_config(f"sqlite:///{tmp_path / 'hub.db'}", port=port, shutdown_grace=1.0)
+    hub = HubServer(config)
+    await hub.start()
+    tokens = {a: await hub.issue_token(a) for a in ("AI_Node_1", "AI_Node_2")}
+    address = f"127.0.0.1:{port}"
+    async with (
+        client(address, "AI_Node_1", tokens["AI_Node_1"], backoff_base=0.05) as writer,
+        client(address, "AI_Node_2", tokens["AI_Node_2"], backoff_base=0.05) as reader,
+    ):
+        first = await writer.share_pattern(pattern("before"))
+        await hub.stop()  # the hub goes away under both clients
+
+        # Sends made while it is down wait, then go through once it is back (same ids).
+        pending = [
+            asyncio.create_task(writer.share_pattern(pattern(f"during{i}"))) for i in range(5)
+        ]
+        hub = HubServer(config)
+        await hub.start()
+        receipts = await asyncio.wait_for(asyncio.gather(*pending), WAIT * 3)
+        after = await writer.share_pattern(pattern("after"))
+        assert writer.reconnects >= 1
+        assert len({r.resource_id for r in receipts}) == 5
+
+        seen: list[pb.HubEvent] = []
+        async with asyncio.timeout(WAIT * 3):
+            async for item in reader.events():
+                if isinstance(item, pb.HubEvent):
+                    seen.append(item)
+                    if item.seq >= after.seq:
+                        break
+        seqs = [e.seq for e in seen]
+        assert seqs == sorted(set(seqs)), "exactly once, in seq order"
+        names = [
+            e.artifact_shared.pattern.pattern_id for e in seen if e.HasField("artifact_shared")
+        ]
+        assert names == ["before", *(f"during{i}" for i in range(5)), "after"]
+        assert first.seq < min(r.seq for r in receipts)
+
+    listed = await HubHarness(hub).query("ListArtifacts", pb.ListArtifactsRequest(page_size=100))
+    assert len(listed.artifacts) == 7, "resent messages are stored once"
+    await hub.stop()
+
+
+async def test_gives_up_with_connection_lost(tmp_path: Path) -> None:
+    port = _free_port()
+    hub = HubServer(make_config(f"sqlite:///{tmp_path / 'hub.db'}", port=port, shutdown_grace=1.0))
+    await hub.start()
+    token = await hub.issue_token("AI_Node_1")
+    async with client(
+        f"127.0.0.1:{port}", "AI_Node_1", token, reconnect_timeout=1.0, backoff_base=0.05
+    ) as lonely:
+        await hub.stop()
+        with pytest.raises(ConnectionLost):
+            await asyncio.wait_for(lonely.share_pattern(pattern("never")), WAIT)

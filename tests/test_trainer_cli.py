@@ -1,0 +1,133 @@
+"""The runner script as people use it: `kernelhub-trainer run` and `kernelhub-trainer swarm`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service.server import HubServer
+
+from .conftest import HubHarness, make_config, target
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def trainer_cli(*args: str, timeout: float = 90) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "trainer_service",
+        *args,
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "160"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_run_shares_with_a_plugged_in_behavior(
+    hub: HubServer, harness: HubHarness, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(await harness.token("AI_Node_1") + "\n")
+    code, out, err = await trainer_cli(
+        "run",
+        "--id",
+        "AI_Node_1",
+        "--specialization",
+        "networking",
+        "--duration",
+        "3s",
+        "--hub",
+        target(hub),
+        "--token-file",
+        str(token_file),
+        "--tempo",
+        "20",
+        "--seed",
+        "5",
+        "--behavior",
+        "tests.plugins.tagging_behavior:TaggingBehavior",
+    )
+    assert code == 0, err
+    assert "patterns_generated" in out or "patterns" in out.lower()
+    assert " - AI_Node_1 - INFO - " in err, "logs carry the agent id, as the prototype's did"
+    shared = await harness.query(
+        "ListArtifacts",
+        pb.ListArtifactsRequest(contributor_id="AI_Node_1", kind=pb.ARTIFACT_KIND_PATTERN),
+    )
+    assert shared.artifacts, "the trainer shared patterns"
+    assert {a.pattern.attributes["source"] for a in shared.artifacts} == {"plugin"}
+    code_components = await harness.query(
+        "ListArtifacts",
+        pb.ListArtifactsRequest(contributor_id="AI_Node_1", kind=pb.ARTIFACT_KIND_CODE_COMPONENT),
+    )
+    assert all(a.code_component.language == "c" for a in code_components.artifacts)
+
+
+async def test_run_with_a_bad_token_fails_in_one_line(hub: HubServer) -> None:
+    code, _, err = await trainer_cli(
+        "run",
+        "--id",
+        "AI_Node_1",
+        "--specialization",
+        "networking",
+        "--duration",
+        "3s",
+        "--hub",
+        target(hub),
+        "--token",
+        "kh_wrong",
+    )
+    assert code == 1
+    assert "error: UNAUTHENTICATED" in err
+    assert "Traceback" not in err
+
+
+async def test_usage_errors_exit_2() -> None:
+    code, _, err = await trainer_cli(
+        "run", "--id", "AI_Node_1", "--specialization", "plumbing", "--duration", "1s"
+    )
+    assert code == 2 and "plumbing" in err
+    code, _, err = await trainer_cli("swarm", "--count", "2", "--duration", "soon")
+    assert code == 2 and "soon" in err
+
+
+async def test_swarm_with_its_own_hub_ends_with_a_summary(tmp_path: Path) -> None:
+    db = tmp_path / "swarm.db"
+    code, out, err = await trainer_cli(
+        "swarm",
+        "--count",
+        "4",
+        "--duration",
+        "6s",
+        "--tempo",
+        "20",
+        "--seed",
+        "11",
+        "--db",
+        str(db),
+    )
+    assert code == 0, err
+    assert "Swarm summary" in out and "Hub totals" in out
+    for i in range(1, 5):
+        assert f"AI_Node_{i}" in out
+    # The swarm's hub persisted what its trainers did.
+    hub = HubServer(make_config(f"sqlite:///{db}"))
+    await hub.start()
+    try:
+        harness = HubHarness(hub)
+        stats = await harness.query("GetHubStats", pb.GetHubStatsRequest())
+        assert stats.agents_known >= 4
+        assert (
+            stats.knowledge_base.pattern_count > 0 and stats.knowledge_base.code_component_count > 0
+        )
+        await harness.close()
+    finally:
+        await hub.stop()
