@@ -250,3 +250,83 @@ def short_policy(**kw: Any) -> Policy:
     }
     defaults.update(kw)
     return Policy(**defaults)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class HubProcess:
+    """`kernelhub-hub serve` in its own process, on a fixed port, so a test can kill it."""
+
+    def __init__(self, db: Path, port: int | None = None, **env: str) -> None:
+        self.db = db
+        self.port = port or free_port()
+        self.env = {**os.environ, "KERNELHUB_LOG_LEVEL": "WARNING", **env}
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def issue_tokens(self, *agents: str) -> dict[str, str]:
+        import sys
+
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "hub_service",
+            "token",
+            "issue",
+            *agents,
+            "--db",
+            str(self.db),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=self.env,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0, err.decode()
+        return dict(line.split(" ", 1) for line in out.decode().splitlines() if line)
+
+    async def start(self) -> None:
+        import sys
+
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "hub_service",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--db",
+            str(self.db),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+            env=self.env,
+        )
+        assert self.process.stdout is not None
+        line = await asyncio.wait_for(self.process.stdout.readline(), 60)
+        assert line.startswith(b"kernelhub serving on"), line
+
+    async def kill(self) -> None:
+        """SIGKILL: no drain, no goodbye."""
+        assert self.process is not None
+        self.process.kill()
+        await asyncio.wait_for(self.process.wait(), 30)
+
+    async def terminate(self) -> int:
+        """SIGTERM: the graceful path; returns the exit code."""
+        assert self.process is not None
+        self.process.terminate()
+        return await asyncio.wait_for(self.process.wait(), 60)
+
+    async def close(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            await self.kill()
