@@ -63,6 +63,10 @@ class HubServer:
                 ("grpc.max_send_message_length", self.config.max_message_bytes),
                 ("grpc.keepalive_time_ms", int(self.config.keepalive_time * 1000)),
                 ("grpc.keepalive_timeout_ms", int(self.config.keepalive_timeout * 1000)),
+                # Since gRPC 1.5x a ping's ack deadline is this option (default 60 s), not
+                # the keepalive timeout: without it a frozen peer is noticed only after a minute.
+                ("grpc.http2.ping_timeout_ms", int(self.config.keepalive_timeout * 1000)),
+                ("grpc.http2.max_pings_without_data", 0),
                 (
                     "grpc.http2.min_ping_interval_without_data_ms",
                     int(self.config.min_client_ping_interval * 1000),

@@ -152,6 +152,7 @@ class HubClient:
         backoff_base: float = 0.1,
         backoff_cap: float = 5.0,
         keepalive_seconds: float = 30.0,
+        keepalive_timeout_seconds: float = 20.0,
         max_message_bytes: int = 4 * 1024 * 1024,
         rng: random.Random | None = None,
     ) -> None:
@@ -174,6 +175,7 @@ class HubClient:
             ("backoff_base", backoff_base),
             ("backoff_cap", backoff_cap),
             ("keepalive_seconds", keepalive_seconds),
+            ("keepalive_timeout_seconds", keepalive_timeout_seconds),
         ):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -193,6 +195,7 @@ class HubClient:
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
         self._keepalive_ms = int(keepalive_seconds * 1000)
+        self._keepalive_timeout_ms = int(keepalive_timeout_seconds * 1000)
         self._max_message_bytes = max_message_bytes
         self._rng = rng if rng is not None else random.Random()
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),)
@@ -311,7 +314,12 @@ class HubClient:
         options: list[tuple[str, int | str]] = [
             ("grpc.http2.bdp_probe", 0),
             ("grpc.keepalive_time_ms", self._keepalive_ms),
-            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", self._keepalive_timeout_ms),
+            # The ack deadline of a keepalive ping is this option (default 60 s) in
+            # current gRPC, not keepalive_timeout_ms; keep them equal.
+            ("grpc.http2.ping_timeout_ms", self._keepalive_timeout_ms),
+            # Keep pinging on a quiet stream, or a frozen network goes unnoticed.
+            ("grpc.http2.max_pings_without_data", 0),
             ("grpc.keepalive_permit_without_calls", 0),
             # Keep the channel's own reconnect backoff in step with ours, or a
             # channel parked in a long backoff fails every attempt fast.
