@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -192,3 +193,44 @@ async def test_ping_flood_closes_only_the_abusive_connection(database_url: str) 
         mid = await calm.send(share_pattern=pb.SharePattern(pattern=pattern()))
         assert (await calm.receipt(mid)).seq > 0
         await harness.close()
+
+
+async def test_runner_speaks_mutual_tls(database_url: str, tls_files: dict[str, Path]) -> None:
+    config = make_config(
+        database_url,
+        tls_cert=str(tls_files["cert"]),
+        tls_key=str(tls_files["key"]),
+        tls_client_ca=str(tls_files["ca"]),
+    )
+    async for server in _running(config):
+        token = await server.issue_token("AI_Node_1")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "trainer_service",
+            "run",
+            "--id",
+            "AI_Node_1",
+            "--specialization",
+            "security",
+            "--duration",
+            "2s",
+            "--tempo",
+            "20",
+            "--hub",
+            f"127.0.0.1:{server.port}",
+            "--token",
+            token,
+            "--tls-ca",
+            str(tls_files["ca"]),
+            "--tls-cert",
+            str(tls_files["client_cert"]),
+            "--tls-key",
+            str(tls_files["client_key"]),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0, err.decode()
+        stats = await server.store.stats()
+        assert stats.knowledge_base.pattern_count > 0

@@ -134,13 +134,29 @@ def read_tokens_file(path: Path) -> dict[str, str]:
     return tokens
 
 
-def _credentials(ca_file: Path | None) -> grpc.ChannelCredentials | None:
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS from --tls-ca; mutual TLS when --tls-cert and --tls-key are given too."""
+    ca_file, cert_file, key_file = args.tls_ca, args.tls_cert, args.tls_key
+    if (cert_file is None) != (key_file is None):
+        raise UsageError("--tls-cert and --tls-key go together")
     if ca_file is None:
+        if cert_file is not None:
+            raise UsageError("--tls-cert needs --tls-ca (the CA that signed the hub's certificate)")
         return None
-    try:
-        return grpc.ssl_channel_credentials(root_certificates=ca_file.read_bytes())
-    except OSError as exc:
-        raise UsageError(f"cannot read CA file {ca_file}: {exc.strerror or exc}") from exc
+
+    def read(path: Path | None) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(ca_file),
+        private_key=read(key_file),
+        certificate_chain=read(cert_file),
+    )
 
 
 def _behavior_factory(spec: str | None) -> Callable[[], Behavior] | None:
@@ -183,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--tls-ca", type=Path, metavar="FILE", help="PEM CA bundle: connect with TLS"
         )
+        sub.add_argument(
+            "--tls-cert", type=Path, metavar="FILE", help="client certificate (mutual TLS)"
+        )
+        sub.add_argument("--tls-key", type=Path, metavar="FILE", help="client private key")
 
     run = commands.add_parser("run", help="run one trainer against a hub")
     run.add_argument("--id", required=True, dest="agent_id", help="agent id, e.g. AI_Node_1")
@@ -304,7 +324,7 @@ async def _run(args: argparse.Namespace) -> int:
         behavior=factory() if factory else None,
         seed=args.seed,
         tempo=args.tempo,
-        credentials=_credentials(args.tls_ca),
+        credentials=_credentials(args),
     )
     with _graceful_stop(trainer.stop):
         metrics = await trainer.run(args.duration)
@@ -318,7 +338,7 @@ async def _swarm(args: argparse.Namespace, console: Console) -> int:
     if args.hub is not None and args.db is not None:
         raise UsageError("--db is for the embedded hub; it cannot be used with --hub")
     factory = _behavior_factory(args.behavior)
-    credentials = _credentials(args.tls_ca)
+    credentials = _credentials(args)
     ids = agent_ids(args.count)
     stop = asyncio.Event()
 
