@@ -40,33 +40,22 @@ log = logging.getLogger(__name__)
 Context: TypeAlias = Any
 
 
+# share message kind -> (artifact kind, the field holding the content in both messages)
+_SHARES = {
+    "share_pattern": (pb.ARTIFACT_KIND_PATTERN, "pattern"),
+    "share_code_component": (pb.ARTIFACT_KIND_CODE_COMPONENT, "code_component"),
+    "share_os_component": (pb.ARTIFACT_KIND_OS_COMPONENT, "os_component"),
+}
+
+
 def to_command(agent_id: str, request: pb.ConnectRequest, kind: str) -> cmd.Command:
     """The state change a validated message asks for."""
     mid = request.message_id
-    if kind == "share_pattern":
-        return cmd.ShareArtifact(
-            agent_id,
-            mid,
-            pb.Artifact(kind=pb.ARTIFACT_KIND_PATTERN, pattern=request.share_pattern.pattern),
-        )
-    if kind == "share_code_component":
-        return cmd.ShareArtifact(
-            agent_id,
-            mid,
-            pb.Artifact(
-                kind=pb.ARTIFACT_KIND_CODE_COMPONENT,
-                code_component=request.share_code_component.code_component,
-            ),
-        )
-    if kind == "share_os_component":
-        return cmd.ShareArtifact(
-            agent_id,
-            mid,
-            pb.Artifact(
-                kind=pb.ARTIFACT_KIND_OS_COMPONENT,
-                os_component=request.share_os_component.os_component,
-            ),
-        )
+    if kind in _SHARES:
+        artifact_kind, content = _SHARES[kind]
+        artifact = pb.Artifact(kind=artifact_kind)
+        getattr(artifact, content).CopyFrom(getattr(getattr(request, kind), content))
+        return cmd.ShareArtifact(agent_id, mid, artifact)
     if kind == "request_feature":
         return cmd.RequestFeature(agent_id, mid, request.request_feature)
     if kind == "deliver_feature":

@@ -112,6 +112,21 @@ def pattern(pattern_id: str = "p1", confidence: float = 0.9) -> pb.Pattern:
     )
 
 
+def code_component(
+    component_id: str = "c1", code: str = "int ring_size(void) { return 64; }\n"
+) -> pb.CodeComponent:
+    return pb.CodeComponent(
+        component_id=component_id,
+        name="ring_buffer",
+        language="c",
+        code=code,
+        dependencies=["libc"],
+        test_coverage=0.9,
+        performance_score=0.8,
+        specialization=pb.SPECIALIZATION_NETWORKING,
+    )
+
+
 def os_component(name: str = "network_stack") -> pb.OsComponent:
     return pb.OsComponent(
         component_id=f"{name}_1",

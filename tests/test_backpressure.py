@@ -10,23 +10,11 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.config import HubConfig
 from hub_service.server import HubServer
 
-from .conftest import HubHarness, RawTrainer, make_config
+from .conftest import HubHarness, RawTrainer, code_component, make_config
 
 QUEUE = 32
 REPLAY_PAGE = 64
 CODE = "/* padding so flow-control windows fill quickly */\n" * 300  # ~16 KB
-
-
-def bulky(i: int) -> pb.CodeComponent:
-    return pb.CodeComponent(
-        component_id=f"c{i}",
-        name="bulky",
-        language="c",
-        code=CODE + f"int f{i}(void) {{ return {i}; }}\n",
-        test_coverage=0.9,
-        performance_score=0.9,
-        specialization=pb.SPECIALIZATION_GRAPHICS,
-    )
 
 
 @pytest.fixture
@@ -45,7 +33,11 @@ async def test_stalled_reader_is_bounded_then_catches_up_in_order(
         receipts = []
         for i in range(count):
             mid = await writer.send(
-                share_code_component=pb.ShareCodeComponent(code_component=bulky(i))
+                share_code_component=pb.ShareCodeComponent(
+                    code_component=code_component(
+                        f"c{i}", CODE + f"int f{i}(void) {{ return {i}; }}\n"
+                    )
+                )
             )
             receipts.append(await writer.receipt(mid))
         return receipts

@@ -4,7 +4,6 @@ by seq, resends unacknowledged messages with their original ids and never duplic
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from trainer_service.errors import (
     Unauthenticated,
 )
 
-from .conftest import WAIT, HubHarness, make_config, pattern, target
+from .conftest import WAIT, HubHarness, free_port, make_config, pattern, target
 
 
 def client(hub_target: str, agent_id: str, token: str, **kw: object) -> HubClient:
@@ -81,14 +80,8 @@ async def test_bad_token_and_supersession_are_typed(hub: HubServer, harness: Hub
                     pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_reconnects_resends_and_resumes_across_a_hub_restart(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     config = make_config(f"sqlite:///{tmp_path / 'hub.db'}", port=port, shutdown_grace=1.0)
     hub = HubServer(config)
     await hub.start()
@@ -133,7 +126,7 @@ async def test_reconnects_resends_and_resumes_across_a_hub_restart(tmp_path: Pat
 
 
 async def test_gives_up_with_connection_lost(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     hub = HubServer(make_config(f"sqlite:///{tmp_path / 'hub.db'}", port=port, shutdown_grace=1.0))
     await hub.start()
     token = await hub.issue_token("AI_Node_1")

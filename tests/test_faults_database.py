@@ -4,7 +4,6 @@ commit, does not crash, and carries on when the database is back."""
 from __future__ import annotations
 
 import shutil
-import socket
 import sqlite3
 import subprocess
 import tempfile
@@ -18,15 +17,20 @@ import pytest
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.server import HubServer
 
-from .conftest import HubHarness, make_config, pattern
+from .conftest import HubHarness, free_port, make_config, pattern
 
 PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def as_postgres(tool: str, *args: str, check: bool = True) -> None:
+    """Run a PostgreSQL server tool as the postgres user (the server refuses root)."""
+    assert PG_BIN is not None
+    subprocess.run(
+        ["runuser", "-u", "postgres", "--", str(PG_BIN / tool), *args],
+        check=check,
+        capture_output=True,
+        timeout=120,
+    )
 
 
 @dataclass
@@ -37,22 +41,7 @@ class PrivateCluster:
     port: int
 
     def _ctl(self, *args: str) -> None:
-        assert PG_BIN is not None
-        subprocess.run(
-            [
-                "runuser",
-                "-u",
-                "postgres",
-                "--",
-                str(PG_BIN / "pg_ctl"),
-                "-D",
-                str(self.data),
-                *args,
-            ],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+        as_postgres("pg_ctl", "-D", str(self.data), *args)
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off"
@@ -77,46 +66,14 @@ def private_cluster() -> Iterator[PrivateCluster]:
     data.mkdir()
     shutil.chown(root, "postgres")
     shutil.chown(data, "postgres")
-    subprocess.run(
-        [
-            "runuser",
-            "-u",
-            "postgres",
-            "--",
-            str(PG_BIN / "initdb"),
-            "-D",
-            str(data),
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    cluster = PrivateCluster(data, _free_port())
+    as_postgres("initdb", "-D", str(data), "-A", "trust", "-U", "postgres")
+    cluster = PrivateCluster(data, free_port())
     cluster.start()
     try:
         yield cluster
     finally:
-        subprocess.run(
-            [
-                "runuser",
-                "-u",
-                "postgres",
-                "--",
-                str(PG_BIN / "pg_ctl"),
-                "-D",
-                str(data),
-                "-m",
-                "immediate",
-                "stop",
-            ],
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
+        as_postgres("pg_ctl", "-D", str(data), "-m", "immediate", "stop", check=False)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 async def test_postgres_goes_away_and_comes_back(private_cluster: PrivateCluster) -> None:

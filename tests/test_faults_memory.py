@@ -11,23 +11,11 @@ import psutil
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
-from .conftest import EOF, WAIT, HubProcess, RawTrainer, async_stub, auth, hello
+from .conftest import EOF, WAIT, HubProcess, RawTrainer, async_stub, auth, code_component, hello
 
 WRITERS = 50
 SHARES_EACH = 400
 CODE = "/* a component of a realistic size */\n" * 50  # ~2 KiB per event
-
-
-def component(agent: str, i: int) -> pb.CodeComponent:
-    return pb.CodeComponent(
-        component_id=f"{agent}-{i}",
-        name="big_module",
-        language="c",
-        code=CODE + f"int f_{i}(void) {{ return {i}; }}\n",
-        test_coverage=0.9,
-        performance_score=0.8,
-        specialization=pb.SPECIALIZATION_GRAPHICS,
-    )
 
 
 async def open_trainer(stub: object, agent: str, token: str) -> RawTrainer:
@@ -61,7 +49,10 @@ async def test_stalled_reader_costs_bounded_memory(tmp_path: Path) -> None:
                 mids = [
                     await writer.send(
                         share_code_component=pb.ShareCodeComponent(
-                            code_component=component(writer.agent_id, i)
+                            code_component=code_component(
+                                f"{writer.agent_id}-{i}",
+                                CODE + f"int f_{i}(void) {{ return {i}; }}\n",
+                            )
                         )
                     )
                     for i in range(start, start + 10)

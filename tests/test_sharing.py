@@ -8,21 +8,7 @@ import pytest
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
-from .conftest import HubHarness, hello, os_component, pattern
-
-
-def code_component() -> pb.CodeComponent:
-    return pb.CodeComponent(
-        component_id="c1",
-        name="ring_buffer",
-        language="c",
-        code="int ring_size(void) { return 64; }\n",
-        dependencies=["libc"],
-        test_coverage=0.9,
-        performance_score=0.8,
-        specialization=pb.SPECIALIZATION_NETWORKING,
-    )
-
+from .conftest import HubHarness, code_component, hello, os_component, pattern
 
 SHARES: dict[str, tuple[Any, Any]] = {
     "share_pattern": (pb.SharePattern(pattern=pattern()), pb.ARTIFACT_KIND_PATTERN),

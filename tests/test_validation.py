@@ -18,24 +18,11 @@ from hub_service import paging
 from hub_service.errors import HubError
 from hub_service.validation import Limits, validate
 
-from .conftest import WAIT, HubHarness, auth, hello, os_component, pattern
+from .conftest import WAIT, HubHarness, auth, code_component, hello, os_component, pattern
 
 INVALID_ARGUMENT, FAILED_PRECONDITION = 3, 9
 KIB64 = 64 * 1024
 NAN, INF = math.nan, math.inf
-
-
-def code_component() -> pb.CodeComponent:
-    return pb.CodeComponent(
-        component_id="c1",
-        name="ring_buffer",
-        language="c",
-        code="int ring_size(void) { return 64; }\n",
-        dependencies=["libc"],
-        test_coverage=0.9,
-        performance_score=0.8,
-        specialization=pb.SPECIALIZATION_NETWORKING,
-    )
 
 
 def requirements() -> pb.FeatureRequirements:
