@@ -27,6 +27,8 @@ from .store import HubStore
 
 log = logging.getLogger(__name__)
 
+RESPONSE_BYTES = 1024 * 1024
+
 
 class Connection:
     def __init__(
@@ -64,6 +66,7 @@ class Connection:
         self._wake = asyncio.Event()
         self.end_status: tuple[grpc.StatusCode, str] | None = None
         self.ended = asyncio.Event()
+        self._stopping = False
 
     # --- called by the router and the reader ---------------------------------
 
@@ -108,6 +111,11 @@ class Connection:
         self._sync = sync  # only the latest matters
         self._wake.set()
 
+    def stop_sending(self) -> None:
+        """The sender finishes the write it is in, then returns."""
+        self._stopping = True
+        self._wake.set()
+
     def end(self, code: grpc.StatusCode, message: str) -> None:
         if self.end_status is None:
             self.end_status = (code, message)
@@ -133,7 +141,7 @@ class Connection:
         self, welcome: pb.Welcome, write: Callable[[pb.ConnectResponse], Awaitable[None]]
     ) -> None:
         await write(pb.ConnectResponse(welcome=welcome))
-        while not self.ended.is_set():
+        while not (self.ended.is_set() or self._stopping):
             if self.catching_up and not self._events:
                 await self._read_back()
             if not (self._events or self._receipts or self._errors or self._sync):
@@ -146,12 +154,16 @@ class Connection:
     async def _flush(self, write: Callable[[pb.ConnectResponse], Awaitable[None]]) -> None:
         receipts, self._receipts = self._receipts, []
         errors, self._errors = self._errors, []
-        count = min(len(self._events), self._per_response)
-        response = pb.ConnectResponse(
-            receipts=receipts,
-            errors=errors,
-            events=[self._events.popleft() for _ in range(count)],
-        )
+        events: list[pb.HubEvent] = []
+        size = 0
+        # Up to 64 events, and (beyond the first) no more than RESPONSE_BYTES: events can be
+        # ~100 KiB each, and a response over the 4 MiB message limit would end the stream.
+        while self._events and len(events) < self._per_response:
+            size += self._events[0].ByteSize()
+            if events and size > RESPONSE_BYTES:
+                break
+            events.append(self._events.popleft())
+        response = pb.ConnectResponse(receipts=receipts, errors=errors, events=events)
         if self._sync is not None:
             response.training_sync.CopyFrom(self._sync)
             self._sync = None

@@ -12,6 +12,19 @@ from grpc_status import rpc_status
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
+# In UTF-8 bytes: grpc percent-encodes the message (up to 3x) and base64s the details,
+# and all of it must fit the 16 KiB trailer limit.
+MAX_MESSAGE = 512
+MAX_DETAIL = 120
+MAX_VIOLATIONS = 10
+
+
+def _clip(text: str, limit: int) -> str:
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - 3].decode(errors="ignore") + "…"
+
 
 class HubError(Exception):
     """A request the hub refuses, with the status code and the sentence that says why."""
@@ -22,10 +35,15 @@ class HubError(Exception):
         message: str,
         violations: Sequence[tuple[str, str]] = (),
     ) -> None:
+        # Bounded: error text travels in gRPC trailers (16 KiB at most) and may quote input.
+        message = _clip(message, MAX_MESSAGE)
         super().__init__(message)
         self.code = code
         self.message = message
-        self.violations = list(violations)
+        self.violations = [
+            (_clip(field, MAX_DETAIL), _clip(why, MAX_DETAIL))
+            for field, why in violations[:MAX_VIOLATIONS]
+        ]
 
     def to_request_error(self, message_id: str) -> pb.RequestError:
         return pb.RequestError(
@@ -59,8 +77,9 @@ class HubError(Exception):
 
 def invalid(violations: Sequence[tuple[str, str]]) -> HubError:
     """INVALID_ARGUMENT whose message lists every bad field."""
-    summary = "; ".join(f"{field}: {why}" for field, why in violations)
-    return HubError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {summary}", violations)
+    shown = "; ".join(f"{field}: {why}" for field, why in violations[:5])
+    more = f" (and {len(violations) - 5} more)" if len(violations) > 5 else ""
+    return HubError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {shown}{more}", violations)
 
 
 def not_found(what: str) -> HubError:

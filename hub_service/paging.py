@@ -36,6 +36,6 @@ def decode_int(token: str) -> int | None:
     cursor = decode(token)
     if not cursor:
         return None
-    if not cursor.isdigit() or int(cursor) >= 2**63:
+    if not (cursor.isascii() and cursor.isdigit()) or int(cursor) >= 2**63:
         raise invalid([("page_token", "is not a token this hub issued")])
     return int(cursor)

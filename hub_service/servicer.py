@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 from generated.kernelhub.v1 import hub_pb2_grpc
@@ -154,7 +155,8 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
                 grpc.StatusCode.ABORTED, "superseded by a newer connection for this agent"
             )
         log.info("%s connected (resume after seq %d)", agent_id, hello.resume_after_seq)
-        tasks: list[asyncio.Task[None]] = []
+        sender: asyncio.Task[None] | None = None
+        reader: asyncio.Task[None] | None = None
         try:
             await self._committer.submit(cmd.AgentOnline(agent_id, hello))
             welcome = pb.Welcome(
@@ -164,30 +166,49 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
                 hub_version=__version__,
             )
             connection.send_sync(await self.training_sync(connection))
-            tasks = [
-                asyncio.create_task(connection.run_sender(welcome, context.write)),
-                asyncio.create_task(self._read(connection, request_iterator)),
-            ]
+            sender = asyncio.create_task(connection.run_sender(welcome, context.write))
+            reader = asyncio.create_task(self._read(connection, request_iterator))
             ended = asyncio.create_task(connection.ended.wait())
-            done, _ = await asyncio.wait([*tasks, ended], return_when=asyncio.FIRST_COMPLETED)
-            ended.cancel()
+            try:
+                done, _ = await asyncio.wait(
+                    [sender, reader, ended], return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                ended.cancel()
             for task in done:
                 if task is not ended and (exc := task.exception()) is not None:
                     raise exc
         except HubError as error:
             connection.end(error.code, error.message)
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
+            if reader is not None:
+                reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                    await reader
+            if sender is not None:
+                await self._stop_sender(connection, sender)
             if self._router.detach(connection):
                 with contextlib.suppress(HubError):
                     await self._committer.submit(cmd.AgentOffline(agent_id))
             log.info("%s disconnected", agent_id)
         if connection.end_status is not None:
             await context.abort(*connection.end_status)
+
+    @staticmethod
+    async def _stop_sender(connection: Connection, sender: asyncio.Task[None]) -> None:
+        """Let the sender finish the write it is in before the stream's status goes out.
+
+        Cancelling it inside `context.write` leaves grpc unable to send the final
+        status, and the trainer waits for it forever; so ask it to stop, and cancel
+        only a sender stuck behind a peer that does not read.
+        """
+        connection.stop_sending()
+        try:
+            await asyncio.wait_for(asyncio.shield(sender), timeout=1.0)
+        except TimeoutError:
+            sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await sender
 
     async def _expect_hello(
         self, agent_id: str, requests: AsyncIterator[pb.ConnectRequest], context: Context
@@ -201,6 +222,11 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
             )
         except StopAsyncIteration:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "stream closed before Hello")
+        except DecodeError as exc:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the first message is not a ConnectRequest ({exc})",
+            )
         if first.WhichOneof("body") != "hello":
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -226,25 +252,41 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
             bucket = self._buckets[agent_id] = TokenBucket(
                 self._config.rate_limit_per_second, self._config.rate_limit_burst
             )
-        async for request in requests:
-            await connection.admit()
-            try:
-                if bucket is not None and not bucket.take():
-                    raise HubError(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"rate limit: at most {bucket.rate:g} messages/s (bursts of "
-                        f"{bucket.burst:g}); resend this message_id later",
-                    )
-                command = to_command(agent_id, request, validate(request, self._config.limits))
-                future = await self._committer.enqueue(command)
-            except HubError as error:
-                connection.answer(request.message_id, error)
-            else:
-                future.add_done_callback(partial(connection.answer, request.message_id))
-            if self._draining:
-                break
+        try:
+            async for request in requests:
+                await self._take(connection, bucket, request)
+                if self._draining:
+                    break
+        except DecodeError as exc:
+            # The peer sent bytes that are not a ConnectRequest: answer what was
+            # readable, then end the stream with a status that says so.
+            await connection.wait_all_answered(self._config.shutdown_grace)
+            connection.end(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a message on the stream is not a valid ConnectRequest ({exc}); stream ended",
+            )
+            return
         # The trainer finished sending: answer what it sent, then end the stream.
         await connection.wait_all_answered(self._config.shutdown_grace)
+
+    async def _take(
+        self, connection: Connection, bucket: TokenBucket | None, request: pb.ConnectRequest
+    ) -> None:
+        """Validate one message and queue it for commit (or answer its error)."""
+        await connection.admit()
+        try:
+            if bucket is not None and not bucket.take():
+                raise HubError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"rate limit: at most {bucket.rate:g} messages/s (bursts of "
+                    f"{bucket.burst:g}); resend this message_id later",
+                )
+            kind = validate(request, self._config.limits)
+            future = await self._committer.enqueue(to_command(connection.agent_id, request, kind))
+        except HubError as error:
+            connection.answer(request.message_id, error)
+        else:
+            future.add_done_callback(partial(connection.answer, request.message_id))
 
     # --- training sync ----------------------------------------------------------
 

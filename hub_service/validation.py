@@ -183,6 +183,8 @@ def validate_hello(hello: pb.Hello, limits: Limits) -> None:
     check.enum("hello.specialization", hello.specialization, pb.Specialization)
     check.items("hello.capabilities", hello.capabilities, snake=True)
     check.text("hello.version", hello.version, limits.max_name_length)
+    if hello.resume_after_seq >= 2**63:
+        check.fail("hello.resume_after_seq", f"must be below 2^63, got {hello.resume_after_seq}")
     if check.violations:
         raise invalid(check.violations)
 
