@@ -1,0 +1,9 @@
+"""kernelhub's benchmark suite: the hub against in-run baselines (see docs/benchmarks.md).
+
+Three kinds of process take part in a run, so that none of them measures itself:
+the orchestrator (`kernelhub_bench.cli`), the server under test (the hub, or one
+of the baselines in `kernelhub_bench.baselines`) and the load
+(`kernelhub_bench.load`, many simulated trainers on one event loop).
+"""
+
+__version__ = "0.1.0"

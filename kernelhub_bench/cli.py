@@ -1,0 +1,245 @@
+"""`kernelhub-bench`: run the benchmark suite against in-run baselines, and plot it.
+
+kernelhub-bench run [--quick] [--repeat 3] [--json results.json]
+                    [--scenarios ingest,fanout,latency,rss,replay] [--profile DIR]
+kernelhub-bench plot results.json docs/latency.png
+kernelhub-bench markdown results.json
+kernelhub-bench hot-spots PROFILE.txt [--top 10]
+kernelhub-bench soak [--trainers 200] [--duration 10m] [--rate 0.2] [--restart-every 2m]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from hub_service.durations import parse_duration
+
+from . import __version__
+from .common import median
+from .report import hot_spots, hot_spots_table, markdown, plot_latency, print_report
+from .runner import FULL, QUICK, SCENARIOS, RunError, other_cores, run, summarize
+from .soak import as_json, report, soak
+
+
+def _scenarios(text: str) -> list[str]:
+    chosen = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = sorted(set(chosen) - set(SCENARIOS))
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"unknown scenario(s) {', '.join(unknown) or '(none)'}; choose from {','.join(SCENARIOS)}"
+        )
+    return chosen
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kernelhub-bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="run the benchmarks and their baselines")
+    run_parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI smoke sizes (N=10, 2,000 events, 50 idle trainers, "
+        "5,000 replayed events; repeat 1)",
+    )
+    run_parser.add_argument("--repeat", type=int, help="runs per figure (default 3; quick: 1)")
+    run_parser.add_argument("--json", type=Path, help="write the results here")
+    run_parser.add_argument(
+        "--scenarios",
+        type=_scenarios,
+        default=list(SCENARIOS),
+        help=f"comma-separated, of {','.join(SCENARIOS)}",
+    )
+    run_parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record each hub process with py-spy (raw, --threads) into DIR",
+    )
+    run_parser.add_argument(
+        "--keep-workdir", action="store_true", help="keep the temporary directory (databases, logs)"
+    )
+    plot_parser = commands.add_parser("plot", help="plot latency against offered load")
+    plot_parser.add_argument("results", type=Path)
+    plot_parser.add_argument("out", type=Path)
+    md = commands.add_parser("markdown", help="the results as Markdown tables (for the docs)")
+    md.add_argument("results", type=Path)
+    hot = commands.add_parser("hot-spots", help="top self-time frames of a py-spy raw profile")
+    hot.add_argument("profile", type=Path)
+    hot.add_argument("--top", type=int, default=10)
+    soak_parser = commands.add_parser(
+        "soak", help="many trainers for a long time: hub RSS over time, lost and duplicated events"
+    )
+    soak_parser.add_argument("--trainers", type=int, default=200)
+    soak_parser.add_argument("--duration", type=parse_duration, default=600.0, help="e.g. 10m")
+    soak_parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.2,
+        help="shares per second per trainer (prototype pace: 0.2)",
+    )
+    soak_parser.add_argument(
+        "--restart-every",
+        type=parse_duration,
+        help="SIGKILL and restart the hub this often, e.g. 2m",
+    )
+    soak_parser.add_argument("--sample-every", type=parse_duration, default=10.0)
+    soak_parser.add_argument("--json", type=Path, help="write the result here")
+    return parser
+
+
+def _git_revision() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _machine() -> dict[str, Any]:
+    import grpc
+    import psutil
+
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "revision": _git_revision(),
+    }
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: write null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    sizes = QUICK if args.quick else FULL
+    repeat = args.repeat or (1 if args.quick else 3)
+    if repeat < 1:
+        print("--repeat must be at least 1", file=sys.stderr)
+        return 2
+    console = Console(stderr=True)
+    machine = _machine()
+    started = datetime.datetime.now(datetime.UTC)
+    workdir = Path(tempfile.mkdtemp(prefix="kernelhub-bench-"))
+    console.print(
+        f"kernelhub-bench {__version__}: {'quick' if args.quick else 'full'} run, "
+        f"repeat {repeat}, scenarios {','.join(args.scenarios)}; work dir {workdir}"
+    )
+    try:
+        raw = asyncio.run(
+            run(
+                sizes,
+                repeat,
+                args.scenarios,
+                workdir,
+                args.profile,
+                log=lambda line: console.print(line, highlight=False),
+            )
+        )
+    except RunError as error:
+        console.print(f"[red]benchmark failed:[/red] {error}")
+        console.print(f"the servers' and loads' logs are kept in {workdir}")
+        args.keep_workdir = True
+        return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        console.print("[red]interrupted[/red]; every server and load was stopped")
+        return 130
+    finally:
+        if not args.keep_workdir:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
+    figures, sweep = summarize(raw, sizes)
+    machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    # CPU that other work on the machine took while we measured (the load competes for it).
+    contention = other_cores(raw)
+    machine["other_cores_median"] = round(median(contention), 2) if contention else 0.0
+    machine["other_cores_max"] = round(max(contention, default=0.0), 2)
+    result = {
+        "command": "kernelhub-bench " + shlex.join(argv),
+        "started": started.isoformat(timespec="seconds"),
+        "seconds": round(raw["seconds"], 1),
+        "quick": args.quick,
+        "repeat": repeat,
+        "sizes": dataclasses.asdict(sizes),
+        "machine": machine,
+        "figures": figures,
+        "latency_sweep": sweep,
+        "hot_spots": {p: hot_spots(Path(p)) for p in raw["profiles"] if Path(p).exists()},
+        "raw": raw,
+    }
+    print_report(result, Console())
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(_clean(result), indent=2) + "\n")
+        console.print(f"results written to {args.json}")
+    return 0
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    """Exit 0 only when no event was lost or duplicated and every send was acknowledged."""
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)  # reconnect notices would drown the RSS lines
+    result = asyncio.run(
+        soak(args.trainers, args.duration, args.rate, args.restart_every, args.sample_every)
+    )
+    print(report(result))
+    if args.json:
+        args.json.write_text(json.dumps(as_json(result), indent=2) + "\n")
+    return 0 if result.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args, argv)
+    if args.command == "plot":
+        plot_latency(json.loads(args.results.read_text()), args.out)
+        print(f"wrote {args.out}")
+        return 0
+    if args.command == "soak":
+        return cmd_soak(args)
+    if args.command == "markdown":
+        print(markdown(json.loads(args.results.read_text())), end="")
+        return 0
+    Console().print(hot_spots_table(str(args.profile), hot_spots(args.profile, args.top)))
+    return 0

@@ -1,0 +1,235 @@
+"""Presenting a run: the rich table, the latency plot, and py-spy's hottest frames."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _number(value: float, unit: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if unit in ("ms", "KiB", "s"):
+        return f"{value:,.2f} {unit}" if value < 100 else f"{value:,.0f} {unit}"
+    return f"{value:,.0f}/s"
+
+
+def figures_table(figures: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("figure")
+    table.add_column("kernelhub", justify="right")
+    table.add_column("baseline", justify="right")
+    table.add_column("ratio", justify="right")
+    table.add_column("target")
+    table.add_column("met")
+    for f in figures:
+        met = "-" if f["met"] is None else ("yes" if f["met"] else "NO")
+        table.add_row(
+            f["figure"],
+            _number(f["kernelhub"], f["unit"]),
+            f"{_number(f['baseline'], f['unit'])} ({f['baseline_name']})",
+            f"{f['ratio']:.2f}x",
+            f["target"],
+            met,
+        )
+    return table
+
+
+def sweep_table(sweep: dict[str, Any]) -> Table:
+    table = Table(
+        title=f"latency sweep, N={sweep['receivers']} trainers "
+        f"(hub max {sweep['max_shares_per_s']:,.0f} shares/s)",
+        title_justify="left",
+    )
+    for column in (
+        "offered load",
+        "shares/s",
+        "deliveries/s",
+        "kernelhub p50",
+        "kernelhub p99",
+        "bare p50",
+        "bare p99",
+    ):
+        table.add_column(column, justify="right")
+    for p in sweep["points"]:
+        table.add_row(
+            f"{p['fraction']:.0%}",
+            f"{p['offered_shares_per_s']:,.0f}",
+            f"{p['offered_deliveries_per_s']:,.0f}",
+            f"{p['kernelhub_p50_ms']:.2f} ms",
+            f"{p['kernelhub_p99_ms']:.2f} ms",
+            f"{p['baseline_p50_ms']:.2f} ms",
+            f"{p['baseline_p99_ms']:.2f} ms",
+        )
+    return table
+
+
+def print_report(result: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    mode = "quick" if result["quick"] else "full"
+    title = (
+        f"kernelhub benchmarks ({mode}, median of {result['repeat']} runs; "
+        "ratio: median of the per-run kernelhub / baseline ratios)"
+    )
+    console.print(figures_table(result["figures"], title))
+    if result.get("latency_sweep"):
+        console.print(sweep_table(result["latency_sweep"]))
+    for path, spots in result.get("hot_spots", {}).items():
+        console.print(hot_spots_table(path, spots))
+
+
+def hot_spots_table(path: str, spots: dict[str, Any]) -> Table:
+    threads = ", ".join(f"{name} {share:.0%}" for name, share in spots["threads"].items())
+    table = Table(
+        title=f"top self-time frames in the hub ({path}; busy samples by thread: {threads})",
+        title_justify="left",
+    )
+    table.add_column("share of busy samples", justify="right")
+    table.add_column("frame")
+    for frame, share in spots["top"]:
+        table.add_row(f"{share:.1%}", frame)
+    return table
+
+
+def plot_latency(result: dict[str, Any], out: Path) -> None:
+    """p50/p99 share->delivery latency against offered load, kernelhub and the bare baseline."""
+    import matplotlib  # lazily: only `plot` needs it (the `bench` extra)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = result.get("latency_sweep")
+    if not sweep:
+        raise ValueError("the results have no latency sweep (run the latency scenario)")
+    points = sweep["points"]
+    x = [p["offered_shares_per_s"] for p in points]
+    figure, axes = plt.subplots(figsize=(8, 5), dpi=110)
+    axes.plot(
+        x, [p["kernelhub_p50_ms"] for p in points], "o-", color="tab:blue", label="kernelhub p50"
+    )
+    axes.plot(
+        x, [p["kernelhub_p99_ms"] for p in points], "s--", color="tab:blue", label="kernelhub p99"
+    )
+    axes.plot(
+        x,
+        [p["baseline_p50_ms"] for p in points],
+        "o-",
+        color="tab:gray",
+        label="bare grpc.aio fan-out p50",
+    )
+    axes.plot(
+        x,
+        [p["baseline_p99_ms"] for p in points],
+        "s--",
+        color="tab:gray",
+        label="bare grpc.aio fan-out p99",
+    )
+    axes.axhline(10.0, color="tab:red", linewidth=0.8, linestyle=":", label="target: p99 <= 10 ms")
+    half = 0.5 * sweep["max_shares_per_s"]
+    axes.axvline(
+        half,
+        color="tab:green",
+        linewidth=0.8,
+        linestyle=":",
+        label=f"50% of hub max ({half:,.0f} shares/s)",
+    )
+    axes.set_yscale("log")
+    axes.set_xlabel(f"offered load, shares/s (each delivered to {sweep['receivers']} trainers)")
+    axes.set_ylabel("share -> delivery latency, ms")
+    title = f"kernelhub share->delivery latency, {sweep['receivers']} trainers"
+    machine = result.get("machine", {})
+    if "other_cores_median" in machine:
+        title += (
+            f"\n{machine.get('cpus')} cores; other work on the machine took "
+            f"{machine['other_cores_median']:.2f} cores (median) while measuring"
+        )
+    axes.set_title(title, fontsize=10)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out)
+    plt.close(figure)
+
+
+_THREAD = re.compile(r"^(thread|process) \(")
+_THREAD_ID = re.compile(r" \(\d+\)")
+# Leaf frames that are a thread waiting, not working: py-spy cannot always tell them apart
+# (a thread blocked in C with the GIL released looks busy), so they are left out by name.
+IDLE_FRAMES = (
+    "EpollSelector.select (",  # the event loop waiting for I/O
+    "_worker (concurrent/futures/thread.py",  # a pool thread waiting for work
+    "Thread.run (threading.py",  # grpc's completion-queue poller, waiting in C
+    "Condition.wait (",
+    "Event.wait (",
+)
+
+
+def hot_spots(path: Path, top: int = 10) -> dict[str, Any]:
+    """The frames with the most self time in a py-spy `-f raw --threads` profile (collapsed
+    stacks), waiting frames (IDLE_FRAMES) left out: shares of the busy samples, overall and
+    per thread."""
+    self_time: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    total = busy = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        samples = int(count)
+        total += samples
+        frames = stack.split(";")
+        thread = _THREAD_ID.sub("", frames[0]) if _THREAD.match(frames[0]) else "?"
+        frames = [f for f in frames if not _THREAD.match(f)]
+        if not frames or frames[-1].startswith(IDLE_FRAMES):
+            continue
+        busy += samples
+        self_time[frames[-1]] += samples
+        threads[thread.removeprefix("thread: ").strip()] += samples
+    return {
+        "samples": total,
+        "busy_samples": busy,
+        "threads": {t: n / busy for t, n in threads.most_common()} if busy else {},
+        "top": [[frame, n / busy] for frame, n in self_time.most_common(top)] if busy else [],
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The figures, the latency sweep and the hot spots as Markdown tables (for the docs)."""
+    lines = [
+        "| figure | kernelhub | baseline | ratio | target | met |",
+        "| --- | ---: | ---: | ---: | --- | --- |",
+    ]
+    for f in result["figures"]:
+        met = "-" if f["met"] is None else ("**yes**" if f["met"] else "**no**")
+        runs = ", ".join(_number(v, f["unit"]) for v in f["runs"]["kernelhub"])
+        lines.append(
+            f"| {f['figure']} | {_number(f['kernelhub'], f['unit'])} <br><sub>runs: {runs}</sub> "
+            f"| {_number(f['baseline'], f['unit'])} <br><sub>{f['baseline_name']}</sub> "
+            f"| {f['ratio']:.2f}x | {f['target']} | {met} |"
+        )
+    sweep = result.get("latency_sweep")
+    if sweep:
+        lines += [
+            "",
+            f"Latency sweep, N={sweep['receivers']} trainers; the hub's own max: "
+            f"{sweep['max_shares_per_s']:,.0f} shares/s (median of the runs):",
+            "",
+            "| offered load | shares/s | deliveries/s | kernelhub p50 | kernelhub p99 "
+            "| bare p50 | bare p99 | other work (cores) |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for p in sweep["points"]:
+            lines.append(
+                f"| {p['fraction']:.0%} | {p['offered_shares_per_s']:,.0f} "
+                f"| {p['offered_deliveries_per_s']:,.0f} | {p['kernelhub_p50_ms']:.1f} ms "
+                f"| {p['kernelhub_p99_ms']:.1f} ms | {p['baseline_p50_ms']:.1f} ms "
+                f"| {p['baseline_p99_ms']:.1f} ms | {p.get('other_cores', 0.0):.2f} |"
+            )
+    return "\n".join(lines) + "\n"

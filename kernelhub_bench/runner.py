@@ -1,0 +1,758 @@
+"""The orchestrator: starts servers and loads in their own processes, collects the figures.
+
+Every child process writes its output to files in the run's temporary directory (or a
+pipe that is always read), is started with a parent-death signal, and is terminated,
+then killed, when its step ends or fails. Every wait has a time limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import psutil
+
+from .common import LOOPBACK, die_with_parent, median
+
+PYTHON = sys.executable
+HUB_READY = re.compile(r"kernelhub serving on 127\.0\.0\.1:(\d+)")
+BASELINE_READY = re.compile(r"baseline \w+ serving on 127\.0\.0\.1:(\d+)")
+SCENARIOS = ("ingest", "fanout", "latency", "rss", "replay")
+
+
+class RunError(Exception):
+    """A step of the run failed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Sizes:
+    ingest_count: int
+    fanout_receivers: tuple[int, ...]
+    fanout_deliveries: int  # per run; shares = max(fanout_min_count, deliveries // N)
+    fanout_min_count: int
+    latency_receivers: int
+    latency_fractions: tuple[float, ...]  # of the hub's own max share rate; must hold 0.5
+    latency_duration: float  # seconds per offered load
+    latency_calibrate_count: int
+    idle_trainers: int
+    replay_count: int
+    sqlite_batch: int = 256
+
+    def fanout_count(self, receivers: int) -> int:
+        return max(self.fanout_min_count, self.fanout_deliveries // receivers)
+
+
+FULL = Sizes(
+    ingest_count=20_000,
+    fanout_receivers=(10, 50, 200),
+    fanout_deliveries=200_000,
+    fanout_min_count=2_000,
+    latency_receivers=50,
+    latency_fractions=(0.1, 0.25, 0.5, 0.75, 0.9),
+    latency_duration=4.0,
+    latency_calibrate_count=6_000,
+    idle_trainers=1_000,
+    replay_count=100_000,
+)
+QUICK = Sizes(
+    ingest_count=2_000,
+    fanout_receivers=(10,),
+    fanout_deliveries=20_000,
+    fanout_min_count=2_000,
+    latency_receivers=10,
+    latency_fractions=(0.25, 0.5),
+    latency_duration=1.0,
+    latency_calibrate_count=2_000,
+    idle_trainers=50,
+    replay_count=5_000,
+)
+
+
+# --- child processes ---------------------------------------------------------------
+
+
+class Child:
+    """A child process whose stdout and stderr go to files in the work directory."""
+
+    def __init__(self, name: str, argv: list[str], workdir: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.argv = argv
+        self.stdout_path = workdir / f"{name}.out"
+        self.stderr_path = workdir / f"{name}.err"
+        self.env = env
+        self.process: asyncio.subprocess.Process | None = None
+        self._files: list[IO[bytes]] = []
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def start(self) -> None:
+        out, err = self.stdout_path.open("wb"), self.stderr_path.open("wb")
+        self._files = [out, err]
+        self.process = await asyncio.create_subprocess_exec(
+            *self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            env=self.env,
+            preexec_fn=die_with_parent,
+        )
+
+    def tail(self, lines: int = 15) -> str:
+        text = ""
+        for path in (self.stdout_path, self.stderr_path):
+            with contextlib.suppress(OSError):
+                text += path.read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def wait_for_line(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+        assert self.process is not None
+        until = time.monotonic() + timeout
+        while time.monotonic() < until:
+            with contextlib.suppress(OSError):
+                match = pattern.search(self.stdout_path.read_text(errors="replace"))
+                if match:
+                    return match
+            if self.process.returncode is not None:
+                raise RunError(f"{self.name} exited ({self.process.returncode}):\n{self.tail()}")
+            await asyncio.sleep(0.05)
+        raise RunError(f"{self.name} did not start within {timeout:g}s:\n{self.tail()}")
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        process = self.process
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(sig)
+            try:
+                await asyncio.wait_for(process.wait(), timeout)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await asyncio.wait_for(process.wait(), 10)
+        for file in self._files:
+            file.close()
+        self._files = []
+
+
+async def run_to_end(argv: list[str], env: dict[str, str], timeout: float) -> str:
+    """Runs a short command to completion; returns its stdout."""
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=die_with_parent,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise RunError(f"{' '.join(argv[:4])} ... took longer than {timeout:g}s") from None
+    if process.returncode != 0:
+        raise RunError(f"{' '.join(argv[:4])} ... failed:\n{err.decode(errors='replace')[-2000:]}")
+    return out.decode()
+
+
+def child_env() -> dict[str, str]:
+    """The environment of every hub, load and baseline process."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "KERNELHUB_RATE_LIMIT_PER_SECOND": "0",
+            "KERNELHUB_TRAINING_SYNC_INTERVAL": "0",
+            "KERNELHUB_LOG_LEVEL": "WARNING",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    # The project root on the path, so `python -m hub_service` works uninstalled too.
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+@dataclass
+class Server:
+    """A server under test: the hub or a baseline."""
+
+    kind: str  # "kernelhub" or "baseline"
+    child: Child
+    port: int
+    tokens: Path | None
+
+    @property
+    def target(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+
+@dataclass
+class Runner:
+    sizes: Sizes
+    workdir: Path
+    profile_dir: Path | None = None
+    log: Callable[[str], None] = print
+    profiles: list[str] = field(default_factory=list)
+    _count: int = 0
+
+    def env(self) -> dict[str, str]:
+        return child_env()
+
+    def _name(self, what: str) -> str:
+        self._count += 1
+        return f"{self._count:03d}-{what}"
+
+    # --- servers ----------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def hub(self, agents: int, label: str) -> AsyncIterator[Server]:
+        """A hub process on a fresh SQLite file, with a token for each of `agents` trainers."""
+        name = self._name(f"hub-{label}")
+        db = self.workdir / f"{name}.db"
+        tokens = self.workdir / f"{name}.tokens"
+        agent_ids = [f"bench_{i:05d}" for i in range(agents)]
+        await run_to_end(
+            [
+                PYTHON,
+                "-m",
+                "hub_service",
+                "token",
+                "issue",
+                *agent_ids,
+                "--db",
+                str(db),
+                "--out",
+                str(tokens),
+            ],
+            self.env(),
+            timeout=120,
+        )
+        child = Child(
+            name,
+            [
+                PYTHON,
+                "-m",
+                "hub_service",
+                "serve",
+                "--host",
+                LOOPBACK,
+                "--port",
+                "0",
+                "--db",
+                str(db),
+            ],
+            self.workdir,
+            self.env(),
+        )
+        profiler: Child | None = None
+        try:
+            await child.start()
+            port = int((await child.wait_for_line(HUB_READY, 60)).group(1))
+            if self.profile_dir is not None:
+                profiler = await self._profile(child.pid, label)
+            yield Server("kernelhub", child, port, tokens)
+        finally:
+            if profiler is not None:
+                await profiler.stop(signal.SIGINT, timeout=60)
+            await child.stop()
+
+    @contextlib.asynccontextmanager
+    async def baseline(self, mode: str, label: str, *flags: str) -> AsyncIterator[Server]:
+        child = Child(
+            self._name(f"baseline-{mode}-{label}"),
+            [PYTHON, "-m", "kernelhub_bench.baselines", "serve", mode, *flags],
+            self.workdir,
+            self.env(),
+        )
+        try:
+            await child.start()
+            port = int((await child.wait_for_line(BASELINE_READY, 60)).group(1))
+            yield Server("baseline", child, port, None)
+        finally:
+            await child.stop()
+
+    async def _profile(self, pid: int, label: str) -> Child:
+        assert self.profile_dir is not None
+        self.profile_dir.mkdir(parents=True, exist_ok=True)
+        py_spy = shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy")
+        out = self.profile_dir / f"hub-{label}.txt"
+        child = Child(
+            self._name(f"py-spy-{label}"),
+            [
+                py_spy,
+                "record",
+                "--pid",
+                str(pid),
+                "-o",
+                str(out),
+                "-f",
+                "raw",
+                "--threads",
+                "--rate",
+                "200",
+                "--nonblocking",
+            ],
+            self.workdir,
+            self.env(),
+        )
+        await child.start()
+        await asyncio.sleep(1.0)  # attached before the load starts
+        self.profiles.append(str(out))
+        return child
+
+    # --- loads ------------------------------------------------------------------
+
+    async def load(
+        self,
+        scenario: str,
+        server: Server,
+        params: dict[str, Any],
+        deadline: float,
+        on_phase: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+    ) -> dict[str, Any]:
+        """Runs one load process against `server`; returns its result (RunError if it failed)."""
+        name = self._name(f"load-{scenario}-{server.kind}")
+        argv = [
+            PYTHON,
+            "-m",
+            "kernelhub_bench.load",
+            scenario,
+            "--target",
+            server.target,
+            "--server-pid",
+            str(server.pid),
+            "--params",
+            json.dumps(params),
+            "--deadline",
+            str(deadline),
+        ]
+        if server.tokens is not None:
+            argv += ["--tokens", str(server.tokens)]
+        stderr = (self.workdir / f"{name}.err").open("wb")
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=self.env(),
+            preexec_fn=die_with_parent,
+        )
+        assert process.stdout is not None and process.stdin is not None
+        until = time.monotonic() + deadline + 30
+        try:
+            while True:
+                left = until - time.monotonic()
+                if left <= 0:
+                    raise RunError(f"{name} ran past its deadline")
+                try:
+                    line = await asyncio.wait_for(process.stdout.readline(), left)
+                except TimeoutError:
+                    raise RunError(f"{name} ran past its deadline") from None
+                if not line:
+                    err = (self.workdir / f"{name}.err").read_text(errors="replace")[-2000:]
+                    raise RunError(f"{name} ended without a result:\n{err}")
+                try:
+                    message = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if "phase" in message and on_phase is not None:
+                    await on_phase(message)
+                    process.stdin.write(b"go\n")
+                    await process.stdin.drain()
+                elif "error" in message:
+                    raise RunError(f"{scenario} against {server.kind}: {message['error']}")
+                elif "result" in message:
+                    result: dict[str, Any] = message["result"]
+                    return result
+        finally:
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.terminate()
+                try:
+                    await asyncio.wait_for(process.wait(), 15)
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
+            stderr.close()
+
+    # --- scenarios -----------------------------------------------------------------
+
+    async def ingest(self) -> dict[str, Any]:
+        count = self.sizes.ingest_count
+        async with self.hub(1, "ingest") as hub:
+            durable = await self.load("ingest", hub, {"count": count}, deadline=count / 200 + 60)
+        async with self.baseline("oneway", "ingest") as bare:
+            oneway = await self.load(
+                "ingest", bare, {"count": count, "oneway": True}, deadline=count / 500 + 60
+            )
+        out = await run_to_end(
+            [
+                PYTHON,
+                "-m",
+                "kernelhub_bench.baselines",
+                "sqlite",
+                "--db",
+                str(self.workdir / f"{self._name('sqlite')}.db"),
+                "--count",
+                str(count),
+                "--batch",
+                str(self.sizes.sqlite_batch),
+            ],
+            self.env(),
+            timeout=count / 500 + 60,
+        )
+        sqlite = json.loads(out.strip().splitlines()[-1])["result"]
+        self.log(
+            f"  ingest: kernelhub {durable['rate']:,.0f}/s (cores hub/load/other "
+            f"{_cores(durable)}), one-way {oneway['rate']:,.0f}/s ({_cores(oneway)}), "
+            f"sqlite {sqlite['rate']:,.0f}/s"
+        )
+        return {"kernelhub": durable, "oneway": oneway, "sqlite": sqlite}
+
+    async def fanout(self, receivers: int) -> dict[str, Any]:
+        count = self.sizes.fanout_count(receivers)
+        params = {"receivers": receivers, "count": count}
+        deadline = count * receivers / 2000 + 90
+        async with self.hub(receivers + 1, f"fanout{receivers}") as hub:
+            mine = await self.load("fanout", hub, params, deadline)
+        async with self.baseline("fanout", f"fanout{receivers}") as bare:
+            theirs = await self.load("fanout", bare, params, deadline)
+        self.log(
+            f"  fan-out N={receivers}: kernelhub {mine['rate']:,.0f}/s "
+            f"({mine['events_per_response']:.1f} events/response), "
+            f"bare {theirs['rate']:,.0f}/s ({theirs['events_per_response']:.1f}); "
+            f"cores hub/load/other {_cores(mine)}, bare/load/other {_cores(theirs)}"
+        )
+        return {"kernelhub": mine, "baseline": theirs}
+
+    async def latency(self) -> dict[str, Any]:
+        sizes = self.sizes
+        receivers = sizes.latency_receivers
+        points = len(sizes.latency_fractions)
+        deadline = points * (sizes.latency_duration * 3 + 10) + 120
+        async with self.hub(receivers + 1, "latency") as hub:
+            mine = await self.load(
+                "latency",
+                hub,
+                {
+                    "receivers": receivers,
+                    "duration": sizes.latency_duration,
+                    "fractions": list(sizes.latency_fractions),
+                    "calibrate_count": sizes.latency_calibrate_count,
+                },
+                deadline,
+            )
+        rates = [p["offered_shares_per_s"] for p in mine["points"]]
+        async with self.baseline("fanout", "latency") as bare:
+            theirs = await self.load(
+                "latency",
+                bare,
+                {
+                    "receivers": receivers,
+                    "duration": sizes.latency_duration,
+                    "rates": rates,
+                    "fractions": list(sizes.latency_fractions),
+                },
+                deadline,
+            )
+        for a, b in zip(mine["points"], theirs["points"], strict=True):
+            self.log(
+                f"  latency @ {a['fraction']:.0%} of {mine['max_shares_per_s']:,.0f} shares/s: "
+                f"kernelhub p50 {a['p50_ms']:.2f} p99 {a['p99_ms']:.2f} ms, "
+                f"bare p50 {b['p50_ms']:.2f} p99 {b['p99_ms']:.2f} ms"
+            )
+        return {"kernelhub": mine, "baseline": theirs}
+
+    async def rss(self) -> dict[str, Any]:
+        trainers = self.sizes.idle_trainers
+        async with self.hub(trainers, "rss") as hub:
+            mine = await self._idle_rss(hub, trainers)
+        async with self.baseline("fanout", "rss") as bare:
+            theirs = await self._idle_rss(bare, trainers)
+        self.log(
+            f"  RSS per idle trainer: kernelhub {mine['per_trainer_kib']:.1f} KiB "
+            f"(connected in {mine['connect_seconds']:.1f} s), "
+            f"bare {theirs['per_trainer_kib']:.1f} KiB ({theirs['connect_seconds']:.1f} s)"
+        )
+        return {"kernelhub": mine, "baseline": theirs}
+
+    async def _idle_rss(self, server: Server, trainers: int) -> dict[str, Any]:
+        """The server's RSS growth while `trainers` idle trainers are connected, per trainer."""
+        before = await settled_rss(server.pid)
+        measured: dict[str, Any] = {}
+
+        async def on_connected(message: dict[str, Any]) -> None:
+            measured["rss"] = await settled_rss(server.pid)
+
+        params = {"trainers": trainers, "per_channel": 50}
+        load = await self.load("idle", server, params, trainers / 5 + 120, on_connected)
+        if "rss" not in measured:
+            raise RunError("the idle load never reported its trainers connected")
+        return {
+            "rss_before": before,
+            "rss_after": measured["rss"],
+            "per_trainer_kib": (measured["rss"] - before) / trainers / 1024,
+            **load,
+        }
+
+    async def replay(self, replays: int) -> dict[str, Any]:
+        count = self.sizes.replay_count
+        params = {"count": count, "replays": replays}
+        deadline = count / 300 + replays * count / 5000 + 120
+        async with self.hub(2, "replay") as hub:
+            mine = await self.load("replay", hub, params, deadline)
+        async with self.baseline("fanout", "replay", "--keep-log") as bare:
+            theirs = await self.load("replay", bare, params, deadline)
+        self.log(
+            f"  replay of {count:,}: kernelhub {mine['rate']:,.0f} events/s, "
+            f"bare {theirs['rate']:,.0f} events/s"
+        )
+        return {"kernelhub": mine, "baseline": theirs}
+
+
+def _cores(result: dict[str, Any]) -> str:
+    return "/".join(
+        f"{result.get(k, 0.0):.2f}" for k in ("server_cores", "client_cores", "other_cores")
+    )
+
+
+async def settled_rss(pid: int, quiet_cores: float = 0.05, timeout: float = 30.0) -> int:
+    """The process's RSS once it has been idle (under `quiet_cores` of CPU) for half a second."""
+    process = psutil.Process(pid)
+
+    def cpu() -> float:
+        times = process.cpu_times()
+        return float(times.user + times.system)
+
+    until = time.monotonic() + timeout
+    last = cpu()
+    while time.monotonic() < until:
+        await asyncio.sleep(0.5)
+        now = cpu()
+        if (now - last) / 0.5 < quiet_cores:
+            break
+        last = now
+    return int(process.memory_info().rss)
+
+
+# --- the whole run ------------------------------------------------------------------
+
+
+async def run(
+    sizes: Sizes,
+    repeat: int,
+    scenarios: list[str],
+    workdir: Path,
+    profile_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every scenario `repeat` times (the replay: one seeding, `repeat` reconnections),
+    kernelhub and its baseline back to back each time. Returns the raw per-run results."""
+    runner = Runner(sizes, workdir, profile_dir, log)
+    # SIGTERM and SIGHUP cancel the run like Ctrl-C does, so every child is stopped on the way out.
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    if task is not None:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, task.cancel)
+    raw: dict[str, Any] = {"ingest": [], "fanout": {}, "latency": [], "rss": [], "replay": None}
+    started = time.monotonic()
+    for index in range(repeat):
+        log(f"run {index + 1} of {repeat}")
+        if "ingest" in scenarios:
+            raw["ingest"].append(await runner.ingest())
+        if "fanout" in scenarios:
+            for receivers in sizes.fanout_receivers:
+                raw["fanout"].setdefault(str(receivers), []).append(await runner.fanout(receivers))
+        if "latency" in scenarios:
+            raw["latency"].append(await runner.latency())
+        if "rss" in scenarios:
+            raw["rss"].append(await runner.rss())
+    if "replay" in scenarios:
+        raw["replay"] = await runner.replay(repeat)
+    raw["seconds"] = time.monotonic() - started
+    raw["sizes"] = asdict(sizes)
+    raw["profiles"] = runner.profiles
+    return raw
+
+
+def other_cores(raw: Any) -> list[float]:
+    """Every measured interval's CPU taken by other work on the machine, in cores."""
+    if isinstance(raw, dict):
+        found = [float(raw["other_cores"])] if "other_cores" in raw else []
+        return found + [x for v in raw.values() for x in other_cores(v)]
+    if isinstance(raw, list):
+        return [x for v in raw for x in other_cores(v)]
+    return []
+
+
+def summarize(raw: dict[str, Any], sizes: Sizes) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Medians over the runs, the ratios and the targets: (figures, latency sweep)."""
+    figures: list[dict[str, Any]] = []
+
+    def add(
+        key: str,
+        figure: str,
+        unit: str,
+        mine: list[float],
+        theirs: list[float],
+        baseline: str,
+        target: tuple[str, float] | None = None,
+    ) -> None:
+        value, base = median(mine), median(theirs)
+        # Each run measures kernelhub and its baseline back to back, under the same other
+        # load on the machine: the ratio is the median of those paired ratios.
+        ratio = median([m / t for m, t in zip(mine, theirs, strict=True) if t])
+        met: bool | None = None
+        text = "-"
+        if target is not None:
+            kind, limit = target
+            if kind == "ratio_min":
+                met, text = ratio >= limit, f">= {limit:g}x baseline"
+            elif kind == "max":
+                met, text = value <= limit, f"<= {limit:g} {unit}"
+            else:
+                met, text = value >= limit, f">= {limit:,.0f} {unit}"
+        figures.append(
+            {
+                "key": key,
+                "figure": figure,
+                "unit": unit,
+                "kernelhub": value,
+                "baseline": base,
+                "baseline_name": baseline,
+                "ratio": ratio,
+                "target": text,
+                "met": met,
+                "runs": {"kernelhub": mine, "baseline": theirs},
+            }
+        )
+
+    if raw["ingest"]:
+        runs = raw["ingest"]
+        hub = [r["kernelhub"]["rate"] for r in runs]
+        add(
+            "ingest",
+            "durable ingest, 1 stream (receipt after commit)",
+            "shares/s",
+            hub,
+            [r["oneway"]["rate"] for r in runs],
+            "raw one-way gRPC ingest",
+            ("ratio_min", 0.6),
+        )
+        add(
+            "ingest_vs_sqlite",
+            f"durable ingest vs raw SQLite executemany (batches of {sizes.sqlite_batch})",
+            "shares/s",
+            hub,
+            [r["sqlite"]["rate"] for r in runs],
+            "raw SQLite executemany",
+        )
+    for receivers, runs in raw["fanout"].items():
+        add(
+            f"fanout_{receivers}",
+            f"fan-out to N={receivers} trainers",
+            "events/s",
+            [r["kernelhub"]["rate"] for r in runs],
+            [r["baseline"]["rate"] for r in runs],
+            "bare grpc.aio fan-out",
+            ("ratio_min", 0.5),
+        )
+    sweep: dict[str, Any] = {}
+    if raw["latency"]:
+        runs = raw["latency"]
+        receivers = sizes.latency_receivers
+        fractions = list(sizes.latency_fractions)
+        half = fractions.index(0.5)
+
+        def point(side: str, i: int, field_name: str) -> list[float]:
+            return [r[side]["points"][i][field_name] for r in runs]
+
+        max_rate = median([r["kernelhub"]["max_shares_per_s"] for r in runs])
+        label = f"at 50% of max load ({0.5 * max_rate:,.0f} shares/s), N={receivers}"
+        add(
+            "latency_p50",
+            f"share->delivery p50 {label}",
+            "ms",
+            point("kernelhub", half, "p50_ms"),
+            point("baseline", half, "p50_ms"),
+            "bare grpc.aio fan-out, same load",
+        )
+        add(
+            "latency_p99",
+            f"share->delivery p99 {label}",
+            "ms",
+            point("kernelhub", half, "p99_ms"),
+            point("baseline", half, "p99_ms"),
+            "bare grpc.aio fan-out, same load",
+            ("max", 10.0),
+        )
+        sweep = {
+            "receivers": receivers,
+            "max_shares_per_s": max_rate,
+            "points": [
+                {
+                    "fraction": f,
+                    "offered_shares_per_s": median(point("kernelhub", i, "offered_shares_per_s")),
+                    "offered_deliveries_per_s": median(
+                        point("kernelhub", i, "offered_deliveries_per_s")
+                    ),
+                    "kernelhub_p50_ms": median(point("kernelhub", i, "p50_ms")),
+                    "kernelhub_p99_ms": median(point("kernelhub", i, "p99_ms")),
+                    "baseline_p50_ms": median(point("baseline", i, "p50_ms")),
+                    "baseline_p99_ms": median(point("baseline", i, "p99_ms")),
+                    "other_cores": median(
+                        point("kernelhub", i, "other_cores") + point("baseline", i, "other_cores")
+                    ),
+                }
+                for i, f in enumerate(fractions)
+            ],
+        }
+    if raw["rss"]:
+        runs = raw["rss"]
+        add(
+            "rss_per_trainer",
+            f"hub RSS per idle connected trainer, {sizes.idle_trainers:,} connected",
+            "KiB",
+            [r["kernelhub"]["per_trainer_kib"] for r in runs],
+            [r["baseline"]["per_trainer_kib"] for r in runs],
+            "bare grpc.aio server",
+            ("max", 64.0),
+        )
+        add(
+            "connect_idle",
+            f"time to connect {sizes.idle_trainers:,} trainers (hello -> welcome, 50 at a time)",
+            "s",
+            [r["kernelhub"]["connect_seconds"] for r in runs],
+            [r["baseline"]["connect_seconds"] for r in runs],
+            "bare grpc.aio server",
+        )
+    if raw["replay"]:
+        replay = raw["replay"]
+        add(
+            "replay",
+            f"replay of {sizes.replay_count:,} missed events to a reconnecting trainer",
+            "events/s",
+            [r["rate"] for r in replay["kernelhub"]["runs"]],
+            [r["rate"] for r in replay["baseline"]["runs"]],
+            "bare in-memory replay",
+            ("min", 50_000.0),
+        )
+    return figures, sweep
