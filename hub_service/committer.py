@@ -8,6 +8,8 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+import grpc
+
 from .commands import Command, Outcome
 from .errors import HubError, unavailable
 from .store import HubStore
@@ -29,11 +31,14 @@ class GroupCommitter:
         self,
         store: HubStore,
         on_commit: Callable[[Outcome], None],
+        on_failure: Callable[[], None] = lambda: None,
         batch_size: int = 512,
         queue_size: int = 8192,
     ) -> None:
         self._store = store
         self._on_commit = on_commit
+        self._on_failure = on_failure
+        self._inflight: list[_Item] = []
         self._batch_size = batch_size
         self._queue: asyncio.Queue[_Item] = asyncio.Queue(queue_size)
         self._task: asyncio.Task[None] | None = None
@@ -48,6 +53,8 @@ class GroupCommitter:
             raise unavailable("the hub is shutting down; reconnect and resend")
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         await self._queue.put((command, future))
+        if self._closed and (self._task is None or self._task.done()):
+            future.set_exception(unavailable("the hub shut down before committing this"))
         return future
 
     async def submit(self, command: Command) -> Outcome:
@@ -58,11 +65,18 @@ class GroupCommitter:
             batch = [await self._queue.get()]
             while len(batch) < self._batch_size and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            self._inflight = batch
             try:
                 results: list[Outcome | HubError] = await self._store.commit([c for c, _ in batch])
             except Exception as exc:  # the store could not even run the batch
                 log.exception("group commit failed")
                 results = [unavailable(f"commit failed: {exc}")] * len(batch)
+            if any(
+                isinstance(r, HubError) and r.code == grpc.StatusCode.UNAVAILABLE for r in results
+            ):
+                # A failed COMMIT may still have been applied: never trust the live feed
+                # to have carried every event after one.
+                self._on_failure()
             for (_, future), result in zip(batch, results, strict=True):
                 if isinstance(result, Outcome):
                     try:
@@ -73,6 +87,7 @@ class GroupCommitter:
                         future.set_result(result)
                 elif not future.done():
                     future.set_exception(result)
+            self._inflight = []
             for _ in batch:
                 self._queue.task_done()
 
@@ -85,7 +100,10 @@ class GroupCommitter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        while not self._queue.empty():  # only if the timeout struck
-            _, future = self._queue.get_nowait()
+        # Only if the timeout struck: the batch being committed and what is still queued.
+        leftovers = list(self._inflight)
+        while not self._queue.empty():
+            leftovers.append(self._queue.get_nowait())
+        for _, future in leftovers:
             if not future.done():
                 future.set_exception(unavailable("the hub shut down before committing this"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -28,6 +29,7 @@ from .store import HubStore
 log = logging.getLogger(__name__)
 
 RESPONSE_BYTES = 1024 * 1024
+LOG_RETRY_SECONDS = 0.5
 
 
 class Connection:
@@ -58,6 +60,8 @@ class Connection:
         # The highest seq queued or sent: nothing at or below it is sent again.
         self.cursor = hello.resume_after_seq
         self.catching_up = True
+        self._joining: list[pb.HubEvent] | None = None  # published during a log read
+        self._retry_at = 0.0  # when the event log may be read again after a failure
         self.fell_behind = 0  # times the live queue overflowed
         self._events: deque[pb.HubEvent] = deque()
         self._receipts: list[pb.Receipt] = []
@@ -71,7 +75,16 @@ class Connection:
     # --- called by the router and the reader ---------------------------------
 
     def offer(self, event: pb.HubEvent) -> None:
-        if self.catching_up or event.seq <= self.cursor:
+        if event.seq <= self.cursor:
+            return
+        if self.catching_up:
+            # Reading the log: keep what is published meanwhile (bounded), so the read can
+            # hand over to the live feed without a gap however busy the hub is.
+            if self._joining is not None:
+                if len(self._joining) < self._queue_size:
+                    self._joining.append(event)
+                else:
+                    self._joining = None  # too much: read the log once more
             return
         if len(self._events) >= self._queue_size:
             self.catching_up = True  # the log has it; read it back when the queue drains
@@ -142,12 +155,19 @@ class Connection:
     ) -> None:
         await write(pb.ConnectResponse(welcome=welcome))
         while not (self.ended.is_set() or self._stopping):
-            if self.catching_up and not self._events:
-                await self._read_back()
+            if self.catching_up and not self._events and time.monotonic() >= self._retry_at:
+                try:
+                    await self._read_back()
+                except HubError as error:
+                    # The log is unreadable for now (database down): keep the stream, keep
+                    # answering, and try again shortly.
+                    log.debug("%s: cannot read the event log: %s", self.agent_id, error.message)
+                    self._retry_at = time.monotonic() + LOG_RETRY_SECONDS
             if not (self._events or self._receipts or self._errors or self._sync):
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                    # Catching up wakes itself soon: offers are not signalled while it reads.
+                    await asyncio.wait_for(self._wake.wait(), 0.05 if self.catching_up else 1.0)
                 continue
             await self._flush(write)
 
@@ -174,15 +194,33 @@ class Connection:
         if self._unanswered == 0:
             self._all_answered.set()
 
+    def resync(self) -> None:
+        """Distrust the live feed (a commit's outcome is unknown): read the log again."""
+        self.catching_up = True
+        self._joining = None
+        self._wake.set()
+
     async def _read_back(self) -> None:
-        """Fill the queue from the event log; rejoin the live feed once level with it."""
-        published = self._router.last_published_seq
-        events = await self._store.events_for(self.agent_id, self.cursor, self._replay_page)
+        """Fill the queue from the event log; rejoin the live feed once level with it.
+
+        Everything published before the read began was committed before it, so the read
+        sees it; everything published during the read was kept in `_joining`. Together
+        they leave no gap, and `cursor` drops what both hold.
+        """
+        self._joining = []
+        try:
+            events = await self._store.events_for(self.agent_id, self.cursor, self._replay_page)
+        except BaseException:
+            self._joining = None
+            raise
+        joining, self._joining = self._joining, None
         for event in events:
             if event.seq > self.cursor:
                 self._events.append(event)
                 self.cursor = event.seq
-        if len(events) < self._replay_page and self._router.last_published_seq == published:
-            # Every event up to `published` was committed before the read, so the
-            # read saw all of them; anything later will be offered live.
+        if not events.more and joining is not None:
+            for event in joining:
+                if event.seq > self.cursor:
+                    self._events.append(event)
+                    self.cursor = event.seq
             self.catching_up = False

@@ -44,6 +44,12 @@ class Router:
     def __len__(self) -> int:
         return len(self._connections)
 
+    def resync(self) -> None:
+        """A commit failed in a way that may still have committed: every connection reads
+        the log again rather than trust that it saw every event."""
+        for connection in self._connections.values():
+            connection.resync()
+
     def publish(self, outcome: Outcome) -> None:
         for routed in outcome.events:
             event = routed.event

@@ -42,6 +42,7 @@ class HubServer:
         self.committer = GroupCommitter(
             self.store,
             self.router.publish,
+            on_failure=self.router.resync,
             batch_size=config.commit_batch_size,
             queue_size=config.commit_queue_size,
         )

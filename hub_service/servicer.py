@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeAlias, TypeVar
 
@@ -26,7 +27,7 @@ from . import commands as cmd
 from .auth import current_agent, current_token_hash
 from .collaboration import Step
 from .committer import GroupCommitter
-from .complementarity import Candidate, opportunities
+from .complementarity import Candidate, complement, opportunities
 from .config import HubConfig
 from .connection import Connection
 from .errors import HubError, failed_precondition, invalid, not_found, permission_denied
@@ -47,6 +48,16 @@ _SHARES = {
     "share_code_component": (pb.ARTIFACT_KIND_CODE_COMPONENT, "code_component"),
     "share_os_component": (pb.ARTIFACT_KIND_OS_COMPONENT, "os_component"),
 }
+
+
+# Agents listed in a training sync, in all and per specialization (for opportunities).
+ROSTER_SIZE = 32
+
+
+@dataclass
+class Roster:
+    active: list[pb.AgentInfo] = field(default_factory=list)
+    by_specialization: dict[int, list[Candidate]] = field(default_factory=dict)
 
 
 def to_command(agent_id: str, request: pb.ConnectRequest, kind: str) -> cmd.Command:
@@ -117,6 +128,7 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         self._committer = committer
         self._router = router
         self._draining = False
+        self._teardowns: set[asyncio.Task[None]] = set()  # referenced until done
         # Per agent, so reconnecting does not refill the bucket; one small object per agent.
         self._buckets: dict[str, TokenBucket] = {}
 
@@ -149,6 +161,7 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         )
         if hello.skip_history:
             connection.cursor = max(connection.cursor, self._router.last_published_seq)
+        start = connection.cursor  # with skip_history, nothing at or below this is sent
         superseded = self._router.attach(connection)
         if superseded is not None:
             superseded.end(
@@ -161,7 +174,7 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
             await self._committer.submit(cmd.AgentOnline(agent_id, hello))
             welcome = pb.Welcome(
                 agent_id=agent_id,
-                head_seq=self._router.last_published_seq,
+                head_seq=start if hello.skip_history else self._router.last_published_seq,
                 training_sync_interval_seconds=self._config.training_sync_interval,
                 hub_version=__version__,
             )
@@ -181,18 +194,34 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         except HubError as error:
             connection.end(error.code, error.message)
         finally:
-            if reader is not None:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await reader
-            if sender is not None:
-                await self._stop_sender(connection, sender)
-            if self._router.detach(connection):
-                with contextlib.suppress(HubError):
-                    await self._committer.submit(cmd.AgentOffline(agent_id))
-            log.info("%s disconnected", agent_id)
+            # Its own task: a client that cancels the RPC cancels this handler, and
+            # teardown must still detach the connection and mark the agent offline.
+            teardown = asyncio.create_task(self._teardown(connection, reader, sender))
+            self._teardowns.add(teardown)
+            teardown.add_done_callback(self._teardowns.discard)
+            await asyncio.shield(teardown)
         if connection.end_status is not None:
             await context.abort(*connection.end_status)
+
+    async def _teardown(
+        self,
+        connection: Connection,
+        reader: asyncio.Task[None] | None,
+        sender: asyncio.Task[None] | None,
+    ) -> None:
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+        if sender is not None:
+            await self._stop_sender(connection, sender)
+        if self._router.detach(connection):
+            with contextlib.suppress(HubError, TimeoutError):
+                await asyncio.wait_for(
+                    self._committer.submit(cmd.AgentOffline(connection.agent_id)),
+                    self._config.shutdown_grace,
+                )
+        log.info("%s disconnected", connection.agent_id)
 
     @staticmethod
     async def _stop_sender(connection: Connection, sender: asyncio.Task[None]) -> None:
@@ -203,10 +232,10 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         only a sender stuck behind a peer that does not read.
         """
         connection.stop_sending()
-        try:
-            await asyncio.wait_for(asyncio.shield(sender), timeout=1.0)
-        except TimeoutError:
+        done, _ = await asyncio.wait([sender], timeout=1.0)
+        if not done:
             sender.cancel()
+        # Whatever ended it (a write to a peer that vanished raises), teardown goes on.
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await sender
 
@@ -290,29 +319,47 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
 
     # --- training sync ----------------------------------------------------------
 
+    def _roster(self) -> Roster:
+        """Who is online, sampled once per sync round: at most ROSTER_SIZE agents in all and
+        per specialization, so a round costs O(connections), not O(connections^2)."""
+        roster = Roster()
+        for c in self._router.connections():
+            spec = c.hello.specialization
+            if len(roster.active) < ROSTER_SIZE:
+                roster.active.append(
+                    pb.AgentInfo(
+                        agent_id=c.agent_id,
+                        specialization=spec,
+                        capabilities=c.hello.capabilities,
+                        version=c.hello.version,
+                        online=True,
+                    )
+                )
+            peers = roster.by_specialization.setdefault(spec, [])
+            if len(peers) < ROSTER_SIZE:
+                peers.append(Candidate(c.agent_id, spec))
+        return roster
+
     async def training_sync(
-        self, connection: Connection, knowledge_base: pb.KnowledgeBaseSummary | None = None
+        self,
+        connection: Connection,
+        knowledge_base: pb.KnowledgeBaseSummary | None = None,
+        roster: Roster | None = None,
     ) -> pb.TrainingSync:
         """What `connection`'s agent should know: who is active, whom to pair with, the KB."""
         if knowledge_base is None:
             knowledge_base = await self._store.knowledge_base(recent=5)
-        others = [c for c in self._router.connections() if c.agent_id != connection.agent_id]
+        roster = roster or self._roster()
+        me, my_spec = connection.agent_id, connection.hello.specialization
+        candidates = [
+            c
+            for spec, peers in roster.by_specialization.items()
+            if complement(my_spec, spec) is not None
+            for c in peers
+        ]
         sync = pb.TrainingSync(
-            active_agents=[
-                pb.AgentInfo(
-                    agent_id=c.agent_id,
-                    specialization=c.hello.specialization,
-                    capabilities=c.hello.capabilities,
-                    version=c.hello.version,
-                    online=True,
-                )
-                for c in others
-            ],
-            opportunities=opportunities(
-                connection.agent_id,
-                connection.hello.specialization,
-                (Candidate(c.agent_id, c.hello.specialization) for c in others),
-            ),
+            active_agents=[a for a in roster.active if a.agent_id != me],
+            opportunities=opportunities(me, my_spec, candidates),
             knowledge_base=knowledge_base,
         )
         sync.create_time.GetCurrentTime()
@@ -320,8 +367,11 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
 
     async def broadcast_training_sync(self) -> None:
         knowledge_base = await self._store.knowledge_base(recent=5)
-        for connection in self._router.connections():
-            connection.send_sync(await self.training_sync(connection, knowledge_base))
+        roster = self._roster()
+        for i, connection in enumerate(self._router.connections()):
+            connection.send_sync(await self.training_sync(connection, knowledge_base, roster))
+            if i % 100 == 99:
+                await asyncio.sleep(0)  # let streams run between chunks of a big round
 
     # --- shutdown ---------------------------------------------------------------
 

@@ -57,6 +57,12 @@ class IssuedToken:
     expires_at: datetime | None
 
 
+class EventPage(list[pb.HubEvent]):
+    """Events in seq order; `more` says whether the log holds more after the last one."""
+
+    more: bool = False
+
+
 @dataclass(frozen=True)
 class Page:
     """One page of a List query: the rows as protos and the cursor of the next page."""
@@ -71,7 +77,7 @@ class HubStore(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def commit(self, commands: Sequence[Command]) -> list[Outcome | HubError]: ...
-    async def events_for(self, agent_id: str, after_seq: int, limit: int) -> list[pb.HubEvent]: ...
+    async def events_for(self, agent_id: str, after_seq: int, limit: int) -> EventPage: ...
     async def head_seq(self) -> int: ...
     async def authenticate(self, token: str) -> str | None: ...
     async def issue_token(self, agent_id: str, ttl: timedelta | None = None) -> IssuedToken: ...
@@ -255,7 +261,7 @@ class SqlStore:
     async def head_seq(self) -> int:
         return await self._read(lambda s: int(s.exec(select(func.max(EventRow.seq))).one() or 0))
 
-    async def events_for(self, agent_id: str, after_seq: int, limit: int) -> list[pb.HubEvent]:
+    async def events_for(self, agent_id: str, after_seq: int, limit: int) -> EventPage:
         """The events after `after_seq` that `agent_id` is entitled to, oldest first."""
         direct = exists().where(
             col(EventRecipientRow.seq) == col(EventRow.seq),
@@ -268,10 +274,17 @@ class SqlStore:
                 or_(col(EventRow.broadcast) & (EventRow.sender_id != agent_id), direct),
             )
             .order_by(col(EventRow.seq))
-            .limit(limit)
+            .limit(limit + 1)
         )
         bodies = await self._read(lambda s: s.exec(query).all())
-        return [pb.HubEvent.FromString(body) for body in bodies]
+        events, size = EventPage(), 0
+        for body in bodies[:limit]:  # a page also ends at PAGE_BYTES: events reach ~100 KiB
+            size += len(body)
+            if events and size > PAGE_BYTES:
+                break
+            events.append(pb.HubEvent.FromString(body))
+        events.more = len(events) < len(bodies)
+        return events
 
     # --- tokens -------------------------------------------------------------
 

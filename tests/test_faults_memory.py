@@ -84,7 +84,8 @@ async def test_stalled_reader_costs_bounded_memory(tmp_path: Path) -> None:
         print(
             f"backlog added {later_backlog / 2**20:.0f} MiB; hub RSS grew {growth / 2**20:.1f} MiB"
         )
-        assert growth < later_backlog / 3, "the hub must not hold the stalled consumer's backlog"
+        # Seen: ~5-9 MiB bounded, ~50 MiB with an unbounded queue; half the backlog separates them.
+        assert growth < later_backlog / 2, "the hub must not hold the stalled consumer's backlog"
 
         # Reading again, it gets every share, once each, in order.
         last_seq = max(r.seq for r in finals)

@@ -1292,7 +1292,9 @@ class Welcome(_message.Message):
     """The agent the token belongs to."""
     head_seq: _builtins.int
     """The highest `seq` in the event log when the session opened; replayed
-    events go up to at least here before live ones follow.
+    events go up to at least here before live ones follow. With
+    `skip_history`, the seq the hub started after: every later event you are
+    entitled to is sent.
     """
     training_sync_interval_seconds: _builtins.float
     """How often training syncs will arrive, in seconds (0: only on connect)."""
@@ -1632,7 +1634,7 @@ class TrainingSync(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def active_agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentInfo]:
-        """Agents online now, other than you."""
+        """Agents online now, other than you (up to 32; ListAgents pages through all)."""
 
     @_builtins.property
     def opportunities(self) -> _containers.RepeatedCompositeFieldContainer[Global___CollaborationOpportunity]:
