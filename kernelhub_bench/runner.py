@@ -186,6 +186,28 @@ def child_env() -> dict[str, str]:
     return env
 
 
+async def issue_tokens(db: Path, agents: list[str], out: Path, env: dict[str, str]) -> None:
+    """`kernelhub-hub token issue` for every agent, into `out` (`agent token` lines)."""
+    argv = [PYTHON, "-m", "hub_service", "token", "issue", *agents, "--db", str(db)]
+    await run_to_end([*argv, "--out", str(out)], env, timeout=300)
+
+
+def hub_argv(db: Path, port: int) -> list[str]:
+    """`kernelhub-hub serve` on loopback (port 0: any free port, printed when ready)."""
+    return [
+        PYTHON,
+        "-m",
+        "hub_service",
+        "serve",
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(port),
+        "--db",
+        str(db),
+    ]
+
+
 @dataclass
 class Server:
     """A server under test: the hub or a baseline."""
@@ -229,36 +251,10 @@ class Runner:
         db = self.workdir / f"{name}.db"
         tokens = self.workdir / f"{name}.tokens"
         agent_ids = [f"bench_{i:05d}" for i in range(agents)]
-        await run_to_end(
-            [
-                PYTHON,
-                "-m",
-                "hub_service",
-                "token",
-                "issue",
-                *agent_ids,
-                "--db",
-                str(db),
-                "--out",
-                str(tokens),
-            ],
-            self.env(),
-            timeout=120,
-        )
+        await issue_tokens(db, agent_ids, tokens, self.env())
         child = Child(
             name,
-            [
-                PYTHON,
-                "-m",
-                "hub_service",
-                "serve",
-                "--host",
-                LOOPBACK,
-                "--port",
-                "0",
-                "--db",
-                str(db),
-            ],
+            hub_argv(db, 0),
             self.workdir,
             self.env(),
         )

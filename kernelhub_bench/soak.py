@@ -25,7 +25,7 @@ from trainer_service.client import HubClient
 from trainer_service.errors import HubError
 
 from .common import LOOPBACK, read_tokens
-from .runner import HUB_READY, PYTHON, Child, child_env, run_to_end
+from .runner import HUB_READY, Child, child_env, hub_argv, issue_tokens
 
 
 @dataclass
@@ -105,34 +105,8 @@ async def soak(
         env = child_env()
         db, tokens_file, port = workdir / "soak.db", workdir / "tokens", _free_port()
         agents = [f"soak_{i:04d}" for i in range(trainers)]
-        await run_to_end(
-            [
-                PYTHON,
-                "-m",
-                "hub_service",
-                "token",
-                "issue",
-                *agents,
-                "--db",
-                str(db),
-                "--out",
-                str(tokens_file),
-            ],
-            env,
-            timeout=300,
-        )
-        argv = [
-            PYTHON,
-            "-m",
-            "hub_service",
-            "serve",
-            "--host",
-            LOOPBACK,
-            "--port",
-            str(port),
-            "--db",
-            str(db),
-        ]
+        await issue_tokens(db, agents, tokens_file, env)
+        argv = hub_argv(db, port)
         restarts = 0
         hub = Child("hub-0", argv, workdir, env)
         await hub.start()
