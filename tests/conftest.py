@@ -24,6 +24,10 @@ from hub_service.server import HubServer
 POSTGRES_URL = os.environ.get(
     "KERNELHUB_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
+# Every message kind a trainer may send after Hello, in the contract's order.
+KINDS = [
+    f.name for f in pb.ConnectRequest.DESCRIPTOR.oneofs_by_name["body"].fields if f.name != "hello"
+]
 EOF: Any = grpc.aio.EOF  # missing from grpc-stubs
 WAIT = 10.0  # seconds any single expected message may take on a loaded 2-core machine
 

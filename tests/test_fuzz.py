@@ -43,7 +43,7 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 from generated.kernelhub.v1 import hub_pb2_grpc
 from hub_service import paging
 
-from .conftest import EOF, WAIT, HubHarness, RawTrainer, async_stub, auth, hello, pattern
+from .conftest import EOF, KINDS, WAIT, HubHarness, RawTrainer, async_stub, auth, hello, pattern
 
 ROOT = Path(__file__).resolve().parents[1]
 # Seconds a call may take before it counts as a hang. Every call here takes well under a
@@ -61,18 +61,6 @@ WIRE_AGENTS = [f"fuzz_wire_{i:02d}" for i in range(4)]
 FINAL_AGENT = "fuzz_final"
 ALL_AGENTS = [*SEQUENCE_AGENTS, *HELLO_AGENTS, *WIRE_AGENTS, FINAL_AGENT]
 
-KINDS = [
-    "share_pattern",
-    "share_code_component",
-    "share_os_component",
-    "request_feature",
-    "deliver_feature",
-    "propose_collaboration",
-    "accept_collaboration",
-    "decline_collaboration",
-    "report_collaboration_progress",
-    "complete_collaboration",
-]
 SESSION_KINDS = KINDS[6:]
 # Codes a RequestError may carry: the hub refused the message for a reason it names.
 REFUSALS = {

@@ -18,7 +18,7 @@ from hub_service import paging
 from hub_service.errors import HubError
 from hub_service.validation import Limits, validate
 
-from .conftest import WAIT, HubHarness, auth, code_component, hello, os_component, pattern
+from .conftest import KINDS, WAIT, HubHarness, auth, code_component, hello, os_component, pattern
 
 INVALID_ARGUMENT, FAILED_PRECONDITION = 3, 9
 KIB64 = 64 * 1024
@@ -62,20 +62,6 @@ def good(kind: str) -> Message:
         ),
     }
     return bodies[kind]()
-
-
-KINDS = [
-    "share_pattern",
-    "share_code_component",
-    "share_os_component",
-    "request_feature",
-    "deliver_feature",
-    "propose_collaboration",
-    "accept_collaboration",
-    "decline_collaboration",
-    "report_collaboration_progress",
-    "complete_collaboration",
-]
 
 
 def setter(path: str, value: Any) -> Callable[[Any], object]:
