@@ -1,27 +1,36 @@
-"""Human durations on the command line: 30s, 5m, 1h, 7d, or plain seconds."""
+"""Human durations on the command line: 30s, 5m, 1h, 7d, 1m30s, 250ms, or plain seconds.
+
+One parser for every command (hub, trainer, bench)."""
 
 from __future__ import annotations
 
 import argparse
+import re
 
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|[dhms])")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in `text`; raises argparse.ArgumentTypeError with the accepted forms."""
+    """Seconds in `text` (zero allowed); argparse.ArgumentTypeError names the accepted forms."""
     value = text.strip().lower()
-    for unit in sorted(_UNITS, key=len, reverse=True):
-        if value.endswith(unit):
-            number, scale = value[: -len(unit)], _UNITS[unit]
-            break
-    else:
-        number, scale = value, 1
     try:
-        seconds = float(number) * scale
+        seconds = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a duration (use e.g. 30s, 5m, 1h, 7d or seconds)"
-        ) from None
-    if seconds < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a duration cannot be negative")
+        parts = _PART.findall(value)
+        if not parts or "".join(n + u for n, u in parts) != value:
+            raise argparse.ArgumentTypeError(
+                f"invalid duration {text!r}; use e.g. 30s, 5m, 1h, 7d, 1m30s or plain seconds"
+            ) from None
+        seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"a duration must be finite and not negative: {text!r}")
+    return seconds
+
+
+def positive_duration(text: str) -> float:
+    """Like parse_duration, for things that must take some time (a run, a pause)."""
+    seconds = parse_duration(text)
+    if seconds == 0:
+        raise argparse.ArgumentTypeError(f"duration must be positive, got {text!r}")
     return seconds

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +21,7 @@ import grpc
 from rich.console import Console
 from rich.logging import RichHandler
 
+from hub_service.durations import positive_duration
 from trainer_service import __version__
 from trainer_service.behavior import Behavior, load_behavior
 from trainer_service.capabilities import SPECIALIZATION_NAMES, parse_specialization
@@ -47,30 +47,9 @@ HUB_ENV: Final = "KERNELHUB_HUB"
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMAT: Final = "%(asctime)s - %(agent_id)s - %(levelname)s - %(message)s"
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([hms])")
-_UNIT_SECONDS: Final = {"h": 3600.0, "m": 60.0, "s": 1.0}
-
 
 class UsageError(Exception):
     """Bad input discovered after parsing (unreadable token file, ...): exit 2."""
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from "90", "30s", "5m", "1h" or "1m30s"."""
-    value = text.strip().lower()
-    seconds: float
-    try:
-        seconds = float(value)
-    except ValueError:
-        parts = _DURATION_PART.findall(value)
-        if not parts or "".join(n + u for n, u in parts) != value:
-            raise argparse.ArgumentTypeError(
-                f"invalid duration {text!r}; use e.g. 30s, 5m, 1h or plain seconds"
-            ) from None
-        seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
-    if not 0 < seconds < float("inf"):
-        raise argparse.ArgumentTypeError(f"duration must be positive, got {text!r}")
-    return seconds
 
 
 def _positive_float(text: str) -> float:
@@ -180,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sub: argparse.ArgumentParser, default_duration: str) -> None:
         sub.add_argument(
             "--duration",
-            type=parse_duration,
-            default=parse_duration(default_duration),
+            type=positive_duration,
+            default=positive_duration(default_duration),
             help=f"how long to train: 30s, 5m, 1h or seconds (default {default_duration})",
         )
         sub.add_argument("--seed", type=int, default=0, help="seed for every random choice")
