@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import func, or_, update
 from sqlmodel import Session, SQLModel, col, select
 
@@ -66,6 +67,8 @@ class Tx:
     ) -> None:
         self.session = session
         self.now = now
+        self.now_pb = Timestamp()  # converted once: every event and artifact of the batch has it
+        self.now_pb.FromDatetime(now)
         self.policy = policy
         self._next_seq = next_seq
         # Append-only rows (events, artifacts, ...), inserted in bulk just before the commit:
@@ -83,7 +86,7 @@ class Tx:
         """Append an event to the log; it is routed only after the commit."""
         seq = self._next_seq()
         event = pb.HubEvent(seq=seq, sender_id=sender, **body)
-        event.create_time.FromDatetime(self.now)
+        event.create_time.CopyFrom(self.now_pb)
         self.append(
             EventRow,
             seq=seq,
@@ -102,7 +105,7 @@ class Tx:
         """Give an artifact its hub-assigned id, contributor and time."""
         artifact.artifact_id = new_id("art")
         artifact.contributor_id = contributor
-        artifact.create_time.FromDatetime(self.now)
+        artifact.create_time.CopyFrom(self.now_pb)
         return artifact
 
     def store_artifact(self, outcome: Outcome, sender: str, artifact: pb.Artifact) -> str:
@@ -255,7 +258,7 @@ class RequestFeature:
             description=self.request.description,
             routed_to=routed,
         )
-        info.create_time.FromDatetime(tx.now)
+        info.create_time.CopyFrom(tx.now_pb)
         outcome = Outcome(resource_id=info.request_id)
         recipients = frozenset(routed) if routed else None
         seq = tx.emit(

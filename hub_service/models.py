@@ -3,7 +3,7 @@ columns that queries filter on, so a row is served without re-assembling it."""
 
 from __future__ import annotations
 
-import os
+import random
 import threading
 import time
 from datetime import UTC, datetime
@@ -29,9 +29,11 @@ def new_id(prefix: str) -> str:
     also several times faster than random UUIDs."""
     global _last_id
     with _id_lock:
-        ms, low = time.time_ns() // 1_000_000, int.from_bytes(os.urandom(8)) >> 1
+        ms = time.time_ns() // 1_000_000
         if ms <= _last_id[0]:
             ms, low = _last_id[0], _last_id[1] + 1
+        else:  # ids are not secrets: no system call (it would let go of the GIL) per id
+            low = random.getrandbits(63)
         _last_id = (ms, low)
     return f"{prefix}_{ms:012x}{low:016x}"
 

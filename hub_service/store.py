@@ -18,13 +18,14 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 import grpc
-from sqlalchemy import Engine, event, exists, func, insert, or_, text, tuple_
+from sqlalchemy import Connection, Engine, event, exists, func, or_, text
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
 from . import collaboration as collab
+from .bulk import BulkWriter
 from .commands import Command, Outcome, Tx
 from .errors import HubError, unavailable
 from .models import (
@@ -137,6 +138,7 @@ class SqlStore:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="kernelhub-writer")
         self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="kernelhub-reader")
         self._seq = 0
+        self._bulk = BulkWriter(self._engine.dialect)
 
     # --- threads ------------------------------------------------------------
 
@@ -206,36 +208,27 @@ class SqlStore:
         results: list[Outcome | HubError] = []
         with self._session() as session:
             tx = Tx(session, utcnow(), self._next_seq, self.policy)
-            tx.received = self._received(session, commands)
+            connection = session.connection()
+            tx.received = self._received(connection, commands)
             for command in commands:
                 try:
                     results.append(self._apply(tx, command))
                 except HubError as error:
                     results.append(error)
+            session.flush()  # rows the commands changed through the ORM, before the appends
             for model, rows in tx.appends.items():
-                session.execute(insert(model), rows)
+                self._bulk.insert(connection, model, rows)
             session.commit()
         return results
 
-    @staticmethod
-    def _received(session: Session, commands: Sequence[Command]) -> dict[tuple[str, str], Outcome]:
+    def _received(
+        self, connection: Connection, commands: Sequence[Command]
+    ) -> dict[tuple[str, str], Outcome]:
         """The receipts already given for this batch's message ids, in one query."""
-        keys = {(c.agent_id, c.message_id) for c in commands if c.message_id}
-        if not keys:
-            return {}
-        # Row-value IN on the (agent_id, message_id) primary key: an index lookup per id.
-        # (Filtering on message_id alone scanned the whole ledger: 43 ms at 1M rows.)
-        rows = session.exec(
-            select(ReceivedMessageRow).where(
-                tuple_(col(ReceivedMessageRow.agent_id), col(ReceivedMessageRow.message_id)).in_(
-                    sorted(keys)
-                )
-            )
-        )
+        keys = sorted({(c.agent_id, c.message_id) for c in commands if c.message_id})
         return {
-            (r.agent_id, r.message_id): Outcome(seq=r.seq, resource_id=r.resource_id)
-            for r in rows
-            if (r.agent_id, r.message_id) in keys
+            (agent_id, message_id): Outcome(seq=seq, resource_id=resource_id)
+            for agent_id, message_id, seq, resource_id in self._bulk.received(connection, keys)
         }
 
     @staticmethod

@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="record each hub process with py-spy (raw, --threads) into DIR",
     )
     run_parser.add_argument(
+        "--profile-gil",
+        action="store_true",
+        help="with --profile: sample only the thread holding the GIL (where the hub's one "
+        "core of Python goes, not the time its threads wait)",
+    )
+    run_parser.add_argument(
         "--keep-workdir", action="store_true", help="keep the temporary directory (databases, logs)"
     )
     plot_parser = commands.add_parser("plot", help="plot latency against offered load")
@@ -170,6 +176,7 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 args.scenarios,
                 workdir,
                 args.profile,
+                profile_gil=args.profile_gil,
                 log=lambda line: console.print(line, highlight=False),
             )
         )

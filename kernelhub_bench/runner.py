@@ -232,6 +232,7 @@ class Runner:
     workdir: Path
     profile_dir: Path | None = None
     log: Callable[[str], None] = print
+    profile_gil: bool = False
     profiles: list[str] = field(default_factory=list)
     _count: int = 0
 
@@ -305,6 +306,7 @@ class Runner:
                 "--rate",
                 "200",
                 "--nonblocking",
+                *(["--gil"] if self.profile_gil else []),
             ],
             self.workdir,
             self.env(),
@@ -559,10 +561,11 @@ async def run(
     workdir: Path,
     profile_dir: Path | None = None,
     log: Callable[[str], None] = print,
+    profile_gil: bool = False,
 ) -> dict[str, Any]:
     """Every scenario `repeat` times (the replay: one seeding, `repeat` reconnections),
     kernelhub and its baseline back to back each time. Returns the raw per-run results."""
-    runner = Runner(sizes, workdir, profile_dir, log)
+    runner = Runner(sizes, workdir, profile_dir, log, profile_gil)
     # SIGTERM and SIGHUP cancel the run like Ctrl-C does, so every child is stopped on the way out.
     loop, task = asyncio.get_running_loop(), asyncio.current_task()
     if task is not None:

@@ -14,8 +14,10 @@ import pytest
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service import commands as cmd
+from hub_service.bulk import BulkWriter
 from hub_service.collaboration import Policy, Step
 from hub_service.errors import HubError
+from hub_service.models import AgentRow, ArtifactRow, EventRow, ReceivedMessageRow
 from hub_service.server import HubServer
 from hub_service.store import Page, SqlStore
 
@@ -548,3 +550,61 @@ async def test_a_nul_character_in_free_text_is_not_an_internal_error_on_postgres
     )
     answer = await a.answer(mid)
     assert isinstance(answer, pb.Receipt) or answer.code == 3, f"got {answer}"
+
+
+# --- the bulk path below the ORM ------------------------------------------------------------
+
+
+async def test_bulk_inserted_rows_read_back_like_orm_written_ones(store: SqlStore) -> None:
+    """Events, artifacts and the ledger skip the ORM; their columns must still hold exactly
+    what the ORM writes (the agent row is ORM-written in the same transaction)."""
+    [_, shared] = await commit_ok(store, [online("a"), share("a", "m1")])
+    with store._session() as session:
+        agent = session.get(AgentRow, "a")
+        artifact = session.get(ArtifactRow, shared.resource_id)
+        ledger = session.get(ReceivedMessageRow, ("a", "m1"))
+        event = session.get(EventRow, shared.seq)
+        assert agent is not None and artifact is not None and ledger is not None
+        assert event is not None
+        assert artifact.created_at == ledger.created_at == event.created_at == agent.last_seen_at
+        assert (artifact.seq, artifact.contributor_id, artifact.kind) == (
+            shared.seq,
+            "a",
+            pb.ARTIFACT_KIND_PATTERN,
+        )
+        assert (ledger.seq, ledger.resource_id) == (shared.seq, shared.resource_id)
+        assert event.broadcast and event.sender_id == "a"
+        if store.database_url.startswith("sqlite"):  # the very same text, not just equal values
+            raw = session.connection().exec_driver_sql
+            [(orm_text,)] = raw("SELECT last_seen_at FROM agent").all()
+            [(bulk_text,)] = raw("SELECT created_at FROM artifact").all()
+            assert bulk_text == orm_text
+
+
+async def test_duplicates_are_found_across_lookup_chunks_and_agents(store: SqlStore) -> None:
+    keys = [(f"agent{i % 3}", f"m{i}") for i in range(BulkWriter.LOOKUP_CHUNK * 2 + 7)]
+    first = await commit_ok(store, [share(agent, mid) for agent, mid in keys])
+    again = await commit_ok(store, [share(agent, mid) for agent, mid in reversed(keys)])
+    assert all(o.duplicate for o in again) and not any(o.duplicate for o in first)
+    assert [(o.seq, o.resource_id) for o in reversed(again)] == [
+        (o.seq, o.resource_id) for o in first
+    ]
+    assert await artifact_count(store) == len(keys)
+
+
+async def test_the_ledger_lookup_uses_the_primary_key_on_sqlite(tmp_path: Path) -> None:
+    """A row-value IN reads the same but SQLite scans the whole ledger for it (200 µs per
+    key at 200k rows): the lookup must be an index search whatever the ledger's size."""
+    store = SqlStore(f"sqlite:///{tmp_path / 'plan.db'}")
+    await store.open()
+    try:
+        sql = BulkWriter(store._engine.dialect).ledger_query(3)
+        with store._session() as session:
+            plan = session.connection().exec_driver_sql(
+                "EXPLAIN QUERY PLAN " + sql, ("a", "1", "b", "2", "c", "3")
+            )
+            details = [str(row[-1]) for row in plan]
+        assert any("USING INDEX" in d or "USING PRIMARY KEY" in d for d in details), details
+        assert not any(d.startswith("SCAN received_message") for d in details), details
+    finally:
+        await store.close()
