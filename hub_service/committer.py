@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -16,15 +17,34 @@ from .store import HubStore
 
 log = logging.getLogger(__name__)
 
-_Item = tuple[Command, "asyncio.Future[Outcome]"]
+Reply = Callable[[Outcome | HubError], None]
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A queued command and whom to answer: exactly once, whatever path answers it."""
+
+    command: Command
+    reply: Reply
+    answered: bool = False
+
+    def answer(self, result: Outcome | HubError) -> None:
+        if self.answered:
+            return
+        self.answered = True
+        try:
+            self.reply(result)
+        except Exception:
+            log.exception("answering a %s failed", type(self.command).__name__)
 
 
 class GroupCommitter:
     """Queues commands (bounded), commits them in batches, publishes in `seq` order.
 
     `on_commit` runs on the event loop for each committed outcome, in commit
-    order, before any future is resolved: events reach the router in the
-    order of their `seq`.
+    order: events reach the router in the order of their `seq`. Each command's
+    reply runs right after its own outcome is published, in the same loop turn,
+    so a trainer's receipt is queued no later than the events its message caused.
     """
 
     def __init__(
@@ -38,27 +58,38 @@ class GroupCommitter:
         self._store = store
         self._on_commit = on_commit
         self._on_failure = on_failure
-        self._inflight: list[_Item] = []
+        self._inflight: list[_Pending] = []
         self._batch_size = batch_size
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(queue_size)
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="group-commit")
 
-    async def enqueue(self, command: Command) -> asyncio.Future[Outcome]:
-        """Wait for room in the queue; the future resolves after the commit."""
+    async def enqueue(self, command: Command, reply: Reply) -> None:
+        """Wait for room in the queue; `reply` gets the outcome or error once committed."""
         if self._closed:
             raise unavailable("the hub is shutting down; reconnect and resend")
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        await self._queue.put((command, future))
+        pending = _Pending(command, reply)
+        await self._queue.put(pending)
         if self._closed and (self._task is None or self._task.done()):
-            future.set_exception(unavailable("the hub shut down before committing this"))
-        return future
+            pending.answer(unavailable("the hub shut down before committing this"))
 
     async def submit(self, command: Command) -> Outcome:
-        return await (await self.enqueue(command))
+        """Commit one command and wait for its outcome (a HubError is raised)."""
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+
+        def reply(result: Outcome | HubError) -> None:
+            if future.done():
+                return
+            if isinstance(result, HubError):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+        await self.enqueue(command, reply)
+        return await future
 
     async def _run(self) -> None:
         while True:
@@ -67,7 +98,9 @@ class GroupCommitter:
                 batch.append(self._queue.get_nowait())
             self._inflight = batch
             try:
-                results: list[Outcome | HubError] = await self._store.commit([c for c, _ in batch])
+                results: list[Outcome | HubError] = await self._store.commit(
+                    [p.command for p in batch]
+                )
             except Exception as exc:  # the store could not even run the batch
                 log.exception("group commit failed")
                 results = [unavailable(f"commit failed: {exc}")] * len(batch)
@@ -77,16 +110,13 @@ class GroupCommitter:
                 # A failed COMMIT may still have been applied: never trust the live feed
                 # to have carried every event after one.
                 self._on_failure()
-            for (_, future), result in zip(batch, results, strict=True):
+            for pending, result in zip(batch, results, strict=True):
                 if isinstance(result, Outcome):
                     try:
                         self._on_commit(result)
                     except Exception:
                         log.exception("routing a committed event failed")
-                    if not future.done():
-                        future.set_result(result)
-                elif not future.done():
-                    future.set_exception(result)
+                pending.answer(result)
             self._inflight = []
             for _ in batch:
                 self._queue.task_done()
@@ -104,6 +134,5 @@ class GroupCommitter:
         leftovers = list(self._inflight)
         while not self._queue.empty():
             leftovers.append(self._queue.get_nowait())
-        for _, future in leftovers:
-            if not future.done():
-                future.set_exception(unavailable("the hub shut down before committing this"))
+        for pending in leftovers:
+            pending.answer(unavailable("the hub shut down before committing this"))

@@ -26,6 +26,9 @@ class HubConfig:
     # Live events queued per connection before it falls back to reading the log.
     outbound_queue_size: int = 1024
     max_events_per_response: int = 64
+    # A busy stream is written at most once per this many seconds, so events coalesce
+    # under load; an idle stream's first event goes out at once.
+    stream_linger: float = 0.005
     replay_page_size: int = 512
     commit_batch_size: int = 512
     commit_queue_size: int = 8192

@@ -158,6 +158,7 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
             queue_size=self._config.outbound_queue_size,
             events_per_response=self._config.max_events_per_response,
             replay_page_size=self._config.replay_page_size,
+            linger=self._config.stream_linger,
         )
         if hello.skip_history:
             connection.cursor = max(connection.cursor, self._router.last_published_seq)
@@ -311,11 +312,12 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
                     f"{bucket.burst:g}); resend this message_id later",
                 )
             kind = validate(request, self._config.limits)
-            future = await self._committer.enqueue(to_command(connection.agent_id, request, kind))
+            await self._committer.enqueue(
+                to_command(connection.agent_id, request, kind),
+                partial(connection.answer, request.message_id),
+            )
         except HubError as error:
             connection.answer(request.message_id, error)
-        else:
-            future.add_done_callback(partial(connection.answer, request.message_id))
 
     # --- training sync ----------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,6 +15,7 @@ from hub_service.config import HubConfig
 from hub_service.errors import HubError
 
 from .conftest import (
+    WAIT,
     HubHarness,
     RawTrainer,
     hello,
@@ -521,3 +523,34 @@ async def test_sessions_carry_both_partners_specializations(harness: HubHarness)
         "ListCollaborations", pb.ListCollaborationsRequest(agent_id="AI_Node_1")
     )
     assert listed.collaborations[0].target_specialization == pb.SPECIALIZATION_SECURITY
+
+
+async def test_a_trainer_gets_its_receipt_no_later_than_the_events_its_message_caused(
+    harness: HubHarness,
+) -> None:
+    """The initiator is among a proposal's recipients: the event telling it about the new
+    session must not arrive before the receipt for the proposal that made it."""
+    a, _ = await connect_pair(harness)
+    for round_ in range(12):  # under the open-session limit; the race is within one loop turn
+        mid = await a.send(
+            propose_collaboration=pb.ProposeCollaboration(
+                target_agent_id="AI_Node_2",
+                type=pb.COLLABORATION_TYPE_CROSS_SPECIALIZATION,
+                description=f"round {round_}",
+            )
+        )
+        receipt_at = event_at = None
+        responses = 0
+        while receipt_at is None or event_at is None:
+            response = await asyncio.wait_for(a.call.read(), WAIT)
+            assert response is not grpc.aio.EOF
+            responses += 1
+            if receipt_at is None and any(r.message_id == mid for r in response.receipts):
+                receipt_at = responses
+            if event_at is None and any(
+                e.WhichOneof("body") == "collaboration_updated"
+                and e.collaboration_updated.collaboration.description == f"round {round_}"
+                for e in response.events
+            ):
+                event_at = responses
+        assert receipt_at <= event_at, f"round {round_}: the event came before the receipt"

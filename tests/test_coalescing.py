@@ -1,0 +1,51 @@
+"""A busy stream's events coalesce into one response per linger; an idle stream is written at once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from grpc.aio import EOF
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service.config import HubConfig
+
+from .conftest import WAIT, HubHarness, make_config, pattern
+
+LINGER = 2.0
+
+
+@pytest.fixture
+def hub_config(database_url: str) -> HubConfig:
+    return make_config(database_url, stream_linger=LINGER)
+
+
+async def test_events_of_separate_commits_share_one_response_within_the_linger(
+    harness: HubHarness,
+) -> None:
+    senders = [await harness.connect(f"AI_Node_{i}") for i in (2, 3, 4)]
+    # Let the senders' streams go idle (their welcome was their last write), so each
+    # one's receipt goes out at once rather than after the linger.
+    await asyncio.sleep(LINGER)
+    receiver = await harness.connect("AI_Node_1")  # just written to: busy for LINGER
+    shared = []
+    for i, sender in enumerate(senders):
+        # One at a time, each waiting for its receipt: three separate commits. Were an
+        # idle stream's receipt held back too, these would take 3 x LINGER and spread.
+        mid = await sender.send(share_pattern=pb.SharePattern(pattern=pattern(f"p{i}")))
+        shared.append((await sender.receipt(mid)).seq)
+
+    response = await asyncio.wait_for(receiver.call.read(), WAIT)
+    assert response is not EOF
+    shares = [e.seq for e in response.events if e.WhichOneof("body") == "artifact_shared"]
+    assert shares == shared, "one response carries all three"
+
+
+async def test_an_ended_stream_is_not_held_by_its_linger(harness: HubHarness) -> None:
+    """A trainer that closes its side right after sending gets its receipt and the
+    stream's status, however recently the stream was written."""
+    trainer = await harness.connect("AI_Node_1")
+    mid = await trainer.send(share_pattern=pb.SharePattern(pattern=pattern("last")))
+    await trainer.call.done_writing()
+    assert (await trainer.receipt(mid)).seq > 0
+    assert await asyncio.wait_for(trainer.call.read(), WAIT) is EOF
