@@ -20,10 +20,12 @@ from .models import ReceivedMessageRow
 
 Processor = Callable[[Any], Any]
 
-# Rows per INSERT: a power of two up to this, so a table needs at most 9 distinct
-# statements (the driver's statement cache keeps them prepared). 256 rows of 8
-# columns is 2,048 parameters, far below SQLite's 32,766 and PostgreSQL's 65,535.
-MAX_ROWS_PER_STATEMENT = 256
+# Rows per INSERT: a power of two up to this, so a table needs at most 6 distinct
+# statements (the driver's statement cache keeps them prepared). Small enough that a
+# cached statement's last bound values (SQLite keeps them until the next use) stay
+# small, large enough to cut the statements per batch 32-fold: the writer's CPU per
+# share measured the same at 32 as at 256 rows.
+MAX_ROWS_PER_STATEMENT = 32
 
 
 def _chunk_sizes(count: int) -> list[int]:
