@@ -34,7 +34,7 @@ from .errors import HubError, failed_precondition, invalid, not_found, permissio
 from .ratelimit import TokenBucket
 from .router import Router
 from .store import HubStore
-from .validation import validate, validate_hello
+from .validation import validate, validate_batch, validate_hello
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,7 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
                 head_seq=start if hello.skip_history else self._router.last_published_seq,
                 training_sync_interval_seconds=self._config.training_sync_interval,
                 hub_version=__version__,
+                max_batch_requests=self._config.limits.max_batch_requests,
             )
             connection.send_sync(await self.training_sync(connection))
             sender = asyncio.create_task(connection.run_sender(welcome, context.write))
@@ -284,7 +285,10 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
             )
         try:
             async for request in requests:
-                await self._take(connection, bucket, request)
+                if request.WhichOneof("body") == "batch":
+                    await self._take_batch(connection, bucket, request)
+                else:
+                    await self._take(connection, bucket, request)
                 if self._draining:
                     break
         except DecodeError as exc:
@@ -298,6 +302,19 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
             return
         # The trainer finished sending: answer what it sent, then end the stream.
         await connection.wait_all_answered(self._config.shutdown_grace)
+
+    async def _take_batch(
+        self, connection: Connection, bucket: TokenBucket | None, batch: pb.ConnectRequest
+    ) -> None:
+        """Each request of a batch as if it had come alone; or one error for the batch."""
+        try:
+            validate_batch(batch, self._config.limits)
+        except HubError as error:
+            await connection.admit()
+            connection.answer(batch.message_id, error)
+            return
+        for request in batch.batch.requests:
+            await self._take(connection, bucket, request)
 
     async def _take(
         self, connection: Connection, bucket: TokenBucket | None, request: pb.ConnectRequest

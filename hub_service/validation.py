@@ -32,6 +32,7 @@ class Limits:
     max_list_items: int = 64
     max_attributes: int = 32
     max_attribute_value_length: int = 1024
+    max_batch_requests: int = 64
 
 
 class _Checker:
@@ -189,6 +190,27 @@ def validate_hello(hello: pb.Hello, limits: Limits) -> None:
         raise invalid(check.violations)
 
 
+def validate_batch(request: pb.ConnectRequest, limits: Limits) -> None:
+    """Refuse a batch as a whole (INVALID_ARGUMENT) unless every request in it may be
+    handled on its own; the requests' contents are validated one by one afterwards."""
+    check = _Checker(limits)
+    check.identifier("message_id", request.message_id)
+    requests = request.batch.requests
+    if not requests:
+        check.fail("batch.requests", "is empty; a batch carries at least one request")
+    elif len(requests) > limits.max_batch_requests:
+        check.fail(
+            "batch.requests",
+            f"has {len(requests)} requests; at most {limits.max_batch_requests} "
+            "(Welcome.max_batch_requests)",
+        )
+    for index, item in enumerate(requests):
+        if (kind := item.WhichOneof("body")) in ("hello", "batch"):
+            check.fail(f"batch.requests[{index}]", f"is a {kind}; a batch carries other messages")
+    if check.violations:
+        raise invalid(check.violations)
+
+
 def validate(request: pb.ConnectRequest, limits: Limits) -> str:
     """Raise `HubError(INVALID_ARGUMENT)` listing every bad field; return the body's name."""
     check = _Checker(limits)
@@ -198,6 +220,8 @@ def validate(request: pb.ConnectRequest, limits: Limits) -> str:
         raise invalid([*check.violations, ("body", "no message kind is set (the oneof is empty)")])
     if kind == "hello":
         raise failed_precondition("hello may be sent only once, as the first message")
+    if kind == "batch":
+        raise invalid([("batch", "a batch may not be inside another batch")])
     body = getattr(request, kind)
     if kind == "share_pattern":
         if check.present(kind, body, "pattern"):

@@ -109,9 +109,9 @@ class BareHub(hub_pb2_grpc.HubServiceServicer):
         )
         if self.oneway:
             await context.write(welcome)
-            count = 0
-            async for _ in request_iterator:
-                count += 1
+            count = 0  # requests read, those inside a batch included
+            async for request in request_iterator:
+                count += len(request.batch.requests) or 1
             await context.write(
                 pb.ConnectResponse(receipts=[pb.Receipt(message_id="count", seq=count)])
             )

@@ -236,10 +236,11 @@ class Sender:
                     self._answered.set()
 
     async def send(self, request: pb.ConnectRequest, deadline: Deadline) -> None:
-        while self.outstanding >= self.window:
+        answers = len(request.batch.requests) if request.HasField("batch") else 1
+        while self.outstanding + answers > self.window:
             self._room.clear()
             await bounded(self._room.wait(), deadline, "room in the send window")
-        self.sent += 1
+        self.sent += answers
         self._answered.clear()
         await self.call.write(request)
 
@@ -414,9 +415,10 @@ class Context:
 
 
 async def scenario_ingest(args: Context, deadline: Deadline) -> dict[str, Any]:
-    """One trainer shares `count` patterns. Durable: pipelined with a window, timed until the
-    last receipt. One-way (`oneway`, for the raw-ingest baseline): written back to back, timed
-    until the server says it has read them all."""
+    """One trainer shares `count` patterns, `batch` per stream message (default 1). Durable:
+    pipelined with a window, timed until the last receipt. One-way (`oneway`, for the
+    raw-ingest baseline): written back to back, timed until the server says it has read them
+    all."""
     count = int(args.params["count"])
     oneway = bool(args.params.get("oneway", False))
     ((agent_id, token),) = args.tokens(1)
@@ -427,6 +429,15 @@ async def scenario_ingest(args: Context, deadline: Deadline) -> dict[str, Any]:
         resume = await head_seq(channel, token, deadline)
         call = await open_stream(channel, agent_id, token, resume, deadline)
         requests = [share(f"{args.tag}-i{i}", f"i.{i}") for i in range(count)]
+        batch = int(args.params.get("batch", 1))
+        if batch > 1:  # `batch` shares per stream message (RequestBatch), answered one by one
+            requests = [
+                pb.ConnectRequest(
+                    message_id=f"{args.tag}-b{start}",
+                    batch=pb.RequestBatch(requests=requests[start : start + batch]),
+                )
+                for start in range(0, count, batch)
+            ]
         if oneway:
             meter.start()
             start = time.perf_counter()

@@ -49,6 +49,7 @@ class Sizes:
     idle_trainers: int
     replay_count: int
     sqlite_batch: int = 256
+    ingest_batch: int = 16  # shares per stream message in the batched ingest run
 
     def fanout_count(self, receivers: int) -> int:
         return max(self.fanout_min_count, self.fanout_deliveries // receivers)
@@ -394,12 +395,22 @@ class Runner:
     # --- scenarios -----------------------------------------------------------------
 
     async def ingest(self) -> dict[str, Any]:
-        count = self.sizes.ingest_count
+        count, batch = self.sizes.ingest_count, self.sizes.ingest_batch
         async with self.hub(1, "ingest") as hub:
             durable = await self.load("ingest", hub, {"count": count}, deadline=count / 200 + 60)
+        async with self.hub(1, "ingest-batched") as hub:
+            batched = await self.load(
+                "ingest", hub, {"count": count, "batch": batch}, deadline=count / 200 + 60
+            )
         async with self.baseline("oneway", "ingest") as bare:
             oneway = await self.load(
                 "ingest", bare, {"count": count, "oneway": True}, deadline=count / 500 + 60
+            )
+            oneway_batched = await self.load(
+                "ingest",
+                bare,
+                {"count": count, "oneway": True, "batch": batch},
+                deadline=count / 500 + 60,
             )
         out = await run_to_end(
             [
@@ -421,9 +432,17 @@ class Runner:
         self.log(
             f"  ingest: kernelhub {durable['rate']:,.0f}/s (cores hub/load/other "
             f"{_cores(durable)}), one-way {oneway['rate']:,.0f}/s ({_cores(oneway)}), "
-            f"sqlite {sqlite['rate']:,.0f}/s"
+            f"sqlite {sqlite['rate']:,.0f}/s; {batch} per message: kernelhub "
+            f"{batched['rate']:,.0f}/s ({_cores(batched)}), one-way "
+            f"{oneway_batched['rate']:,.0f}/s ({_cores(oneway_batched)})"
         )
-        return {"kernelhub": durable, "oneway": oneway, "sqlite": sqlite}
+        return {
+            "kernelhub": durable,
+            "oneway": oneway,
+            "sqlite": sqlite,
+            "kernelhub_batched": batched,
+            "oneway_batched": oneway_batched,
+        }
 
     async def fanout(self, receivers: int) -> dict[str, Any]:
         count = self.sizes.fanout_count(receivers)
@@ -656,6 +675,27 @@ def summarize(raw: dict[str, Any], sizes: Sizes) -> tuple[list[dict[str, Any]], 
             "raw one-way gRPC ingest",
             ("ratio_min", 0.6),
         )
+        if all("kernelhub_batched" in r for r in runs):
+            batched = [r["kernelhub_batched"]["rate"] for r in runs]
+            add(
+                "ingest_batched",
+                f"durable ingest, 1 stream, {sizes.ingest_batch} shares per message "
+                "(RequestBatch; a receipt per share after commit)",
+                "shares/s",
+                batched,
+                [r["oneway"]["rate"] for r in runs],
+                "raw one-way gRPC ingest, one share per message",
+                ("ratio_min", 0.6),
+            )
+            add(
+                "ingest_batched_vs_oneway_batched",
+                f"durable ingest, {sizes.ingest_batch} shares per message, against reading "
+                "the same batched messages",
+                "shares/s",
+                batched,
+                [r["oneway_batched"]["rate"] for r in runs],
+                f"raw one-way gRPC ingest, {sizes.ingest_batch} shares per message",
+            )
         add(
             "ingest_vs_sqlite",
             f"durable ingest vs raw SQLite executemany (batches of {sizes.sqlite_batch})",

@@ -16,6 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = {
     "ingest",
+    "ingest_batched",
+    "ingest_batched_vs_oneway_batched",
     "ingest_vs_sqlite",
     "fanout_10",
     "latency_p50",
@@ -66,7 +68,14 @@ def test_quick_run_reports_every_figure_with_its_baseline(tmp_path: Path) -> Non
         assert figure["target"] and figure["baseline_name"]
         assert figure["met"] in (True, False, None)
         assert all(positive(v) for v in figure["runs"]["kernelhub"] + figure["runs"]["baseline"])
-    for key in ("ingest", "fanout_10", "latency_p99", "rss_per_trainer", "replay"):
+    for key in (
+        "ingest",
+        "ingest_batched",
+        "fanout_10",
+        "latency_p99",
+        "rss_per_trainer",
+        "replay",
+    ):
         assert figures[key]["met"] in (True, False), f"{key} has a target"
 
     sweep = result["latency_sweep"]

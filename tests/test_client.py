@@ -136,3 +136,22 @@ async def test_gives_up_with_connection_lost(tmp_path: Path) -> None:
         await hub.stop()
         with pytest.raises(ConnectionLost):
             await asyncio.wait_for(lonely.share_pattern(pattern("never")), WAIT)
+
+
+async def test_sends_waiting_together_share_stream_messages(
+    hub: HubServer, harness: HubHarness
+) -> None:
+    """Fifty concurrent shares: each gets its own receipt and is stored once, and they
+    travel in fewer stream messages than shares (RequestBatch)."""
+    async with client(target(hub), "AI_Node_1", await harness.token("AI_Node_1")) as alice:
+        before = alice.stream_messages_written
+        receipts = await asyncio.gather(*(alice.share_pattern(pattern(f"b{i}")) for i in range(50)))
+        assert len({r.seq for r in receipts}) == 50 and not any(r.duplicate for r in receipts)
+        written = alice.stream_messages_written - before
+        assert 1 <= written < 50, f"{written} stream messages for 50 concurrent shares"
+        with pytest.raises(ValueError, match="batches"):
+            await alice.send(pb.ConnectRequest(message_id="x", batch=pb.RequestBatch()))
+    listed = await harness.query("ListArtifacts", pb.ListArtifactsRequest(page_size=100))
+    assert sorted(a.pattern.pattern_id for a in listed.artifacts) == sorted(
+        f"b{i}" for i in range(50)
+    )

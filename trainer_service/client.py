@@ -75,6 +75,8 @@ _MAX_BACKOFF_EXPONENT: Final = 16
 # Caps for the bounded waits in shutdown.
 _WRITER_STOP_SECONDS: Final = 1.0
 _DONE_WRITING_SECONDS: Final = 1.0
+# Requests per stream message at most, below the hub's own limit (Welcome.max_batch_requests).
+_MAX_BATCH: Final = 64
 
 
 class _End:
@@ -98,6 +100,15 @@ class _Pending:
 class _Session:
     generation: int
     call: _Call
+
+
+def _as_one(requests: list[pb.ConnectRequest]) -> pb.ConnectRequest:
+    """One request as itself; several as a RequestBatch (the hub answers each by its id)."""
+    if len(requests) == 1:
+        return requests[0]
+    return pb.ConnectRequest(
+        message_id=f"batch-{uuid.uuid4().hex}", batch=pb.RequestBatch(requests=requests)
+    )
 
 
 def _body_name(request: pb.ConnectRequest) -> str:
@@ -208,6 +219,7 @@ class HubClient:
         self._welcome: pb.Welcome | None = None
         self._latest_sync: pb.TrainingSync | None = None
         self._duplicates_dropped = 0
+        self._stream_messages = 0
         self._reconnects = 0
 
         self._channel: grpc.aio.Channel | None = None
@@ -271,6 +283,11 @@ class HubClient:
     @property
     def duplicates_dropped(self) -> int:
         return self._duplicates_dropped
+
+    @property
+    def stream_messages_written(self) -> int:
+        """Stream messages written; several sends waiting at once share one (a batch)."""
+        return self._stream_messages
 
     # ------------------------------------------------------------------
     # Lifecycle
@@ -376,6 +393,8 @@ class HubClient:
             raise ValueError("request.message_id must be set")
         if request.WhichOneof("body") in (None, "hello"):
             raise ValueError("send a message body other than Hello; the client sends Hello itself")
+        if request.HasField("batch"):
+            raise ValueError("send messages one by one; the client batches what is waiting itself")
         if request.message_id in self._pending:
             raise ValueError(f"message {request.message_id} is already in flight")
         self._check_can_send()
@@ -714,28 +733,61 @@ class HubClient:
         resend = [m for m, p in self._pending.items() if p.written_in != session.generation]
         if resend:
             self._log.info("resending %d unacknowledged message(s)", len(resend))
-        for message_id in resend:
-            await self._write(session, message_id)
+        for start in range(0, len(resend), self._batch_limit()):
+            await self._write(session, resend[start : start + self._batch_limit()])
         while True:
             queued = await self._outbound.get()
+            # Whatever else is already waiting goes in the same stream message (a batch):
+            # a gRPC message costs about the same whatever it carries.
+            ready = [queued]
+            while queued is not None and len(ready) < self._batch_limit():
+                try:
+                    queued = self._outbound.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                ready.append(queued)
+            await self._write(session, [m for m in ready if m is not None])
             if queued is None:
                 with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                     await asyncio.wait_for(
                         session.call.done_writing(), timeout=_DONE_WRITING_SECONDS
                     )
                 return
-            await self._write(session, queued)
 
-    async def _write(self, session: _Session, message_id: str) -> None:
-        """Writes a pending message once per session; queue entries for messages
-        already answered or already written in this session are skipped."""
-        entry = self._pending.get(message_id)
-        if entry is None or entry.written_in == session.generation:
-            return
-        self._writes += 1
-        entry.written_in = session.generation
-        entry.write_order = self._writes
-        await session.call.write(entry.request)
+    def _batch_limit(self) -> int:
+        """Requests per stream message: what the hub accepts (1 for a hub without batches)."""
+        welcome = self._welcome
+        return max(1, min(welcome.max_batch_requests, _MAX_BATCH) if welcome else 1)
+
+    async def _write(self, session: _Session, message_ids: list[str]) -> None:
+        """Writes pending messages once per session, several as one RequestBatch; queue
+        entries for messages already answered or already written in this session are skipped."""
+        entries = [
+            entry
+            for message_id in message_ids
+            if (entry := self._pending.get(message_id)) is not None
+            and entry.written_in != session.generation
+        ]
+        requests: list[pb.ConnectRequest] = []
+        size = 0
+        for entry in entries:
+            self._writes += 1
+            entry.written_in = session.generation
+            entry.write_order = self._writes
+            # Each request was checked against the message limit alone; a batch stays under
+            # it too (with room for the batch's own framing).
+            entry_size = entry.request.ByteSize() + 16
+            if requests and size + entry_size > self._max_message_bytes - 1024:
+                await self._write_one(session, requests)
+                requests, size = [], 0
+            requests.append(entry.request)
+            size += entry_size
+        if requests:
+            await self._write_one(session, requests)
+
+    async def _write_one(self, session: _Session, requests: list[pb.ConnectRequest]) -> None:
+        self._stream_messages += 1
+        await session.call.write(_as_one(requests))
 
     def _strike_head_of_line(self, session: _Session) -> None:
         """Blames a dead stream on the oldest message it left unanswered; the

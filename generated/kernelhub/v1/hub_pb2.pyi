@@ -817,6 +817,7 @@ class ConnectRequest(_message.Message):
     DECLINE_COLLABORATION_FIELD_NUMBER: _builtins.int
     REPORT_COLLABORATION_PROGRESS_FIELD_NUMBER: _builtins.int
     COMPLETE_COLLABORATION_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     message_id: _builtins.str
     """Client-chosen idempotency key, unique per agent (a UUID is a good
     choice), at most 128 characters. The receipt or error echoes it. A
@@ -867,6 +868,10 @@ class ConnectRequest(_message.Message):
     def complete_collaboration(self) -> Global___CompleteCollaboration:
         """Finish an active collaboration with its collaborative component."""
 
+    @_builtins.property
+    def batch(self) -> Global___RequestBatch:
+        """Several messages in one: fewer, larger stream messages for throughput."""
+
     def __init__(
         self,
         *,
@@ -882,16 +887,53 @@ class ConnectRequest(_message.Message):
         decline_collaboration: Global___DeclineCollaboration | None = ...,
         report_collaboration_progress: Global___ReportCollaborationProgress | None = ...,
         complete_collaboration: Global___CompleteCollaboration | None = ...,
+        batch: Global___RequestBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accept_collaboration", b"accept_collaboration", "body", b"body", "complete_collaboration", b"complete_collaboration", "decline_collaboration", b"decline_collaboration", "deliver_feature", b"deliver_feature", "hello", b"hello", "propose_collaboration", b"propose_collaboration", "report_collaboration_progress", b"report_collaboration_progress", "request_feature", b"request_feature", "share_code_component", b"share_code_component", "share_os_component", b"share_os_component", "share_pattern", b"share_pattern"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accept_collaboration", b"accept_collaboration", "batch", b"batch", "body", b"body", "complete_collaboration", b"complete_collaboration", "decline_collaboration", b"decline_collaboration", "deliver_feature", b"deliver_feature", "hello", b"hello", "propose_collaboration", b"propose_collaboration", "report_collaboration_progress", b"report_collaboration_progress", "request_feature", b"request_feature", "share_code_component", b"share_code_component", "share_os_component", b"share_os_component", "share_pattern", b"share_pattern"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_collaboration", b"accept_collaboration", "body", b"body", "complete_collaboration", b"complete_collaboration", "decline_collaboration", b"decline_collaboration", "deliver_feature", b"deliver_feature", "hello", b"hello", "message_id", b"message_id", "propose_collaboration", b"propose_collaboration", "report_collaboration_progress", b"report_collaboration_progress", "request_feature", b"request_feature", "share_code_component", b"share_code_component", "share_os_component", b"share_os_component", "share_pattern", b"share_pattern"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_collaboration", b"accept_collaboration", "batch", b"batch", "body", b"body", "complete_collaboration", b"complete_collaboration", "decline_collaboration", b"decline_collaboration", "deliver_feature", b"deliver_feature", "hello", b"hello", "message_id", b"message_id", "propose_collaboration", b"propose_collaboration", "report_collaboration_progress", b"report_collaboration_progress", "request_feature", b"request_feature", "share_code_component", b"share_code_component", "share_os_component", b"share_os_component", "share_pattern", b"share_pattern"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "share_pattern", "share_code_component", "share_os_component", "request_feature", "deliver_feature", "propose_collaboration", "accept_collaboration", "decline_collaboration", "report_collaboration_progress", "complete_collaboration"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "share_pattern", "share_code_component", "share_os_component", "request_feature", "deliver_feature", "propose_collaboration", "accept_collaboration", "decline_collaboration", "report_collaboration_progress", "complete_collaboration", "batch"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___ConnectRequest: _TypeAlias = ConnectRequest  # noqa: Y015
+
+@_typing.final
+class RequestBatch(_message.Message):
+    """Several requests carried by one stream message. A gRPC message costs the
+    hub (and the trainer) about the same CPU whatever its size, so a trainer
+    with many shares to send reaches several times the throughput by batching
+    them. The hub handles each request exactly as if it had arrived on its own,
+    in order: each is validated, rate-limited, committed and answered (receipt
+    or error) by its own `message_id`, and one bad request does not affect the
+    others. Each counts against the stream's in-flight window.
+
+    The batch's own `message_id` is used only to refuse the whole batch (empty,
+    more than `Welcome.max_batch_requests` requests, or a request inside that is
+    a `hello` or another batch): then one error answers that id and none of the
+    requests is handled.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectRequest]:
+        """The requests, handled in this order."""
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___ConnectRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestBatch: _TypeAlias = RequestBatch  # noqa: Y015
 
 @_typing.final
 class Hello(_message.Message):
@@ -1288,6 +1330,7 @@ class Welcome(_message.Message):
     HEAD_SEQ_FIELD_NUMBER: _builtins.int
     TRAINING_SYNC_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
     HUB_VERSION_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_REQUESTS_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent the token belongs to."""
     head_seq: _builtins.int
@@ -1300,6 +1343,8 @@ class Welcome(_message.Message):
     """How often training syncs will arrive, in seconds (0: only on connect)."""
     hub_version: _builtins.str
     """The hub's software version."""
+    max_batch_requests: _builtins.int
+    """The most requests one `RequestBatch` may carry."""
     def __init__(
         self,
         *,
@@ -1307,10 +1352,11 @@ class Welcome(_message.Message):
         head_seq: _builtins.int = ...,
         training_sync_interval_seconds: _builtins.float = ...,
         hub_version: _builtins.str = ...,
+        max_batch_requests: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "head_seq", b"head_seq", "hub_version", b"hub_version", "training_sync_interval_seconds", b"training_sync_interval_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "head_seq", b"head_seq", "hub_version", b"hub_version", "max_batch_requests", b"max_batch_requests", "training_sync_interval_seconds", b"training_sync_interval_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
