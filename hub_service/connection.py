@@ -95,7 +95,9 @@ class Connection:
             return
         self._events.append(event)
         self.cursor = event.seq
-        self._wake.set()
+        if len(self._events) in (1, self._per_response):
+            # The sender knows of the rest: it looks at the queue when its linger ends.
+            self._wake.set()
 
     def answer(self, message_id: str, result: Outcome | BaseException) -> None:
         """Queue the receipt or error for one message (its window slot is freed once sent)."""
@@ -152,10 +154,11 @@ class Connection:
     async def run_sender(
         self, welcome: pb.Welcome, write: Callable[[pb.ConnectResponse], Awaitable[None]]
     ) -> None:
-        """Write what waits, coalesced. A stream written to less than `linger` ago waits out
-        the rest of it (unless a full response is ready): at most one write per `linger`,
-        since a write costs the same CPU for one event as for 64. An idle stream's first
-        event goes out at once, so light load pays no latency for it."""
+        """Write what waits, coalesced. Events to a stream written to less than `linger` ago
+        wait out the rest of it (unless a full response is ready): at most one write of
+        events per `linger`, since a write costs the same CPU for one event as for 64. An
+        idle stream's first event goes out at once, and receipts and errors never wait:
+        they are a trainer's round trip."""
         loop = asyncio.get_running_loop()
         await write(pb.ConnectResponse(welcome=welcome))
         last_write = loop.time()
@@ -179,8 +182,17 @@ class Connection:
                     await self._wake.wait()
                 continue
             wait = last_write + self._linger - loop.time()
-            if wait > 0 and len(self._events) < self._per_response:
-                await asyncio.sleep(wait)
+            if (
+                wait > 0
+                and len(self._events) < self._per_response
+                and not (self._receipts or self._errors)
+            ):
+                # Linger, unless a receipt, an error or a full response turns up meanwhile.
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
+                continue
             await self._flush(write)
             last_write = loop.time()
 

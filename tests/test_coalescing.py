@@ -16,8 +16,8 @@ LINGER = 2.0
 
 
 @pytest.fixture
-def hub_config(database_url: str) -> HubConfig:
-    return make_config(database_url, stream_linger=LINGER)
+def hub_config(request: pytest.FixtureRequest, database_url: str) -> HubConfig:
+    return make_config(database_url, stream_linger=getattr(request, "param", LINGER))
 
 
 async def test_events_of_separate_commits_share_one_response_within_the_linger(
@@ -49,3 +49,15 @@ async def test_an_ended_stream_is_not_held_by_its_linger(harness: HubHarness) ->
     await trainer.call.done_writing()
     assert (await trainer.receipt(mid)).seq > 0
     assert await asyncio.wait_for(trainer.call.read(), WAIT) is EOF
+
+
+@pytest.mark.parametrize("hub_config", [WAIT * 10], indirect=True)
+async def test_receipts_are_never_held_by_the_linger(harness: HubHarness) -> None:
+    """A trainer that waits for each receipt before its next message: were receipts held
+    like events, each after the first would take the (here enormous) linger."""
+    trainer = await harness.connect("AI_Node_1")
+    seqs = []
+    for i in range(5):
+        mid = await trainer.send(share_pattern=pb.SharePattern(pattern=pattern(f"s{i}")))
+        seqs.append((await trainer.receipt(mid)).seq)
+    assert seqs == sorted(set(seqs))
