@@ -461,6 +461,8 @@ fuzz_hello = message(
     resume_after_seq=st.integers(0, 2**64 - 1) | st.sampled_from([0, 1, INT64_MAX, 2**63]),
 )
 
+MAX_BATCH = 64  # Limits.max_batch_requests, the hub's default
+
 LITERAL_IDS = ["", "a", "dup", "A" * 128, "A" * 129, "a b", "-a", "_a", "a\x00", "\u00e9", "a/b"]
 
 
@@ -570,24 +572,61 @@ def check_receipt(hub: LiveHub, agent: str, receipt: pb.Receipt) -> None:
         assert (receipt.seq, receipt.resource_id) == first, f"{agent}: {receipt} != {first}"
 
 
+def batch_up(
+    sent: list[Sent], sizes: list[int] | None
+) -> tuple[list[pb.ConnectRequest], Counter[str], set[int]]:
+    """The stream messages (the requests alone, or in RequestBatches of `sizes`), the answers
+    due (a malformed batch is answered by its own id, its requests not at all) and the
+    indexes of the requests that are in a refused batch."""
+    if sizes is None:
+        return [s.request for s in sent], Counter(s.request.message_id for s in sent), set()
+    messages: list[pb.ConnectRequest] = []
+    due: Counter[str] = Counter()
+    refused: set[int] = set()
+    start = 0
+    for size in itertools.chain(sizes, itertools.repeat(1)):
+        if start >= len(sent):
+            break
+        chunk = sent[start : start + size]
+        batch_id = f"batch-{uuid.uuid4().hex}"
+        messages.append(
+            pb.ConnectRequest(
+                message_id=batch_id, batch=pb.RequestBatch(requests=[s.request for s in chunk])
+            )
+        )
+        if len(chunk) > MAX_BATCH or any(s.request.HasField("hello") for s in chunk):
+            due[batch_id] += 1
+            refused.update(range(start, start + len(chunk)))
+        else:
+            due.update(s.request.message_id for s in chunk)
+        start += len(chunk)
+    return messages, due, refused
+
+
 @settings(max_examples=300, **FUZZ_SETTINGS)
-@given(sequence=sequences())
+@given(
+    sequence=sequences(),
+    # Sent alone, or in batches of these sizes (past the limit of 64 too).
+    batch_sizes=st.none() | st.lists(st.integers(1, MAX_BATCH + 6), min_size=1, max_size=12),
+)
 def test_connect_sequences_every_message_is_answered(
-    live_hub: LiveHub, sequence: list[Step]
+    live_hub: LiveHub, sequence: list[Step], batch_sizes: list[int] | None
 ) -> None:
     hub = live_hub
     agent = hub.next_agent(SEQUENCE_AGENTS)
     sent = resolve(hub, agent, sequence)
+    messages, due, refused = batch_up(sent, batch_sizes)
     hub.inputs["connect request"] += len(sent)
+    hub.inputs["  of them in batches"] += len(sent) if batch_sizes is not None else 0
     first = hello_request(agent, hub.known.last_seq.get(agent, 0))  # resume like a trainer
-    responses, ended = connect(hub, agent, [first], [s.request for s in sent])
+    responses, ended = connect(hub, agent, [first], messages)
     assert ended is None, f"the stream ended {describe(ended)}"
     assert responses and responses[0].welcome.agent_id == agent, responses[:1]
 
     receipts = [r for response in responses for r in response.receipts]
     errors = [e for response in responses for e in response.errors]
     answered = Counter([*(r.message_id for r in receipts), *(e.message_id for e in errors)])
-    assert answered == Counter(s.request.message_id for s in sent), "answered != sent"
+    assert answered == due, "answered != sent"
     seqs = [event.seq for response in responses for event in response.events]
     assert seqs == sorted(set(seqs)), f"events out of order: {seqs}"
     if seqs:
@@ -603,8 +642,8 @@ def test_connect_sequences_every_message_is_answered(
     answers: dict[str, pb.Receipt | pb.RequestError] = {a.message_id: a for a in errors}
     answers.update({r.message_id: r for r in receipts})
     times_sent = Counter(s.request.message_id for s in sent)
-    for s in sent:
-        if not s.fresh or times_sent[s.request.message_id] > 1:
+    for index, s in enumerate(sent):
+        if not s.fresh or times_sent[s.request.message_id] > 1 or index in refused:
             continue  # shared or malformed ids: covered by the multiset and the ledger
         answer = answers[s.request.message_id]
         if s.step.kind == "unset":
