@@ -54,12 +54,15 @@ class GroupCommitter:
         on_failure: Callable[[], None] = lambda: None,
         batch_size: int = 512,
         queue_size: int = 8192,
+        linger: float = 0.0,
     ) -> None:
         self._store = store
         self._on_commit = on_commit
         self._on_failure = on_failure
         self._inflight: list[_Pending] = []
         self._batch_size = batch_size
+        self._linger = linger
+        self.commits = 0  # batches committed (or attempted), for stats and tests
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(queue_size)
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -92,8 +95,15 @@ class GroupCommitter:
         return await future
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_commit = -1.0
         while True:
             batch = [await self._queue.get()]
+            # Busy (the last commit ended less than `linger` ago): let more commands join this
+            # one, since a commit's fixed cost dwarfs a command's. Idle: commit at once.
+            wait = last_commit + self._linger - loop.time()
+            if wait > 0 and self._queue.qsize() + 1 < self._batch_size:
+                await asyncio.sleep(wait)
             while len(batch) < self._batch_size and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             self._inflight = batch
@@ -118,6 +128,8 @@ class GroupCommitter:
                         log.exception("routing a committed event failed")
                 pending.answer(result)
             self._inflight = []
+            self.commits += 1
+            last_commit = loop.time()
             for _ in batch:
                 self._queue.task_done()
 

@@ -32,6 +32,9 @@ class HubConfig:
     replay_page_size: int = 512
     commit_batch_size: int = 512
     commit_queue_size: int = 8192
+    # While busy, at most one group commit per this many seconds, so commands share
+    # commits under moderate load; an idle hub commits a command at once.
+    commit_linger: float = 0.002
     hello_timeout: float = 10.0
     # How long SQLite waits for another writer's lock before the commit fails (UNAVAILABLE).
     sqlite_busy_timeout: float = 5.0

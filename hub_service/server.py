@@ -45,6 +45,7 @@ class HubServer:
             on_failure=self.router.resync,
             batch_size=config.commit_batch_size,
             queue_size=config.commit_queue_size,
+            linger=config.commit_linger,
         )
         self.servicer = HubServicer(config, self.store, self.committer, self.router)
         self.health = health.aio.HealthServicer()

@@ -1,4 +1,5 @@
-"""A busy stream's events coalesce into one response per linger; an idle stream is written at once."""
+"""A busy stream's events coalesce into one response per linger, and a busy hub's commands into
+one commit per commit linger; an idle stream is written at once, an idle hub commits at once."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from grpc.aio import EOF
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.config import HubConfig
+from hub_service.server import HubServer
 
 from .conftest import WAIT, HubHarness, make_config, pattern
 
@@ -17,7 +19,9 @@ LINGER = 2.0
 
 @pytest.fixture
 def hub_config(request: pytest.FixtureRequest, database_url: str) -> HubConfig:
-    return make_config(database_url, stream_linger=getattr(request, "param", LINGER))
+    """A stream linger of LINGER; tests override settings with indirect parameters."""
+    overrides = {"stream_linger": LINGER, **getattr(request, "param", {})}
+    return make_config(database_url, **overrides)
 
 
 async def test_events_of_separate_commits_share_one_response_within_the_linger(
@@ -51,7 +55,7 @@ async def test_an_ended_stream_is_not_held_by_its_linger(harness: HubHarness) ->
     assert await asyncio.wait_for(trainer.call.read(), WAIT) is EOF
 
 
-@pytest.mark.parametrize("hub_config", [WAIT * 10], indirect=True)
+@pytest.mark.parametrize("hub_config", [{"stream_linger": WAIT * 10}], indirect=True)
 async def test_receipts_are_never_held_by_the_linger(harness: HubHarness) -> None:
     """A trainer that waits for each receipt before its next message: were receipts held
     like events, each after the first would take the (here enormous) linger."""
@@ -61,3 +65,20 @@ async def test_receipts_are_never_held_by_the_linger(harness: HubHarness) -> Non
         mid = await trainer.send(share_pattern=pb.SharePattern(pattern=pattern(f"s{i}")))
         seqs.append((await trainer.receipt(mid)).seq)
     assert seqs == sorted(set(seqs))
+
+
+@pytest.mark.parametrize("hub_config", [{"commit_linger": 1.0}], indirect=True)
+async def test_commands_arriving_within_the_commit_linger_share_one_commit(
+    hub: HubServer, harness: HubHarness
+) -> None:
+    """Three shares written back to back just after a commit: the first would otherwise
+    be committed alone the moment it arrives, the other two after it."""
+    trainer = await harness.connect("AI_Node_1")  # its presence was just committed
+    before = hub.committer.commits
+    mids = [
+        await trainer.send(share_pattern=pb.SharePattern(pattern=pattern(f"c{i}")))
+        for i in range(3)
+    ]
+    seqs = [(await trainer.receipt(mid)).seq for mid in mids]
+    assert seqs == sorted(set(seqs))
+    assert hub.committer.commits - before == 1
