@@ -171,7 +171,9 @@ class Connection:
                     # answering, and try again shortly.
                     log.debug("%s: cannot read the event log: %s", self.agent_id, error.message)
                     self._retry_at = time.monotonic() + LOG_RETRY_SECONDS
-            if not (self._events or self._receipts or self._errors or self._sync):
+            if not self._has_output():
+                if self.ended.is_set() or self._stopping:
+                    break  # asked during the log read: its wake-up is not to be cleared
                 self._wake.clear()
                 if self.catching_up:
                     # Offers are not signalled while catching up: look at the log again soon.
@@ -195,6 +197,12 @@ class Connection:
                 continue
             await self._flush(write)
             last_write = loop.time()
+        if self._stopping and not self.ended.is_set() and self._has_output():
+            # A graceful end: what the linger held goes out before the status.
+            await self._flush(write)
+
+    def _has_output(self) -> bool:
+        return bool(self._events or self._receipts or self._errors or self._sync)
 
     async def _flush(self, write: Callable[[pb.ConnectResponse], Awaitable[None]]) -> None:
         receipts, self._receipts = self._receipts, []

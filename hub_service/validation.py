@@ -199,11 +199,13 @@ def validate_batch(request: pb.ConnectRequest, limits: Limits) -> None:
     if not requests:
         check.fail("batch.requests", "is empty; a batch carries at least one request")
     elif len(requests) > limits.max_batch_requests:
+        # Refused before looking inside: 4 MiB can hold a million tiny requests.
         check.fail(
             "batch.requests",
             f"has {len(requests)} requests; at most {limits.max_batch_requests} "
             "(Welcome.max_batch_requests)",
         )
+        raise invalid(check.violations)
     for index, item in enumerate(requests):
         if (kind := item.WhichOneof("body")) in ("hello", "batch"):
             check.fail(f"batch.requests[{index}]", f"is a {kind}; a batch carries other messages")

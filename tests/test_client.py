@@ -11,6 +11,7 @@ import pytest
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.server import HubServer
+from hub_service.validation import Limits
 from trainer_service.client import HubClient
 from trainer_service.errors import (
     ConnectionLost,
@@ -155,3 +156,27 @@ async def test_sends_waiting_together_share_stream_messages(
     assert sorted(a.pattern.pattern_id for a in listed.artifacts) == sorted(
         f"b{i}" for i in range(50)
     )
+
+
+async def test_a_batch_refused_whole_fails_each_of_its_sends_at_once(tmp_path: Path) -> None:
+    """A hub whose id limit is below the length of the client's batch ids (38) refuses
+    every batch as a whole, by the batch's id: each send in it gets that error at once
+    instead of waiting out its send timeout."""
+    config = make_config(f"sqlite:///{tmp_path / 'hub.db'}", limits=Limits(max_id_length=37))
+    hub = HubServer(config)
+    await hub.start()
+    try:
+        token = await hub.issue_token("AI_Node_1")
+        async with client(target(hub), "AI_Node_1", token, send_timeout=WAIT * 10) as alice:
+            results = await asyncio.wait_for(
+                asyncio.gather(
+                    *(alice.share_pattern(pattern(f"r{i}")) for i in range(3)),
+                    return_exceptions=True,
+                ),
+                WAIT,
+            )
+            assert all(isinstance(r, InvalidArgument) for r in results), results
+            assert len({r.message_id for r in results if isinstance(r, InvalidArgument)}) == 3
+            assert all("message_id" in str(r) for r in results), results
+    finally:
+        await hub.stop()

@@ -45,6 +45,7 @@ async def test_events_of_separate_commits_share_one_response_within_the_linger(
     assert shares == shared, "one response carries all three"
 
 
+@pytest.mark.parametrize("hub_config", [{"stream_linger": WAIT * 10}], indirect=True)
 async def test_an_ended_stream_is_not_held_by_its_linger(harness: HubHarness) -> None:
     """A trainer that closes its side right after sending gets its receipt and the
     stream's status, however recently the stream was written."""

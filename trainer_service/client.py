@@ -77,6 +77,8 @@ _WRITER_STOP_SECONDS: Final = 1.0
 _DONE_WRITING_SECONDS: Final = 1.0
 # Requests per stream message at most, below the hub's own limit (Welcome.max_batch_requests).
 _MAX_BATCH: Final = 64
+_MAX_BATCH_BYTES: Final = 1024 * 1024
+_BATCHES_REMEMBERED: Final = 1024
 
 
 class _End:
@@ -220,6 +222,7 @@ class HubClient:
         self._latest_sync: pb.TrainingSync | None = None
         self._duplicates_dropped = 0
         self._stream_messages = 0
+        self._batches: dict[str, list[str]] = {}  # batch message_id -> its messages' ids
         self._reconnects = 0
 
         self._channel: grpc.aio.Channel | None = None
@@ -762,22 +765,19 @@ class HubClient:
     async def _write(self, session: _Session, message_ids: list[str]) -> None:
         """Writes pending messages once per session, several as one RequestBatch; queue
         entries for messages already answered or already written in this session are skipped."""
-        entries = [
-            entry
-            for message_id in message_ids
-            if (entry := self._pending.get(message_id)) is not None
-            and entry.written_in != session.generation
-        ]
         requests: list[pb.ConnectRequest] = []
         size = 0
-        for entry in entries:
+        for message_id in message_ids:
+            entry = self._pending.get(message_id)
+            if entry is None or entry.written_in == session.generation:
+                continue  # answered, or already written (an id can be queued twice)
             self._writes += 1
             entry.written_in = session.generation
             entry.write_order = self._writes
-            # Each request was checked against the message limit alone; a batch stays under
-            # it too (with room for the batch's own framing).
+            # Each request was checked against the message limit alone. Batching pays off
+            # for small messages only, so a batch stays far below any hub's limit.
             entry_size = entry.request.ByteSize() + 16
-            if requests and size + entry_size > self._max_message_bytes - 1024:
+            if requests and size + entry_size > _MAX_BATCH_BYTES:
                 await self._write_one(session, requests)
                 requests, size = [], 0
             requests.append(entry.request)
@@ -787,7 +787,13 @@ class HubClient:
 
     async def _write_one(self, session: _Session, requests: list[pb.ConnectRequest]) -> None:
         self._stream_messages += 1
-        await session.call.write(_as_one(requests))
+        message = _as_one(requests)
+        if len(requests) > 1:
+            # Remembered (the latest few) in case the hub refuses the batch as a whole.
+            self._batches[message.message_id] = [r.message_id for r in requests]
+            while len(self._batches) > _BATCHES_REMEMBERED:
+                del self._batches[next(iter(self._batches))]
+        await session.call.write(message)
 
     def _strike_head_of_line(self, session: _Session) -> None:
         """Blames a dead stream on the oldest message it left unanswered; the
@@ -855,6 +861,13 @@ class HubClient:
 
     def _on_request_error(self, refusal: pb.RequestError) -> None:
         error = error_from_request_error(refusal)
+        inner = self._batches.pop(refusal.message_id, None)
+        if inner is not None:
+            # A batch refused whole (the hub handled none of it): its messages share the error.
+            self._log.warning("hub refused a batch of %d: %s", len(inner), error)
+            for message_id in inner:
+                self._settle_error(message_id, _clone(error, message_id))
+            return
         entry = self._pending.get(refusal.message_id)
         if entry is None:
             self._log.warning("hub refused an unknown message: %s", error)
