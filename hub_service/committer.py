@@ -99,6 +99,7 @@ class GroupCommitter:
         last_commit = -1.0
         while True:
             batch = [await self._queue.get()]
+            self._inflight = batch  # stop() answers it if cancelled from here on
             # Busy (the last commit ended less than `linger` ago): let more commands join this
             # one, since a commit's fixed cost dwarfs a command's. Idle: commit at once.
             wait = last_commit + self._linger - loop.time()
@@ -106,7 +107,6 @@ class GroupCommitter:
                 await asyncio.sleep(wait)
             while len(batch) < self._batch_size and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            self._inflight = batch
             try:
                 results: list[Outcome | HubError] = await self._store.commit(
                     [p.command for p in batch]
