@@ -174,14 +174,8 @@ class Connection:
             if not self._has_output():
                 if self.ended.is_set() or self._stopping:
                     break  # asked during the log read: its wake-up is not to be cleared
-                self._wake.clear()
-                if self.catching_up:
-                    # Offers are not signalled while catching up: look at the log again soon.
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(CATCH_UP_POLL_SECONDS):
-                            await self._wake.wait()
-                else:
-                    await self._wake.wait()
+                # Offers are not signalled while catching up: look at the log again soon.
+                await self._sleep(CATCH_UP_POLL_SECONDS if self.catching_up else None)
                 continue
             wait = last_write + self._linger - loop.time()
             if (
@@ -190,16 +184,20 @@ class Connection:
                 and not (self._receipts or self._errors)
             ):
                 # Linger, unless a receipt, an error or a full response turns up meanwhile.
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await self._wake.wait()
+                await self._sleep(wait)
                 continue
             await self._flush(write)
             last_write = loop.time()
         if self._stopping and not self.ended.is_set() and self._has_output():
             # A graceful end: what the linger held goes out before the status.
             await self._flush(write)
+
+    async def _sleep(self, timeout: float | None) -> None:
+        """Until woken (or `timeout` seconds, if given)."""
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
 
     def _has_output(self) -> bool:
         return bool(self._events or self._receipts or self._errors or self._sync)

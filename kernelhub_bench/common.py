@@ -84,21 +84,23 @@ def hello(agent_id: str, resume_after_seq: int = 0) -> pb.ConnectRequest:
     )
 
 
+def pattern(pattern_id: str, pattern_type: str = "networking_pattern") -> pb.Pattern:
+    """A valid pattern of about 100 bytes serialized, like a small real one."""
+    return pb.Pattern(
+        pattern_id=pattern_id,
+        pattern_type=pattern_type,
+        specialization=pb.SPECIALIZATION_NETWORKING,
+        complexity=0.5,
+        reusability=0.6,
+        performance_impact=0.3,
+        confidence=0.9,
+    )
+
+
 def share(message_id: str, pattern_id: str) -> pb.ConnectRequest:
-    """A valid share_pattern: about 100 bytes, like a small real pattern."""
+    """A valid share_pattern of `pattern(pattern_id)`."""
     return pb.ConnectRequest(
-        message_id=message_id,
-        share_pattern=pb.SharePattern(
-            pattern=pb.Pattern(
-                pattern_id=pattern_id,
-                pattern_type="networking_pattern",
-                specialization=pb.SPECIALIZATION_NETWORKING,
-                complexity=0.5,
-                reusability=0.6,
-                performance_impact=0.3,
-                confidence=0.9,
-            )
-        ),
+        message_id=message_id, share_pattern=pb.SharePattern(pattern=pattern(pattern_id))
     )
 
 

@@ -24,7 +24,7 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 from trainer_service.client import HubClient
 from trainer_service.errors import HubError
 
-from .common import LOOPBACK, read_tokens
+from .common import LOOPBACK, pattern, read_tokens
 from .runner import HUB_READY, Child, child_env, hub_argv, issue_tokens
 
 
@@ -62,18 +62,10 @@ class _Trainer:
                 await asyncio.wait_for(stop.wait(), rng.expovariate(rate))
             if stop.is_set():
                 return
-            pattern = pb.Pattern(
-                pattern_id=f"{self.client.agent_id}-{i}",
-                pattern_type="soak_pattern",
-                specialization=pb.SPECIALIZATION_NETWORKING,
-                complexity=0.5,
-                reusability=0.5,
-                performance_impact=0.5,
-                confidence=0.9,
-            )
+            shared = pattern(f"{self.client.agent_id}-{i}", "soak_pattern")
             i += 1
             try:
-                self.shared.append((await self.client.share_pattern(pattern)).resource_id)
+                self.shared.append((await self.client.share_pattern(shared)).resource_id)
             except HubError:
                 self.errors += 1
 

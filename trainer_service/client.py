@@ -736,8 +736,9 @@ class HubClient:
         resend = [m for m, p in self._pending.items() if p.written_in != session.generation]
         if resend:
             self._log.info("resending %d unacknowledged message(s)", len(resend))
-        for start in range(0, len(resend), self._batch_limit()):
-            await self._write(session, resend[start : start + self._batch_limit()])
+        limit = self._batch_limit()
+        for start in range(0, len(resend), limit):
+            await self._write(session, resend[start : start + limit])
         while True:
             queued = await self._outbound.get()
             # Whatever else is already waiting goes in the same stream message (a batch):
