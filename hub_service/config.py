@@ -38,6 +38,12 @@ class HubConfig:
     hello_timeout: float = 10.0
     # How long SQLite waits for another writer's lock before the commit fails (UNAVAILABLE).
     sqlite_busy_timeout: float = 5.0
+    # Where group commits run: "process" (a child process, so SQLite and SQLAlchemy work
+    # neither holds nor waits for the event loop's GIL) or "thread" (in the hub's process).
+    writer: str = "process"
+    # A commit not answered within this many seconds is answered UNAVAILABLE (the writer
+    # process is then replaced).
+    commit_timeout: float = 30.0
     reaper_interval: float = 1.0
     shutdown_grace: float = 5.0
     max_message_bytes: int = 4 * 1024 * 1024

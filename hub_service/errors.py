@@ -45,6 +45,12 @@ class HubError(Exception):
             for field, why in violations[:MAX_VIOLATIONS]
         ]
 
+    def __reduce__(
+        self,
+    ) -> tuple[type[HubError], tuple[grpc.StatusCode, str, list[tuple[str, str]]]]:
+        # Errors cross the pipe from the writer process; Exception's default would lose the code.
+        return (type(self), (self.code, self.message, self.violations))
+
     def to_request_error(self, message_id: str) -> pb.RequestError:
         return pb.RequestError(
             message_id=message_id,

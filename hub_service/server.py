@@ -36,7 +36,11 @@ class HubServer:
     def __init__(self, config: HubConfig, store: HubStore | None = None) -> None:
         self.config = config
         self.store = store or SqlStore(
-            config.database_url, config.policy, busy_timeout=config.sqlite_busy_timeout
+            config.database_url,
+            config.policy,
+            busy_timeout=config.sqlite_busy_timeout,
+            writer=config.writer,
+            commit_timeout=config.commit_timeout,
         )
         self.router = Router()
         self.committer = GroupCommitter(

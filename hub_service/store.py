@@ -1,8 +1,9 @@
 """Persistence: the `HubStore` interface and its SQL implementation (SQLite or PostgreSQL).
 
-Database work never runs on the event loop: writes go to one writer thread
-(which also makes the event log's `seq` strictly increasing), reads to a small
-pool of reader threads.
+Database work never runs on the event loop. Group commits go to one writer (which
+also makes the event log's `seq` strictly increasing): a thread, or in the hub a
+child process (`writer.py`) so that they neither hold nor wait for the loop's GIL.
+Reads go to a small pool of reader threads.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from .models import (
     utcnow,
 )
 from .tokens import hash_token, new_token
+from .writer import WriterProcess, WriterSettings
 
 log = logging.getLogger(__name__)
 PAGE_BYTES = 3 * 1024 * 1024
@@ -131,13 +133,24 @@ class SqlStore:
         policy: collab.Policy | None = None,
         reader_threads: int = 4,
         busy_timeout: float = 5.0,
+        writer: str = "thread",
+        commit_timeout: float = 30.0,
     ) -> None:
+        """`writer`: "thread", or "process" for commits in a child process (the hub's
+        default), each answered within `commit_timeout` seconds or UNAVAILABLE."""
+        if writer not in ("thread", "process"):
+            raise ValueError(f"writer must be 'thread' or 'process', not {writer!r}")
         self.database_url = database_url
         self.policy = policy or collab.Policy()
         self._engine = make_engine(database_url, int(busy_timeout * 1000))
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="kernelhub-writer")
         self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="kernelhub-reader")
         self._seq = 0
+        self.writer_process = (
+            WriterProcess(WriterSettings(database_url, self.policy, busy_timeout), commit_timeout)
+            if writer == "process"
+            else None
+        )
         self._bulk = BulkWriter(self._engine.dialect)
 
     # --- threads ------------------------------------------------------------
@@ -164,14 +177,26 @@ class SqlStore:
     async def open(self) -> None:
         def create() -> None:
             SQLModel.metadata.create_all(self._engine)
-            with self._session() as session:
-                self._seq = int(session.exec(select(func.max(EventRow.seq))).one() or 0)
+            self.load_head()
 
         await self._write(create)
+        if self.writer_process is not None:
+            await self.writer_process.start()
+
+    def load_head(self) -> int:
+        """Continue the event log after its last `seq` (in the thread that commits)."""
+        with self._session() as session:
+            self._seq = int(session.exec(select(func.max(EventRow.seq))).one() or 0)
+        return self._seq
 
     async def close(self) -> None:
+        if self.writer_process is not None:
+            await self.writer_process.close()
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
+        self.dispose()
+
+    def dispose(self) -> None:
         self._engine.dispose()
 
     # --- writes -------------------------------------------------------------
@@ -184,13 +209,19 @@ class SqlStore:
         poisoned command cannot sink its batch-mates; a database that is down
         yields UNAVAILABLE for all (nothing was committed, so no receipt).
         """
-        return await self._write(lambda: self._commit_sync(commands))
+        if self.writer_process is not None:
+            try:
+                return await self.writer_process.commit(commands)
+            except HubError as error:  # the child died, wedged or could not start
+                return [error] * len(commands)
+        return await self._write(lambda: self.commit_sync(commands))
 
     def _next_seq(self) -> int:
         self._seq += 1
         return self._seq
 
-    def _commit_sync(self, commands: Sequence[Command]) -> list[Outcome | HubError]:
+    def commit_sync(self, commands: Sequence[Command]) -> list[Outcome | HubError]:
+        """`commit` in the calling thread: the writer thread's or the writer process's."""
         try:
             return self._transaction(commands)
         except OperationalError as exc:
@@ -202,7 +233,7 @@ class SqlStore:
             if len(commands) == 1:
                 log.exception("command %s failed", type(commands[0]).__name__)
                 return [HubError(grpc.StatusCode.INTERNAL, "the hub failed to apply this message")]
-            return [self._commit_sync([command])[0] for command in commands]
+            return [self.commit_sync([command])[0] for command in commands]
 
     def _transaction(self, commands: Sequence[Command]) -> list[Outcome | HubError]:
         results: list[Outcome | HubError] = []

@@ -98,8 +98,9 @@ async def wait_unless_ended(
 
 
 class CpuMeter:
-    """CPU used over an interval, in cores: by the server process, by this load process, and
-    by everything else on the machine (other work competes for the same cores)."""
+    """CPU used over an interval, in cores: by the server process (with its children: the
+    hub's writer process), by this load process, and by everything else on the machine
+    (other work competes for the same cores)."""
 
     def __init__(self, server_pid: int | None) -> None:
         self._server = psutil.Process(server_pid) if server_pid else None
@@ -111,8 +112,12 @@ class CpuMeter:
     def _server_seconds(self) -> float:
         if self._server is None:
             return 0.0
-        times = self._server.cpu_times()
-        return float(times.user + times.system)
+        total = 0.0
+        for process in [self._server, *self._server.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = process.cpu_times()
+                total += times.user + times.system
+        return total
 
     @staticmethod
     def _machine_busy() -> float:

@@ -58,6 +58,15 @@ def postgres_url() -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each database the store serves: a fresh SQLite file, a private PostgreSQL schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
 def make_config(database_url: str, **overrides: Any) -> HubConfig:
     config = HubConfig(
         host="127.0.0.1", port=0, database_url=database_url, training_sync_interval=0

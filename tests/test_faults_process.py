@@ -8,6 +8,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import psutil
 import pytest
 
 from generated.kernelhub.v1 import hub_pb2 as pb
@@ -74,10 +75,15 @@ async def _swarm_across_a_hub_failure(tmp_path: Path, graceful: bool) -> None:
         while total[0] < SHARES_EACH * len(AGENTS) // 3:  # a third of the way through
             progress.clear()
             await asyncio.wait_for(progress.wait(), WAIT)
+        assert hub.process is not None
+        helpers = psutil.Process(hub.process.pid).children(recursive=True)
+        assert helpers, "the hub commits in a writer process (forked by a fork server)"
         if graceful:
             assert await hub.terminate() == 0
         else:
             await hub.kill()
+        _, left = await asyncio.to_thread(psutil.wait_procs, helpers, WAIT)
+        assert not left, f"outlived the hub: {left}"
         await hub.start()
         await asyncio.wait_for(asyncio.gather(*senders), WAIT * 6)
         await asyncio.wait_for(asyncio.gather(*readers), WAIT * 6)

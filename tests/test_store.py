@@ -24,14 +24,6 @@ from hub_service.store import Page, SqlStore
 from .conftest import HubHarness, hello, make_config, os_component, pattern
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
-
-
 @pytest.fixture
 async def store(store_url: str) -> AsyncIterator[SqlStore]:
     s = SqlStore(store_url)
