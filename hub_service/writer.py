@@ -29,6 +29,7 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from multiprocessing.context import ForkServerContext, SpawnContext
 from typing import Any
 
 from .collaboration import Policy
@@ -38,8 +39,14 @@ from .errors import HubError, unavailable
 log = logging.getLogger(__name__)
 
 # Forked from a server process that has imported this module once: a new writer starts
-# in milliseconds, and no fork ever copies the hub's threads (gRPC's, the loop's).
-_CONTEXT = multiprocessing.get_context("forkserver")
+# in milliseconds, and no fork ever copies the hub's threads (gRPC's, the loop's). Where
+# there is no fork server (Windows), a fresh interpreter is spawned instead.
+_FORKSERVER = "forkserver" in multiprocessing.get_all_start_methods()
+_CONTEXT: ForkServerContext | SpawnContext = (
+    multiprocessing.get_context("forkserver")
+    if _FORKSERVER
+    else multiprocessing.get_context("spawn")
+)
 _HEADER = struct.Struct("!I")  # frame length; a commit batch is bounded well below 4 GiB
 START_TIMEOUT = 60.0  # the child opens the database and reads the log's head
 CLOSE_TIMEOUT = 10.0  # the child finishes the commit it is in, then exits
@@ -83,12 +90,9 @@ class WriterProcess:
 
     async def commit(self, commands: Sequence[Command]) -> list[Outcome | HubError]:
         async with self._lock:
-            if self._process is None or not self._process.is_alive():
-                self._discard()
-                await self._start()
             try:
                 async with asyncio.timeout(self._commit_timeout):
-                    await self._send(list(commands))
+                    await self._deliver(list(commands))
                     results: list[Outcome | HubError] = await self._receive()
             except TimeoutError:
                 self._discard()
@@ -106,6 +110,22 @@ class WriterProcess:
                 self._discard()  # cancelled mid-exchange: the pipe is out of step
                 raise
             return results
+
+    async def _deliver(self, commands: list[Command]) -> None:
+        """Send the batch to a live child. A child found dead, or one whose end refuses the
+        write, cannot have applied this batch (a batch is applied only once all of it is
+        read): it is replaced and the batch sent once more."""
+        for attempt in range(2):
+            if self._reader is None or self._reader.at_eof() or not self._process.is_alive():
+                self._discard()
+                await self._start()
+            try:
+                await self._send(commands)
+                return
+            except ConnectionError:
+                self._discard()
+                if attempt:
+                    raise
 
     async def close(self) -> None:
         async with self._lock:
@@ -209,4 +229,5 @@ def _reply(sock: socket.socket, payload: object) -> None:
     sock.sendall(_HEADER.pack(len(data)) + data)
 
 
-_CONTEXT.set_forkserver_preload([__name__])
+if _FORKSERVER:
+    _CONTEXT.set_forkserver_preload([__name__])
