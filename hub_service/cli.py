@@ -97,9 +97,13 @@ def build_parser(config: HubConfig) -> argparse.ArgumentParser:
     return parser
 
 
-async def _serve(config: HubConfig) -> None:
+async def _serve(config: HubConfig) -> int:
     hub = HubServer(config)
-    await hub.start()
+    try:
+        await hub.start()
+    except (RuntimeError, OSError, ValueError) as exc:  # a port in use, a missing certificate
+        logging.getLogger(__name__).error("kernelhub could not start: %s", exc)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -108,6 +112,7 @@ async def _serve(config: HubConfig) -> None:
     await stop.wait()
     logging.getLogger(__name__).info("signal received; draining")
     await hub.stop()
+    return 0
 
 
 async def _tokens(args: argparse.Namespace, database_url: str) -> int:
@@ -158,6 +163,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.rate_limit_per_second = args.rate_limit
         config.max_connections = args.max_connections
         config.database_url = database_url
-        asyncio.run(_serve(config))
-        return 0
+        return asyncio.run(_serve(config))
     return asyncio.run(_tokens(args, database_url))

@@ -59,6 +59,19 @@ class HubServer:
 
     async def start(self) -> int:
         await self.store.open()
+        try:
+            return await self._start_serving()
+        except BaseException:
+            # A port in use, a bad certificate: release what was started (the writer
+            # process and the committer), or the process could not exit.
+            await self.committer.stop(0)
+            if self._server is not None:
+                await self._server.stop(None)
+                self._server = None
+            await self.store.close()
+            raise
+
+    async def _start_serving(self) -> int:
         self.committer.start()
         await self.committer.submit(cmd.ResetPresence())
         self.router.last_published_seq = await self.store.head_seq()

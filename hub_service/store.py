@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 from sqlalchemy import Connection, Engine, event, exists, func, or_, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
 from generated.kernelhub.v1 import hub_pb2 as pb
@@ -147,7 +147,15 @@ class SqlStore:
         self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="kernelhub-reader")
         self._seq = 0
         self.writer_process = (
-            WriterProcess(WriterSettings(database_url, self.policy, busy_timeout), commit_timeout)
+            WriterProcess(
+                WriterSettings(
+                    database_url,
+                    self.policy,
+                    busy_timeout,
+                    logging.getLogger().getEffectiveLevel(),
+                ),
+                commit_timeout,
+            )
             if writer == "process"
             else None
         )
@@ -170,7 +178,10 @@ class SqlStore:
             raise unavailable(f"database unavailable: {exc.orig}") from exc
 
     async def _write(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._writer, fn)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._writer, fn)
+        except OperationalError as exc:  # e.g. the writer process holds SQLite's lock
+            raise unavailable(f"database unavailable: {exc.orig}") from exc
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -220,7 +231,9 @@ class SqlStore:
         self._seq += 1
         return self._seq
 
-    def commit_sync(self, commands: Sequence[Command]) -> list[Outcome | HubError]:
+    def commit_sync(
+        self, commands: Sequence[Command], head_checked: bool = False
+    ) -> list[Outcome | HubError]:
         """`commit` in the calling thread: the writer thread's or the writer process's."""
         try:
             return self._transaction(commands)
@@ -229,11 +242,18 @@ class SqlStore:
                 "database unavailable, %d commands not committed: %s", len(commands), exc.orig
             )
             return [unavailable(f"database unavailable, retry later: {exc.orig}")] * len(commands)
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, IntegrityError) and not head_checked:
+                # A commit that landed after this writer read the log's head (a replaced
+                # writer process's last one, which PostgreSQL finished after its client was
+                # killed) took the seqs this one allocated: read the head again and retry.
+                log.warning("the event log moved past this writer's head; reading it again")
+                self.load_head()
+                return self.commit_sync(commands, head_checked=True)
             if len(commands) == 1:
                 log.exception("command %s failed", type(commands[0]).__name__)
                 return [HubError(grpc.StatusCode.INTERNAL, "the hub failed to apply this message")]
-            return [self.commit_sync([command])[0] for command in commands]
+        return [self.commit_sync([command], head_checked=True)[0] for command in commands]
 
     def _transaction(self, commands: Sequence[Command]) -> list[Outcome | HubError]:
         results: list[Outcome | HubError] = []

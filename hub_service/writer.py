@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.context import ForkServerContext, SpawnContext
+from multiprocessing.util import Finalize
 from typing import Any
 
 from .collaboration import Policy
@@ -49,6 +50,7 @@ _CONTEXT: ForkServerContext | SpawnContext = (
 )
 _HEADER = struct.Struct("!I")  # frame length; a commit batch is bounded well below 4 GiB
 START_TIMEOUT = 60.0  # the child opens the database and reads the log's head
+_BUFFER = 16 * 1024 * 1024  # read ahead this much of a large frame before pausing
 CLOSE_TIMEOUT = 10.0  # the child finishes the commit it is in, then exits
 
 
@@ -59,6 +61,7 @@ class WriterSettings:
     database_url: str
     policy: Policy
     busy_timeout: float
+    log_level: int = logging.INFO
 
 
 class WriterProcess:
@@ -68,6 +71,8 @@ class WriterProcess:
     def __init__(
         self, settings: WriterSettings, commit_timeout: float, retry_interval: float = 1.0
     ) -> None:
+        if commit_timeout <= 0:
+            raise ValueError(f"commit_timeout must be positive, not {commit_timeout!r}")
         self._settings = settings
         self._commit_timeout = commit_timeout
         # After a failed start, none for this long: a child that cannot open the database
@@ -75,9 +80,13 @@ class WriterProcess:
         self._retry_interval = retry_interval
         self._retry_at = 0.0
         self._lock = asyncio.Lock()
+        self._closed = False
         self._process: Any = None  # multiprocessing's Process (typed loosely by its stubs)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        # Closes our end of the pipe when the interpreter exits, before multiprocessing
+        # joins its children: however the hub ends, the child then sees end of input.
+        self._at_exit: Finalize | None = None
         self.starts = 0  # children started, for stats and tests
 
     @property
@@ -90,6 +99,8 @@ class WriterProcess:
 
     async def commit(self, commands: Sequence[Command]) -> list[Outcome | HubError]:
         async with self._lock:
+            if self._closed:
+                raise unavailable("the hub's store is closed")
             try:
                 async with asyncio.timeout(self._commit_timeout):
                     await self._deliver(list(commands))
@@ -114,9 +125,11 @@ class WriterProcess:
     async def _deliver(self, commands: list[Command]) -> None:
         """Send the batch to a live child. A child found dead, or one whose end refuses the
         write, cannot have applied this batch (a batch is applied only once all of it is
-        read): it is replaced and the batch sent once more."""
+        read): it is replaced and the batch sent once more. Life is judged by the pipe,
+        not by multiprocessing, which reports a live child dead once its fork server is
+        gone (a SIGTERM to the whole process group)."""
         for attempt in range(2):
-            if self._reader is None or self._reader.at_eof() or not self._process.is_alive():
+            if self._reader is None or self._reader.at_eof():
                 self._discard()
                 await self._start()
             try:
@@ -129,10 +142,10 @@ class WriterProcess:
 
     async def close(self) -> None:
         async with self._lock:
-            process, writer = self._process, self._writer
-            self._process = self._reader = self._writer = None
-            if writer is not None:
-                writer.close()  # end of input: the child finishes and exits
+            self._closed = True
+            process = self._process
+            self._drop_pipe()  # end of input: the child finishes its commit and exits
+            self._process = None
             if process is not None:
                 await asyncio.to_thread(process.join, CLOSE_TIMEOUT)
                 if process.is_alive():
@@ -146,7 +159,8 @@ class WriterProcess:
         if time.monotonic() < self._retry_at:
             raise unavailable("the writer process could not start; retrying shortly")
         try:
-            await self._spawn()
+            async with asyncio.timeout(START_TIMEOUT):
+                await self._spawn()
         except BaseException:
             self._discard()
             self._retry_at = time.monotonic() + self._retry_interval
@@ -154,22 +168,22 @@ class WriterProcess:
 
     async def _spawn(self) -> None:
         ours, theirs = socket.socketpair()
+        self._at_exit = Finalize(None, ours.close, exitpriority=100)
         process = _CONTEXT.Process(
             target=_serve, args=(theirs, self._settings), name="kernelhub-writer", daemon=True
         )
-        try:
-            # The first start launches the fork server (an import of the hub): off the loop.
-            await asyncio.to_thread(process.start)
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
+
+        def launch() -> None:
+            try:
+                process.start()  # the first start launches the fork server (an import)
+            finally:
+                theirs.close()  # only once the fork server has its copy
+
+        await asyncio.to_thread(launch)
         self.starts += 1
         self._process = process
-        self._reader, self._writer = await asyncio.open_connection(sock=ours)
-        async with asyncio.timeout(START_TIMEOUT):
-            ready = await self._receive()
+        self._reader, self._writer = await asyncio.open_connection(sock=ours, limit=_BUFFER)
+        ready = await self._receive()
         if isinstance(ready, HubError):
             raise ready
         log.info("writer process %d ready (event log head: seq %d)", process.pid, ready)
@@ -186,13 +200,19 @@ class WriterProcess:
         (size,) = _HEADER.unpack(await self._reader.readexactly(_HEADER.size))
         return pickle.loads(await self._reader.readexactly(size))
 
-    def _discard(self) -> None:
-        """Drop the child and the pipe (the fork server reaps the child)."""
+    def _drop_pipe(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        if self._at_exit is not None:
+            self._at_exit()  # closes our end (if the transport has not) and unregisters
+        self._reader = self._writer = self._at_exit = None
+
+    def _discard(self) -> None:
+        """Drop the pipe and kill the child (the fork server reaps it)."""
+        self._drop_pipe()
         if self._process is not None and self._process.is_alive():
             self._process.kill()
-        self._process = self._reader = self._writer = None
+        self._process = None
 
 
 # --- the child --------------------------------------------------------------
@@ -205,7 +225,8 @@ def _serve(sock: socket.socket, settings: WriterSettings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole group
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s - kernelhub-writer - %(levelname)s - %(message)s"
+        level=settings.log_level,
+        format="%(asctime)s - kernelhub-writer - %(levelname)s - %(message)s",
     )
     store = SqlStore(settings.database_url, settings.policy, busy_timeout=settings.busy_timeout)
     with sock, sock.makefile("rb") as incoming:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +132,18 @@ async def test_cli_tokens_and_serve_with_sigterm(tmp_path: Path) -> None:
     revoked = _hub_cli("token", "revoke", "AI_Node_2", db=db)
     assert revoked.returncode == 0 and "revoked 1" in revoked.stdout
     assert _hub_cli("token", "revoke", "AI_Node_2", db=db).returncode == 1  # nothing left to revoke
+
+
+def test_a_hub_that_cannot_listen_says_why_and_exits(tmp_path: Path) -> None:
+    """A port in use: one line that says so and exit status 1. (With the writer process
+    started and not closed, the hub used to wait for it forever at exit.)"""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _hub_cli(
+            "serve", "--host", "127.0.0.1", "--port", str(port), db=tmp_path / "hub.db"
+        )
+    assert result.returncode == 1
+    assert f"could not start: Failed to bind to address 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -3,14 +3,23 @@ dies or wedges is replaced without losing or doubling a commit; it never outlive
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import pickle
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
 import pytest
+from sqlalchemy import event
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service import commands as cmd
@@ -37,14 +46,30 @@ def gone(pid: int) -> bool:
     return True
 
 
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[SqlStore]:
-    s = SqlStore(store_url, writer="process", commit_timeout=2.0)
+@dataclass
+class DieAfterCommit(cmd.ShareArtifact):
+    """A share whose writer process dies right after committing it, before answering."""
+
+    def apply(self, tx: cmd.Tx) -> Outcome:
+        outcome = super().apply(tx)
+        event.listen(tx.session, "after_commit", lambda _session: os._exit(3))
+        return outcome
+
+
+@contextlib.asynccontextmanager
+async def process_store(url: str, **options: Any) -> AsyncIterator[SqlStore]:
+    s = SqlStore(url, writer="process", **options)
     await s.open()
     try:
         yield s
     finally:
         await s.close()
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[SqlStore]:
+    async with process_store(store_url) as s:
+        yield s
 
 
 def child_pid(store: SqlStore) -> int:
@@ -62,6 +87,7 @@ async def test_commits_run_in_the_child_and_the_parent_reads_them(store: SqlStor
     assert first.events[0].event.artifact_shared.pattern.pattern_id == "m1"
     (again,) = await store.commit([share("m1")])
     assert isinstance(again, Outcome) and again.duplicate and again.seq == 1
+    assert store._seq == 0, "the parent allocated no seq: the child committed"
     page = await store.events_for("AI_Node_2", 0, 10)
     assert [e.artifact_shared.pattern.pattern_id for e in page] == ["m1", "m2"]
 
@@ -104,29 +130,87 @@ async def test_a_killed_child_is_replaced_and_the_log_goes_on(store: SqlStore) -
 
 
 async def test_a_wedged_child_times_out_is_replaced_and_the_resend_commits_once(
+    store_url: str,
+) -> None:
+    async with process_store(store_url, commit_timeout=1.0) as store:
+        await store.commit([share("m1")])
+        pid = child_pid(store)
+        os.kill(pid, signal.SIGSTOP)  # alive, but answers nothing
+        (timed_out,) = await store.commit([share("m2")])
+        assert isinstance(timed_out, HubError)
+        assert timed_out.code == grpc.StatusCode.UNAVAILABLE
+        assert "did not answer" in timed_out.message
+        assert gone(pid), "the wedged child is killed, not left behind"
+        resent, again = await store.commit([share("m2"), share("m2")])
+        assert isinstance(resent, Outcome) and isinstance(again, Outcome)
+        assert resent.seq == 2 and again.duplicate and again.seq == 2
+        page = await store.events_for("AI_Node_2", 0, 10)
+        assert [e.seq for e in page] == [1, 2]
+
+
+async def test_a_child_dying_after_its_commit_is_unknown_and_the_resend_is_a_duplicate(
     store: SqlStore,
 ) -> None:
+    artifact = share("m1").artifact
+    (lost,) = await store.commit([DieAfterCommit("AI_Node_1", "m1", artifact)])
+    assert isinstance(lost, HubError) and lost.code == grpc.StatusCode.UNAVAILABLE
+    assert "ended mid-commit" in lost.message
+    (resent,) = await store.commit([share("m1")])
+    assert isinstance(resent, Outcome) and resent.duplicate and resent.seq == 1
+    assert [e.seq for e in await store.events_for("AI_Node_2", 0, 10)] == [1]
+
+
+async def test_the_fork_server_dying_does_not_cost_the_writer(store: SqlStore) -> None:
+    """A SIGTERM to the whole process group (systemd's default) ends the fork server; the
+    writer ignores it and must go on serving, not be judged dead and replaced."""
     await store.commit([share("m1")])
     pid = child_pid(store)
-    os.kill(pid, signal.SIGSTOP)  # alive, but answers nothing
-    (timed_out,) = await store.commit([share("m2")])
-    assert isinstance(timed_out, HubError)
-    assert timed_out.code == grpc.StatusCode.UNAVAILABLE
-    assert "did not answer" in timed_out.message
-    assert gone(pid), "the wedged child is killed, not left behind"
-    resent, again = await store.commit([share("m2"), share("m2")])
-    assert isinstance(resent, Outcome) and isinstance(again, Outcome)
-    assert resent.seq == 2 and again.duplicate and again.seq == 2
-    page = await store.events_for("AI_Node_2", 0, 10)
-    assert [e.seq for e in page] == [1, 2]
+    fork_server = psutil.Process(pid).ppid()
+    os.kill(fork_server, signal.SIGTERM)
+    # Not reaped here (multiprocessing reaps its fork server and starts another when next
+    # needed): its end shows in the writer, handed to a new parent.
+    deadline = time.monotonic() + WAIT
+    while psutil.Process(pid).ppid() == fork_server:
+        assert time.monotonic() < deadline, "the fork server ignored SIGTERM"
+        await asyncio.sleep(0.05)
+    (after,) = await store.commit([share("m2")])
+    assert isinstance(after, Outcome) and after.seq == 2
+    assert child_pid(store) == pid
+    assert store.writer_process is not None and store.writer_process.starts == 1
+
+
+async def test_a_writer_behind_the_log_reads_the_head_again(store_url: str) -> None:
+    """What a replacement writer meets when its predecessor's last commit lands after it
+    read the head (PostgreSQL finishes a COMMIT whose client was killed): its seqs collide."""
+    store = SqlStore(store_url)  # the thread writer: the same commit path, easier to reach
+    await store.open()
+    try:
+        await store.commit([share("m1")])
+        store._seq = 0  # as if the head were read before m1 committed
+        (after,) = await store.commit([share("m2")])
+        assert isinstance(after, Outcome) and after.seq == 2
+    finally:
+        await store.close()
+
+
+def test_a_store_left_open_does_not_keep_the_process_from_exiting(tmp_path: Path) -> None:
+    script = (
+        "import asyncio\n"
+        "from hub_service.store import SqlStore\n"
+        f"store = SqlStore('sqlite:///{tmp_path / 'open.db'}', writer='process')\n"
+        "asyncio.run(store.open())\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True)
+    assert ran.returncode == 0, ran.stderr
 
 
 async def test_closing_the_store_ends_the_child(store_url: str) -> None:
-    store = SqlStore(store_url, writer="process")
-    await store.open()
-    pid = child_pid(store)
-    await store.close()
+    async with process_store(store_url) as store:
+        pid = child_pid(store)
     assert gone(pid)
+    (refused,) = await store.commit([share("m1")])
+    assert isinstance(refused, HubError) and refused.code == grpc.StatusCode.UNAVAILABLE
+    assert store.writer_process is not None and store.writer_process.pid is None
 
 
 def test_an_unknown_writer_is_refused() -> None:
