@@ -26,6 +26,7 @@ class _Pending:
 
     command: Command
     reply: Reply
+    size: int = 0  # bytes of the message it came in, towards the batch's byte bound
     answered: bool = False
 
     def answer(self, result: Outcome | HubError) -> None:
@@ -55,12 +56,17 @@ class GroupCommitter:
         batch_size: int = 512,
         queue_size: int = 8192,
         linger: float = 0.0,
+        batch_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self._store = store
         self._on_commit = on_commit
         self._on_failure = on_failure
         self._inflight: list[_Pending] = []
         self._batch_size = batch_size
+        # A batch also ends at this many bytes of messages (the first always goes): its
+        # transaction, and its trip to and from the writer process, stay short.
+        self._batch_bytes = batch_bytes
+        self._carried: _Pending | None = None  # the command that ended the last batch
         self._linger = linger
         self.commits = 0  # batches committed (or attempted), for stats and tests
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(queue_size)
@@ -70,11 +76,12 @@ class GroupCommitter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="group-commit")
 
-    async def enqueue(self, command: Command, reply: Reply) -> None:
-        """Wait for room in the queue; `reply` gets the outcome or error once committed."""
+    async def enqueue(self, command: Command, reply: Reply, size: int = 0) -> None:
+        """Wait for room in the queue; `reply` gets the outcome or error once committed.
+        `size`: the bytes of the message the command came in."""
         if self._closed:
             raise unavailable("the hub is shutting down; reconnect and resend")
-        pending = _Pending(command, reply)
+        pending = _Pending(command, reply, size)
         await self._queue.put(pending)
         if self._closed and (self._task is None or self._task.done()):
             pending.answer(unavailable("the hub shut down before committing this"))
@@ -98,15 +105,24 @@ class GroupCommitter:
         loop = asyncio.get_running_loop()
         last_commit = -1.0
         while True:
-            batch = [await self._queue.get()]
+            carried, self._carried = self._carried, None
+            first = carried or await self._queue.get()
+            batch = [first]
             self._inflight = batch  # stop() answers it if cancelled from here on
             # Busy (the last commit ended less than `linger` ago): let more commands join this
-            # one, since a commit's fixed cost dwarfs a command's. Idle: commit at once.
+            # one, since a commit's fixed cost dwarfs a command's. Idle, or a full batch
+            # already waiting: commit at once.
             wait = last_commit + self._linger - loop.time()
-            if wait > 0 and self._queue.qsize() + 1 < self._batch_size:
+            if wait > 0 and carried is None and self._queue.qsize() + 1 < self._batch_size:
                 await asyncio.sleep(wait)
+            size = first.size
             while len(batch) < self._batch_size and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+                pending = self._queue.get_nowait()
+                size += pending.size
+                if size > self._batch_bytes:
+                    self._carried = pending  # first in the next batch
+                    break
+                batch.append(pending)
             try:
                 results: list[Outcome | HubError] = await self._store.commit(
                     [p.command for p in batch]
@@ -144,6 +160,8 @@ class GroupCommitter:
                 await self._task
         # Only if the timeout struck: the batch being committed and what is still queued.
         leftovers = list(self._inflight)
+        if self._carried is not None:
+            leftovers.append(self._carried)
         while not self._queue.empty():
             leftovers.append(self._queue.get_nowait())
         for pending in leftovers:

@@ -31,6 +31,8 @@ class HubConfig:
     stream_linger: float = 0.005
     replay_page_size: int = 512
     commit_batch_size: int = 512
+    # A group commit also ends at this many bytes of messages (the first always goes).
+    commit_batch_bytes: int = 4 * 1024 * 1024
     commit_queue_size: int = 8192
     # While busy, at most one group commit per this many seconds, so commands share
     # commits under moderate load; an idle hub commits a command at once.

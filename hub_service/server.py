@@ -48,6 +48,7 @@ class HubServer:
             self.router.publish,
             on_failure=self.router.resync,
             batch_size=config.commit_batch_size,
+            batch_bytes=config.commit_batch_bytes,
             queue_size=config.commit_queue_size,
             linger=config.commit_linger,
         )

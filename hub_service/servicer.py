@@ -332,6 +332,7 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
             await self._committer.enqueue(
                 to_command(connection.agent_id, request, kind),
                 partial(connection.answer, request.message_id),
+                request.ByteSize(),
             )
         except HubError as error:
             connection.answer(request.message_id, error)

@@ -83,3 +83,23 @@ async def test_commands_arriving_within_the_commit_linger_share_one_commit(
     seqs = [(await trainer.receipt(mid)).seq for mid in mids]
     assert seqs == sorted(set(seqs))
     assert hub.committer.commits - before == 1
+
+
+@pytest.mark.parametrize(
+    "hub_config",
+    [{"commit_linger": 1.0, "commit_batch_bytes": 1, "reaper_interval": 3600}],
+    indirect=True,
+)
+async def test_a_commit_also_ends_at_its_byte_bound(hub: HubServer, harness: HubHarness) -> None:
+    """The same three shares with a byte bound below one message: each its own commit (the
+    first of a batch always goes), in order. (No expiry sweep: it would commit on its own
+    within the linger.)"""
+    trainer = await harness.connect("AI_Node_1")
+    before = hub.committer.commits
+    mids = [
+        await trainer.send(share_pattern=pb.SharePattern(pattern=pattern(f"b{i}")))
+        for i in range(3)
+    ]
+    seqs = [(await trainer.receipt(mid)).seq for mid in mids]
+    assert seqs == sorted(set(seqs))
+    assert hub.committer.commits - before == 3
