@@ -10,10 +10,10 @@ One pipe, one commit at a time: the commands go over pickled, the outcomes (or e
 come back pickled. Every exchange has a deadline. A child that dies or stops answering
 is killed and the commit it held is answered UNAVAILABLE (its outcome is unknown, so the
 committer distrusts the live feed; a resend is deduplicated by its message_id); the next
-commit starts a new child, which reads the event log's head again (after a failed start,
-not for a second). The child ignores
-SIGINT and SIGTERM (the hub drains first, then closes the pipe) and exits when the pipe
-closes, so it never outlives the hub, even one killed with SIGKILL.
+commit starts a new child, which reads the event log's head again (a start that failed
+is not retried for a second). The child ignores SIGINT and SIGTERM (the hub drains first,
+then closes the pipe) and exits when the pipe closes, so it never outlives the hub, even
+one killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ _CONTEXT: ForkServerContext | SpawnContext = (
     if _FORKSERVER
     else multiprocessing.get_context("spawn")
 )
-_HEADER = struct.Struct("!I")  # frame length; a commit batch is bounded well below 4 GiB
+_HEADER = struct.Struct("!I")  # frame length; a batch is bounded by commit_batch_bytes
 START_TIMEOUT = 60.0  # the child opens the database and reads the log's head
 _BUFFER = 16 * 1024 * 1024  # read ahead this much of a large frame before pausing
 CLOSE_TIMEOUT = 10.0  # the child finishes the commit it is in, then exits
