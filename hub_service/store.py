@@ -172,15 +172,16 @@ class SqlStore:
             with self._session() as session:
                 return fn(session)
 
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._readers, run)
-        except OperationalError as exc:
-            raise unavailable(f"database unavailable: {exc.orig}") from exc
+        return await self._off_loop(self._readers, run)
 
     async def _write(self, fn: Callable[[], T]) -> T:
+        return await self._off_loop(self._writer, fn)
+
+    @staticmethod
+    async def _off_loop(executor: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._writer, fn)
-        except OperationalError as exc:  # e.g. the writer process holds SQLite's lock
+            return await asyncio.get_running_loop().run_in_executor(executor, fn)
+        except OperationalError as exc:  # down, or locked (e.g. by the writer process)
             raise unavailable(f"database unavailable: {exc.orig}") from exc
 
     # --- lifecycle ----------------------------------------------------------

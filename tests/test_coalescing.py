@@ -68,12 +68,9 @@ async def test_receipts_are_never_held_by_the_linger(harness: HubHarness) -> Non
     assert seqs == sorted(set(seqs))
 
 
-@pytest.mark.parametrize("hub_config", [{"commit_linger": 1.0}], indirect=True)
-async def test_commands_arriving_within_the_commit_linger_share_one_commit(
-    hub: HubServer, harness: HubHarness
-) -> None:
-    """Three shares written back to back just after a commit: the first would otherwise
-    be committed alone the moment it arrives, the other two after it."""
+async def commits_for_three_shares(hub: HubServer, harness: HubHarness) -> int:
+    """Three shares written back to back just after a trainer's presence was committed:
+    the commits they took, once each is receipted, in order."""
     trainer = await harness.connect("AI_Node_1")  # its presence was just committed
     before = hub.committer.commits
     mids = [
@@ -82,7 +79,16 @@ async def test_commands_arriving_within_the_commit_linger_share_one_commit(
     ]
     seqs = [(await trainer.receipt(mid)).seq for mid in mids]
     assert seqs == sorted(set(seqs))
-    assert hub.committer.commits - before == 1
+    return hub.committer.commits - before
+
+
+@pytest.mark.parametrize("hub_config", [{"commit_linger": 1.0}], indirect=True)
+async def test_commands_arriving_within_the_commit_linger_share_one_commit(
+    hub: HubServer, harness: HubHarness
+) -> None:
+    """Three shares written back to back just after a commit: the first would otherwise
+    be committed alone the moment it arrives, the other two after it."""
+    assert await commits_for_three_shares(hub, harness) == 1
 
 
 @pytest.mark.parametrize(
@@ -94,12 +100,4 @@ async def test_a_commit_also_ends_at_its_byte_bound(hub: HubServer, harness: Hub
     """The same three shares with a byte bound below one message: each its own commit (the
     first of a batch always goes), in order. (No expiry sweep: it would commit on its own
     within the linger.)"""
-    trainer = await harness.connect("AI_Node_1")
-    before = hub.committer.commits
-    mids = [
-        await trainer.send(share_pattern=pb.SharePattern(pattern=pattern(f"b{i}")))
-        for i in range(3)
-    ]
-    seqs = [(await trainer.receipt(mid)).seq for mid in mids]
-    assert seqs == sorted(set(seqs))
-    assert hub.committer.commits - before == 3
+    assert await commits_for_three_shares(hub, harness) == 3
