@@ -51,7 +51,7 @@ async def run(command: str, env: dict[str, str]) -> tuple[int, str, str]:
 @pytest.mark.skipif(GRPCURL is None, reason="grpcurl is installed by the dev extra (scripts/setup)")
 async def test_readme_grpcurl_commands_work_as_written(hub: HubServer, harness: HubHarness) -> None:
     listener = await harness.connect("AI_Node_2")
-    token = await harness.token("AI_Node_1")
+    token = await harness.token("grpcurl_debug")
     assert GRPCURL is not None
     env = {
         **os.environ,
@@ -81,7 +81,7 @@ async def test_readme_grpcurl_commands_work_as_written(hub: HubServer, harness: 
     # The stdin session: welcome, a receipt with a seq, and field violations for the bad share.
     stream = output_of("-d @")
     responses = [json.loads(chunk) for chunk in re.split(r"(?<=\n})\n(?={)", stream.strip())]
-    assert responses[0]["welcome"]["agent_id"] == "AI_Node_1"
+    assert responses[0]["welcome"]["agent_id"] == "grpcurl_debug"
     receipts = [r for resp in responses for r in resp.get("receipts", [])]
     assert [r["message_id"] for r in receipts] == ["m1"] and int(receipts[0]["seq"]) > 0
     errors_seen = [e for resp in responses for e in resp.get("errors", [])]
@@ -90,7 +90,7 @@ async def test_readme_grpcurl_commands_work_as_written(hub: HubServer, harness: 
     assert "share_pattern.pattern.confidence" in fields
 
     # ... while a Python trainer on the same hub receives the shared pattern.
-    shared = await listener.event("artifact_shared", contributor_id="AI_Node_1")
+    shared = await listener.event("artifact_shared", contributor_id="grpcurl_debug")
     assert shared.artifact_shared.pattern.pattern_id == "p1"
     assert shared.seq == int(receipts[0]["seq"])
     listed = await harness.query("ListArtifacts", pb.ListArtifactsRequest())
