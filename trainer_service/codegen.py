@@ -9,12 +9,12 @@ source, different seeds give different but equally valid code.
 The C lives in `codegen_templates/*.c` (package data), one file per component,
 each valid C99 as it stands so it reads, diffs and compiles as C. Above its
 `_BODY_MARKER` line a template has its `#include`s (the unit's includes) and an
-`#ifndef NAME / #define NAME default / #endif` per parameter (the parameters);
-the renderer keeps only the body, keeps or drops each `#if FLAG ... [#else ...]
-#endif` block on a boolean parameter, writes the values over the other
-parameters' names, then the unit's prefix over `prefix_` and `PREFIX_`. This
-module is the registry: which template makes which component, and how the rng
-picks its parameters.
+`#ifndef NAME / #define NAME default / #endif` per parameter (the parameters).
+The renderer keeps only the body, keeps or drops each `#if FLAG ... [#else ...]
+#endif` block on a boolean parameter (bodies have no other conditionals), writes
+the values over the other parameters' names, then the unit's prefix over
+`prefix_` and `PREFIX_`. This module is the registry: which template makes
+which component, and how the rng picks its parameters.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ TEMPLATE_DIR: Final = "codegen_templates"  # package data of trainer_service
 _BODY_MARKER: Final = "/* ---- template body ---- */\n"
 _INCLUDE: Final = re.compile(r"^#include <([^>]+)>$", re.M)
 _PARAM: Final = re.compile(r"^#ifndef (\w+)\n#define \1 ", re.M)
+# One level only: a template's flag blocks do not nest.
 _FLAG_BLOCK: Final = re.compile(r"^#if (\w+)\n(.*?)(?:^#else\n(.*?))?^#endif\n", re.M | re.S)
+_DIRECTIVE_LEFT: Final = re.compile(r"^#(?:if|ifdef|ifndef|elif|else|endif)\b", re.M)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,8 @@ def _template(name: str) -> _Template:
 
 
 def _render(name: str, prefix: str, values: Mapping[str, str | int | bool]) -> str:
+    """Values before the prefix, so a value may name a prefixed identifier
+    (`prefix_clear`); a mismatch with the template is a bug, so it raises."""
     template = _template(name)
     if set(values) != template.params:
         raise ValueError(
@@ -102,6 +106,8 @@ def _render(name: str, prefix: str, values: Mapping[str, str | int | bool]) -> s
         return m[2] if flag else m[3] or ""
 
     text = _FLAG_BLOCK.sub(flag_block, template.body)
+    if _DIRECTIVE_LEFT.search(text):
+        raise ValueError(f"template {name}.c: a conditional is nested or unbalanced")
     names = [k for k, v in values.items() if not isinstance(v, bool)]
     if names:
         text = re.sub(rf"\b({'|'.join(names)})\b", lambda m: str(values[m[1]]), text)
