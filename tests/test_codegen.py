@@ -9,6 +9,7 @@ import random
 import re
 import shutil
 import subprocess
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,10 @@ SPECS = SPECIALIZATION_NAMES
 SYNTAX_CMD = ("-std=c99", "-Wall", "-Werror", "-fsyntax-only", "-x", "c", "-")
 # Stricter, for the units we also link and run.
 STRICT = ("-std=c99", "-Wall", "-Wextra", "-pedantic", "-Werror", "-O1")
+# The issue's command for a template file on its own.
+TEMPLATE_CMD = ("-std=c99", "-Wall", "-Wextra", "-Werror", "-c", "-x", "c")
+TEMPLATES = resources.files("trainer_service") / codegen.TEMPLATE_DIR
+TEMPLATE_FILES = tuple(sorted(t.name for t in TEMPLATES.iterdir() if t.name.endswith((".c", ".h"))))
 
 
 def _spec(name: str) -> Specialization:
@@ -86,6 +91,8 @@ def _assert_well_formed(unit: codegen.GeneratedCode) -> None:
     assert unit.test_cases and all(t.startswith("test_") for t in unit.test_cases)
     assert len(set(unit.test_cases)) == len(unit.test_cases)
     assert unit.dependencies
+    assert re.search(r"\b(?:prefix|PREFIX)_", unit.code) is None, "a template prefix was left"
+    assert "template body" not in unit.code and "#if " not in unit.code
 
 
 # --- every specialization, every feature, a few seeds: syntax with the brief's flags
@@ -156,6 +163,52 @@ def test_compiler_rejects_broken_code() -> None:
     result = _syntax_check("int f(void) { int unused; return 0; }\n")
     assert result.returncode != 0
     assert "unused" in result.stderr
+
+
+# --- the templates themselves: C files that compile as they stand
+
+
+def test_every_template_file_is_in_the_registry() -> None:
+    """A template nothing renders is dead C; a registry entry without its file
+    would only fail when the rng first picks it."""
+    assert TEMPLATE_FILES, f"no templates found in {TEMPLATES}"
+    components = (*codegen._MODULES.values(), *codegen._FEATURES.values())
+    used = {c.template for c in components} | {"integration_glue"}
+    assert {Path(name).stem for name in TEMPLATE_FILES} == used
+
+
+@needs_gcc
+@pytest.mark.parametrize("template", TEMPLATE_FILES)
+def test_template_compiles_as_c(template: str, tmp_path: Path) -> None:
+    """Each file on its own: with its defaults, then with every combination of
+    its flags, so both sides of each #if are checked."""
+    assert GCC is not None
+    ref = TEMPLATES / template
+    flags = sorted(set(re.findall(r"^#if (\w+)$", ref.read_text(encoding="utf-8"), re.M)))
+    choices = [
+        (),
+        *(
+            [f"-D{f}={v}" for f, v in zip(flags, bits, strict=True)]
+            for bits in itertools.product("01", repeat=len(flags))
+        ),
+    ]
+    with resources.as_file(ref) as path:
+        for defines in choices:
+            built = subprocess.run(
+                [GCC, *TEMPLATE_CMD, *defines, str(path), "-o", str(tmp_path / "template.o")],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert built.returncode == 0, f"{template} {' '.join(defines)}:\n{built.stderr}"
+
+
+def test_renderer_refuses_parameters_that_do_not_match_the_template() -> None:
+    with pytest.raises(ValueError, match="MAX_INPUTS"):
+        codegen._render("pcm_mixer", "pcm", {})
+    with pytest.raises(ValueError, match="WITH_REMOVE is not on a flag"):
+        codegen._render("run_queue", "runq", {"SLOTS": "8u", "QUANTUM": "2u", "WITH_REMOVE": 1})
 
 
 # --- determinism and variety (no compiler needed)
