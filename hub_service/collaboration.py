@@ -44,12 +44,20 @@ class Policy:
     partner_offline_grace: timedelta = timedelta(seconds=30)  # after a partner disconnects
     max_open_per_agent: int = 16
 
-    def deadline(self, state: int, now: datetime) -> datetime | None:
+    def deadline(
+        self, state: int, since: datetime, offline_since: datetime | None = None
+    ) -> datetime | None:
+        """When a session in `state` since `since` expires: its TTL, but no later than
+        the grace after `offline_since` (when a partner that is offline was last seen)."""
         if state == State.COLLABORATION_STATE_PROPOSED:
-            return now + self.proposal_ttl
-        if state == State.COLLABORATION_STATE_ACTIVE:
-            return now + self.activity_ttl
-        return None
+            due = since + self.proposal_ttl
+        elif state == State.COLLABORATION_STATE_ACTIVE:
+            due = since + self.activity_ttl
+        else:
+            return None
+        if offline_since is not None:
+            due = min(due, offline_since + self.partner_offline_grace)
+        return due
 
 
 def advance(

@@ -166,6 +166,7 @@ class AgentOnline:
         row.online = True
         row.last_seen_at = tx.now
         tx.session.add(row)
+        _reset_deadlines(tx, self.agent_id)  # back in time: no longer held to the grace
         outcome = Outcome(resource_id=self.agent_id)
         tx.emit(
             outcome, self.agent_id, None, agent_joined=pb.AgentJoined(agent=agent_to_proto(row))
@@ -186,7 +187,7 @@ class AgentOffline:
         row.online = False
         row.last_seen_at = tx.now
         tx.session.add(row)
-        _bring_deadlines_forward(tx, self.agent_id)
+        _reset_deadlines(tx, self.agent_id)
         tx.emit(outcome, self.agent_id, None, agent_left=pb.AgentLeft(agent_id=self.agent_id))
         return outcome
 
@@ -199,15 +200,41 @@ class ResetPresence:
     message_id: str = ""
 
     def apply(self, tx: Tx) -> Outcome:
-        tx.session.execute(update(AgentRow).values(online=False))
-        _bring_deadlines_forward(tx, None)
+        # When those still marked online left is unknown (the hub was down): they get the
+        # whole grace from now to come back.
+        tx.session.execute(
+            update(AgentRow).where(col(AgentRow.online)).values(online=False, last_seen_at=tx.now)
+        )
+        _reset_deadlines(tx, None)
         return Outcome()
 
 
-def _bring_deadlines_forward(tx: Tx, agent_id: str | None) -> None:
-    """An absent partner gets `partner_offline_grace` to come back and make progress."""
-    latest = tx.now + tx.policy.partner_offline_grace
-    query = select(CollaborationRow).where(col(CollaborationRow.state).in_(collab.OPEN_STATES))
+def _offline_since(tx: Tx, row: CollaborationRow) -> datetime | None:
+    """When the session's partner that is offline (the earlier, if both) was last seen."""
+    seen = []
+    for agent_id in (row.initiator_id, row.target_id):
+        agent = tx.session.get(AgentRow, agent_id)
+        if agent is None:
+            seen.append(tx.now)
+        elif not agent.online:
+            seen.append(agent.last_seen_at)
+    return min(seen, default=None)
+
+
+def _set_deadline(tx: Tx, row: CollaborationRow) -> None:
+    """The one place a deadline is set: the state's TTL from the session's last step,
+    but no later than the grace after an offline partner was last seen."""
+    row.expires_at = tx.policy.deadline(row.state, row.updated_at, _offline_since(tx, row))
+
+
+def _reset_deadlines(tx: Tx, agent_id: str | None) -> None:
+    """Recompute the deadlines of `agent_id`'s open sessions (None: every open session)
+    after a change of presence."""
+    query = select(CollaborationRow).where(
+        col(CollaborationRow.state).in_(collab.OPEN_STATES),
+        # A session already due stays due: coming back too late revives nothing.
+        or_(col(CollaborationRow.expires_at).is_(None), col(CollaborationRow.expires_at) > tx.now),
+    )
     if agent_id is not None:
         query = query.where(
             or_(
@@ -216,9 +243,8 @@ def _bring_deadlines_forward(tx: Tx, agent_id: str | None) -> None:
             )
         )
     for row in tx.session.exec(query):
-        if row.expires_at is None or row.expires_at > latest:
-            row.expires_at = latest
-            tx.session.add(row)
+        _set_deadline(tx, row)
+        tx.session.add(row)
 
 
 # --- sharing ----------------------------------------------------------------
@@ -377,8 +403,8 @@ class ProposeCollaboration:
             state=state,
             created_at=tx.now,
             updated_at=tx.now,
-            expires_at=tx.policy.deadline(state, tx.now),
         )
+        _set_deadline(tx, row)
         tx.session.add(row)
         outcome = Outcome(resource_id=row.session_id)
         _notify_partners(tx, outcome, self.agent_id, row)
@@ -414,7 +440,7 @@ class CollaborationStep:
             step=self.step,
         )
         row.updated_at = tx.now
-        row.expires_at = tx.policy.deadline(row.state, tx.now)
+        _set_deadline(tx, row)
         outcome = Outcome(resource_id=row.session_id)
         if self.step is collab.Step.DECLINE:
             row.end_reason = self.note or f"declined by {self.agent_id}"

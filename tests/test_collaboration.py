@@ -554,3 +554,84 @@ async def test_a_trainer_gets_its_receipt_no_later_than_the_events_its_message_c
             ):
                 event_at = responses
         assert receipt_at <= event_at, f"round {round_}: the event came before the receipt"
+
+
+# --- the partner-offline rule, whichever partner and whatever the other does ---------
+
+
+@short(partner_offline_grace=timedelta(seconds=1))
+async def test_a_proposal_to_an_agent_already_offline_expires_after_the_grace(
+    harness: HubHarness,
+) -> None:
+    a, b = await connect_pair(harness)
+    await b.close()
+    await a.event("agent_left", agent_id="AI_Node_2")
+    session_id = await propose(a, "AI_Node_2")
+    proposed = await updated(a, session_id, S.COLLABORATION_STATE_PROPOSED)
+    # Due no later than the grace after the target was last seen, not after the proposal TTL.
+    left = (await harness.query("ListAgents", pb.ListAgentsRequest())).agents
+    last_seen = next(x.last_seen_time.ToDatetime() for x in left if x.agent_id == "AI_Node_2")
+    assert proposed.expire_time.ToDatetime() <= last_seen + timedelta(seconds=1)
+    collab = await updated(a, session_id, S.COLLABORATION_STATE_EXPIRED)
+    assert collab.end_reason == "partner AI_Node_2 went offline"
+
+
+@short(partner_offline_grace=timedelta(seconds=1))
+async def test_progress_by_one_partner_does_not_keep_a_session_with_an_absent_one_alive(
+    harness: HubHarness,
+) -> None:
+    a, b = await connect_pair(harness)
+    session_id = await propose(a, "AI_Node_2")
+    await a.close()  # the initiator leaves ...
+    await b.event("agent_left", agent_id="AI_Node_1")
+    await accept(b, session_id)  # ... and the target accepts and keeps working
+    deadline = asyncio.get_running_loop().time() + WAIT
+    progress = 0.0
+    while not any(
+        e.WhichOneof("body") == "collaboration_updated"
+        and e.collaboration_updated.collaboration.state == S.COLLABORATION_STATE_EXPIRED
+        for e in b.events
+    ):
+        assert asyncio.get_running_loop().time() < deadline, "the session never expired"
+        progress = min(progress + 0.01, 0.99)
+        answer = await b.answer(
+            await b.send(
+                report_collaboration_progress=pb.ReportCollaborationProgress(
+                    session_id=session_id, progress=progress
+                )
+            )
+        )
+        if isinstance(answer, pb.RequestError):  # expiring, or expired: the reaper says which
+            assert answer.code == FAILED_PRECONDITION, answer
+            break
+        # Each progress report's event: its deadline never moves past the grace.
+        collab = await updated(b, session_id, S.COLLABORATION_STATE_ACTIVE, progress=progress)
+        assert collab.expire_time.ToDatetime() <= collab.update_time.ToDatetime() + timedelta(
+            seconds=1
+        )
+        await asyncio.sleep(0.05)  # pacing only: a trainer reports now and then, not in a spin
+    collab = await updated(b, session_id, S.COLLABORATION_STATE_EXPIRED)
+    assert collab.end_reason == "partner AI_Node_1 went offline"
+
+
+@short(partner_offline_grace=timedelta(seconds=30), activity_ttl=timedelta(seconds=60))
+async def test_a_partner_back_in_time_gets_the_full_deadline_again(harness: HubHarness) -> None:
+    a, b = await connect_pair(harness)
+    session_id = await propose(a, "AI_Node_2")
+    await accept(b, session_id)
+    active = await updated(a, session_id, S.COLLABORATION_STATE_ACTIVE)
+    full = active.update_time.ToDatetime() + timedelta(seconds=60)
+    assert active.expire_time.ToDatetime() == full
+    await b.close()
+    await a.event("agent_left", agent_id="AI_Node_2")
+    [away] = (
+        await harness.query("ListCollaborations", pb.ListCollaborationsRequest())
+    ).collaborations
+    assert away.expire_time.ToDatetime() < full  # brought forward to the grace
+    # Welcome comes after the hub has committed the agent's return.
+    await harness.connect("AI_Node_2", hello("AI_Node_2", pb.SPECIALIZATION_SECURITY))
+    [back] = (
+        await harness.query("ListCollaborations", pb.ListCollaborationsRequest())
+    ).collaborations
+    assert back.state == S.COLLABORATION_STATE_ACTIVE
+    assert back.expire_time.ToDatetime() == full
