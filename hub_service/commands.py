@@ -346,19 +346,67 @@ class DeliverFeature:
 # --- collaborations ---------------------------------------------------------
 
 
-def _open_count(tx: Tx, agent_id: str) -> int:
+def _count_open(tx: Tx, *where: Any) -> int:
     query = (
         select(func.count())
         .select_from(CollaborationRow)
-        .where(
-            col(CollaborationRow.state).in_(collab.OPEN_STATES),
-            or_(
-                col(CollaborationRow.initiator_id) == agent_id,
-                col(CollaborationRow.target_id) == agent_id,
-            ),
-        )
+        .where(col(CollaborationRow.state).in_(collab.OPEN_STATES), *where)
     )
     return int(tx.session.exec(query).one())
+
+
+def _check_taken_on(tx: Tx, agent_id: str) -> None:
+    """An agent's own budget: sessions it proposed and that are open, or that it accepted.
+    Proposals made to it are not in it, so nobody else can fill it."""
+    limit = tx.policy.max_open_per_agent
+    taken_on = _count_open(
+        tx,
+        or_(
+            col(CollaborationRow.initiator_id) == agent_id,
+            (col(CollaborationRow.target_id) == agent_id)
+            & (col(CollaborationRow.state) == State.COLLABORATION_STATE_ACTIVE),
+        ),
+    )
+    if taken_on >= limit:
+        raise HubError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"agent {agent_id} already has {limit} open collaborations it proposed or accepted "
+            "(the limit per agent); one must end first",
+        )
+
+
+def _check_proposal_limits(tx: Tx, initiator: str, target: str) -> None:
+    """Limits that protect the target: one proposer holds at most `max_open_per_pair` of
+    its sessions, and unanswered proposals to it are bounded."""
+    _check_taken_on(tx, initiator)
+    pair_limit = tx.policy.max_open_per_pair
+    pair = _count_open(
+        tx,
+        or_(
+            (col(CollaborationRow.initiator_id) == initiator)
+            & (col(CollaborationRow.target_id) == target),
+            (col(CollaborationRow.initiator_id) == target)
+            & (col(CollaborationRow.target_id) == initiator),
+        ),
+    )
+    if pair >= pair_limit:
+        raise HubError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{initiator} and {target} already have {pair_limit} open collaborations together "
+            "(the limit per pair of agents); one must end first",
+        )
+    incoming_limit = tx.policy.max_incoming_proposals
+    incoming = _count_open(
+        tx,
+        col(CollaborationRow.target_id) == target,
+        col(CollaborationRow.state) == State.COLLABORATION_STATE_PROPOSED,
+    )
+    if incoming >= incoming_limit:
+        raise HubError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"agent {target} already has {incoming_limit} unanswered proposals "
+            "(the limit of proposals waiting for one agent); try again later",
+        )
 
 
 def _notify_partners(tx: Tx, outcome: Outcome, sender: str, row: CollaborationRow) -> None:
@@ -384,13 +432,7 @@ class ProposeCollaboration:
         if target_row is None:
             raise not_found(f"agent {target}")
         initiator_row = tx.session.get(AgentRow, self.agent_id)
-        limit = tx.policy.max_open_per_agent
-        for agent_id in (self.agent_id, target):
-            if _open_count(tx, agent_id) >= limit:
-                raise HubError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"agent {agent_id} already has {limit} open collaborations (the limit)",
-                )
+        _check_proposal_limits(tx, self.agent_id, target)
         state = State.COLLABORATION_STATE_PROPOSED
         row = CollaborationRow(
             session_id=new_id("collab"),
@@ -431,7 +473,7 @@ class CollaborationStep:
             raise failed_precondition(
                 f"collaboration {self.session_id} has passed its deadline and is expiring"
             )
-        row.state = collab.advance(
+        new_state = collab.advance(
             session_id=row.session_id,
             state=row.state,
             initiator=row.initiator_id,
@@ -439,6 +481,9 @@ class CollaborationStep:
             actor=self.agent_id,
             step=self.step,
         )
+        if self.step is collab.Step.ACCEPT:  # accepting takes the session on
+            _check_taken_on(tx, self.agent_id)
+        row.state = new_state
         row.updated_at = tx.now
         _set_deadline(tx, row)
         outcome = Outcome(resource_id=row.session_id)

@@ -412,29 +412,72 @@ async def test_open_sessions_per_agent_are_limited(harness: HubHarness) -> None:
     )
     error = await a.error(over)
     assert (error.code, error.code_name) == (RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED")
-    assert "AI_Node_1" in error.message and "2" in error.message
+    assert "AI_Node_1" in error.message and "2 open collaborations" in error.message
     await still_works(a)
 
-    # ... and so is a target: C may not add a third open session to A.
-    to_full = await c.send(
-        propose_collaboration=pb.ProposeCollaboration(
-            target_agent_id="AI_Node_1", type=pb.COLLABORATION_TYPE_CODE_REVIEW
-        )
+    # ... but proposals to it do not count against it: C may propose, A may not accept yet.
+    from_c = await propose(c, "AI_Node_1", "three")
+    error = await a.error(
+        await a.send(accept_collaboration=pb.AcceptCollaboration(session_id=from_c))
     )
-    error = await c.error(to_full)
     assert error.code == RESOURCE_EXHAUSTED and "AI_Node_1" in error.message
-    await still_works(c)
+    assert "2 open collaborations" in error.message
+    await still_works(a)
 
     # Ending a session frees a slot.
     await b.receipt(
         await b.send(decline_collaboration=pb.DeclineCollaboration(session_id=first, reason="no"))
     )
-    third = await propose(a, "AI_Node_2", "three")
-    assert third != first
+    await accept(a, from_c)
     listed = await harness.query(
-        "ListCollaborations", pb.ListCollaborationsRequest(state=S.COLLABORATION_STATE_PROPOSED)
+        "ListCollaborations", pb.ListCollaborationsRequest(state=S.COLLABORATION_STATE_ACTIVE)
     )
-    assert len(listed.collaborations) == 2
+    assert [x.session_id for x in listed.collaborations] == [from_c]
+
+
+async def test_one_agent_cannot_flood_another_with_proposals(harness: HubHarness) -> None:
+    attacker, victim = await connect_pair(harness)
+    other = await harness.connect("AI_Node_3", hello("AI_Node_3", pb.SPECIALIZATION_PERFORMANCE))
+    answers = [
+        await attacker.answer(
+            await attacker.send(
+                propose_collaboration=pb.ProposeCollaboration(
+                    target_agent_id="AI_Node_2", type=pb.COLLABORATION_TYPE_CODE_REVIEW
+                )
+            )
+        )
+        for _ in range(16)
+    ]
+    accepted = [a for a in answers if isinstance(a, pb.Receipt)]
+    refused = [a for a in answers if isinstance(a, pb.RequestError)]
+    assert len(accepted) == 2 and answers[:2] == accepted  # the per-pair limit
+    for error in refused:
+        assert error.code == RESOURCE_EXHAUSTED
+        assert "AI_Node_1 and AI_Node_2" in error.message and "per pair" in error.message
+    # The victim can still propose, and be proposed to, by anyone else; so can the attacker.
+    await propose(victim, "AI_Node_3")
+    await propose(other, "AI_Node_2")
+    await propose(attacker, "AI_Node_3")
+
+
+@short(max_incoming_proposals=2)
+async def test_unanswered_proposals_to_one_agent_are_limited(harness: HubHarness) -> None:
+    a, b = await connect_pair(harness)
+    c = await harness.connect("AI_Node_3", hello("AI_Node_3", pb.SPECIALIZATION_PERFORMANCE))
+    d = await harness.connect("AI_Node_4", hello("AI_Node_4", pb.SPECIALIZATION_GRAPHICS))
+    await propose(a, "AI_Node_2")
+    await propose(c, "AI_Node_2")
+    error = await d.error(
+        await d.send(
+            propose_collaboration=pb.ProposeCollaboration(
+                target_agent_id="AI_Node_2", type=pb.COLLABORATION_TYPE_CODE_REVIEW
+            )
+        )
+    )
+    assert error.code == RESOURCE_EXHAUSTED
+    assert "AI_Node_2" in error.message and "2 unanswered proposals" in error.message
+    await still_works(d)
+    await propose(b, "AI_Node_4")  # the target's own proposals are not blocked
 
 
 @pytest.mark.parametrize(
@@ -525,6 +568,7 @@ async def test_sessions_carry_both_partners_specializations(harness: HubHarness)
     assert listed.collaborations[0].target_specialization == pb.SPECIALIZATION_SECURITY
 
 
+@short(max_open_per_pair=16)
 async def test_a_trainer_gets_its_receipt_no_later_than_the_events_its_message_caused(
     harness: HubHarness,
 ) -> None:
