@@ -37,6 +37,7 @@ from .models import (
     collaboration_to_proto,
     new_id,
 )
+from .validation import COLLABORATION_SESSION_ATTRIBUTE
 
 State = pb.CollaborationState
 
@@ -496,7 +497,7 @@ class CollaborationStep:
             assert self.component is not None  # validation requires it
             component = pb.OsComponent()
             component.CopyFrom(self.component)
-            component.attributes["collaboration_session_id"] = row.session_id
+            component.attributes[COLLABORATION_SESSION_ATTRIBUTE] = row.session_id
             artifact = pb.Artifact(kind=pb.ARTIFACT_KIND_OS_COMPONENT, os_component=component)
             row.result_artifact_id = tx.store_artifact(outcome, self.agent_id, artifact)
             row.progress = 1.0

@@ -679,3 +679,34 @@ async def test_a_partner_back_in_time_gets_the_full_deadline_again(harness: HubH
     ).collaborations
     assert back.state == S.COLLABORATION_STATE_ACTIVE
     assert back.expire_time.ToDatetime() == full
+
+
+@pytest.mark.parametrize("key", ["collaboration_session_id", "hub_verified"])
+async def test_a_share_cannot_pose_as_a_hub_owned_fact(harness: HubHarness, key: str) -> None:
+    a, b = await connect_pair(harness)
+    session_id = await propose(a, "AI_Node_2")
+    await accept(b, session_id)
+    forged = os_component()
+    forged.attributes[key] = session_id
+    error = await a.error(await a.send(share_os_component=pb.ShareOsComponent(os_component=forged)))
+    assert error.code == 3  # INVALID_ARGUMENT
+    field = f"share_os_component.os_component.attributes[{key!r}]"
+    assert [(v.field, "reserved for the hub" in v.description) for v in error.field_violations] == [
+        (field, True)
+    ]
+    # The same key in a completion is refused too: only the hub writes it.
+    done = collaborative_component()
+    done.attributes[key] = "collab_other"
+    error = await b.error(
+        await b.send(
+            complete_collaboration=pb.CompleteCollaboration(session_id=session_id, component=done)
+        )
+    )
+    assert [v.field for v in error.field_violations] == [
+        f"complete_collaboration.component.attributes[{key!r}]"
+    ]
+    await still_works(a)
+    listed = await harness.query(
+        "ListArtifacts", pb.ListArtifactsRequest(kind=pb.ARTIFACT_KIND_OS_COMPONENT)
+    )
+    assert list(listed.artifacts) == []
