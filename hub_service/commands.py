@@ -22,8 +22,8 @@ from sqlmodel import Session, SQLModel, col, select
 from generated.kernelhub.v1 import hub_pb2 as pb
 
 from . import collaboration as collab
-from .errors import HubError, failed_precondition, not_found
-from .features import capable_agents
+from .errors import HubError, failed_precondition, not_found, permission_denied
+from .features import capable_agents, name_some
 from .models import (
     AgentRow,
     ArtifactRow,
@@ -317,6 +317,31 @@ class DeliverFeature:
         if request.requester_id == self.agent_id:
             raise failed_precondition(
                 f"feature request {request.request_id} is your own; another agent must deliver it"
+            )
+        routed_to = pb.FeatureRequestInfo.FromString(request.body).routed_to
+        if routed_to and self.agent_id not in routed_to:
+            raise permission_denied(
+                f"feature request {request.request_id} was routed to {name_some(routed_to)} "
+                "only; only they may deliver it"
+            )
+        earlier = tx.session.exec(
+            select(FeatureDeliveryRow.artifact_id).where(
+                col(FeatureDeliveryRow.request_id) == request.request_id,
+                col(FeatureDeliveryRow.deliverer_id) == self.agent_id,
+            )
+        ).first()
+        if earlier is not None:
+            raise HubError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"you already delivered feature request {request.request_id} "
+                f"(artifact {earlier}); an agent delivers a request once",
+            )
+        limit = tx.policy.max_deliveries_per_request
+        if request.delivery_count >= limit:
+            raise HubError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"feature request {request.request_id} already has {limit} deliveries "
+                "(the limit per request)",
             )
         outcome = Outcome()
         artifact = tx.stamp(
