@@ -48,6 +48,7 @@ class Policy:
     max_open_per_agent: int = 16
     max_open_per_pair: int = 2  # open sessions between the same two agents, either way
     max_incoming_proposals: int = 64  # unanswered proposals to one agent, from anyone
+    # Not a collaboration limit, but the domain's limits travel together with each commit.
     max_deliveries_per_request: int = 32  # deliveries of one feature request
 
     def deadline(

@@ -549,6 +549,12 @@ def test_policy_deadlines() -> None:
     assert policy.deadline(S.COLLABORATION_STATE_ACTIVE, now) == now + timedelta(seconds=7)
     for ended in ALL_STATES[2:]:
         assert policy.deadline(ended, now) is None
+    # An offline partner caps it at the grace after it was last seen, never extends it.
+    grace = Policy(partner_offline_grace=timedelta(seconds=3))
+    left = now - timedelta(seconds=1)
+    assert grace.deadline(S.COLLABORATION_STATE_ACTIVE, now, left) == now + timedelta(seconds=2)
+    assert grace.deadline(S.COLLABORATION_STATE_PROPOSED, now, left) == now + timedelta(seconds=2)
+    assert policy.deadline(S.COLLABORATION_STATE_PROPOSED, now, now) == now + timedelta(seconds=5)
     assert [s for s in ALL_STATES if is_open(s)] == ALL_STATES[:2]
     assert (
         expiry_reason(S.COLLABORATION_STATE_ACTIVE, "AI_Node_9") == "partner AI_Node_9 went offline"
