@@ -37,19 +37,34 @@ _TARGET_ONLY = {Step.ACCEPT, Step.DECLINE}
 
 @dataclass(frozen=True)
 class Policy:
-    """Deadlines that keep sessions from waiting forever."""
+    """Deadlines that keep sessions from waiting forever, and limits that keep one agent
+    from filling another's budget (each crossing is RESOURCE_EXHAUSTED naming the limit)."""
 
     proposal_ttl: timedelta = timedelta(seconds=120)  # PROPOSED must be answered within
     activity_ttl: timedelta = timedelta(seconds=300)  # ACTIVE must see progress within
     partner_offline_grace: timedelta = timedelta(seconds=30)  # after a partner disconnects
+    # Sessions an agent has taken on: proposed by it and not ended, or accepted by it.
+    # Proposals made *to* it do not count until it accepts them.
     max_open_per_agent: int = 16
+    max_open_per_pair: int = 2  # open sessions between the same two agents, either way
+    max_incoming_proposals: int = 64  # unanswered proposals to one agent, from anyone
+    # Not a collaboration limit, but the domain's limits travel together with each commit.
+    max_deliveries_per_request: int = 32  # deliveries of one feature request
 
-    def deadline(self, state: int, now: datetime) -> datetime | None:
+    def deadline(
+        self, state: int, since: datetime, offline_since: datetime | None = None
+    ) -> datetime | None:
+        """When a session in `state` since `since` expires: its TTL, but no later than
+        the grace after `offline_since` (when a partner that is offline was last seen)."""
         if state == State.COLLABORATION_STATE_PROPOSED:
-            return now + self.proposal_ttl
-        if state == State.COLLABORATION_STATE_ACTIVE:
-            return now + self.activity_ttl
-        return None
+            due = since + self.proposal_ttl
+        elif state == State.COLLABORATION_STATE_ACTIVE:
+            due = since + self.activity_ttl
+        else:
+            return None
+        if offline_since is not None:
+            due = min(due, offline_since + self.partner_offline_grace)
+        return due
 
 
 def advance(

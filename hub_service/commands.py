@@ -22,8 +22,8 @@ from sqlmodel import Session, SQLModel, col, select
 from generated.kernelhub.v1 import hub_pb2 as pb
 
 from . import collaboration as collab
-from .errors import HubError, failed_precondition, not_found
-from .features import capable_agents
+from .errors import HubError, failed_precondition, not_found, permission_denied
+from .features import capable_agents, name_some
 from .models import (
     AgentRow,
     ArtifactRow,
@@ -37,6 +37,7 @@ from .models import (
     collaboration_to_proto,
     new_id,
 )
+from .validation import COLLABORATION_SESSION_ATTRIBUTE
 
 State = pb.CollaborationState
 
@@ -166,6 +167,7 @@ class AgentOnline:
         row.online = True
         row.last_seen_at = tx.now
         tx.session.add(row)
+        _reset_deadlines(tx, self.agent_id)  # back in time: no longer held to the grace
         outcome = Outcome(resource_id=self.agent_id)
         tx.emit(
             outcome, self.agent_id, None, agent_joined=pb.AgentJoined(agent=agent_to_proto(row))
@@ -186,7 +188,7 @@ class AgentOffline:
         row.online = False
         row.last_seen_at = tx.now
         tx.session.add(row)
-        _bring_deadlines_forward(tx, self.agent_id)
+        _reset_deadlines(tx, self.agent_id)
         tx.emit(outcome, self.agent_id, None, agent_left=pb.AgentLeft(agent_id=self.agent_id))
         return outcome
 
@@ -199,15 +201,41 @@ class ResetPresence:
     message_id: str = ""
 
     def apply(self, tx: Tx) -> Outcome:
-        tx.session.execute(update(AgentRow).values(online=False))
-        _bring_deadlines_forward(tx, None)
+        # When those still marked online left is unknown (the hub was down): they get the
+        # whole grace from now to come back.
+        tx.session.execute(
+            update(AgentRow).where(col(AgentRow.online)).values(online=False, last_seen_at=tx.now)
+        )
+        _reset_deadlines(tx, None)
         return Outcome()
 
 
-def _bring_deadlines_forward(tx: Tx, agent_id: str | None) -> None:
-    """An absent partner gets `partner_offline_grace` to come back and make progress."""
-    latest = tx.now + tx.policy.partner_offline_grace
-    query = select(CollaborationRow).where(col(CollaborationRow.state).in_(collab.OPEN_STATES))
+def _offline_since(tx: Tx, row: CollaborationRow) -> datetime | None:
+    """When the session's partner that is offline (the earlier, if both) was last seen."""
+    seen = []
+    for agent_id in (row.initiator_id, row.target_id):
+        agent = tx.session.get(AgentRow, agent_id)
+        if agent is None:
+            seen.append(tx.now)
+        elif not agent.online:
+            seen.append(agent.last_seen_at)
+    return min(seen, default=None)
+
+
+def _set_deadline(tx: Tx, row: CollaborationRow) -> None:
+    """The one place a deadline is set: the state's TTL from the session's last step,
+    but no later than the grace after an offline partner was last seen."""
+    row.expires_at = tx.policy.deadline(row.state, row.updated_at, _offline_since(tx, row))
+
+
+def _reset_deadlines(tx: Tx, agent_id: str | None) -> None:
+    """Recompute the deadlines of `agent_id`'s open sessions (None: every open session)
+    after a change of presence."""
+    query = select(CollaborationRow).where(
+        col(CollaborationRow.state).in_(collab.OPEN_STATES),
+        # A session already due stays due: coming back too late revives nothing.
+        or_(col(CollaborationRow.expires_at).is_(None), col(CollaborationRow.expires_at) > tx.now),
+    )
     if agent_id is not None:
         query = query.where(
             or_(
@@ -216,9 +244,8 @@ def _bring_deadlines_forward(tx: Tx, agent_id: str | None) -> None:
             )
         )
     for row in tx.session.exec(query):
-        if row.expires_at is None or row.expires_at > latest:
-            row.expires_at = latest
-            tx.session.add(row)
+        _set_deadline(tx, row)
+        tx.session.add(row)
 
 
 # --- sharing ----------------------------------------------------------------
@@ -291,6 +318,31 @@ class DeliverFeature:
             raise failed_precondition(
                 f"feature request {request.request_id} is your own; another agent must deliver it"
             )
+        routed_to = pb.FeatureRequestInfo.FromString(request.body).routed_to
+        if routed_to and self.agent_id not in routed_to:
+            raise permission_denied(
+                f"feature request {request.request_id} was routed to {name_some(routed_to)} "
+                "only; only they may deliver it"
+            )
+        earlier = tx.session.exec(
+            select(FeatureDeliveryRow.artifact_id).where(
+                col(FeatureDeliveryRow.request_id) == request.request_id,
+                col(FeatureDeliveryRow.deliverer_id) == self.agent_id,
+            )
+        ).first()
+        if earlier is not None:
+            raise HubError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"you already delivered feature request {request.request_id} "
+                f"(artifact {earlier}); an agent delivers a request once",
+            )
+        limit = tx.policy.max_deliveries_per_request
+        if request.delivery_count >= limit:
+            raise HubError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"feature request {request.request_id} already has {limit} deliveries "
+                "(the limit per request)",
+            )
         outcome = Outcome()
         artifact = tx.stamp(
             pb.Artifact(kind=pb.ARTIFACT_KIND_OS_COMPONENT, os_component=self.delivery.component),
@@ -320,19 +372,67 @@ class DeliverFeature:
 # --- collaborations ---------------------------------------------------------
 
 
-def _open_count(tx: Tx, agent_id: str) -> int:
+def _count_open(tx: Tx, *where: Any) -> int:
     query = (
         select(func.count())
         .select_from(CollaborationRow)
-        .where(
-            col(CollaborationRow.state).in_(collab.OPEN_STATES),
-            or_(
-                col(CollaborationRow.initiator_id) == agent_id,
-                col(CollaborationRow.target_id) == agent_id,
-            ),
-        )
+        .where(col(CollaborationRow.state).in_(collab.OPEN_STATES), *where)
     )
     return int(tx.session.exec(query).one())
+
+
+def _check_taken_on(tx: Tx, agent_id: str) -> None:
+    """An agent's own budget: sessions it proposed and that are open, or that it accepted.
+    Proposals made to it are not in it, so nobody else can fill it."""
+    limit = tx.policy.max_open_per_agent
+    taken_on = _count_open(
+        tx,
+        or_(
+            col(CollaborationRow.initiator_id) == agent_id,
+            (col(CollaborationRow.target_id) == agent_id)
+            & (col(CollaborationRow.state) == State.COLLABORATION_STATE_ACTIVE),
+        ),
+    )
+    if taken_on >= limit:
+        raise HubError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"agent {agent_id} already has {limit} open collaborations it proposed or accepted "
+            "(the limit per agent); one must end first",
+        )
+
+
+def _check_proposal_limits(tx: Tx, initiator: str, target: str) -> None:
+    """Limits that protect the target: one proposer holds at most `max_open_per_pair` of
+    its sessions, and unanswered proposals to it are bounded."""
+    _check_taken_on(tx, initiator)
+    pair_limit = tx.policy.max_open_per_pair
+    pair = _count_open(
+        tx,
+        or_(
+            (col(CollaborationRow.initiator_id) == initiator)
+            & (col(CollaborationRow.target_id) == target),
+            (col(CollaborationRow.initiator_id) == target)
+            & (col(CollaborationRow.target_id) == initiator),
+        ),
+    )
+    if pair >= pair_limit:
+        raise HubError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{initiator} and {target} already have {pair_limit} open collaborations together "
+            "(the limit per pair of agents); one must end first",
+        )
+    incoming_limit = tx.policy.max_incoming_proposals
+    incoming = _count_open(
+        tx,
+        col(CollaborationRow.target_id) == target,
+        col(CollaborationRow.state) == State.COLLABORATION_STATE_PROPOSED,
+    )
+    if incoming >= incoming_limit:
+        raise HubError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"agent {target} already has {incoming_limit} unanswered proposals "
+            "(the limit of proposals waiting for one agent); try again later",
+        )
 
 
 def _notify_partners(tx: Tx, outcome: Outcome, sender: str, row: CollaborationRow) -> None:
@@ -358,13 +458,7 @@ class ProposeCollaboration:
         if target_row is None:
             raise not_found(f"agent {target}")
         initiator_row = tx.session.get(AgentRow, self.agent_id)
-        limit = tx.policy.max_open_per_agent
-        for agent_id in (self.agent_id, target):
-            if _open_count(tx, agent_id) >= limit:
-                raise HubError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"agent {agent_id} already has {limit} open collaborations (the limit)",
-                )
+        _check_proposal_limits(tx, self.agent_id, target)
         state = State.COLLABORATION_STATE_PROPOSED
         row = CollaborationRow(
             session_id=new_id("collab"),
@@ -377,8 +471,8 @@ class ProposeCollaboration:
             state=state,
             created_at=tx.now,
             updated_at=tx.now,
-            expires_at=tx.policy.deadline(state, tx.now),
         )
+        _set_deadline(tx, row)
         tx.session.add(row)
         outcome = Outcome(resource_id=row.session_id)
         _notify_partners(tx, outcome, self.agent_id, row)
@@ -405,7 +499,7 @@ class CollaborationStep:
             raise failed_precondition(
                 f"collaboration {self.session_id} has passed its deadline and is expiring"
             )
-        row.state = collab.advance(
+        new_state = collab.advance(
             session_id=row.session_id,
             state=row.state,
             initiator=row.initiator_id,
@@ -413,8 +507,11 @@ class CollaborationStep:
             actor=self.agent_id,
             step=self.step,
         )
+        if self.step is collab.Step.ACCEPT:  # accepting takes the session on
+            _check_taken_on(tx, self.agent_id)
+        row.state = new_state
         row.updated_at = tx.now
-        row.expires_at = tx.policy.deadline(row.state, tx.now)
+        _set_deadline(tx, row)
         outcome = Outcome(resource_id=row.session_id)
         if self.step is collab.Step.DECLINE:
             row.end_reason = self.note or f"declined by {self.agent_id}"
@@ -425,7 +522,7 @@ class CollaborationStep:
             assert self.component is not None  # validation requires it
             component = pb.OsComponent()
             component.CopyFrom(self.component)
-            component.attributes["collaboration_session_id"] = row.session_id
+            component.attributes[COLLABORATION_SESSION_ATTRIBUTE] = row.session_id
             artifact = pb.Artifact(kind=pb.ARTIFACT_KIND_OS_COMPONENT, os_component=component)
             row.result_artifact_id = tx.store_artifact(outcome, self.agent_id, artifact)
             row.progress = 1.0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 # A feature goes to agents announcing any of these capabilities.
 FEATURE_CAPABILITIES: dict[str, frozenset[str]] = {
@@ -31,3 +31,9 @@ def capable_agents(
         for agent_id, capabilities in agents
         if agent_id != requester and wanted.intersection(capabilities)
     )
+
+
+def name_some(agents: Sequence[str], shown: int = 5) -> str:
+    """The first few agent ids for an error message (routing lists may be long)."""
+    names = ", ".join(agents[:shown])
+    return f"{names} and {len(agents) - shown} more" if len(agents) > shown else names

@@ -19,6 +19,11 @@ from .errors import failed_precondition, invalid
 
 IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")  # used with fullmatch
 SNAKE = re.compile(r"[a-z][a-z0-9_]*")
+# Attribute keys only the hub writes, so nothing a client sends can pose as a hub-owned fact:
+# any key with this prefix, and the key the hub has always put on a collaboration's result.
+HUB_ATTRIBUTE_PREFIX = "hub_"
+COLLABORATION_SESSION_ATTRIBUTE = "collaboration_session_id"
+HUB_ATTRIBUTES = frozenset({COLLABORATION_SESSION_ATTRIBUTE})
 
 
 @dataclass(frozen=True)
@@ -110,8 +115,16 @@ class _Checker:
             )
             return
         for key, value in values.items():
-            self.snake(f"{path}[{key[:40]!r}]", key)
-            self.text(f"{path}[{key[:40]!r}]", value, self.limits.max_attribute_value_length)
+            entry = f"{path}[{key[:40]!r}]"
+            if key in HUB_ATTRIBUTES or key.startswith(HUB_ATTRIBUTE_PREFIX):
+                self.fail(
+                    entry,
+                    f"is reserved for the hub (keys starting with {HUB_ATTRIBUTE_PREFIX!r}, "
+                    f"and {', '.join(sorted(HUB_ATTRIBUTES))})",
+                )
+                continue
+            self.snake(entry, key)
+            self.text(entry, value, self.limits.max_attribute_value_length)
 
     def present(self, path: str, parent: Message, field: str) -> bool:
         if not parent.HasField(field):

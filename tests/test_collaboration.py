@@ -412,29 +412,72 @@ async def test_open_sessions_per_agent_are_limited(harness: HubHarness) -> None:
     )
     error = await a.error(over)
     assert (error.code, error.code_name) == (RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED")
-    assert "AI_Node_1" in error.message and "2" in error.message
+    assert "AI_Node_1" in error.message and "2 open collaborations" in error.message
     await still_works(a)
 
-    # ... and so is a target: C may not add a third open session to A.
-    to_full = await c.send(
-        propose_collaboration=pb.ProposeCollaboration(
-            target_agent_id="AI_Node_1", type=pb.COLLABORATION_TYPE_CODE_REVIEW
-        )
+    # ... but proposals to it do not count against it: C may propose, A may not accept yet.
+    from_c = await propose(c, "AI_Node_1", "three")
+    error = await a.error(
+        await a.send(accept_collaboration=pb.AcceptCollaboration(session_id=from_c))
     )
-    error = await c.error(to_full)
     assert error.code == RESOURCE_EXHAUSTED and "AI_Node_1" in error.message
-    await still_works(c)
+    assert "2 open collaborations" in error.message
+    await still_works(a)
 
     # Ending a session frees a slot.
     await b.receipt(
         await b.send(decline_collaboration=pb.DeclineCollaboration(session_id=first, reason="no"))
     )
-    third = await propose(a, "AI_Node_2", "three")
-    assert third != first
+    await accept(a, from_c)
     listed = await harness.query(
-        "ListCollaborations", pb.ListCollaborationsRequest(state=S.COLLABORATION_STATE_PROPOSED)
+        "ListCollaborations", pb.ListCollaborationsRequest(state=S.COLLABORATION_STATE_ACTIVE)
     )
-    assert len(listed.collaborations) == 2
+    assert [x.session_id for x in listed.collaborations] == [from_c]
+
+
+async def test_one_agent_cannot_flood_another_with_proposals(harness: HubHarness) -> None:
+    attacker, victim = await connect_pair(harness)
+    other = await harness.connect("AI_Node_3", hello("AI_Node_3", pb.SPECIALIZATION_PERFORMANCE))
+    answers = [
+        await attacker.answer(
+            await attacker.send(
+                propose_collaboration=pb.ProposeCollaboration(
+                    target_agent_id="AI_Node_2", type=pb.COLLABORATION_TYPE_CODE_REVIEW
+                )
+            )
+        )
+        for _ in range(16)
+    ]
+    accepted = [a for a in answers if isinstance(a, pb.Receipt)]
+    refused = [a for a in answers if isinstance(a, pb.RequestError)]
+    assert len(accepted) == 2 and answers[:2] == accepted  # the per-pair limit
+    for error in refused:
+        assert error.code == RESOURCE_EXHAUSTED
+        assert "AI_Node_1 and AI_Node_2" in error.message and "per pair" in error.message
+    # The victim can still propose, and be proposed to, by anyone else; so can the attacker.
+    await propose(victim, "AI_Node_3")
+    await propose(other, "AI_Node_2")
+    await propose(attacker, "AI_Node_3")
+
+
+@short(max_incoming_proposals=2)
+async def test_unanswered_proposals_to_one_agent_are_limited(harness: HubHarness) -> None:
+    a, b = await connect_pair(harness)
+    c = await harness.connect("AI_Node_3", hello("AI_Node_3", pb.SPECIALIZATION_PERFORMANCE))
+    d = await harness.connect("AI_Node_4", hello("AI_Node_4", pb.SPECIALIZATION_GRAPHICS))
+    await propose(a, "AI_Node_2")
+    await propose(c, "AI_Node_2")
+    error = await d.error(
+        await d.send(
+            propose_collaboration=pb.ProposeCollaboration(
+                target_agent_id="AI_Node_2", type=pb.COLLABORATION_TYPE_CODE_REVIEW
+            )
+        )
+    )
+    assert error.code == RESOURCE_EXHAUSTED
+    assert "AI_Node_2" in error.message and "2 unanswered proposals" in error.message
+    await still_works(d)
+    await propose(b, "AI_Node_4")  # the target's own proposals are not blocked
 
 
 @pytest.mark.parametrize(
@@ -506,6 +549,12 @@ def test_policy_deadlines() -> None:
     assert policy.deadline(S.COLLABORATION_STATE_ACTIVE, now) == now + timedelta(seconds=7)
     for ended in ALL_STATES[2:]:
         assert policy.deadline(ended, now) is None
+    # An offline partner caps it at the grace after it was last seen, never extends it.
+    grace = Policy(partner_offline_grace=timedelta(seconds=3))
+    left = now - timedelta(seconds=1)
+    assert grace.deadline(S.COLLABORATION_STATE_ACTIVE, now, left) == now + timedelta(seconds=2)
+    assert grace.deadline(S.COLLABORATION_STATE_PROPOSED, now, left) == now + timedelta(seconds=2)
+    assert policy.deadline(S.COLLABORATION_STATE_PROPOSED, now, now) == now + timedelta(seconds=5)
     assert [s for s in ALL_STATES if is_open(s)] == ALL_STATES[:2]
     assert (
         expiry_reason(S.COLLABORATION_STATE_ACTIVE, "AI_Node_9") == "partner AI_Node_9 went offline"
@@ -525,6 +574,7 @@ async def test_sessions_carry_both_partners_specializations(harness: HubHarness)
     assert listed.collaborations[0].target_specialization == pb.SPECIALIZATION_SECURITY
 
 
+@short(max_open_per_pair=16)
 async def test_a_trainer_gets_its_receipt_no_later_than_the_events_its_message_caused(
     harness: HubHarness,
 ) -> None:
@@ -554,3 +604,115 @@ async def test_a_trainer_gets_its_receipt_no_later_than_the_events_its_message_c
             ):
                 event_at = responses
         assert receipt_at <= event_at, f"round {round_}: the event came before the receipt"
+
+
+# --- the partner-offline rule, whichever partner and whatever the other does ---------
+
+
+@short(partner_offline_grace=timedelta(seconds=1))
+async def test_a_proposal_to_an_agent_already_offline_expires_after_the_grace(
+    harness: HubHarness,
+) -> None:
+    a, b = await connect_pair(harness)
+    await b.close()
+    await a.event("agent_left", agent_id="AI_Node_2")
+    session_id = await propose(a, "AI_Node_2")
+    proposed = await updated(a, session_id, S.COLLABORATION_STATE_PROPOSED)
+    # Due no later than the grace after the target was last seen, not after the proposal TTL.
+    left = (await harness.query("ListAgents", pb.ListAgentsRequest())).agents
+    last_seen = next(x.last_seen_time.ToDatetime() for x in left if x.agent_id == "AI_Node_2")
+    assert proposed.expire_time.ToDatetime() <= last_seen + timedelta(seconds=1)
+    collab = await updated(a, session_id, S.COLLABORATION_STATE_EXPIRED)
+    assert collab.end_reason == "partner AI_Node_2 went offline"
+
+
+@short(partner_offline_grace=timedelta(seconds=1))
+async def test_progress_by_one_partner_does_not_keep_a_session_with_an_absent_one_alive(
+    harness: HubHarness,
+) -> None:
+    a, b = await connect_pair(harness)
+    session_id = await propose(a, "AI_Node_2")
+    await a.close()  # the initiator leaves ...
+    await b.event("agent_left", agent_id="AI_Node_1")
+    await accept(b, session_id)  # ... and the target accepts and keeps working
+    deadline = asyncio.get_running_loop().time() + WAIT
+    progress = 0.0
+    while not any(
+        e.WhichOneof("body") == "collaboration_updated"
+        and e.collaboration_updated.collaboration.state == S.COLLABORATION_STATE_EXPIRED
+        for e in b.events
+    ):
+        assert asyncio.get_running_loop().time() < deadline, "the session never expired"
+        progress = min(progress + 0.01, 0.99)
+        answer = await b.answer(
+            await b.send(
+                report_collaboration_progress=pb.ReportCollaborationProgress(
+                    session_id=session_id, progress=progress
+                )
+            )
+        )
+        if isinstance(answer, pb.RequestError):  # expiring, or expired: the reaper says which
+            assert answer.code == FAILED_PRECONDITION, answer
+            break
+        # Each progress report's event: its deadline never moves past the grace.
+        collab = await updated(b, session_id, S.COLLABORATION_STATE_ACTIVE, progress=progress)
+        assert collab.expire_time.ToDatetime() <= collab.update_time.ToDatetime() + timedelta(
+            seconds=1
+        )
+        await asyncio.sleep(0.05)  # pacing only: a trainer reports now and then, not in a spin
+    collab = await updated(b, session_id, S.COLLABORATION_STATE_EXPIRED)
+    assert collab.end_reason == "partner AI_Node_1 went offline"
+
+
+@short(partner_offline_grace=timedelta(seconds=30), activity_ttl=timedelta(seconds=60))
+async def test_a_partner_back_in_time_gets_the_full_deadline_again(harness: HubHarness) -> None:
+    a, b = await connect_pair(harness)
+    session_id = await propose(a, "AI_Node_2")
+    await accept(b, session_id)
+    active = await updated(a, session_id, S.COLLABORATION_STATE_ACTIVE)
+    full = active.update_time.ToDatetime() + timedelta(seconds=60)
+    assert active.expire_time.ToDatetime() == full
+    await b.close()
+    await a.event("agent_left", agent_id="AI_Node_2")
+    [away] = (
+        await harness.query("ListCollaborations", pb.ListCollaborationsRequest())
+    ).collaborations
+    assert away.expire_time.ToDatetime() < full  # brought forward to the grace
+    # Welcome comes after the hub has committed the agent's return.
+    await harness.connect("AI_Node_2", hello("AI_Node_2", pb.SPECIALIZATION_SECURITY))
+    [back] = (
+        await harness.query("ListCollaborations", pb.ListCollaborationsRequest())
+    ).collaborations
+    assert back.state == S.COLLABORATION_STATE_ACTIVE
+    assert back.expire_time.ToDatetime() == full
+
+
+@pytest.mark.parametrize("key", ["collaboration_session_id", "hub_verified"])
+async def test_a_share_cannot_pose_as_a_hub_owned_fact(harness: HubHarness, key: str) -> None:
+    a, b = await connect_pair(harness)
+    session_id = await propose(a, "AI_Node_2")
+    await accept(b, session_id)
+    forged = os_component()
+    forged.attributes[key] = session_id
+    error = await a.error(await a.send(share_os_component=pb.ShareOsComponent(os_component=forged)))
+    assert error.code == 3  # INVALID_ARGUMENT
+    field = f"share_os_component.os_component.attributes[{key!r}]"
+    assert [(v.field, "reserved for the hub" in v.description) for v in error.field_violations] == [
+        (field, True)
+    ]
+    # The same key in a completion is refused too: only the hub writes it.
+    done = collaborative_component()
+    done.attributes[key] = "collab_other"
+    error = await b.error(
+        await b.send(
+            complete_collaboration=pb.CompleteCollaboration(session_id=session_id, component=done)
+        )
+    )
+    assert [v.field for v in error.field_violations] == [
+        f"complete_collaboration.component.attributes[{key!r}]"
+    ]
+    await still_works(a)
+    listed = await harness.query(
+        "ListArtifacts", pb.ListArtifactsRequest(kind=pb.ARTIFACT_KIND_OS_COMPONENT)
+    )
+    assert list(listed.artifacts) == []

@@ -5,11 +5,21 @@ from __future__ import annotations
 import pytest
 
 from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service.collaboration import Policy
+from hub_service.config import HubConfig
 from hub_service.features import FEATURE_CAPABILITIES, capable_agents
 
-from .conftest import HubHarness, RawTrainer, hello, os_component, pattern
+from .conftest import HubHarness, RawTrainer, hello, make_config, os_component, pattern
 
-NOT_FOUND, FAILED_PRECONDITION = 5, 9
+ALREADY_EXISTS, PERMISSION_DENIED = 6, 7
+NOT_FOUND, RESOURCE_EXHAUSTED, FAILED_PRECONDITION = 5, 8, 9
+
+
+@pytest.fixture
+def hub_config(request: pytest.FixtureRequest, database_url: str) -> HubConfig:
+    """Default policy; a test passes Policy fields with an indirect parameter."""
+    return make_config(database_url, policy=Policy(**getattr(request, "param", {})))
+
 
 REQUIREMENTS = pb.FeatureRequirements(
     performance=pb.PERFORMANCE_LEVEL_HIGH,
@@ -181,7 +191,7 @@ async def test_each_delivery_counts(harness: HubHarness) -> None:
     r = await requester(harness)
     m = await memory_agent(harness)
     f = await file_agent(harness)
-    request_id = (await request(r, "memory_allocator")).resource_id
+    request_id = (await request(r, "quantum_teleporter")).resource_id  # nobody fits: broadcast
     first = await m.receipt(await deliver(m, request_id))
     second = await f.receipt(await deliver(f, request_id, "slab_allocator"))
     assert first.resource_id != second.resource_id
@@ -192,6 +202,55 @@ async def test_each_delivery_counts(harness: HubHarness) -> None:
     ]
     requests = await harness.query("ListFeatureRequests", pb.ListFeatureRequestsRequest())
     assert requests.feature_requests[0].delivery_count == 2
+
+
+async def test_only_the_agents_a_request_was_routed_to_may_deliver_it(
+    harness: HubHarness,
+) -> None:
+    r = await requester(harness)
+    m = await memory_agent(harness)
+    f = await file_agent(harness)
+    request_id = (await request(r, "memory_allocator")).resource_id  # routed to AI_Node_2 only
+    error = await f.error(await deliver(f, request_id))
+    assert (error.code, error.code_name) == (PERMISSION_DENIED, "PERMISSION_DENIED")
+    assert request_id in error.message and "AI_Node_2" in error.message
+    # Nothing was stored, counted or sent; the one it was routed to still may deliver.
+    delivered = await m.receipt(await deliver(m, request_id))
+    event = await r.event("feature_delivered", request_id=request_id)
+    assert event.seq == delivered.seq
+    assert [e.sender_id for e in kinds(r, "feature_delivered")] == ["AI_Node_2"]
+    requests = await harness.query("ListFeatureRequests", pb.ListFeatureRequestsRequest())
+    assert requests.feature_requests[0].delivery_count == 1
+    listed = await harness.query("ListArtifacts", pb.ListArtifactsRequest())
+    assert [a.artifact_id for a in listed.artifacts] == [delivered.resource_id]
+
+
+async def test_an_agent_delivers_a_request_at_most_once(harness: HubHarness) -> None:
+    r = await requester(harness)
+    m = await memory_agent(harness)
+    request_id = (await request(r, "memory_allocator")).resource_id
+    first = await m.receipt(await deliver(m, request_id))
+    error = await m.error(await deliver(m, request_id, "slab_allocator"))
+    assert (error.code, error.code_name) == (ALREADY_EXISTS, "ALREADY_EXISTS")
+    assert request_id in error.message and first.resource_id in error.message
+    await barrier(m, r)
+    assert len(kinds(r, "feature_delivered")) == 1
+    requests = await harness.query("ListFeatureRequests", pb.ListFeatureRequestsRequest())
+    assert requests.feature_requests[0].delivery_count == 1
+
+
+@pytest.mark.parametrize("hub_config", [{"max_deliveries_per_request": 1}], indirect=True)
+async def test_deliveries_per_request_are_limited(harness: HubHarness) -> None:
+    r = await requester(harness)
+    m = await memory_agent(harness)
+    f = await file_agent(harness)
+    request_id = (await request(r, "quantum_teleporter")).resource_id
+    await m.receipt(await deliver(m, request_id))
+    error = await f.error(await deliver(f, request_id))
+    assert (error.code, error.code_name) == (RESOURCE_EXHAUSTED, "RESOURCE_EXHAUSTED")
+    assert request_id in error.message and "1 deliveries" in error.message
+    requests = await harness.query("ListFeatureRequests", pb.ListFeatureRequestsRequest())
+    assert requests.feature_requests[0].delivery_count == 1
 
 
 async def test_delivering_your_own_request_is_failed_precondition(harness: HubHarness) -> None:

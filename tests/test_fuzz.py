@@ -65,6 +65,7 @@ SESSION_KINDS = KINDS[6:]
 # Codes a RequestError may carry: the hub refused the message for a reason it names.
 REFUSALS = {
     Code.INVALID_ARGUMENT,
+    Code.ALREADY_EXISTS,  # a second delivery of one feature request by one agent
     Code.NOT_FOUND,
     Code.PERMISSION_DENIED,
     Code.RESOURCE_EXHAUSTED,

@@ -371,7 +371,12 @@ async def test_every_list_pages_through_everything_once(store: SqlStore) -> None
 async def test_collaborations_are_listed_newest_first(database_url: str) -> None:
     # SQLite only: it is fast enough that consecutive proposals share a millisecond (a
     # PostgreSQL round trip usually takes longer, which hides the bug there).
-    store = SqlStore(database_url, policy=Policy(max_open_per_agent=10_000))
+    store = SqlStore(
+        database_url,
+        policy=Policy(
+            max_open_per_agent=10_000, max_open_per_pair=10_000, max_incoming_proposals=10_000
+        ),
+    )
     await store.open()
     try:
         await commit_ok(store, [online("a"), online("b")])

@@ -148,6 +148,15 @@ CASES: dict[str, Case] = {
     "pattern-attribute-key-not-snake": attributes(
         SP, "pattern.attributes", {"Bad Key": "v"}, "pattern.attributes['Bad Key']"
     ),
+    "pattern-attribute-hub-owned": attributes(
+        SP,
+        "pattern.attributes",
+        {"collaboration_session_id": "collab_1"},
+        "pattern.attributes['collaboration_session_id']",
+    ),
+    "pattern-attribute-hub-prefix": attributes(
+        SP, "pattern.attributes", {"hub_verified": "yes"}, "pattern.attributes['hub_verified']"
+    ),
     "pattern-attribute-value-too-long": attributes(
         SP, "pattern.attributes", {"note": "v" * 1025}, "pattern.attributes['note']"
     ),

@@ -348,7 +348,10 @@ class Pattern(_message.Message):
     """The trainer's confidence in it, 0.0 to 1.0."""
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Free-form extra data; never a substitute for the typed fields."""
+        """Free-form extra data; never a substitute for the typed fields.
+        Keys starting with "hub_", and "collaboration_session_id", are reserved
+        for the hub: a client's are refused (INVALID_ARGUMENT naming the entry).
+        """
 
     def __init__(
         self,
@@ -425,7 +428,10 @@ class CodeComponent(_message.Message):
 
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Free-form extra data."""
+        """Free-form extra data.
+        Keys starting with "hub_", and "collaboration_session_id", are reserved
+        for the hub: a client's are refused (INVALID_ARGUMENT naming the entry).
+        """
 
     def __init__(
         self,
@@ -542,7 +548,13 @@ class OsComponent(_message.Message):
 
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Free-form extra data."""
+        """Free-form extra data.
+        Keys starting with "hub_", and "collaboration_session_id", are reserved
+        for the hub: a client's are refused (INVALID_ARGUMENT naming the entry).
+        The hub sets "collaboration_session_id" to the session id on the
+        component of a completed collaboration (and only there), so it can be
+        trusted as the hub's word.
+        """
 
     def __init__(
         self,
@@ -765,7 +777,11 @@ class Collaboration(_message.Message):
 
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
-        """When it expires unless something happens first (unset once ended)."""
+        """When it expires unless something happens first (unset once ended): the
+        state's time-to-live from the last step, but never later than the
+        partner-offline grace after an offline partner was last seen. It moves
+        when a partner goes offline or comes back.
+        """
 
     def __init__(
         self,
@@ -1096,6 +1112,13 @@ class DeliverFeature(_message.Message):
     """Delivers a built feature to whoever requested it. The hub stores the
     component as an OS-component artifact and sends it to the requester; the
     receipt's `resource_id` is the artifact id.
+
+    Who may deliver: if the request was routed to specific agents
+    (`FeatureRequestInfo.routed_to` not empty), only they (anyone else gets
+    PERMISSION_DENIED naming them); if it went to every other agent, anyone but
+    the requester (FAILED_PRECONDITION). Each agent delivers a request at most
+    once: a second delivery is ALREADY_EXISTS naming the first one's artifact.
+    A request takes at most 32 deliveries (RESOURCE_EXHAUSTED after that).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1127,6 +1150,14 @@ class ProposeCollaboration(_message.Message):
     """Proposes a collaboration to another agent. The receipt's `resource_id` is
     the hub-assigned session id; both partners then get a
     `CollaborationUpdated` event in state PROPOSED.
+
+    Limits (each refusal is RESOURCE_EXHAUSTED naming the agents and the limit):
+    the proposer may have at most 16 open sessions it proposed or accepted
+    (proposals made to it do not count until it accepts them); two agents may
+    have at most 2 open sessions together, whoever proposed them; and at most
+    64 unanswered proposals may wait for one agent. A proposal to an agent
+    that is offline expires once that agent has been offline for the
+    partner-offline grace (30 s by default).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1157,7 +1188,10 @@ Global___ProposeCollaboration: _TypeAlias = ProposeCollaboration  # noqa: Y015
 
 @_typing.final
 class AcceptCollaboration(_message.Message):
-    """Accepts a collaboration that was proposed to you (you are its target)."""
+    """Accepts a collaboration that was proposed to you (you are its target).
+    Accepting counts against your limit of 16 open sessions you proposed or
+    accepted: at the limit it is RESOURCE_EXHAUSTED until one of them ends.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
