@@ -178,8 +178,11 @@ class _Checker:
         self.enum(f"{path}.priority", r.priority, pb.Priority)
 
 
-def validate_hello(hello: pb.Hello, limits: Limits) -> None:
+def validate_hello(request: pb.ConnectRequest, limits: Limits) -> None:
+    """The first message of a stream: its `message_id`, like every other, and its Hello."""
     check = _Checker(limits)
+    check.identifier("message_id", request.message_id)
+    hello = request.hello
     check.identifier("hello.agent_id", hello.agent_id)
     check.enum("hello.specialization", hello.specialization, pb.Specialization)
     check.items("hello.capabilities", hello.capabilities, snake=True)

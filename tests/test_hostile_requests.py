@@ -3,6 +3,7 @@ Hello's own message_id, and TCP connections that never speak HTTP/2."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -15,7 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service import auth as hub_auth
 
-from .conftest import WAIT, HubHarness, auth
+from .conftest import WAIT, HubHarness, auth, hello
 
 GARBAGE = b"\xff" * 10  # not a valid protobuf of any message type
 HUB = pb.DESCRIPTOR.services_by_name["HubService"]
@@ -135,3 +136,15 @@ async def test_a_flood_of_undecodable_requests_logs_a_few_short_lines_and_no_tra
     assert 1 <= len(reports) <= 1 + elapsed / hub_auth.UNDECODABLE_REPORT_INTERVAL
     assert all(len(r.getMessage()) < 300 for r in reports)
     assert sum(len(r.getMessage()) for r in caplog.records) < 2000
+
+
+async def test_hello_message_id_is_checked_like_every_other(harness: HubHarness) -> None:
+    token = await harness.token("AI_Node_1")
+    for message_id in ("m" * 1000, "id with spaces"):
+        call = harness.stub.Connect(metadata=auth(token))
+        await call.write(pb.ConnectRequest(message_id=message_id, hello=hello("AI_Node_1")))
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await asyncio.wait_for(call.read(), WAIT)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "message_id" in (raised.value.details() or "")
+    assert (await harness.connect("AI_Node_1")).welcome.agent_id == "AI_Node_1"
