@@ -178,6 +178,15 @@ class _Checker:
         self.enum(f"{path}.priority", r.priority, pb.Priority)
 
 
+def validate_agent_id(agent_id: str, limits: Limits) -> None:
+    """The rule Hello applies to `agent_id`, for issuing tokens: a token for an id that can
+    never say Hello is of no use."""
+    check = _Checker(limits)
+    check.identifier("agent_id", agent_id)
+    if check.violations:
+        raise invalid(check.violations)
+
+
 def validate_hello(request: pb.ConnectRequest, limits: Limits) -> None:
     """The first message of a stream: its `message_id`, like every other, and its Hello."""
     check = _Checker(limits)

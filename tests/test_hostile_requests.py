@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -15,6 +19,8 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service import auth as hub_auth
+from hub_service.errors import HubError
+from hub_service.store import SqlStore
 
 from .conftest import WAIT, HubHarness, auth, hello
 
@@ -148,3 +154,43 @@ async def test_hello_message_id_is_checked_like_every_other(harness: HubHarness)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "message_id" in (raised.value.details() or "")
     assert (await harness.connect("AI_Node_1")).welcome.agent_id == "AI_Node_1"
+
+
+BAD_IDS = ["bad id!", "-starts-with-a-dash", "a" * 129, ""]
+
+
+async def test_store_refuses_a_token_for_an_id_hello_would_refuse(tmp_path: Path) -> None:
+    store = SqlStore(f"sqlite:///{tmp_path / 'tokens.db'}")
+    await store.open()
+    try:
+        for agent_id in BAD_IDS:
+            with pytest.raises(HubError) as refused:
+                await store.issue_token(agent_id)
+            assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "agent_id" in refused.value.message
+        assert await store.list_tokens() == []
+        assert (await store.issue_token("AI_Node_1.a:b-c_d")).agent_id == "AI_Node_1.a:b-c_d"
+    finally:
+        await store.close()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hub_service", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "KERNELHUB_LOG_LEVEL": "WARNING"},
+    )
+
+
+def test_token_issue_refuses_an_id_hello_would_refuse_and_issues_none(tmp_path: Path) -> None:
+    db = str(tmp_path / "hub.db")
+    issued = _cli("token", "issue", "AI_Node_1", "bad id!", "--db", db)
+    assert issued.returncode != 0
+    assert "'bad id!'" in issued.stderr
+    assert "may contain only letters, digits and _ . : -" in issued.stderr
+    assert "kh_" not in issued.stdout  # no token was shown, so none is in use
+    listed = _cli("token", "list", "--db", db)
+    assert listed.returncode == 0, listed.stderr
+    assert "AI_Node_1" not in listed.stdout  # all or nothing
