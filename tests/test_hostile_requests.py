@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -19,10 +20,12 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service import auth as hub_auth
+from hub_service.config import HubConfig
 from hub_service.errors import HubError
+from hub_service.server import HubServer
 from hub_service.store import SqlStore
 
-from .conftest import WAIT, HubHarness, auth, hello
+from .conftest import WAIT, HubHarness, auth, hello, pattern, target
 
 GARBAGE = b"\xff" * 10  # not a valid protobuf of any message type
 HUB = pb.DESCRIPTOR.services_by_name["HubService"]
@@ -194,3 +197,49 @@ def test_token_issue_refuses_an_id_hello_would_refuse_and_issues_none(tmp_path: 
     listed = _cli("token", "list", "--db", db)
     assert listed.returncode == 0, listed.stderr
     assert "AI_Node_1" not in listed.stdout  # all or nothing
+
+
+@pytest.fixture
+async def impatient_hub(database_url: str) -> AsyncIterator[HubServer]:
+    """A hub whose handshake timeout is one second, set as an operator would."""
+    config = HubConfig.from_env(
+        {
+            "KERNELHUB_HOST": "127.0.0.1",
+            "KERNELHUB_PORT": "0",
+            "KERNELHUB_DATABASE_URL": database_url,
+            "KERNELHUB_TRAINING_SYNC_INTERVAL": "0",
+            "KERNELHUB_HANDSHAKE_TIMEOUT": "1",
+        }
+    )
+    server = HubServer(config)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def test_a_connection_that_never_sends_the_http2_preface_is_closed(
+    impatient_hub: HubServer,
+) -> None:
+    harness = HubHarness(impatient_hub)
+    try:
+        trainer = await harness.connect("AI_Node_1")  # a connection that did its handshake
+        host, port = target(impatient_hub).split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+
+            async def until_closed() -> None:
+                while await reader.read(4096):  # the hub's SETTINGS, then its GOAWAY
+                    pass
+
+            # Well before gRPC's default of 120 s: the socket is closed, not left to idle.
+            await asyncio.wait_for(until_closed(), 2 * WAIT)
+        finally:
+            writer.close()
+        # The timer is for handshakes only: the established stream, older than it, still works.
+        message_id = await trainer.send(share_pattern=pb.SharePattern(pattern=pattern()))
+        assert (await trainer.receipt(message_id)).seq > 0
+        await trainer.close()
+    finally:
+        await harness.close()
