@@ -188,9 +188,10 @@ def validate_agent_id(agent_id: str, limits: Limits) -> None:
 
 
 def validate_hello(request: pb.ConnectRequest, limits: Limits) -> None:
-    """The first message of a stream: its `message_id`, like every other, and its Hello."""
+    """The first message of a stream: its Hello, and its `message_id` checked like every other
+    (but optional: Hello gets no receipt, and clients have always been free to leave it out)."""
     check = _Checker(limits)
-    check.identifier("message_id", request.message_id)
+    check.identifier("message_id", request.message_id, required=False)
     hello = request.hello
     check.identifier("hello.agent_id", hello.agent_id)
     check.enum("hello.specialization", hello.specialization, pb.Specialization)

@@ -156,7 +156,13 @@ async def test_hello_message_id_is_checked_like_every_other(harness: HubHarness)
             await asyncio.wait_for(call.read(), WAIT)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "message_id" in (raised.value.details() or "")
-    assert (await harness.connect("AI_Node_1")).welcome.agent_id == "AI_Node_1"
+    # Optional, as before (Hello gets no receipt); a valid one is welcome too.
+    for message_id in ("", "hello"):
+        call = harness.stub.Connect(metadata=auth(token))
+        await call.write(pb.ConnectRequest(message_id=message_id, hello=hello("AI_Node_1")))
+        first = await asyncio.wait_for(call.read(), WAIT)
+        assert isinstance(first, pb.ConnectResponse) and first.welcome.agent_id == "AI_Node_1"
+        call.cancel()
 
 
 BAD_IDS = ["bad id!", "-starts-with-a-dash", "a" * 129, ""]
