@@ -14,8 +14,10 @@ from pathlib import Path
 
 from .config import HubConfig
 from .durations import parse_duration
+from .errors import HubError
 from .server import HubServer
 from .store import SqlStore
+from .validation import Limits, validate_agent_id
 
 
 def _database_args(parser: argparse.ArgumentParser, config: HubConfig) -> None:
@@ -116,6 +118,17 @@ async def _serve(config: HubConfig) -> int:
 
 
 async def _tokens(args: argparse.Namespace, database_url: str) -> int:
+    if args.token_command == "issue":
+        # Every id is checked before any token is issued: all or nothing.
+        for agent_id in args.agent_id:
+            try:
+                validate_agent_id(agent_id, Limits())
+            except HubError as error:
+                print(
+                    f"kernelhub-hub: cannot issue a token for {agent_id!r}: {error.message}",
+                    file=sys.stderr,
+                )
+                return 2
     store = SqlStore(database_url)
     await store.open()
     try:

@@ -38,6 +38,9 @@ class HubConfig:
     # commits under moderate load; an idle hub commits a command at once.
     commit_linger: float = 0.002
     hello_timeout: float = 10.0
+    # A TCP connection must finish its handshake (TLS, and the HTTP/2 preface and settings)
+    # within this many seconds or is closed: idle sockets cannot pile up (gRPC's default: 120 s).
+    handshake_timeout: float = 10.0
     # How long SQLite waits for another writer's lock before the commit fails (UNAVAILABLE).
     sqlite_busy_timeout: float = 5.0
     # Where group commits run: "process" (a child process, so SQLite and SQLAlchemy work

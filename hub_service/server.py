@@ -94,6 +94,7 @@ class HubServer:
                 ("grpc.http2.max_ping_strikes", 2),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.bdp_probe", 0),
+                ("grpc.server_handshake_timeout_ms", int(self.config.handshake_timeout * 1000)),
                 # A second hub on the same port must fail to bind, not share the port.
                 ("grpc.so_reuseport", 0),
             ],

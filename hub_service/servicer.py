@@ -264,7 +264,7 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
                 f"the first message must be hello, got {first.WhichOneof('body') or 'an empty body'}",
             )
         try:
-            validate_hello(first.hello, self._config.limits)
+            validate_hello(first, self._config.limits)
             if first.hello.agent_id != agent_id:
                 raise permission_denied(
                     f"this token belongs to {agent_id}; it cannot say hello as {first.hello.agent_id}"

@@ -45,6 +45,7 @@ from .models import (
     utcnow,
 )
 from .tokens import hash_token, new_token
+from .validation import Limits, validate_agent_id
 from .writer import WriterProcess, WriterSettings
 
 log = logging.getLogger(__name__)
@@ -334,6 +335,8 @@ class SqlStore:
     # --- tokens -------------------------------------------------------------
 
     async def issue_token(self, agent_id: str, ttl: timedelta | None = None) -> IssuedToken:
+        """A new token for `agent_id`; INVALID_ARGUMENT for an id Hello would refuse."""
+        validate_agent_id(agent_id, Limits())
         token = new_token()
         row = TokenRow(
             token_id="tok_" + secrets.token_hex(6),

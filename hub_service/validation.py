@@ -191,8 +191,21 @@ class _Checker:
         self.enum(f"{path}.priority", r.priority, pb.Priority)
 
 
-def validate_hello(hello: pb.Hello, limits: Limits) -> None:
+def validate_agent_id(agent_id: str, limits: Limits) -> None:
+    """The rule Hello applies to `agent_id`, for issuing tokens: a token for an id that can
+    never say Hello is of no use."""
     check = _Checker(limits)
+    check.identifier("agent_id", agent_id)
+    if check.violations:
+        raise invalid(check.violations)
+
+
+def validate_hello(request: pb.ConnectRequest, limits: Limits) -> None:
+    """The first message of a stream: its Hello, and its `message_id` checked like every other
+    (but optional: Hello gets no receipt, and clients have always been free to leave it out)."""
+    check = _Checker(limits)
+    check.identifier("message_id", request.message_id, required=False)
+    hello = request.hello
     check.identifier("hello.agent_id", hello.agent_id)
     check.enum("hello.specialization", hello.specialization, pb.Specialization)
     check.items("hello.capabilities", hello.capabilities, snake=True)

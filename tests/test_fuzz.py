@@ -691,6 +691,8 @@ def first_messages(draw: st.DrawFn) -> tuple[str, pb.ConnectRequest, str]:
             getattr(request, step.kind).CopyFrom(step.body)
         return what, request, "own"
     if what == "valid hello":
+        # Hello's message_id is checked like every other (optional, as Hello gets no receipt).
+        request.message_id = draw(st.just("") | ident)
         request.hello.CopyFrom(
             draw(
                 message(
