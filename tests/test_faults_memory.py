@@ -29,7 +29,7 @@ IN_FLIGHT = 50  # messages each writer sends before it waits for their receipts
 WARM_UP_EACH = 500  # shares per writer per warm-up round: ~2.5x the stalled reader's live queue
 MAX_WARM_UP_ROUNDS = 5
 PLATEAU = 2 * MiB  # a warm-up round that lifts the peak RSS less than this ends the warm-up
-MEASURED_EACH = 3000  # shares per writer after the warm-up: a backlog of ~57 MiB
+MEASURED_EACH = 3000  # shares per writer after the warm-up: a backlog of ~54 MiB
 CODE = "/* a component of a realistic size */\n" * 100  # ~4 KiB per event
 # glibc gives each thread that allocates an arena of its own, up to 8 per core, and keeps the
 # memory freed in them: RSS then wanders by tens of MiB with no object alive (issue 10). Two
