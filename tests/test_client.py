@@ -12,8 +12,8 @@ import pytest
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.server import HubServer
 from hub_service.validation import Limits
-from trainer_service.client import HubClient
-from trainer_service.errors import (
+from trainer_service.sdk.client import HubClient
+from trainer_service.sdk.errors import (
     ConnectionLost,
     InvalidArgument,
     NotFound,

@@ -11,7 +11,7 @@ import pytest
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.config import HubConfig
 from hub_service.server import HubServer
-from trainer_service.client import HubClient
+from trainer_service.sdk.client import HubClient
 
 from .conftest import WAIT, HubHarness, make_config, pattern
 

@@ -18,8 +18,8 @@ from types import MappingProxyType
 from typing import Final, Protocol, runtime_checkable
 
 from generated.kernelhub.v1 import hub_pb2 as pb
-from trainer_service import codegen
-from trainer_service.capabilities import Specialization, specialization_name
+from trainer_service.simulation import codegen
+from trainer_service.simulation.capabilities import Specialization, specialization_name
 
 # The prototype's acceptance rules: never more than this many open sessions...
 MAX_OPEN_COLLABORATIONS: Final = 3

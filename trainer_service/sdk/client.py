@@ -29,8 +29,7 @@ import grpc.aio
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 from generated.kernelhub.v1 import hub_pb2_grpc
-from trainer_service import __version__
-from trainer_service.errors import (
+from trainer_service.sdk.errors import (
     ClientClosed,
     ConnectionLost,
     DeadlineExceeded,
@@ -48,6 +47,8 @@ if TYPE_CHECKING:
     from generated.kernelhub.v1.hub_pb2_grpc import HubServiceAsyncStub
 
 DEFAULT_TARGET: Final = "localhost:50051"
+# What the client announces in Hello and in its user agent.
+VERSION: Final = "1.0.0"
 
 Inbound: TypeAlias = pb.HubEvent | pb.TrainingSync
 _Call: TypeAlias = "grpc.aio.StreamStreamCall[pb.ConnectRequest, pb.ConnectResponse]"
@@ -150,7 +151,7 @@ class HubClient:
         *,
         specialization: pb.Specialization.ValueType = pb.SPECIALIZATION_UNSPECIFIED,
         capabilities: Sequence[str] = (),
-        version: str = __version__,
+        version: str = VERSION,
         resume_after_seq: int = 0,
         skip_history: bool = False,
         credentials: grpc.ChannelCredentials | None = None,
@@ -348,7 +349,7 @@ class HubClient:
             ("grpc.max_reconnect_backoff_ms", int(self._backoff_cap * 1000)),
             ("grpc.max_receive_message_length", self._max_message_bytes),
             ("grpc.max_send_message_length", self._max_message_bytes),
-            ("grpc.primary_user_agent", f"kernelhub-trainer/{__version__}"),
+            ("grpc.primary_user_agent", f"kernelhub-trainer/{VERSION}"),
         ]
         if self._credentials is not None:
             return grpc.aio.secure_channel(self.target, self._credentials, options=options)
