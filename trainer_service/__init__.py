@@ -2,6 +2,8 @@
 whose public names are re-exported here) and the simulated trainers built on it
 (`trainer_service.simulation`, imported only by what runs them)."""
 
+import importlib.metadata
+
 from trainer_service.sdk import (
     DEFAULT_TARGET,
     AlreadyExists,
@@ -21,7 +23,7 @@ from trainer_service.sdk import (
     Unavailable,
 )
 
-__version__ = "1.0.0"
+__version__ = importlib.metadata.version("kernelhub")  # pyproject.toml is the one source
 
 __all__ = [
     "DEFAULT_TARGET",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import random
 import uuid
@@ -47,8 +48,9 @@ if TYPE_CHECKING:
     from generated.kernelhub.v1.hub_pb2_grpc import HubServiceAsyncStub
 
 DEFAULT_TARGET: Final = "localhost:50051"
-# What the client announces in Hello and in its user agent.
-VERSION: Final = "1.0.0"
+# What the client announces in Hello and in its user agent: the installed distribution's
+# version (pyproject.toml is its one source).
+VERSION: Final = importlib.metadata.version("kernelhub")
 
 Inbound: TypeAlias = pb.HubEvent | pb.TrainingSync
 _Call: TypeAlias = "grpc.aio.StreamStreamCall[pb.ConnectRequest, pb.ConnectResponse]"
