@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
+import json
 import logging
 import random
 import uuid
@@ -89,6 +90,37 @@ class _End:
 
 
 _END: Final = _End()
+
+# The query RPCs are read-only, so the channel retries them on UNAVAILABLE (a hub
+# restarting, a connection reset) within each call's own deadline. Connect is not
+# listed: the supervisor reconnects the stream and resends by message_id itself.
+_QUERY_METHODS: Final = (
+    "ListAgents",
+    "ListArtifacts",
+    "GetArtifact",
+    "ListCollaborations",
+    "ListFeatureRequests",
+    "GetHubStats",
+)
+_QUERY_SERVICE_CONFIG: Final = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": pb.DESCRIPTOR.services_by_name["HubService"].full_name, "method": m}
+                    for m in _QUERY_METHODS
+                ],
+                "retryPolicy": {
+                    "maxAttempts": 5,  # gRPC's own cap
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
 
 
 @dataclass
@@ -352,6 +384,8 @@ class HubClient:
             ("grpc.max_receive_message_length", self._max_message_bytes),
             ("grpc.max_send_message_length", self._max_message_bytes),
             ("grpc.primary_user_agent", f"kernelhub-trainer/{VERSION}"),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", _QUERY_SERVICE_CONFIG),
         ]
         if self._credentials is not None:
             return grpc.aio.secure_channel(self.target, self._credentials, options=options)
