@@ -1,3 +1,5 @@
 """kernelhub hub: the gRPC coordination service trainers connect to."""
 
-__version__ = "0.1.0"
+import importlib.metadata
+
+__version__ = importlib.metadata.version("kernelhub")  # pyproject.toml is the one source

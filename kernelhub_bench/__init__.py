@@ -6,4 +6,6 @@ of the baselines in `kernelhub_bench.baselines`) and the load
 (`kernelhub_bench.load`, many simulated trainers on one event loop).
 """
 
-__version__ = "0.1.0"
+import importlib.metadata
+
+__version__ = importlib.metadata.version("kernelhub")  # pyproject.toml is the one source

@@ -21,8 +21,8 @@ from typing import Any
 import psutil
 
 from generated.kernelhub.v1 import hub_pb2 as pb
-from trainer_service.client import HubClient
-from trainer_service.errors import HubError
+from trainer_service.sdk.client import HubClient
+from trainer_service.sdk.errors import HubError
 
 from .common import LOOPBACK, pattern, read_tokens
 from .runner import HUB_READY, Child, child_env, hub_argv, issue_tokens

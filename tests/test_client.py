@@ -4,6 +4,7 @@ by seq, resends unacknowledged messages with their original ids and never duplic
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,8 +13,8 @@ import pytest
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.server import HubServer
 from hub_service.validation import Limits
-from trainer_service.client import HubClient
-from trainer_service.errors import (
+from trainer_service.sdk.client import HubClient
+from trainer_service.sdk.errors import (
     ConnectionLost,
     InvalidArgument,
     NotFound,
@@ -180,3 +181,25 @@ async def test_a_batch_refused_whole_fails_each_of_its_sends_at_once(tmp_path: P
             assert all("message_id" in str(r) for r in results), results
     finally:
         await hub.stop()
+
+
+async def test_the_sdk_loads_without_the_simulation_or_the_hub() -> None:
+    """`from trainer_service import HubClient` is all a user's agent needs, and all it loads."""
+    probe = (
+        "import sys; from trainer_service import HubClient, HubError; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('hub_service', 'trainer_service', 'rich')))"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", probe, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), WAIT * 6)
+    assert process.returncode == 0, err.decode()
+    assert out.decode().strip() == str(
+        [
+            "trainer_service",
+            "trainer_service.sdk",
+            "trainer_service.sdk.client",
+            "trainer_service.sdk.errors",
+        ]
+    )

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer_service import codegen
-from trainer_service.capabilities import (
+from trainer_service.simulation import codegen
+from trainer_service.simulation.capabilities import (
     SPECIALIZATION_NAMES,
     Specialization,
     parse_specialization,
@@ -32,7 +32,7 @@ SYNTAX_CMD = ("-std=c99", "-Wall", "-Werror", "-fsyntax-only", "-x", "c", "-")
 STRICT = ("-std=c99", "-Wall", "-Wextra", "-pedantic", "-Werror", "-O1")
 # The command for a template file on its own.
 TEMPLATE_CMD = ("-std=c99", "-Wall", "-Wextra", "-Werror", "-c", "-x", "c")
-TEMPLATES = resources.files("trainer_service") / codegen.TEMPLATE_DIR
+TEMPLATES = resources.files("trainer_service.simulation") / codegen.TEMPLATE_DIR
 TEMPLATE_FILES = tuple(sorted(t.name for t in TEMPLATES.iterdir() if t.name.endswith((".c", ".h"))))
 
 

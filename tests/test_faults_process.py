@@ -14,7 +14,7 @@ import pytest
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.config import HubConfig
 from hub_service.store import SqlStore
-from trainer_service.client import HubClient
+from trainer_service.sdk.client import HubClient
 
 from .conftest import WAIT, HubHarness, HubProcess, hello, make_config, pattern, short_policy
 
@@ -133,7 +133,7 @@ async def test_hub_sigtermed_under_load_drains_and_trainers_come_back(tmp_path: 
 WORKER = """
 import asyncio, sys
 from generated.kernelhub.v1 import hub_pb2 as pb
-from trainer_service.client import HubClient
+from trainer_service.sdk.client import HubClient
 
 async def main(target, token):
     async with HubClient(target, "AI_Node_2", token, specialization=pb.SPECIALIZATION_SECURITY) as hub:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 from pathlib import Path
 
+import pytest
+
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.server import HubServer
+from trainer_service.simulation.behavior import SimulatedBehavior, load_behavior
 
 from .conftest import HubHarness, make_config, target
+from .plugins.tagging_behavior import TaggingBehavior
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,3 +136,53 @@ async def test_swarm_with_its_own_hub_ends_with_a_summary(tmp_path: Path) -> Non
         await harness.close()
     finally:
         await hub.stop()
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("tests.plugins.tagging_behavior", "must look like package.module:ClassName"),
+        (":TaggingBehavior", "must look like package.module:ClassName"),
+        ("tests.plugins.tagging_behavior:", "must look like package.module:ClassName"),
+        ("tests.plugins.tagging-behavior:TaggingBehavior", "must look like package.module:"),
+        ("tests..plugins:TaggingBehavior", "must look like package.module:ClassName"),
+        ("tests.plugins.no_such_module:Behavior", "cannot import 'tests.plugins.no_such_module'"),
+        (
+            "tests.plugins.tagging_behavior:Missing",
+            "'tests.plugins.tagging_behavior' has no attribute 'Missing'",
+        ),
+        ("tests.plugins.tagging_behavior:pb", "is not a class"),
+        ("tests.plugins.tagging_behavior:pb.Pattern", "does not look like a Behavior"),
+        ("collections:Counter", "does not look like a Behavior"),
+        ("decimal:Context.Etiny", "is not a class"),
+    ],
+)
+def test_load_behavior_names_what_is_wrong(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_behavior(spec)
+
+
+def test_load_behavior_follows_a_dotted_attribute() -> None:
+    assert isinstance(
+        load_behavior("tests.plugins.tagging_behavior:TaggingBehavior"), TaggingBehavior
+    )
+    assert isinstance(
+        load_behavior("trainer_service.simulation:behavior.SimulatedBehavior"), SimulatedBehavior
+    )
+
+
+async def test_a_bad_behavior_is_a_usage_error() -> None:
+    code, _, err = await trainer_cli(
+        "run",
+        "--id",
+        "AI_Node_1",
+        "--specialization",
+        "networking",
+        "--duration",
+        "1s",
+        "--token",
+        "kh_unused",
+        "--behavior",
+        "tests.plugins.tagging_behavior:Missing",
+    )
+    assert code == 2 and "has no attribute 'Missing'" in err

@@ -23,11 +23,11 @@ from rich.logging import RichHandler
 
 from hub_service.durations import positive_duration
 from trainer_service import __version__
-from trainer_service.behavior import Behavior, load_behavior
-from trainer_service.capabilities import SPECIALIZATION_NAMES, parse_specialization
-from trainer_service.client import DEFAULT_TARGET
-from trainer_service.errors import HubError
-from trainer_service.swarm import (
+from trainer_service.sdk.client import DEFAULT_TARGET
+from trainer_service.sdk.errors import HubError
+from trainer_service.simulation.behavior import Behavior, load_behavior
+from trainer_service.simulation.capabilities import SPECIALIZATION_NAMES, parse_specialization
+from trainer_service.simulation.swarm import (
     MAX_SWARM_SIZE,
     EmbeddedHubUnavailable,
     SwarmResult,
@@ -36,7 +36,7 @@ from trainer_service.swarm import (
     run_swarm,
     summary_tables,
 )
-from trainer_service.trainer import NetworkedKernelTrainer, TrainingMetrics
+from trainer_service.simulation.trainer import NetworkedKernelTrainer, TrainingMetrics
 
 EXIT_OK: Final = 0
 EXIT_FATAL: Final = 1

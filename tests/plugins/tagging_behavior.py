@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from generated.kernelhub.v1 import hub_pb2 as pb
-from trainer_service.behavior import BehaviorContext, SimulatedBehavior
+from trainer_service.simulation.behavior import BehaviorContext, SimulatedBehavior
 
 
 class TaggingBehavior(SimulatedBehavior):

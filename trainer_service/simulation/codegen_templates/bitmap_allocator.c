@@ -1,5 +1,5 @@
 /* Template for the file-system module: a free-block bitmap allocator.
- * Rendered by trainer_service/codegen.py; the defaults above the body marker
+ * Rendered by trainer_service/simulation/codegen.py; the defaults above the body marker
  * only let this file compile on its own. */
 #include <stdint.h>
 #include <string.h>

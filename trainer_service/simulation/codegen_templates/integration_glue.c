@@ -1,5 +1,5 @@
 /* Template for a collaborative unit's integration layer over both partners' self-tests.
- * Rendered by trainer_service/codegen.py; the defaults above the body marker
+ * Rendered by trainer_service/simulation/codegen.py; the defaults above the body marker
  * only let this file compile on its own. */
 #ifndef LEAD_SELFTEST
 #define LEAD_SELFTEST lead_selftest

@@ -28,9 +28,9 @@ from importlib import resources
 from types import MappingProxyType
 from typing import Final
 
-from trainer_service.capabilities import Specialization, specialization_name
+from trainer_service.simulation.capabilities import Specialization, specialization_name
 
-TEMPLATE_DIR: Final = "codegen_templates"  # package data of trainer_service
+TEMPLATE_DIR: Final = "codegen_templates"  # package data of trainer_service.simulation
 _BODY_MARKER: Final = "/* ---- template body ---- */\n"
 _INCLUDE: Final = re.compile(r"^#include <([^>]+)>$", re.M)
 _PARAM: Final = re.compile(r"^#ifndef (\w+)\n#define \1 ", re.M)
@@ -82,7 +82,7 @@ class _Piece:
 @functools.cache
 def _template(name: str) -> _Template:
     """Read through importlib.resources so an installed wheel works, once per process."""
-    path = resources.files("trainer_service") / TEMPLATE_DIR / f"{name}.c"
+    path = resources.files("trainer_service.simulation") / TEMPLATE_DIR / f"{name}.c"
     text = path.read_text(encoding="utf-8")
     head, marker, body = text.partition(_BODY_MARKER)
     if not marker:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
+import json
 import logging
 import random
 import uuid
@@ -29,8 +31,7 @@ import grpc.aio
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 from generated.kernelhub.v1 import hub_pb2_grpc
-from trainer_service import __version__
-from trainer_service.errors import (
+from trainer_service.sdk.errors import (
     ClientClosed,
     ConnectionLost,
     DeadlineExceeded,
@@ -48,6 +49,9 @@ if TYPE_CHECKING:
     from generated.kernelhub.v1.hub_pb2_grpc import HubServiceAsyncStub
 
 DEFAULT_TARGET: Final = "localhost:50051"
+# What the client announces in Hello and in its user agent: the installed distribution's
+# version (pyproject.toml is its one source).
+VERSION: Final = importlib.metadata.version("kernelhub")
 
 Inbound: TypeAlias = pb.HubEvent | pb.TrainingSync
 _Call: TypeAlias = "grpc.aio.StreamStreamCall[pb.ConnectRequest, pb.ConnectResponse]"
@@ -86,6 +90,37 @@ class _End:
 
 
 _END: Final = _End()
+
+# The query RPCs are read-only, so the channel retries them on UNAVAILABLE (a hub
+# restarting, a connection reset) within each call's own deadline. Connect is not
+# listed: the supervisor reconnects the stream and resends by message_id itself.
+_QUERY_METHODS: Final = (
+    "ListAgents",
+    "ListArtifacts",
+    "GetArtifact",
+    "ListCollaborations",
+    "ListFeatureRequests",
+    "GetHubStats",
+)
+_QUERY_SERVICE_CONFIG: Final = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": pb.DESCRIPTOR.services_by_name["HubService"].full_name, "method": m}
+                    for m in _QUERY_METHODS
+                ],
+                "retryPolicy": {
+                    "maxAttempts": 5,  # gRPC's own cap
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
 
 
 @dataclass
@@ -150,7 +185,7 @@ class HubClient:
         *,
         specialization: pb.Specialization.ValueType = pb.SPECIALIZATION_UNSPECIFIED,
         capabilities: Sequence[str] = (),
-        version: str = __version__,
+        version: str = VERSION,
         resume_after_seq: int = 0,
         skip_history: bool = False,
         credentials: grpc.ChannelCredentials | None = None,
@@ -348,7 +383,9 @@ class HubClient:
             ("grpc.max_reconnect_backoff_ms", int(self._backoff_cap * 1000)),
             ("grpc.max_receive_message_length", self._max_message_bytes),
             ("grpc.max_send_message_length", self._max_message_bytes),
-            ("grpc.primary_user_agent", f"kernelhub-trainer/{__version__}"),
+            ("grpc.primary_user_agent", f"kernelhub-trainer/{VERSION}"),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", _QUERY_SERVICE_CONFIG),
         ]
         if self._credentials is not None:
             return grpc.aio.secure_channel(self.target, self._credentials, options=options)

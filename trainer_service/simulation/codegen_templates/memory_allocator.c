@@ -1,5 +1,5 @@
 /* Template for the memory_allocator feature: a fixed-size block pool.
- * Rendered by trainer_service/codegen.py; the defaults above the body marker
+ * Rendered by trainer_service/simulation/codegen.py; the defaults above the body marker
  * only let this file compile on its own. */
 #include <stddef.h>
 #include <stdint.h>

@@ -9,8 +9,8 @@ comes from there, so a seed reproduces a run's decisions.
 
 from __future__ import annotations
 
-import importlib
 import inspect
+import pkgutil
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,8 +18,8 @@ from types import MappingProxyType
 from typing import Final, Protocol, runtime_checkable
 
 from generated.kernelhub.v1 import hub_pb2 as pb
-from trainer_service import codegen
-from trainer_service.capabilities import Specialization, specialization_name
+from trainer_service.simulation import codegen
+from trainer_service.simulation.capabilities import Specialization, specialization_name
 
 # The prototype's acceptance rules: never more than this many open sessions...
 MAX_OPEN_COLLABORATIONS: Final = 3
@@ -256,22 +256,20 @@ class SimulatedBehavior:
 def load_behavior(spec: str) -> Behavior:
     """Instantiates "package.module:ClassName" (no arguments) for --behavior.
 
-    Raises ValueError with a message fit for the command line when the spec is
+    `pkgutil.resolve_name` does the import and the attribute walk; this only adds
+    the checks around it. Raises ValueError with a message fit for the command line when the spec is
     malformed, the import fails, or the object lacks the Behavior methods.
     """
     module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
+    dotted = [*module_name.split("."), *attr.split(".")]
+    if not sep or not all(part.isidentifier() for part in dotted):
         raise ValueError(f"--behavior must look like package.module:ClassName, got {spec!r}")
     try:
-        module = importlib.import_module(module_name)
+        target: object = pkgutil.resolve_name(spec)
     except ImportError as exc:
         raise ValueError(f"cannot import {module_name!r} for --behavior: {exc}") from exc
-    target: object = module
-    for part in attr.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError:
-            raise ValueError(f"{module_name!r} has no attribute {attr!r}") from None
+    except AttributeError:
+        raise ValueError(f"{module_name!r} has no attribute {attr!r}") from None
     if not inspect.isclass(target):
         raise ValueError(f"{spec!r} is not a class")
     try:

@@ -27,22 +27,21 @@ from typing import Any, Final, TypeVar
 import grpc
 
 from generated.kernelhub.v1 import hub_pb2 as pb
-from trainer_service import __version__
-from trainer_service.behavior import (
+from trainer_service.sdk.client import DEFAULT_TARGET, HubClient
+from trainer_service.sdk.errors import ClientClosed, FailedPrecondition, HubError, NotFound
+from trainer_service.simulation.behavior import (
     MAX_OPEN_COLLABORATIONS,
     Behavior,
     BehaviorContext,
     SimulatedBehavior,
     TrainerState,
 )
-from trainer_service.capabilities import (
+from trainer_service.simulation.capabilities import (
     Specialization,
     capabilities_for,
     parse_specialization,
     specialization_name,
 )
-from trainer_service.client import DEFAULT_TARGET, HubClient
-from trainer_service.errors import ClientClosed, FailedPrecondition, HubError, NotFound
 
 _T = TypeVar("_T")
 
@@ -238,7 +237,6 @@ class NetworkedKernelTrainer:
             self._token,
             specialization=self.specialization,
             capabilities=self.capabilities,
-            version=__version__,
             credentials=self._credentials,
             # A fresh trainer has no saved seq: the network's history is not its work.
             skip_history=True,

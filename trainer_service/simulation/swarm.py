@@ -21,11 +21,11 @@ from rich.table import Table
 from rich.text import Text
 
 from generated.kernelhub.v1 import hub_pb2 as pb
-from trainer_service.behavior import Behavior
-from trainer_service.capabilities import SPECIALIZATION_NAMES, parse_specialization
-from trainer_service.client import HubClient
-from trainer_service.errors import HubError
-from trainer_service.trainer import NetworkedKernelTrainer, TrainingMetrics
+from trainer_service.sdk.client import HubClient
+from trainer_service.sdk.errors import HubError
+from trainer_service.simulation.behavior import Behavior
+from trainer_service.simulation.capabilities import SPECIALIZATION_NAMES, parse_specialization
+from trainer_service.simulation.trainer import NetworkedKernelTrainer, TrainingMetrics
 
 MAX_SWARM_SIZE: Final = 256
 REFRESH_PER_SECOND: Final = 4
