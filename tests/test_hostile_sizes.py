@@ -15,7 +15,6 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy
-from google.protobuf.internal import encoder
 from google.protobuf.message import Message
 
 from generated.kernelhub.v1 import hub_pb2 as pb
@@ -29,13 +28,23 @@ FOUR_BYTE = "\U0001f600"  # one character, four bytes of UTF-8
 MAX_TEXT = FOUR_BYTE * 4096  # Limits.max_text_length characters: 16 KiB
 
 
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def nested(number: int, payload: bytes) -> bytes:
+    """Field `number` holding `payload`, length-delimited (wire type 2)."""
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
 def unknown(size: int, number: int = 99) -> bytes:
     """One length-delimited field the contract does not define, `size` bytes long."""
-    return encoder.TagBytes(number, 2) + encoder._VarintBytes(size) + b"u" * size
-
-
-def nested(tag: int, payload: bytes) -> bytes:
-    return encoder.TagBytes(tag, 2) + encoder._VarintBytes(len(payload)) + payload
+    return nested(number, b"u" * size)
 
 
 def with_unknown(message: Message, size: int) -> Message:
