@@ -431,3 +431,61 @@ async def test_collaborations_with_long_texts_page_by_bytes(harness: HubHarness)
     assert sorted(c.session_id for c in got) == sorted(sessions)
     assert len({c.session_id for c in got}) == len(sessions)
     assert pages >= 2
+
+
+# --- the budget follows the configured message size -------------------------------------------
+
+SMALL = 64 * 1024  # a hub configured with 64 KiB messages
+
+
+def wide_pattern(pattern_id: str) -> pb.Pattern:
+    """A valid pattern of ~34 KB: two of them do not fit one 64 KiB response."""
+    wide = pattern(pattern_id)
+    wide.attributes.update({f"key_{j}": "v" * 1024 for j in range(32)})
+    return wide
+
+
+async def test_every_response_fits_a_smaller_configured_message_size(database_url: str) -> None:
+    """Live events, the training sync and ListAgents pages all keep to
+    `max_message_bytes`, not to a constant of their own."""
+    server = HubServer(make_config(database_url, max_message_bytes=SMALL))
+    await server.start()
+    harness = HubHarness(server)
+    try:
+        capabilities = [f"{c}{'_' * 62}{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+        capabilities += [f"x{i:02d}{'_' * 60}y" for i in range(38)]  # 64 of 64 characters
+        for i in range(16):  # ~4.9 KB each: 16 overflow 64 KiB
+            agent = f"wide_{i:02d}"
+            wide = hello(agent, capabilities=capabilities)
+            wide.version = FOUR_BYTE * 200
+            trainer = await harness.connect(agent, wide)
+            await trainer.close()
+        alice = await harness.connect("alice")
+        bob = await harness.connect("bob")
+        sent = []
+        for i in range(6):
+            sent.append(
+                await alice.send(share_pattern=pb.SharePattern(pattern=wide_pattern(f"w{i}")))
+            )
+        receipts = [await alice.receipt(mid) for mid in sent]
+        await bob.until_seq(receipts[-1].seq)
+        shared = [e.seq for e in bob.events if e.HasField("artifact_shared")]
+        assert shared == [r.seq for r in receipts]
+        late = await harness.connect("late")
+        sync = await asyncio.wait_for(_first_sync(late), WAIT)
+        assert 0 < len(sync.knowledge_base.recent_artifacts) < 5
+        assert sync.knowledge_base.pattern_count == 6
+
+        async def fetch(token: str) -> Any:
+            page = await harness.query(
+                "ListAgents", pb.ListAgentsRequest(page_size=500, page_token=token)
+            )
+            assert page.ByteSize() <= SMALL
+            return page
+
+        agents, pages = await all_pages(fetch, "agents")
+        assert len({a.agent_id for a in agents}) == len(agents) == 16 + 3  # alice, bob, late
+        assert pages >= 2
+    finally:
+        await harness.close()
+        await server.stop()
