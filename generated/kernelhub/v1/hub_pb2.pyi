@@ -1873,7 +1873,10 @@ class ListAgentsResponse(_message.Message):
     AGENTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Pass as `page_token` for the next page; empty on the last page."""
+    """Pass as `page_token` for the next page; empty on the last page. A page
+    may hold fewer than `page_size` items (it also ends before the hub's
+    maximum message size), so page until this is empty.
+    """
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentInfo]:
         """The agents on this page."""
@@ -1939,7 +1942,10 @@ class ListArtifactsResponse(_message.Message):
     ARTIFACTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Pass as `page_token` for the next page; empty on the last page."""
+    """Pass as `page_token` for the next page; empty on the last page. A page
+    may hold fewer than `page_size` items (it also ends before the hub's
+    maximum message size), so page until this is empty.
+    """
     @_builtins.property
     def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Artifact]:
         """The artifacts on this page, newest first."""
@@ -2047,7 +2053,10 @@ class ListCollaborationsResponse(_message.Message):
     COLLABORATIONS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Pass as `page_token` for the next page; empty on the last page."""
+    """Pass as `page_token` for the next page; empty on the last page. A page
+    may hold fewer than `page_size` items (it also ends before the hub's
+    maximum message size), so page until this is empty.
+    """
     @_builtins.property
     def collaborations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Collaboration]:
         """The sessions on this page, newest first."""
@@ -2105,7 +2114,10 @@ class ListFeatureRequestsResponse(_message.Message):
     FEATURE_REQUESTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Pass as `page_token` for the next page; empty on the last page."""
+    """Pass as `page_token` for the next page; empty on the last page. A page
+    may hold fewer than `page_size` items (it also ends before the hub's
+    maximum message size), so page until this is empty.
+    """
     @_builtins.property
     def feature_requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureRequestInfo]:
         """The requests on this page, newest first."""
