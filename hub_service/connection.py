@@ -21,6 +21,7 @@ import grpc
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
+from . import paging
 from .commands import Outcome
 from .errors import HubError
 from .router import Router
@@ -28,7 +29,6 @@ from .store import HubStore
 
 log = logging.getLogger(__name__)
 
-RESPONSE_BYTES = 1024 * 1024
 LOG_RETRY_SECONDS = 0.5
 CATCH_UP_POLL_SECONDS = 0.05
 
@@ -45,8 +45,10 @@ class Connection:
         queue_size: int,
         events_per_response: int,
         replay_page_size: int,
+        max_bytes: int,
         linger: float = 0.0,
     ) -> None:
+        """`max_bytes`: what one response may carry (`paging.budget` of the message limit)."""
         self.agent_id = hello.agent_id
         self.token_hash = token_hash  # re-checked while the stream lives (revocation)
         self.hello = hello
@@ -60,6 +62,7 @@ class Connection:
         self._per_response = events_per_response
         self._replay_page = replay_page_size
         self._linger = linger
+        self._max_bytes = max_bytes
         # The highest seq queued or sent: nothing at or below it is sent again.
         self.cursor = hello.resume_after_seq
         self.catching_up = True
@@ -203,27 +206,72 @@ class Connection:
         return bool(self._events or self._receipts or self._errors or self._sync)
 
     async def _flush(self, write: Callable[[pb.ConnectResponse], Awaitable[None]]) -> None:
-        receipts, self._receipts = self._receipts, []
-        errors, self._errors = self._errors, []
-        events: list[pb.HubEvent] = []
-        size = 0
-        # Up to 64 events, and (beyond the first) no more than RESPONSE_BYTES: events can be
-        # ~100 KiB each, and a response over the 4 MiB message limit would end the stream.
-        while self._events and len(events) < self._per_response:
-            size += self._events[0].ByteSize()
-            if events and size > RESPONSE_BYTES:
+        """Write one response of what waits, never more than `max_bytes` of it.
+
+        Receipts and errors go first; events only once none is left behind, so a receipt
+        never trails the events its message caused. The sync goes when it fits beside
+        them, or alone. An event too large for any response goes as its `omitted` marker.
+        """
+        room = self._max_bytes
+        answers = 0  # receipts and errors: each is small, bounded by the in-flight window
+        for waiting in (self._receipts, self._errors):
+            taken = 0
+            for answer in waiting:
+                cost = paging.entry_bytes(answer)
+                if cost > room and answers:
+                    break
+                room -= cost
+                taken += 1
+                answers += 1
+            if taken < len(waiting):
                 break
-            events.append(self._events.popleft())
-        response = pb.ConnectResponse(receipts=receipts, errors=errors, events=events)
-        if self._sync is not None:
-            response.training_sync.CopyFrom(self._sync)
-            self._sync = None
+        receipts, self._receipts = self._receipts[:answers], self._receipts[answers:]
+        errors = self._errors[: answers - len(receipts)]
+        del self._errors[: len(errors)]
+        response = pb.ConnectResponse(receipts=receipts, errors=errors)
+        if not (self._receipts or self._errors):
+            if self._sync is not None:
+                cost = paging.entry_bytes(self._sync)
+                if cost <= room or not answers:
+                    room -= cost
+                    response.training_sync.CopyFrom(self._sync)
+                    self._sync = None
+            while self._events and len(response.events) < self._per_response:
+                event = self._events[0]
+                cost = paging.entry_bytes(event)
+                if cost > self._max_bytes:
+                    event = self._omitted(event)
+                    cost = paging.entry_bytes(event)
+                if cost > room:
+                    break
+                room -= cost
+                response.events.append(event)
+                self._events.popleft()
         await write(response)
         for _ in range(len(receipts) + len(errors)):
             self._window.release()
         self._unanswered -= len(receipts) + len(errors)
         if self._unanswered == 0:
             self._all_answered.set()
+
+    def _omitted(self, event: pb.HubEvent) -> pb.HubEvent:
+        """`event` without its body, which no response could carry: the seq goes on."""
+        kind = event.WhichOneof("body") or ""
+        size = event.ByteSize()
+        log.warning(
+            "%s: event %d (%s, %d bytes) is larger than a response; sent without its body",
+            self.agent_id,
+            event.seq,
+            kind,
+            size,
+        )
+        marker = pb.HubEvent(
+            seq=event.seq,
+            sender_id=event.sender_id,
+            omitted=pb.EventOmitted(body=kind, event_bytes=size, max_bytes=self._max_bytes),
+        )
+        marker.create_time.CopyFrom(event.create_time)
+        return marker
 
     def resync(self) -> None:
         """Distrust the live feed (a commit's outcome is unknown): read the log again."""
@@ -240,7 +288,9 @@ class Connection:
         """
         self._joining = []
         try:
-            events = await self._store.events_for(self.agent_id, self.cursor, self._replay_page)
+            events = await self._store.events_for(
+                self.agent_id, self.cursor, self._replay_page, self._max_bytes
+            )
         except BaseException:
             self._joining = None
             raise

@@ -1,20 +1,76 @@
-"""Opaque page tokens and page sizes for the List RPCs."""
+"""Opaque page tokens and page sizes for the List RPCs, and the byte budget that every
+response the hub builds keeps to (pages, stream responses, training syncs)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
-from .errors import invalid
+import grpc
+from google.protobuf.message import Message
+
+from .errors import HubError, invalid
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
+# Room a response keeps for what is not an item: a page token, a Welcome, framing.
+RESERVED_BYTES = 4096
+
+Row = TypeVar("Row")
+Item = TypeVar("Item", bound=Message)
 
 
 def page_size(requested: int) -> int:
     if requested < 0:
         raise invalid([("page_size", f"must not be negative, got {requested}")])
     return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def budget(max_message_bytes: int) -> int:
+    """Bytes the items of one response may take, from the configured message size limit."""
+    return max(max_message_bytes - RESERVED_BYTES, max_message_bytes // 2)
+
+
+def entry_bytes(message: Message) -> int:
+    """What `message` adds to its parent as one entry of a repeated field: tag, length, body."""
+    size = message.ByteSize()
+    return size + 2 + (size.bit_length() + 6) // 7
+
+
+def too_large(what: str, size: int, max_bytes: int) -> HubError:
+    return HubError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"{what} is {size} bytes, more than the {max_bytes} bytes one response may carry",
+    )
+
+
+def take(
+    rows: Iterable[Row],
+    decode: Callable[[Row], Item],
+    limit: int,
+    max_bytes: int | None,
+    oversized: Callable[[Item], HubError] | None = None,
+) -> tuple[list[tuple[Row, Item]], bool]:
+    """The first `limit` rows, decoded, ending early once they would exceed `max_bytes`;
+    and whether rows remain. Rows are decoded one at a time, so a page never holds more
+    than its budget (plus one item). An item too large for any response alone raises
+    `oversized(item)`; without `oversized` it goes alone (its reader replaces it)."""
+    page: list[tuple[Row, Item]] = []
+    used = 0
+    for row in rows:
+        if len(page) == limit:
+            return page, True
+        item = decode(row)
+        used += entry_bytes(item)
+        if max_bytes is not None and used > max_bytes:
+            if page:
+                return page, True
+            if oversized is not None:
+                raise oversized(item)
+        page.append((row, item))
+    return page, False
 
 
 def encode(cursor: str) -> str:

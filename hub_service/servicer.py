@@ -57,7 +57,16 @@ ROSTER_SIZE = 32
 @dataclass
 class Roster:
     active: list[pb.AgentInfo] = field(default_factory=list)
+    active_bytes: int = 0  # of `active`, as entries of a TrainingSync
     by_specialization: dict[int, list[Candidate]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class KnowledgeBase:
+    """The summary a sync round sends, with each recent artifact's size (measured once)."""
+
+    summary: pb.KnowledgeBaseSummary
+    sizes: list[int]
 
 
 def to_command(agent_id: str, request: pb.ConnectRequest, kind: str) -> cmd.Command:
@@ -131,6 +140,8 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         self._teardowns: set[asyncio.Task[None]] = set()  # referenced until done
         # Per agent, so reconnecting does not refill the bucket; one small object per agent.
         self._buckets: dict[str, TokenBucket] = {}
+        # What the items of one response may take: every response is built to fit.
+        self._budget = paging.budget(config.max_message_bytes)
 
     # --- the stream -----------------------------------------------------------
 
@@ -158,6 +169,7 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
             queue_size=self._config.outbound_queue_size,
             events_per_response=self._config.max_events_per_response,
             replay_page_size=self._config.replay_page_size,
+            max_bytes=self._budget,
             linger=self._config.stream_linger,
         )
         if hello.skip_history:
@@ -258,6 +270,7 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"the first message is not a ConnectRequest ({exc})",
             )
+        first.DiscardUnknownFields()  # as _read does
         if first.WhichOneof("body") != "hello":
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -285,6 +298,9 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
             )
         try:
             async for request in requests:
+                # The boundary: fields the contract does not define (at any depth: nested,
+                # batched, map entries) would skip every limit and be stored and routed.
+                request.DiscardUnknownFields()
                 if request.WhichOneof("body") == "batch":
                     await self._take_batch(connection, bucket, request)
                 else:
@@ -341,34 +357,40 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
 
     def _roster(self) -> Roster:
         """Who is online, sampled once per sync round: at most ROSTER_SIZE agents in all and
-        per specialization, so a round costs O(connections), not O(connections^2)."""
+        per specialization, so a round costs O(connections), not O(connections^2); and at
+        most half a response of them, so the knowledge base has room beside them."""
         roster = Roster()
         for c in self._router.connections():
             spec = c.hello.specialization
             if len(roster.active) < ROSTER_SIZE:
-                roster.active.append(
-                    pb.AgentInfo(
-                        agent_id=c.agent_id,
-                        specialization=spec,
-                        capabilities=c.hello.capabilities,
-                        version=c.hello.version,
-                        online=True,
-                    )
+                info = pb.AgentInfo(
+                    agent_id=c.agent_id,
+                    specialization=spec,
+                    capabilities=c.hello.capabilities,
+                    version=c.hello.version,
+                    online=True,
                 )
+                if roster.active_bytes + paging.entry_bytes(info) <= self._budget // 2:
+                    roster.active.append(info)
+                    roster.active_bytes += paging.entry_bytes(info)
             peers = roster.by_specialization.setdefault(spec, [])
             if len(peers) < ROSTER_SIZE:
                 peers.append(Candidate(c.agent_id, spec))
         return roster
 
+    async def _knowledge_base(self) -> KnowledgeBase:
+        summary = await self._store.knowledge_base(recent=5)
+        return KnowledgeBase(summary, [paging.entry_bytes(a) for a in summary.recent_artifacts])
+
     async def training_sync(
         self,
         connection: Connection,
-        knowledge_base: pb.KnowledgeBaseSummary | None = None,
+        knowledge_base: KnowledgeBase | None = None,
         roster: Roster | None = None,
     ) -> pb.TrainingSync:
-        """What `connection`'s agent should know: who is active, whom to pair with, the KB."""
-        if knowledge_base is None:
-            knowledge_base = await self._store.knowledge_base(recent=5)
+        """What `connection`'s agent should know: who is active, whom to pair with, the KB;
+        in one response's budget, with as many of the newest artifacts as fit."""
+        kb = knowledge_base or await self._knowledge_base()
         roster = roster or self._roster()
         me, my_spec = connection.agent_id, connection.hello.specialization
         candidates = [
@@ -380,13 +402,29 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         sync = pb.TrainingSync(
             active_agents=[a for a in roster.active if a.agent_id != me],
             opportunities=opportunities(me, my_spec, candidates),
-            knowledge_base=knowledge_base,
         )
         sync.create_time.GetCurrentTime()
+        # 64: the create time, the counts and the tags around them.
+        room = (
+            self._budget
+            - roster.active_bytes
+            - sum(paging.entry_bytes(o) for o in sync.opportunities)
+            - 64
+        )
+        if sum(kb.sizes) <= room:
+            sync.knowledge_base.CopyFrom(kb.summary)
+            return sync
+        summary = sync.knowledge_base
+        for name in ("pattern", "code_component", "os_component", "feature_request"):
+            setattr(summary, f"{name}_count", getattr(kb.summary, f"{name}_count"))
+        for artifact, size in zip(kb.summary.recent_artifacts, kb.sizes, strict=True):
+            if size <= room:  # an artifact too large is left out, not the ones after it
+                room -= size
+                summary.recent_artifacts.append(artifact)
         return sync
 
     async def broadcast_training_sync(self) -> None:
-        knowledge_base = await self._store.knowledge_base(recent=5)
+        knowledge_base = await self._knowledge_base()
         roster = self._roster()
         for i, connection in enumerate(self._router.connections()):
             connection.send_sync(await self.training_sync(connection, knowledge_base, roster))
@@ -414,7 +452,9 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
     ) -> pb.ListAgentsResponse:
         limit = paging.page_size(request.page_size)
         cursor = paging.decode_int(request.page_token)
-        page = await self._store.list_agents(request.online_only, limit, str(cursor or ""))
+        page = await self._store.list_agents(
+            request.online_only, limit, str(cursor or ""), self._budget
+        )
         return pb.ListAgentsResponse(agents=page.items, next_page_token=_token(page.next_cursor))
 
     @_rich_errors
@@ -426,7 +466,12 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         limit = paging.page_size(request.page_size)
         cursor = paging.decode_int(request.page_token)
         page = await self._store.list_artifacts(
-            request.kind, request.specialization, request.contributor_id, limit, str(cursor or "")
+            request.kind,
+            request.specialization,
+            request.contributor_id,
+            limit,
+            str(cursor or ""),
+            self._budget,
         )
         return pb.ListArtifactsResponse(
             artifacts=page.items, next_page_token=_token(page.next_cursor)
@@ -441,6 +486,8 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         artifact = await self._store.get_artifact(request.artifact_id)
         if artifact is None:
             raise not_found(f"artifact {request.artifact_id}")
+        if (size := artifact.ByteSize()) > self._budget:
+            raise paging.too_large(f"artifact {request.artifact_id}", size, self._budget)
         return pb.GetArtifactResponse(artifact=artifact)
 
     @_rich_errors
@@ -450,7 +497,7 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         _check_enum("state", request.state, pb.CollaborationState)
         limit = paging.page_size(request.page_size)
         page = await self._store.list_collaborations(
-            request.agent_id, request.state, limit, paging.decode(request.page_token)
+            request.agent_id, request.state, limit, paging.decode(request.page_token), self._budget
         )
         return pb.ListCollaborationsResponse(
             collaborations=page.items, next_page_token=_token(page.next_cursor)
@@ -463,7 +510,7 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         limit = paging.page_size(request.page_size)
         cursor = paging.decode_int(request.page_token)
         page = await self._store.list_feature_requests(
-            request.requester_id, limit, str(cursor or "")
+            request.requester_id, limit, str(cursor or ""), self._budget
         )
         return pb.ListFeatureRequestsResponse(
             feature_requests=page.items, next_page_token=_token(page.next_cursor)

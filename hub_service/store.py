@@ -16,9 +16,11 @@ from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from sqlalchemy import Connection, Engine, event, exists, func, or_, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session, SQLModel, col, create_engine, select
@@ -26,6 +28,7 @@ from sqlmodel import Session, SQLModel, col, create_engine, select
 from generated.kernelhub.v1 import hub_pb2 as pb
 
 from . import collaboration as collab
+from . import paging
 from .bulk import BulkWriter
 from .commands import Command, Outcome, Tx
 from .errors import HubError, unavailable
@@ -49,8 +52,19 @@ from .validation import Limits, validate_agent_id
 from .writer import WriterProcess, WriterSettings
 
 log = logging.getLogger(__name__)
-PAGE_BYTES = 3 * 1024 * 1024
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
+# Rows a page query holds in memory at once: bodies are decoded one by one, and a page
+# ends at its byte budget, so a table of huge rows is never read whole.
+STREAM_ROWS = 16
+
+
+def _decode(kind: type[M], body: bytes) -> M:
+    """A stored body without the fields the contract does not define: older hubs stored
+    whatever clients sent, and those bytes must go nowhere."""
+    message = kind.FromString(body)
+    message.DiscardUnknownFields()
+    return message
 
 
 @dataclass(frozen=True)
@@ -69,7 +83,9 @@ class EventPage(list[pb.HubEvent]):
 
 @dataclass(frozen=True)
 class Page:
-    """One page of a List query: the rows as protos and the cursor of the next page."""
+    """One page of a List query: the rows as protos and the cursor of the next page.
+    A page ends after `limit` items or before `max_bytes` of them, whichever comes first;
+    an item larger than `max_bytes` alone is refused (RESOURCE_EXHAUSTED naming it)."""
 
     items: list[Any]
     next_cursor: str
@@ -81,22 +97,34 @@ class HubStore(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def commit(self, commands: Sequence[Command]) -> list[Outcome | HubError]: ...
-    async def events_for(self, agent_id: str, after_seq: int, limit: int) -> EventPage: ...
+    async def events_for(
+        self, agent_id: str, after_seq: int, limit: int, max_bytes: int | None = None
+    ) -> EventPage: ...
     async def head_seq(self) -> int: ...
     async def authenticate(self, token: str) -> str | None: ...
     async def issue_token(self, agent_id: str, ttl: timedelta | None = None) -> IssuedToken: ...
     async def valid_token_hashes(self, hashes: Collection[str]) -> set[str]: ...
     async def list_tokens(self) -> list[TokenRow]: ...
     async def revoke_tokens(self, agent_or_token_id: str) -> int: ...
-    async def list_agents(self, online_only: bool, limit: int, cursor: str) -> Page: ...
+    async def list_agents(
+        self, online_only: bool, limit: int, cursor: str, max_bytes: int | None = None
+    ) -> Page: ...
     async def list_artifacts(
-        self, kind: int, specialization: int, contributor_id: str, limit: int, cursor: str
+        self,
+        kind: int,
+        specialization: int,
+        contributor_id: str,
+        limit: int,
+        cursor: str,
+        max_bytes: int | None = None,
     ) -> Page: ...
     async def get_artifact(self, artifact_id: str) -> pb.Artifact | None: ...
     async def list_collaborations(
-        self, agent_id: str, state: int, limit: int, cursor: str
+        self, agent_id: str, state: int, limit: int, cursor: str, max_bytes: int | None = None
     ) -> Page: ...
-    async def list_feature_requests(self, requester_id: str, limit: int, cursor: str) -> Page: ...
+    async def list_feature_requests(
+        self, requester_id: str, limit: int, cursor: str, max_bytes: int | None = None
+    ) -> Page: ...
     async def knowledge_base(self, recent: int) -> pb.KnowledgeBaseSummary: ...
     async def stats(self) -> pb.GetHubStatsResponse: ...
 
@@ -307,8 +335,12 @@ class SqlStore:
     async def head_seq(self) -> int:
         return await self._read(lambda s: int(s.exec(select(func.max(EventRow.seq))).one() or 0))
 
-    async def events_for(self, agent_id: str, after_seq: int, limit: int) -> EventPage:
-        """The events after `after_seq` that `agent_id` is entitled to, oldest first."""
+    async def events_for(
+        self, agent_id: str, after_seq: int, limit: int, max_bytes: int | None = None
+    ) -> EventPage:
+        """The events after `after_seq` that `agent_id` is entitled to, oldest first: at
+        most `limit`, and no more than `max_bytes` of them beyond the first (an event too
+        large for any response still comes, alone, for its reader to replace)."""
         direct = exists().where(
             col(EventRecipientRow.seq) == col(EventRow.seq),
             col(EventRecipientRow.agent_id) == agent_id,
@@ -321,15 +353,13 @@ class SqlStore:
             )
             .order_by(col(EventRow.seq))
             .limit(limit + 1)
+            .execution_options(yield_per=STREAM_ROWS)
         )
-        bodies = await self._read(lambda s: s.exec(query).all())
-        events, size = EventPage(), 0
-        for body in bodies[:limit]:  # a page also ends at PAGE_BYTES: events reach ~100 KiB
-            size += len(body)
-            if events and size > PAGE_BYTES:
-                break
-            events.append(pb.HubEvent.FromString(body))
-        events.more = len(events) < len(bodies)
+        page, more = await self._read(
+            lambda s: paging.take(s.exec(query), partial(_decode, pb.HubEvent), limit, max_bytes)
+        )
+        events = EventPage(event for _, event in page)
+        events.more = more
         return events
 
     # --- tokens -------------------------------------------------------------
@@ -408,17 +438,33 @@ class SqlStore:
 
     # --- queries ------------------------------------------------------------
 
-    async def list_agents(self, online_only: bool, limit: int, cursor: str) -> Page:
+    async def list_agents(
+        self, online_only: bool, limit: int, cursor: str, max_bytes: int | None = None
+    ) -> Page:
         offset = int(cursor or 0)
         query = select(AgentRow).order_by(col(AgentRow.online).desc(), col(AgentRow.agent_id))
         if online_only:
             query = query.where(col(AgentRow.online))
-        rows = await self._read(lambda s: s.exec(query.offset(offset).limit(limit + 1)).all())
-        more = len(rows) > limit
-        return Page([agent_to_proto(r) for r in rows[:limit]], str(offset + limit) if more else "")
+        query = query.offset(offset).limit(limit + 1).execution_options(yield_per=STREAM_ROWS)
+        page, more = await self._read(
+            lambda s: paging.take(
+                s.exec(query),
+                agent_to_proto,
+                limit,
+                max_bytes,
+                _oversized("agent", "agent_id", max_bytes),
+            )
+        )
+        return Page([info for _, info in page], str(offset + len(page)) if more else "")
 
     async def list_artifacts(
-        self, kind: int, specialization: int, contributor_id: str, limit: int, cursor: str
+        self,
+        kind: int,
+        specialization: int,
+        contributor_id: str,
+        limit: int,
+        cursor: str,
+        max_bytes: int | None = None,
     ) -> Page:
         query = select(ArtifactRow.seq, ArtifactRow.body).order_by(col(ArtifactRow.seq).desc())
         if kind:
@@ -429,26 +475,25 @@ class SqlStore:
             query = query.where(ArtifactRow.contributor_id == contributor_id)
         if cursor:
             query = query.where(ArtifactRow.seq < int(cursor))
-        rows = await self._read(lambda s: s.exec(query.limit(limit + 1)).all())
-        # A page also ends before PAGE_BYTES (artifacts reach ~100 KiB each): the response
-        # must stay under the 4 MiB message limit.
-        page: list[tuple[int, bytes]] = []
-        size = 0
-        for seq, body in rows[:limit]:
-            size += len(body)
-            if page and size > PAGE_BYTES:
-                break
-            page.append((seq, body))
-        more = len(page) < len(rows)
-        return Page(
-            [pb.Artifact.FromString(body) for _, body in page], str(page[-1][0]) if more else ""
+        query = query.limit(limit + 1).execution_options(yield_per=STREAM_ROWS)
+        page, more = await self._read(
+            lambda s: paging.take(
+                s.exec(query),
+                lambda row: _decode(pb.Artifact, row[1]),
+                limit,
+                max_bytes,
+                _oversized("artifact", "artifact_id", max_bytes),
+            )
         )
+        return Page([artifact for _, artifact in page], str(page[-1][0][0]) if more else "")
 
     async def get_artifact(self, artifact_id: str) -> pb.Artifact | None:
         row = await self._read(lambda s: s.get(ArtifactRow, artifact_id))
-        return pb.Artifact.FromString(row.body) if row else None
+        return _decode(pb.Artifact, row.body) if row else None
 
-    async def list_collaborations(self, agent_id: str, state: int, limit: int, cursor: str) -> Page:
+    async def list_collaborations(
+        self, agent_id: str, state: int, limit: int, cursor: str, max_bytes: int | None = None
+    ) -> Page:
         query = select(CollaborationRow).order_by(col(CollaborationRow.session_id).desc())
         if agent_id:
             query = query.where(
@@ -461,25 +506,43 @@ class SqlStore:
             query = query.where(CollaborationRow.state == state)
         if cursor:
             query = query.where(CollaborationRow.session_id < cursor)
-        rows = await self._read(lambda s: s.exec(query.limit(limit + 1)).all())
-        page = rows[:limit]
-        return Page(
-            [collaboration_to_proto(r) for r in page],
-            page[-1].session_id if len(rows) > limit else "",
+        query = query.limit(limit + 1).execution_options(yield_per=STREAM_ROWS)
+        page, more = await self._read(
+            lambda s: paging.take(
+                s.exec(query),
+                collaboration_to_proto,
+                limit,
+                max_bytes,
+                _oversized("collaboration", "session_id", max_bytes),
+            )
         )
+        return Page([c for _, c in page], page[-1][0].session_id if more else "")
 
-    async def list_feature_requests(self, requester_id: str, limit: int, cursor: str) -> Page:
+    async def list_feature_requests(
+        self, requester_id: str, limit: int, cursor: str, max_bytes: int | None = None
+    ) -> Page:
         query = select(FeatureRequestRow).order_by(col(FeatureRequestRow.seq).desc())
         if requester_id:
             query = query.where(FeatureRequestRow.requester_id == requester_id)
         if cursor:
             query = query.where(FeatureRequestRow.seq < int(cursor))
-        rows = await self._read(lambda s: s.exec(query.limit(limit + 1)).all())
-        page = rows[:limit]
-        return Page(
-            [feature_request_to_proto(r) for r in page],
-            str(page[-1].seq) if len(rows) > limit else "",
+        query = query.limit(limit + 1).execution_options(yield_per=STREAM_ROWS)
+
+        def decode(row: FeatureRequestRow) -> pb.FeatureRequestInfo:
+            info = feature_request_to_proto(row)
+            info.DiscardUnknownFields()  # as _decode does
+            return info
+
+        page, more = await self._read(
+            lambda s: paging.take(
+                s.exec(query),
+                decode,
+                limit,
+                max_bytes,
+                _oversized("feature request", "request_id", max_bytes),
+            )
         )
+        return Page([info for _, info in page], str(page[-1][0].seq) if more else "")
 
     async def knowledge_base(self, recent: int) -> pb.KnowledgeBaseSummary:
         def summary(s: Session) -> pb.KnowledgeBaseSummary:
@@ -496,7 +559,7 @@ class SqlStore:
                 feature_request_count=s.exec(
                     select(func.count()).select_from(FeatureRequestRow)
                 ).one(),
-                recent_artifacts=[pb.Artifact.FromString(b) for b in newest],
+                recent_artifacts=[_decode(pb.Artifact, b) for b in newest],
             )
 
         return await self._read(summary)
@@ -529,3 +592,13 @@ class SqlStore:
         if not self.database_url.startswith("sqlite"):
             return "ok"
         return await self._read(lambda s: str(s.execute(text("PRAGMA integrity_check")).scalar()))
+
+
+def _oversized(what: str, id_field: str, max_bytes: int | None) -> Callable[[Message], HubError]:
+    """The refusal of a page whose first item alone exceeds `max_bytes`, naming the item."""
+
+    def refuse(item: Message) -> HubError:
+        name = getattr(item, id_field)
+        return paging.too_large(f"{what} {name}", item.ByteSize(), max_bytes or 0)
+
+    return refuse

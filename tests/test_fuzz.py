@@ -246,9 +246,14 @@ def no_nul(max_size: int) -> st.SearchStrategy[str]:
     return st.text(max_size=max_size).map(lambda s: s.replace("\x00", ""))
 
 
+FOUR_BYTE = "\U0001f600"  # one character, four bytes of UTF-8: limits count characters
+
+
 def required(max_size: int) -> st.SearchStrategy[str]:
     """Text with something besides whitespace, at most `max_size` characters."""
-    return st.builds(lambda s: "n" + s, no_nul(20)) | st.just("n" * max_size)
+    return st.builds(lambda s: "n" + s, no_nul(20)) | st.sampled_from(
+        ["n" * max_size, FOUR_BYTE * max_size]
+    )
 
 
 def repeat(unit_text: str, length: int) -> str:
@@ -259,8 +264,11 @@ valid_code = (
     st.builds(lambda s: "int f(void) { return 0; }\n" + s, no_nul(40))
     | st.just("x" * 65536)  # exactly the 64 KiB limit
     | st.just("\u00e9" * 32768)  # 65,536 bytes of UTF-8 in half as many characters
+    | st.just(FOUR_BYTE * 16384)  # and in a quarter
 )
-valid_attributes = st.dictionaries(snake, no_nul(12) | st.just("v" * 1024), max_size=3)
+valid_attributes = st.dictionaries(
+    snake, no_nul(12) | st.sampled_from(["v" * 1024, FOUR_BYTE * 1024]), max_size=3
+)
 
 SPECIAL_TEXT = [
     "",
@@ -405,7 +413,7 @@ def body(kind: str, fuzz: bool) -> st.SearchStrategy[Any]:
         compatibility=f(st.integers(0, 8), extreme_enum),
         priority=f(st.integers(1, 3), extreme_enum),
     )
-    text = f(no_nul(30) | st.just("t" * 4096), extreme_text)
+    text = f(no_nul(30) | st.sampled_from(["t" * 4096, FOUR_BYTE * 4096]), extreme_text)
     bodies: dict[str, st.SearchStrategy[Any]] = {
         "share_pattern": message(pb.SharePattern, pattern=nested(pattern_msg(fuzz))),
         "share_code_component": message(
@@ -464,6 +472,61 @@ fuzz_hello = message(
 
 MAX_BATCH = 64  # Limits.max_batch_requests, the hub's default
 
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def unknown_field(number: int, wire_type: int, size: int) -> bytes:
+    """One field the contract does not define, in wire type 0, 1, 2 or 5."""
+    payload = {0: varint(size), 1: bytes(8), 2: varint(size) + b"u" * size, 5: bytes(4)}
+    return varint(number << 3 | wire_type) + payload[wire_type]
+
+
+# Fields no message of the contract defines (up to the largest field number), of every wire
+# type, up to 70 KB: the hub must take the message as if they were absent, and store and
+# send none of them (issue 11).
+unknown_fields = st.lists(
+    st.builds(
+        unknown_field,
+        st.sampled_from([99, 1000, 2**29 - 1]) | st.integers(100, 5000),
+        st.sampled_from([0, 1, 2, 5]),
+        st.integers(0, 64) | st.sampled_from([4096, 70_000]),
+    ),
+    min_size=1,
+    max_size=3,
+).map(b"".join)
+# (depth, bytes): 0 is the ConnectRequest, 1 its body, 2 and more the messages inside it.
+unknown_at = st.none() | st.none() | st.tuples(st.integers(0, 3), unknown_fields)
+
+
+def add_unknown(request: Message, where: tuple[int, bytes] | None) -> None:
+    """Merge unknown fields into `request`, or into the message `depth` levels down (the
+    first set message field at each level; as deep as there is)."""
+    if where is None:
+        return
+    depth, data = where
+    target = request
+    for _ in range(depth):
+        inner = [v for f, v in target.ListFields() if f.message_type and not f.is_repeated]
+        if not inner:
+            break
+        target = inner[0]
+    target.MergeFromString(data)
+
+
+def has_unknown(message: Message) -> bool:
+    clean = type(message)()
+    clean.CopyFrom(message)
+    clean.DiscardUnknownFields()
+    return clean.ByteSize() != message.ByteSize()
+
+
 LITERAL_IDS = ["", "a", "dup", "A" * 128, "A" * 129, "a b", "-a", "_a", "a\x00", "\u00e9", "a/b"]
 
 
@@ -476,6 +539,7 @@ class Step:
     valid: bool  # built to pass validation
     id_spec: tuple[str, Any]  # ("fresh", None) | ("repeat", i) | ("literal", text)
     ref: int | None  # pick a real id the hub handed out (index), for the kinds that name one
+    unknown: tuple[int, bytes] | None = None  # unknown fields to add (see add_unknown)
 
 
 @st.composite
@@ -497,7 +561,7 @@ def steps(draw: st.DrawFn) -> Step:
     ref = None
     if kind in ("deliver_feature", "propose_collaboration", *SESSION_KINDS):
         ref = draw(st.none() | st.integers(0, 3))
-    return Step(kind, body_message, valid, id_spec, ref)
+    return Step(kind, body_message, valid, id_spec, ref, draw(unknown_at))
 
 
 @st.composite
@@ -546,6 +610,7 @@ def resolve(hub: LiveHub, agent: str, sequence: list[Step]) -> list[Sent]:
                 pool, target = known.partner_of.get(agent, []), "session_id"
             if pool:
                 setattr(getattr(request, step.kind), target, pool[-1 - step.ref % len(pool)])
+        add_unknown(request, step.unknown)
         sent.append(Sent(step, request, fresh))
     return sent
 
@@ -630,6 +695,8 @@ def test_connect_sequences_every_message_is_answered(
     assert answered == due, "answered != sent"
     seqs = [event.seq for response in responses for event in response.events]
     assert seqs == sorted(set(seqs)), f"events out of order: {seqs}"
+    leaked = [e.seq for r in responses for e in r.events if has_unknown(e)]
+    assert not leaked, f"events carried fields the contract does not define: {leaked}"
     if seqs:
         hub.known.last_seq[agent] = seqs[-1]
 
@@ -700,13 +767,15 @@ def first_messages(draw: st.DrawFn) -> tuple[str, pb.ConnectRequest, str]:
                     specialization=specialization,
                     capabilities=st.lists(snake, max_size=6)
                     | st.just([f"cap_{i}" for i in range(64)]),
-                    version=no_nul(20) | st.just("v" * 200),
+                    version=no_nul(20) | st.sampled_from(["v" * 200, FOUR_BYTE * 200]),
                     resume_after_seq=st.integers(0, INT64_MAX),
                 )
             )
         )
+        add_unknown(request, draw(unknown_at))  # a valid Hello all the same
         return what, request, "own"
     request.hello.CopyFrom(draw(fuzz_hello))
+    add_unknown(request, draw(unknown_at))
     whose = "other" if what == "other agent" else draw(st.sampled_from(["own", "as drawn"]))
     return what, request, whose
 
@@ -1005,6 +1074,17 @@ async def test_zz_hub_survived_and_the_database_is_sound(live_hub: LiveHub) -> N
                 "SELECT agent_id, message_id, seq, resource_id FROM received_message"
             )
         }
+        bodies = [
+            (table, kind, body)
+            for table, kind in (
+                ("event", pb.HubEvent),
+                ("artifact", pb.Artifact),
+                ("feature_request", pb.FeatureRequestInfo),
+            )
+            for (body,) in db.execute(f"SELECT body FROM {table}")
+        ]
+    leaked = [table for table, kind, body in bodies if has_unknown(kind.FromString(body))]
+    assert not leaked, f"{len(leaked)} stored rows hold unknown fields: {Counter(leaked)}"
     for key, value in hub.known.ledger.items():
         assert stored.get(key) == value, f"receipt {key} -> {value}, database {stored.get(key)}"
     assert total >= 10_000, f"only {total} fuzz inputs"

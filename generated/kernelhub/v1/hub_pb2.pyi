@@ -1520,6 +1520,7 @@ class HubEvent(_message.Message):
     COLLABORATION_UPDATED_FIELD_NUMBER: _builtins.int
     AGENT_JOINED_FIELD_NUMBER: _builtins.int
     AGENT_LEFT_FIELD_NUMBER: _builtins.int
+    OMITTED_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Hub-assigned, strictly increasing across the hub; resume from it."""
     sender_id: _builtins.str
@@ -1554,6 +1555,14 @@ class HubEvent(_message.Message):
     def agent_left(self) -> Global___AgentLeft:
         """An agent went offline (broadcast)."""
 
+    @_builtins.property
+    def omitted(self) -> Global___EventOmitted:
+        """Stands in for an event too large for one response (more than the hub's
+        maximum message size, 4 MiB by default): `seq`, `sender_id` and
+        `create_time` are the event's own, only its body is left out. Record
+        its `seq` like any other; nothing else of that event will be sent.
+        """
+
     def __init__(
         self,
         *,
@@ -1566,16 +1575,50 @@ class HubEvent(_message.Message):
         collaboration_updated: Global___CollaborationUpdated | None = ...,
         agent_joined: Global___AgentJoined | None = ...,
         agent_left: Global___AgentLeft | None = ...,
+        omitted: Global___EventOmitted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_joined", b"agent_joined", "agent_left", b"agent_left", "artifact_shared", b"artifact_shared", "body", b"body", "collaboration_updated", b"collaboration_updated", "create_time", b"create_time", "feature_delivered", b"feature_delivered", "feature_requested", b"feature_requested"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_joined", b"agent_joined", "agent_left", b"agent_left", "artifact_shared", b"artifact_shared", "body", b"body", "collaboration_updated", b"collaboration_updated", "create_time", b"create_time", "feature_delivered", b"feature_delivered", "feature_requested", b"feature_requested", "omitted", b"omitted"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_joined", b"agent_joined", "agent_left", b"agent_left", "artifact_shared", b"artifact_shared", "body", b"body", "collaboration_updated", b"collaboration_updated", "create_time", b"create_time", "feature_delivered", b"feature_delivered", "feature_requested", b"feature_requested", "sender_id", b"sender_id", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_joined", b"agent_joined", "agent_left", b"agent_left", "artifact_shared", b"artifact_shared", "body", b"body", "collaboration_updated", b"collaboration_updated", "create_time", b"create_time", "feature_delivered", b"feature_delivered", "feature_requested", b"feature_requested", "omitted", b"omitted", "sender_id", b"sender_id", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["artifact_shared", "feature_requested", "feature_delivered", "collaboration_updated", "agent_joined", "agent_left"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["artifact_shared", "feature_requested", "feature_delivered", "collaboration_updated", "agent_joined", "agent_left", "omitted"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___HubEvent: _TypeAlias = HubEvent  # noqa: Y015
+
+@_typing.final
+class EventOmitted(_message.Message):
+    """What the hub sent instead of an event body too large to send (see
+    `HubEvent.omitted`). Only data stored outside the hub's limits, e.g. by an
+    older hub, or a hub configured with a smaller message size, makes one.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    EVENT_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
+    body: _builtins.str
+    """The name of the body field left out, e.g. "artifact_shared"."""
+    event_bytes: _builtins.int
+    """The size of the whole event, in bytes."""
+    max_bytes: _builtins.int
+    """The most bytes one response may carry on this hub."""
+    def __init__(
+        self,
+        *,
+        body: _builtins.str = ...,
+        event_bytes: _builtins.int = ...,
+        max_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "event_bytes", b"event_bytes", "max_bytes", b"max_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventOmitted: _TypeAlias = EventOmitted  # noqa: Y015
 
 @_typing.final
 class FeatureRequested(_message.Message):
@@ -1864,7 +1907,10 @@ class ListAgentsResponse(_message.Message):
     AGENTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Pass as `page_token` for the next page; empty on the last page."""
+    """Pass as `page_token` for the next page; empty on the last page. A page
+    may hold fewer than `page_size` items (it also ends before the hub's
+    maximum message size), so page until this is empty.
+    """
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentInfo]:
         """The agents on this page."""
@@ -1930,7 +1976,10 @@ class ListArtifactsResponse(_message.Message):
     ARTIFACTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Pass as `page_token` for the next page; empty on the last page."""
+    """Pass as `page_token` for the next page; empty on the last page. A page
+    may hold fewer than `page_size` items (it also ends before the hub's
+    maximum message size), so page until this is empty.
+    """
     @_builtins.property
     def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Artifact]:
         """The artifacts on this page, newest first."""
@@ -2038,7 +2087,10 @@ class ListCollaborationsResponse(_message.Message):
     COLLABORATIONS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Pass as `page_token` for the next page; empty on the last page."""
+    """Pass as `page_token` for the next page; empty on the last page. A page
+    may hold fewer than `page_size` items (it also ends before the hub's
+    maximum message size), so page until this is empty.
+    """
     @_builtins.property
     def collaborations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Collaboration]:
         """The sessions on this page, newest first."""
@@ -2096,7 +2148,10 @@ class ListFeatureRequestsResponse(_message.Message):
     FEATURE_REQUESTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Pass as `page_token` for the next page; empty on the last page."""
+    """Pass as `page_token` for the next page; empty on the last page. A page
+    may hold fewer than `page_size` items (it also ends before the hub's
+    maximum message size), so page until this is empty.
+    """
     @_builtins.property
     def feature_requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureRequestInfo]:
         """The requests on this page, newest first."""
