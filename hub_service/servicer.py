@@ -50,6 +50,8 @@ _SHARES = {
 }
 
 
+SHUTTING_DOWN = "the hub is shutting down; reconnect shortly"
+
 # Agents listed in a training sync, in all and per specialization (for opportunities).
 ROSTER_SIZE = 32
 
@@ -290,7 +292,12 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
                 else:
                     await self._take(connection, bucket, request)
                 if self._draining:
-                    break
+                    # The hub stops reading, not the trainer: answer what was read, then
+                    # end with the status a stop promises. Returning without it would end
+                    # the call with OK, which tells the trainer it half-closed.
+                    await connection.wait_all_answered(self._config.shutdown_grace)
+                    connection.end(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                    return
         except DecodeError as exc:
             # The peer sent bytes that are not a ConnectRequest: answer what was
             # readable, then end the stream with a status that says so.
@@ -396,15 +403,18 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
     # --- shutdown ---------------------------------------------------------------
 
     async def drain(self, timeout: float) -> None:
-        """Stop reading, commit and answer what was read, then end every stream."""
+        """Stop reading, commit and answer what was read, then end every stream.
+
+        Each stream ends as soon as its own answers are out (or `timeout` has passed), so a
+        trainer that does not read holds only its own stream, not everyone's."""
         self._draining = True
         await self._committer.stop(timeout)
-        connections = list(self._router.connections())
-        await asyncio.gather(*(c.wait_all_answered(timeout) for c in connections))
-        for connection in connections:
-            connection.end(
-                grpc.StatusCode.UNAVAILABLE, "the hub is shutting down; reconnect shortly"
-            )
+
+        async def finish(connection: Connection) -> None:
+            await connection.wait_all_answered(timeout)
+            connection.end(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+
+        await asyncio.gather(*(finish(c) for c in self._router.connections()))
 
     # --- queries ----------------------------------------------------------------
 
