@@ -59,12 +59,13 @@ class HubServer:
         self._loops: list[asyncio.Task[None]] = []
 
     async def start(self) -> int:
-        await self.store.open()
         try:
+            await self.store.open()
             return await self._start_serving()
         except BaseException:
-            # A port in use, a bad certificate: release what was started (the writer
-            # process and the committer), or the process could not exit.
+            # A port in use, a bad certificate, a database that is down or on a full disk:
+            # release what was started (the writer process and the committer), or the
+            # process could not exit.
             await self.committer.stop(0)
             if self._server is not None:
                 await self._server.stop(None)
