@@ -31,7 +31,7 @@ from .complementarity import Candidate, complement, opportunities
 from .config import HubConfig
 from .connection import Connection
 from .errors import HubError, failed_precondition, invalid, not_found, permission_denied
-from .ratelimit import TokenBucket
+from .ratelimit import BucketTable, TokenBucket
 from .router import Router
 from .store import HubStore
 from .validation import validate, validate_batch, validate_hello
@@ -131,8 +131,11 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         self._router = router
         self._draining = False
         self._teardowns: set[asyncio.Task[None]] = set()  # referenced until done
-        # Per agent, so reconnecting does not refill the bucket; one small object per agent.
-        self._buckets: dict[str, TokenBucket] = {}
+        # Per agent, so reconnecting does not refill a bucket; a bounded table, so memory
+        # does not grow with every agent id ever seen.
+        agents = 2 * config.max_connections
+        self._buckets = _table(config.rate_limit_per_second, config.rate_limit_burst, agents)
+        self._connects = _table(config.connect_rate_per_second, config.connect_burst, agents)
 
     # --- the stream -----------------------------------------------------------
 
@@ -145,6 +148,14 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
                 grpc.StatusCode.UNAVAILABLE, "the hub is shutting down; retry shortly"
             )
         hello = await self._expect_hello(agent_id, request_iterator, context)
+        if self._connects is not None and not (bucket := self._connects.get(agent_id)).take():
+            # After Hello (so the trainer's write of it cannot race the status) and before
+            # AgentOnline: a refused reconnect makes no presence event for anyone.
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many connects for {agent_id}: at most {bucket.rate:g}/s (bursts of "
+                f"{bucket.burst:g}); retry in {bucket.wait():.1f} s",
+            )
         limit = self._config.max_connections
         if len(self._router) >= limit and not self._router.is_connected(agent_id):
             await context.abort(
@@ -279,12 +290,7 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         self, connection: Connection, requests: AsyncIterator[pb.ConnectRequest]
     ) -> None:
         """Take one message at a time; the next is read only once this one is queued."""
-        agent_id = connection.agent_id
-        bucket = self._buckets.get(agent_id)
-        if bucket is None and self._config.rate_limit_per_second > 0:
-            bucket = self._buckets[agent_id] = TokenBucket(
-                self._config.rate_limit_per_second, self._config.rate_limit_burst
-            )
+        bucket = None if self._buckets is None else self._buckets.get(connection.agent_id)
         try:
             async for request in requests:
                 if request.WhichOneof("body") == "batch":
@@ -487,6 +493,11 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         stats.agents_online = len(self._router)
         stats.hub_version = __version__
         return stats
+
+
+def _table(rate: float, burst: float, agents: int) -> BucketTable | None:
+    """A rate limit's buckets, or None when the rate is 0 (disabled)."""
+    return BucketTable(rate, burst, agents) if rate > 0 else None
 
 
 def _token(cursor: str) -> str:
