@@ -86,6 +86,7 @@ class Stalled:
     async def share(self) -> None:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(Exception):  # until the call ends
+            await self.call.write(pb.ConnectRequest(message_id="hello", hello=hello(STALLED)))
             for i in itertools.count():
                 await self.call.write(_share(STALLED, i))
                 self.last_write = loop.time()
@@ -105,11 +106,10 @@ async def test_sigterm_ends_busy_streams_unavailable_beside_a_stalled_reader(
     # fills with the others' events, the hub's writes to it block, and its receipts wait.
     channel = grpc.aio.insecure_channel(hub.target)
     sharers = [Sharer(agent_id, hub.target, tokens[agent_id]) for agent_id in ACTIVE]
+    call = async_stub(channel).Connect(metadata=auth(tokens[STALLED]))
+    stalled = Stalled(call)
+    stalled_writer = asyncio.create_task(stalled.share())
     try:
-        call = async_stub(channel).Connect(metadata=auth(tokens[STALLED]))
-        await call.write(pb.ConnectRequest(message_id="hello", hello=hello(STALLED)))
-        stalled = Stalled(call)
-        stalled_writer = asyncio.create_task(stalled.share())
         readers = [asyncio.create_task(asyncio.to_thread(s.read)) for s in sharers]
         # Until the hub has stopped reading the stalled stream (its receipts cannot go out)
         # while the others go on sharing.
@@ -122,8 +122,8 @@ async def test_sigterm_ends_busy_streams_unavailable_beside_a_stalled_reader(
         codes = await asyncio.wait_for(asyncio.gather(*readers), WAIT * 3)
         assert codes == [grpc.StatusCode.UNAVAILABLE] * len(sharers), codes
         assert await asyncio.wait_for(hub.process.wait(), WAIT * 3) == 0
-        call.cancel()
     finally:
+        call.cancel()
         stalled_writer.cancel()
         for sharer in sharers:
             sharer.close()
