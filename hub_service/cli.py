@@ -103,8 +103,12 @@ async def _serve(config: HubConfig) -> int:
     hub = HubServer(config)
     try:
         await hub.start()
-    except (RuntimeError, OSError, ValueError) as exc:  # a port in use, a missing certificate
-        logging.getLogger(__name__).error("kernelhub could not start: %s", exc)
+    except Exception as exc:  # a port in use, a missing certificate, the database (HubError)
+        # Whatever stops a start is the operator's to fix: say what, in one line, not a
+        # traceback.
+        logging.getLogger(__name__).error(
+            "kernelhub could not start: %s", exc or type(exc).__name__
+        )
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -59,6 +59,11 @@ class HubConfig:
     # Per-agent message rate (token bucket); 0 disables.
     rate_limit_per_second: float = 5000.0
     rate_limit_burst: int = 10000
+    # Per-agent Connect rate (token bucket), so reconnect churn cannot flood every agent
+    # with presence events; 0 disables. Far above a trainer reconnecting after a blip, and
+    # above the tests that reconnect one agent in a loop (100 times in test_fuzz.py).
+    connect_rate_per_second: float = 2.0
+    connect_burst: int = 100
     # Live Connect streams the hub carries at once.
     max_connections: int = 10000
     # How often live streams' tokens are re-checked (revocation, expiry).

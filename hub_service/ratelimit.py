@@ -1,8 +1,10 @@
-"""Per-agent message rate limit: a token bucket (steady rate, bounded burst)."""
+"""Per-agent rate limits: a token bucket (steady rate, bounded burst) per agent, in a table of
+bounded size."""
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 
 
 class TokenBucket:
@@ -12,12 +14,46 @@ class TokenBucket:
         self._tokens = burst
         self._stamp = time.monotonic()
 
-    def take(self) -> bool:
-        """Spend one token if there is one; refills continuously at `rate` per second."""
+    def _refill(self) -> None:
         now = time.monotonic()
         self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
+
+    def take(self) -> bool:
+        """Spend one token if there is one; refills continuously at `rate` per second."""
+        self._refill()
         if self._tokens >= 1:
             self._tokens -= 1
             return True
         return False
+
+    def wait(self) -> float:
+        """Seconds until the next token."""
+        self._refill()
+        return max(0.0, (1 - self._tokens) / self.rate)
+
+
+class BucketTable:
+    """One bucket per agent, for at most `size` agents: the least recently used is dropped
+    first, so memory does not grow with every agent id ever seen. An agent whose bucket was
+    dropped starts again from a full burst; with `size` above the live agents, only agents
+    idle longest lose theirs, and an idle agent's bucket has refilled anyway."""
+
+    def __init__(self, rate: float, burst: float, size: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._size = size
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def get(self, agent_id: str) -> TokenBucket:
+        bucket = self._buckets.get(agent_id)
+        if bucket is None:
+            bucket = self._buckets[agent_id] = TokenBucket(self.rate, self.burst)
+            if len(self._buckets) > self._size:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(agent_id)
+        return bucket

@@ -59,12 +59,13 @@ class HubServer:
         self._loops: list[asyncio.Task[None]] = []
 
     async def start(self) -> int:
-        await self.store.open()
         try:
+            await self.store.open()
             return await self._start_serving()
         except BaseException:
-            # A port in use, a bad certificate: release what was started (the writer
-            # process and the committer), or the process could not exit.
+            # A port in use, a bad certificate, a database that is down or on a full disk:
+            # release what was started (the writer process and the committer), or the
+            # process could not exit.
             await self.committer.stop(0)
             if self._server is not None:
                 await self._server.stop(None)
@@ -174,8 +175,12 @@ class HubServer:
         for loop in self._loops:
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
+        # One grace for the whole stop: what a stream that does not read held up in the
+        # drain is not waited for again by the server.
+        clock = asyncio.get_running_loop()
+        deadline = clock.time() + self.config.shutdown_grace
         await self.servicer.drain(self.config.shutdown_grace)
-        await self._server.stop(self.config.shutdown_grace)
+        await self._server.stop(max(0.0, deadline - clock.time()))
         self._server = None
         await self.store.close()
         log.info("kernelhub stopped")

@@ -31,7 +31,7 @@ from .complementarity import Candidate, complement, opportunities
 from .config import HubConfig
 from .connection import Connection
 from .errors import HubError, failed_precondition, invalid, not_found, permission_denied
-from .ratelimit import TokenBucket
+from .ratelimit import BucketTable, TokenBucket
 from .router import Router
 from .store import HubStore
 from .validation import validate, validate_batch, validate_hello
@@ -49,6 +49,8 @@ _SHARES = {
     "share_os_component": (pb.ARTIFACT_KIND_OS_COMPONENT, "os_component"),
 }
 
+
+SHUTTING_DOWN = "the hub is shutting down; reconnect shortly"
 
 # Agents listed in a training sync, in all and per specialization (for opportunities).
 ROSTER_SIZE = 32
@@ -138,8 +140,11 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         self._router = router
         self._draining = False
         self._teardowns: set[asyncio.Task[None]] = set()  # referenced until done
-        # Per agent, so reconnecting does not refill the bucket; one small object per agent.
-        self._buckets: dict[str, TokenBucket] = {}
+        # Per agent, so reconnecting does not refill a bucket; a bounded table, so memory
+        # does not grow with every agent id ever seen.
+        agents = 2 * config.max_connections
+        self._buckets = _table(config.rate_limit_per_second, config.rate_limit_burst, agents)
+        self._connects = _table(config.connect_rate_per_second, config.connect_burst, agents)
         # What the items of one response may take: every response is built to fit.
         self._budget = paging.budget(config.max_message_bytes)
 
@@ -154,6 +159,14 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
                 grpc.StatusCode.UNAVAILABLE, "the hub is shutting down; retry shortly"
             )
         hello = await self._expect_hello(agent_id, request_iterator, context)
+        if self._connects is not None and not (bucket := self._connects.get(agent_id)).take():
+            # After Hello (so the trainer's write of it cannot race the status) and before
+            # AgentOnline: a refused reconnect makes no presence event for anyone.
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many connects for {agent_id}: at most {bucket.rate:g}/s (bursts of "
+                f"{bucket.burst:g}); retry in {bucket.wait():.1f} s",
+            )
         limit = self._config.max_connections
         if len(self._router) >= limit and not self._router.is_connected(agent_id):
             await context.abort(
@@ -290,12 +303,7 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         self, connection: Connection, requests: AsyncIterator[pb.ConnectRequest]
     ) -> None:
         """Take one message at a time; the next is read only once this one is queued."""
-        agent_id = connection.agent_id
-        bucket = self._buckets.get(agent_id)
-        if bucket is None and self._config.rate_limit_per_second > 0:
-            bucket = self._buckets[agent_id] = TokenBucket(
-                self._config.rate_limit_per_second, self._config.rate_limit_burst
-            )
+        bucket = None if self._buckets is None else self._buckets.get(connection.agent_id)
         try:
             async for request in requests:
                 # The boundary: fields the contract does not define (at any depth: nested,
@@ -306,7 +314,12 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
                 else:
                     await self._take(connection, bucket, request)
                 if self._draining:
-                    break
+                    # The hub stops reading, not the trainer: answer what was read, then
+                    # end with the status a stop promises. Returning without it would end
+                    # the call with OK, which tells the trainer it half-closed.
+                    await connection.wait_all_answered(self._config.shutdown_grace)
+                    connection.end(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                    return
         except DecodeError as exc:
             # The peer sent bytes that are not a ConnectRequest: answer what was
             # readable, then end the stream with a status that says so.
@@ -434,15 +447,18 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
     # --- shutdown ---------------------------------------------------------------
 
     async def drain(self, timeout: float) -> None:
-        """Stop reading, commit and answer what was read, then end every stream."""
+        """Stop reading, commit and answer what was read, then end every stream.
+
+        Each stream ends as soon as its own answers are out (or `timeout` has passed), so a
+        trainer that does not read holds only its own stream, not everyone's."""
         self._draining = True
         await self._committer.stop(timeout)
-        connections = list(self._router.connections())
-        await asyncio.gather(*(c.wait_all_answered(timeout) for c in connections))
-        for connection in connections:
-            connection.end(
-                grpc.StatusCode.UNAVAILABLE, "the hub is shutting down; reconnect shortly"
-            )
+
+        async def finish(connection: Connection) -> None:
+            await connection.wait_all_answered(timeout)
+            connection.end(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+
+        await asyncio.gather(*(finish(c) for c in self._router.connections()))
 
     # --- queries ----------------------------------------------------------------
 
@@ -524,6 +540,11 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         stats.agents_online = len(self._router)
         stats.hub_version = __version__
         return stats
+
+
+def _table(rate: float, burst: float, agents: int) -> BucketTable | None:
+    """A rate limit's buckets, or None when the rate is 0 (disabled)."""
+    return BucketTable(rate, burst, agents) if rate > 0 else None
 
 
 def _token(cursor: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -147,3 +148,43 @@ def test_a_hub_that_cannot_listen_says_why_and_exits(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"could not start: Failed to bind to address 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# In a private mount namespace: a 1 MiB tmpfs over the directory, a hub database on it (made
+# by `token issue`), the rest of the tmpfs filled, then the hub started on it.
+FULL_DISK = """
+set -e
+mount -t tmpfs -o size=1m tmpfs "$1"
+"$2" -m hub_service token issue AI_Node_1 --db "$1/hub.db" > /dev/null
+dd if=/dev/zero of="$1/fill" bs=4k 2> /dev/null || true
+[ "$(df --output=avail "$1" | tail -1)" -eq 0 ] || { echo "the disk is not full" >&2; exit 99; }
+exec "$2" -m hub_service serve --host 127.0.0.1 --port 0 --db "$1/hub.db"
+"""
+
+
+def test_a_hub_on_a_full_disk_says_why_and_exits(tmp_path: Path) -> None:
+    """A start failure in the database (here a genuinely full disk) is one line and exit
+    status 1, like a port in use, not a traceback."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1) to mount a small tmpfs in a private namespace")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    probe = subprocess.run(
+        ["unshare", "-m", "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a private mount namespace: {probe.stderr.strip()}")
+    result = subprocess.run(
+        ["unshare", "-m", "sh", "-c", FULL_DISK, "sh", str(disk), sys.executable],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "KERNELHUB_LOG_LEVEL": "WARNING"},
+    )
+    assert result.returncode == 1, result.stderr
+    assert "kernelhub could not start: database unavailable:" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr

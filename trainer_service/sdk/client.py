@@ -60,6 +60,8 @@ _Resp = TypeVar("_Resp")
 
 # Stream failures worth reconnecting for. Everything else (bad token, wrong
 # agent id, malformed Hello, unknown method) will fail the same way again.
+# INTERNAL: grpc.aio reports a write that fails as the hub ends the call that way,
+# hiding the hub's own status. RESOURCE_EXHAUSTED: too many connects or connections.
 _TRANSIENT_CODES: Final = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
