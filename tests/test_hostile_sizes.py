@@ -18,6 +18,7 @@ import sqlalchemy
 from google.protobuf.message import Message
 
 from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service.collaboration import Policy
 from hub_service.config import HubConfig
 from hub_service.server import HubServer
 
@@ -395,6 +396,14 @@ async def test_feature_requests_with_maximal_descriptions_page_by_bytes(
     assert pages >= 2
 
 
+@pytest.fixture
+def hub_config(request: pytest.FixtureRequest, database_url: str) -> HubConfig:
+    """The default hub, or one with the overrides an indirect parameter names."""
+    return make_config(database_url, **getattr(request, "param", {}))
+
+
+# 15 open proposals between one pair at a time: above the default per-pair limit.
+@pytest.mark.parametrize("hub_config", [{"policy": Policy(max_open_per_pair=16)}], indirect=True)
 async def test_collaborations_with_long_texts_page_by_bytes(harness: HubHarness) -> None:
     alice = await harness.connect("alice")
     bob = await harness.connect("bob")
