@@ -132,10 +132,13 @@ async def soak(
             ]
             start = time.monotonic()
             next_restart = start + restart_every if restart_every else None
+            # The first sample is taken at once and the last when the run ends, so even a
+            # run whose restarts ate its sampling interval reports RSS at both ends.
+            result.rss_mib.append((0.0, round(_rss_mib(hub.pid), 1)))
             while (elapsed := time.monotonic() - start) < duration:
                 await asyncio.sleep(min(sample_every, duration - elapsed))
                 elapsed = time.monotonic() - start
-                rss = psutil.Process(hub.pid).memory_info().rss / 2**20
+                rss = _rss_mib(hub.pid)
                 result.rss_mib.append((round(elapsed, 1), round(rss, 1)))
                 shared = sum(len(m.shared) for m in members)
                 delivered = sum(len(m.seqs) for m in members)
@@ -149,6 +152,8 @@ async def soak(
                     await hub.start()
                     await hub.wait_for_line(HUB_READY, 60)
                     next_restart = time.monotonic() + (restart_every or 0)
+            # And once more at the end: the loop's last step may have been a restart.
+            result.rss_mib.append((round(time.monotonic() - start, 1), round(_rss_mib(hub.pid), 1)))
             stop.set()
             await asyncio.wait_for(asyncio.gather(*senders), drain_timeout)
 
@@ -199,3 +204,7 @@ def report(result: SoakResult) -> str:
 
 def as_json(result: SoakResult) -> dict[str, Any]:
     return {**asdict(result), "ok": result.ok}
+
+
+def _rss_mib(pid: int) -> float:
+    return float(psutil.Process(pid).memory_info().rss) / 2**20
