@@ -148,7 +148,9 @@ async def test_health_is_not_serving_while_the_database_is_down(
         private_cluster.stop()
         await health_becomes(health, health_pb2.HealthCheckResponse.NOT_SERVING)
         for service in ("", "kernelhub.v1.HubService"):
-            answer = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=WAIT)
+            answer = await health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=WAIT
+            )
             assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING, service
         private_cluster.start()
         await health_becomes(health, serving)
