@@ -23,6 +23,7 @@ from .config import HubConfig
 from .errors import HubError
 from .router import Router
 from .servicer import HubServicer
+from .settings import mask_url
 from .store import HubStore, IssuedToken, SqlStore
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class HubServer:
             "kernelhub listening on %s:%d (%s)",
             self.config.host,
             self.port,
-            _safe_url(self.config.database_url),
+            mask_url(self.config.database_url),
         )
         return self.port
 
@@ -234,13 +235,3 @@ def server_credentials(config: HubConfig) -> grpc.ServerCredentials | None:
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
-
-
-def _safe_url(url: str) -> str:
-    """The database URL without a password, for logs."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        credentials, _, host = rest.rpartition("@")
-        user = credentials.split(":", 1)[0]
-        return f"{scheme}{sep}{user}:***@{host}"
-    return url
