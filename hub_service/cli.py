@@ -1,9 +1,10 @@
-"""`kernelhub-hub`: serve the hub, and issue, list or revoke agent tokens."""
+"""`kernelhub-hub`: serve the hub, show its settings, and issue, list or revoke agent tokens."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -11,77 +12,94 @@ import sys
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from .config import HubConfig
 from .durations import parse_duration
 from .errors import HubError
 from .server import HubServer
+from .settings import (
+    DURATIONS,
+    FLAG_ALIASES,
+    GROUPS,
+    HubSettings,
+    Resolved,
+    SettingsError,
+    env_name,
+    flag_name,
+    group_of,
+    load_settings,
+    mask_url,
+    sqlite_url,
+)
 from .store import SqlStore
 from .validation import Limits, validate_agent_id
 
 
-def _database_args(parser: argparse.ArgumentParser, config: HubConfig) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--db", metavar="PATH", help="SQLite database file (default ./kernelhub.db)")
-    group.add_argument(
-        "--database-url",
-        metavar="URL",
-        default=config.database_url,
-        help="any SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db (env KERNELHUB_DATABASE_URL)",
+def _setting_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """A flag for each setting in `names`, derived from the model; only the flags given land
+    in the namespace (argparse.SUPPRESS), so the others fall through to env, file, default."""
+    parser.add_argument(
+        "--config", type=Path, metavar="TOML", help="settings file (flags and env override it)"
     )
+    for name in names:
+        if name == "log_level":
+            continue  # the top-level --log-level, before the command
+        field = HubSettings.model_fields[name]
+        flags = [flag_name(name), *FLAG_ALIASES.get(name, ())]
+        help_text = f"{field.description} (env {env_name(name)}; default {field.default!r})"
+        if name == "database_url":
+            group = parser.add_mutually_exclusive_group()
+            group.add_argument(
+                "--db", metavar="PATH", default=argparse.SUPPRESS, help="SQLite database file"
+            )
+            group.add_argument(
+                *flags, dest=name, metavar="URL", default=argparse.SUPPRESS, help=help_text
+            )
+            continue
+        metavar = _metavar(name, field.annotation)
+        parser.add_argument(
+            *flags, dest=name, metavar=metavar, default=argparse.SUPPRESS, help=help_text
+        )
 
 
-def _database_url(args: argparse.Namespace) -> str:
-    return HubConfig.sqlite_url(args.db) if args.db else str(args.database_url)
+def _metavar(name: str, kind: object) -> str:
+    if name in DURATIONS:
+        return "DURATION"
+    if name.startswith("tls_"):
+        return "PEM"
+    if kind is int:
+        return "BYTES" if name.endswith("_bytes") else "N"
+    return "PER_S" if kind is float else name.upper()
 
 
-def build_parser(config: HubConfig) -> argparse.ArgumentParser:
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags (`--db PATH` is the SQLite URL)."""
+    flags = {name: value for name, value in vars(args).items() if name in HubSettings.model_fields}
+    if getattr(args, "db", None):
+        flags["database_url"] = sqlite_url(args.db)
+    return flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`serve`, `config` and `token`: one `add_parser` block each, so a group is easy to add."""
     parser = argparse.ArgumentParser(prog="kernelhub-hub", description=__doc__)
-    parser.add_argument("--log-level", default=os.environ.get("KERNELHUB_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS,
+        help=f"{HubSettings.model_fields['log_level'].description} (env KERNELHUB_LOG_LEVEL; default INFO)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
+    every = list(HubSettings.model_fields)
 
     serve = commands.add_parser("serve", help="run the hub")
-    serve.add_argument(
-        "--host", default=config.host, help=f"interface to bind (default {config.host})"
+    _setting_flags(serve, every)
+
+    config = commands.add_parser("config", help="inspect the settings").add_subparsers(
+        dest="config_command", required=True
     )
-    serve.add_argument(
-        "--port", type=int, default=config.port, help=f"port (default {config.port}; 0 picks one)"
-    )
-    serve.add_argument(
-        "--training-sync-interval",
-        type=parse_duration,
-        default=config.training_sync_interval,
-        help="how often every agent gets a training sync, e.g. 30s (0: only on connect)",
-    )
-    serve.add_argument(
-        "--tls-cert",
-        default=config.tls_cert,
-        metavar="PEM",
-        help="server certificate (enables TLS)",
-    )
-    serve.add_argument(
-        "--tls-key", default=config.tls_key, metavar="PEM", help="server private key"
-    )
-    serve.add_argument(
-        "--tls-client-ca",
-        default=config.tls_client_ca,
-        metavar="PEM",
-        help="CA that signs client certificates (enables mutual TLS)",
-    )
-    serve.add_argument(
-        "--rate-limit",
-        type=float,
-        default=config.rate_limit_per_second,
-        metavar="MSGS_PER_S",
-        help=f"per-agent message rate (default {config.rate_limit_per_second:g}; 0 disables)",
-    )
-    serve.add_argument(
-        "--max-connections",
-        type=int,
-        default=config.max_connections,
-        help=f"live streams at once (default {config.max_connections})",
-    )
-    _database_args(serve, config)
+    show = config.add_parser("show", help="each effective setting, its value and its source")
+    _setting_flags(show, every)
 
     token = commands.add_parser("token", help="manage agent tokens").add_subparsers(
         dest="token_command", required=True
@@ -90,13 +108,31 @@ def build_parser(config: HubConfig) -> argparse.ArgumentParser:
     issue.add_argument("agent_id", nargs="+")
     issue.add_argument("--ttl", type=parse_duration, help="expire after, e.g. 30d or 12h")
     issue.add_argument("--out", type=Path, help="append 'agent_id token' lines to this file")
-    _database_args(issue, config)
+    _setting_flags(issue, ["database_url"])
     listing = token.add_parser("list", help="list tokens (never the tokens themselves)")
-    _database_args(listing, config)
+    _setting_flags(listing, ["database_url"])
     revoke = token.add_parser("revoke", help="revoke a token by id, or all tokens of an agent")
     revoke.add_argument("agent_or_token_id")
-    _database_args(revoke, config)
+    _setting_flags(revoke, ["database_url"])
     return parser
+
+
+def show_settings(resolved: Resolved) -> str:
+    """The effective settings as a TOML file would hold them, each with its source; the
+    database password masked."""
+    lines: list[str] = []
+    values = resolved.settings.model_dump()
+    for group in GROUPS:
+        lines.append(f"[{group}]")
+        for name, value in values.items():
+            if group_of(name) != group:
+                continue
+            if name == "database_url":
+                value = mask_url(value)
+            shown = json.dumps(value) if isinstance(value, str) else repr(value)
+            lines.append(f"{name} = {shown}  # {resolved.origins[name]}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 async def _serve(config: HubConfig) -> int:
@@ -166,19 +202,21 @@ async def _tokens(args: argparse.Namespace, database_url: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = HubConfig.from_env(os.environ)
-    args = build_parser(config).parse_args(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        flags = _given(args)
+        labels = {"database_url": "--db"} if getattr(args, "db", None) else {}
+        resolved = load_settings(os.environ, args.config, flags, labels)
+    except SettingsError as error:
+        print(f"kernelhub-hub: {error}", file=sys.stderr)
+        return 2
+    settings = resolved.settings
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s - hub - %(levelname)s - %(message)s"
+        level=settings.log_level, format="%(asctime)s - hub - %(levelname)s - %(message)s"
     )
-    database_url = _database_url(args)
     if args.command == "serve":
-        config.host, config.port = args.host, args.port
-        config.training_sync_interval = args.training_sync_interval
-        config.tls_cert, config.tls_key = args.tls_cert, args.tls_key
-        config.tls_client_ca = args.tls_client_ca
-        config.rate_limit_per_second = args.rate_limit
-        config.max_connections = args.max_connections
-        config.database_url = database_url
-        return asyncio.run(_serve(config))
-    return asyncio.run(_tokens(args, database_url))
+        return asyncio.run(_serve(HubConfig.from_settings(settings)))
+    if args.command == "config":
+        print(show_settings(resolved), end="")
+        return 0
+    return asyncio.run(_tokens(args, settings.database_url))

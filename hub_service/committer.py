@@ -53,6 +53,7 @@ class GroupCommitter:
         store: HubStore,
         on_commit: Callable[[Outcome], None],
         on_failure: Callable[[], None] = lambda: None,
+        on_health: Callable[[bool], None] = lambda ok: None,
         batch_size: int = 512,
         queue_size: int = 8192,
         linger: float = 0.0,
@@ -61,6 +62,9 @@ class GroupCommitter:
         self._store = store
         self._on_commit = on_commit
         self._on_failure = on_failure
+        # Told after every batch whether the database and the writer answered (no
+        # UNAVAILABLE), so health can follow them.
+        self._on_health = on_health
         self._inflight: list[_Pending] = []
         self._batch_size = batch_size
         # A batch also ends at this many bytes of messages (the first always goes): its
@@ -130,12 +134,14 @@ class GroupCommitter:
             except Exception as exc:  # the store could not even run the batch
                 log.exception("group commit failed")
                 results = [unavailable(f"commit failed: {exc}")] * len(batch)
-            if any(
+            down = any(
                 isinstance(r, HubError) and r.code == grpc.StatusCode.UNAVAILABLE for r in results
-            ):
+            )
+            if down:
                 # A failed COMMIT may still have been applied: never trust the live feed
                 # to have carried every event after one.
                 self._on_failure()
+            self._on_health(not down)
             for pending, result in zip(batch, results, strict=True):
                 if isinstance(result, Outcome):
                     try:

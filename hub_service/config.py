@@ -1,4 +1,5 @@
-"""Hub settings: defaults, overridden by KERNELHUB_* environment variables, then by flags."""
+"""The resolved configuration a running hub reads (`config.port`, `config.limits...`), built
+from the settings model (`settings.py`), which owns every default, bound and help text."""
 
 from __future__ import annotations
 
@@ -8,99 +9,77 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from . import settings as _settings
 from .collaboration import Policy
+from .settings import DEFAULTS as _D
+from .settings import HubSettings
 from .validation import Limits
-
-DEFAULT_PORT = 50051
 
 
 @dataclass
 class HubConfig:
-    host: str = "0.0.0.0"
-    port: int = DEFAULT_PORT
-    database_url: str = "sqlite:///kernelhub.db"
-    # Seconds between training syncs to every agent (0: only on connect).
-    training_sync_interval: float = 30.0
-    # A stream's messages awaiting their receipt; reading pauses beyond this.
-    max_inflight_per_stream: int = 256
-    # Live events queued per connection before it falls back to reading the log.
-    outbound_queue_size: int = 1024
-    max_events_per_response: int = 64
-    # A busy stream is written at most once per this many seconds, so events coalesce
-    # under load; an idle stream's first event goes out at once.
-    stream_linger: float = 0.005
-    replay_page_size: int = 512
-    commit_batch_size: int = 512
-    # A group commit also ends at this many bytes of messages (the first always goes).
-    commit_batch_bytes: int = 4 * 1024 * 1024
-    commit_queue_size: int = 8192
-    # While busy, at most one group commit per this many seconds, so commands share
-    # commits under moderate load; an idle hub commits a command at once.
-    commit_linger: float = 0.002
-    hello_timeout: float = 10.0
-    # A TCP connection must finish its handshake (TLS, and the HTTP/2 preface and settings)
-    # within this many seconds or is closed: idle sockets cannot pile up (gRPC's default: 120 s).
-    handshake_timeout: float = 10.0
-    # How long SQLite waits for another writer's lock before the commit fails (UNAVAILABLE).
-    sqlite_busy_timeout: float = 5.0
-    # Where group commits run: "process" (a child process, so SQLite and SQLAlchemy work
-    # neither holds nor waits for the event loop's GIL) or "thread" (in the hub's process).
-    writer: str = "process"
-    # A commit not answered within this many seconds is answered UNAVAILABLE (the writer
-    # process is then replaced).
-    commit_timeout: float = 30.0
-    reaper_interval: float = 1.0
-    shutdown_grace: float = 5.0
-    max_message_bytes: int = 4 * 1024 * 1024
-    keepalive_time: float = 30.0
-    keepalive_timeout: float = 10.0
-    # Pings more often than this (without data) count as abuse; 2 strikes close the connection.
-    min_client_ping_interval: float = 5.0
-    # Per-agent message rate (token bucket); 0 disables.
-    rate_limit_per_second: float = 5000.0
-    rate_limit_burst: int = 10000
-    # Per-agent Connect rate (token bucket), so reconnect churn cannot flood every agent
-    # with presence events; 0 disables. Far above a trainer reconnecting after a blip, and
-    # above the tests that reconnect one agent in a loop (100 times in test_fuzz.py).
-    connect_rate_per_second: float = 2.0
-    connect_burst: int = 100
-    # Live Connect streams the hub carries at once.
-    max_connections: int = 10000
-    # How often live streams' tokens are re-checked (revocation, expiry).
-    token_recheck_interval: float = 2.0
-    # TLS: server certificate and key (PEM files); a client CA turns on mutual TLS.
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_client_ca: str = ""
+    """What the hub reads. Defaults are the model's; build from sources with `from_settings`
+    (or `from_env`); tests construct and `replace` it directly. Help for each knob: settings.py."""
+
+    host: str = _D.host
+    port: int = _D.port
+    database_url: str = _D.database_url
+    training_sync_interval: float = _D.training_sync_interval
+    max_inflight_per_stream: int = _D.max_inflight_per_stream
+    outbound_queue_size: int = _D.outbound_queue_size
+    max_events_per_response: int = _D.max_events_per_response
+    stream_linger: float = _D.stream_linger
+    replay_page_size: int = _D.replay_page_size
+    commit_batch_size: int = _D.commit_batch_size
+    commit_batch_bytes: int = _D.commit_batch_bytes
+    commit_queue_size: int = _D.commit_queue_size
+    commit_linger: float = _D.commit_linger
+    hello_timeout: float = _D.hello_timeout
+    handshake_timeout: float = _D.handshake_timeout
+    sqlite_busy_timeout: float = _D.sqlite_busy_timeout
+    writer: str = _D.writer
+    commit_timeout: float = _D.commit_timeout
+    reaper_interval: float = _D.reaper_interval
+    shutdown_grace: float = _D.shutdown_grace
+    max_message_bytes: int = _D.max_message_bytes
+    keepalive_time: float = _D.keepalive_time
+    keepalive_timeout: float = _D.keepalive_timeout
+    min_client_ping_interval: float = _D.min_client_ping_interval
+    rate_limit_per_second: float = _D.rate_limit_per_second
+    rate_limit_burst: int = _D.rate_limit_burst
+    connect_rate_per_second: float = _D.connect_rate_per_second
+    connect_burst: int = _D.connect_burst
+    max_connections: int = _D.max_connections
+    token_recheck_interval: float = _D.token_recheck_interval
+    tls_cert: str = _D.tls_cert
+    tls_key: str = _D.tls_key
+    tls_client_ca: str = _D.tls_client_ca
     limits: Limits = field(default_factory=Limits)
     policy: Policy = field(default_factory=Policy)
 
     @staticmethod
     def sqlite_url(path: str | Path) -> str:
-        return f"sqlite:///{Path(path)}"
+        return _settings.sqlite_url(path)
+
+    @classmethod
+    def from_settings(cls, settings: HubSettings) -> HubConfig:
+        """The hub's view of the model: top-level knobs, and `limits`/`policy` as the domain's
+        own objects (durations as timedelta)."""
+        own = {f.name for f in dataclasses.fields(cls)} - {"limits", "policy"}
+        policy = {f.name: getattr(settings, f.name) for f in dataclasses.fields(Policy)}
+        for name, value in policy.items():
+            if isinstance(getattr(Policy, name), timedelta):
+                policy[name] = timedelta(seconds=value)
+        return cls(
+            **{name: getattr(settings, name) for name in own},
+            limits=Limits(
+                **{f.name: getattr(settings, f.name) for f in dataclasses.fields(Limits)}
+            ),
+            policy=Policy(**policy),
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> HubConfig:
-        """Defaults overridden by KERNELHUB_HOST, KERNELHUB_PORT, KERNELHUB_DATABASE_URL,
-        KERNELHUB_DB (a SQLite path), KERNELHUB_TRAINING_SYNC_INTERVAL and, for any other
-        top-level setting, KERNELHUB_<NAME>."""
-        config = cls()
-        for f in dataclasses.fields(cls):
-            raw = environ.get(f"KERNELHUB_{f.name.upper()}")
-            if raw is None or f.name in ("limits", "policy"):
-                continue
-            kind = type(getattr(config, f.name))
-            try:
-                setattr(config, f.name, kind(raw))
-            except ValueError:
-                raise ValueError(
-                    f"KERNELHUB_{f.name.upper()}={raw!r} is not a valid {kind.__name__}"
-                ) from None
-        if "KERNELHUB_DB" in environ and "KERNELHUB_DATABASE_URL" not in environ:
-            config.database_url = cls.sqlite_url(environ["KERNELHUB_DB"])
-        grace = environ.get("KERNELHUB_PARTNER_OFFLINE_GRACE")
-        if grace:
-            config.policy = dataclasses.replace(
-                config.policy, partner_offline_grace=timedelta(seconds=float(grace))
-            )
-        return config
+        """Defaults overridden by KERNELHUB_<NAME> variables (and KERNELHUB_DB, a SQLite path);
+        a bad value raises settings.SettingsError (a ValueError) naming the variable."""
+        return cls.from_settings(_settings.load_settings(environ).settings)

@@ -23,6 +23,7 @@ from .config import HubConfig
 from .errors import HubError
 from .router import Router
 from .servicer import HubServicer
+from .settings import mask_url
 from .store import HubStore, IssuedToken, SqlStore
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class HubServer:
             self.store,
             self.router.publish,
             on_failure=self.router.resync,
+            on_health=self._commit_answered,
             batch_size=config.commit_batch_size,
             batch_bytes=config.commit_batch_bytes,
             queue_size=config.commit_queue_size,
@@ -54,6 +56,9 @@ class HubServer:
         )
         self.servicer = HubServicer(config, self.store, self.committer, self.router)
         self.health = health.aio.HealthServicer()
+        # Whether the last commit reached the database (through the writer): health says so.
+        self._database_up = True
+        self._health_changed = asyncio.Event()
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._loops: list[asyncio.Task[None]] = []
@@ -112,9 +117,9 @@ class HubServer:
         else:
             self.port = self._server.add_secure_port(address, credentials)
         await self._server.start()
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(serving=True)
         self._loops = [
+            asyncio.create_task(self._follow_database()),
             asyncio.create_task(self._every(self.config.reaper_interval, self._expire_due)),
             asyncio.create_task(
                 self._every(self.config.token_recheck_interval, self._end_revoked_streams)
@@ -132,7 +137,7 @@ class HubServer:
             "kernelhub listening on %s:%d (%s)",
             self.config.host,
             self.port,
-            _safe_url(self.config.database_url),
+            mask_url(self.config.database_url),
         )
         return self.port
 
@@ -149,6 +154,35 @@ class HubServer:
                 connection.end(
                     grpc.StatusCode.UNAUTHENTICATED, "the token was revoked or has expired"
                 )
+
+    def _commit_answered(self, database_up: bool) -> None:
+        """The committer's word after each batch. While the database is down, the reaper's
+        commit every `reaper_interval` is the probe that notices its return."""
+        if database_up != self._database_up:
+            self._database_up = database_up
+            self._health_changed.set()
+
+    async def _follow_database(self) -> None:
+        """Health tells the truth: NOT_SERVING while commits fail UNAVAILABLE, SERVING again
+        after the first that succeeds."""
+        while True:
+            await self._health_changed.wait()
+            self._health_changed.clear()
+            up = self._database_up
+            if up:
+                log.info("the database answers again: health SERVING")
+            else:
+                log.warning("the database or the writer is down: health NOT_SERVING")
+            await self._set_health(serving=up)
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
 
     async def _expire_due(self) -> None:
         await self.committer.submit(cmd.ExpireDue())
@@ -168,13 +202,12 @@ class HubServer:
         """Stop taking messages, commit and acknowledge what was read, end streams, shut down."""
         if self._server is None:
             return
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         for loop in self._loops:
             loop.cancel()
         for loop in self._loops:
             with contextlib.suppress(asyncio.CancelledError):
                 await loop
+        await self._set_health(serving=False)  # after _follow_database, which could undo it
         # One grace for the whole stop: what a stream that does not read held up in the
         # drain is not waited for again by the server.
         clock = asyncio.get_running_loop()
@@ -202,13 +235,3 @@ def server_credentials(config: HubConfig) -> grpc.ServerCredentials | None:
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
-
-
-def _safe_url(url: str) -> str:
-    """The database URL without a password, for logs."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        credentials, _, host = rest.rpartition("@")
-        user = credentials.split(":", 1)[0]
-        return f"{scheme}{sep}{user}:***@{host}"
-    return url

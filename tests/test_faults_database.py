@@ -13,11 +13,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.server import HubServer
 
-from .conftest import HubHarness, free_port, make_config, pattern
+from .conftest import WAIT, HubHarness, free_port, make_config, pattern
 
 PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
 
@@ -110,6 +111,53 @@ async def test_postgres_goes_away_and_comes_back(private_cluster: PrivateCluster
         assert shared.artifact_shared.pattern.pattern_id == "down"
         listed = await harness.query("ListArtifacts", pb.ListArtifactsRequest())
         assert sorted(a.pattern.pattern_id for a in listed.artifacts) == ["before", "down"]
+    finally:
+        await harness.close()
+        await hub.stop()
+
+
+async def health_becomes(
+    health: health_pb2_grpc.HealthStub, want: health_pb2.HealthCheckResponse.ServingStatus.ValueType
+) -> None:
+    """Watch the hub's overall health until it reports `want`, within WAIT seconds."""
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=WAIT)
+    try:
+        async for answer in watch:
+            if answer.status == want:
+                return
+    except grpc.aio.AioRpcError as error:
+        assert error.code() != grpc.StatusCode.DEADLINE_EXCEEDED, f"health never became {want}"
+        raise
+    finally:
+        watch.cancel()
+    raise AssertionError(f"the health watch ended before {want}")
+
+
+async def test_health_is_not_serving_while_the_database_is_down(
+    private_cluster: PrivateCluster,
+) -> None:
+    """Health/Watch follows the database: NOT_SERVING while it is down, SERVING once it is back,
+    with no traffic from clients (the hub's own periodic commit notices both)."""
+    hub = HubServer(make_config(private_cluster.url, reaper_interval=0.2))
+    await hub.start()
+    harness = HubHarness(hub)
+    health = health_pb2_grpc.HealthStub(harness.channel)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    try:
+        await health_becomes(health, serving)
+        private_cluster.stop()
+        await health_becomes(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+        for service in ("", "kernelhub.v1.HubService"):
+            answer = await health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=WAIT
+            )
+            assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING, service
+        private_cluster.start()
+        await health_becomes(health, serving)
+        answer = await health.Check(
+            health_pb2.HealthCheckRequest(service="kernelhub.v1.HubService"), timeout=WAIT
+        )
+        assert answer.status == serving
     finally:
         await harness.close()
         await hub.stop()
