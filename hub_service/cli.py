@@ -16,7 +16,7 @@ from .config import HubConfig
 from .durations import parse_duration
 from .errors import HubError
 from .server import HubServer
-from .store import SqlStore
+from .sql_store import SqlStore
 from .validation import Limits, validate_agent_id
 
 
@@ -129,7 +129,7 @@ async def _tokens(args: argparse.Namespace, database_url: str) -> int:
                     file=sys.stderr,
                 )
                 return 2
-    store = SqlStore(database_url)
+    store = SqlStore(database_url, writer="thread")  # tokens are written by the CLI itself
     await store.open()
     try:
         if args.token_command == "issue":
