@@ -69,6 +69,21 @@ def _copy(row: R) -> R:
     return type(row)(**row.model_dump())
 
 
+CountKey = tuple[str | None, str | None, int | None]
+
+
+def _count_keys(row: CollaborationRow) -> tuple[CountKey, ...]:
+    """The `count_open` criteria an open session counts towards (none if it is not open):
+    the ones the domain rules ask, each counted without a scan."""
+    if row.state not in collab.OPEN_STATES:
+        return ()
+    return (
+        (row.initiator_id, None, None),
+        (None, row.target_id, row.state),
+        (row.initiator_id, row.target_id, None),
+    )
+
+
 class MemoryTx:
     """`StateTx` for one command: reads see the store and this command's own writes; the
     writes reach the store only through `merge`. Rows read are copies (an identity map,
@@ -145,15 +160,32 @@ class MemoryTx:
     def collaboration(self, session_id: str) -> CollaborationRow | None:
         return self._get(CollaborationRow, self._store.collaborations, session_id)
 
-    def _open(self) -> Iterator[tuple[str, CollaborationRow]]:
-        for key, row in self._scan(CollaborationRow, self._store.collaborations):
+    def _pending_collaborations(self) -> Iterator[CollaborationRow]:
+        for (kind, _), row in self._rows.items():
+            if kind is CollaborationRow:
+                yield row
+
+    def _open(self, session_ids: Iterable[str]) -> Iterator[tuple[str, CollaborationRow]]:
+        """The open ones among `session_ids` (stored as open) and this command's own rows."""
+        seen = set()
+        for key in session_ids:
+            row = self._rows.get((CollaborationRow, key)) or self._store.collaborations[key]
+            seen.add(key)
             if row.state in collab.OPEN_STATES:
                 yield key, row
+        for row in self._pending_collaborations():
+            if row.session_id not in seen and row.state in collab.OPEN_STATES:
+                yield row.session_id, row
 
     def open_collaborations(self, agent_id: str | None) -> Sequence[CollaborationRow]:
+        candidates = (
+            self._store.open_by_agent.get(agent_id, ())
+            if agent_id is not None
+            else list(self._store.open_by_agent.get(None, ()))
+        )
         keys = [
             key
-            for key, row in self._open()
+            for key, row in self._open(list(candidates))
             if (row.expires_at is None or row.expires_at > self.now)
             and (agent_id is None or agent_id in (row.initiator_id, row.target_id))
         ]
@@ -162,18 +194,21 @@ class MemoryTx:
     def count_open(
         self, *, initiator: str | None = None, target: str | None = None, state: int | None = None
     ) -> int:
-        return sum(
-            1
-            for _, row in self._open()
-            if initiator in (None, row.initiator_id)
-            and target in (None, row.target_id)
-            and state in (None, row.state)
-        )
+        """From the store's counts of open sessions, corrected by this command's rows."""
+        key = (initiator, target, state)
+        count = self._store.open_counts[key]
+        for row in self._pending_collaborations():
+            stored = self._store.collaborations.get(row.session_id)
+            if stored is not None and key in _count_keys(stored):
+                count -= 1
+            if key in _count_keys(row):
+                count += 1
+        return count
 
     def due_collaborations(self, limit: int) -> Sequence[CollaborationRow]:
         due = sorted(
             (row.expires_at, key)
-            for key, row in self._open()
+            for key, row in self._open(list(self._store.open_by_agent.get(None, ())))
             if row.expires_at is not None and row.expires_at <= self.now
         )[:limit]
         return [row for _, k in due if (row := self.collaboration(k)) is not None]
@@ -214,6 +249,9 @@ class MemoryStore:
         self.agents: dict[str, AgentRow] = {}
         self.collaborations: dict[str, CollaborationRow] = {}
         self._session_ids: list[str] = []  # sorted
+        # Open sessions by partner (None: all of them), and their counts by `_count_keys`.
+        self.open_by_agent: dict[str | None, set[str]] = {}
+        self.open_counts: Counter[CountKey] = Counter()
         self.requests: dict[str, FeatureRequestRow] = {}
         self._request_seqs: list[tuple[int, str]] = []  # (seq, request_id), by seq
         self.deliveries: dict[tuple[str, str], FeatureDeliveryRow] = {}  # (request, deliverer)
@@ -275,9 +313,7 @@ class MemoryStore:
             if kind is AgentRow:
                 self.agents[key] = row
             elif kind is CollaborationRow:
-                if key not in self.collaborations:
-                    bisect.insort(self._session_ids, key)
-                self.collaborations[key] = row
+                self._index_collaboration(row)
             elif kind is FeatureRequestRow:
                 if key not in self.requests:
                     self._request_seqs.append((row.seq, key))
@@ -292,6 +328,22 @@ class MemoryStore:
         for delivery in deliveries:
             self.deliveries[(delivery.request_id, delivery.deliverer_id)] = delivery
         self.receipts.update(receipts)
+
+    def _index_collaboration(self, row: CollaborationRow) -> None:
+        key = row.session_id
+        old = self.collaborations.get(key)
+        if old is None:
+            bisect.insort(self._session_ids, key)
+        else:
+            self.open_counts.subtract(_count_keys(old))
+        self.collaborations[key] = row
+        self.open_counts.update(_count_keys(row))
+        for partner in (None, row.initiator_id, row.target_id):
+            sessions = self.open_by_agent.setdefault(partner, set())
+            if row.state in collab.OPEN_STATES:
+                sessions.add(key)
+            else:
+                sessions.discard(key)
 
     # --- the event log --------------------------------------------------------------
 
