@@ -417,6 +417,27 @@ async def test_collaborations_are_listed_newest_first(
         assert [c.session_id for c in listed] == list(reversed(created))
 
 
+async def test_open_session_limits_count_what_is_open(open_store: OpenStore) -> None:
+    """The per-pair and incoming limits count open sessions only: one that ends frees its
+    slot, in the same commit as the next proposal too."""
+    policy = Policy(max_open_per_agent=10, max_open_per_pair=2, max_incoming_proposals=3)
+    async with open_store(policy) as store:
+        await commit_ok(store, [online(a) for a in "abcd"])
+        first, _ = await commit_ok(store, [propose("a", "p1", "b"), propose("b", "p2", "a")])
+        [refused] = await store.commit([propose("a", "p3", "b")])
+        assert isinstance(refused, HubError) and refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "per pair" in refused.message
+        # Declined (no longer open) and a new proposal, in one commit.
+        decline = cmd.CollaborationStep("b", "d1", first.resource_id, Step.DECLINE)
+        _, again = await commit_ok(store, [decline, propose("a", "p3", "b")])
+        assert again.resource_id.startswith("collab_")
+        # Unanswered proposals waiting for d: three, then refused.
+        await commit_ok(store, [propose(x, f"to_d_{x}", "d") for x in "abc"])
+        [full] = await store.commit([propose("a", "to_d_again", "d")])
+        assert isinstance(full, HubError) and full.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "unanswered proposals" in full.message
+
+
 # --- tokens --------------------------------------------------------------------------------------
 
 
