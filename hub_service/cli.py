@@ -32,7 +32,7 @@ from .settings import (
     mask_url,
     sqlite_url,
 )
-from .store import SqlStore
+from .sql_store import SqlStore
 from .validation import Limits, validate_agent_id
 
 
@@ -169,7 +169,7 @@ async def _tokens(args: argparse.Namespace, database_url: str) -> int:
                     file=sys.stderr,
                 )
                 return 2
-    store = SqlStore(database_url)
+    store = SqlStore(database_url, writer="thread")  # tokens are written by the CLI itself
     await store.open()
     try:
         if args.token_command == "issue":

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from .commands import Command, Outcome
 from .errors import HubError, unavailable
-from .store import HubStore
+from .outcomes import Outcome
+from .state import Command, HubStore
 
 log = logging.getLogger(__name__)
 

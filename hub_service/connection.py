@@ -22,10 +22,10 @@ import grpc
 from generated.kernelhub.v1 import hub_pb2 as pb
 
 from . import paging
-from .commands import Outcome
 from .errors import HubError
+from .outcomes import Outcome
 from .router import Router
-from .store import HubStore
+from .state import HubStore
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ import random
 import threading
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import BigInteger, Column, Index, LargeBinary
 from sqlmodel import Field, SQLModel
@@ -191,3 +192,27 @@ def feature_request_to_proto(row: FeatureRequestRow) -> pb.FeatureRequestInfo:
     info = pb.FeatureRequestInfo.FromString(row.body)
     info.delivery_count = row.delivery_count
     return info
+
+
+def artifact_row(artifact: pb.Artifact, seq: int, now: datetime) -> dict[str, Any]:
+    """The artifact table's columns for a stamped artifact (queries filter on them)."""
+    content = artifact.WhichOneof("content")
+    specialization: int
+    if content == "pattern":
+        specialization, name = artifact.pattern.specialization, artifact.pattern.pattern_type
+    elif content == "code_component":
+        specialization = artifact.code_component.specialization
+        name = artifact.code_component.name
+    else:
+        specs = artifact.os_component.specializations
+        specialization, name = (specs[0] if specs else 0), artifact.os_component.name
+    return {
+        "artifact_id": artifact.artifact_id,
+        "seq": seq,
+        "kind": artifact.kind,
+        "contributor_id": artifact.contributor_id,
+        "specialization": specialization,
+        "name": name[:200],
+        "created_at": now,
+        "body": artifact.SerializeToString(),
+    }

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from .commands import Outcome
+from .outcomes import Outcome
 
 if TYPE_CHECKING:
     from .connection import Connection

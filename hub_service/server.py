@@ -24,7 +24,8 @@ from .errors import HubError
 from .router import Router
 from .servicer import HubServicer
 from .settings import mask_url
-from .store import HubStore, IssuedToken, SqlStore
+from .state import HubStore, IssuedToken
+from .store_factory import make_store
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,7 @@ class HubServer:
 
     def __init__(self, config: HubConfig, store: HubStore | None = None) -> None:
         self.config = config
-        self.store = store or SqlStore(
-            config.database_url,
-            config.policy,
-            busy_timeout=config.sqlite_busy_timeout,
-            writer=config.writer,
-            commit_timeout=config.commit_timeout,
-        )
+        self.store = store or make_store(config.database_url, config)
         self.router = Router()
         self.committer = GroupCommitter(
             self.store,

@@ -33,7 +33,7 @@ from .connection import Connection
 from .errors import HubError, failed_precondition, invalid, not_found, permission_denied
 from .ratelimit import BucketTable, TokenBucket
 from .router import Router
-from .store import HubStore
+from .state import Command, HubStore
 from .validation import validate, validate_batch, validate_hello
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class KnowledgeBase:
     sizes: list[int]
 
 
-def to_command(agent_id: str, request: pb.ConnectRequest, kind: str) -> cmd.Command:
+def to_command(agent_id: str, request: pb.ConnectRequest, kind: str) -> Command:
     """The state change a validated message asks for."""
     mid = request.message_id
     if kind in _SHARES:

@@ -1,4 +1,6 @@
-"""The writer process: group commits run in a child process, not in a thread of the hub.
+"""The writer process plumbing: group commits run in a child process, not in a thread of
+the hub. The child runs the SQL write side (`sql_write.SqlWriter`); this module only
+starts it, talks to it over a pipe, and replaces it.
 
 A writer thread shares the GIL with the event loop. Measured at 220 shares/s to 50
 trainers, a commit of one or two shares waited ~4 ms for the GIL (against ~1 ms of
@@ -34,8 +36,10 @@ from multiprocessing.util import Finalize
 from typing import Any
 
 from .collaboration import Policy
-from .commands import Command, Outcome
 from .errors import HubError, unavailable
+from .outcomes import Outcome
+from .sql_write import SqlWriter, make_engine
+from .state import Command
 
 log = logging.getLogger(__name__)
 
@@ -220,18 +224,18 @@ class WriterProcess:
 
 def _serve(sock: socket.socket, settings: WriterSettings) -> None:
     """Commit each batch that arrives, answer with its outcomes; exit at end of input."""
-    from .store import SqlStore  # the store starts writer processes: imported here, not above
-
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole group
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s - kernelhub-writer - %(levelname)s - %(message)s",
     )
-    store = SqlStore(settings.database_url, settings.policy, busy_timeout=settings.busy_timeout)
+    writer = SqlWriter(
+        make_engine(settings.database_url, int(settings.busy_timeout * 1000)), settings.policy
+    )
     with sock, sock.makefile("rb") as incoming:
         try:
-            ready: int | HubError = store.load_head()
+            ready: int | HubError = writer.load_head()
         except Exception as exc:
             ready = unavailable(f"the writer process cannot open the database: {exc}")
         _reply(sock, ready)
@@ -240,9 +244,9 @@ def _serve(sock: socket.socket, settings: WriterSettings) -> None:
         while len(header := incoming.read(_HEADER.size)) == _HEADER.size:
             (size,) = _HEADER.unpack(header)
             commands: list[Command] = pickle.loads(incoming.read(size))
-            _reply(sock, store.commit_sync(commands))
+            _reply(sock, writer.commit(commands))
     with contextlib.suppress(Exception):
-        store.dispose()
+        writer.dispose()
 
 
 def _reply(sock: socket.socket, payload: object) -> None:

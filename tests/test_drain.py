@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 
 from generated.kernelhub.v1 import hub_pb2 as pb
-from hub_service.store import SqlStore
+from hub_service.sql_store import SqlStore
 
 from .conftest import WAIT, HubProcess, async_stub, auth, hello, pattern
 
@@ -130,7 +130,7 @@ async def test_sigterm_ends_busy_streams_unavailable_beside_a_stalled_reader(
         await channel.close(None)
         await hub.close()
 
-    store = SqlStore(f"sqlite:///{tmp_path / 'hub.db'}")
+    store = SqlStore(f"sqlite:///{tmp_path / 'hub.db'}", writer="thread")
     await store.open()
     try:
         stored: set[str] = set()

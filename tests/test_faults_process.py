@@ -13,7 +13,7 @@ import pytest
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.config import HubConfig
-from hub_service.store import SqlStore
+from hub_service.sql_store import SqlStore
 from trainer_service.sdk.client import HubClient
 
 from .conftest import WAIT, HubHarness, HubProcess, hello, make_config, pattern, short_policy
@@ -96,7 +96,7 @@ async def _swarm_across_a_hub_failure(tmp_path: Path, graceful: bool) -> None:
             await member.client.close()
         await hub.close()
 
-    store = SqlStore(f"sqlite:///{tmp_path / 'hub.db'}")
+    store = SqlStore(f"sqlite:///{tmp_path / 'hub.db'}", writer="thread")
     await store.open()
     try:
         # Every receipted message is stored, exactly once.

@@ -23,7 +23,7 @@ from hub_service import auth as hub_auth
 from hub_service.config import HubConfig
 from hub_service.errors import HubError
 from hub_service.server import HubServer
-from hub_service.store import SqlStore
+from hub_service.sql_store import SqlStore
 
 from .conftest import WAIT, HubHarness, auth, hello, pattern, target
 
@@ -169,7 +169,7 @@ BAD_IDS = ["bad id!", "-starts-with-a-dash", "a" * 129, ""]
 
 
 async def test_store_refuses_a_token_for_an_id_hello_would_refuse(tmp_path: Path) -> None:
-    store = SqlStore(f"sqlite:///{tmp_path / 'tokens.db'}")
+    store = SqlStore(f"sqlite:///{tmp_path / 'tokens.db'}", writer="thread")
     await store.open()
     try:
         for agent_id in BAD_IDS:

@@ -23,9 +23,11 @@ from sqlalchemy import event
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service import commands as cmd
-from hub_service.commands import Outcome
 from hub_service.errors import HubError
-from hub_service.store import SqlStore
+from hub_service.outcomes import Outcome
+from hub_service.sql_store import SqlStore
+from hub_service.sql_tx import SqlTx
+from hub_service.state import StateTx
 
 from .conftest import WAIT, os_component, pattern
 
@@ -50,7 +52,8 @@ def gone(pid: int) -> bool:
 class DieAfterCommit(cmd.ShareArtifact):
     """A share whose writer process dies right after committing it, before answering."""
 
-    def apply(self, tx: cmd.Tx) -> Outcome:
+    def apply(self, tx: StateTx) -> Outcome:
+        assert isinstance(tx, SqlTx)  # the child commits on SQL
         outcome = super().apply(tx)
         event.listen(tx.session, "after_commit", lambda _session: os._exit(3))
         return outcome
@@ -87,7 +90,7 @@ async def test_commits_run_in_the_child_and_the_parent_reads_them(store: SqlStor
     assert first.events[0].event.artifact_shared.pattern.pattern_id == "m1"
     (again,) = await store.commit([share("m1")])
     assert isinstance(again, Outcome) and again.duplicate and again.seq == 1
-    assert store._seq == 0, "the parent allocated no seq: the child committed"
+    assert store.sql_writer._seq == 0, "the parent allocated no seq: the child committed"
     page = await store.events_for("AI_Node_2", 0, 10)
     assert [e.artifact_shared.pattern.pattern_id for e in page] == ["m1", "m2"]
 
@@ -141,6 +144,10 @@ async def test_a_wedged_child_times_out_is_replaced_and_the_resend_commits_once(
         assert timed_out.code == grpc.StatusCode.UNAVAILABLE
         assert "did not answer" in timed_out.message
         assert gone(pid), "the wedged child is killed, not left behind"
+        # The replacement starts under its own deadline: a start on a loaded machine can
+        # outlast the 1 s that a commit gets.
+        assert store.writer_process is not None
+        await store.writer_process.start()
         resent, again = await store.commit([share("m2"), share("m2")])
         assert isinstance(resent, Outcome) and isinstance(again, Outcome)
         assert resent.seq == 2 and again.duplicate and again.seq == 2
@@ -182,11 +189,13 @@ async def test_the_fork_server_dying_does_not_cost_the_writer(store: SqlStore) -
 async def test_a_writer_behind_the_log_reads_the_head_again(store_url: str) -> None:
     """What a replacement writer meets when its predecessor's last commit lands after it
     read the head (PostgreSQL finishes a COMMIT whose client was killed): its seqs collide."""
-    store = SqlStore(store_url)  # the thread writer: the same commit path, easier to reach
+    store = SqlStore(
+        store_url, writer="thread"
+    )  # the thread writer: the same commit path, easier to reach
     await store.open()
     try:
         await store.commit([share("m1")])
-        store._seq = 0  # as if the head were read before m1 committed
+        store.sql_writer._seq = 0  # as if the head were read before m1 committed
         (after,) = await store.commit([share("m2")])
         assert isinstance(after, Outcome) and after.seq == 2
     finally:
@@ -196,7 +205,7 @@ async def test_a_writer_behind_the_log_reads_the_head_again(store_url: str) -> N
 def test_a_store_left_open_does_not_keep_the_process_from_exiting(tmp_path: Path) -> None:
     script = (
         "import asyncio\n"
-        "from hub_service.store import SqlStore\n"
+        "from hub_service.sql_store import SqlStore\n"
         f"store = SqlStore('sqlite:///{tmp_path / 'open.db'}', writer='process')\n"
         "asyncio.run(store.open())\n"
     )

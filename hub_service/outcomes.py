@@ -1,0 +1,26 @@
+"""What a committed command answers with: the result types the store, the committer, the
+router and the Connect session share (so none of them needs the domain rules)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+
+
+@dataclass(frozen=True)
+class RoutedEvent:
+    """A committed event and its audience: `recipients`, or (None) every agent but the sender."""
+
+    event: pb.HubEvent
+    recipients: frozenset[str] | None
+
+
+@dataclass
+class Outcome:
+    """What a committed command answers with: the receipt's fields and the events to route."""
+
+    seq: int = 0
+    resource_id: str = ""
+    duplicate: bool = False
+    events: list[RoutedEvent] = field(default_factory=list)

@@ -1,0 +1,169 @@
+"""`StateTx` on a SQLAlchemy session: the domain rules' reads and writes as SQL, with the
+append-only rows (events, recipients, artifacts, the ledger) held for one bulk insert."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import func, or_
+from sqlmodel import Session, SQLModel, col, select
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+
+from . import collaboration as collab
+from .models import (
+    AgentRow,
+    ArtifactRow,
+    CollaborationRow,
+    EventRecipientRow,
+    EventRow,
+    FeatureDeliveryRow,
+    FeatureRequestRow,
+    ReceivedMessageRow,
+    artifact_row,
+)
+from .outcomes import Outcome
+
+
+class SqlTx:
+    """One group-commit transaction: the session, its clock, and the event log's tail.
+    Changed rows go through the ORM; append-only rows wait in `appends` for the bulk
+    insert just before the commit (nothing in the same transaction reads them back)."""
+
+    def __init__(
+        self,
+        session: Session,
+        now: datetime,
+        next_seq: Callable[[], int],
+        policy: collab.Policy,
+        received: dict[tuple[str, str], Outcome],
+    ) -> None:
+        self.session = session
+        self.now = now
+        self.now_pb = Timestamp()
+        self.now_pb.FromDatetime(now)
+        self.policy = policy
+        self.next_seq = next_seq
+        self.appends: dict[type[SQLModel], list[dict[str, Any]]] = defaultdict(list)
+        # (agent_id, message_id) -> outcome: the ledger rows of this batch's ids, read in
+        # one query before it, and those it adds.
+        self._received = received
+
+    def _append(self, model: type[SQLModel], **values: Any) -> None:
+        self.appends[model].append(values)
+
+    # --- the append-only tables --------------------------------------------------
+
+    def add_event(self, event: pb.HubEvent, recipients: frozenset[str] | None) -> None:
+        self._append(
+            EventRow,
+            seq=event.seq,
+            sender_id=event.sender_id,
+            broadcast=recipients is None,
+            created_at=self.now,
+            body=event.SerializeToString(),
+        )
+        for agent_id in sorted(recipients or ()):
+            self._append(EventRecipientRow, seq=event.seq, agent_id=agent_id)
+
+    def add_artifact(self, artifact: pb.Artifact, seq: int) -> None:
+        self._append(ArtifactRow, **artifact_row(artifact, seq, self.now))
+
+    def receipt(self, agent_id: str, message_id: str) -> Outcome | None:
+        return self._received.get((agent_id, message_id))
+
+    def remember(self, agent_id: str, message_id: str, outcome: Outcome) -> None:
+        self._received[(agent_id, message_id)] = outcome
+        self._append(
+            ReceivedMessageRow,
+            agent_id=agent_id,
+            message_id=message_id,
+            seq=outcome.seq,
+            resource_id=outcome.resource_id,
+            created_at=self.now,
+        )
+
+    # --- rows the commands change ------------------------------------------------
+
+    def agent(self, agent_id: str) -> AgentRow | None:
+        return self.session.get(AgentRow, agent_id)
+
+    def agents(self, online_only: bool = False) -> Sequence[AgentRow]:
+        query = select(AgentRow)
+        if online_only:
+            query = query.where(col(AgentRow.online))
+        return self.session.exec(query).all()
+
+    def put_agent(self, row: AgentRow) -> None:
+        self.session.add(row)
+
+    def collaboration(self, session_id: str) -> CollaborationRow | None:
+        return self.session.get(CollaborationRow, session_id)
+
+    def open_collaborations(self, agent_id: str | None) -> Sequence[CollaborationRow]:
+        query = select(CollaborationRow).where(
+            col(CollaborationRow.state).in_(collab.OPEN_STATES),
+            or_(
+                col(CollaborationRow.expires_at).is_(None),
+                col(CollaborationRow.expires_at) > self.now,
+            ),
+        )
+        if agent_id is not None:
+            query = query.where(
+                or_(
+                    col(CollaborationRow.initiator_id) == agent_id,
+                    col(CollaborationRow.target_id) == agent_id,
+                )
+            )
+        return self.session.exec(query).all()
+
+    def count_open(
+        self, *, initiator: str | None = None, target: str | None = None, state: int | None = None
+    ) -> int:
+        query = (
+            select(func.count())
+            .select_from(CollaborationRow)
+            .where(col(CollaborationRow.state).in_(collab.OPEN_STATES))
+        )
+        if initiator is not None:
+            query = query.where(col(CollaborationRow.initiator_id) == initiator)
+        if target is not None:
+            query = query.where(col(CollaborationRow.target_id) == target)
+        if state is not None:
+            query = query.where(col(CollaborationRow.state) == state)
+        return int(self.session.exec(query).one())
+
+    def due_collaborations(self, limit: int) -> Sequence[CollaborationRow]:
+        return self.session.exec(
+            select(CollaborationRow)
+            .where(
+                col(CollaborationRow.state).in_(collab.OPEN_STATES),
+                col(CollaborationRow.expires_at) <= self.now,
+            )
+            .order_by(col(CollaborationRow.expires_at))
+            .limit(limit)
+        ).all()
+
+    def put_collaboration(self, row: CollaborationRow) -> None:
+        self.session.add(row)
+
+    def feature_request(self, request_id: str) -> FeatureRequestRow | None:
+        return self.session.get(FeatureRequestRow, request_id)
+
+    def put_feature_request(self, row: FeatureRequestRow) -> None:
+        self.session.add(row)
+
+    def delivery_by(self, request_id: str, deliverer_id: str) -> str | None:
+        return self.session.exec(
+            select(FeatureDeliveryRow.artifact_id).where(
+                col(FeatureDeliveryRow.request_id) == request_id,
+                col(FeatureDeliveryRow.deliverer_id) == deliverer_id,
+            )
+        ).first()
+
+    def put_delivery(self, row: FeatureDeliveryRow) -> None:
+        self.session.add(row)

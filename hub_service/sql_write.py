@@ -1,0 +1,134 @@
+"""The SQL write side: the engine, and the group commit that the writer (a thread of the
+hub, or the writer process) runs: one transaction per batch, append-only rows in bulk."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+from sqlalchemy import Connection, Engine, event, func
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlmodel import Session, create_engine, select
+
+from . import collaboration as collab
+from .bulk import BulkWriter
+from .commands import apply_command
+from .errors import HubError, unavailable
+from .models import EventRow, utcnow
+from .outcomes import Outcome
+from .sql_tx import SqlTx
+from .state import Command
+
+log = logging.getLogger(__name__)
+
+
+def _sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+        cursor.close()
+
+    return on_connect
+
+
+def make_engine(database_url: str, busy_timeout_ms: int = 5000) -> Engine:
+    if database_url.startswith("sqlite"):
+        engine = create_engine(
+            database_url,
+            connect_args={"check_same_thread": False, "timeout": busy_timeout_ms / 1000},
+            pool_size=8,
+        )
+        event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms))
+        return engine
+    connect_args = {"connect_timeout": 5} if database_url.startswith("postgresql") else {}
+    return create_engine(database_url, pool_size=8, pool_pre_ping=True, connect_args=connect_args)
+
+
+def session(engine: Engine) -> Session:
+    # Rows outlive their session (they are returned to the event loop).
+    return Session(engine, expire_on_commit=False)
+
+
+class SqlWriter:
+    """Group commits on one engine, from one thread at a time: it owns the event log's
+    head, so each commit's `seq`s follow the last one's."""
+
+    def __init__(self, engine: Engine, policy: collab.Policy) -> None:
+        self.engine = engine
+        self.policy = policy
+        self._bulk = BulkWriter(engine.dialect)
+        self._seq = 0
+
+    def load_head(self) -> int:
+        """Continue the event log after its last `seq`."""
+        with session(self.engine) as s:
+            self._seq = int(s.exec(select(func.max(EventRow.seq))).one() or 0)
+        return self._seq
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def commit(
+        self, commands: Sequence[Command], head_checked: bool = False
+    ) -> list[Outcome | HubError]:
+        """Apply the commands in order in one transaction (group commit).
+
+        A refused command yields its HubError and the others still commit. If
+        the transaction itself fails, each command is retried alone so one
+        poisoned command cannot sink its batch-mates; a database that is down
+        yields UNAVAILABLE for all (nothing was committed, so no receipt).
+        """
+        try:
+            return self._transaction(commands)
+        except OperationalError as exc:
+            log.warning(
+                "database unavailable, %d commands not committed: %s", len(commands), exc.orig
+            )
+            return [unavailable(f"database unavailable, retry later: {exc.orig}")] * len(commands)
+        except Exception as exc:
+            if isinstance(exc, IntegrityError) and not head_checked:
+                # A commit that landed after this writer read the log's head (a replaced
+                # writer process's last one, which PostgreSQL finished after its client was
+                # killed) took the seqs this one allocated: read the head again and retry.
+                log.warning("the event log moved past this writer's head; reading it again")
+                self.load_head()
+                return self.commit(commands, head_checked=True)
+            if len(commands) == 1:
+                log.exception("command %s failed", type(commands[0]).__name__)
+                return [HubError(grpc.StatusCode.INTERNAL, "the hub failed to apply this message")]
+        return [self.commit([command], head_checked=True)[0] for command in commands]
+
+    def _transaction(self, commands: Sequence[Command]) -> list[Outcome | HubError]:
+        results: list[Outcome | HubError] = []
+        with session(self.engine) as s:
+            connection = s.connection()
+            received = self._received(connection, commands)
+            tx = SqlTx(s, utcnow(), self._next_seq, self.policy, received)
+            for command in commands:
+                try:
+                    results.append(apply_command(tx, command))
+                except HubError as error:
+                    results.append(error)
+            s.flush()  # rows the commands changed through the ORM, before the appends
+            for model, rows in tx.appends.items():
+                self._bulk.insert(connection, model, rows)
+            s.commit()
+        return results
+
+    def _received(
+        self, connection: Connection, commands: Sequence[Command]
+    ) -> dict[tuple[str, str], Outcome]:
+        """The receipts already given for this batch's message ids, in one query."""
+        keys = sorted({(c.agent_id, c.message_id) for c in commands if c.message_id})
+        return {
+            (agent_id, message_id): Outcome(seq=seq, resource_id=resource_id)
+            for agent_id, message_id, seq, resource_id in self._bulk.received(connection, keys)
+        }
+
+    def dispose(self) -> None:
+        self.engine.dispose()

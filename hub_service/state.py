@@ -1,0 +1,182 @@
+"""The store contract: `HubStore` (everything the hub persists and queries), `StateTx` (the
+small transaction the domain rules act on) and `Command` (one rule, applied to a `StateTx`).
+
+The in-memory store and the SQL store both implement it; `store_factory.make_store` picks
+one by URL, and tests/test_store_contract.py holds every store to the same tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+
+from . import paging
+from .collaboration import Policy
+from .errors import HubError
+from .models import AgentRow, CollaborationRow, FeatureDeliveryRow, FeatureRequestRow, TokenRow
+from .outcomes import Outcome
+
+M = TypeVar("M", bound=Message)
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token_id: str
+    agent_id: str
+    token: str  # plaintext: shown once, never stored
+    expires_at: datetime | None
+
+
+class EventPage(list[pb.HubEvent]):
+    """Events in seq order; `more` says whether the log holds more after the last one."""
+
+    more: bool = False
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a List query: the rows as protos and the cursor of the next page.
+    A page ends after `limit` items or before `max_bytes` of them, whichever comes first;
+    an item larger than `max_bytes` alone is refused (RESOURCE_EXHAUSTED naming it)."""
+
+    items: list[Any]
+    next_cursor: str
+
+
+def decode_stored(kind: type[M], body: bytes) -> M:
+    """A stored body without the fields the contract does not define: older hubs stored
+    whatever clients sent, and those bytes must go nowhere."""
+    message = kind.FromString(body)
+    message.DiscardUnknownFields()
+    return message
+
+
+def oversized(what: str, id_field: str, max_bytes: int | None) -> Callable[[Message], HubError]:
+    """The refusal of a page whose first item alone exceeds `max_bytes`, naming the item."""
+
+    def refuse(item: Message) -> HubError:
+        name = getattr(item, id_field)
+        return paging.too_large(f"{what} {name}", item.ByteSize(), max_bytes or 0)
+
+    return refuse
+
+
+class StateTx(Protocol):
+    """One group commit's view of the state, as the domain rules need it.
+
+    Rows read are the command's to change; a changed row is written back with its `put_*`.
+    Reads see the writes of earlier commands of the same commit. "Open" collaborations are
+    those in `collaboration.OPEN_STATES`.
+    """
+
+    now: datetime
+    now_pb: Timestamp  # `now`, converted once for every event and artifact of the commit
+    policy: Policy
+
+    def next_seq(self) -> int:
+        """The next seq of the event log (strictly increasing)."""
+        ...
+
+    def add_event(self, event: pb.HubEvent, recipients: frozenset[str] | None) -> None:
+        """Append `event` (its seq set) for `recipients`, or for all but its sender (None)."""
+        ...
+
+    def add_artifact(self, artifact: pb.Artifact, seq: int) -> None: ...
+    def agent(self, agent_id: str) -> AgentRow | None: ...
+    def agents(self, online_only: bool = False) -> Sequence[AgentRow]: ...
+    def put_agent(self, row: AgentRow) -> None: ...
+    def collaboration(self, session_id: str) -> CollaborationRow | None: ...
+
+    def open_collaborations(self, agent_id: str | None) -> Sequence[CollaborationRow]:
+        """Open sessions not yet due at `now`, of `agent_id` (either partner) or of all (None)."""
+        ...
+
+    def count_open(
+        self, *, initiator: str | None = None, target: str | None = None, state: int | None = None
+    ) -> int:
+        """How many open sessions match every criterion given."""
+        ...
+
+    def due_collaborations(self, limit: int) -> Sequence[CollaborationRow]:
+        """Open sessions whose deadline is at or before `now`, earliest first, at most `limit`."""
+        ...
+
+    def put_collaboration(self, row: CollaborationRow) -> None: ...
+    def feature_request(self, request_id: str) -> FeatureRequestRow | None: ...
+    def put_feature_request(self, row: FeatureRequestRow) -> None: ...
+
+    def delivery_by(self, request_id: str, deliverer_id: str) -> str | None:
+        """The artifact id of `deliverer_id`'s delivery of the request, if it made one."""
+        ...
+
+    def put_delivery(self, row: FeatureDeliveryRow) -> None: ...
+
+    def receipt(self, agent_id: str, message_id: str) -> Outcome | None:
+        """The receipt already given for this message id (idempotency ledger)."""
+        ...
+
+    def remember(self, agent_id: str, message_id: str, outcome: Outcome) -> None: ...
+
+
+class Command(Protocol):
+    """A state change requested by `agent_id` (message_id empty for the hub's own)."""
+
+    agent_id: str
+    message_id: str
+
+    def apply(self, tx: StateTx) -> Outcome: ...
+
+
+class HubStore(Protocol):
+    """Everything the hub persists: `MemoryStore` (ephemeral) or `SqlStore` (SQLite, PostgreSQL)."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+
+    async def commit(self, commands: Sequence[Command]) -> list[Outcome | HubError]:
+        """Apply the commands in order (group commit): a refused command yields its HubError
+        and the others still commit; a store that cannot commit yields UNAVAILABLE."""
+        ...
+
+    async def events_for(
+        self, agent_id: str, after_seq: int, limit: int, max_bytes: int | None = None
+    ) -> EventPage:
+        """The events after `after_seq` that `agent_id` is entitled to, oldest first: at
+        most `limit`, and no more than `max_bytes` of them beyond the first (an event too
+        large for any response still comes, alone, for its reader to replace)."""
+        ...
+
+    async def head_seq(self) -> int: ...
+    async def authenticate(self, token: str) -> str | None: ...
+    async def issue_token(self, agent_id: str, ttl: timedelta | None = None) -> IssuedToken: ...
+    async def valid_token_hashes(self, hashes: Collection[str]) -> set[str]: ...
+    async def list_tokens(self) -> list[TokenRow]: ...
+    async def revoke_tokens(self, agent_or_token_id: str) -> int: ...
+    async def list_agents(
+        self, online_only: bool, limit: int, cursor: str, max_bytes: int | None = None
+    ) -> Page: ...
+    async def list_artifacts(
+        self,
+        kind: int,
+        specialization: int,
+        contributor_id: str,
+        limit: int,
+        cursor: str,
+        max_bytes: int | None = None,
+    ) -> Page: ...
+    async def get_artifact(self, artifact_id: str) -> pb.Artifact | None: ...
+    async def list_collaborations(
+        self, agent_id: str, state: int, limit: int, cursor: str, max_bytes: int | None = None
+    ) -> Page: ...
+    async def list_feature_requests(
+        self, requester_id: str, limit: int, cursor: str, max_bytes: int | None = None
+    ) -> Page: ...
+    async def knowledge_base(self, recent: int) -> pb.KnowledgeBaseSummary: ...
+    async def stats(self) -> pb.GetHubStatsResponse: ...

@@ -1,0 +1,30 @@
+"""Which store a database URL names: `memory://` the in-memory store (an ephemeral hub),
+anything else a SQLAlchemy URL for the SQL store (SQLite, PostgreSQL)."""
+
+from __future__ import annotations
+
+from .config import HubConfig
+from .memory_store import MemoryStore
+from .sql_store import SqlStore
+from .state import HubStore
+
+MEMORY_URL = "memory://"
+
+
+def make_store(database_url: str, config: HubConfig | None = None) -> HubStore:
+    """A store for `database_url`, not yet opened, with `config`'s store settings."""
+    config = config or HubConfig()
+    if database_url.startswith("memory:"):
+        if database_url != MEMORY_URL:
+            raise ValueError(
+                f"database URL {database_url!r}: the in-memory store is {MEMORY_URL!r}, "
+                "with nothing after it"
+            )
+        return MemoryStore(config.policy)
+    return SqlStore(
+        database_url,
+        writer=config.writer,
+        policy=config.policy,
+        busy_timeout=config.sqlite_busy_timeout,
+        commit_timeout=config.commit_timeout,
+    )

@@ -1,0 +1,511 @@
+"""The store contract, one suite for every store: the in-memory store, SQLite and
+PostgreSQL (group commit, idempotency, entitlement, paging, tokens, stats)."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service import commands as cmd
+from hub_service.collaboration import Policy, Step
+from hub_service.errors import HubError
+from hub_service.memory_store import MemoryStore
+from hub_service.outcomes import Outcome
+from hub_service.sql_store import SqlStore
+from hub_service.state import HubStore, Page, StateTx
+
+from .conftest import hello, os_component, pattern
+
+OpenStore = Callable[..., AbstractAsyncContextManager[HubStore]]
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def open_store(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> OpenStore:
+    """Opens a fresh store of the kind under test (with a policy, if given)."""
+    if store_kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'store.db'}"
+    elif store_kind == "postgres":
+        url = str(request.getfixturevalue("postgres_url"))
+
+    @contextlib.asynccontextmanager
+    async def opened(policy: Policy | None = None) -> AsyncIterator[HubStore]:
+        store: HubStore = (
+            MemoryStore(policy)
+            if store_kind == "memory"
+            else SqlStore(url, writer="thread", policy=policy)
+        )
+        await store.open()
+        try:
+            yield store
+        finally:
+            await store.close()
+
+    return opened
+
+
+@pytest.fixture
+async def store(open_store: OpenStore) -> AsyncIterator[HubStore]:
+    async with open_store() as s:
+        yield s
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def share(agent: str, message_id: str, pattern_id: str = "p1") -> cmd.ShareArtifact:
+    return cmd.ShareArtifact(
+        agent, message_id, pb.Artifact(kind=pb.ARTIFACT_KIND_PATTERN, pattern=pattern(pattern_id))
+    )
+
+
+def share_os(agent: str, message_id: str) -> cmd.ShareArtifact:
+    return cmd.ShareArtifact(
+        agent,
+        message_id,
+        pb.Artifact(kind=pb.ARTIFACT_KIND_OS_COMPONENT, os_component=os_component()),
+    )
+
+
+def online(
+    agent: str, spec: int = pb.SPECIALIZATION_NETWORKING, caps: Sequence[str] = ()
+) -> cmd.AgentOnline:
+    return cmd.AgentOnline(agent, hello(agent, spec, capabilities=list(caps)))
+
+
+def request_feature(
+    agent: str, message_id: str, feature: str = "memory_allocator"
+) -> cmd.RequestFeature:
+    return cmd.RequestFeature(
+        agent,
+        message_id,
+        pb.RequestFeature(
+            feature=feature,
+            requirements=pb.FeatureRequirements(
+                performance=pb.PERFORMANCE_LEVEL_LOW, priority=pb.PRIORITY_LOW
+            ),
+        ),
+    )
+
+
+def propose(agent: str, message_id: str, target: str) -> cmd.ProposeCollaboration:
+    return cmd.ProposeCollaboration(
+        agent,
+        message_id,
+        pb.ProposeCollaboration(target_agent_id=target, type=pb.COLLABORATION_TYPE_CODE_REVIEW),
+    )
+
+
+async def commit_ok(store: HubStore, commands: Sequence[Any]) -> list[Outcome]:
+    results = await store.commit(commands)
+    assert len(results) == len(commands)
+    outcomes = []
+    for result in results:
+        assert isinstance(result, Outcome), f"refused: {result}"
+        outcomes.append(result)
+    return outcomes
+
+
+async def all_pages(fetch: Any, page_size: int) -> tuple[list[Any], int]:
+    """Every item through `fetch(limit, cursor)`, and how many pages it took."""
+    items: list[Any] = []
+    cursor, pages = "", 0
+    while True:
+        page: Page = await fetch(page_size, cursor)
+        pages += 1
+        assert len(page.items) <= page_size
+        items += page.items
+        if not page.next_cursor:
+            return items, pages
+        assert page.items, "a page with a next cursor must not be empty"
+        cursor = page.next_cursor
+
+
+async def artifact_count(store: HubStore) -> int:
+    items, _ = await all_pages(
+        lambda limit, cursor: store.list_artifacts(0, 0, "", limit, cursor), 500
+    )
+    return len(items)
+
+
+# --- group commit -------------------------------------------------------------------------
+
+
+async def test_a_batch_gets_increasing_seqs(store: HubStore) -> None:
+    assert await store.head_seq() == 0
+    outcomes = await commit_ok(
+        store,
+        [
+            online("a"),
+            share("a", "m1"),
+            share("a", "m2", "p2"),
+            request_feature("a", "m3"),
+            share_os("a", "m4"),
+        ],
+    )
+    seqs = [o.seq for o in outcomes]
+    assert seqs == [1, 2, 3, 4, 5]
+    assert [e.event.seq for o in outcomes for e in o.events] == seqs
+    assert await store.head_seq() == 5
+    assert outcomes[1].resource_id != outcomes[2].resource_id
+    assert outcomes[3].resource_id.startswith("feat_")
+    more = await commit_ok(store, [share("a", "m5", "p5")])
+    assert more[0].seq == 6
+
+
+async def test_a_refused_command_does_not_sink_its_batch_mates(store: HubStore) -> None:
+    results = await store.commit(
+        [
+            online("a"),
+            share("a", "m1"),
+            cmd.CollaborationStep("a", "m2", "collab_unknown", Step.ACCEPT),
+            propose("a", "m3", "nobody"),
+            share("a", "m4", "p4"),
+        ]
+    )
+    assert [type(r).__name__ for r in results] == [
+        "Outcome",
+        "Outcome",
+        "HubError",
+        "HubError",
+        "Outcome",
+    ]
+    refused = [r for r in results if isinstance(r, HubError)]
+    assert [e.code for e in refused] == [grpc.StatusCode.NOT_FOUND] * 2
+    assert "collab_unknown" in refused[0].message and "nobody" in refused[1].message
+    committed = [r for r in results if isinstance(r, Outcome)]
+    assert [o.seq for o in committed] == [1, 2, 3]
+    assert await artifact_count(store) == 2
+    # A refused message is not remembered: sending it again is evaluated again.
+    again = await store.commit([cmd.CollaborationStep("a", "m2", "collab_unknown", Step.ACCEPT)])
+    assert isinstance(again[0], HubError) and again[0].code == grpc.StatusCode.NOT_FOUND
+
+
+@dataclass
+class Poison:
+    """A command that breaks the transaction itself (not a HubError)."""
+
+    agent_id: str = "a"
+    message_id: str = "poison"
+
+    def apply(self, tx: StateTx) -> Outcome:
+        raise RuntimeError("boom")
+
+
+async def test_a_poisoned_command_is_isolated_and_the_rest_commit(store: HubStore) -> None:
+    results = await store.commit([share("a", "m1"), Poison(), share("a", "m2", "p2")])
+    assert isinstance(results[1], HubError) and results[1].code == grpc.StatusCode.INTERNAL
+    first, last = results[0], results[2]
+    assert isinstance(first, Outcome) and isinstance(last, Outcome)
+    assert 0 < first.seq < last.seq
+    assert await artifact_count(store) == 2
+    stored = {a.artifact_id for a in (await store.list_artifacts(0, 0, "", 10, "")).items}
+    assert stored == {first.resource_id, last.resource_id}
+    assert await store.head_seq() == last.seq
+
+
+# --- idempotency ------------------------------------------------------------------------------
+
+
+async def test_same_message_id_is_a_duplicate_stored_once(store: HubStore) -> None:
+    [first] = await commit_ok(store, [share("a", "same")])
+    [again] = await commit_ok(store, [share("a", "same", "different")])
+    assert again.duplicate and not first.duplicate
+    assert (again.seq, again.resource_id) == (first.seq, first.resource_id)
+    assert again.events == []  # nothing to route again
+    # Twice in one batch, too.
+    in_batch = await commit_ok(store, [share("a", "twin"), share("a", "twin", "other")])
+    assert [o.duplicate for o in in_batch] == [False, True]
+    assert in_batch[0].resource_id == in_batch[1].resource_id
+    # Ids are per agent.
+    [other] = await commit_ok(store, [share("b", "same")])
+    assert not other.duplicate and other.resource_id != first.resource_id
+    assert await artifact_count(store) == 3
+    assert await store.head_seq() == other.seq
+
+
+async def test_duplicate_of_a_collaboration_step_keeps_its_session_id(store: HubStore) -> None:
+    await commit_ok(store, [online("a"), online("b")])
+    [proposed] = await commit_ok(store, [propose("a", "p", "b")])
+    [again] = await commit_ok(store, [propose("a", "p", "b")])
+    assert again.duplicate and again.resource_id == proposed.resource_id
+    page = await store.list_collaborations("", 0, 10, "")
+    assert [c.session_id for c in page.items] == [proposed.resource_id]
+
+
+# --- the event log -------------------------------------------------------------------------------
+
+
+async def test_events_for_delivers_only_what_each_agent_is_entitled_to(store: HubStore) -> None:
+    outcomes = await commit_ok(
+        store,
+        [
+            online("a"),
+            online("b", pb.SPECIALIZATION_PROCESS_MANAGER, ["memory_management"]),
+            online("c", pb.SPECIALIZATION_FILE_SYSTEM, ["file_operations"]),
+            share("a", "s1"),  # broadcast from a
+            propose("a", "c1", "b"),  # to a and b only
+            request_feature("c", "f1"),  # routed to b only
+            request_feature("a", "f2", "not_known"),  # broadcast: b and c
+            share("b", "s2"),  # broadcast from b
+        ],
+    )
+    expected: dict[str, list[int]] = {"a": [], "b": [], "c": [], "d": []}
+    for outcome in outcomes:
+        for routed in outcome.events:
+            for agent in expected:
+                if routed.recipients is None:
+                    entitled = agent != routed.event.sender_id
+                else:
+                    entitled = agent in routed.recipients
+                if entitled:
+                    expected[agent].append(routed.event.seq)
+    # Sanity: the scenario exercises every rule.
+    assert expected["a"] == [2, 3, 5, 8]
+    assert expected["b"] == [1, 3, 4, 5, 6, 7]
+    assert expected["c"] == [1, 2, 4, 7, 8]
+    # An agent that never said hello still gets broadcasts.
+    assert expected["d"] == [1, 2, 3, 4, 7, 8]
+
+    for agent, seqs in expected.items():
+        events = await store.events_for(agent, 0, 100)
+        assert [e.seq for e in events] == seqs, agent
+    b_events = await store.events_for("b", 0, 100)
+    assert [e.WhichOneof("body") for e in b_events] == [
+        "agent_joined",
+        "agent_joined",
+        "artifact_shared",
+        "collaboration_updated",
+        "feature_requested",
+        "feature_requested",
+    ]
+    assert b_events[4].sender_id == "c"
+    assert list(b_events[4].feature_requested.request.routed_to) == ["b"]
+
+    # limit and after_seq page through the same sequence.
+    assert [e.seq for e in await store.events_for("b", 0, 2)] == [1, 3]
+    assert [e.seq for e in await store.events_for("b", 3, 2)] == [4, 5]
+    assert [e.seq for e in await store.events_for("b", 7, 10)] == []
+    assert [e.seq for e in await store.events_for("c", 2, 100)] == [4, 7, 8]
+
+
+async def test_hub_raised_events_reach_both_partners(open_store: OpenStore) -> None:
+    async with open_store(Policy(proposal_ttl=timedelta(seconds=-1))) as store:  # already due
+        await commit_ok(store, [online("a"), online("b"), online("c")])
+        [proposed] = await commit_ok(store, [propose("a", "p", "b")])
+        [expired] = await commit_ok(store, [cmd.ExpireDue()])
+        assert expired.seq == proposed.seq + 1
+        for agent, entitled in (("a", True), ("b", True), ("c", False)):
+            seqs = [e.seq for e in await store.events_for(agent, proposed.seq, 10)]
+            assert seqs == ([expired.seq] if entitled else []), agent
+        [event] = await store.events_for("a", proposed.seq, 10)
+        assert event.sender_id == ""
+        assert event.collaboration_updated.collaboration.state == pb.COLLABORATION_STATE_EXPIRED
+        page = await store.list_collaborations("", pb.COLLABORATION_STATE_EXPIRED, 10, "")
+        assert [c.session_id for c in page.items] == [proposed.resource_id]
+
+
+# --- pagination ----------------------------------------------------------------------------------
+
+
+async def test_every_list_pages_through_everything_once(store: HubStore) -> None:
+    agents = [f"agent_{i}" for i in range(5)]
+    await commit_ok(store, [online(a) for a in agents])
+    await commit_ok(store, [cmd.AgentOffline("agent_1"), cmd.AgentOffline("agent_3")])
+    shares = await commit_ok(
+        store,
+        [share(agents[i % 2], f"s{i}", f"p{i}") for i in range(7)] + [share_os("agent_2", "os")],
+    )
+    requests = await commit_ok(store, [request_feature(agents[i % 3], f"f{i}") for i in range(6)])
+    proposals = await commit_ok(
+        store, [propose("agent_0", f"c{i}", agents[1 + i % 4]) for i in range(5)]
+    )
+
+    for size in (1, 2, 3, 500):
+        artifacts, pages = await all_pages(
+            lambda limit, cursor: store.list_artifacts(0, 0, "", limit, cursor), size
+        )
+        ids = [a.artifact_id for a in artifacts]
+        assert ids == [o.resource_id for o in reversed(shares)], size  # newest first, no gaps
+        assert pages == -(-len(shares) // size)  # the last full page says there is no more
+
+        mine, _ = await all_pages(
+            lambda limit, cursor: store.list_artifacts(0, 0, "agent_0", limit, cursor), size
+        )
+        assert [a.artifact_id for a in mine] == [o.resource_id for o in reversed(shares[0:7:2])]
+
+        features, _ = await all_pages(
+            lambda limit, cursor: store.list_feature_requests("", limit, cursor), size
+        )
+        assert [f.request_id for f in features] == [o.resource_id for o in reversed(requests)]
+
+        sessions, _ = await all_pages(
+            lambda limit, cursor: store.list_collaborations("", 0, limit, cursor), size
+        )
+        session_ids = [c.session_id for c in sessions]
+        assert sorted(session_ids) == sorted(o.resource_id for o in proposals)
+        assert session_ids == sorted(session_ids, reverse=True)
+
+        listed, _ = await all_pages(
+            lambda limit, cursor: store.list_agents(False, limit, cursor), size
+        )
+        assert [(a.agent_id, a.online) for a in listed] == [
+            ("agent_0", True),
+            ("agent_2", True),
+            ("agent_4", True),
+            ("agent_1", False),
+            ("agent_3", False),
+        ]
+        online_only, _ = await all_pages(
+            lambda limit, cursor: store.list_agents(True, limit, cursor), size
+        )
+        assert [a.agent_id for a in online_only] == ["agent_0", "agent_2", "agent_4"]
+
+    kinds = await store.list_artifacts(pb.ARTIFACT_KIND_OS_COMPONENT, 0, "", 10, "")
+    assert [a.artifact_id for a in kinds.items] == [shares[-1].resource_id]
+    by_spec = await store.list_artifacts(0, pb.SPECIALIZATION_SECURITY, "", 10, "")
+    assert by_spec.items == []
+    with_agent_1 = await store.list_collaborations("agent_1", 0, 10, "")
+    assert sorted(c.session_id for c in with_agent_1.items) == sorted(
+        [proposals[0].resource_id, proposals[4].resource_id]
+    )
+    assert {c.target_id for c in with_agent_1.items} == {"agent_1"}
+    proposed = await store.list_collaborations("", pb.COLLABORATION_STATE_PROPOSED, 10, "")
+    assert len(proposed.items) == 5
+    assert (await store.list_collaborations("", pb.COLLABORATION_STATE_ACTIVE, 10, "")).items == []
+    by_requester = await store.list_feature_requests("agent_1", 10, "")
+    assert [f.requester_id for f in by_requester.items] == ["agent_1", "agent_1"]
+
+
+async def test_collaborations_are_listed_newest_first(
+    store_kind: str, open_store: OpenStore
+) -> None:
+    if store_kind == "postgres":
+        # A PostgreSQL round trip usually outlasts a millisecond, so consecutive proposals
+        # rarely share one, which hides the bug there; the faster stores meet it.
+        pytest.skip("needs proposals committed within one millisecond")
+    policy = Policy(
+        max_open_per_agent=10_000, max_open_per_pair=10_000, max_incoming_proposals=10_000
+    )
+    async with open_store(policy) as store:
+        await commit_ok(store, [online("a"), online("b")])
+        created: list[str] = []
+        for _ in range(20):
+            batch = [propose("a", f"p{len(created) + i}", "b") for i in range(50)]
+            created += [o.resource_id for o in await commit_ok(store, batch)]
+            # Stop once two consecutive sessions share a millisecond (the 12 hex digits after
+            # "collab_") and their random tails sort the other way round.
+            if any(x[:19] == y[:19] and x > y for x, y in itertools.pairwise(created)):
+                break
+        listed, _ = await all_pages(
+            lambda limit, cursor: store.list_collaborations("", 0, limit, cursor), 100
+        )
+        assert [c.session_id for c in listed] == list(reversed(created))
+
+
+async def test_open_session_limits_count_what_is_open(open_store: OpenStore) -> None:
+    """The per-pair and incoming limits count open sessions only: one that ends frees its
+    slot, in the same commit as the next proposal too."""
+    policy = Policy(max_open_per_agent=10, max_open_per_pair=2, max_incoming_proposals=3)
+    async with open_store(policy) as store:
+        await commit_ok(store, [online(a) for a in "abcd"])
+        first, _ = await commit_ok(store, [propose("a", "p1", "b"), propose("b", "p2", "a")])
+        [refused] = await store.commit([propose("a", "p3", "b")])
+        assert isinstance(refused, HubError) and refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "per pair" in refused.message
+        # Declined (no longer open) and a new proposal, in one commit.
+        decline = cmd.CollaborationStep("b", "d1", first.resource_id, Step.DECLINE)
+        _, again = await commit_ok(store, [decline, propose("a", "p3", "b")])
+        assert again.resource_id.startswith("collab_")
+        # Unanswered proposals waiting for d: three, then refused.
+        await commit_ok(store, [propose(x, f"to_d_{x}", "d") for x in "abc"])
+        [full] = await store.commit([propose("a", "to_d_again", "d")])
+        assert isinstance(full, HubError) and full.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "unanswered proposals" in full.message
+
+
+# --- tokens --------------------------------------------------------------------------------------
+
+
+async def test_token_lifecycle(store: HubStore) -> None:
+    issued = await store.issue_token("AI_Node_1")
+    assert issued.token.startswith("kh_") and issued.expires_at is None
+    assert await store.authenticate(issued.token) == "AI_Node_1"
+    assert await store.authenticate(issued.token + "x") is None
+    assert await store.authenticate("") is None
+
+    second = await store.issue_token("AI_Node_1", ttl=timedelta(hours=1))
+    other = await store.issue_token("AI_Node_2")
+    assert await store.authenticate(second.token) == "AI_Node_1"
+    rows = await store.list_tokens()
+    assert {r.token_id for r in rows} == {issued.token_id, second.token_id, other.token_id}
+    assert all(r.token_hash not in (issued.token, second.token, other.token) for r in rows)
+
+    # Revoking one token by id leaves the agent's other tokens alone.
+    assert await store.revoke_tokens(issued.token_id) == 1
+    assert await store.authenticate(issued.token) is None
+    assert await store.authenticate(second.token) == "AI_Node_1"
+    # Revoking by agent revokes the rest of that agent's tokens only.
+    assert await store.revoke_tokens("AI_Node_1") == 1
+    assert await store.authenticate(second.token) is None
+    assert await store.authenticate(other.token) == "AI_Node_2"
+    assert await store.revoke_tokens("AI_Node_1") == 0
+
+    expired = await store.issue_token("AI_Node_3", ttl=timedelta(seconds=-1))
+    assert expired.expires_at is not None
+    assert await store.authenticate(expired.token) is None
+
+
+# --- stats -----------------------------------------------------------------------------------------
+
+
+async def test_stats_count_what_is_stored(store: HubStore) -> None:
+    await commit_ok(store, [online("a"), online("b", caps=["memory_management"]), online("c")])
+    await commit_ok(store, [cmd.AgentOffline("c")])
+    await commit_ok(store, [share("a", "s1"), share("a", "s2", "p2"), share_os("b", "o1")])
+    [req] = await commit_ok(store, [request_feature("a", "f1")])
+    [delivered] = await commit_ok(
+        store,
+        [
+            cmd.DeliverFeature(
+                "b", "d1", pb.DeliverFeature(request_id=req.resource_id, component=os_component())
+            )
+        ],
+    )
+    [p1, p2] = await commit_ok(store, [propose("a", "c1", "b"), propose("b", "c2", "c")])
+    await commit_ok(store, [cmd.CollaborationStep("b", "acc", p1.resource_id, Step.ACCEPT)])
+
+    stats = await store.stats()
+    assert stats.agents_known == 3
+    assert stats.agents_online == 2
+    assert stats.feature_delivery_count == 1
+    assert dict(stats.collaborations_by_state) == {
+        "COLLABORATION_STATE_ACTIVE": 1,
+        "COLLABORATION_STATE_PROPOSED": 1,
+    }
+    assert stats.head_seq == await store.head_seq()
+    kb = stats.knowledge_base
+    assert (kb.pattern_count, kb.code_component_count, kb.os_component_count) == (2, 0, 2)
+    assert kb.feature_request_count == 1
+    assert list(kb.recent_artifacts) == []
+
+    recent = await store.knowledge_base(recent=2)
+    assert recent.recent_artifacts[0].artifact_id == delivered.resource_id
+    assert len(recent.recent_artifacts) == 2
+    requests = await store.list_feature_requests("", 10, "")
+    assert requests.items[0].delivery_count == 1
+    assert p2.resource_id != p1.resource_id
