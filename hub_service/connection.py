@@ -24,7 +24,6 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 from . import paging
 from .commands import Outcome
 from .errors import HubError
-from .router import Router
 from .store import HubStore
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,6 @@ class Connection:
         *,
         token_hash: str,
         store: HubStore,
-        router: Router,
         max_inflight: int,
         queue_size: int,
         events_per_response: int,
@@ -57,7 +55,6 @@ class Connection:
         self._all_answered = asyncio.Event()
         self._all_answered.set()
         self._store = store
-        self._router = router
         self._queue_size = queue_size
         self._per_response = events_per_response
         self._replay_page = replay_page_size
