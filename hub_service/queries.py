@@ -6,12 +6,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from generated.kernelhub.v1 import hub_pb2 as pb
 
 from . import __version__, paging
 from .errors import invalid, not_found
 from .router import Router
 from .store import HubStore, Page
+from .training_sync import knowledge_base
 
 # A page of the store: (limit, cursor, max_bytes) -> Page.
 Fetch = Callable[[int, str, int], Awaitable[Page]]
@@ -22,6 +25,8 @@ class Queries:
         self._store = store
         self._router = router
         self._budget = budget  # what the items of one response may take
+        self._start_time = Timestamp()
+        self._start_time.GetCurrentTime()  # made as the hub starts (GetHubStats.start_time)
 
     async def _page(
         self, page_size: int, page_token: str, fetch: Fetch, *, numeric: bool = True
@@ -101,6 +106,12 @@ class Queries:
         stats = await self._store.stats()
         stats.agents_online = len(self._router)
         stats.hub_version = __version__
+        stats.start_time.CopyFrom(self._start_time)
+        # The store's stats count the knowledge base; the newest artifacts come beside them,
+        # as many as fit (64: the summary's counts and tags).
+        stats.ClearField("knowledge_base")
+        kb = await knowledge_base(self._store)
+        kb.fit_into(stats.knowledge_base, self._budget - stats.ByteSize() - 64)
         return stats
 
 

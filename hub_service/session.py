@@ -16,6 +16,7 @@ from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
@@ -114,7 +115,13 @@ class Sessions:
         sender: asyncio.Task[None] | None = None
         reader: asyncio.Task[None] | None = None
         try:
-            await self._committer.submit(cmd.AgentOnline(agent_id, hello))
+            online = await self._committer.submit(cmd.AgentOnline(agent_id, hello))
+            for routed in online.events:  # its agent_joined: the time the hub stored
+                if routed.event.HasField("agent_joined"):
+                    connection.connected_time = Timestamp()
+                    connection.connected_time.CopyFrom(
+                        routed.event.agent_joined.agent.last_seen_time
+                    )
             welcome = pb.Welcome(
                 agent_id=agent_id,
                 head_seq=start if hello.skip_history else self._router.last_published_seq,

@@ -75,6 +75,8 @@ class TrainingSyncs:
                     version=c.hello.version,
                     online=True,
                 )
+                if c.connected_time is not None:
+                    info.last_seen_time.CopyFrom(c.connected_time)
                 if roster.active_bytes + paging.entry_bytes(info) <= self._budget // 2:
                     roster.active.append(info)
                     roster.active_bytes += paging.entry_bytes(info)
