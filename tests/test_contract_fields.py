@@ -10,8 +10,9 @@ import grpc
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.server import HubServer
+from trainer_service.sdk.client import HubClient
 
-from .conftest import EOF, WAIT, HubHarness, auth, hello, make_config, pattern
+from .conftest import EOF, WAIT, HubHarness, auth, hello, make_config, pattern, target
 
 
 async def _read(call: grpc.aio.StreamStreamCall) -> pb.ConnectResponse:
@@ -120,3 +121,26 @@ async def test_training_sync_says_when_each_active_agent_was_last_seen(
     (stored,) = [a for a in agents.agents if a.agent_id == "AI_Node_1"]
     assert listed.last_seen_time == stored.last_seen_time
     await first.close()
+
+
+async def test_hub_client_says_when_replay_is_done(harness: HubHarness) -> None:
+    sharer = await harness.connect("AI_Node_1")
+    shared = [
+        await sharer.receipt(
+            await sharer.send(share_pattern=pb.SharePattern(pattern=pattern(f"p{i}")))
+        )
+        for i in range(3)
+    ]
+    async with HubClient(
+        target(harness.server),
+        "AI_Node_2",
+        await harness.token("AI_Node_2"),
+        specialization=pb.SPECIALIZATION_NETWORKING,
+        capabilities=["network_protocols"],
+    ) as late:
+        async with asyncio.timeout(WAIT):
+            await late.replayed.wait()
+        assert late.welcome is not None
+        assert late.replay_seq == max(late.welcome.head_seq, late.last_seq)
+        # Everything replayed is buffered by the time the marker counts.
+        assert late.last_seq >= shared[-1].seq
