@@ -78,20 +78,7 @@ class Sessions:
                 grpc.StatusCode.UNAVAILABLE, "the hub is shutting down; retry shortly"
             )
         hello = await self._expect_hello(agent_id, request_iterator, context)
-        if self._connects is not None and not (bucket := self._connects.get(agent_id)).take():
-            # After Hello (so the trainer's write of it cannot race the status) and before
-            # AgentOnline: a refused reconnect makes no presence event for anyone.
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"too many connects for {agent_id}: at most {bucket.rate:g}/s (bursts of "
-                f"{bucket.burst:g}); retry in {bucket.wait():.1f} s",
-            )
-        limit = self._config.max_connections
-        if len(self._router) >= limit and not self._router.is_connected(agent_id):
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the hub carries at most {limit} live connections; retry later",
-            )
+        await self._admit(agent_id, context)
         connection = Connection(
             hello,
             token_hash=current_token_hash(),
@@ -116,12 +103,7 @@ class Sessions:
         reader: asyncio.Task[None] | None = None
         try:
             online = await self._committer.submit(cmd.AgentOnline(agent_id, hello))
-            for routed in online.events:  # its agent_joined: the time the hub stored
-                if routed.event.HasField("agent_joined"):
-                    connection.connected_time = Timestamp()
-                    connection.connected_time.CopyFrom(
-                        routed.event.agent_joined.agent.last_seen_time
-                    )
+            connection.connected_time = _last_seen(online)
             welcome = pb.Welcome(
                 agent_id=agent_id,
                 head_seq=start if hello.skip_history else self._router.last_published_seq,
@@ -153,6 +135,24 @@ class Sessions:
             await asyncio.shield(teardown)
         if connection.end_status is not None:
             await context.abort(*connection.end_status)
+
+    async def _admit(self, agent_id: str, context: Context) -> None:
+        """Refuse a connect over the agent's connect rate or the hub's connection limit.
+
+        After Hello (so the trainer's write of it cannot race the status) and before
+        AgentOnline: a refused reconnect makes no presence event for anyone."""
+        if self._connects is not None and not (bucket := self._connects.get(agent_id)).take():
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many connects for {agent_id}: at most {bucket.rate:g}/s (bursts of "
+                f"{bucket.burst:g}); retry in {bucket.wait():.1f} s",
+            )
+        limit = self._config.max_connections
+        if len(self._router) >= limit and not self._router.is_connected(agent_id):
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the hub carries at most {limit} live connections; retry later",
+            )
 
     async def _teardown(
         self,
@@ -303,6 +303,16 @@ class Sessions:
             connection.end(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
         await asyncio.gather(*(finish(c) for c in self._router.connections()))
+
+
+def _last_seen(online: cmd.Outcome) -> Timestamp | None:
+    """The connect time the hub stored, from AgentOnline's `agent_joined` event."""
+    for routed in online.events:
+        if routed.event.HasField("agent_joined"):
+            seen = Timestamp()
+            seen.CopyFrom(routed.event.agent_joined.agent.last_seen_time)
+            return seen
+    return None
 
 
 def _table(rate: float, burst: float, agents: int) -> BucketTable | None:
