@@ -18,13 +18,13 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
 from . import paging
 from .errors import HubError
 from .outcomes import Outcome
-from .router import Router
 from .state import HubStore
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ class Connection:
         *,
         token_hash: str,
         store: HubStore,
-        router: Router,
         max_inflight: int,
         queue_size: int,
         events_per_response: int,
@@ -57,7 +56,6 @@ class Connection:
         self._all_answered = asyncio.Event()
         self._all_answered.set()
         self._store = store
-        self._router = router
         self._queue_size = queue_size
         self._per_response = events_per_response
         self._replay_page = replay_page_size
@@ -66,6 +64,13 @@ class Connection:
         # The highest seq queued or sent: nothing at or below it is sent again.
         self.cursor = hello.resume_after_seq
         self.catching_up = True
+        # The end of the first catch-up (the replay): the seq it reached, until the marker
+        # saying so is sent; then nothing, as it is sent once.
+        self._replay_floor = 0  # Welcome.head_seq: the replay covers at least that
+        self._replay_end: int | None = None
+        self._replayed = False
+        # When the hub stored this agent's connect (AgentInfo.last_seen_time), once known.
+        self.connected_time: Timestamp | None = None
         self._joining: list[pb.HubEvent] | None = None  # published during a log read
         self._retry_at = 0.0  # when the event log may be read again after a failure
         self.fell_behind = 0  # times the live queue overflowed
@@ -163,6 +168,7 @@ class Connection:
         idle stream's first event goes out at once, and receipts and errors never wait:
         they are a trainer's round trip."""
         loop = asyncio.get_running_loop()
+        self._replay_floor = welcome.head_seq
         await write(pb.ConnectResponse(welcome=welcome))
         last_write = loop.time()
         while not (self.ended.is_set() or self._stopping):
@@ -203,7 +209,13 @@ class Connection:
                 await self._wake.wait()
 
     def _has_output(self) -> bool:
-        return bool(self._events or self._receipts or self._errors or self._sync)
+        return bool(
+            self._events
+            or self._receipts
+            or self._errors
+            or self._sync
+            or self._replay_end is not None
+        )
 
     async def _flush(self, write: Callable[[pb.ConnectResponse], Awaitable[None]]) -> None:
         """Write one response of what waits, never more than `max_bytes` of it.
@@ -247,6 +259,12 @@ class Connection:
                 room -= cost
                 response.events.append(event)
                 self._events.popleft()
+            if self._replay_end is not None and (
+                not self._events or self._events[0].seq > self._replay_end
+            ):
+                # Every replayed event is in this response or an earlier one.
+                response.replay_complete.seq = max(self._replay_end, self._replay_floor)
+                self._replay_end = None
         await write(response)
         for _ in range(len(receipts) + len(errors)):
             self._window.release()
@@ -305,3 +323,6 @@ class Connection:
                     self._events.append(event)
                     self.cursor = event.seq
             self.catching_up = False
+            if not self._replayed:
+                self._replayed = True
+                self._replay_end = self.cursor

@@ -96,9 +96,12 @@ async def test_rate_limit_buckets_are_bounded_however_many_agents_connect(
     try:
         for i in range(10):
             assert await _connect_once(harness, f"AI_Node_{i}") == grpc.StatusCode.OK
-        assert hub.servicer._connects is not None and hub.servicer._buckets is not None
-        assert len(hub.servicer._connects) <= 4
-        assert len(hub.servicer._buckets) <= 4
+        assert (
+            hub.servicer.sessions._connects is not None
+            and hub.servicer.sessions._buckets is not None
+        )
+        assert len(hub.servicer.sessions._connects) <= 4
+        assert len(hub.servicer.sessions._buckets) <= 4
     finally:
         await harness.close()
         await hub.stop()

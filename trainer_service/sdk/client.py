@@ -256,6 +256,8 @@ class HubClient:
         self._skip_history = skip_history
         self._last_processed_seq = resume_after_seq
         self._welcome: pb.Welcome | None = None
+        self._replayed = asyncio.Event()
+        self._replay_seq = 0
         self._latest_sync: pb.TrainingSync | None = None
         self._duplicates_dropped = 0
         self._stream_messages = 0
@@ -298,6 +300,17 @@ class HubClient:
     @property
     def welcome(self) -> pb.Welcome | None:
         return self._welcome
+
+    @property
+    def replayed(self) -> asyncio.Event:
+        """Set once the current stream's replay is done (the hub's `replay_complete`): every
+        event up to `replay_seq` is buffered, later ones are live. Cleared on reconnect."""
+        return self._replayed
+
+    @property
+    def replay_seq(self) -> int:
+        """The seq the last finished replay reached (0 before any)."""
+        return self._replay_seq
 
     @property
     def latest_sync(self) -> pb.TrainingSync | None:
@@ -683,6 +696,7 @@ class HubClient:
             # History was skipped up to the head: a reconnect resumes from there.
             self._last_seq = self._last_processed_seq = max(self._last_seq, first.welcome.head_seq)
         self._welcome = first.welcome
+        self._replayed.clear()  # this stream replays anew
         self._log.info(
             "connected to %s (hub %s, head seq %d, resuming after %d, %d unacknowledged)",
             self.target,
@@ -855,7 +869,8 @@ class HubClient:
             )
 
     async def _handle_response(self, response: pb.ConnectResponse) -> None:
-        """In the contract's field order: welcome, receipts, errors, events, sync."""
+        """In the contract's field order: welcome, receipts, errors, events, sync; the replay
+        marker counts once the events beside it are buffered."""
         if response.HasField("welcome"):
             self._welcome = response.welcome
         for receipt in response.receipts:
@@ -871,6 +886,9 @@ class HubClient:
                 break  # not buffered, so not counted in last_seq: a later session replays it
             await self._inbound.put(event)
             self._last_seq = event.seq
+        if response.HasField("replay_complete") and not closing:
+            self._replay_seq = response.replay_complete.seq
+            self._replayed.set()
         if response.HasField("training_sync"):
             self._latest_sync = response.training_sync
             if not closing:

@@ -1317,6 +1317,7 @@ class ConnectResponse(_message.Message):
     ERRORS_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
     TRAINING_SYNC_FIELD_NUMBER: _builtins.int
+    REPLAY_COMPLETE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome:
         """Set on the first response only: the session is open."""
@@ -1337,6 +1338,14 @@ class ConnectResponse(_message.Message):
     def training_sync(self) -> Global___TrainingSync:
         """A snapshot of the network, sent on connect and periodically."""
 
+    @_builtins.property
+    def replay_complete(self) -> Global___ReplayComplete:
+        """Set once per stream, on the response that ends the replay (after its
+        `events`): every event up to `replay_complete.seq` that the agent is
+        entitled to has now been sent; every later one is live. Set even when
+        there was nothing to replay. Optional: an older hub never sets it.
+        """
+
     def __init__(
         self,
         *,
@@ -1345,14 +1354,40 @@ class ConnectResponse(_message.Message):
         errors: _abc.Iterable[Global___RequestError] | None = ...,
         events: _abc.Iterable[Global___HubEvent] | None = ...,
         training_sync: Global___TrainingSync | None = ...,
+        replay_complete: Global___ReplayComplete | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["training_sync", b"training_sync", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["replay_complete", b"replay_complete", "training_sync", b"training_sync", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "events", b"events", "receipts", b"receipts", "training_sync", b"training_sync", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "events", b"events", "receipts", b"receipts", "replay_complete", b"replay_complete", "training_sync", b"training_sync", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class ReplayComplete(_message.Message):
+    """The end of a stream's replay (see `ConnectResponse.replay_complete`)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """The highest `seq` the replay covered: `Welcome.head_seq`, or the last
+    replayed event's if that is later (events committed while the replay
+    ran). Nothing at or below it is sent after the marker.
+    """
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayComplete: _TypeAlias = ReplayComplete  # noqa: Y015
 
 @_typing.final
 class Welcome(_message.Message):
@@ -1368,8 +1403,9 @@ class Welcome(_message.Message):
     agent_id: _builtins.str
     """The agent the token belongs to."""
     head_seq: _builtins.int
-    """The highest `seq` in the event log when the session opened; replayed
-    events go up to at least here before live ones follow. With
+    """The highest `seq` in the event log when the session opened (often the
+    agent's own `agent_joined`, which it is not sent). Replay ends with
+    `ConnectResponse.replay_complete`, not at this seq. With
     `skip_history`, the seq the hub started after: every later event you are
     entitled to is sent.
     """

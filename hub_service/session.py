@@ -1,0 +1,321 @@
+"""The Connect session: Hello, admission, the reader and the sender of one stream, its
+teardown, and the drain that ends every stream at shutdown.
+
+The data path of a trainer message reads top to bottom: stream in -> validate -> persist
+(group commit) -> route (router) -> stream out (the connection's sender).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import Any, TypeAlias
+
+import grpc
+from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+
+from . import __version__
+from . import commands as cmd
+from .auth import current_agent, current_token_hash
+from .committer import GroupCommitter
+from .config import HubConfig
+from .connection import Connection
+from .errors import HubError, permission_denied
+from .messages import to_command
+from .outcomes import Outcome
+from .ratelimit import BucketTable, TokenBucket
+from .router import Router
+from .state import HubStore
+from .training_sync import TrainingSyncs
+from .validation import validate, validate_batch, validate_hello
+
+log = logging.getLogger(__name__)
+
+# grpc.aio.ServicerContext; grpcio ships no type hints, so grpc types are Any to mypy.
+Context: TypeAlias = Any
+
+SHUTTING_DOWN = "the hub is shutting down; reconnect shortly"
+
+
+class Sessions:
+    """Every live Connect stream of this hub, from Hello to teardown."""
+
+    def __init__(
+        self,
+        config: HubConfig,
+        store: HubStore,
+        committer: GroupCommitter,
+        router: Router,
+        syncs: TrainingSyncs,
+        budget: int,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._committer = committer
+        self._router = router
+        self._syncs = syncs
+        self._budget = budget  # what one response may carry
+        self._draining = False
+        self._teardowns: set[asyncio.Task[None]] = set()  # referenced until done
+        # Per agent, so reconnecting does not refill a bucket; a bounded table, so memory
+        # does not grow with every agent id ever seen.
+        agents = 2 * config.max_connections
+        self._buckets = _table(config.rate_limit_per_second, config.rate_limit_burst, agents)
+        self._connects = _table(config.connect_rate_per_second, config.connect_burst, agents)
+
+    async def serve(
+        self, request_iterator: AsyncIterator[pb.ConnectRequest], context: Context
+    ) -> None:
+        """One Connect call, from Hello until the stream ends."""
+        agent_id = current_agent()
+        if self._draining:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "the hub is shutting down; retry shortly"
+            )
+        hello = await self._expect_hello(agent_id, request_iterator, context)
+        await self._admit(agent_id, context)
+        connection = Connection(
+            hello,
+            token_hash=current_token_hash(),
+            store=self._store,
+            max_inflight=self._config.max_inflight_per_stream,
+            queue_size=self._config.outbound_queue_size,
+            events_per_response=self._config.max_events_per_response,
+            replay_page_size=self._config.replay_page_size,
+            max_bytes=self._budget,
+            linger=self._config.stream_linger,
+        )
+        if hello.skip_history:
+            connection.cursor = max(connection.cursor, self._router.last_published_seq)
+        start = connection.cursor  # with skip_history, nothing at or below this is sent
+        superseded = self._router.attach(connection)
+        if superseded is not None:
+            superseded.end(
+                grpc.StatusCode.ABORTED, "superseded by a newer connection for this agent"
+            )
+        log.info("%s connected (resume after seq %d)", agent_id, hello.resume_after_seq)
+        sender: asyncio.Task[None] | None = None
+        reader: asyncio.Task[None] | None = None
+        try:
+            online = await self._committer.submit(cmd.AgentOnline(agent_id, hello))
+            connection.connected_time = _last_seen(online)
+            welcome = pb.Welcome(
+                agent_id=agent_id,
+                head_seq=start if hello.skip_history else self._router.last_published_seq,
+                training_sync_interval_seconds=self._config.training_sync_interval,
+                hub_version=__version__,
+                max_batch_requests=self._config.limits.max_batch_requests,
+            )
+            connection.send_sync(await self._syncs.compose(connection))
+            sender = asyncio.create_task(connection.run_sender(welcome, context.write))
+            reader = asyncio.create_task(self._read(connection, request_iterator))
+            ended = asyncio.create_task(connection.ended.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    [sender, reader, ended], return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                ended.cancel()
+            for task in done:
+                if task is not ended and (exc := task.exception()) is not None:
+                    raise exc
+        except HubError as error:
+            connection.end(error.code, error.message)
+        finally:
+            # Its own task: a client that cancels the RPC cancels this handler, and
+            # teardown must still detach the connection and mark the agent offline.
+            teardown = asyncio.create_task(self._teardown(connection, reader, sender))
+            self._teardowns.add(teardown)
+            teardown.add_done_callback(self._teardowns.discard)
+            await asyncio.shield(teardown)
+        if connection.end_status is not None:
+            await context.abort(*connection.end_status)
+
+    async def _admit(self, agent_id: str, context: Context) -> None:
+        """Refuse a connect over the agent's connect rate or the hub's connection limit.
+
+        After Hello (so the trainer's write of it cannot race the status) and before
+        AgentOnline: a refused reconnect makes no presence event for anyone."""
+        if self._connects is not None and not (bucket := self._connects.get(agent_id)).take():
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many connects for {agent_id}: at most {bucket.rate:g}/s (bursts of "
+                f"{bucket.burst:g}); retry in {bucket.wait():.1f} s",
+            )
+        limit = self._config.max_connections
+        if len(self._router) >= limit and not self._router.is_connected(agent_id):
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the hub carries at most {limit} live connections; retry later",
+            )
+
+    async def _teardown(
+        self,
+        connection: Connection,
+        reader: asyncio.Task[None] | None,
+        sender: asyncio.Task[None] | None,
+    ) -> None:
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+        if sender is not None:
+            await self._stop_sender(connection, sender)
+        if self._router.detach(connection):
+            with contextlib.suppress(HubError, TimeoutError):
+                await asyncio.wait_for(
+                    self._committer.submit(cmd.AgentOffline(connection.agent_id)),
+                    self._config.shutdown_grace,
+                )
+        log.info("%s disconnected", connection.agent_id)
+
+    @staticmethod
+    async def _stop_sender(connection: Connection, sender: asyncio.Task[None]) -> None:
+        """Let the sender finish the write it is in before the stream's status goes out.
+
+        Cancelling it inside `context.write` leaves grpc unable to send the final
+        status, and the trainer waits for it forever; so ask it to stop, and cancel
+        only a sender stuck behind a peer that does not read.
+        """
+        connection.stop_sending()
+        done, _ = await asyncio.wait([sender], timeout=1.0)
+        if not done:
+            sender.cancel()
+        # Whatever ended it (a write to a peer that vanished raises), teardown goes on.
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await sender
+
+    async def _expect_hello(
+        self, agent_id: str, requests: AsyncIterator[pb.ConnectRequest], context: Context
+    ) -> pb.Hello:
+        try:
+            first = await asyncio.wait_for(anext(requests), self._config.hello_timeout)
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no Hello within {self._config.hello_timeout:g}s of opening the stream",
+            )
+        except StopAsyncIteration:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "stream closed before Hello")
+        except DecodeError as exc:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the first message is not a ConnectRequest ({exc})",
+            )
+        first.DiscardUnknownFields()  # as _read does
+        if first.WhichOneof("body") != "hello":
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the first message must be hello, got {first.WhichOneof('body') or 'an empty body'}",
+            )
+        try:
+            validate_hello(first, self._config.limits)
+            if first.hello.agent_id != agent_id:
+                raise permission_denied(
+                    f"this token belongs to {agent_id}; it cannot say hello as {first.hello.agent_id}"
+                )
+        except HubError as error:
+            await context.abort(error.code, error.message)
+        return first.hello
+
+    async def _read(
+        self, connection: Connection, requests: AsyncIterator[pb.ConnectRequest]
+    ) -> None:
+        """Take one message at a time; the next is read only once this one is queued."""
+        bucket = None if self._buckets is None else self._buckets.get(connection.agent_id)
+        try:
+            async for request in requests:
+                # The boundary: fields the contract does not define (at any depth: nested,
+                # batched, map entries) would skip every limit and be stored and routed.
+                request.DiscardUnknownFields()
+                if request.WhichOneof("body") == "batch":
+                    await self._take_batch(connection, bucket, request)
+                else:
+                    await self._take(connection, bucket, request)
+                if self._draining:
+                    # The hub stops reading, not the trainer: answer what was read, then
+                    # end with the status a stop promises. Returning without it would end
+                    # the call with OK, which tells the trainer it half-closed.
+                    await connection.wait_all_answered(self._config.shutdown_grace)
+                    connection.end(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                    return
+        except DecodeError as exc:
+            # The peer sent bytes that are not a ConnectRequest: answer what was
+            # readable, then end the stream with a status that says so.
+            await connection.wait_all_answered(self._config.shutdown_grace)
+            connection.end(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a message on the stream is not a valid ConnectRequest ({exc}); stream ended",
+            )
+            return
+        # The trainer finished sending: answer what it sent, then end the stream.
+        await connection.wait_all_answered(self._config.shutdown_grace)
+
+    async def _take_batch(
+        self, connection: Connection, bucket: TokenBucket | None, batch: pb.ConnectRequest
+    ) -> None:
+        """Each request of a batch as if it had come alone; or one error for the batch."""
+        try:
+            validate_batch(batch, self._config.limits)
+        except HubError as error:
+            await connection.admit()
+            connection.answer(batch.message_id, error)
+            return
+        for request in batch.batch.requests:
+            await self._take(connection, bucket, request)
+
+    async def _take(
+        self, connection: Connection, bucket: TokenBucket | None, request: pb.ConnectRequest
+    ) -> None:
+        """Validate one message and queue it for commit (or answer its error)."""
+        await connection.admit()
+        try:
+            if bucket is not None and not bucket.take():
+                raise HubError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"rate limit: at most {bucket.rate:g} messages/s (bursts of "
+                    f"{bucket.burst:g}); resend this message_id later",
+                )
+            kind = validate(request, self._config.limits)
+            await self._committer.enqueue(
+                to_command(connection.agent_id, request, kind),
+                partial(connection.answer, request.message_id),
+                request.ByteSize(),
+            )
+        except HubError as error:
+            connection.answer(request.message_id, error)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop reading, commit and answer what was read, then end every stream.
+
+        Each stream ends as soon as its own answers are out (or `timeout` has passed), so a
+        trainer that does not read holds only its own stream, not everyone's."""
+        self._draining = True
+        await self._committer.stop(timeout)
+
+        async def finish(connection: Connection) -> None:
+            await connection.wait_all_answered(timeout)
+            connection.end(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+
+        await asyncio.gather(*(finish(c) for c in self._router.connections()))
+
+
+def _last_seen(online: Outcome) -> Timestamp | None:
+    """The connect time the hub stored, from AgentOnline's `agent_joined` event."""
+    for routed in online.events:
+        if routed.event.HasField("agent_joined"):
+            seen = Timestamp()
+            seen.CopyFrom(routed.event.agent_joined.agent.last_seen_time)
+            return seen
+    return None
+
+
+def _table(rate: float, burst: float, agents: int) -> BucketTable | None:
+    """A rate limit's buckets, or None when the rate is 0 (disabled)."""
+    return BucketTable(rate, burst, agents) if rate > 0 else None
