@@ -43,7 +43,7 @@ from .models import (
     utcnow,
 )
 from .outcomes import Outcome
-from .state import Command, EventPage, IssuedToken, Page, decode_stored, oversized
+from .state import Command, EventPage, IssuedToken, Page, decode_stored
 from .tokens import hash_token, new_token
 from .validation import Limits, validate_agent_id
 
@@ -418,13 +418,7 @@ class MemoryStore:
             (row for row in self.agents.values() if row.online or not online_only),
             key=lambda row: (not row.online, row.agent_id),
         )
-        page, more = paging.take(
-            ordered[offset:],
-            agent_to_proto,
-            limit,
-            max_bytes,
-            oversized("agent", "agent_id", max_bytes),
-        )
+        page, more = paging.take(ordered[offset:], agent_to_proto, limit, max_bytes, paging.stub)
         return Page([info for _, info in page], str(offset + len(page)) if more else "")
 
     async def list_artifacts(
@@ -446,11 +440,7 @@ class MemoryStore:
             and contributor_id in ("", row.contributor_id)
         )
         page, more = paging.take(
-            rows,
-            lambda row: decode_stored(pb.Artifact, row.body),
-            limit,
-            max_bytes,
-            oversized("artifact", "artifact_id", max_bytes),
+            rows, lambda row: decode_stored(pb.Artifact, row.body), limit, max_bytes, paging.stub
         )
         return Page([artifact for _, artifact in page], str(page[-1][0].seq) if more else "")
 
@@ -469,13 +459,7 @@ class MemoryStore:
             and agent_id in ("", row.initiator_id, row.target_id)
             and state in (0, row.state)
         )
-        page, more = paging.take(
-            rows,
-            collaboration_to_proto,
-            limit,
-            max_bytes,
-            oversized("collaboration", "session_id", max_bytes),
-        )
+        page, more = paging.take(rows, collaboration_to_proto, limit, max_bytes, paging.stub)
         return Page([c for _, c in page], page[-1][0].session_id if more else "")
 
     async def list_feature_requests(
@@ -493,9 +477,7 @@ class MemoryStore:
             info.DiscardUnknownFields()
             return info
 
-        page, more = paging.take(
-            rows, decode, limit, max_bytes, oversized("feature request", "request_id", max_bytes)
-        )
+        page, more = paging.take(rows, decode, limit, max_bytes, paging.stub)
         return Page([info for _, info in page], str(page[-1][0].seq) if more else "")
 
     async def knowledge_base(self, recent: int) -> pb.KnowledgeBaseSummary:

@@ -17,6 +17,8 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 # Room a response keeps for what is not an item: a page token, a Welcome, framing.
 RESERVED_BYTES = 4096
+# Text fields longer than this are left out of a stub (ids are at most 128 characters).
+STUB_TEXT_CHARS = 256
 
 Row = TypeVar("Row")
 Item = TypeVar("Item", bound=Message)
@@ -51,26 +53,45 @@ def take(
     decode: Callable[[Row], Item],
     limit: int,
     max_bytes: int | None,
-    oversized: Callable[[Item], HubError] | None = None,
+    shrink: Callable[[Item], Item] | None = None,
 ) -> tuple[list[tuple[Row, Item]], bool]:
     """The first `limit` rows, decoded, ending early once they would exceed `max_bytes`;
     and whether rows remain. Rows are decoded one at a time, so a page never holds more
-    than its budget (plus one item). An item too large for any response alone raises
-    `oversized(item)`; without `oversized` it goes alone (its reader replaces it)."""
+    than its budget (plus one item). An item too large for any response alone is replaced
+    by `shrink(item)` (List pages: its `stub`, so paging always gets past it), or goes
+    alone for its reader to replace (the event log: `omitted`)."""
     page: list[tuple[Row, Item]] = []
     used = 0
     for row in rows:
         if len(page) == limit:
             return page, True
         item = decode(row)
-        used += entry_bytes(item)
-        if max_bytes is not None and used > max_bytes:
-            if page:
-                return page, True
-            if oversized is not None:
-                raise oversized(item)
+        cost = entry_bytes(item)
+        if max_bytes is not None and cost > max_bytes and shrink is not None:
+            item = shrink(item)
+            cost = entry_bytes(item)
+        used += cost
+        if max_bytes is not None and used > max_bytes and page:
+            return page, True
         page.append((row, item))
     return page, False
+
+
+def stub(item: Item) -> Item:
+    """A page's stand-in for `item`, too large for one response: its ids, enums, flags and
+    times, without its content, lists and long texts (GetArtifact refuses the whole)."""
+    short = type(item)()
+    for descriptor, value in item.ListFields():
+        if descriptor.is_repeated:
+            continue
+        if descriptor.message_type is not None:
+            if descriptor.message_type.full_name == "google.protobuf.Timestamp":
+                getattr(short, descriptor.name).CopyFrom(value)
+            continue
+        if isinstance(value, str) and len(value) > STUB_TEXT_CHARS:
+            continue
+        setattr(short, descriptor.name, value)
+    return short
 
 
 def encode(cursor: str) -> str:

@@ -44,7 +44,7 @@ from .models import (
 )
 from .outcomes import Outcome
 from .sql_write import SqlWriter, make_engine, session
-from .state import Command, EventPage, IssuedToken, Page, decode_stored, oversized
+from .state import Command, EventPage, IssuedToken, Page, decode_stored
 from .tokens import hash_token, new_token
 from .validation import Limits, validate_agent_id
 from .writer import WriterProcess, WriterSettings
@@ -269,13 +269,7 @@ class SqlStore:
             query = query.where(col(AgentRow.online))
         query = query.offset(offset).limit(limit + 1).execution_options(yield_per=STREAM_ROWS)
         page, more = await self._read(
-            lambda s: paging.take(
-                s.exec(query),
-                agent_to_proto,
-                limit,
-                max_bytes,
-                oversized("agent", "agent_id", max_bytes),
-            )
+            lambda s: paging.take(s.exec(query), agent_to_proto, limit, max_bytes, paging.stub)
         )
         return Page([info for _, info in page], str(offset + len(page)) if more else "")
 
@@ -304,7 +298,7 @@ class SqlStore:
                 lambda row: decode_stored(pb.Artifact, row[1]),
                 limit,
                 max_bytes,
-                oversized("artifact", "artifact_id", max_bytes),
+                paging.stub,
             )
         )
         return Page([artifact for _, artifact in page], str(page[-1][0][0]) if more else "")
@@ -331,11 +325,7 @@ class SqlStore:
         query = query.limit(limit + 1).execution_options(yield_per=STREAM_ROWS)
         page, more = await self._read(
             lambda s: paging.take(
-                s.exec(query),
-                collaboration_to_proto,
-                limit,
-                max_bytes,
-                oversized("collaboration", "session_id", max_bytes),
+                s.exec(query), collaboration_to_proto, limit, max_bytes, paging.stub
             )
         )
         return Page([c for _, c in page], page[-1][0].session_id if more else "")
@@ -356,13 +346,7 @@ class SqlStore:
             return info
 
         page, more = await self._read(
-            lambda s: paging.take(
-                s.exec(query),
-                decode,
-                limit,
-                max_bytes,
-                oversized("feature request", "request_id", max_bytes),
-            )
+            lambda s: paging.take(s.exec(query), decode, limit, max_bytes, paging.stub)
         )
         return Page([info for _, info in page], str(page[-1][0].seq) if more else "")
 

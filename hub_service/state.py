@@ -7,7 +7,7 @@ one by URL, and tests/test_store_contract.py holds every store to the same tests
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
@@ -17,7 +17,6 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
-from . import paging
 from .collaboration import Policy
 from .errors import HubError
 from .models import AgentRow, CollaborationRow, FeatureDeliveryRow, FeatureRequestRow, TokenRow
@@ -56,16 +55,6 @@ def decode_stored(kind: type[M], body: bytes) -> M:
     message = kind.FromString(body)
     message.DiscardUnknownFields()
     return message
-
-
-def oversized(what: str, id_field: str, max_bytes: int | None) -> Callable[[Message], HubError]:
-    """The refusal of a page whose first item alone exceeds `max_bytes`, naming the item."""
-
-    def refuse(item: Message) -> HubError:
-        name = getattr(item, id_field)
-        return paging.too_large(f"{what} {name}", item.ByteSize(), max_bytes or 0)
-
-    return refuse
 
 
 class StateTx(Protocol):

@@ -338,6 +338,23 @@ async def test_a_database_poisoned_by_older_code_serves_everything(database_url:
                 "GetArtifact", pb.GetArtifactRequest(artifact_id=artifact.artifact_id)
             )
             assert got.artifact.ByteSize() < 1024
+        # Unfiltered, the pages go through the oversized artifact: it is listed as a stub
+        # (ids, kind, contributor, time; no content), and paging goes on past it.
+        listed: list[pb.Artifact] = []
+        token = ""
+        for _ in range(20):
+            page = await harness.query(
+                "ListArtifacts", pb.ListArtifactsRequest(page_size=2, page_token=token)
+            )
+            assert page.ByteSize() < 8192
+            listed.extend(page.artifacts)
+            if not (token := page.next_page_token):
+                break
+        assert not token, "paging never ended"
+        (stub,) = [a for a in listed if a.artifact_id == "art_huge"]
+        assert stub.contributor_id == "ghost" and stub.kind == huge.kind
+        assert stub.WhichOneof("content") is None
+        assert len({a.artifact_id for a in listed}) == len(listed) == len(artifacts.artifacts) + 1
         requests = await harness.query("ListFeatureRequests", pb.ListFeatureRequestsRequest())
         assert len(requests.feature_requests) == 1 and requests.ByteSize() < 1024
         with pytest.raises(grpc.aio.AioRpcError) as refused:

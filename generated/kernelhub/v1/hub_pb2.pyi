@@ -1945,7 +1945,11 @@ class ListAgentsResponse(_message.Message):
     next_page_token: _builtins.str
     """Pass as `page_token` for the next page; empty on the last page. A page
     may hold fewer than `page_size` items (it also ends before the hub's
-    maximum message size), so page until this is empty.
+    maximum message size), so page until this is empty. An item too large
+    for one response alone (only data stored outside the hub's limits, or a
+    hub configured with a smaller message size, makes one) is listed as a stub:
+    its ids, enums, flags and times, without its lists, nested messages (an
+    artifact's content) or texts over 256 characters.
     """
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentInfo]:
@@ -2014,7 +2018,11 @@ class ListArtifactsResponse(_message.Message):
     next_page_token: _builtins.str
     """Pass as `page_token` for the next page; empty on the last page. A page
     may hold fewer than `page_size` items (it also ends before the hub's
-    maximum message size), so page until this is empty.
+    maximum message size), so page until this is empty. An item too large
+    for one response alone (only data stored outside the hub's limits, or a
+    hub configured with a smaller message size, makes one) is listed as a stub:
+    its ids, enums, flags and times, without its lists, nested messages (an
+    artifact's content) or texts over 256 characters.
     """
     @_builtins.property
     def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Artifact]:
@@ -2125,7 +2133,11 @@ class ListCollaborationsResponse(_message.Message):
     next_page_token: _builtins.str
     """Pass as `page_token` for the next page; empty on the last page. A page
     may hold fewer than `page_size` items (it also ends before the hub's
-    maximum message size), so page until this is empty.
+    maximum message size), so page until this is empty. An item too large
+    for one response alone (only data stored outside the hub's limits, or a
+    hub configured with a smaller message size, makes one) is listed as a stub:
+    its ids, enums, flags and times, without its lists, nested messages (an
+    artifact's content) or texts over 256 characters.
     """
     @_builtins.property
     def collaborations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Collaboration]:
@@ -2186,7 +2198,11 @@ class ListFeatureRequestsResponse(_message.Message):
     next_page_token: _builtins.str
     """Pass as `page_token` for the next page; empty on the last page. A page
     may hold fewer than `page_size` items (it also ends before the hub's
-    maximum message size), so page until this is empty.
+    maximum message size), so page until this is empty. An item too large
+    for one response alone (only data stored outside the hub's limits, or a
+    hub configured with a smaller message size, makes one) is listed as a stub:
+    its ids, enums, flags and times, without its lists, nested messages (an
+    artifact's content) or texts over 256 characters.
     """
     @_builtins.property
     def feature_requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___FeatureRequestInfo]:
