@@ -12,7 +12,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from .errors import HubError
-from .ratelimit import TokenBucket
+from .ratelimit import ThrottledLog
 from .tokens import hash_token
 
 # grpc.RpcMethodHandler; grpcio ships no type hints, so grpc types are Any to mypy.
@@ -98,19 +98,14 @@ class _Decoding:
     """
 
     def __init__(self) -> None:
-        self._reports = TokenBucket(1 / UNDECODABLE_REPORT_INTERVAL, 1)
-        self._unreported = 0
+        self._reports = ThrottledLog(log, UNDECODABLE_REPORT_INTERVAL)
 
     async def _refuse(self, method: str, message: str, context: Any) -> NoReturn:
-        self._unreported += 1
-        if self._reports.take():
-            log.warning(
-                "refused %d undecodable request(s) since the last such line; the latest: %s from %s",
-                self._unreported,
-                method,
-                context.peer(),
-            )
-            self._unreported = 0
+        self._reports.warning(
+            "refused %d undecodable request(s) since the last such line; the latest: %s from %s",
+            method,
+            context.peer(),
+        )
         error = HubError(grpc.StatusCode.INVALID_ARGUMENT, message)  # clipped to fit a trailer
         await context.abort(error.code, error.message)
         raise AssertionError("context.abort returns only by raising")  # pragma: no cover

@@ -25,9 +25,12 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 from . import paging
 from .errors import HubError
 from .outcomes import Outcome
+from .ratelimit import ThrottledLog
 from .state import HubStore
 
 log = logging.getLogger(__name__)
+# One line per interval however many connections send an oversized event.
+_OMITTED = ThrottledLog(log, 10.0)
 
 LOG_RETRY_SECONDS = 0.5
 CATCH_UP_POLL_SECONDS = 0.05
@@ -276,12 +279,13 @@ class Connection:
         """`event` without its body, which no response could carry: the seq goes on."""
         kind = event.WhichOneof("body") or ""
         size = event.ByteSize()
-        log.warning(
-            "%s: event %d (%s, %d bytes) is larger than a response; sent without its body",
-            self.agent_id,
+        _OMITTED.warning(
+            "%d event(s) larger than a response sent without their body; the latest: "
+            "event %d (%s, %d bytes) to %s",
             event.seq,
             kind,
             size,
+            self.agent_id,
         )
         marker = pb.HubEvent(
             seq=event.seq,

@@ -1,8 +1,9 @@
-"""Per-agent rate limits: a token bucket (steady rate, bounded burst) per agent, in a table of
-bounded size."""
+"""Rate limits: a token bucket (steady rate, bounded burst) per agent, in a table of bounded
+size; and log lines that a flood of the same event cannot multiply."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 
@@ -57,3 +58,20 @@ class BucketTable:
         else:
             self._buckets.move_to_end(agent_id)
         return bucket
+
+
+class ThrottledLog:
+    """One warning per `interval` seconds at most, counting the occurrences it stood for:
+    what a client can trigger at will must not grow the log at its will."""
+
+    def __init__(self, logger: logging.Logger, interval: float) -> None:
+        self._logger = logger
+        self._lines = TokenBucket(1 / interval, 1)
+        self._unreported = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        """`message` is formatted with the count of occurrences first, then `args`."""
+        self._unreported += 1
+        if self._lines.take():
+            self._logger.warning(message, self._unreported, *args)
+            self._unreported = 0

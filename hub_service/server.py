@@ -23,6 +23,7 @@ from .config import HubConfig
 from .errors import HubError
 from .router import Router
 from .servicer import HubServicer
+from .session import END_FLOOR
 from .settings import mask_url
 from .state import HubStore, IssuedToken
 from .store_factory import make_store
@@ -208,7 +209,9 @@ class HubServer:
         clock = asyncio.get_running_loop()
         deadline = clock.time() + self.config.shutdown_grace
         await self.servicer.drain(self.config.shutdown_grace)
-        await self._server.stop(max(0.0, deadline - clock.time()))
+        # Every stream has been ended: the server waits only for the handlers to send their
+        # status (at least END_FLOOR, or a slow drain would have them cancelled before it).
+        await self._server.stop(max(END_FLOOR, deadline - clock.time()))
         self._server = None
         await self.store.close()
         log.info("kernelhub stopped")

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 Context: TypeAlias = Any
 
 SHUTTING_DOWN = "the hub is shutting down; reconnect shortly"
+# Seconds a stopping hub still gives each stream to get its answers out, however much of
+# the grace the last commits took.
+END_FLOOR = 1.0
 
 
 class Sessions:
@@ -265,7 +268,9 @@ class Sessions:
             validate_batch(batch, self._config.limits)
         except HubError as error:
             await connection.admit()
-            connection.answer(batch.message_id, error)
+            # A refused batch costs a message of the rate too (a valid one costs its requests).
+            limited = _rate_limited(bucket)
+            connection.answer(batch.message_id, limited or error)
             return
         for request in batch.batch.requests:
             await self._take(connection, bucket, request)
@@ -276,12 +281,8 @@ class Sessions:
         """Validate one message and queue it for commit (or answer its error)."""
         await connection.admit()
         try:
-            if bucket is not None and not bucket.take():
-                raise HubError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"rate limit: at most {bucket.rate:g} messages/s (bursts of "
-                    f"{bucket.burst:g}); resend this message_id later",
-                )
+            if (limited := _rate_limited(bucket)) is not None:
+                raise limited
             kind = validate(request, self._config.limits)
             await self._committer.enqueue(
                 to_command(connection.agent_id, request, kind),
@@ -296,11 +297,15 @@ class Sessions:
 
         Each stream ends as soon as its own answers are out (or `timeout` has passed), so a
         trainer that does not read holds only its own stream, not everyone's."""
+        clock = asyncio.get_running_loop()
+        deadline = clock.time() + timeout
         self._draining = True
         await self._committer.stop(timeout)
 
         async def finish(connection: Connection) -> None:
-            await connection.wait_all_answered(timeout)
+            # What the commits left of the grace, but never nothing: answers queued by a
+            # slow last commit still get their moment before the stream's status.
+            await connection.wait_all_answered(max(END_FLOOR, deadline - clock.time()))
             connection.end(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
         await asyncio.gather(*(finish(c) for c in self._router.connections()))
@@ -314,6 +319,17 @@ def _last_seen(online: Outcome) -> Timestamp | None:
             seen.CopyFrom(routed.event.agent_joined.agent.last_seen_time)
             return seen
     return None
+
+
+def _rate_limited(bucket: TokenBucket | None) -> HubError | None:
+    """Takes one message's token from `bucket`; the refusal if there is none left."""
+    if bucket is None or bucket.take():
+        return None
+    return HubError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"rate limit: at most {bucket.rate:g} messages/s (bursts of {bucket.burst:g}); "
+        "resend this message_id later",
+    )
 
 
 def _table(rate: float, burst: float, agents: int) -> BucketTable | None:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import itertools
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .conftest import WAIT, HubProcess, async_stub, auth, hello, pattern
 
 ACTIVE = [f"AI_Node_{i}" for i in range(1, 7)]
 STALLED = "AI_Node_7"
+GRACE = 12.0  # the hub's shutdown grace in this test, seconds
 
 
 class Sharer:
@@ -35,6 +37,7 @@ class Sharer:
         self.receipts: dict[str, pb.Receipt] = {}
         self.errors: list[pb.RequestError] = []
         self.stop = threading.Event()
+        self.ended = 0.0  # time.monotonic() when the stream ended
         self.call = self.channel.stream_stream(
             "/kernelhub.v1.HubService/Connect",
             request_serializer=pb.ConnectRequest.SerializeToString,
@@ -56,6 +59,7 @@ class Sharer:
                 for receipt in response.receipts:
                     self.receipts[receipt.message_id] = receipt
                 self.errors += response.errors
+        self.ended = time.monotonic()
         code: grpc.StatusCode = self.call.code()
         return code
 
@@ -99,7 +103,8 @@ class Stalled:
 async def test_sigterm_ends_busy_streams_unavailable_beside_a_stalled_reader(
     tmp_path: Path,
 ) -> None:
-    hub = HubProcess(tmp_path / "hub.db")
+    # A long grace: the stalled stream holds its own end for all of it, the others must not.
+    hub = HubProcess(tmp_path / "hub.db", KERNELHUB_SHUTDOWN_GRACE=str(GRACE))
     tokens = await hub.issue_tokens(*ACTIVE, STALLED)
     await hub.start()
     # Its own connection: it says Hello, shares, and never reads, so its flow-control window
@@ -118,10 +123,16 @@ async def test_sigterm_ends_busy_streams_unavailable_beside_a_stalled_reader(
                 assert not any(s.errors for s in sharers), [s.errors[:1] for s in sharers]
                 await asyncio.sleep(0.05)
         assert hub.process is not None
+        stopping = time.monotonic()
         hub.process.terminate()
         codes = await asyncio.wait_for(asyncio.gather(*readers), WAIT * 3)
         assert codes == [grpc.StatusCode.UNAVAILABLE] * len(sharers), codes
-        assert await asyncio.wait_for(hub.process.wait(), WAIT * 3) == 0
+        assert await asyncio.wait_for(hub.process.wait(), GRACE + WAIT * 3) == 0
+        exited = time.monotonic()
+        # The hub exits only once the stalled stream's grace is over; the busy streams were
+        # ended long before that, not held up by it (a ratio, not a duration).
+        busy = max(s.ended for s in sharers) - stopping
+        assert busy < (exited - stopping) / 2, (busy, exited - stopping)
     finally:
         call.cancel()
         stalled_writer.cancel()

@@ -125,6 +125,20 @@ async def test_revoking_a_token_ends_its_live_stream(database_url: str) -> None:
         await harness.close()
 
 
+async def test_refused_batches_count_against_the_rate_limit(database_url: str) -> None:
+    """A malformed batch is answered with its error, but costs a message of the rate like
+    any other: a client cannot send refused batches (4 MiB each) without limit."""
+    config = make_config(database_url, rate_limit_per_second=0.5, rate_limit_burst=3)
+    async for server in _running(config):
+        harness = HubHarness(server)
+        agent = await harness.connect("AI_Node_1")
+        sent = [await agent.send(batch=pb.RequestBatch()) for _ in range(8)]  # empty: invalid
+        codes = [(await agent.answer(mid)).code_name for mid in sent]  # type: ignore[union-attr]
+        assert set(codes) == {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}, codes
+        assert codes.count("INVALID_ARGUMENT") < 8
+        await harness.close()
+
+
 async def test_rate_limit_refuses_the_excess_with_a_clear_error(database_url: str) -> None:
     config = make_config(database_url, rate_limit_per_second=2, rate_limit_burst=5)
     async for server in _running(config):
