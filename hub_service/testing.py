@@ -176,9 +176,13 @@ class TestHub:
         return ""
 
     def channel(self) -> grpc.aio.Channel:
-        """An insecure channel to the hub, closed when the hub stops."""
+        """An insecure channel to the hub, closed when the hub stops or starts again."""
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.target)
+            # Its own subchannels: the process-wide ones to a killed hub's port may still be
+            # in reconnect backoff when it serves again.
+            self._channel = grpc.aio.insecure_channel(
+                self.target, options=[("grpc.use_local_subchannel_pool", 1)]
+            )
         return self._channel
 
     def stub(self) -> hub_pb2_grpc.HubServiceAsyncStub:
@@ -226,6 +230,7 @@ class TestHub:
 
     async def start(self) -> TestHub:
         """Starts (or restarts) the hub; returns once it is serving."""
+        await self._close_channel()  # one to a killed hub may be in reconnect backoff
         if self._config is not None:
             server = HubServer(self._config)
             self.port = await server.start()
