@@ -24,6 +24,8 @@ from typing import IO, Any
 
 import psutil
 
+from hub_service.testing import HubStartError, TestHub
+
 from .common import LOOPBACK, die_with_parent, median
 
 PYTHON = sys.executable
@@ -188,13 +190,13 @@ def child_env() -> dict[str, str]:
 
 
 async def issue_tokens(db: Path, agents: list[str], out: Path, env: dict[str, str]) -> None:
-    """`kernelhub-hub token issue` for every agent, into `out` (`agent token` lines)."""
+    """(soak.py) `kernelhub-hub token issue` for every agent, into `out` (`agent token` lines)."""
     argv = [PYTHON, "-m", "hub_service", "token", "issue", *agents, "--db", str(db)]
     await run_to_end([*argv, "--out", str(out)], env, timeout=300)
 
 
 def hub_argv(db: Path, port: int) -> list[str]:
-    """`kernelhub-hub serve` on loopback (port 0: any free port, printed when ready)."""
+    """(soak.py) `kernelhub-hub serve` on loopback (port 0: any free port, printed when ready)."""
     return [
         PYTHON,
         "-m",
@@ -214,17 +216,13 @@ class Server:
     """A server under test: the hub or a baseline."""
 
     kind: str  # "kernelhub" or "baseline"
-    child: Child
+    pid: int
     port: int
     tokens: Path | None
 
     @property
     def target(self) -> str:
         return f"{LOOPBACK}:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.child.pid
 
 
 @dataclass
@@ -250,27 +248,31 @@ class Runner:
     async def hub(self, agents: int, label: str) -> AsyncIterator[Server]:
         """A hub process on a fresh SQLite file, with a token for each of `agents` trainers."""
         name = self._name(f"hub-{label}")
-        db = self.workdir / f"{name}.db"
         tokens = self.workdir / f"{name}.tokens"
-        agent_ids = [f"bench_{i:05d}" for i in range(agents)]
-        await issue_tokens(db, agent_ids, tokens, self.env())
-        child = Child(
-            name,
-            hub_argv(db, 0),
-            self.workdir,
-            self.env(),
+        hub = TestHub.subprocess(
+            self.workdir / f"{name}.db",
+            env=self.env(),
+            output_dir=self.workdir,
+            name=name,
+            preexec_fn=die_with_parent,
+            stop_timeout=15.0,
         )
         profiler: Child | None = None
         try:
-            await child.start()
-            port = int((await child.wait_for_line(HUB_READY, 60)).group(1))
+            try:
+                issued = await hub.issue_tokens(*(f"bench_{i:05d}" for i in range(agents)))
+                tokens.write_text("".join(f"{agent} {token}\n" for agent, token in issued.items()))
+                tokens.chmod(0o600)
+                await hub.start()
+            except HubStartError as exc:
+                raise RunError(f"{name}: {exc}") from None
             if self.profile_dir is not None:
-                profiler = await self._profile(child.pid, label)
-            yield Server("kernelhub", child, port, tokens)
+                profiler = await self._profile(hub.pid, label)
+            yield Server("kernelhub", hub.pid, hub.port, tokens)
         finally:
             if profiler is not None:
                 await profiler.stop(signal.SIGINT, timeout=60)
-            await child.stop()
+            await hub.stop()
 
     @contextlib.asynccontextmanager
     async def baseline(self, mode: str, label: str, *flags: str) -> AsyncIterator[Server]:
@@ -283,7 +285,7 @@ class Runner:
         try:
             await child.start()
             port = int((await child.wait_for_line(BASELINE_READY, 60)).group(1))
-            yield Server("baseline", child, port, None)
+            yield Server("baseline", child.pid, port, None)
         finally:
             await child.stop()
 

@@ -1,4 +1,6 @@
-"""A real hub on an ephemeral port with a fresh database, and raw protocol clients for it."""
+"""A real hub on an ephemeral port with a fresh database, and raw protocol clients for it.
+
+The hubs come from `hub_service.testing.TestHub`; the fixtures here are thin wrappers over it."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from generated.kernelhub.v1 import hub_pb2_grpc
 from hub_service.collaboration import Policy
 from hub_service.config import HubConfig
 from hub_service.server import HubServer
+from hub_service.testing import TestHub
 
 POSTGRES_URL = os.environ.get(
     "KERNELHUB_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -84,12 +87,8 @@ def hub_config(database_url: str) -> HubConfig:
 
 @pytest.fixture
 async def hub(hub_config: HubConfig) -> AsyncIterator[HubServer]:
-    server = HubServer(hub_config)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
+    async with TestHub.in_process(hub_config) as test_hub:
+        yield test_hub.server
 
 
 def async_stub(channel: grpc.aio.Channel) -> hub_pb2_grpc.HubServiceAsyncStub:
@@ -291,73 +290,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class HubProcess:
-    """`kernelhub-hub serve` in its own process, on a fixed port, so a test can kill it."""
+class HubProcess(TestHub):
+    """`kernelhub-hub serve` in its own process (`TestHub.subprocess`), so a test can kill it."""
 
     def __init__(self, db: Path, port: int | None = None, **env: str) -> None:
-        self.db = db
-        self.port = port or free_port()
-        self.env = {**os.environ, "KERNELHUB_LOG_LEVEL": "WARNING", **env}
-        self.process: asyncio.subprocess.Process | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    async def issue_tokens(self, *agents: str) -> dict[str, str]:
-        import sys
-
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "hub_service",
-            "token",
-            "issue",
-            *agents,
-            "--db",
-            str(self.db),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=self.env,
+        super().__init__(
+            in_process=False,
+            database=db,
+            port=port or 0,
+            env={"KERNELHUB_LOG_LEVEL": "WARNING", **env},
+            stop_timeout=60.0,
         )
-        out, err = await asyncio.wait_for(process.communicate(), 60)
-        assert process.returncode == 0, err.decode()
-        return dict(line.split(" ", 1) for line in out.decode().splitlines() if line)
-
-    async def start(self) -> None:
-        import sys
-
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "hub_service",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--db",
-            str(self.db),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-            env=self.env,
-        )
-        assert self.process.stdout is not None
-        line = await asyncio.wait_for(self.process.stdout.readline(), 60)
-        assert line.startswith(b"kernelhub serving on"), line
-
-    async def kill(self) -> None:
-        """SIGKILL: no drain, no goodbye."""
-        assert self.process is not None
-        self.process.kill()
-        await asyncio.wait_for(self.process.wait(), 30)
-
-    async def terminate(self) -> int:
-        """SIGTERM: the graceful path; returns the exit code."""
-        assert self.process is not None
-        self.process.terminate()
-        return await asyncio.wait_for(self.process.wait(), 60)
-
-    async def close(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            await self.kill()

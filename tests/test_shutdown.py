@@ -16,15 +16,14 @@ import grpc
 import pytest
 
 from generated.kernelhub.v1 import hub_pb2 as pb
-from hub_service.server import HubServer
+from hub_service.testing import HubStartError, TestHub
 
-from .conftest import WAIT, HubHarness, async_stub, auth, hello, make_config, pattern
+from .conftest import WAIT, HubHarness, auth, hello, make_config, pattern
 
 
 async def test_stop_commits_what_was_read_and_ends_streams(database_url: str) -> None:
-    hub = HubServer(make_config(database_url))
-    await hub.start()
-    harness = HubHarness(hub)
+    hub = await TestHub.in_process(make_config(database_url)).start()
+    harness = HubHarness(hub.server)
     sender = await harness.connect("AI_Node_1")
     sent = [
         await sender.send(share_pattern=pb.SharePattern(pattern=pattern(f"p{i}")))
@@ -42,9 +41,8 @@ async def test_stop_commits_what_was_read_and_ends_streams(database_url: str) ->
     assert acknowledged, "at least the first message was acknowledged"
     await harness.close()
 
-    restarted = HubServer(make_config(database_url))
-    await restarted.start()
-    harness = HubHarness(restarted)
+    await hub.start()  # again, on the same database
+    harness = HubHarness(hub.server)
     try:
         for receipt in acknowledged.values():
             stored = await harness.query(
@@ -64,7 +62,7 @@ async def test_stop_commits_what_was_read_and_ends_streams(database_url: str) ->
         assert (await again.receipt(first_mid)).duplicate
     finally:
         await harness.close()
-        await restarted.stop()
+        await hub.close()
 
 
 def _hub_cli(*args: str, db: Path) -> subprocess.CompletedProcess[str]:
@@ -92,62 +90,47 @@ async def test_cli_tokens_and_serve_with_sigterm(tmp_path: Path) -> None:
     assert pairs["AI_Node_1"] not in listing.stdout, "tokens are never shown again"
     assert pairs["AI_Node_1"] not in db.read_bytes().decode(errors="replace")
 
-    server = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "hub_service",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--db",
-        str(db),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "KERNELHUB_LOG_LEVEL": "WARNING"},
-    )
+    server = await TestHub.subprocess(db, env={"KERNELHUB_LOG_LEVEL": "WARNING"}).start()
     try:
-        assert server.stdout is not None
-        line = (await asyncio.wait_for(server.stdout.readline(), WAIT * 3)).decode()
-        assert line.startswith("kernelhub serving on 127.0.0.1:"), line
-        port = int(line.rsplit(":", 1)[1])
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        stub = async_stub(channel)
+        line = server.stdout_path.read_text()
+        assert line.startswith(f"kernelhub serving on 127.0.0.1:{server.port}\n"), line
+        channel = server.channel()
+        stub = server.stub()
         call = stub.Connect(metadata=auth(pairs["AI_Node_1"]))
         await call.write(pb.ConnectRequest(message_id="h", hello=hello("AI_Node_1")))
         assert (await asyncio.wait_for(call.read(), WAIT)).HasField("welcome")
 
-        server.send_signal(signal.SIGTERM)
+        assert server.process is not None
+        server.process.send_signal(signal.SIGTERM)
         with pytest.raises(grpc.aio.AioRpcError) as ended:
             while True:
                 await asyncio.wait_for(call.read(), WAIT)
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert await asyncio.wait_for(server.wait(), WAIT * 3) == 0
+        assert await asyncio.wait_for(server.process.wait(), WAIT * 3) == 0
         await channel.close(None)
     finally:
-        if server.returncode is None:
-            server.kill()
-            await server.wait()
+        await server.close()
 
     revoked = _hub_cli("token", "revoke", "AI_Node_2", db=db)
     assert revoked.returncode == 0 and "revoked 1" in revoked.stdout
     assert _hub_cli("token", "revoke", "AI_Node_2", db=db).returncode == 1  # nothing left to revoke
 
 
-def test_a_hub_that_cannot_listen_says_why_and_exits(tmp_path: Path) -> None:
+async def test_a_hub_that_cannot_listen_says_why_and_exits(tmp_path: Path) -> None:
     """A port in use: one line that says so and exit status 1. (With the writer process
     started and not closed, the hub used to wait for it forever at exit.)"""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = _hub_cli(
-            "serve", "--host", "127.0.0.1", "--port", str(port), db=tmp_path / "hub.db"
-        )
-    assert result.returncode == 1
-    assert f"could not start: Failed to bind to address 127.0.0.1:{port}" in result.stderr
-    assert "Traceback" not in result.stderr
+        hub = TestHub.subprocess(tmp_path / "hub.db", port=port)
+        with pytest.raises(HubStartError):
+            await hub.start()
+    assert hub.process is not None and hub.process.returncode == 1
+    stderr = hub.stderr()
+    await hub.close()
+    assert f"could not start: Failed to bind to address 127.0.0.1:{port}" in stderr
+    assert "Traceback" not in stderr
 
 
 # In a private mount namespace: a 1 MiB tmpfs over the directory, a hub database on it (made

@@ -70,7 +70,7 @@ async def embedded_hub(
     issues a token per agent; yields (target, tokens)."""
     try:
         from hub_service.config import HubConfig
-        from hub_service.server import HubServer
+        from hub_service.testing import TestHub
     except ImportError as exc:
         raise EmbeddedHubUnavailable(
             f"the embedded hub needs hub_service, which failed to import: {exc}"
@@ -85,11 +85,8 @@ async def embedded_hub(
             database_url=f"sqlite:///{db}",
             training_sync_interval=max(1.0, BASE_SYNC_INTERVAL_SECONDS / tempo),
         )
-        hub = HubServer(config)
-        await hub.start()
-        stack.push_async_callback(hub.stop)
-        tokens = {agent_id: await hub.issue_token(agent_id) for agent_id in agents}
-        yield f"127.0.0.1:{hub.port}", tokens
+        hub = await stack.enter_async_context(TestHub.in_process(config))
+        yield hub.target, await hub.issue_tokens(*agents)
 
 
 async def fetch_stats(
