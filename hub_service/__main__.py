@@ -1,3 +1,5 @@
+"""`python -m hub_service` is `kernelhub-hub`."""
+
 import sys
 
 from .cli import main

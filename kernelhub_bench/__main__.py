@@ -1,3 +1,5 @@
+"""`python -m kernelhub_bench` is `kernelhub-bench`."""
+
 import sys
 
 from .cli import main
