@@ -14,6 +14,14 @@ from .validation import Limits
 DEFAULT_PORT = 50051
 
 
+def _switch(raw: str) -> bool:
+    """An on/off environment variable (bool("false") would be True)."""
+    value = {"1": True, "true": True, "yes": True, "on": True}.get(raw.strip().lower())
+    if value is None and raw.strip().lower() not in ("0", "false", "no", "off"):
+        raise ValueError(raw)
+    return bool(value)
+
+
 @dataclass
 class HubConfig:
     host: str = "0.0.0.0"
@@ -67,6 +75,9 @@ class HubConfig:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    # At start, bring the database's schema to this hub's (else an older one is refused,
+    # naming `kernelhub-hub db upgrade`). A newer one is refused either way.
+    auto_upgrade: bool = True
     limits: Limits = field(default_factory=Limits)
     policy: Policy = field(default_factory=Policy)
 
@@ -86,7 +97,7 @@ class HubConfig:
                 continue
             kind = type(getattr(config, f.name))
             try:
-                setattr(config, f.name, kind(raw))
+                setattr(config, f.name, _switch(raw) if kind is bool else kind(raw))
             except ValueError:
                 raise ValueError(
                     f"KERNELHUB_{f.name.upper()}={raw!r} is not a valid {kind.__name__}"

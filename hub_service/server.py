@@ -41,6 +41,7 @@ class HubServer:
             busy_timeout=config.sqlite_busy_timeout,
             writer=config.writer,
             commit_timeout=config.commit_timeout,
+            auto_upgrade=config.auto_upgrade,
         )
         self.router = Router()
         self.committer = GroupCommitter(

@@ -28,7 +28,7 @@ from sqlmodel import Session, SQLModel, col, create_engine, select
 from generated.kernelhub.v1 import hub_pb2 as pb
 
 from . import collaboration as collab
-from . import paging
+from . import paging, schema
 from .bulk import BulkWriter
 from .commands import Command, Outcome, Tx
 from .errors import HubError, unavailable
@@ -164,12 +164,14 @@ class SqlStore:
         busy_timeout: float = 5.0,
         writer: str = "thread",
         commit_timeout: float = 30.0,
+        auto_upgrade: bool = True,
     ) -> None:
         """`writer`: "thread", or "process" for commits in a child process (the hub's
         default), each answered within `commit_timeout` seconds or UNAVAILABLE."""
         if writer not in ("thread", "process"):
             raise ValueError(f"writer must be 'thread' or 'process', not {writer!r}")
         self.database_url = database_url
+        self.auto_upgrade = auto_upgrade  # at open: else a schema not this hub's is refused
         self.policy = policy or collab.Policy()
         self._engine = make_engine(database_url, int(busy_timeout * 1000))
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="kernelhub-writer")
@@ -217,7 +219,7 @@ class SqlStore:
 
     async def open(self) -> None:
         def create() -> None:
-            SQLModel.metadata.create_all(self._engine)
+            schema.ensure(self._engine, self.auto_upgrade)
             self.load_head()
 
         await self._write(create)
