@@ -1,4 +1,5 @@
-"""`kernelhub-hub`: serve the hub, and issue, list or revoke agent tokens."""
+"""`kernelhub-hub`: serve the hub, issue, list or revoke agent tokens, and look after its
+database (`db`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
+from . import db_admin
 from .config import HubConfig
 from .durations import parse_duration
 from .errors import HubError
@@ -96,6 +98,20 @@ def build_parser(config: HubConfig) -> argparse.ArgumentParser:
     revoke = token.add_parser("revoke", help="revoke a token by id, or all tokens of an agent")
     revoke.add_argument("agent_or_token_id")
     _database_args(revoke, config)
+
+    db = commands.add_parser("db", help="upgrade, back up or check the database").add_subparsers(
+        dest="db_command", required=True
+    )
+    for name, text in (
+        ("upgrade", "bring the schema to this hub's revision"),
+        ("current", "print the schema revision"),
+        ("backup", "copy a SQLite database consistently, even while a hub serves it"),
+        ("check", "integrity check and event-log gap check (non-zero exit on a problem)"),
+    ):
+        sub = db.add_parser(name, help=text)
+        if name == "backup":
+            sub.add_argument("path", type=Path, help="the new file to write")
+        _database_args(sub, config)
     return parser
 
 
@@ -168,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s - hub - %(levelname)s - %(message)s"
     )
     database_url = _database_url(args)
+    if args.command == "db":
+        return db_admin.run(args.db_command, database_url, getattr(args, "path", None))
     if args.command == "serve":
         config.host, config.port = args.host, args.port
         config.training_sync_interval = args.training_sync_interval
