@@ -75,8 +75,9 @@ class Tx:
         # Append-only rows (events, artifacts, ...), inserted in bulk just before the commit:
         # nothing in the same transaction reads them back.
         self.appends: dict[type[SQLModel], list[dict[str, Any]]] = defaultdict(list)
-        # (agent_id, message_id) -> outcome, for idempotency across and within batches.
-        self.received: dict[tuple[str, str], Outcome] = {}
+        # (agent_id, message_id) -> outcome and body fingerprint (None: unknown), for
+        # idempotency across and within batches.
+        self.received: dict[tuple[str, str], tuple[Outcome, bytes | None]] = {}
 
     def append(self, model: type[SQLModel], **values: Any) -> None:
         self.appends[model].append(values)
@@ -144,6 +145,9 @@ class Command(Protocol):
 
     agent_id: str
     message_id: str
+    # Of the message's body without its message_id (empty: none): a reused message_id with
+    # another body is refused, not answered with the first one's receipt.
+    fingerprint: bytes
 
     def apply(self, tx: Tx) -> Outcome: ...
 
@@ -156,6 +160,7 @@ class AgentOnline:
     agent_id: str
     hello: pb.Hello
     message_id: str = ""
+    fingerprint: bytes = b""
 
     def apply(self, tx: Tx) -> Outcome:
         row = tx.session.get(AgentRow, self.agent_id) or AgentRow(
@@ -179,6 +184,7 @@ class AgentOnline:
 class AgentOffline:
     agent_id: str
     message_id: str = ""
+    fingerprint: bytes = b""
 
     def apply(self, tx: Tx) -> Outcome:
         row = tx.session.get(AgentRow, self.agent_id)
@@ -199,6 +205,7 @@ class ResetPresence:
 
     agent_id: str = ""
     message_id: str = ""
+    fingerprint: bytes = b""
 
     def apply(self, tx: Tx) -> Outcome:
         # When those still marked online left is unknown (the hub was down): they get the
@@ -256,6 +263,7 @@ class ShareArtifact:
     agent_id: str
     message_id: str
     artifact: pb.Artifact  # content and kind set; the hub stamps the rest
+    fingerprint: bytes = b""
 
     def apply(self, tx: Tx) -> Outcome:
         outcome = Outcome()
@@ -271,6 +279,7 @@ class RequestFeature:
     agent_id: str
     message_id: str
     request: pb.RequestFeature
+    fingerprint: bytes = b""
 
     def apply(self, tx: Tx) -> Outcome:
         agents = tx.session.exec(select(AgentRow)).all()
@@ -309,6 +318,7 @@ class DeliverFeature:
     agent_id: str
     message_id: str
     delivery: pb.DeliverFeature
+    fingerprint: bytes = b""
 
     def apply(self, tx: Tx) -> Outcome:
         request = tx.session.get(FeatureRequestRow, self.delivery.request_id)
@@ -449,6 +459,7 @@ class ProposeCollaboration:
     agent_id: str
     message_id: str
     proposal: pb.ProposeCollaboration
+    fingerprint: bytes = b""
 
     def apply(self, tx: Tx) -> Outcome:
         target = self.proposal.target_agent_id
@@ -490,6 +501,7 @@ class CollaborationStep:
     progress: float = 0.0
     note: str = ""
     component: pb.OsComponent | None = None
+    fingerprint: bytes = b""
 
     def apply(self, tx: Tx) -> Outcome:
         row = tx.session.get(CollaborationRow, self.session_id)
@@ -539,6 +551,7 @@ class ExpireDue:
     batch_limit: int = 500
     agent_id: str = ""
     message_id: str = ""
+    fingerprint: bytes = b""
 
     def apply(self, tx: Tx) -> Outcome:
         outcome = Outcome()

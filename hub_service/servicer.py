@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -70,7 +71,15 @@ class KnowledgeBase:
 
 
 def to_command(agent_id: str, request: pb.ConnectRequest, kind: str) -> cmd.Command:
-    """The state change a validated message asks for."""
+    """The state change a validated message asks for, with its body's fingerprint (the kind
+    and the body, not the message_id), which travels with it to the writer."""
+    command = _command(agent_id, request, kind)
+    body = getattr(request, kind).SerializeToString(deterministic=True)
+    command.fingerprint = hashlib.blake2b(kind.encode() + b"\0" + body, digest_size=16).digest()
+    return command
+
+
+def _command(agent_id: str, request: pb.ConnectRequest, kind: str) -> cmd.Command:
     mid = request.message_id
     if kind in _SHARES:
         artifact_kind, content = _SHARES[kind]

@@ -306,22 +306,31 @@ class SqlStore:
 
     def _received(
         self, connection: Connection, commands: Sequence[Command]
-    ) -> dict[tuple[str, str], Outcome]:
+    ) -> dict[tuple[str, str], tuple[Outcome, bytes | None]]:
         """The receipts already given for this batch's message ids, in one query."""
         keys = sorted({(c.agent_id, c.message_id) for c in commands if c.message_id})
         return {
-            (agent_id, message_id): Outcome(seq=seq, resource_id=resource_id)
-            for agent_id, message_id, seq, resource_id in self._bulk.received(connection, keys)
+            (agent_id, message_id): (Outcome(seq=seq, resource_id=resource_id), fingerprint)
+            for agent_id, message_id, seq, resource_id, fingerprint in self._bulk.received(
+                connection, keys
+            )
         }
 
     @staticmethod
     def _apply(tx: Tx, command: Command) -> Outcome:
         key = (command.agent_id, command.message_id)
         if command.message_id and (seen := tx.received.get(key)) is not None:
-            return Outcome(seq=seen.seq, resource_id=seen.resource_id, duplicate=True)
+            first, fingerprint = seen
+            if fingerprint and command.fingerprint and fingerprint != command.fingerprint:
+                raise HubError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"message_id {command.message_id} was already used for a different message "
+                    f"(seq {first.seq}); use a new message_id",
+                )
+            return Outcome(seq=first.seq, resource_id=first.resource_id, duplicate=True)
         outcome = command.apply(tx)
         if command.message_id:
-            tx.received[key] = outcome
+            tx.received[key] = (outcome, command.fingerprint or None)
             tx.append(
                 ReceivedMessageRow,
                 agent_id=command.agent_id,
@@ -329,6 +338,7 @@ class SqlStore:
                 seq=outcome.seq,
                 resource_id=outcome.resource_id,
                 created_at=tx.now,
+                fingerprint=command.fingerprint or None,
             )
         return outcome
 

@@ -171,6 +171,7 @@ class Poison:
 
     agent_id: str = "a"
     message_id: str = "poison"
+    fingerprint: bytes = b""
 
     def apply(self, tx: cmd.Tx) -> cmd.Outcome:
         raise RuntimeError("boom")
