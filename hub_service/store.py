@@ -28,7 +28,7 @@ from sqlmodel import Session, SQLModel, col, create_engine, select
 from generated.kernelhub.v1 import hub_pb2 as pb
 
 from . import collaboration as collab
-from . import paging, schema
+from . import paging
 from .bulk import BulkWriter
 from .commands import Command, Outcome, Tx
 from .errors import HubError, unavailable
@@ -219,6 +219,9 @@ class SqlStore:
 
     async def open(self) -> None:
         def create() -> None:
+            # Imported here: a writer child (which never migrates) starts without Alembic.
+            from . import schema
+
             schema.ensure(self._engine, self.auto_upgrade)
             self.load_head()
 
