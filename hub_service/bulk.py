@@ -115,7 +115,7 @@ class BulkWriter:
             raise ValueError(f"unsupported DB-API paramstyle {dialect.paramstyle}")
         ledger: Table = ReceivedMessageRow.__table__  # type: ignore[attr-defined]
         self._ledger_sql = (
-            f"SELECT agent_id, message_id, seq, resource_id FROM {ledger.name} WHERE "
+            f"SELECT agent_id, message_id, seq, resource_id, fingerprint FROM {ledger.name} WHERE "
         )
 
     def insert(
@@ -136,11 +136,11 @@ class BulkWriter:
 
     def received(
         self, connection: Connection, keys: Sequence[tuple[str, str]]
-    ) -> list[tuple[str, str, int, str]]:
+    ) -> list[tuple[str, str, int, str, bytes | None]]:
         """The ledger rows for these (agent_id, message_id) keys: one primary-key lookup
         per key however big the ledger grows. (A row-value IN reads the same but SQLite
         scans the whole table for it: 200 µs per key at 200k rows.)"""
-        found: list[tuple[str, str, int, str]] = []
+        found: list[tuple[str, str, int, str, bytes | None]] = []
         for start in range(0, len(keys), self.LOOKUP_CHUNK):
             chunk = list(keys[start : start + self.LOOKUP_CHUNK])
             # Padded to a power of two with its last key (a repeat matches nothing new): at
@@ -148,5 +148,8 @@ class BulkWriter:
             chunk += chunk[-1:] * ((1 << (len(chunk) - 1).bit_length()) - len(chunk))
             params = tuple(value for key in chunk for value in key)
             rows = connection.exec_driver_sql(self.ledger_query(len(chunk)), params)
-            found.extend((str(a), str(m), int(s), str(r)) for a, m, s, r in rows)
+            found.extend(
+                (str(a), str(m), int(s), str(r), None if f is None else bytes(f))
+                for a, m, s, r, f in rows
+            )
         return found

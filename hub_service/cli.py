@@ -1,4 +1,5 @@
-"""`kernelhub-hub`: serve the hub, show its settings, and issue, list or revoke agent tokens."""
+"""`kernelhub-hub`: serve the hub, show its settings, issue, list or revoke agent tokens, and
+look after its database (`db`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from . import db_admin
 from .config import HubConfig
 from .durations import parse_duration
 from .errors import HubError
@@ -114,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = token.add_parser("revoke", help="revoke a token by id, or all tokens of an agent")
     revoke.add_argument("agent_or_token_id")
     _setting_flags(revoke, ["database_url"])
+
+    db = commands.add_parser("db", help="upgrade, back up or check the database").add_subparsers(
+        dest="db_command", required=True
+    )
+    for name, text in (
+        ("upgrade", "bring the schema to this hub's revision"),
+        ("current", "print the schema revision"),
+        ("backup", "copy a SQLite database consistently, even while a hub serves it"),
+        ("check", "integrity check and event-log gap check (non-zero exit on a problem)"),
+    ):
+        sub = db.add_parser(name, help=text)
+        if name == "backup":
+            sub.add_argument("path", type=Path, help="the new file to write")
+        _setting_flags(sub, ["database_url"])
     return parser
 
 
@@ -214,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s - hub - %(levelname)s - %(message)s"
     )
+    if args.command == "db":
+        return db_admin.run(args.db_command, settings.database_url, getattr(args, "path", None))
     if args.command == "serve":
         return asyncio.run(_serve(HubConfig.from_settings(settings)))
     if args.command == "config":

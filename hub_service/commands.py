@@ -39,12 +39,21 @@ State = pb.CollaborationState
 
 def apply_command(tx: StateTx, command: Command) -> Outcome:
     """`command.apply`, once per (agent, message_id): a message id seen before gets its
-    first receipt back, marked duplicate, with nothing to route again."""
+    first receipt back, marked duplicate, with nothing to route again; seen before with
+    another body (fingerprints differ), it is refused ALREADY_EXISTS."""
     if command.message_id and (seen := tx.receipt(command.agent_id, command.message_id)):
-        return Outcome(seq=seen.seq, resource_id=seen.resource_id, duplicate=True)
+        first, fingerprint = seen
+        if fingerprint and command.fingerprint and fingerprint != command.fingerprint:
+            raise HubError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"message_id {command.message_id} was already used for a different message "
+                f"(seq {first.seq}); use a new message_id",
+            )
+        return Outcome(seq=first.seq, resource_id=first.resource_id, duplicate=True)
     outcome = command.apply(tx)
     if command.message_id:
-        tx.remember(command.agent_id, command.message_id, outcome)
+        receipt = Outcome(outcome.seq, outcome.resource_id)
+        tx.remember(command.agent_id, command.message_id, (receipt, command.fingerprint or None))
     return outcome
 
 
@@ -84,6 +93,7 @@ class AgentOnline:
     agent_id: str
     hello: pb.Hello
     message_id: str = ""
+    fingerprint: bytes = b""
 
     def apply(self, tx: StateTx) -> Outcome:
         row = tx.agent(self.agent_id) or AgentRow(agent_id=self.agent_id, created_at=tx.now)
@@ -105,6 +115,7 @@ class AgentOnline:
 class AgentOffline:
     agent_id: str
     message_id: str = ""
+    fingerprint: bytes = b""
 
     def apply(self, tx: StateTx) -> Outcome:
         row = tx.agent(self.agent_id)
@@ -125,6 +136,7 @@ class ResetPresence:
 
     agent_id: str = ""
     message_id: str = ""
+    fingerprint: bytes = b""
 
     def apply(self, tx: StateTx) -> Outcome:
         # When those still marked online left is unknown (the hub was down): they get the
@@ -173,6 +185,7 @@ class ShareArtifact:
     agent_id: str
     message_id: str
     artifact: pb.Artifact  # content and kind set; the hub stamps the rest
+    fingerprint: bytes = b""
 
     def apply(self, tx: StateTx) -> Outcome:
         outcome = Outcome()
@@ -188,6 +201,7 @@ class RequestFeature:
     agent_id: str
     message_id: str
     request: pb.RequestFeature
+    fingerprint: bytes = b""
 
     def apply(self, tx: StateTx) -> Outcome:
         agents = tx.agents()
@@ -230,6 +244,7 @@ class DeliverFeature:
     agent_id: str
     message_id: str
     delivery: pb.DeliverFeature
+    fingerprint: bytes = b""
 
     def apply(self, tx: StateTx) -> Outcome:
         request = tx.feature_request(self.delivery.request_id)
@@ -345,6 +360,7 @@ class ProposeCollaboration:
     agent_id: str
     message_id: str
     proposal: pb.ProposeCollaboration
+    fingerprint: bytes = b""
 
     def apply(self, tx: StateTx) -> Outcome:
         target = self.proposal.target_agent_id
@@ -386,6 +402,7 @@ class CollaborationStep:
     progress: float = 0.0
     note: str = ""
     component: pb.OsComponent | None = None
+    fingerprint: bytes = b""
 
     def apply(self, tx: StateTx) -> Outcome:
         row = tx.collaboration(self.session_id)
@@ -435,6 +452,7 @@ class ExpireDue:
     batch_limit: int = 500
     agent_id: str = ""
     message_id: str = ""
+    fingerprint: bytes = b""
 
     def apply(self, tx: StateTx) -> Outcome:
         outcome = Outcome()

@@ -38,6 +38,7 @@ class HubConfig:
     handshake_timeout: float = _D.handshake_timeout
     sqlite_busy_timeout: float = _D.sqlite_busy_timeout
     writer: str = _D.writer
+    auto_upgrade: bool = _D.auto_upgrade
     commit_timeout: float = _D.commit_timeout
     reaper_interval: float = _D.reaper_interval
     shutdown_grace: float = _D.shutdown_grace

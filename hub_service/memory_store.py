@@ -43,7 +43,7 @@ from .models import (
     utcnow,
 )
 from .outcomes import Outcome
-from .state import Command, EventPage, IssuedToken, Page, decode_stored
+from .state import Command, EventPage, IssuedToken, Page, Receipt, decode_stored
 from .tokens import hash_token, new_token
 from .validation import Limits, validate_agent_id
 
@@ -99,7 +99,7 @@ class MemoryTx:
         self._events: list[_Event] = []
         self._artifacts: list[ArtifactRow] = []
         self._deliveries: list[FeatureDeliveryRow] = []
-        self._receipts: dict[tuple[str, str], Outcome] = {}
+        self._receipts: dict[tuple[str, str], Receipt] = {}
 
     def next_seq(self) -> int:
         self._seq += 1
@@ -113,12 +113,12 @@ class MemoryTx:
     def add_artifact(self, artifact: pb.Artifact, seq: int) -> None:
         self._artifacts.append(ArtifactRow(**artifact_row(artifact, seq, self.now)))
 
-    def receipt(self, agent_id: str, message_id: str) -> Outcome | None:
+    def receipt(self, agent_id: str, message_id: str) -> Receipt | None:
         key = (agent_id, message_id)
         return self._receipts.get(key) or self._store.receipts.get(key)
 
-    def remember(self, agent_id: str, message_id: str, outcome: Outcome) -> None:
-        self._receipts[(agent_id, message_id)] = Outcome(outcome.seq, outcome.resource_id)
+    def remember(self, agent_id: str, message_id: str, receipt: Receipt) -> None:
+        self._receipts[(agent_id, message_id)] = receipt
 
     # --- rows, through the identity map ---------------------------------------------
 
@@ -260,7 +260,7 @@ class MemoryStore:
         self._kinds: Counter[int] = Counter()
         self._events: list[_Event] = []
         self._event_seqs: list[int] = []
-        self.receipts: dict[tuple[str, str], Outcome] = {}
+        self.receipts: dict[tuple[str, str], Receipt] = {}
         self._tokens: dict[str, TokenRow] = {}  # by token_id, in the order issued
         self._by_hash: dict[str, TokenRow] = {}
         self._closed = False
@@ -305,7 +305,7 @@ class MemoryStore:
         events: Iterable[_Event],
         artifacts: Iterable[ArtifactRow],
         deliveries: Iterable[FeatureDeliveryRow],
-        receipts: dict[tuple[str, str], Outcome],
+        receipts: dict[tuple[str, str], Receipt],
     ) -> None:
         """A succeeded command's writes (`MemoryTx.merge`): its seqs follow the head."""
         self.head = head

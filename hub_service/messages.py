@@ -5,6 +5,8 @@ the commands, not the stream they came on."""
 
 from __future__ import annotations
 
+import hashlib
+
 from generated.kernelhub.v1 import hub_pb2 as pb
 
 from . import commands as cmd
@@ -21,7 +23,15 @@ SHARES = {
 
 
 def to_command(agent_id: str, request: pb.ConnectRequest, kind: str) -> Command:
-    """The state change a validated message asks for."""
+    """The state change a validated message asks for, with its body's fingerprint (the kind
+    and the body, not the message_id), which travels with it to the writer."""
+    command = _command(agent_id, request, kind)
+    body = getattr(request, kind).SerializeToString(deterministic=True)
+    command.fingerprint = hashlib.blake2b(kind.encode() + b"\0" + body, digest_size=16).digest()
+    return command
+
+
+def _command(agent_id: str, request: pb.ConnectRequest, kind: str) -> Command:
     mid = request.message_id
     if kind in SHARES:
         artifact_kind, content = SHARES[kind]

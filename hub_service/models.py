@@ -88,6 +88,9 @@ class ReceivedMessageRow(SQLModel, table=True):
     seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     resource_id: str = ""
     created_at: datetime = Field(default_factory=utcnow)
+    # Of the message's body (schema revision 0002): the same message_id with another body is
+    # refused. NULL for rows written before it: their reuse stays a plain duplicate.
+    fingerprint: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
 
 
 class ArtifactRow(SQLModel, table=True):

@@ -134,6 +134,12 @@ class HubSettings(BaseSettings):
         "where group commits run: `process` (a child process, so SQLite and SQLAlchemy neither "
         "hold nor wait for the event loop's GIL) or `thread` (in the hub's process)",
     )
+    auto_upgrade: bool = _setting(
+        True,
+        "database",
+        "at start, upgrade the database's schema to this hub's; off: an older schema is refused "
+        "until `kernelhub-hub db upgrade` (a newer one is refused either way)",
+    )
     commit_timeout: Seconds = _setting(
         30.0,
         "database",

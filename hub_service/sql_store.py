@@ -69,12 +69,14 @@ class SqlStore:
         reader_threads: int = 4,
         busy_timeout: float = 5.0,
         commit_timeout: float = 30.0,
+        auto_upgrade: bool = True,
     ) -> None:
         """`writer`: "thread", or "process" for commits in a child process (`HubConfig.writer`
         says which the hub uses), each answered within `commit_timeout` seconds or UNAVAILABLE."""
         if writer not in WRITERS:
             raise ValueError(f"writer must be 'thread' or 'process', not {writer!r}")
         self.database_url = database_url
+        self.auto_upgrade = auto_upgrade  # at open: else a schema not this hub's is refused
         self.policy = policy or collab.Policy()
         self._engine = make_engine(database_url, int(busy_timeout * 1000))
         # The thread writer's commits, and the schema and head at open in either mode.
@@ -129,8 +131,11 @@ class SqlStore:
             await self.writer_process.start()
 
     def _create_schema(self) -> None:
-        """Bring the database's schema up to this hub's (the migrations' hook)."""
-        SQLModel.metadata.create_all(self._engine)
+        """Bring the database's schema up to this hub's, or refuse one this hub cannot use."""
+        # Imported here: a writer child (which never migrates) starts without Alembic.
+        from . import schema
+
+        schema.ensure(self._engine, self.auto_upgrade)
 
     async def close(self) -> None:
         if self.writer_process is not None:

@@ -26,7 +26,7 @@ from .models import (
     ReceivedMessageRow,
     artifact_row,
 )
-from .outcomes import Outcome
+from .state import Receipt
 
 
 class SqlTx:
@@ -40,7 +40,7 @@ class SqlTx:
         now: datetime,
         next_seq: Callable[[], int],
         policy: collab.Policy,
-        received: dict[tuple[str, str], Outcome],
+        received: dict[tuple[str, str], Receipt],
     ) -> None:
         self.session = session
         self.now = now
@@ -73,11 +73,12 @@ class SqlTx:
     def add_artifact(self, artifact: pb.Artifact, seq: int) -> None:
         self._append(ArtifactRow, **artifact_row(artifact, seq, self.now))
 
-    def receipt(self, agent_id: str, message_id: str) -> Outcome | None:
+    def receipt(self, agent_id: str, message_id: str) -> Receipt | None:
         return self._received.get((agent_id, message_id))
 
-    def remember(self, agent_id: str, message_id: str, outcome: Outcome) -> None:
-        self._received[(agent_id, message_id)] = outcome
+    def remember(self, agent_id: str, message_id: str, receipt: Receipt) -> None:
+        self._received[(agent_id, message_id)] = receipt
+        outcome, fingerprint = receipt
         self._append(
             ReceivedMessageRow,
             agent_id=agent_id,
@@ -85,6 +86,7 @@ class SqlTx:
             seq=outcome.seq,
             resource_id=outcome.resource_id,
             created_at=self.now,
+            fingerprint=fingerprint,
         )
 
     # --- rows the commands change ------------------------------------------------

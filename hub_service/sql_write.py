@@ -19,7 +19,7 @@ from .errors import HubError, unavailable
 from .models import EventRow, utcnow
 from .outcomes import Outcome
 from .sql_tx import SqlTx
-from .state import Command
+from .state import Command, Receipt
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +122,14 @@ class SqlWriter:
 
     def _received(
         self, connection: Connection, commands: Sequence[Command]
-    ) -> dict[tuple[str, str], Outcome]:
+    ) -> dict[tuple[str, str], Receipt]:
         """The receipts already given for this batch's message ids, in one query."""
         keys = sorted({(c.agent_id, c.message_id) for c in commands if c.message_id})
         return {
-            (agent_id, message_id): Outcome(seq=seq, resource_id=resource_id)
-            for agent_id, message_id, seq, resource_id in self._bulk.received(connection, keys)
+            (agent_id, message_id): (Outcome(seq=seq, resource_id=resource_id), fingerprint)
+            for agent_id, message_id, seq, resource_id, fingerprint in self._bulk.received(
+                connection, keys
+            )
         }
 
     def dispose(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -107,11 +107,16 @@ class StateTx(Protocol):
 
     def put_delivery(self, row: FeatureDeliveryRow) -> None: ...
 
-    def receipt(self, agent_id: str, message_id: str) -> Outcome | None:
+    def receipt(self, agent_id: str, message_id: str) -> Receipt | None:
         """The receipt already given for this message id (idempotency ledger)."""
         ...
 
-    def remember(self, agent_id: str, message_id: str, outcome: Outcome) -> None: ...
+    def remember(self, agent_id: str, message_id: str, receipt: Receipt) -> None: ...
+
+
+# A ledger entry: the first outcome of a message id, and its body's fingerprint (None: a
+# ledger row from before fingerprints, or a command without one).
+Receipt: TypeAlias = tuple[Outcome, bytes | None]
 
 
 class Command(Protocol):
@@ -119,6 +124,9 @@ class Command(Protocol):
 
     agent_id: str
     message_id: str
+    # Of the message's body without its message_id (empty: none): a reused message_id with
+    # another body is refused, not answered with the first one's receipt.
+    fingerprint: bytes
 
     def apply(self, tx: StateTx) -> Outcome: ...
 

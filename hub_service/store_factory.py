@@ -27,4 +27,5 @@ def make_store(database_url: str, config: HubConfig | None = None) -> HubStore:
         policy=config.policy,
         busy_timeout=config.sqlite_busy_timeout,
         commit_timeout=config.commit_timeout,
+        auto_upgrade=config.auto_upgrade,
     )

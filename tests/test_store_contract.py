@@ -201,6 +201,7 @@ class Poison:
 
     agent_id: str = "a"
     message_id: str = "poison"
+    fingerprint: bytes = b""
 
     def apply(self, tx: StateTx) -> Outcome:
         raise RuntimeError("boom")

@@ -837,8 +837,12 @@ class ConnectRequest(_message.Message):
     message_id: _builtins.str
     """Client-chosen idempotency key, unique per agent (a UUID is a good
     choice), at most 128 characters. The receipt or error echoes it. A
-    repeated id is acknowledged again with the original receipt and is not
-    stored twice.
+    repeated id with the same body (the same kind and fields) is
+    acknowledged again with the original receipt (duplicate: true) and is
+    not stored twice. An id is for one message: reusing it for a different
+    body gets a RequestError ALREADY_EXISTS naming the first message's seq,
+    and nothing is stored. (Ids a hub recorded before schema revision 0002
+    have no fingerprint: their reuse is a plain duplicate.)
     """
     @_builtins.property
     def hello(self) -> Global___Hello:
