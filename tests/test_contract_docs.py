@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.features import FEATURE_CAPABILITIES
 from trainer_service.simulation.capabilities import (
     BASE_CAPABILITIES,
@@ -62,3 +63,52 @@ def test_routed_to_comment_points_at_the_routing_rule() -> None:
     comment = field_comment("FeatureRequestInfo", "routed_to")
     assert "RequestFeature.feature" in comment
     assert "Hello.capabilities" in comment
+
+
+# Every message a client fills in (ConnectRequest itself is only an envelope: its body is a
+# oneof of these, and its message_id comment states its own rule).
+REQUEST_MESSAGES = (
+    "Hello",
+    "SharePattern",
+    "ShareCodeComponent",
+    "ShareOsComponent",
+    "RequestFeature",
+    "DeliverFeature",
+    "ProposeCollaboration",
+    "AcceptCollaboration",
+    "DeclineCollaboration",
+    "ReportCollaborationProgress",
+    "CompleteCollaboration",
+    "RequestBatch",
+    "Pattern",
+    "CodeComponent",
+    "OsComponent",
+    "PerformanceMetrics",
+    "FeatureRequirements",
+    "ListAgentsRequest",
+    "ListArtifactsRequest",
+    "GetArtifactRequest",
+    "ListCollaborationsRequest",
+    "ListFeatureRequestsRequest",
+)
+
+
+def test_every_request_field_says_whether_it_is_required() -> None:
+    unmarked = [
+        f"{message}.{field.name}"
+        for message in REQUEST_MESSAGES
+        for field in pb.DESCRIPTOR.message_types_by_name[message].fields
+        if not field_comment(message, field.name).startswith(("Required", "Optional"))
+    ]
+    assert not unmarked, f"these comments say neither Required nor Optional: {unmarked}"
+
+
+def test_readme_routing_table_matches_the_code() -> None:
+    readme = (PROTO.parents[3] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z_]+)` \| (`[a-z_]+`(?:, `[a-z_]+`)*) \|$", readme, re.M))
+    documented = {
+        feature: set(re.findall(r"`([a-z_]+)`", rows[feature]))
+        for feature in FEATURE_CAPABILITIES
+        if feature in rows
+    }
+    assert documented == {f: set(c) for f, c in FEATURE_CAPABILITIES.items()}
