@@ -17,14 +17,27 @@ returns the original receipt.
 Query RPCs (ListAgents, ListArtifacts, ...) page through what the hub has
 stored; they need the same bearer token.
 
-Formats the hub checks (a violation is an INVALID_ARGUMENT naming the field):
-ids (agent_id, message_id, pattern_id, component_id, request_id,
-session_id) are 1-128 characters of letters, digits and `_ . : -`,
-starting with a letter or digit; kinds and names meant for machines
-(pattern_type, language, component_type, capabilities, feature, attribute
-keys) are lower_snake_case of at most 64 characters; fractions (confidence,
-progress, scores, coverage) are 0.0 to 1.0; free text is at most 4096
-characters and code at most 64 KiB; no string may contain NUL.
+Formats the hub checks (a violation is an INVALID_ARGUMENT naming the field).
+Each request field's comment says "Required." or "Optional." and which of
+these applies; the numbers are the hub's defaults (all configurable):
+- identifier: 1-128 characters of letters, digits and `_ . : -`, starting
+  with a letter or digit (agent_id, message_id, pattern_id, component_id,
+  request_id, session_id, target_agent_id);
+- machine name: lower_snake_case (`[a-z][a-z0-9_]*`) of at most 64
+  characters (pattern_type, language, component_type, capabilities,
+  feature, attribute keys);
+- name: at most 200 characters (CodeComponent.name, OsComponent.name,
+  Hello.version, each item of dependencies and test_cases; a required name
+  must not be blank);
+- free text: at most 4096 characters (descriptions, reasons, notes);
+- code: at most 64 KiB of UTF-8, not blank (code, implementation);
+- list: at most 64 items (capabilities, dependencies, test_cases);
+- attributes: at most 32 entries, keys machine names, values at most 1024
+  characters;
+- fraction: 0.0 to 1.0 (confidence, progress, scores, coverage, cpu_usage);
+- enum: a known value; where required, not the UNSPECIFIED (0) value.
+No string may contain NUL. An unset optional field is its default (empty,
+0, false).
 """
 
 from collections import abc as _abc
@@ -333,22 +346,25 @@ class Pattern(_message.Message):
     CONFIDENCE_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     pattern_id: _builtins.str
-    """The trainer's own id for the pattern (the hub assigns the artifact id)."""
+    """Required, an identifier: the trainer's own id for the pattern (the hub
+    assigns the artifact id).
+    """
     pattern_type: _builtins.str
-    """What kind of pattern, e.g. "networking_pattern"."""
+    """Required, a machine name: what kind of pattern, e.g. "networking_pattern"."""
     specialization: Global___Specialization.ValueType
-    """The specialization it belongs to."""
+    """Required (not SPECIALIZATION_UNSPECIFIED): the specialization it belongs to."""
     complexity: _builtins.float
-    """How complex it is, 0.0 to 1.0."""
+    """Optional: how complex it is, a fraction (0.0 to 1.0)."""
     reusability: _builtins.float
-    """How reusable it is, 0.0 to 1.0."""
+    """Optional: how reusable it is, a fraction (0.0 to 1.0)."""
     performance_impact: _builtins.float
-    """How much it affects performance, 0.0 to 1.0."""
+    """Optional: how much it affects performance, a fraction (0.0 to 1.0)."""
     confidence: _builtins.float
-    """The trainer's confidence in it, 0.0 to 1.0."""
+    """Optional: the trainer's confidence in it, a fraction (0.0 to 1.0)."""
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Free-form extra data; never a substitute for the typed fields.
+        """Optional: at most 32 entries, keys machine names, values at most 1024
+        characters. Free-form extra data; never a substitute for the typed fields.
         Keys starting with "hub_", and "collaboration_session_id", are reserved
         for the hub: a client's are refused (INVALID_ARGUMENT naming the entry).
         """
@@ -409,26 +425,31 @@ class CodeComponent(_message.Message):
     SPECIALIZATION_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     component_id: _builtins.str
-    """The trainer's own id for the component."""
+    """Required, an identifier: the trainer's own id for the component."""
     name: _builtins.str
-    """A short name, e.g. "networking_module"."""
+    """Required, a name (at most 200 characters, not blank), e.g.
+    "networking_module".
+    """
     language: _builtins.str
-    """The language of `code`, e.g. "c", "cpp", "rust"."""
+    """Required, a machine name: the language of `code`, e.g. "c", "cpp", "rust"."""
     code: _builtins.str
-    """The source code itself."""
+    """Required: the source code itself, at most 64 KiB of UTF-8, not blank."""
     test_coverage: _builtins.float
-    """Fraction of the code covered by tests, 0.0 to 1.0."""
+    """Optional: fraction of the code covered by tests (0.0 to 1.0)."""
     performance_score: _builtins.float
-    """How well it performs, 0.0 to 1.0."""
+    """Optional: how well it performs, a fraction (0.0 to 1.0)."""
     specialization: Global___Specialization.ValueType
-    """The specialization it belongs to."""
+    """Required (not SPECIALIZATION_UNSPECIFIED): the specialization it belongs to."""
     @_builtins.property
     def dependencies(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Names of the components or libraries it depends on."""
+        """Optional: at most 64 names (each 1-200 characters, not blank) of the
+        components or libraries it depends on.
+        """
 
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Free-form extra data.
+        """Optional: at most 32 entries, keys machine names, values at most 1024
+        characters. Free-form extra data.
         Keys starting with "hub_", and "collaboration_session_id", are reserved
         for the hub: a client's are refused (INVALID_ARGUMENT naming the entry).
         """
@@ -464,11 +485,11 @@ class PerformanceMetrics(_message.Message):
     MEMORY_KIB_FIELD_NUMBER: _builtins.int
     EXECUTION_TIME_SECONDS_FIELD_NUMBER: _builtins.int
     cpu_usage: _builtins.float
-    """Fraction of one CPU used, 0.0 to 1.0."""
+    """Optional: fraction of one CPU used (0.0 to 1.0)."""
     memory_kib: _builtins.float
-    """Resident memory in kibibytes."""
+    """Optional: resident memory in kibibytes, a finite number >= 0."""
     execution_time_seconds: _builtins.float
-    """Time for one operation, in seconds."""
+    """Optional: time for one operation, in seconds, a finite number >= 0."""
     def __init__(
         self,
         *,
@@ -523,32 +544,41 @@ class OsComponent(_message.Message):
     QUALITY_SCORE_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     component_id: _builtins.str
-    """The trainer's own id for the component."""
+    """Required, an identifier: the trainer's own id for the component."""
     name: _builtins.str
-    """A short name, e.g. "memory_allocator"."""
+    """Required, a name (at most 200 characters, not blank), e.g.
+    "memory_allocator".
+    """
     component_type: _builtins.str
-    """What it is, e.g. "os_feature" or "collaborative_component"."""
+    """Required, a machine name: what it is, e.g. "os_feature" or
+    "collaborative_component".
+    """
     language: _builtins.str
-    """The language of `implementation`."""
+    """Required, a machine name: the language of `implementation`."""
     implementation: _builtins.str
-    """The source code."""
+    """Required: the source code, at most 64 KiB of UTF-8, not blank."""
     quality_score: _builtins.float
-    """Overall quality, 0.0 to 1.0."""
+    """Optional: overall quality, a fraction (0.0 to 1.0)."""
     @_builtins.property
     def specializations(self) -> _containers.RepeatedScalarFieldContainer[Global___Specialization.ValueType]:
-        """The specializations that built it (two for a collaboration)."""
+        """Required: 1 to 9 known specializations, none UNSPECIFIED: those that
+        built it (two for a collaboration).
+        """
 
     @_builtins.property
     def test_cases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Names of the test cases that cover it."""
+        """Optional: at most 64 names (each 1-200 characters, not blank) of the test
+        cases that cover it.
+        """
 
     @_builtins.property
     def performance_metrics(self) -> Global___PerformanceMetrics:
-        """What it costs to run."""
+        """Optional: what it costs to run."""
 
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Free-form extra data.
+        """Optional: at most 32 entries, keys machine names, values at most 1024
+        characters. Free-form extra data.
         Keys starting with "hub_", and "collaboration_session_id", are reserved
         for the hub: a client's are refused (INVALID_ARGUMENT naming the entry).
         The hub sets "collaboration_session_id" to the session id on the
@@ -646,11 +676,11 @@ class FeatureRequirements(_message.Message):
     COMPATIBILITY_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     performance: Global___PerformanceLevel.ValueType
-    """How fast it must be."""
+    """Required (not PERFORMANCE_LEVEL_UNSPECIFIED): how fast it must be."""
     compatibility: Global___Specialization.ValueType
-    """The specialization it must fit with."""
+    """Optional (UNSPECIFIED: any): the specialization it must fit with."""
     priority: Global___Priority.ValueType
-    """How urgent it is."""
+    """Required (not PRIORITY_UNSPECIFIED): how urgent it is."""
     def __init__(
         self,
         *,
@@ -700,7 +730,12 @@ class FeatureRequestInfo(_message.Message):
 
     @_builtins.property
     def routed_to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The agents it was routed to; empty when it went to every other agent."""
+        """The agents it was routed to, sorted: every agent other than the
+        requester whose announced capabilities (`Hello.capabilities`) include one
+        of the feature's (the table is on `RequestFeature.feature`, e.g.
+        file_cache: file_operations, storage_management). Empty when it went to
+        every other agent: the feature is not in that table or nobody fit it.
+        """
 
     def __init__(
         self,
@@ -929,10 +964,12 @@ class RequestBatch(_message.Message):
     or error) by its own `message_id`, and one bad request does not affect the
     others. Each counts against the stream's in-flight window.
 
-    The batch's own `message_id` is used only to refuse the whole batch (empty,
-    more than `Welcome.max_batch_requests` requests, or a request inside that is
-    a `hello` or another batch): then one error answers that id and none of the
-    requests is handled.
+    The batch's own `message_id` (Required, an identifier) is used only to
+    refuse the whole batch (empty, more than `Welcome.max_batch_requests`
+    requests, or a request inside that is a `hello` or another batch): then one
+    INVALID_ARGUMENT error answers that id and none of the requests is handled.
+    A well-formed batch's own `message_id` never gets an answer (no receipt, no
+    error): wait for the answers to the requests' ids instead.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -940,7 +977,9 @@ class RequestBatch(_message.Message):
     REQUESTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectRequest]:
-        """The requests, handled in this order."""
+        """Required: 1 to `Welcome.max_batch_requests` (64) requests, none a `hello`
+        or a `batch`, each with its own `message_id`. Handled in this order.
+        """
 
     def __init__(
         self,
@@ -957,7 +996,25 @@ Global___RequestBatch: _TypeAlias = RequestBatch  # noqa: Y015
 
 @_typing.final
 class Hello(_message.Message):
-    """Opens the session: who the trainer is and where it left off."""
+    """Opens the session: who the trainer is and where it left off. It must be the
+    first message of the stream; its `ConnectRequest.message_id` is optional
+    (checked as an identifier when set) because Hello is answered by `Welcome`,
+    never by a receipt.
+
+    A bad Hello ends the call with a status (no `RequestError`, no Welcome):
+    - no first message within the hello timeout (10 s): DEADLINE_EXCEEDED;
+    - the stream half-closed before any message: FAILED_PRECONDITION;
+    - a first message that is not a decodable ConnectRequest: INVALID_ARGUMENT;
+    - a first message that is not `hello` (or has no body): FAILED_PRECONDITION;
+    - a Hello field (or its `message_id`) breaking the rules below:
+      INVALID_ARGUMENT, the status message naming each field;
+    - an `agent_id` other than the token's: PERMISSION_DENIED;
+    - over the agent's connect rate or the hub's connection limit (checked
+      after a valid Hello): RESOURCE_EXHAUSTED.
+    A second Hello on an open stream does not end it: it is refused like any
+    bad message, with a RequestError FAILED_PRECONDITION ("hello may be sent
+    only once, as the first message") for its `message_id`.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -968,23 +1025,52 @@ class Hello(_message.Message):
     RESUME_AFTER_SEQ_FIELD_NUMBER: _builtins.int
     SKIP_HISTORY_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
-    """Must equal the agent id bound to the token, else PERMISSION_DENIED."""
+    """Required, an identifier; must equal the agent id bound to the token,
+    else PERMISSION_DENIED.
+    """
     specialization: Global___Specialization.ValueType
-    """What the agent specialises in; required."""
+    """Required (not SPECIALIZATION_UNSPECIFIED): what the agent specialises in."""
     version: _builtins.str
-    """The trainer's software version, e.g. "1.0.0"."""
+    """Optional: the trainer's software version, e.g. "1.0.0"; at most 200
+    characters.
+    """
     resume_after_seq: _builtins.int
-    """The last event `seq` this agent processed; 0 for a fresh start. The hub
-    replays every later event the agent is entitled to before going live.
+    """Optional: the last event `seq` this agent processed; 0 for a fresh
+    start; below 2^63. The hub replays every later event the agent is
+    entitled to before going live.
     """
     skip_history: _builtins.bool
-    """Replay nothing: start with the events after the hub's current head. For a
-    trainer with no saved state that does not want the network's history;
-    a reconnect should resume by `resume_after_seq` instead.
+    """Optional: replay nothing: start with the events after the hub's current
+    head. For a trainer with no saved state that does not want the network's
+    history; a reconnect should resume by `resume_after_seq` instead.
     """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Capability names, e.g. "network_protocols"; lower_snake_case."""
+        """Optional: at most 64 capability names, each a machine name (at most 64
+        characters of lower_snake_case). Feature routing matches them exactly,
+        by name (see `RequestFeature.feature`): a request for a feature goes to
+        the agents that announced one of that feature's capabilities, not to an
+        agent announcing the feature's own name (announcing "file_cache" attracts
+        no "file_cache" request; "file_operations" does). The hub keeps the list
+        of each agent's last Hello, online or not.
+
+        The capabilities that route features: memory_management;
+        file_operations, storage_management; network_protocols, communication;
+        graphics_rendering, display_management; audio_processing,
+        sound_synthesis; security_analysis, access_control, encryption. Any
+        other name is accepted and shown in AgentInfo, but routes nothing.
+
+        What the reference trainers announce: every specialization
+        pattern_recognition, code_generation and os_development, plus
+        window_manager: gui_development, window_management, user_interface;
+        file_system: file_operations, storage_management, data_structures;
+        process_manager: process_scheduling, memory_management, system_calls;
+        security: security_analysis, encryption, access_control;
+        networking: network_protocols, distributed_systems, communication;
+        graphics: graphics_rendering, visual_effects, display_management;
+        audio: audio_processing, sound_synthesis, media_handling;
+        performance: optimization, benchmarking, performance_analysis.
+        """
 
     def __init__(
         self,
@@ -1013,7 +1099,9 @@ class SharePattern(_message.Message):
     PATTERN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def pattern(self) -> Global___Pattern:
-        """The pattern to share."""
+        """Required: the pattern to share (its fields are checked as commented
+        there).
+        """
 
     def __init__(
         self,
@@ -1037,7 +1125,9 @@ class ShareCodeComponent(_message.Message):
     CODE_COMPONENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def code_component(self) -> Global___CodeComponent:
-        """The component to share."""
+        """Required: the component to share (its fields are checked as commented
+        there).
+        """
 
     def __init__(
         self,
@@ -1061,7 +1151,9 @@ class ShareOsComponent(_message.Message):
     OS_COMPONENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def os_component(self) -> Global___OsComponent:
-        """The component to share."""
+        """Required: the component to share (its fields are checked as commented
+        there).
+        """
 
     def __init__(
         self,
@@ -1089,12 +1181,25 @@ class RequestFeature(_message.Message):
     REQUIREMENTS_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     feature: _builtins.str
-    """The feature wanted, e.g. "memory_allocator"; lower_snake_case."""
+    """Required, a machine name (lower_snake_case, at most 64 characters), e.g.
+    "memory_allocator". The hub routes it to every agent it knows, other than
+    you, whose last Hello announced at least one of the feature's
+    capabilities (exact names):
+    - memory_allocator: memory_management;
+    - file_cache: file_operations, storage_management;
+    - network_stack: network_protocols, communication;
+    - graphics_driver: graphics_rendering, display_management;
+    - audio_mixer: audio_processing, sound_synthesis;
+    - security_module: security_analysis, access_control, encryption.
+    Any other feature name is accepted but fits nobody, so it goes to every
+    other agent, as does a known feature that no agent fits
+    (`FeatureRequestInfo.routed_to` is then empty).
+    """
     description: _builtins.str
-    """Free text for the builder."""
+    """Optional: free text for the builder, at most 4096 characters."""
     @_builtins.property
     def requirements(self) -> Global___FeatureRequirements:
-        """What it must satisfy."""
+        """Required: what it must satisfy."""
 
     def __init__(
         self,
@@ -1130,10 +1235,10 @@ class DeliverFeature(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     COMPONENT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """The request being answered."""
+    """Required, an identifier: the request being answered."""
     @_builtins.property
     def component(self) -> Global___OsComponent:
-        """The built feature."""
+        """Required: the built feature."""
 
     def __init__(
         self,
@@ -1170,11 +1275,13 @@ class ProposeCollaboration(_message.Message):
     TYPE_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     target_agent_id: _builtins.str
-    """The agent to collaborate with; must be known to the hub and not you."""
+    """Required, an identifier: the agent to collaborate with; must be known to
+    the hub (else NOT_FOUND) and not you (else FAILED_PRECONDITION).
+    """
     type: Global___CollaborationType.ValueType
-    """What kind of collaboration."""
+    """Required (not COLLABORATION_TYPE_UNSPECIFIED): what kind of collaboration."""
     description: _builtins.str
-    """What the collaboration is about."""
+    """Optional: what the collaboration is about, at most 4096 characters."""
     def __init__(
         self,
         *,
@@ -1201,7 +1308,7 @@ class AcceptCollaboration(_message.Message):
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """The session to accept."""
+    """Required, an identifier: the session to accept."""
     def __init__(
         self,
         *,
@@ -1224,9 +1331,11 @@ class DeclineCollaboration(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """The session to decline."""
+    """Required, an identifier: the session to decline."""
     reason: _builtins.str
-    """Why, for the initiator."""
+    """Optional: why, for the initiator, at most 4096 characters (the session's
+    `end_reason`; "declined by <agent>" when empty).
+    """
     def __init__(
         self,
         *,
@@ -1251,11 +1360,11 @@ class ReportCollaborationProgress(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """The session."""
+    """Required, an identifier: the session."""
     progress: _builtins.float
-    """Overall progress so far, 0.0 to 1.0."""
+    """Optional: overall progress so far, a fraction (0.0 to 1.0)."""
     note: _builtins.str
-    """What was done."""
+    """Optional: what was done, at most 4096 characters."""
     def __init__(
         self,
         *,
@@ -1273,10 +1382,24 @@ Global___ReportCollaborationProgress: _TypeAlias = ReportCollaborationProgress  
 
 @_typing.final
 class CompleteCollaboration(_message.Message):
-    """Completes an active collaboration you are a partner of. The hub stores the
-    component as an OS-component artifact, shares it with every other agent
-    and marks the session COMPLETED; the receipt's `resource_id` is the
-    artifact id.
+    """Completes an active collaboration you are a partner of. Either partner may
+    complete it (the hub does not wait for both); by convention, and in the
+    reference trainers, the target that accepted does the work, reports
+    progress and completes, while the initiator waits for the
+    `CollaborationUpdated` in state COMPLETED. The hub stores the component as
+    an OS-component artifact (setting its "collaboration_session_id"
+    attribute), and commits two events: first `artifact_shared` (to every agent
+    but the completer), then `collaboration_updated` in state COMPLETED (to
+    both partners). The receipt's `seq` is the later one, the
+    `collaboration_updated`'s; its `resource_id` is the artifact id.
+
+    If nobody completes it: an ACTIVE session expires (state EXPIRED, an
+    `end_reason`, a `collaboration_updated` to both partners) once no step
+    (accept or progress report) has come for the activity TTL (300 s), or once
+    a partner has been offline for the partner-offline grace (30 s);
+    `Collaboration.expire_time` says when. A step on a session past its
+    deadline is FAILED_PRECONDITION; so is completing a session that is not
+    ACTIVE. A non-partner gets PERMISSION_DENIED.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1284,10 +1407,10 @@ class CompleteCollaboration(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     COMPONENT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
-    """The session."""
+    """Required, an identifier: the session."""
     @_builtins.property
     def component(self) -> Global___OsComponent:
-        """The collaborative component the partners built."""
+        """Required: the collaborative component the partners built."""
 
     def __init__(
         self,
@@ -1918,11 +2041,15 @@ class ListAgentsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     online_only: _builtins.bool
-    """Only agents with a live stream."""
+    """Optional: only agents with a live stream."""
     page_size: _builtins.int
-    """At most this many (default 50, at most 500)."""
+    """Optional: at most this many (0: the default, 50; larger than 500 means
+    500; negative: INVALID_ARGUMENT).
+    """
     page_token: _builtins.str
-    """`next_page_token` of the previous page; empty for the first."""
+    """Optional: `next_page_token` of the previous page; empty for the first
+    (any other value: INVALID_ARGUMENT).
+    """
     def __init__(
         self,
         *,
@@ -1985,15 +2112,21 @@ class ListArtifactsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     kind: Global___ArtifactKind.ValueType
-    """Only this kind."""
+    """Optional: only this kind (an unknown value: INVALID_ARGUMENT)."""
     specialization: Global___Specialization.ValueType
-    """Only artifacts of this specialization."""
+    """Optional: only artifacts of this specialization (an unknown value:
+    INVALID_ARGUMENT).
+    """
     contributor_id: _builtins.str
-    """Only artifacts shared by this agent."""
+    """Optional: only artifacts shared by this agent."""
     page_size: _builtins.int
-    """At most this many (default 50, at most 500)."""
+    """Optional: at most this many (0: the default, 50; larger than 500 means
+    500; negative: INVALID_ARGUMENT).
+    """
     page_token: _builtins.str
-    """`next_page_token` of the previous page; empty for the first."""
+    """Optional: `next_page_token` of the previous page; empty for the first
+    (any other value: INVALID_ARGUMENT).
+    """
     def __init__(
         self,
         *,
@@ -2054,7 +2187,7 @@ class GetArtifactRequest(_message.Message):
 
     ARTIFACT_ID_FIELD_NUMBER: _builtins.int
     artifact_id: _builtins.str
-    """The hub-assigned id."""
+    """Required: the hub-assigned id (unknown: NOT_FOUND)."""
     def __init__(
         self,
         *,
@@ -2103,13 +2236,17 @@ class ListCollaborationsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
-    """Only sessions this agent is a partner of."""
+    """Optional: only sessions this agent is a partner of."""
     state: Global___CollaborationState.ValueType
-    """Only sessions in this state."""
+    """Optional: only sessions in this state (an unknown value: INVALID_ARGUMENT)."""
     page_size: _builtins.int
-    """At most this many (default 50, at most 500)."""
+    """Optional: at most this many (0: the default, 50; larger than 500 means
+    500; negative: INVALID_ARGUMENT).
+    """
     page_token: _builtins.str
-    """`next_page_token` of the previous page; empty for the first."""
+    """Optional: `next_page_token` of the previous page; empty for the first
+    (any other value: INVALID_ARGUMENT).
+    """
     def __init__(
         self,
         *,
@@ -2171,11 +2308,15 @@ class ListFeatureRequestsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     requester_id: _builtins.str
-    """Only requests made by this agent."""
+    """Optional: only requests made by this agent."""
     page_size: _builtins.int
-    """At most this many (default 50, at most 500)."""
+    """Optional: at most this many (0: the default, 50; larger than 500 means
+    500; negative: INVALID_ARGUMENT).
+    """
     page_token: _builtins.str
-    """`next_page_token` of the previous page; empty for the first."""
+    """Optional: `next_page_token` of the previous page; empty for the first
+    (any other value: INVALID_ARGUMENT).
+    """
     def __init__(
         self,
         *,
@@ -2228,7 +2369,7 @@ Global___ListFeatureRequestsResponse: _TypeAlias = ListFeatureRequestsResponse  
 
 @_typing.final
 class GetHubStatsRequest(_message.Message):
-    """Request for GetHubStats."""
+    """Request for GetHubStats. It has no fields."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -17,14 +17,27 @@ returns the original receipt.
 Query RPCs (ListAgents, ListArtifacts, ...) page through what the hub has
 stored; they need the same bearer token.
 
-Formats the hub checks (a violation is an INVALID_ARGUMENT naming the field):
-ids (agent_id, message_id, pattern_id, component_id, request_id,
-session_id) are 1-128 characters of letters, digits and `_ . : -`,
-starting with a letter or digit; kinds and names meant for machines
-(pattern_type, language, component_type, capabilities, feature, attribute
-keys) are lower_snake_case of at most 64 characters; fractions (confidence,
-progress, scores, coverage) are 0.0 to 1.0; free text is at most 4096
-characters and code at most 64 KiB; no string may contain NUL.
+Formats the hub checks (a violation is an INVALID_ARGUMENT naming the field).
+Each request field's comment says "Required." or "Optional." and which of
+these applies; the numbers are the hub's defaults (all configurable):
+- identifier: 1-128 characters of letters, digits and `_ . : -`, starting
+  with a letter or digit (agent_id, message_id, pattern_id, component_id,
+  request_id, session_id, target_agent_id);
+- machine name: lower_snake_case (`[a-z][a-z0-9_]*`) of at most 64
+  characters (pattern_type, language, component_type, capabilities,
+  feature, attribute keys);
+- name: at most 200 characters (CodeComponent.name, OsComponent.name,
+  Hello.version, each item of dependencies and test_cases; a required name
+  must not be blank);
+- free text: at most 4096 characters (descriptions, reasons, notes);
+- code: at most 64 KiB of UTF-8, not blank (code, implementation);
+- list: at most 64 items (capabilities, dependencies, test_cases);
+- attributes: at most 32 entries, keys machine names, values at most 1024
+  characters;
+- fraction: 0.0 to 1.0 (confidence, progress, scores, coverage, cpu_usage);
+- enum: a known value; where required, not the UNSPECIFIED (0) value.
+No string may contain NUL. An unset optional field is its default (empty,
+0, false).
 """
 
 from collections import abc as _abc
