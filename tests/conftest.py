@@ -301,3 +301,13 @@ class HubProcess(TestHub):
             env={"KERNELHUB_LOG_LEVEL": "WARNING", **env},
             stop_timeout=60.0,
         )
+
+
+def varint(value: int) -> bytes:
+    """A protobuf varint, for writing wire bytes by hand (unknown fields, hostile input)."""
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)

@@ -43,7 +43,18 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 from generated.kernelhub.v1 import hub_pb2_grpc
 from hub_service import paging
 
-from .conftest import EOF, KINDS, WAIT, HubHarness, RawTrainer, async_stub, auth, hello, pattern
+from .conftest import (
+    EOF,
+    KINDS,
+    WAIT,
+    HubHarness,
+    RawTrainer,
+    async_stub,
+    auth,
+    hello,
+    pattern,
+    varint,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # Seconds a call may take before it counts as a hang. Every call here takes well under a
@@ -471,15 +482,6 @@ fuzz_hello = message(
 )
 
 MAX_BATCH = 64  # Limits.max_batch_requests, the hub's default
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 def unknown_field(number: int, wire_type: int, size: int) -> bytes:

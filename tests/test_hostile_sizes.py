@@ -22,20 +22,20 @@ from hub_service.collaboration import Policy
 from hub_service.config import HubConfig
 from hub_service.server import HubServer
 
-from .conftest import WAIT, HubHarness, code_component, hello, make_config, os_component, pattern
+from .conftest import (
+    WAIT,
+    HubHarness,
+    code_component,
+    hello,
+    make_config,
+    os_component,
+    pattern,
+    varint,
+)
 
 MIB = 1024 * 1024
 FOUR_BYTE = "\U0001f600"  # one character, four bytes of UTF-8
 MAX_TEXT = FOUR_BYTE * 4096  # Limits.max_text_length characters: 16 KiB
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 def nested(number: int, payload: bytes) -> bytes:

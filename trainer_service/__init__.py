@@ -4,43 +4,9 @@ whose public names are re-exported here) and the simulated trainers built on it
 
 import importlib.metadata
 
-from trainer_service.sdk import (
-    DEFAULT_TARGET,
-    AlreadyExists,
-    ClientClosed,
-    ConnectionLost,
-    DeadlineExceeded,
-    FailedPrecondition,
-    HubClient,
-    HubError,
-    Inbound,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    ResourceExhausted,
-    Superseded,
-    Unauthenticated,
-    Unavailable,
-)
+from trainer_service import sdk
+from trainer_service.sdk import *  # noqa: F403  # the SDK's public names, listed once there
 
 __version__ = importlib.metadata.version("kernelhub")  # pyproject.toml is the one source
 
-__all__ = [
-    "DEFAULT_TARGET",
-    "AlreadyExists",
-    "ClientClosed",
-    "ConnectionLost",
-    "DeadlineExceeded",
-    "FailedPrecondition",
-    "HubClient",
-    "HubError",
-    "Inbound",
-    "InvalidArgument",
-    "NotFound",
-    "PermissionDenied",
-    "ResourceExhausted",
-    "Superseded",
-    "Unauthenticated",
-    "Unavailable",
-    "__version__",
-]
+__all__ = [*sdk.__all__, "__version__"]
