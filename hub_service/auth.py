@@ -11,7 +11,7 @@ from typing import Any, NoReturn, TypeAlias
 import grpc
 from google.protobuf.message import DecodeError
 
-from .errors import HubError
+from .errors import StatusError
 from .ratelimit import ThrottledLog
 from .tokens import hash_token
 
@@ -106,7 +106,7 @@ class _Decoding:
             method,
             context.peer(),
         )
-        error = HubError(grpc.StatusCode.INVALID_ARGUMENT, message)  # clipped to fit a trailer
+        error = StatusError(grpc.StatusCode.INVALID_ARGUMENT, message)  # clipped to fit a trailer
         await context.abort(error.code, error.message)
         raise AssertionError("context.abort returns only by raising")  # pragma: no cover
 
@@ -192,7 +192,7 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  
             )
         try:
             agent_id = await self._authenticate(token)
-        except HubError as error:  # the token store is unreachable
+        except StatusError as error:  # the token store is unreachable
             return _refusal(handler, error.code, error.message)
         if agent_id is None:
             return _refusal(

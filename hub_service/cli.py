@@ -18,7 +18,7 @@ from typing import Any
 from . import db_admin
 from .config import HubConfig
 from .durations import parse_duration
-from .errors import HubError
+from .errors import StatusError
 from .server import HubServer
 from .settings import (
     DURATIONS,
@@ -155,7 +155,7 @@ async def _serve(config: HubConfig) -> int:
     hub = HubServer(config)
     try:
         await hub.start()
-    except Exception as exc:  # a port in use, a missing certificate, the database (HubError)
+    except Exception as exc:  # a port in use, a missing certificate, the database (StatusError)
         # Whatever stops a start is the operator's to fix: say what, in one line, not a
         # traceback.
         logging.getLogger(__name__).error(
@@ -179,7 +179,7 @@ async def _tokens(args: argparse.Namespace, database_url: str) -> int:
         for agent_id in args.agent_id:
             try:
                 validate_agent_id(agent_id, Limits())
-            except HubError as error:
+            except StatusError as error:
                 print(
                     f"kernelhub-hub: cannot issue a token for {agent_id!r}: {error.message}",
                     file=sys.stderr,

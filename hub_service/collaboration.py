@@ -70,7 +70,7 @@ class Policy:
 def advance(
     *, session_id: str, state: int, initiator: str, target: str, actor: str, step: Step
 ) -> int:
-    """The state after `actor` takes `step`, or the HubError that says why not."""
+    """The state after `actor` takes `step`, or the StatusError that says why not."""
     if actor not in (initiator, target):
         raise permission_denied(f"{actor} is not a partner of collaboration {session_id}")
     if step in _TARGET_ONLY and actor != target:

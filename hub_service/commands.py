@@ -2,7 +2,7 @@
 
 Each command's `apply` acts on a `state.StateTx`, which the in-memory and the SQL store
 both implement: no rule knows how the state is stored. A command checks everything it
-needs *before* it writes, so a refused command raises `HubError` with nothing to undo and
+needs *before* it writes, so a refused command raises `StatusError` with nothing to undo and
 the other commands of the same group commit go on. Each command says which events it
 produced and who may receive them; the router delivers them once the commit is durable.
 """
@@ -18,7 +18,7 @@ import grpc
 from generated.kernelhub.v1 import hub_pb2 as pb
 
 from . import collaboration as collab
-from .errors import HubError, failed_precondition, not_found, permission_denied
+from .errors import StatusError, failed_precondition, not_found, permission_denied
 from .features import capable_agents, name_some
 from .models import (
     AgentRow,
@@ -44,7 +44,7 @@ def apply_command(tx: StateTx, command: Command) -> Outcome:
     if command.message_id and (seen := tx.receipt(command.agent_id, command.message_id)):
         first, fingerprint = seen
         if fingerprint and command.fingerprint and fingerprint != command.fingerprint:
-            raise HubError(
+            raise StatusError(
                 grpc.StatusCode.ALREADY_EXISTS,
                 f"message_id {command.message_id} was already used for a different message "
                 f"(seq {first.seq}); use a new message_id",
@@ -262,14 +262,14 @@ class DeliverFeature:
             )
         earlier = tx.delivery_by(request.request_id, self.agent_id)
         if earlier is not None:
-            raise HubError(
+            raise StatusError(
                 grpc.StatusCode.ALREADY_EXISTS,
                 f"you already delivered feature request {request.request_id} "
                 f"(artifact {earlier}); an agent delivers a request once",
             )
         limit = tx.policy.max_deliveries_per_request
         if request.delivery_count >= limit:
-            raise HubError(
+            raise StatusError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"feature request {request.request_id} already has {limit} deliveries "
                 "(the limit per request)",
@@ -314,7 +314,7 @@ def _check_taken_on(tx: StateTx, agent_id: str) -> None:
         target=agent_id, state=State.COLLABORATION_STATE_ACTIVE
     )
     if taken_on >= limit:
-        raise HubError(
+        raise StatusError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"agent {agent_id} already has {limit} open collaborations it proposed or accepted "
             "(the limit per agent); one must end first",
@@ -330,7 +330,7 @@ def _check_proposal_limits(tx: StateTx, initiator: str, target: str) -> None:
         initiator=target, target=initiator
     )
     if pair >= pair_limit:
-        raise HubError(
+        raise StatusError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"{initiator} and {target} already have {pair_limit} open collaborations together "
             "(the limit per pair of agents); one must end first",
@@ -338,7 +338,7 @@ def _check_proposal_limits(tx: StateTx, initiator: str, target: str) -> None:
     incoming_limit = tx.policy.max_incoming_proposals
     incoming = tx.count_open(target=target, state=State.COLLABORATION_STATE_PROPOSED)
     if incoming >= incoming_limit:
-        raise HubError(
+        raise StatusError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"agent {target} already has {incoming_limit} unanswered proposals "
             "(the limit of proposals waiting for one agent); try again later",

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 import grpc
 
-from .errors import HubError, unavailable
+from .errors import StatusError, unavailable
 from .outcomes import Outcome
 from .state import Command, HubStore
 
 log = logging.getLogger(__name__)
 
-Reply = Callable[[Outcome | HubError], None]
+Reply = Callable[[Outcome | StatusError], None]
 
 
 @dataclass(slots=True)
@@ -29,7 +29,7 @@ class _Pending:
     size: int = 0  # bytes of the message it came in, towards the batch's byte bound
     answered: bool = False
 
-    def answer(self, result: Outcome | HubError) -> None:
+    def answer(self, result: Outcome | StatusError) -> None:
         if self.answered:
             return
         self.answered = True
@@ -91,13 +91,13 @@ class GroupCommitter:
             pending.answer(unavailable("the hub shut down before committing this"))
 
     async def submit(self, command: Command) -> Outcome:
-        """Commit one command and wait for its outcome (a HubError is raised)."""
+        """Commit one command and wait for its outcome (a StatusError is raised)."""
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
 
-        def reply(result: Outcome | HubError) -> None:
+        def reply(result: Outcome | StatusError) -> None:
             if future.done():
                 return
-            if isinstance(result, HubError):
+            if isinstance(result, StatusError):
                 future.set_exception(result)
             else:
                 future.set_result(result)
@@ -128,14 +128,15 @@ class GroupCommitter:
                     break
                 batch.append(pending)
             try:
-                results: list[Outcome | HubError] = await self._store.commit(
+                results: list[Outcome | StatusError] = await self._store.commit(
                     [p.command for p in batch]
                 )
             except Exception as exc:  # the store could not even run the batch
                 log.exception("group commit failed")
                 results = [unavailable(f"commit failed: {exc}")] * len(batch)
             down = any(
-                isinstance(r, HubError) and r.code == grpc.StatusCode.UNAVAILABLE for r in results
+                isinstance(r, StatusError) and r.code == grpc.StatusCode.UNAVAILABLE
+                for r in results
             )
             if down:
                 # A failed COMMIT may still have been applied: never trust the live feed

@@ -23,7 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from generated.kernelhub.v1 import hub_pb2 as pb
 
 from . import paging
-from .errors import HubError
+from .errors import StatusError
 from .outcomes import Outcome
 from .ratelimit import ThrottledLog
 from .state import HubStore
@@ -124,8 +124,8 @@ class Connection:
         else:
             error = (
                 result
-                if isinstance(result, HubError)
-                else HubError(
+                if isinstance(result, StatusError)
+                else StatusError(
                     grpc.StatusCode.INTERNAL, f"the hub failed to handle this message: {result}"
                 )
             )
@@ -178,7 +178,7 @@ class Connection:
             if self.catching_up and not self._events and time.monotonic() >= self._retry_at:
                 try:
                     await self._read_back()
-                except HubError as error:
+                except StatusError as error:
                     # The log is unreadable for now (database down): keep the stream, keep
                     # answering, and try again shortly.
                     log.debug("%s: cannot read the event log: %s", self.agent_id, error.message)

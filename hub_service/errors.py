@@ -26,8 +26,9 @@ def _clip(text: str, limit: int) -> str:
     return encoded[: limit - 3].decode(errors="ignore") + "…"
 
 
-class HubError(Exception):
-    """A request the hub refuses, with the status code and the sentence that says why."""
+class StatusError(Exception):
+    """What the hub answers instead of a result: a gRPC status code, the sentence that says
+    why, and the bad fields. (The SDK's `HubError` is the client's side of the same answer.)"""
 
     def __init__(
         self,
@@ -47,7 +48,7 @@ class HubError(Exception):
 
     def __reduce__(
         self,
-    ) -> tuple[type[HubError], tuple[grpc.StatusCode, str, list[tuple[str, str]]]]:
+    ) -> tuple[type[StatusError], tuple[grpc.StatusCode, str, list[tuple[str, str]]]]:
         # Errors cross the pipe from the writer process; Exception's default would lose the code.
         return (type(self), (self.code, self.message, self.violations))
 
@@ -81,24 +82,26 @@ class HubError(Exception):
         return rpc_status.to_status(status)
 
 
-def invalid(violations: Sequence[tuple[str, str]]) -> HubError:
+def invalid(violations: Sequence[tuple[str, str]]) -> StatusError:
     """INVALID_ARGUMENT whose message lists every bad field."""
     shown = "; ".join(f"{field}: {why}" for field, why in violations[:5])
     more = f" (and {len(violations) - 5} more)" if len(violations) > 5 else ""
-    return HubError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {shown}{more}", violations)
+    return StatusError(
+        grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {shown}{more}", violations
+    )
 
 
-def not_found(what: str) -> HubError:
-    return HubError(grpc.StatusCode.NOT_FOUND, f"{what} not found")
+def not_found(what: str) -> StatusError:
+    return StatusError(grpc.StatusCode.NOT_FOUND, f"{what} not found")
 
 
-def failed_precondition(message: str) -> HubError:
-    return HubError(grpc.StatusCode.FAILED_PRECONDITION, message)
+def failed_precondition(message: str) -> StatusError:
+    return StatusError(grpc.StatusCode.FAILED_PRECONDITION, message)
 
 
-def permission_denied(message: str) -> HubError:
-    return HubError(grpc.StatusCode.PERMISSION_DENIED, message)
+def permission_denied(message: str) -> StatusError:
+    return StatusError(grpc.StatusCode.PERMISSION_DENIED, message)
 
 
-def unavailable(message: str) -> HubError:
-    return HubError(grpc.StatusCode.UNAVAILABLE, message)
+def unavailable(message: str) -> StatusError:
+    return StatusError(grpc.StatusCode.UNAVAILABLE, message)

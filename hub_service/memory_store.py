@@ -28,7 +28,7 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 from . import collaboration as collab
 from . import paging
 from .commands import apply_command
-from .errors import HubError, unavailable
+from .errors import StatusError, unavailable
 from .models import (
     AgentRow,
     ArtifactRow,
@@ -273,25 +273,25 @@ class MemoryStore:
 
     # --- writes -------------------------------------------------------------------
 
-    async def commit(self, commands: Sequence[Command]) -> list[Outcome | HubError]:
+    async def commit(self, commands: Sequence[Command]) -> list[Outcome | StatusError]:
         """`HubStore.commit`: each command on its own `MemoryTx`, all at one time."""
         if self._closed:
             return [unavailable("the hub's store is closed")] * len(commands)
         now = utcnow()
         now_pb = Timestamp()
         now_pb.FromDatetime(now)
-        results: list[Outcome | HubError] = []
+        results: list[Outcome | StatusError] = []
         for command in commands:
             tx = MemoryTx(self, now, now_pb)
             try:
                 outcome = apply_command(tx, command)
-            except HubError as error:
+            except StatusError as error:
                 results.append(error)
                 continue
             except Exception:
                 log.exception("command %s failed", type(command).__name__)
                 results.append(
-                    HubError(grpc.StatusCode.INTERNAL, "the hub failed to apply this message")
+                    StatusError(grpc.StatusCode.INTERNAL, "the hub failed to apply this message")
                 )
                 continue
             tx.merge()

@@ -11,7 +11,7 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from .errors import HubError, invalid
+from .errors import StatusError, invalid
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -41,8 +41,8 @@ def entry_bytes(message: Message) -> int:
     return size + 2 + (size.bit_length() + 6) // 7
 
 
-def too_large(what: str, size: int, max_bytes: int) -> HubError:
-    return HubError(
+def too_large(what: str, size: int, max_bytes: int) -> StatusError:
+    return StatusError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         f"{what} is {size} bytes, more than the {max_bytes} bytes one response may carry",
     )

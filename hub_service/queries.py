@@ -1,5 +1,5 @@
 """The query RPCs over the store: arguments checked, pages sized and bounded in bytes,
-answers built. Transport-agnostic: a HubError says what went wrong, the servicer sends it."""
+answers built. Transport-agnostic: a StatusError says what went wrong, the servicer sends it."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from . import commands as cmd
 from .auth import BearerAuthInterceptor
 from .committer import GroupCommitter
 from .config import HubConfig
-from .errors import HubError
+from .errors import StatusError
 from .router import Router
 from .servicer import HubServicer
 from .session import END_FLOOR
@@ -189,7 +189,7 @@ class HubServer:
             await asyncio.sleep(seconds)
             try:
                 await job()
-            except HubError as error:
+            except StatusError as error:
                 log.warning("%s: %s", getattr(job, "__name__", "periodic job"), error.message)
             except Exception:
                 log.exception("periodic job failed")

@@ -1,7 +1,7 @@
 """HubService over gRPC: each RPC delegates to the session, the syncs or the queries.
 
 Thin on purpose (Flower's servicer over a transport-agnostic handler): what is grpc here
-is the context and how a HubError becomes a status; the work is elsewhere.
+is the context and how a StatusError becomes a status; the work is elsewhere.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from generated.kernelhub.v1 import hub_pb2_grpc
 from . import paging
 from .committer import GroupCommitter
 from .config import HubConfig
-from .errors import HubError
+from .errors import StatusError
 from .queries import Queries
 from .router import Router
 from .session import Context, Sessions
@@ -30,13 +30,13 @@ Answer = TypeVar("Answer")
 def _rich_errors(
     method: Callable[[HubServicer, Query, Context], Awaitable[Answer]],
 ) -> Callable[[HubServicer, Query, Context], Awaitable[Answer]]:
-    """Answer a HubError with a rich status (BadRequest details that grpcurl prints)."""
+    """Answer a StatusError with a rich status (BadRequest details that grpcurl prints)."""
 
     @functools.wraps(method)
     async def wrapper(self: HubServicer, request: Query, context: Context) -> Answer:
         try:
             return await method(self, request, context)
-        except HubError as error:
+        except StatusError as error:
             await context.abort_with_status(error.to_status())
             raise  # abort_with_status raises; this keeps type checkers informed
 

@@ -26,7 +26,7 @@ from .auth import current_agent, current_token_hash
 from .committer import GroupCommitter
 from .config import HubConfig
 from .connection import Connection
-from .errors import HubError, permission_denied
+from .errors import StatusError, permission_denied
 from .messages import to_command
 from .outcomes import Outcome
 from .ratelimit import BucketTable, TokenBucket
@@ -128,7 +128,7 @@ class Sessions:
             for task in done:
                 if task is not ended and (exc := task.exception()) is not None:
                     raise exc
-        except HubError as error:
+        except StatusError as error:
             connection.end(error.code, error.message)
         finally:
             # Its own task: a client that cancels the RPC cancels this handler, and
@@ -171,7 +171,7 @@ class Sessions:
         if sender is not None:
             await self._stop_sender(connection, sender)
         if self._router.detach(connection):
-            with contextlib.suppress(HubError, TimeoutError):
+            with contextlib.suppress(StatusError, TimeoutError):
                 await asyncio.wait_for(
                     self._committer.submit(cmd.AgentOffline(connection.agent_id)),
                     self._config.shutdown_grace,
@@ -223,7 +223,7 @@ class Sessions:
                 raise permission_denied(
                     f"this token belongs to {agent_id}; it cannot say hello as {first.hello.agent_id}"
                 )
-        except HubError as error:
+        except StatusError as error:
             await context.abort(error.code, error.message)
         return first.hello
 
@@ -266,7 +266,7 @@ class Sessions:
         """Each request of a batch as if it had come alone; or one error for the batch."""
         try:
             validate_batch(batch, self._config.limits)
-        except HubError as error:
+        except StatusError as error:
             await connection.admit()
             # A refused batch costs a message of the rate too (a valid one costs its requests).
             limited = _rate_limited(bucket)
@@ -289,7 +289,7 @@ class Sessions:
                 partial(connection.answer, request.message_id),
                 request.ByteSize(),
             )
-        except HubError as error:
+        except StatusError as error:
             connection.answer(request.message_id, error)
 
     async def drain(self, timeout: float) -> None:
@@ -321,11 +321,11 @@ def _last_seen(online: Outcome) -> Timestamp | None:
     return None
 
 
-def _rate_limited(bucket: TokenBucket | None) -> HubError | None:
+def _rate_limited(bucket: TokenBucket | None) -> StatusError | None:
     """Takes one message's token from `bucket`; the refusal if there is none left."""
     if bucket is None or bucket.take():
         return None
-    return HubError(
+    return StatusError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         f"rate limit: at most {bucket.rate:g} messages/s (bursts of {bucket.burst:g}); "
         "resend this message_id later",

@@ -27,7 +27,7 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 
 from . import collaboration as collab
 from . import paging
-from .errors import HubError, unavailable
+from .errors import StatusError, unavailable
 from .models import (
     AgentRow,
     ArtifactRow,
@@ -146,12 +146,12 @@ class SqlStore:
 
     # --- writes -------------------------------------------------------------
 
-    async def commit(self, commands: Sequence[Command]) -> list[Outcome | HubError]:
+    async def commit(self, commands: Sequence[Command]) -> list[Outcome | StatusError]:
         """`HubStore.commit`, in the writer process or the writer thread."""
         if self.writer_process is not None:
             try:
                 return await self.writer_process.commit(commands)
-            except HubError as error:  # the child died, wedged or could not start
+            except StatusError as error:  # the child died, wedged or could not start
                 return [error] * len(commands)
         return await self._write(lambda: self.sql_writer.commit(commands))
 

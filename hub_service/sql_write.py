@@ -15,7 +15,7 @@ from sqlmodel import Session, create_engine, select
 from . import collaboration as collab
 from .bulk import BulkWriter
 from .commands import apply_command
-from .errors import HubError, unavailable
+from .errors import StatusError, unavailable
 from .models import EventRow, utcnow
 from .outcomes import Outcome
 from .sql_tx import SqlTx
@@ -75,10 +75,10 @@ class SqlWriter:
 
     def commit(
         self, commands: Sequence[Command], head_checked: bool = False
-    ) -> list[Outcome | HubError]:
+    ) -> list[Outcome | StatusError]:
         """Apply the commands in order in one transaction (group commit).
 
-        A refused command yields its HubError and the others still commit. If
+        A refused command yields its StatusError and the others still commit. If
         the transaction itself fails, each command is retried alone so one
         poisoned command cannot sink its batch-mates; a database that is down
         yields UNAVAILABLE for all (nothing was committed, so no receipt).
@@ -100,11 +100,13 @@ class SqlWriter:
                 return self.commit(commands, head_checked=True)
             if len(commands) == 1:
                 log.exception("command %s failed", type(commands[0]).__name__)
-                return [HubError(grpc.StatusCode.INTERNAL, "the hub failed to apply this message")]
+                return [
+                    StatusError(grpc.StatusCode.INTERNAL, "the hub failed to apply this message")
+                ]
         return [self.commit([command], head_checked=True)[0] for command in commands]
 
-    def _transaction(self, commands: Sequence[Command]) -> list[Outcome | HubError]:
-        results: list[Outcome | HubError] = []
+    def _transaction(self, commands: Sequence[Command]) -> list[Outcome | StatusError]:
+        results: list[Outcome | StatusError] = []
         with session(self.engine) as s:
             connection = s.connection()
             received = self._received(connection, commands)
@@ -112,7 +114,7 @@ class SqlWriter:
             for command in commands:
                 try:
                     results.append(apply_command(tx, command))
-                except HubError as error:
+                except StatusError as error:
                     results.append(error)
             s.flush()  # rows the commands changed through the ORM, before the appends
             for model, rows in tx.appends.items():

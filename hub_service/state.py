@@ -18,7 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from generated.kernelhub.v1 import hub_pb2 as pb
 
 from .collaboration import Policy
-from .errors import HubError
+from .errors import StatusError
 from .models import AgentRow, CollaborationRow, FeatureDeliveryRow, FeatureRequestRow, TokenRow
 from .outcomes import Outcome
 
@@ -137,8 +137,8 @@ class HubStore(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
 
-    async def commit(self, commands: Sequence[Command]) -> list[Outcome | HubError]:
-        """Apply the commands in order (group commit): a refused command yields its HubError
+    async def commit(self, commands: Sequence[Command]) -> list[Outcome | StatusError]:
+        """Apply the commands in order (group commit): a refused command yields its StatusError
         and the others still commit; a store that cannot commit yields UNAVAILABLE."""
         ...
 

@@ -240,7 +240,7 @@ def validate_batch(request: pb.ConnectRequest, limits: Limits) -> None:
 
 
 def validate(request: pb.ConnectRequest, limits: Limits) -> str:
-    """Raise `HubError(INVALID_ARGUMENT)` listing every bad field; return the body's name."""
+    """Raise `StatusError(INVALID_ARGUMENT)` listing every bad field; return the body's name."""
     check = _Checker(limits)
     check.identifier("message_id", request.message_id)
     kind = request.WhichOneof("body")

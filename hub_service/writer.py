@@ -36,7 +36,7 @@ from multiprocessing.util import Finalize
 from typing import Any
 
 from .collaboration import Policy
-from .errors import HubError, unavailable
+from .errors import StatusError, unavailable
 from .outcomes import Outcome
 from .sql_write import SqlWriter, make_engine
 from .state import Command
@@ -101,14 +101,14 @@ class WriterProcess:
         async with self._lock:
             await self._start()
 
-    async def commit(self, commands: Sequence[Command]) -> list[Outcome | HubError]:
+    async def commit(self, commands: Sequence[Command]) -> list[Outcome | StatusError]:
         async with self._lock:
             if self._closed:
                 raise unavailable("the hub's store is closed")
             try:
                 async with asyncio.timeout(self._commit_timeout):
                     await self._deliver(list(commands))
-                    results: list[Outcome | HubError] = await self._receive()
+                    results: list[Outcome | StatusError] = await self._receive()
             except TimeoutError:
                 self._discard()
                 raise unavailable(
@@ -188,7 +188,7 @@ class WriterProcess:
         self._process = process
         self._reader, self._writer = await asyncio.open_connection(sock=ours, limit=_BUFFER)
         ready = await self._receive()
-        if isinstance(ready, HubError):
+        if isinstance(ready, StatusError):
             raise ready
         log.info("writer process %d ready (event log head: seq %d)", process.pid, ready)
 
@@ -235,11 +235,11 @@ def _serve(sock: socket.socket, settings: WriterSettings) -> None:
     )
     with sock, sock.makefile("rb") as incoming:
         try:
-            ready: int | HubError = writer.load_head()
+            ready: int | StatusError = writer.load_head()
         except Exception as exc:
             ready = unavailable(f"the writer process cannot open the database: {exc}")
         _reply(sock, ready)
-        if isinstance(ready, HubError):
+        if isinstance(ready, StatusError):
             return
         while len(header := incoming.read(_HEADER.size)) == _HEADER.size:
             (size,) = _HEADER.unpack(header)

@@ -12,7 +12,7 @@ import pytest
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.collaboration import Policy, Step, advance, expiry_reason, is_open
 from hub_service.config import HubConfig
-from hub_service.errors import HubError
+from hub_service.errors import StatusError
 
 from .conftest import (
     WAIT,
@@ -533,7 +533,7 @@ def test_state_machine(step: Step, state: int, actor: str) -> None:
     if expected is not None:
         assert run() == expected
         return
-    with pytest.raises(HubError) as raised:
+    with pytest.raises(StatusError) as raised:
         run()
     if actor == STRANGER or (step in (Step.ACCEPT, Step.DECLINE) and actor == INIT):
         assert raised.value.code == grpc.StatusCode.PERMISSION_DENIED

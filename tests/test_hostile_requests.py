@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service import auth as hub_auth
 from hub_service.config import HubConfig
-from hub_service.errors import HubError
+from hub_service.errors import StatusError
 from hub_service.server import HubServer
 from hub_service.sql_store import SqlStore
 
@@ -173,7 +173,7 @@ async def test_store_refuses_a_token_for_an_id_hello_would_refuse(tmp_path: Path
     await store.open()
     try:
         for agent_id in BAD_IDS:
-            with pytest.raises(HubError) as refused:
+            with pytest.raises(StatusError) as refused:
                 await store.issue_token(agent_id)
             assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
             assert "agent_id" in refused.value.message

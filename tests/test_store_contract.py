@@ -18,7 +18,7 @@ import pytest
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service import commands as cmd
 from hub_service.collaboration import Policy, Step
-from hub_service.errors import HubError
+from hub_service.errors import StatusError
 from hub_service.memory_store import MemoryStore
 from hub_service.outcomes import Outcome
 from hub_service.sql_store import SqlStore
@@ -180,11 +180,11 @@ async def test_a_refused_command_does_not_sink_its_batch_mates(store: HubStore) 
     assert [type(r).__name__ for r in results] == [
         "Outcome",
         "Outcome",
-        "HubError",
-        "HubError",
+        "StatusError",
+        "StatusError",
         "Outcome",
     ]
-    refused = [r for r in results if isinstance(r, HubError)]
+    refused = [r for r in results if isinstance(r, StatusError)]
     assert [e.code for e in refused] == [grpc.StatusCode.NOT_FOUND] * 2
     assert "collab_unknown" in refused[0].message and "nobody" in refused[1].message
     committed = [r for r in results if isinstance(r, Outcome)]
@@ -192,12 +192,12 @@ async def test_a_refused_command_does_not_sink_its_batch_mates(store: HubStore) 
     assert await artifact_count(store) == 2
     # A refused message is not remembered: sending it again is evaluated again.
     again = await store.commit([cmd.CollaborationStep("a", "m2", "collab_unknown", Step.ACCEPT)])
-    assert isinstance(again[0], HubError) and again[0].code == grpc.StatusCode.NOT_FOUND
+    assert isinstance(again[0], StatusError) and again[0].code == grpc.StatusCode.NOT_FOUND
 
 
 @dataclass
 class Poison:
-    """A command that breaks the transaction itself (not a HubError)."""
+    """A command that breaks the transaction itself (not a StatusError)."""
 
     agent_id: str = "a"
     message_id: str = "poison"
@@ -209,7 +209,7 @@ class Poison:
 
 async def test_a_poisoned_command_is_isolated_and_the_rest_commit(store: HubStore) -> None:
     results = await store.commit([share("a", "m1"), Poison(), share("a", "m2", "p2")])
-    assert isinstance(results[1], HubError) and results[1].code == grpc.StatusCode.INTERNAL
+    assert isinstance(results[1], StatusError) and results[1].code == grpc.StatusCode.INTERNAL
     first, last = results[0], results[2]
     assert isinstance(first, Outcome) and isinstance(last, Outcome)
     assert 0 < first.seq < last.seq
@@ -426,7 +426,9 @@ async def test_open_session_limits_count_what_is_open(open_store: OpenStore) -> 
         await commit_ok(store, [online(a) for a in "abcd"])
         first, _ = await commit_ok(store, [propose("a", "p1", "b"), propose("b", "p2", "a")])
         [refused] = await store.commit([propose("a", "p3", "b")])
-        assert isinstance(refused, HubError) and refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (
+            isinstance(refused, StatusError) and refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
         assert "per pair" in refused.message
         # Declined (no longer open) and a new proposal, in one commit.
         decline = cmd.CollaborationStep("b", "d1", first.resource_id, Step.DECLINE)
@@ -435,7 +437,7 @@ async def test_open_session_limits_count_what_is_open(open_store: OpenStore) -> 
         # Unanswered proposals waiting for d: three, then refused.
         await commit_ok(store, [propose(x, f"to_d_{x}", "d") for x in "abc"])
         [full] = await store.commit([propose("a", "to_d_again", "d")])
-        assert isinstance(full, HubError) and full.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert isinstance(full, StatusError) and full.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "unanswered proposals" in full.message
 
 

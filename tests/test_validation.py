@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service import paging
-from hub_service.errors import HubError
+from hub_service.errors import StatusError
 from hub_service.validation import Limits, validate
 
 from .conftest import KINDS, WAIT, HubHarness, auth, code_component, hello, os_component, pattern
@@ -297,8 +297,8 @@ ENVELOPE: dict[str, tuple[pb.ConnectRequest, str]] = {
 # --- pure unit tests of validate() -------------------------------------------------
 
 
-def violations_of(request: pb.ConnectRequest, limits: Limits | None = None) -> HubError:
-    with pytest.raises(HubError) as raised:
+def violations_of(request: pb.ConnectRequest, limits: Limits | None = None) -> StatusError:
+    with pytest.raises(StatusError) as raised:
         validate(request, limits or Limits())
     return raised.value
 

@@ -23,7 +23,7 @@ from sqlalchemy import event
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service import commands as cmd
-from hub_service.errors import HubError
+from hub_service.errors import StatusError
 from hub_service.outcomes import Outcome
 from hub_service.sql_store import SqlStore
 from hub_service.sql_tx import SqlTx
@@ -102,14 +102,14 @@ async def test_a_refused_command_comes_back_as_its_own_error(store: SqlStore) ->
         pb.DeliverFeature(request_id="feat_missing", component=os_component()),
     )
     refused, fine = await store.commit([unknown, share("m1")])
-    assert isinstance(refused, HubError)
+    assert isinstance(refused, StatusError)
     assert refused.code == grpc.StatusCode.NOT_FOUND
     assert "feat_missing" in refused.message
     assert isinstance(fine, Outcome) and fine.seq == 1
 
 
 def test_errors_survive_the_pipe() -> None:
-    error = HubError(grpc.StatusCode.INVALID_ARGUMENT, "bad", [("pattern.name", "empty")])
+    error = StatusError(grpc.StatusCode.INVALID_ARGUMENT, "bad", [("pattern.name", "empty")])
     copy = pickle.loads(pickle.dumps(error))
     assert (copy.code, copy.message, copy.violations) == (
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -140,7 +140,7 @@ async def test_a_wedged_child_times_out_is_replaced_and_the_resend_commits_once(
         pid = child_pid(store)
         os.kill(pid, signal.SIGSTOP)  # alive, but answers nothing
         (timed_out,) = await store.commit([share("m2")])
-        assert isinstance(timed_out, HubError)
+        assert isinstance(timed_out, StatusError)
         assert timed_out.code == grpc.StatusCode.UNAVAILABLE
         assert "did not answer" in timed_out.message
         assert gone(pid), "the wedged child is killed, not left behind"
@@ -160,7 +160,7 @@ async def test_a_child_dying_after_its_commit_is_unknown_and_the_resend_is_a_dup
 ) -> None:
     artifact = share("m1").artifact
     (lost,) = await store.commit([DieAfterCommit("AI_Node_1", "m1", artifact)])
-    assert isinstance(lost, HubError) and lost.code == grpc.StatusCode.UNAVAILABLE
+    assert isinstance(lost, StatusError) and lost.code == grpc.StatusCode.UNAVAILABLE
     assert "ended mid-commit" in lost.message
     (resent,) = await store.commit([share("m1")])
     assert isinstance(resent, Outcome) and resent.duplicate and resent.seq == 1
@@ -218,7 +218,7 @@ async def test_closing_the_store_ends_the_child(store_url: str) -> None:
         pid = child_pid(store)
     assert gone(pid)
     (refused,) = await store.commit([share("m1")])
-    assert isinstance(refused, HubError) and refused.code == grpc.StatusCode.UNAVAILABLE
+    assert isinstance(refused, StatusError) and refused.code == grpc.StatusCode.UNAVAILABLE
     assert store.writer_process is not None and store.writer_process.pid is None
 
 
