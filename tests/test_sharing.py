@@ -57,7 +57,9 @@ async def test_repeated_message_id_is_acknowledged_again_not_stored_twice(
     first = await sender.receipt(
         await sender.send("same-id", share_pattern=pb.SharePattern(pattern=pattern()))
     )
-    await sender.send("same-id", share_pattern=pb.SharePattern(pattern=pattern("other")))
+    # A resend (the same message again; another body under the same id is ALREADY_EXISTS:
+    # tests/test_message_id_reuse.py).
+    await sender.send("same-id", share_pattern=pb.SharePattern(pattern=pattern()))
     # Receipts are keyed by message_id: wait for the second one to replace the first.
     del sender.receipts["same-id"]
     again = await sender.receipt("same-id")
