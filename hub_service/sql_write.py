@@ -83,9 +83,13 @@ class SqlWriter:
         poisoned command cannot sink its batch-mates; a database that is down
         yields UNAVAILABLE for all (nothing was committed, so no receipt).
         """
+        start = self._seq
         try:
             return self._transaction(commands)
         except OperationalError as exc:
+            # Nothing was committed: its seqs go to the next commit, so the log has no gap
+            # (a COMMIT that did land after all makes the next one meet IntegrityError below).
+            self._seq = start
             log.warning(
                 "database unavailable, %d commands not committed: %s", len(commands), exc.orig
             )
@@ -98,6 +102,7 @@ class SqlWriter:
                 log.warning("the event log moved past this writer's head; reading it again")
                 self.load_head()
                 return self.commit(commands, head_checked=True)
+            self._seq = start  # rolled back: the seqs it took are free again
             if len(commands) == 1:
                 log.exception("command %s failed", type(commands[0]).__name__)
                 return [

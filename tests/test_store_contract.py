@@ -208,6 +208,7 @@ class Poison:
 
 
 async def test_a_poisoned_command_is_isolated_and_the_rest_commit(store: HubStore) -> None:
+    head = await store.head_seq()
     results = await store.commit([share("a", "m1"), Poison(), share("a", "m2", "p2")])
     assert isinstance(results[1], StatusError) and results[1].code == grpc.StatusCode.INTERNAL
     first, last = results[0], results[2]
@@ -217,9 +218,40 @@ async def test_a_poisoned_command_is_isolated_and_the_rest_commit(store: HubStor
     stored = {a.artifact_id for a in (await store.list_artifacts(0, 0, "", 10, "")).items}
     assert stored == {first.resource_id, last.resource_id}
     assert await store.head_seq() == last.seq
+    # The failed batch's seqs were rolled back with it: the retried commands take them.
+    assert (first.seq, last.seq) == (head + 1, head + 2), "a gap in the log"
+
+
+async def test_a_failed_commit_leaves_no_gap_in_the_log(store: HubStore) -> None:
+    """Whatever a failed transaction allocated goes to the next one: `db check` finds the
+    log running 1..head."""
+    [before] = await commit_ok(store, [share("a", "g1")])
+    await store.commit([share("a", "g2"), Poison()])  # fails whole, then one by one
+    [after] = await commit_ok(store, [share("a", "g3")])
+    page = await store.events_for("b", 0, 10)
+    assert [e.seq for e in page] == list(range(before.seq, after.seq + 1)) == [1, 2, 3]
 
 
 # --- idempotency ------------------------------------------------------------------------------
+
+
+async def test_a_message_id_reused_for_another_body_is_refused(store: HubStore) -> None:
+    """Fingerprints differ: ALREADY_EXISTS naming the first seq; the same body again is a
+    duplicate; a command without a fingerprint (a ledger row from before) stays a duplicate."""
+    first = share("a", "reused")
+    first.fingerprint = b"body-one"
+    [ok] = await commit_ok(store, [first])
+    other = share("a", "reused", "p2")
+    other.fingerprint = b"body-two"
+    again = share("a", "reused")
+    again.fingerprint = b"body-one"
+    unknown = share("a", "reused", "p3")  # no fingerprint: not compared
+    refused, duplicate, plain = await store.commit([other, again, unknown])
+    assert isinstance(refused, StatusError) and refused.code == grpc.StatusCode.ALREADY_EXISTS
+    assert f"seq {ok.seq}" in refused.message
+    assert isinstance(duplicate, Outcome) and duplicate.duplicate and duplicate.seq == ok.seq
+    assert isinstance(plain, Outcome) and plain.duplicate
+    assert await artifact_count(store) == 1
 
 
 async def test_same_message_id_is_a_duplicate_stored_once(store: HubStore) -> None:
