@@ -19,6 +19,7 @@ from . import db_admin
 from .config import HubConfig
 from .durations import parse_duration
 from .errors import StatusError
+from .schema import SchemaError
 from .server import HubServer
 from .settings import (
     DURATIONS,
@@ -173,7 +174,14 @@ async def _serve(config: HubConfig) -> int:
     return 0
 
 
-async def _tokens(args: argparse.Namespace, database_url: str) -> int:
+async def _tokens(args: argparse.Namespace, database_url: str, auto_upgrade: bool) -> int:
+    if database_url.startswith("memory:"):
+        print(
+            "kernelhub-hub: an in-memory hub keeps its tokens in its own process: issue them "
+            "there (hub_service.testing.TestHub.issue_token), not from the command line",
+            file=sys.stderr,
+        )
+        return 2
     if args.token_command == "issue":
         # Every id is checked before any token is issued: all or nothing.
         for agent_id in args.agent_id:
@@ -185,8 +193,14 @@ async def _tokens(args: argparse.Namespace, database_url: str) -> int:
                     file=sys.stderr,
                 )
                 return 2
-    store = SqlStore(database_url, writer="thread")  # tokens are written by the CLI itself
-    await store.open()
+    # Tokens are written by the CLI itself; with auto-upgrade off, an old schema is refused.
+    store = SqlStore(database_url, writer="thread", auto_upgrade=auto_upgrade)
+    try:
+        await store.open()
+    except (SchemaError, StatusError) as error:  # an old schema, or a database that is down
+        await store.close()
+        print(f"kernelhub-hub: {getattr(error, 'message', error)}", file=sys.stderr)
+        return 1
     try:
         if args.token_command == "issue":
             ttl = timedelta(seconds=args.ttl) if args.ttl else None
@@ -237,4 +251,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config":
         print(show_settings(resolved), end="")
         return 0
-    return asyncio.run(_tokens(args, settings.database_url))
+    return asyncio.run(_tokens(args, settings.database_url, settings.auto_upgrade))

@@ -6,6 +6,7 @@ automatic upgrade off, is refused with a sentence saying what to do."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import sqlite3
 import sys
@@ -240,3 +241,30 @@ def test_auto_upgrade_is_read_from_the_environment() -> None:
     assert HubConfig.from_env({"KERNELHUB_AUTO_UPGRADE": "1"}).auto_upgrade is True
     with pytest.raises(ValueError, match="KERNELHUB_AUTO_UPGRADE='maybe'"):
         HubConfig.from_env({"KERNELHUB_AUTO_UPGRADE": "maybe"})
+
+
+async def hub_cli(*args: str, **env: str) -> tuple[int, str]:
+    """`kernelhub-hub ARGS` in its own process: exit code and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "hub_service",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **env},
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode is not None
+    return process.returncode, err.decode()
+
+
+async def test_token_commands_keep_to_auto_upgrade_and_refuse_memory(tmp_path: Path) -> None:
+    """With auto-upgrade off, `token` commands refuse an old schema in one line (they used to
+    migrate it anyway); an in-memory hub's tokens cannot be issued from another process."""
+    database = tmp_path / "empty.db"
+    code, err = await hub_cli("token", "list", "--db", str(database), KERNELHUB_AUTO_UPGRADE="0")
+    assert code == 1 and "kernelhub-hub db upgrade" in err and "Traceback" not in err
+    assert (await db_cli("current", "--db", str(database)))[1].startswith("none")
+    code, err = await hub_cli("token", "issue", "AI_Node_1", "--database-url", "memory://")
+    assert code == 2 and "in-memory hub" in err and "Traceback" not in err
