@@ -276,7 +276,14 @@ class HubSettings(BaseSettings):
     # logging
     log_level: Annotated[
         Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"],
-        BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v),
+        # Any case; WARN and FATAL as logging itself takes them.
+        BeforeValidator(
+            lambda v: (
+                {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(v.upper(), v.upper())
+                if isinstance(v, str)
+                else v
+            )
+        ),
     ] = _setting("INFO", "logging", "log level (given before the command: `--log-level` first)")
 
 
