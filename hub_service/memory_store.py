@@ -12,7 +12,6 @@ from __future__ import annotations
 import bisect
 import hmac
 import logging
-import secrets
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -44,8 +43,7 @@ from .models import (
 )
 from .outcomes import Outcome
 from .state import Command, EventPage, IssuedToken, Page, Receipt, decode_stored
-from .tokens import hash_token, new_token
-from .validation import Limits, validate_agent_id
+from .tokens import hash_token, issue
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=SQLModel)
@@ -370,16 +368,9 @@ class MemoryStore:
 
     async def issue_token(self, agent_id: str, ttl: timedelta | None = None) -> IssuedToken:
         """A new token for `agent_id`; INVALID_ARGUMENT for an id Hello would refuse."""
-        validate_agent_id(agent_id, Limits())
-        token = new_token()
-        row = TokenRow(
-            token_id="tok_" + secrets.token_hex(6),
-            agent_id=agent_id,
-            token_hash=hash_token(token),
-            expires_at=utcnow() + ttl if ttl else None,
-        )
+        row, issued = issue(agent_id, ttl)
         self._tokens[row.token_id] = self._by_hash[row.token_hash] = row
-        return IssuedToken(row.token_id, agent_id, token, row.expires_at)
+        return issued
 
     def _valid(self, row: TokenRow) -> bool:
         return row.revoked_at is None and (row.expires_at is None or row.expires_at > utcnow())

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import secrets
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -45,8 +44,7 @@ from .models import (
 from .outcomes import Outcome
 from .sql_write import SqlWriter, make_engine, session
 from .state import Command, EventPage, IssuedToken, Page, decode_stored
-from .tokens import hash_token, new_token
-from .validation import Limits, validate_agent_id
+from .tokens import hash_token, issue
 from .writer import WriterProcess, WriterSettings
 
 log = logging.getLogger(__name__)
@@ -193,14 +191,7 @@ class SqlStore:
 
     async def issue_token(self, agent_id: str, ttl: timedelta | None = None) -> IssuedToken:
         """A new token for `agent_id`; INVALID_ARGUMENT for an id Hello would refuse."""
-        validate_agent_id(agent_id, Limits())
-        token = new_token()
-        row = TokenRow(
-            token_id="tok_" + secrets.token_hex(6),
-            agent_id=agent_id,
-            token_hash=hash_token(token),
-            expires_at=utcnow() + ttl if ttl else None,
-        )
+        row, issued = issue(agent_id, ttl)
 
         def insert() -> None:
             with self._session() as s:
@@ -208,7 +199,7 @@ class SqlStore:
                 s.commit()
 
         await self._write(insert)
-        return IssuedToken(row.token_id, agent_id, token, row.expires_at)
+        return issued
 
     async def authenticate(self, token: str) -> str | None:
         """The agent the token belongs to, if it is valid, unrevoked and unexpired."""
