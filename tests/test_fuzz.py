@@ -12,6 +12,10 @@ asserts there were at least 10,000.
 
 Bugs the fuzzer found are kept as minimal regression tests at the end; the fuzz
 properties tolerate none of their symptoms.
+
+By default the inputs are the same on every run (hypothesis' `derandomize`), so the suite's
+verdict and its time do not depend on luck. `KERNELHUB_FUZZ=explore` draws fresh inputs, ten
+times as many, with no time limit: the command a person runs to look for new bugs (README).
 """
 
 from __future__ import annotations
@@ -84,7 +88,19 @@ REFUSALS = {
 }
 CODE_BY_NUMBER = {code.value[0]: code for code in Code}
 
+EXPLORE = os.environ.get("KERNELHUB_FUZZ") == "explore"
+# pytest-timeout's limit for a whole fuzz test; each call inside has its own gRPC deadline, so
+# this only guards against a stall outside a call. Generous: a loaded machine runs 3-5x slower.
+FUZZ_TEST_TIMEOUT = 0 if EXPLORE else 600
+
+
+def examples(count: int) -> int:
+    return count * 10 if EXPLORE else count
+
+
 FUZZ_SETTINGS: dict[str, Any] = {
+    "derandomize": not EXPLORE,
+    **({} if EXPLORE else {"database": None}),  # derandomized: nothing to keep between runs
     "deadline": None,
     "print_blob": True,
     "suppress_health_check": [
@@ -671,7 +687,8 @@ def batch_up(
     return messages, due, refused
 
 
-@settings(max_examples=300, **FUZZ_SETTINGS)
+@pytest.mark.timeout(FUZZ_TEST_TIMEOUT)
+@settings(max_examples=examples(300), **FUZZ_SETTINGS)
 @given(
     sequence=sequences(),
     # Sent alone, or in batches of these sizes (past the limit of 64 too).
@@ -782,7 +799,8 @@ def first_messages(draw: st.DrawFn) -> tuple[str, pb.ConnectRequest, str]:
     return what, request, whose
 
 
-@settings(max_examples=250, **FUZZ_SETTINGS)
+@pytest.mark.timeout(FUZZ_TEST_TIMEOUT)
+@settings(max_examples=examples(250), **FUZZ_SETTINGS)
 @given(first=first_messages())
 def test_first_message_is_hello_or_the_stream_ends_with_a_reason(
     live_hub: LiveHub, first: tuple[str, pb.ConnectRequest, str]
@@ -873,7 +891,8 @@ def parse(frame: bytes) -> pb.ConnectRequest | None:
         return None
 
 
-@settings(max_examples=300, **FUZZ_SETTINGS)
+@pytest.mark.timeout(FUZZ_TEST_TIMEOUT)
+@settings(max_examples=examples(300), **FUZZ_SETTINGS)
 @given(hello_first=st.booleans(), garbage=st.lists(frames, max_size=16))
 def test_raw_bytes_on_the_stream_end_with_a_status(
     live_hub: LiveHub, hello_first: bool, garbage: list[bytes]
@@ -992,7 +1011,8 @@ def queries(draw: st.DrawFn) -> tuple[str, bytes]:
     return method, request
 
 
-@settings(max_examples=1000, **FUZZ_SETTINGS)
+@pytest.mark.timeout(FUZZ_TEST_TIMEOUT)
+@settings(max_examples=examples(1000), **FUZZ_SETTINGS)
 @given(query=queries())
 def test_queries_answer_or_refuse_every_request(
     live_hub: LiveHub, query: tuple[str, bytes]
