@@ -13,12 +13,15 @@ from google.protobuf.message import DecodeError
 
 from .errors import StatusError
 from .ratelimit import ThrottledLog
+from .roles import Role, may_call, refusal
+from .state import Principal
 from .tokens import hash_token
 
 # grpc.RpcMethodHandler; grpcio ships no type hints, so grpc types are Any to mypy.
 Handler: TypeAlias = Any
 
-_identity: ContextVar[tuple[str, str]] = ContextVar("kernelhub_identity")  # (agent, token hash)
+# (agent, role, token hash)
+_identity: ContextVar[tuple[str, Role, str]] = ContextVar("kernelhub_identity")
 
 # Health checks and reflection are for operators and load balancers: no token.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -35,9 +38,14 @@ def current_agent() -> str:
     return _identity.get()[0]
 
 
+def current_role() -> Role:
+    """That token's role (the interceptor has already checked it may call the RPC)."""
+    return _identity.get()[1]
+
+
 def current_token_hash() -> str:
     """The hash of that token, to re-check it while the stream lives."""
-    return _identity.get()[1]
+    return _identity.get()[2]
 
 
 def bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
@@ -166,9 +174,10 @@ class _Decoding:
 
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # untyped base
-    """Rejects RPCs without a valid `authorization: Bearer <token>` with UNAUTHENTICATED."""
+    """Rejects RPCs without a valid `authorization: Bearer <token>` with UNAUTHENTICATED, and
+    those the token's role may not call with PERMISSION_DENIED."""
 
-    def __init__(self, authenticate: Callable[[str], Awaitable[str | None]]) -> None:
+    def __init__(self, authenticate: Callable[[str], Awaitable[Principal | None]]) -> None:
         self._authenticate = authenticate
         self._decoding = _Decoding()
 
@@ -191,13 +200,17 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  
                 "missing credentials: send metadata 'authorization: Bearer <token>'",
             )
         try:
-            agent_id = await self._authenticate(token)
+            principal = await self._authenticate(token)
         except StatusError as error:  # the token store is unreachable
             return _refusal(handler, error.code, error.message)
-        if agent_id is None:
+        if principal is None:
             return _refusal(
                 handler, grpc.StatusCode.UNAUTHENTICATED, "invalid, expired or revoked token"
             )
+        if not may_call(principal.role, method):
+            return _refusal(
+                handler, grpc.StatusCode.PERMISSION_DENIED, refusal(principal.role, method)
+            )
         # The interceptor and the handler share one contextvars.Context (grpc.aio docs).
-        _identity.set((agent_id, hash_token(token)))
+        _identity.set((principal.agent_id, principal.role, hash_token(token)))
         return self._decoding.wrap(handler, method)

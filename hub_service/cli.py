@@ -19,6 +19,7 @@ from . import db_admin
 from .config import HubConfig
 from .durations import parse_duration
 from .errors import StatusError
+from .roles import Role
 from .schema import SchemaError
 from .server import HubServer
 from .settings import (
@@ -111,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("agent_id", nargs="+")
     issue.add_argument("--ttl", type=parse_duration, help="expire after, e.g. 30d or 12h")
     issue.add_argument("--out", type=Path, help="append 'agent_id token' lines to this file")
+    issue.add_argument(
+        "--role",
+        choices=[role.value for role in Role],
+        default=Role.AGENT.value,
+        help="what the token may do (default agent: a trainer; see the README's roles table)",
+    )
     _setting_flags(issue, ["database_url"])
     listing = token.add_parser("list", help="list tokens (never the tokens themselves)")
     _setting_flags(listing, ["database_url"])
@@ -206,7 +213,7 @@ async def _tokens(args: argparse.Namespace, database_url: str, auto_upgrade: boo
             ttl = timedelta(seconds=args.ttl) if args.ttl else None
             lines = []
             for agent_id in args.agent_id:
-                issued = await store.issue_token(agent_id, ttl)
+                issued = await store.issue_token(agent_id, ttl, Role(args.role))
                 lines.append(f"{issued.agent_id} {issued.token}")
                 print(f"{issued.agent_id} {issued.token}")
             if args.out:
@@ -215,12 +222,17 @@ async def _tokens(args: argparse.Namespace, database_url: str, auto_upgrade: boo
                 args.out.chmod(0o600)
                 print(f"appended {len(lines)} token(s) to {args.out}", file=sys.stderr)
         elif args.token_command == "list":
-            print(f"{'TOKEN ID':<18} {'AGENT':<24} {'CREATED':<20} {'EXPIRES':<20} STATUS")
+            print(
+                f"{'TOKEN ID':<18} {'AGENT':<24} {'ROLE':<10} {'CREATED':<20} {'EXPIRES':<20} STATUS"
+            )
             for row in await store.list_tokens():
                 status = "revoked" if row.revoked_at else "active"
                 expires = row.expires_at.isoformat(" ", "seconds") if row.expires_at else "never"
                 created = row.created_at.isoformat(" ", "seconds")
-                print(f"{row.token_id:<18} {row.agent_id:<24} {created:<20} {expires:<20} {status}")
+                print(
+                    f"{row.token_id:<18} {row.agent_id:<24} {row.role:<10} {created:<20} "
+                    f"{expires:<20} {status}"
+                )
         else:
             count = await store.revoke_tokens(args.agent_or_token_id)
             print(f"revoked {count} token(s)")

@@ -42,7 +42,8 @@ from .models import (
     utcnow,
 )
 from .outcomes import Outcome
-from .state import Command, EventPage, IssuedToken, Page, Receipt, decode_stored
+from .roles import Role
+from .state import Command, EventPage, IssuedToken, Page, Principal, Receipt, decode_stored
 from .tokens import hash_token, issue
 
 log = logging.getLogger(__name__)
@@ -366,21 +367,23 @@ class MemoryStore:
 
     # --- tokens ---------------------------------------------------------------------
 
-    async def issue_token(self, agent_id: str, ttl: timedelta | None = None) -> IssuedToken:
+    async def issue_token(
+        self, agent_id: str, ttl: timedelta | None = None, role: Role = Role.AGENT
+    ) -> IssuedToken:
         """A new token for `agent_id`; INVALID_ARGUMENT for an id Hello would refuse."""
-        row, issued = issue(agent_id, ttl)
+        row, issued = issue(agent_id, ttl, role)
         self._tokens[row.token_id] = self._by_hash[row.token_hash] = row
         return issued
 
     def _valid(self, row: TokenRow) -> bool:
         return row.revoked_at is None and (row.expires_at is None or row.expires_at > utcnow())
 
-    async def authenticate(self, token: str) -> str | None:
+    async def authenticate(self, token: str) -> Principal | None:
         digest = hash_token(token)
         row = self._by_hash.get(digest)
         if row is None or not hmac.compare_digest(row.token_hash, digest):
             return None
-        return row.agent_id if self._valid(row) else None
+        return Principal(row.agent_id, Role(row.role)) if self._valid(row) else None
 
     async def valid_token_hashes(self, hashes: Collection[str]) -> set[str]:
         return {h for h in hashes if (row := self._by_hash.get(h)) and self._valid(row)}

@@ -55,6 +55,7 @@ class TokenRow(SQLModel, table=True):
     token_id: str = Field(primary_key=True, max_length=64)
     agent_id: str = Field(index=True, max_length=128)
     token_hash: str = Field(unique=True, max_length=64)  # sha256 hex; plaintext is never stored
+    role: str = Field(default="agent", max_length=16)  # a roles.Role value
     created_at: datetime = Field(default_factory=utcnow)
     expires_at: datetime | None = None
     revoked_at: datetime | None = None

@@ -21,6 +21,7 @@ from .auth import BearerAuthInterceptor
 from .committer import GroupCommitter
 from .config import HubConfig
 from .errors import StatusError
+from .roles import Role
 from .router import Router
 from .servicer import HubServicer
 from .session import END_FLOOR
@@ -137,8 +138,10 @@ class HubServer:
         )
         return self.port
 
-    async def issue_token(self, agent_id: str, ttl: timedelta | None = None) -> str:
-        issued: IssuedToken = await self.store.issue_token(agent_id, ttl)
+    async def issue_token(
+        self, agent_id: str, ttl: timedelta | None = None, role: Role = Role.AGENT
+    ) -> str:
+        issued: IssuedToken = await self.store.issue_token(agent_id, ttl, role)
         return issued.token
 
     async def _end_revoked_streams(self) -> None:

@@ -42,8 +42,9 @@ from .models import (
     utcnow,
 )
 from .outcomes import Outcome
+from .roles import Role
 from .sql_write import SqlWriter, make_engine, session
-from .state import Command, EventPage, IssuedToken, Page, decode_stored
+from .state import Command, EventPage, IssuedToken, Page, Principal, decode_stored
 from .tokens import hash_token, issue
 from .writer import WriterProcess, WriterSettings
 
@@ -189,9 +190,11 @@ class SqlStore:
 
     # --- tokens -------------------------------------------------------------
 
-    async def issue_token(self, agent_id: str, ttl: timedelta | None = None) -> IssuedToken:
+    async def issue_token(
+        self, agent_id: str, ttl: timedelta | None = None, role: Role = Role.AGENT
+    ) -> IssuedToken:
         """A new token for `agent_id`; INVALID_ARGUMENT for an id Hello would refuse."""
-        row, issued = issue(agent_id, ttl)
+        row, issued = issue(agent_id, ttl, role)
 
         def insert() -> None:
             with self._session() as s:
@@ -201,8 +204,8 @@ class SqlStore:
         await self._write(insert)
         return issued
 
-    async def authenticate(self, token: str) -> str | None:
-        """The agent the token belongs to, if it is valid, unrevoked and unexpired."""
+    async def authenticate(self, token: str) -> Principal | None:
+        """Whom the token speaks for, if it is valid, unrevoked and unexpired."""
         digest = hash_token(token)
         row = await self._read(
             lambda s: s.exec(select(TokenRow).where(TokenRow.token_hash == digest)).first()
@@ -211,7 +214,7 @@ class SqlStore:
             return None
         if row.revoked_at is not None or (row.expires_at and row.expires_at <= utcnow()):
             return None
-        return row.agent_id
+        return Principal(row.agent_id, Role(row.role))
 
     async def valid_token_hashes(self, hashes: Collection[str]) -> set[str]:
         """Which of these token hashes are still valid (not revoked, not expired)."""

@@ -21,6 +21,7 @@ from .collaboration import Policy
 from .errors import StatusError
 from .models import AgentRow, CollaborationRow, FeatureDeliveryRow, FeatureRequestRow, TokenRow
 from .outcomes import Outcome
+from .roles import Role
 
 M = TypeVar("M", bound=Message)
 
@@ -31,6 +32,15 @@ class IssuedToken:
     agent_id: str
     token: str  # plaintext: shown once, never stored
     expires_at: datetime | None
+    role: Role = Role.AGENT
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a valid token speaks for, and with which role."""
+
+    agent_id: str
+    role: Role
 
 
 class EventPage(list[pb.HubEvent]):
@@ -151,8 +161,10 @@ class HubStore(Protocol):
         ...
 
     async def head_seq(self) -> int: ...
-    async def authenticate(self, token: str) -> str | None: ...
-    async def issue_token(self, agent_id: str, ttl: timedelta | None = None) -> IssuedToken: ...
+    async def authenticate(self, token: str) -> Principal | None: ...
+    async def issue_token(
+        self, agent_id: str, ttl: timedelta | None = None, role: Role = Role.AGENT
+    ) -> IssuedToken: ...
     async def valid_token_hashes(self, hashes: Collection[str]) -> set[str]: ...
     async def list_tokens(self) -> list[TokenRow]: ...
     async def revoke_tokens(self, agent_or_token_id: str) -> int: ...

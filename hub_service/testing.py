@@ -38,6 +38,7 @@ import grpc
 from generated.kernelhub.v1 import hub_pb2_grpc
 
 from .config import HubConfig
+from .roles import Role
 from .server import HubServer
 
 LOOPBACK = "127.0.0.1"
@@ -189,22 +190,30 @@ class TestHub:
         """The raw HubService stub on `channel()`."""
         return hub_pb2_grpc.HubServiceStub(self.channel())  # type: ignore[return-value]
 
-    async def issue_token(self, agent_id: str, ttl: timedelta | None = None) -> str:
+    async def issue_token(
+        self, agent_id: str, ttl: timedelta | None = None, role: Role = Role.AGENT
+    ) -> str:
         """A bearer token for `agent_id` (expiring after `ttl`, if given)."""
         if self._config is not None:
-            return await self.server.issue_token(agent_id, ttl)
-        return (await self.issue_tokens(agent_id, ttl=ttl))[agent_id]
+            return await self.server.issue_token(agent_id, ttl, role)
+        return (await self.issue_tokens(agent_id, ttl=ttl, role=role))[agent_id]
 
     async def issue_tokens(
-        self, *agent_ids: str, ttl: timedelta | None = None, timeout: float = 300.0
+        self,
+        *agent_ids: str,
+        ttl: timedelta | None = None,
+        role: Role = Role.AGENT,
+        timeout: float = 300.0,
     ) -> dict[str, str]:
         """A token for each agent. For a subprocess hub this is `kernelhub-hub token issue`
         on its database, so it works before the hub is started, too."""
         if self._config is not None:
             return {
-                agent_id: await self.server.issue_token(agent_id, ttl) for agent_id in agent_ids
+                agent_id: await self.server.issue_token(agent_id, ttl, role)
+                for agent_id in agent_ids
             }
         argv = [sys.executable, "-m", "hub_service", "token", "issue", *agent_ids]
+        argv += ["--role", role.value]
         if ttl is not None:
             argv += ["--ttl", f"{ttl.total_seconds()}s"]
         process = await asyncio.create_subprocess_exec(

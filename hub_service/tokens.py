@@ -7,6 +7,7 @@ import secrets
 from datetime import timedelta
 
 from .models import TokenRow, utcnow
+from .roles import Role
 from .state import IssuedToken
 from .validation import Limits, validate_agent_id
 
@@ -20,7 +21,9 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def issue(agent_id: str, ttl: timedelta | None) -> tuple[TokenRow, IssuedToken]:
+def issue(
+    agent_id: str, ttl: timedelta | None, role: Role = Role.AGENT
+) -> tuple[TokenRow, IssuedToken]:
     """A new token for `agent_id` (INVALID_ARGUMENT for an id Hello would refuse): the row a
     store keeps, with the hash only, and what is shown once."""
     validate_agent_id(agent_id, Limits())
@@ -29,6 +32,7 @@ def issue(agent_id: str, ttl: timedelta | None) -> tuple[TokenRow, IssuedToken]:
         token_id="tok_" + secrets.token_hex(6),
         agent_id=agent_id,
         token_hash=hash_token(token),
+        role=role.value,
         expires_at=utcnow() + ttl if ttl else None,
     )
-    return row, IssuedToken(row.token_id, agent_id, token, row.expires_at)
+    return row, IssuedToken(row.token_id, agent_id, token, row.expires_at, role)

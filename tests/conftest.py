@@ -21,6 +21,7 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 from generated.kernelhub.v1 import hub_pb2_grpc
 from hub_service.collaboration import Policy
 from hub_service.config import HubConfig
+from hub_service.roles import Role
 from hub_service.server import HubServer
 from hub_service.testing import TestHub
 
@@ -239,9 +240,11 @@ class HubHarness:
         self.stub = async_stub(self.channel)
         self.tokens: dict[str, str] = {}
 
-    async def token(self, agent_id: str, ttl: timedelta | None = None) -> str:
+    async def token(
+        self, agent_id: str, ttl: timedelta | None = None, role: Role = Role.AGENT
+    ) -> str:
         if agent_id not in self.tokens:
-            self.tokens[agent_id] = await self.server.issue_token(agent_id, ttl)
+            self.tokens[agent_id] = await self.server.issue_token(agent_id, ttl, role)
         return self.tokens[agent_id]
 
     async def connect(self, agent_id: str, hello_message: pb.Hello | None = None) -> RawTrainer:

@@ -45,6 +45,13 @@ TABLES = [
 ]
 
 
+# Columns migrations added after 0.1.0, with what each holds for the rows from before.
+ADDED_COLUMNS: dict[str, dict[str, str | None]] = {
+    "received_message": {"fingerprint": None},
+    "token": {"role": "agent"},
+}
+
+
 @pytest.fixture
 def fixture_db(tmp_path: Path) -> Path:
     copy = tmp_path / "old.db"
@@ -72,7 +79,7 @@ def rows(path: Path, table: str) -> list[tuple[Any, ...]]:
     """Every row of `table` in the columns kernelhub 0.1.0 had, in a stable order."""
     with sqlite3.connect(path) as connection:
         columns = [r[1] for r in connection.execute(f"PRAGMA table_info({table})")]
-        old = [c for c in columns if c != "fingerprint"]
+        old = [c for c in columns if c not in ADDED_COLUMNS.get(table, ())]
         found = connection.execute(f"SELECT {', '.join(old)} FROM {table} ORDER BY 1, 2").fetchall()
     connection.close()
     return found
@@ -93,8 +100,10 @@ def test_the_fixture_upgrades_keeping_every_row(fixture_db: Path) -> None:
         assert schema.current(engine) == schema.head()
         assert differences(engine) == []  # now exactly the models' schema
         with engine.connect() as connection:
-            fingerprints = connection.execute(text("SELECT fingerprint FROM received_message"))
-            assert {f for (f,) in fingerprints} == {None}  # rows from before have none
+            for table, added in ADDED_COLUMNS.items():
+                for column, value in added.items():
+                    held = connection.execute(text(f"SELECT DISTINCT {column} FROM {table}"))
+                    assert [v for (v,) in held] == [value], (table, column)
     finally:
         engine.dispose()
     after = {table: rows(fixture_db, table) for table in TABLES}

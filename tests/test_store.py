@@ -18,8 +18,10 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.bulk import BulkWriter
 from hub_service.memory_store import MemoryStore
 from hub_service.models import AgentRow, ArtifactRow, EventRow, ReceivedMessageRow
+from hub_service.roles import Role
 from hub_service.server import HubServer
 from hub_service.sql_store import SqlStore
+from hub_service.state import Principal
 
 from .conftest import WAIT, HubHarness, free_port, hello, make_config, pattern
 from .test_store_contract import artifact_count, commit_ok, online, request_feature, share
@@ -55,7 +57,7 @@ async def test_reopening_keeps_data_and_continues_the_seq(store_url: str) -> Non
         assert [a.artifact_id for a in (await second.list_artifacts(0, 0, "", 10, "")).items] == [
             old[0].resource_id
         ]
-        assert await second.authenticate(token) == "a"
+        assert await second.authenticate(token) == Principal("a", Role.AGENT)
         [dup] = await commit_ok(second, [share("a", "s1")])
         assert dup.duplicate and dup.resource_id == old[0].resource_id
         [new] = await commit_ok(second, [share("a", "s2", "p2")])

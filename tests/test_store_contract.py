@@ -21,8 +21,9 @@ from hub_service.collaboration import Policy, Step
 from hub_service.errors import StatusError
 from hub_service.memory_store import MemoryStore
 from hub_service.outcomes import Outcome
+from hub_service.roles import Role
 from hub_service.sql_store import SqlStore
-from hub_service.state import HubStore, Page, StateTx
+from hub_service.state import HubStore, Page, Principal, StateTx
 
 from .conftest import hello, os_component, pattern
 
@@ -479,13 +480,13 @@ async def test_open_session_limits_count_what_is_open(open_store: OpenStore) -> 
 async def test_token_lifecycle(store: HubStore) -> None:
     issued = await store.issue_token("AI_Node_1")
     assert issued.token.startswith("kh_") and issued.expires_at is None
-    assert await store.authenticate(issued.token) == "AI_Node_1"
+    assert await store.authenticate(issued.token) == Principal("AI_Node_1", Role.AGENT)
     assert await store.authenticate(issued.token + "x") is None
     assert await store.authenticate("") is None
 
     second = await store.issue_token("AI_Node_1", ttl=timedelta(hours=1))
     other = await store.issue_token("AI_Node_2")
-    assert await store.authenticate(second.token) == "AI_Node_1"
+    assert await store.authenticate(second.token) == Principal("AI_Node_1", Role.AGENT)
     rows = await store.list_tokens()
     assert {r.token_id for r in rows} == {issued.token_id, second.token_id, other.token_id}
     assert all(r.token_hash not in (issued.token, second.token, other.token) for r in rows)
@@ -493,12 +494,16 @@ async def test_token_lifecycle(store: HubStore) -> None:
     # Revoking one token by id leaves the agent's other tokens alone.
     assert await store.revoke_tokens(issued.token_id) == 1
     assert await store.authenticate(issued.token) is None
-    assert await store.authenticate(second.token) == "AI_Node_1"
+    assert await store.authenticate(second.token) == Principal("AI_Node_1", Role.AGENT)
     # Revoking by agent revokes the rest of that agent's tokens only.
     assert await store.revoke_tokens("AI_Node_1") == 1
     assert await store.authenticate(second.token) is None
-    assert await store.authenticate(other.token) == "AI_Node_2"
+    assert await store.authenticate(other.token) == Principal("AI_Node_2", Role.AGENT)
     assert await store.revoke_tokens("AI_Node_1") == 0
+
+    observer = await store.issue_token("watcher", role=Role.OBSERVER)
+    assert await store.authenticate(observer.token) == Principal("watcher", Role.OBSERVER)
+    assert {r.token_id: r.role for r in await store.list_tokens()}[observer.token_id] == "observer"
 
     expired = await store.issue_token("AI_Node_3", ttl=timedelta(seconds=-1))
     assert expired.expires_at is not None

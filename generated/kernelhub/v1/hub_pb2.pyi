@@ -17,6 +17,10 @@ returns the original receipt.
 Query RPCs (ListAgents, ListArtifacts, ...) page through what the hub has
 stored; they need the same bearer token.
 
+Every token has a role (`Role`), chosen when it is issued; an RPC the
+role may not call fails with PERMISSION_DENIED, the status message naming
+the role. A missing, invalid, expired or revoked token is UNAUTHENTICATED.
+
 Formats the hub checks (a violation is an INVALID_ARGUMENT naming the field).
 Each request field's comment says "Required." or "Optional." and which of
 these applies; the numbers are the hub's defaults (all configurable):
@@ -57,6 +61,52 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _Role:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLE_UNSPECIFIED: _Role.ValueType  # 0
+    """Not a role a token has; never issued."""
+    ROLE_AGENT: _Role.ValueType  # 1
+    """A trainer: Connect and the query RPCs. The default role."""
+    ROLE_OBSERVER: _Role.ValueType  # 2
+    """A person or tool that watches (a dashboard): the query RPCs; nothing
+    that changes state (Connect is refused).
+    """
+    ROLE_ADMIN: _Role.ValueType  # 3
+    """An operator's tool: what an observer may do, and managing tokens."""
+    ROLE_VALIDATOR: _Role.ValueType  # 4
+    """Builds and tests shared components and reports verdicts: the query
+    RPCs; it shares nothing (Connect is refused).
+    """
+
+class Role(_Role, metaclass=_RoleEnumTypeWrapper):
+    """---------------------------------------------------------------------------
+    Shared vocabulary
+    ---------------------------------------------------------------------------
+
+    What a token may do. Fixed when the token is issued (`kernelhub-hub token
+    issue --role`); the hub checks it on every RPC.
+    """
+
+ROLE_UNSPECIFIED: Role.ValueType  # 0
+"""Not a role a token has; never issued."""
+ROLE_AGENT: Role.ValueType  # 1
+"""A trainer: Connect and the query RPCs. The default role."""
+ROLE_OBSERVER: Role.ValueType  # 2
+"""A person or tool that watches (a dashboard): the query RPCs; nothing
+that changes state (Connect is refused).
+"""
+ROLE_ADMIN: Role.ValueType  # 3
+"""An operator's tool: what an observer may do, and managing tokens."""
+ROLE_VALIDATOR: Role.ValueType  # 4
+"""Builds and tests shared components and reports verdicts: the query
+RPCs; it shares nothing (Connect is refused).
+"""
+Global___Role: _TypeAlias = Role  # noqa: Y015
+
 class _Specialization:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -83,11 +133,7 @@ class _SpecializationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Specia
     """Optimisation, benchmarking, performance analysis."""
 
 class Specialization(_Specialization, metaclass=_SpecializationEnumTypeWrapper):
-    """---------------------------------------------------------------------------
-    Shared vocabulary
-    ---------------------------------------------------------------------------
-
-    What a trainer specialises in. The hub's complementarity model pairs
+    """What a trainer specialises in. The hub's complementarity model pairs
     specializations that make good collaborators.
     """
 

@@ -17,6 +17,10 @@ returns the original receipt.
 Query RPCs (ListAgents, ListArtifacts, ...) page through what the hub has
 stored; they need the same bearer token.
 
+Every token has a role (`Role`), chosen when it is issued; an RPC the
+role may not call fails with PERMISSION_DENIED, the status message naming
+the role. A missing, invalid, expired or revoked token is UNAUTHENTICATED.
+
 Formats the hub checks (a violation is an INVALID_ARGUMENT naming the field).
 Each request field's comment says "Required." or "Optional." and which of
 these applies; the numbers are the hub's defaults (all configurable):

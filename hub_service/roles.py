@@ -1,0 +1,51 @@
+"""Token roles and what each may call: one table, checked by the auth interceptor.
+
+Fail closed: an RPC this table does not name is refused to every role, so a new RPC must be
+granted here explicitly.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Role(StrEnum):
+    """A token's role, stored with its hash (`kernelhub-hub token issue --role`)."""
+
+    AGENT = "agent"
+    """A trainer: the Connect stream and the query RPCs. The default."""
+    OBSERVER = "observer"
+    """A person or tool that watches (the dashboard): the query RPCs, nothing that changes state."""
+    ADMIN = "admin"
+    """An operator's tool: what an observer may, and managing tokens."""
+    VALIDATOR = "validator"
+    """Builds and tests shared components: the query RPCs; shares nothing."""
+
+
+SERVICE = "/kernelhub.v1.HubService/"
+QUERY_METHODS = frozenset(
+    SERVICE + name
+    for name in (
+        "ListAgents",
+        "ListArtifacts",
+        "GetArtifact",
+        "ListCollaborations",
+        "ListFeatureRequests",
+        "GetHubStats",
+    )
+)
+ALLOWED_METHODS: dict[Role, frozenset[str]] = {
+    Role.AGENT: QUERY_METHODS | {SERVICE + "Connect"},
+    Role.OBSERVER: QUERY_METHODS,
+    Role.ADMIN: QUERY_METHODS,
+    Role.VALIDATOR: QUERY_METHODS,
+}
+
+
+def may_call(role: Role, method: str) -> bool:
+    return method in ALLOWED_METHODS[role]
+
+
+def refusal(role: Role, method: str) -> str:
+    """The PERMISSION_DENIED message: names the role, so the caller knows which token to use."""
+    return f"a token with role {role.value!r} may not call {method.rsplit('/', 1)[-1]}"
