@@ -4,14 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-# A feature goes to agents announcing any of these capabilities.
+from generated.kernelhub.v1 import hub_pb2 as pb
+
+
+def feature_name(feature: pb.Feature.ValueType) -> str:
+    """The name `RequestFeature.feature` carries: FEATURE_FILE_CACHE is "file_cache"."""
+    return pb.Feature.Name(feature).removeprefix("FEATURE_").lower()
+
+
+# A feature goes to agents announcing any of these capabilities (the contract's `Feature`
+# comments list the same; tests/test_contract_docs.py keeps them equal).
 FEATURE_CAPABILITIES: dict[str, frozenset[str]] = {
-    "memory_allocator": frozenset({"memory_management"}),
-    "file_cache": frozenset({"file_operations", "storage_management"}),
-    "network_stack": frozenset({"network_protocols", "communication"}),
-    "graphics_driver": frozenset({"graphics_rendering", "display_management"}),
-    "audio_mixer": frozenset({"audio_processing", "sound_synthesis"}),
-    "security_module": frozenset({"security_analysis", "access_control", "encryption"}),
+    feature_name(feature): frozenset(capabilities)
+    for feature, capabilities in (
+        (pb.FEATURE_MEMORY_ALLOCATOR, {"memory_management"}),
+        (pb.FEATURE_FILE_CACHE, {"file_operations", "storage_management"}),
+        (pb.FEATURE_NETWORK_STACK, {"network_protocols", "communication"}),
+        (pb.FEATURE_GRAPHICS_DRIVER, {"graphics_rendering", "display_management"}),
+        (pb.FEATURE_AUDIO_MIXER, {"audio_processing", "sound_synthesis"}),
+        (pb.FEATURE_SECURITY_MODULE, {"security_analysis", "access_control", "encryption"}),
+    )
 }
 
 

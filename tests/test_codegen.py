@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from generated.kernelhub.v1 import hub_pb2 as pb
 from trainer_service.simulation import codegen
 from trainer_service.simulation.capabilities import (
     SPECIALIZATION_NAMES,
@@ -243,6 +244,16 @@ def test_collaborative_pieces_do_not_clash() -> None:
     )
     assert "_lead_" in unit.code and "_peer_" in unit.code
     assert unit.entry_point == "collab_networking_networking_selftest"
+
+
+def test_every_feature_of_the_contract_has_a_template() -> None:
+    """The vocabulary lives in the contract's `Feature` enum; the trainer can build all of it."""
+    contract = {
+        name.removeprefix("FEATURE_").lower()
+        for name in pb.Feature.DESCRIPTOR.values_by_name
+        if name != "FEATURE_UNSPECIFIED"
+    }
+    assert set(codegen.FEATURES) == contract
 
 
 def test_unknown_feature_and_specialization_are_refused() -> None:

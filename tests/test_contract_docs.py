@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from generated.kernelhub.v1 import hub_pb2 as pb
-from hub_service.features import FEATURE_CAPABILITIES
+from hub_service.features import FEATURE_CAPABILITIES, feature_name
 from trainer_service.simulation.capabilities import (
     BASE_CAPABILITIES,
     SPECIALIZATION_CAPABILITIES,
@@ -38,13 +38,28 @@ def words(comment: str) -> set[str]:
     return set(re.findall(r"[a-z][a-z0-9_]*", comment))
 
 
-def test_feature_comment_lists_each_feature_with_exactly_its_capabilities() -> None:
-    comment = field_comment("RequestFeature", "feature")
-    for feature, capabilities in FEATURE_CAPABILITIES.items():
-        entry = re.search(rf"- {feature}: ([a-z_, ]+);?", comment)
-        assert entry is not None, f"RequestFeature.feature does not document {feature!r}"
-        documented = {name.strip() for name in entry.group(1).split(",")}
-        assert documented == set(capabilities), (feature, documented)
+def enum_value_comments(enum: str) -> dict[str, str]:
+    """Each value of `enum` -> the `//` lines directly above it, joined."""
+    body = re.search(rf"^enum {enum} \{{\n(.*?)^\}}", PROTO.read_text(), re.M | re.S)
+    assert body is not None, f"enum {enum} not found in {PROTO}"
+    comments: dict[str, str] = {}
+    pending: list[str] = []
+    for line in body.group(1).splitlines():
+        if line.strip().startswith("//"):
+            pending.append(line.strip().removeprefix("//").strip())
+        elif value := re.match(r"^\s*(\w+) = \d+;", line):
+            comments[value.group(1)] = " ".join(pending)
+            pending = []
+    return comments
+
+
+def test_the_feature_enum_is_the_routing_vocabulary_with_exactly_its_capabilities() -> None:
+    documented = {
+        feature_name(pb.Feature.Value(value)): words(comment.removeprefix("Capabilities:"))
+        for value, comment in enum_value_comments("Feature").items()
+        if value != "FEATURE_UNSPECIFIED"
+    }
+    assert documented == {f: set(c) for f, c in FEATURE_CAPABILITIES.items()}
 
 
 def test_capabilities_comment_names_every_routing_and_announced_capability() -> None:

@@ -28,6 +28,7 @@ from importlib import resources
 from types import MappingProxyType
 from typing import Final
 
+from generated.kernelhub.v1 import hub_pb2 as pb
 from trainer_service.simulation.capabilities import Specialization, specialization_name
 
 TEMPLATE_DIR: Final = "codegen_templates"  # package data of trainer_service.simulation
@@ -389,18 +390,33 @@ _MODULES: Final[Mapping[str, _Component]] = MappingProxyType(
     }
 )
 
+
+def _feature_name(feature: pb.Feature.ValueType) -> str:
+    """The contract's spelling in `RequestFeature.feature`: FEATURE_FILE_CACHE is "file_cache"."""
+    return pb.Feature.Name(feature).removeprefix("FEATURE_").lower()
+
+
+def _feature(
+    feature: pb.Feature.ValueType, stems: tuple[str, ...], make: Callable[[random.Random], _Variant]
+) -> tuple[str, _Component]:
+    name = _feature_name(feature)
+    return name, _Component(name, stems, name, make)
+
+
+# One template per feature of the contract's `Feature` vocabulary (tests/test_codegen.py checks
+# that none is missing).
 _FEATURES: Final[Mapping[str, _Component]] = MappingProxyType(
-    {
-        name: _Component(name, stems, name, make)
-        for name, stems, make in (
-            ("memory_allocator", ("kpool", "slab", "blkpool"), _memory_allocator),
-            ("file_cache", ("bcache", "fcache", "lru_cache"), _file_cache),
-            ("network_stack", ("ip4", "netstk", "inet"), _network_stack),
-            ("graphics_driver", ("gpu", "disp", "fbdev"), _graphics_driver),
-            ("audio_mixer", ("voicemix", "amix", "sndsrv"), _audio_mixer),
-            ("security_module", ("authgate", "secmod", "lsm"), _security_module),
+    dict(
+        _feature(*spec)
+        for spec in (
+            (pb.FEATURE_MEMORY_ALLOCATOR, ("kpool", "slab", "blkpool"), _memory_allocator),
+            (pb.FEATURE_FILE_CACHE, ("bcache", "fcache", "lru_cache"), _file_cache),
+            (pb.FEATURE_NETWORK_STACK, ("ip4", "netstk", "inet"), _network_stack),
+            (pb.FEATURE_GRAPHICS_DRIVER, ("gpu", "disp", "fbdev"), _graphics_driver),
+            (pb.FEATURE_AUDIO_MIXER, ("voicemix", "amix", "sndsrv"), _audio_mixer),
+            (pb.FEATURE_SECURITY_MODULE, ("authgate", "secmod", "lsm"), _security_module),
         )
-    }
+    )
 )
 
 FEATURES: Final[tuple[str, ...]] = tuple(_FEATURES)

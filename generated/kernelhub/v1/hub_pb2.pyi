@@ -157,6 +157,52 @@ SPECIALIZATION_PERFORMANCE: Specialization.ValueType  # 8
 """Optimisation, benchmarking, performance analysis."""
 Global___Specialization: _TypeAlias = Specialization  # noqa: Y015
 
+class _Feature:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FeatureEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Feature.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FEATURE_UNSPECIFIED: _Feature.ValueType  # 0
+    """Not a feature; never sent."""
+    FEATURE_MEMORY_ALLOCATOR: _Feature.ValueType  # 1
+    """Capabilities: memory_management."""
+    FEATURE_FILE_CACHE: _Feature.ValueType  # 2
+    """Capabilities: file_operations, storage_management."""
+    FEATURE_NETWORK_STACK: _Feature.ValueType  # 3
+    """Capabilities: network_protocols, communication."""
+    FEATURE_GRAPHICS_DRIVER: _Feature.ValueType  # 4
+    """Capabilities: graphics_rendering, display_management."""
+    FEATURE_AUDIO_MIXER: _Feature.ValueType  # 5
+    """Capabilities: audio_processing, sound_synthesis."""
+    FEATURE_SECURITY_MODULE: _Feature.ValueType  # 6
+    """Capabilities: security_analysis, access_control, encryption."""
+
+class Feature(_Feature, metaclass=_FeatureEnumTypeWrapper):
+    """The features the hub knows how to route: the vocabulary of
+    `RequestFeature.feature`, which carries a value's name lowercased without
+    the `FEATURE_` prefix (FEATURE_MEMORY_ALLOCATOR is "memory_allocator"). Each
+    value's comment lists the capabilities that make an agent able to build it
+    (`Hello.capabilities`, exact names). Other feature names are accepted but
+    route to everyone; values may be added in later versions.
+    """
+
+FEATURE_UNSPECIFIED: Feature.ValueType  # 0
+"""Not a feature; never sent."""
+FEATURE_MEMORY_ALLOCATOR: Feature.ValueType  # 1
+"""Capabilities: memory_management."""
+FEATURE_FILE_CACHE: Feature.ValueType  # 2
+"""Capabilities: file_operations, storage_management."""
+FEATURE_NETWORK_STACK: Feature.ValueType  # 3
+"""Capabilities: network_protocols, communication."""
+FEATURE_GRAPHICS_DRIVER: Feature.ValueType  # 4
+"""Capabilities: graphics_rendering, display_management."""
+FEATURE_AUDIO_MIXER: Feature.ValueType  # 5
+"""Capabilities: audio_processing, sound_synthesis."""
+FEATURE_SECURITY_MODULE: Feature.ValueType  # 6
+"""Capabilities: security_analysis, access_control, encryption."""
+Global___Feature: _TypeAlias = Feature  # noqa: Y015
+
 class _ArtifactKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -1227,16 +1273,11 @@ class RequestFeature(_message.Message):
     REQUIREMENTS_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     feature: _builtins.str
-    """Required, a machine name (lower_snake_case, at most 64 characters), e.g.
+    """Required, a machine name (lower_snake_case, at most 64 characters): a
+    `Feature` value's name, lowercased without its prefix, e.g.
     "memory_allocator". The hub routes it to every agent it knows, other than
     you, whose last Hello announced at least one of the feature's
-    capabilities (exact names):
-    - memory_allocator: memory_management;
-    - file_cache: file_operations, storage_management;
-    - network_stack: network_protocols, communication;
-    - graphics_driver: graphics_rendering, display_management;
-    - audio_mixer: audio_processing, sound_synthesis;
-    - security_module: security_analysis, access_control, encryption.
+    capabilities (listed on each `Feature` value; exact names).
     Any other feature name is accepted but fits nobody, so it goes to every
     other agent, as does a known feature that no agent fits
     (`FeatureRequestInfo.routed_to` is then empty).
