@@ -41,7 +41,8 @@ def positive(value: object) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
-@pytest.mark.timeout(240)
+# A hang guard only: ~30 s on a quiet machine, 115 s seen with the machine loaded ~5x.
+@pytest.mark.timeout(600)
 def test_quick_run_reports_every_figure_with_its_baseline(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     completed = subprocess.run(
@@ -49,7 +50,7 @@ def test_quick_run_reports_every_figure_with_its_baseline(tmp_path: Path) -> Non
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=540,
         check=False,
     )
     assert completed.returncode == 0, (
