@@ -28,6 +28,7 @@ from .config import HubConfig
 from .connection import Connection
 from .errors import StatusError, permission_denied
 from .messages import to_command
+from .metrics import HubMetrics
 from .outcomes import Outcome
 from .ratelimit import BucketTable, TokenBucket
 from .router import Router
@@ -57,8 +58,13 @@ class Sessions:
         router: Router,
         syncs: TrainingSyncs,
         budget: int,
+        metrics: HubMetrics,
     ) -> None:
         self._config = config
+        self._metrics = metrics
+        self._received = metrics.received  # children resolved once, by (kind, outcome)
+        self._errors = metrics.errors
+        self._limited = metrics.rate_limited
         self._store = store
         self._committer = committer
         self._router = router
@@ -93,6 +99,7 @@ class Sessions:
             replay_page_size=self._config.replay_page_size,
             max_bytes=self._budget,
             linger=self._config.stream_linger,
+            metrics=self._metrics,
         )
         if hello.skip_history:
             connection.cursor = max(connection.cursor, self._router.last_published_seq)
@@ -146,6 +153,7 @@ class Sessions:
         After Hello (so the trainer's write of it cannot race the status) and before
         AgentOnline: a refused reconnect makes no presence event for anyone."""
         if self._connects is not None and not (bucket := self._connects.get(agent_id)).take():
+            self._limited["connects"].inc()
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"too many connects for {agent_id}: at most {bucket.rate:g}/s (bursts of "
@@ -153,6 +161,7 @@ class Sessions:
             )
         limit = self._config.max_connections
         if len(self._router) >= limit and not self._router.is_connected(agent_id):
+            self._limited["connections"].inc()
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the hub carries at most {limit} live connections; retry later",
@@ -269,8 +278,8 @@ class Sessions:
         except StatusError as error:
             await connection.admit()
             # A refused batch costs a message of the rate too (a valid one costs its requests).
-            limited = _rate_limited(bucket)
-            connection.answer(batch.message_id, limited or error)
+            limited = self._rate_limited(bucket)
+            self._answer(connection, batch.message_id, "batch", limited or error)
             return
         for request in batch.batch.requests:
             await self._take(connection, bucket, request)
@@ -280,17 +289,46 @@ class Sessions:
     ) -> None:
         """Validate one message and queue it for commit (or answer its error)."""
         await connection.admit()
+        body = request.WhichOneof("body") or "none"
         try:
-            if (limited := _rate_limited(bucket)) is not None:
+            if (limited := self._rate_limited(bucket)) is not None:
                 raise limited
             kind = validate(request, self._config.limits)
             await self._committer.enqueue(
                 to_command(connection.agent_id, request, kind),
-                partial(connection.answer, request.message_id),
+                partial(self._answer, connection, request.message_id, body),
                 request.ByteSize(),
             )
         except StatusError as error:
-            connection.answer(request.message_id, error)
+            self._answer(connection, request.message_id, body, error)
+
+    def _answer(
+        self,
+        connection: Connection,
+        message_id: str,
+        kind: str,
+        result: Outcome | BaseException,
+    ) -> None:
+        """Count one message's answer (kernelhub_messages_received_total), then queue it."""
+        if isinstance(result, Outcome):
+            outcome = "duplicate" if result.duplicate else "committed"
+        else:
+            outcome = "refused"
+            code = result.code if isinstance(result, StatusError) else grpc.StatusCode.INTERNAL
+            self._errors[code].inc()
+        self._received[(kind, outcome)].inc()
+        connection.answer(message_id, result)
+
+    def _rate_limited(self, bucket: TokenBucket | None) -> StatusError | None:
+        """Takes one message's token from `bucket`; the refusal if there is none left."""
+        if bucket is None or bucket.take():
+            return None
+        self._limited["messages"].inc()
+        return StatusError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"rate limit: at most {bucket.rate:g} messages/s (bursts of {bucket.burst:g}); "
+            "resend this message_id later",
+        )
 
     async def drain(self, timeout: float) -> None:
         """Stop reading, commit and answer what was read, then end every stream.
@@ -319,17 +357,6 @@ def _last_seen(online: Outcome) -> Timestamp | None:
             seen.CopyFrom(routed.event.agent_joined.agent.last_seen_time)
             return seen
     return None
-
-
-def _rate_limited(bucket: TokenBucket | None) -> StatusError | None:
-    """Takes one message's token from `bucket`; the refusal if there is none left."""
-    if bucket is None or bucket.take():
-        return None
-    return StatusError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"rate limit: at most {bucket.rate:g} messages/s (bursts of {bucket.burst:g}); "
-        "resend this message_id later",
-    )
 
 
 def _table(rate: float, burst: float, agents: int) -> BucketTable | None:
