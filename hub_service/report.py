@@ -342,7 +342,7 @@ def write_png(data: ReportData, directory: Path) -> list[Path]:
 
 def parse_moment(text: str, now: datetime | None = None) -> datetime:
     """An ISO 8601 time (UTC unless it says otherwise), or a duration meaning that long ago
-    (`2h`, `30m`); naive UTC, as the tables store times."""
+    (`2h`, `30m`); in UTC."""
     now = now or datetime.now(UTC)
     try:
         moment = datetime.fromisoformat(text)
@@ -354,9 +354,9 @@ def parse_moment(text: str, now: datetime | None = None) -> datetime:
                 f"{text!r} is neither an ISO 8601 time (2026-12-02T10:00:00Z) nor a duration "
                 "(2h, 30m)"
             ) from None
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC)
-    return moment.replace(tzinfo=None)
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
 
 
 async def read(database_url: str, window: Window) -> ReportData:

@@ -74,7 +74,7 @@ def epoch_seconds(moment: datetime) -> int:
 
 @dataclass
 class Window:
-    """Rows created in [since, until), either end open. Naive UTC, as the tables store."""
+    """Rows created in [since, until), either end open; a naive time is UTC."""
 
     since: datetime | None = None
     until: datetime | None = None
@@ -82,10 +82,14 @@ class Window:
     def where(self, column: Any) -> list[ColumnElement[bool]]:
         clauses = []
         if self.since is not None:
-            clauses.append(column >= self.since)
+            clauses.append(column >= _aware(self.since))
         if self.until is not None:
-            clauses.append(column < self.until)
+            clauses.append(column < _aware(self.until))
         return clauses
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 @dataclass
@@ -145,7 +149,7 @@ def _width(span: int) -> int:
 
 
 def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.replace(tzinfo=UTC).isoformat()
+    return None if moment is None else _aware(moment).astimezone(UTC).isoformat()
 
 
 def gather(s: Session, window: Window) -> ReportData:

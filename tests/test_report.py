@@ -1,0 +1,282 @@
+"""The run report: built from a database a real hub wrote for real trainers, its numbers equal
+what the rows say (on SQLite and PostgreSQL), and it opens in a browser with no network."""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import sqlite3
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy
+from playwright.async_api import Browser, Route
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service import report
+from hub_service.report_data import DURATION_BINS, Window, bin_index
+from hub_service.testing import TestHub
+
+from .browser import SCREENSHOTS, browser
+from .conftest import HubHarness, make_config
+from .workload import run_workload
+
+__all__ = ["browser"]  # the fixture, imported to be used by name
+HUB = [sys.executable, "-m", "hub_service"]
+
+
+def rows(url: str, query: str) -> list[Any]:
+    """The rows themselves, read with plain SQL beside the report's own queries."""
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return list(connection.execute(sqlalchemy.text(query)))
+    finally:
+        engine.dispose()
+
+
+def name(enum: Any, value: int, prefix: str) -> str:
+    return str(enum.Name(value)).removeprefix(prefix).lower()
+
+
+def expected_from_rows(url: str) -> dict[str, Any]:
+    """Each figure's numbers, computed here in Python from every row."""
+    artifacts = rows(url, "SELECT kind, specialization, contributor_id, created_at FROM artifact")
+    collaborations = rows(
+        url, "SELECT initiator_id, target_id, state, created_at, updated_at FROM collaboration"
+    )
+    requests = rows(url, "SELECT request_id, created_at FROM feature_request")
+    deliveries = rows(url, "SELECT request_id, created_at FROM feature_delivery")
+
+    def moment(value: Any) -> datetime:
+        return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+
+    seconds = [calendar.timegm(moment(a.created_at).utctimetuple()) for a in artifacts]
+    start = min(seconds)
+    by_bucket: dict[str, Counter[int]] = defaultdict(Counter)
+    for artifact, second in zip(artifacts, seconds, strict=True):
+        spec = name(pb.Specialization, artifact.specialization, "SPECIALIZATION_")
+        by_bucket[spec][second - start] += 1  # a short run: buckets of one second
+    durations: dict[str, list[int]] = {}
+    for c in collaborations:
+        state = name(pb.CollaborationState, c.state, "COLLABORATION_STATE_")
+        if state in ("completed", "declined", "expired"):
+            bins = durations.setdefault(state, [0] * (len(DURATION_BINS) + 1))
+            took = (moment(c.updated_at) - moment(c.created_at)).total_seconds()
+            bins[bin_index(took)] += 1
+    first_delivery: dict[str, datetime] = {}
+    for d in deliveries:
+        at = moment(d.created_at)
+        first_delivery[d.request_id] = min(first_delivery.get(d.request_id, at), at)
+    latency = [0] * (len(DURATION_BINS) + 1)
+    for r in requests:
+        if r.request_id in first_delivery:
+            latency[
+                bin_index((first_delivery[r.request_id] - moment(r.created_at)).total_seconds())
+            ] += 1
+    return {
+        "artifacts": Counter(name(pb.ArtifactKind, a.kind, "ARTIFACT_KIND_") for a in artifacts),
+        "states": Counter(
+            name(pb.CollaborationState, c.state, "COLLABORATION_STATE_") for c in collaborations
+        ),
+        "start": start,
+        "buckets": max(seconds) - start + 1,
+        "shares": by_bucket,
+        "pairs": Counter(tuple(sorted((c.initiator_id, c.target_id))) for c in collaborations),
+        "durations": durations,
+        "latency": latency,
+        "undelivered": sum(1 for r in requests if r.request_id not in first_delivery),
+        "contributions": Counter(
+            (a.contributor_id, name(pb.ArtifactKind, a.kind, "ARTIFACT_KIND_")) for a in artifacts
+        ),
+        "requests": len(requests),
+        "deliveries": len(deliveries),
+    }
+
+
+async def written_by_a_real_hub(url: str) -> None:
+    async with TestHub.in_process(make_config(url)) as hub:
+        harness = HubHarness(hub.server)
+        try:
+            await run_workload(harness)
+        finally:
+            await harness.close()
+
+
+def check_against_rows(data: dict[str, Any], expected: dict[str, Any]) -> None:
+    totals = data["totals"]
+    assert totals["artifacts"] == dict(expected["artifacts"])
+    assert totals["collaborations"] == dict(expected["states"])
+    assert (totals["feature_requests"], totals["feature_deliveries"]) == (
+        expected["requests"],
+        expected["deliveries"],
+    )
+    shares = data["shares"]
+    assert (shares["start_epoch"], shares["bucket_seconds"]) == (expected["start"], 1)
+    assert shares["buckets"] == expected["buckets"]
+    assert shares["series"] == {
+        spec: [counts[i] for i in range(expected["buckets"])]
+        for spec, counts in expected["shares"].items()
+    }
+    edges = {(e["a"], e["b"]): e["count"] for e in data["graph"]["edges"]}
+    assert edges == dict(expected["pairs"])
+    assert data["graph"]["pairs_total"] == len(expected["pairs"])
+    for outcome, counts in expected["durations"].items():
+        assert data["durations"]["by_outcome"][outcome]["counts"] == counts
+    assert data["feature_latency"]["counts"] == expected["latency"]
+    assert data["feature_latency"]["undelivered"] == expected["undelivered"]
+    contributed = {
+        (agent["agent_id"], kind): n
+        for agent in data["contributions"]["agents"]
+        for kind, n in agent["by_kind"].items()
+    }
+    assert contributed == dict(expected["contributions"])
+    assert data["validation"] is None
+
+
+async def test_the_report_is_the_rows(store_url: str, tmp_path: Path) -> None:
+    await written_by_a_real_hub(store_url)
+    out = tmp_path / "report.html"
+    written = await report.write_report(store_url, out)
+    assert written == [out]
+    document = out.read_text()
+    data = report.embedded_data(document)
+    expected = expected_from_rows(store_url)
+    check_against_rows(data, expected)
+    # What the workload did, as its trainers were answered.
+    assert data["totals"]["collaborations"] == {"completed": 1, "declined": 1}
+    assert data["totals"]["artifacts"] == {"code_component": 1, "os_component": 3, "pattern": 6}
+    assert data["feature_latency"]["count"] == 1 and data["feature_latency"]["undelivered"] == 0
+    # Every figure is drawn inline; nothing is fetched from anywhere.
+    for figure in report.FIGURES:
+        section = document.split(f'id="fig-{figure}"', 1)[1].split("</section>", 1)[0]
+        assert "<svg" in section, figure
+    assert "no validation data" in document
+    for needle in ("http://", "https://", "src=", "<link"):
+        outside_svg = "".join(part.split("</svg>")[-1] for part in document.split("<svg"))
+        assert needle not in outside_svg, needle
+
+
+async def test_a_window_selects_rows_by_their_time(database_url: str, tmp_path: Path) -> None:
+    await written_by_a_real_hub(database_url)
+    everything = await report.read(database_url, Window())
+    first = everything.totals["first_share"]
+    assert first is not None
+    later = await report.read(database_url, Window(since=datetime(2100, 1, 1)))
+    assert later.totals["artifacts"] == {} and later.shares["series"] == {}
+    assert later.graph["edges"] == [] and later.contributions["agents"] == []
+    start = datetime.fromisoformat(first)
+    kept = await report.read(database_url, Window(since=start, until=start + timedelta(days=1)))
+    assert kept.as_json() | {"window": None} == everything.as_json() | {"window": None}
+    empty = report.render_html(later)
+    assert empty.count('<p class="empty">no data</p>') == len(report.FIGURES)
+
+
+def test_times_are_iso_or_a_duration_ago() -> None:
+    now = datetime.fromisoformat("2026-12-02T10:00:00+00:00")
+    assert report.parse_moment("2h", now) == datetime(2026, 12, 2, 8, 0, tzinfo=UTC)
+    assert report.parse_moment("2026-12-02T11:30:00+01:00", now) == datetime(
+        2026, 12, 2, 10, 30, tzinfo=UTC
+    )
+    assert report.parse_moment("2026-12-02T09:00:00", now) == datetime(2026, 12, 2, 9, tzinfo=UTC)
+    with pytest.raises(report.ReportError, match="neither an ISO 8601 time"):
+        report.parse_moment("yesterday-ish", now)
+
+
+def test_the_command_writes_html_and_png(tmp_path: Path) -> None:
+    db = tmp_path / "hub.db"
+    asyncio.run(written_by_a_real_hub(f"sqlite:///{db}"))
+    html_file = tmp_path / "out" / "report.html"
+    done = subprocess.run(
+        [*HUB, "report", "--db", str(db), "--out", str(html_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert report.embedded_data(html_file.read_text())["totals"]["feature_requests"] == 1
+    images = tmp_path / "png"
+    done = subprocess.run(
+        [*HUB, "report", "--db", str(db), "--format", "png", "--out", str(images)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in images.iterdir()) == sorted(f"{f}.png" for f in report.FIGURES)
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in images.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--db", "/nonexistent/hub.db"], "no database at /nonexistent/hub.db"),
+        (["--database-url", "memory://"], "an in-memory hub keeps nothing"),
+        (["--db", "DB", "--since", "soonish"], "neither an ISO 8601 time"),
+    ],
+)
+def test_a_report_that_cannot_be_made_says_why(tmp_path: Path, args: list[str], says: str) -> None:
+    db = tmp_path / "hub.db"
+    db.write_bytes(b"")  # an empty SQLite file: no tables
+    args = [str(db) if a == "DB" else a for a in args]
+    done = subprocess.run(
+        [*HUB, "report", *args, "--out", str(tmp_path / "r.html")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert says in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_a_database_that_is_not_a_hubs_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "other.db"
+    with sqlite3.connect(db) as connection:
+        connection.execute("CREATE TABLE unrelated (x INTEGER)")
+    done = subprocess.run(
+        [*HUB, "report", "--db", str(db), "--out", str(tmp_path / "r.html")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and "no such table" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def test_the_report_opens_offline_in_a_browser(
+    database_url: str, tmp_path: Path, browser: Browser
+) -> None:
+    await written_by_a_real_hub(database_url)
+    out = tmp_path / "report.html"
+    await report.write_report(database_url, out)
+    context = await browser.new_context(offline=True, viewport={"width": 1100, "height": 900})
+    fetched: list[str] = []
+
+    async def refuse(route: Route) -> None:
+        if not route.request.url.startswith("file://"):
+            fetched.append(route.request.url)
+            await route.abort()
+        else:
+            await route.continue_()
+
+    await context.route("**/*", refuse)
+    page = await context.new_page()
+    await page.goto(out.as_uri())
+    for figure in report.FIGURES:
+        svg = page.locator(f"#fig-{figure} svg")
+        await svg.wait_for(state="visible", timeout=10_000)
+        box = await svg.bounding_box()
+        assert box is not None and box["width"] > 300 and box["height"] > 150, (figure, box)
+    assert "no validation data" in await page.locator("#fig-validation").inner_text()
+    embedded = await page.evaluate("JSON.parse(document.getElementById('report-data').textContent)")
+    assert embedded == report.embedded_data(out.read_text())
+    assert fetched == []
+    SCREENSHOTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(SCREENSHOTS / "report.png"), full_page=True)
+    await context.close()
