@@ -11,13 +11,16 @@ counter increment, not a label lookup. Gauges read the hub's own state when scra
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
@@ -127,25 +130,84 @@ class HubMetrics:
         self.head_seq.set_function(head)
 
 
-class MetricsEndpoint:
-    """`/metrics` over HTTP on its own daemon thread (prometheus_client's server), so a
-    scrape never runs on the event loop."""
+class _Handler(WSGIRequestHandler):
+    """One scrape; nothing logged (a scraper every few seconds would fill the log)."""
 
-    def __init__(self, metrics: HubMetrics, host: str, port: int) -> None:
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _BoundedServer(ThreadingMixIn, WSGIServer):
+    """A thread per scrape, for at most `max_clients` at once (more are closed unanswered),
+    each given `client_timeout` seconds per read or write: a client that connects and
+    stalls holds one thread for that long, never the others, never forever."""
+
+    daemon_threads = True
+    max_clients = 8
+    client_timeout = 10.0
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(self.max_clients)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        request.settimeout(self.client_timeout)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class MetricsEndpoint:
+    """`/metrics` over HTTP on threads of its own (prometheus_client's WSGI app), so a
+    scrape never runs on the event loop, and a slow scraper never holds it up."""
+
+    def __init__(
+        self,
+        metrics: HubMetrics,
+        host: str,
+        port: int,
+        *,
+        max_clients: int = 8,
+        client_timeout: float = 10.0,
+    ) -> None:
         self._metrics = metrics
         self._host = host
         self._port = port
+        self._max_clients = max_clients
+        self._client_timeout = client_timeout
+        self._server: WSGIServer | None = None
         self.port = 0
 
     def start(self) -> int:
         """Binds (`port` 0 picks a free one) and serves; returns the port. Raises OSError
         for a port in use."""
-        self._server, self._thread = start_http_server(
-            self._port, self._host, registry=self._metrics.registry
+
+        class Server(_BoundedServer):
+            address_family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+            max_clients = self._max_clients
+            client_timeout = self._client_timeout
+
+        server = make_server(
+            self._host,
+            self._port,
+            make_wsgi_app(self._metrics.registry),
+            Server,
+            handler_class=_Handler,
         )
-        self.port = int(self._server.server_address[1])
+        threading.Thread(target=server.serve_forever, name="kernelhub-metrics", daemon=True).start()
+        self._server = server
+        self.port = int(server.server_address[1])
         return self.port
 
     async def stop(self) -> None:

@@ -4,9 +4,11 @@ Prometheus' own text parser, matches what the trainers were answered and GetHubS
 from __future__ import annotations
 
 import asyncio
+import http.client
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.config import HubConfig
-from hub_service.metrics import KINDS, HubMetrics
+from hub_service.metrics import KINDS, HubMetrics, MetricsEndpoint
 from hub_service.server import HubServer
 from hub_service.settings import SettingsError, load_settings
 from hub_service.testing import TestHub
@@ -231,3 +233,41 @@ def test_every_metric_is_in_the_readme() -> None:
     names = {doc.name for doc in HubMetrics().docs}
     assert len(names) == len(HubMetrics().docs)  # no name defined twice
     assert all(name.startswith("kernelhub_") for name in names)
+
+
+async def test_scrapers_are_bounded_in_number_and_time() -> None:
+    """Beyond its clients the endpoint closes a connection unanswered; a client that stalls
+    is closed after its timeout; and each freed slot serves again."""
+    endpoint = MetricsEndpoint(HubMetrics(), "127.0.0.1", 0, max_clients=2, client_timeout=60)
+    port = endpoint.start()
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=WAIT) for _ in range(2)]
+    try:
+        with pytest.raises((ConnectionError, http.client.HTTPException, urllib.error.URLError)):
+            await asyncio.to_thread(scrape, port)
+        for connection in idle:
+            connection.close()  # the two slots come free
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT
+        while True:
+            try:
+                samples = await asyncio.to_thread(scrape, port)
+                break
+            except (ConnectionError, http.client.HTTPException, urllib.error.URLError):
+                assert loop.time() < deadline, "the endpoint never served again"
+                await asyncio.sleep(0.05)
+        assert value(samples, "kernelhub_receipts_total") == 0
+    finally:
+        for connection in idle:
+            connection.close()
+        await endpoint.stop()
+
+    stalling = MetricsEndpoint(HubMetrics(), "127.0.0.1", 0, max_clients=1, client_timeout=0.2)
+    port = stalling.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as connection:
+            # Nothing sent: the endpoint ends the connection itself (EOF) within its timeout.
+            assert await asyncio.to_thread(connection.recv, 1) == b""
+        samples = await asyncio.to_thread(scrape, port)
+        assert value(samples, "kernelhub_connections") == 0
+    finally:
+        await stalling.stop()
