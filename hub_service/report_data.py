@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Integer, and_, case, cast, func, inspect
+from sqlalchemy import BigInteger, and_, case, cast, func, inspect
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
 
@@ -215,9 +215,7 @@ def _shares(s: Session, window: Window) -> dict[str, Any]:
         return {"start_epoch": None, "bucket_seconds": 1, "buckets": 0, "series": {}}
     start, width = int(low), _width(int(high) - int(low))
     buckets = (int(high) - start) // width + 1
-    bucket = cast((seconds - start) / width, Integer)  # both integers: exact division
-    if s.get_bind().dialect.name != "sqlite":
-        bucket = cast(func.floor((seconds - start) / width), Integer)
+    bucket = (seconds - start) // width  # integers, not negative: exact on every database
     rows = s.exec(
         select(bucket, ArtifactRow.specialization, func.count())
         .where(*window.where(ArtifactRow.created_at))
