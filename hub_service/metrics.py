@@ -73,6 +73,13 @@ class HubMetrics:
             ("code",),
         )
         self.errors = {code: errors.labels(code.name) for code in grpc.StatusCode}
+        ended = self._counter(
+            "kernelhub_streams_ended_total",
+            "Connect streams the hub ended, by the status it sent (OK: the trainer half-closed "
+            "and was answered; a trainer that cancels or vanishes is not counted)",
+            ("code",),
+        )
+        self.streams_ended = {code: ended.labels(code.name) for code in grpc.StatusCode}
         self.receipts = self._counter(
             "kernelhub_receipts_total", "receipts written to trainers' streams"
         )

@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from functools import partial
-from typing import Any, TypeAlias
+from typing import Any, NoReturn, TypeAlias
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -65,6 +65,7 @@ class Sessions:
         self._received = metrics.received  # children resolved once, by (kind, outcome)
         self._errors = metrics.errors
         self._limited = metrics.rate_limited
+        self._ended = metrics.streams_ended
         self._store = store
         self._committer = committer
         self._router = router
@@ -84,8 +85,8 @@ class Sessions:
         """One Connect call, from Hello until the stream ends."""
         agent_id = current_agent()
         if self._draining:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "the hub is shutting down; retry shortly"
+            await self._abort(
+                context, grpc.StatusCode.UNAVAILABLE, "the hub is shutting down; retry shortly"
             )
         hello = await self._expect_hello(agent_id, request_iterator, context)
         await self._admit(agent_id, context)
@@ -145,7 +146,14 @@ class Sessions:
             teardown.add_done_callback(self._teardowns.discard)
             await asyncio.shield(teardown)
         if connection.end_status is not None:
-            await context.abort(*connection.end_status)
+            await self._abort(context, *connection.end_status)
+        self._ended[grpc.StatusCode.OK].inc()  # the trainer half-closed: answered, then OK
+
+    async def _abort(self, context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
+        """End the call with `code`, counted (kernelhub_streams_ended_total)."""
+        self._ended[code].inc()
+        await context.abort(code, message)
+        raise AssertionError("context.abort returned")  # it raises; this tells the checkers
 
     async def _admit(self, agent_id: str, context: Context) -> None:
         """Refuse a connect over the agent's connect rate or the hub's connection limit.
@@ -154,7 +162,8 @@ class Sessions:
         AgentOnline: a refused reconnect makes no presence event for anyone."""
         if self._connects is not None and not (bucket := self._connects.get(agent_id)).take():
             self._limited["connects"].inc()
-            await context.abort(
+            await self._abort(
+                context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"too many connects for {agent_id}: at most {bucket.rate:g}/s (bursts of "
                 f"{bucket.burst:g}); retry in {bucket.wait():.1f} s",
@@ -162,7 +171,8 @@ class Sessions:
         limit = self._config.max_connections
         if len(self._router) >= limit and not self._router.is_connected(agent_id):
             self._limited["connections"].inc()
-            await context.abort(
+            await self._abort(
+                context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the hub carries at most {limit} live connections; retry later",
             )
@@ -209,20 +219,25 @@ class Sessions:
         try:
             first = await asyncio.wait_for(anext(requests), self._config.hello_timeout)
         except TimeoutError:
-            await context.abort(
+            await self._abort(
+                context,
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"no Hello within {self._config.hello_timeout:g}s of opening the stream",
             )
         except StopAsyncIteration:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "stream closed before Hello")
+            await self._abort(
+                context, grpc.StatusCode.FAILED_PRECONDITION, "stream closed before Hello"
+            )
         except DecodeError as exc:
-            await context.abort(
+            await self._abort(
+                context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"the first message is not a ConnectRequest ({exc})",
             )
         first.DiscardUnknownFields()  # as _read does
         if first.WhichOneof("body") != "hello":
-            await context.abort(
+            await self._abort(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"the first message must be hello, got {first.WhichOneof('body') or 'an empty body'}",
             )
@@ -233,7 +248,7 @@ class Sessions:
                     f"this token belongs to {agent_id}; it cannot say hello as {first.hello.agent_id}"
                 )
         except StatusError as error:
-            await context.abort(error.code, error.message)
+            await self._abort(context, error.code, error.message)
         return first.hello
 
     async def _read(

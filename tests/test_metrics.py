@@ -23,7 +23,7 @@ from hub_service.server import HubServer
 from hub_service.settings import SettingsError, load_settings
 from hub_service.testing import TestHub
 
-from .conftest import WAIT, HubHarness, auth, hello, make_config, pattern
+from .conftest import EOF, WAIT, HubHarness, auth, hello, make_config, pattern
 from .workload import run_workload
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +146,12 @@ async def test_refusals_by_each_limit_are_counted(database_url: str) -> None:
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await asyncio.wait_for(call.read(), WAIT)
                 assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # Anything but Hello first ends the stream before admission.
+            call = harness.stub.Connect(metadata=auth(await harness.token("AI_Node_3")))
+            await call.write(pb.ConnectRequest(message_id="x", share_pattern=pb.SharePattern()))
+            with pytest.raises(grpc.aio.AioRpcError) as early:
+                await asyncio.wait_for(call.read(), WAIT)
+            assert early.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             await settle(
                 hub.server.metrics_endpoint.port,
                 {
@@ -162,6 +168,9 @@ async def test_refusals_by_each_limit_are_counted(database_url: str) -> None:
                         outcome="committed",
                     ): 2.0,
                     metric("kernelhub_connections"): 1.0,
+                    metric("kernelhub_streams_ended_total", code="RESOURCE_EXHAUSTED"): 2.0,
+                    metric("kernelhub_streams_ended_total", code="FAILED_PRECONDITION"): 1.0,
+                    metric("kernelhub_streams_ended_total", code="OK"): 0.0,
                 },
             )
         finally:
@@ -193,9 +202,17 @@ async def test_fallbacks_to_the_log_are_counted(database_url: str) -> None:
             assert seqs == sorted(set(seqs))  # in order, once each, through the fallback
             fell_behind = sum(c.fell_behind for c in hub.server.router.connections())
             assert fell_behind > 0
+            # The reader half-closes: answered, its stream ends OK.
+            await reader.call.done_writing()
+            while await asyncio.wait_for(reader.call.read(), WAIT) is not EOF:
+                pass
+            assert await reader.call.code() == grpc.StatusCode.OK
             await settle(
                 hub.server.metrics_endpoint.port,
-                {metric("kernelhub_outbound_fallbacks_total"): float(fell_behind)},
+                {
+                    metric("kernelhub_outbound_fallbacks_total"): float(fell_behind),
+                    metric("kernelhub_streams_ended_total", code="OK"): 1.0,
+                },
             )
         finally:
             await harness.close()
