@@ -389,7 +389,10 @@ async def write_report(
     """Read the database, draw, write `out` (a file for html, a directory for png)."""
     data = await read(database_url, window or Window())
     # Drawing takes a CPU second or so: off the event loop (a swarm's hub may still serve).
-    return await asyncio.to_thread(write, data, out, fmt)
+    try:
+        return await asyncio.to_thread(write, data, out, fmt)
+    except OSError as error:
+        raise ReportError(f"cannot write {out}: {error.strerror or error}") from None
 
 
 def write(data: ReportData, out: Path, fmt: str = "html") -> list[Path]:

@@ -246,6 +246,7 @@ def test_the_command_writes_html_and_png(tmp_path: Path) -> None:
         (["--db", "/nonexistent/hub.db"], "no database at /nonexistent/hub.db"),
         (["--database-url", "memory://"], "an in-memory hub keeps nothing"),
         (["--db", "DB", "--since", "soonish"], "neither an ISO 8601 time"),
+        (["--db", "HUB", "--out", "/dev/null/report.html"], "cannot write /dev/null/report.html"),
     ],
 )
 def test_a_report_that_cannot_be_made_says_why(
@@ -253,8 +254,10 @@ def test_a_report_that_cannot_be_made_says_why(
 ) -> None:
     db = tmp_path / "hub.db"
     db.write_bytes(b"")  # an empty SQLite file: no tables
-    args = [str(db) if a == "DB" else a for a in args]
-    assert cli.main(["report", *args, "--out", str(tmp_path / "r.html")]) == 1
+    if "HUB" in args:
+        asyncio.run(written_by_a_real_hub(f"sqlite:///{db}"))
+    args = [str(db) if a in ("DB", "HUB") else a for a in args]
+    assert cli.main(["report", "--out", str(tmp_path / "r.html"), *args]) == 1
     err = capsys.readouterr().err
     assert says in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r.html").exists()

@@ -332,6 +332,7 @@ async def _swarm(args: argparse.Namespace, console: Console) -> int:
     credentials = _credentials(args)
     ids = agent_ids(args.count)
     stop = asyncio.Event()
+    reported = True  # the report, if asked for, was written
 
     async def run_against(target: str, tokens: dict[str, str]) -> SwarmResult:
         return await run_swarm(
@@ -362,10 +363,8 @@ async def _swarm(args: argparse.Namespace, console: Console) -> int:
                     database_url,
                 ):
                     result = await run_against(target, tokens)
-                    if args.report is not None and not await _write_report(
-                        database_url, args.report
-                    ):
-                        return EXIT_FATAL
+                    if args.report is not None:
+                        reported = await _write_report(database_url, args.report)
             except EmbeddedHubUnavailable as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return EXIT_FATAL
@@ -374,7 +373,7 @@ async def _swarm(args: argparse.Namespace, console: Console) -> int:
     failures = result.failures
     for trainer in failures:
         print(f"error: {trainer.agent_id}: {trainer.error or trainer.status}", file=sys.stderr)
-    return EXIT_FATAL if failures else EXIT_OK
+    return EXIT_FATAL if failures or not reported else EXIT_OK
 
 
 async def _write_report(database_url: str, out: Path) -> bool:
