@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import itertools
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from hub_service.metrics import KINDS, HubMetrics, MetricsEndpoint
 from hub_service.server import HubServer
 from hub_service.settings import SettingsError, load_settings
 from hub_service.testing import TestHub
+from trainer_service.simulation.swarm import agent_ids, run_swarm
 
 from .conftest import EOF, WAIT, HubHarness, auth, hello, make_config, pattern
 from .workload import run_workload
@@ -116,6 +118,64 @@ async def test_metrics_match_the_answers_and_the_stats(database_url: str) -> Non
         assert value(samples, "kernelhub_commit_batch_size_sum") >= sum(work.committed.values())
         assert value(samples, "kernelhub_commit_duration_seconds_sum") > 0
         assert hub.server.committer.commits >= commits  # it counts on after the scrape
+
+
+async def test_a_swarm_scraped_while_it_runs_matches_the_stats(database_url: str) -> None:
+    """The simulated trainers (HubClient, resends and all) against a real hub, scraped over and
+    over while they run: every scrape parses, no counter ever goes down, and once they are
+    done what was committed equals what GetHubStats counts, kind by kind."""
+    config = make_config(database_url, metrics_port=0, training_sync_interval=1.0)
+    async with TestHub.in_process(config) as hub:
+        assert hub.server.metrics_endpoint is not None
+        port = hub.server.metrics_endpoint.port
+        ids = agent_ids(4)
+        tokens = await hub.issue_tokens(*ids)
+        swarm = asyncio.create_task(
+            run_swarm(
+                target=hub.target, tokens=tokens, count=4, duration_seconds=3, seed=3, tempo=20
+            )
+        )
+        scrapes: list[Samples] = []
+        while not swarm.done():
+            scrapes.append(await asyncio.to_thread(scrape, port))
+            await asyncio.sleep(0.1)  # a scraper's interval, not a wait for anything
+        result = await swarm
+        assert not result.failures
+        # Once every trainer's leaving is committed, nothing else changes: compare then.
+        harness = HubHarness(hub.server)
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + WAIT
+            while (
+                stats := await harness.query("GetHubStats", pb.GetHubStatsRequest())
+            ).agents_online:
+                assert loop.time() < deadline, "the trainers never went offline"
+                await asyncio.sleep(0.05)
+        finally:
+            await harness.close()
+        kb = stats.knowledge_base
+        final = await asyncio.to_thread(scrape, port)
+    counters = [k for k in final if k[0].endswith(("_total", "_count", "_sum", "_bucket"))]
+    for before, after in itertools.pairwise([*scrapes, final]):
+        assert all(before.get(k, 0.0) <= after[k] for k in counters)
+    assert len(scrapes) >= 2
+
+    def committed(kind: str) -> float:
+        return value(final, "kernelhub_messages_received_total", kind=kind, outcome="committed")
+
+    assert committed("share_pattern") == kb.pattern_count > 0
+    assert committed("share_code_component") == kb.code_component_count
+    assert (
+        committed("share_os_component")
+        + committed("deliver_feature")
+        + committed("complete_collaboration")
+        == kb.os_component_count
+    )
+    assert committed("request_feature") == kb.feature_request_count
+    assert committed("deliver_feature") == stats.feature_delivery_count
+    assert committed("propose_collaboration") == sum(stats.collaborations_by_state.values())
+    assert value(final, "kernelhub_log_head_seq") == stats.head_seq
+    assert value(final, "kernelhub_connections") == stats.agents_online == 0
 
 
 async def test_refusals_by_each_limit_are_counted(database_url: str) -> None:
