@@ -1,5 +1,5 @@
-"""`kernelhub-hub`: serve the hub, show its settings, issue, list or revoke agent tokens, and
-look after its database (`db`)."""
+"""`kernelhub-hub`: serve the hub, show its settings, issue, list or revoke agent tokens,
+look after its database (`db`), and draw a run's report from it (`report`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from . import db_admin
+from . import db_admin, report, report_data
 from .config import HubConfig
 from .durations import parse_duration
 from .errors import StatusError
@@ -138,7 +138,40 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "backup":
             sub.add_argument("path", type=Path, help="the new file to write")
         _setting_flags(sub, ["database_url"])
+
+    drawn = commands.add_parser(
+        "report", help="draw a run from the database: one self-contained HTML file, or PNGs"
+    )
+    drawn.add_argument(
+        "--out", type=Path, required=True, help="the HTML file (--format html) or a directory (png)"
+    )
+    drawn.add_argument("--format", choices=("html", "png"), default="html", dest="report_format")
+    for end in ("since", "until"):
+        drawn.add_argument(
+            f"--{end}",
+            metavar="TIME",
+            help=f"only what was created {'at or after' if end == 'since' else 'before'} TIME: "
+            "ISO 8601 (UTC unless it says) or a duration ago (2h)",
+        )
+    _setting_flags(drawn, ["database_url"])
     return parser
+
+
+async def _report(args: argparse.Namespace, database_url: str) -> int:
+    try:
+        window = report_data.Window(
+            since=report.parse_moment(args.since) if args.since else None,
+            until=report.parse_moment(args.until) if args.until else None,
+        )
+        written = await report.write_report(database_url, args.out, args.report_format, window)
+    except report.ReportError as error:
+        print(f"kernelhub-hub report: {error}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path}")
+    if not written:
+        print(f"kernelhub-hub report: no figure has data; nothing written to {args.out}")
+    return 0
 
 
 def show_settings(resolved: Resolved) -> str:
@@ -260,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return db_admin.run(args.db_command, settings.database_url, getattr(args, "path", None))
     if args.command == "serve":
         return asyncio.run(_serve(HubConfig.from_settings(settings)))
+    if args.command == "report":
+        return asyncio.run(_report(args, settings.database_url))
     if args.command == "config":
         print(show_settings(resolved), end="")
         return 0

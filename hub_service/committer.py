@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 
 from .errors import StatusError, unavailable
+from .metrics import HubMetrics
 from .outcomes import Outcome
 from .state import Command, HubStore
 
@@ -58,8 +59,12 @@ class GroupCommitter:
         queue_size: int = 8192,
         linger: float = 0.0,
         batch_bytes: int = 4 * 1024 * 1024,
+        metrics: HubMetrics | None = None,
     ) -> None:
         self._store = store
+        metrics = metrics or HubMetrics()
+        self._commit_seconds = metrics.commit_seconds
+        self._batch_sizes = metrics.batch_size
         self._on_commit = on_commit
         self._on_failure = on_failure
         # Told after every batch whether the database and the writer answered (no
@@ -76,6 +81,10 @@ class GroupCommitter:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(queue_size)
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+
+    def queued(self) -> int:
+        """Commands waiting for a group commit (the metrics' queue depth)."""
+        return self._queue.qsize()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="group-commit")
@@ -127,6 +136,7 @@ class GroupCommitter:
                     self._carried = pending  # first in the next batch
                     break
                 batch.append(pending)
+            started = loop.time()
             try:
                 results: list[Outcome | StatusError] = await self._store.commit(
                     [p.command for p in batch]
@@ -134,6 +144,8 @@ class GroupCommitter:
             except Exception as exc:  # the store could not even run the batch
                 log.exception("group commit failed")
                 results = [unavailable(f"commit failed: {exc}")] * len(batch)
+            self._commit_seconds.observe(loop.time() - started)
+            self._batch_sizes.observe(len(batch))
             down = any(
                 isinstance(r, StatusError) and r.code == grpc.StatusCode.UNAVAILABLE
                 for r in results

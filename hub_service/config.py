@@ -42,6 +42,7 @@ class HubConfig:
     commit_timeout: float = _D.commit_timeout
     reaper_interval: float = _D.reaper_interval
     shutdown_grace: float = _D.shutdown_grace
+    metrics_port: int | None = _D.metrics_port
     max_message_bytes: int = _D.max_message_bytes
     keepalive_time: float = _D.keepalive_time
     keepalive_timeout: float = _D.keepalive_timeout

@@ -24,6 +24,7 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 
 from . import paging
 from .errors import StatusError
+from .metrics import HubMetrics
 from .outcomes import Outcome
 from .ratelimit import ThrottledLog
 from .state import HubStore
@@ -48,6 +49,7 @@ class Connection:
         events_per_response: int,
         replay_page_size: int,
         max_bytes: int,
+        metrics: HubMetrics,
         linger: float = 0.0,
     ) -> None:
         """`max_bytes`: what one response may carry (`paging.budget` of the message limit)."""
@@ -64,6 +66,9 @@ class Connection:
         self._replay_page = replay_page_size
         self._linger = linger
         self._max_bytes = max_bytes
+        self._sent_receipts = metrics.receipts
+        self._sent_events = metrics.events
+        self._fallbacks = metrics.fallbacks
         # The highest seq queued or sent: nothing at or below it is sent again.
         self.cursor = hello.resume_after_seq
         self.catching_up = True
@@ -103,6 +108,7 @@ class Connection:
         if len(self._events) >= self._queue_size:
             self.catching_up = True  # the log has it; read it back when the queue drains
             self.fell_behind += 1
+            self._fallbacks.inc()
             return
         self._events.append(event)
         self.cursor = event.seq
@@ -269,6 +275,10 @@ class Connection:
                 response.replay_complete.seq = max(self._replay_end, self._replay_floor)
                 self._replay_end = None
         await write(response)
+        if receipts:
+            self._sent_receipts.inc(len(receipts))
+        if response.events:
+            self._sent_events.inc(len(response.events))
         for _ in range(len(receipts) + len(errors)):
             self._window.release()
         self._unanswered -= len(receipts) + len(errors)

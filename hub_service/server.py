@@ -21,6 +21,7 @@ from .auth import BearerAuthInterceptor
 from .committer import GroupCommitter
 from .config import HubConfig
 from .errors import StatusError
+from .metrics import HubMetrics, MetricsEndpoint
 from .roles import Role
 from .router import Router
 from .servicer import HubServicer
@@ -41,6 +42,7 @@ class HubServer:
         self.config = config
         self.store = store or make_store(config.database_url, config)
         self.router = Router()
+        self.metrics = HubMetrics()
         self.committer = GroupCommitter(
             self.store,
             self.router.publish,
@@ -50,13 +52,18 @@ class HubServer:
             batch_bytes=config.commit_batch_bytes,
             queue_size=config.commit_queue_size,
             linger=config.commit_linger,
+            metrics=self.metrics,
         )
-        self.servicer = HubServicer(config, self.store, self.committer, self.router)
+        self.metrics.observe_state(
+            lambda: len(self.router), self.committer.queued, lambda: self.router.last_published_seq
+        )
+        self.servicer = HubServicer(config, self.store, self.committer, self.router, self.metrics)
         self.health = health.aio.HealthServicer()
         # Whether the last commit reached the database (through the writer): health says so.
         self._database_up = True
         self._health_changed = asyncio.Event()
         self.port = 0
+        self.metrics_endpoint: MetricsEndpoint | None = None  # serving /metrics, if configured
         self._server: grpc.aio.Server | None = None
         self._loops: list[asyncio.Task[None]] = []
 
@@ -69,6 +76,7 @@ class HubServer:
             # release what was started (the writer process and the committer), or the
             # process could not exit.
             await self.committer.stop(0)
+            await self._stop_metrics()
             if self._server is not None:
                 await self._server.stop(None)
                 self._server = None
@@ -114,6 +122,11 @@ class HubServer:
         else:
             self.port = self._server.add_secure_port(address, credentials)
         await self._server.start()
+        if self.config.metrics_port is not None:
+            self.metrics_endpoint = MetricsEndpoint(
+                self.metrics, self.config.host, self.config.metrics_port
+            )
+            self.metrics_endpoint.start()
         await self._set_health(serving=True)
         self._loops = [
             asyncio.create_task(self._follow_database()),
@@ -131,12 +144,18 @@ class HubServer:
                 )
             )
         log.info(
-            "kernelhub listening on %s:%d (%s)",
+            "kernelhub listening on %s:%d (%s)%s",
             self.config.host,
             self.port,
             mask_url(self.config.database_url),
+            f"; metrics on :{self.metrics_endpoint.port}/metrics" if self.metrics_endpoint else "",
         )
         return self.port
+
+    async def _stop_metrics(self) -> None:
+        endpoint, self.metrics_endpoint = self.metrics_endpoint, None
+        if endpoint is not None:
+            await endpoint.stop()
 
     async def issue_token(
         self, agent_id: str, ttl: timedelta | None = None, role: Role = Role.AGENT
@@ -216,6 +235,7 @@ class HubServer:
         # status (at least END_FLOOR, or a slow drain would have them cancelled before it).
         await self._server.stop(max(END_FLOOR, deadline - clock.time()))
         self._server = None
+        await self._stop_metrics()
         await self.store.close()
         log.info("kernelhub stopped")
 

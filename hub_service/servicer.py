@@ -17,6 +17,7 @@ from . import paging
 from .committer import GroupCommitter
 from .config import HubConfig
 from .errors import StatusError
+from .metrics import HubMetrics
 from .queries import Queries
 from .router import Router
 from .session import Context, Sessions
@@ -45,12 +46,17 @@ def _rich_errors(
 
 class HubServicer(hub_pb2_grpc.HubServiceServicer):
     def __init__(
-        self, config: HubConfig, store: HubStore, committer: GroupCommitter, router: Router
+        self,
+        config: HubConfig,
+        store: HubStore,
+        committer: GroupCommitter,
+        router: Router,
+        metrics: HubMetrics,
     ) -> None:
         # What the items of one response may take: every response is built to fit.
         budget = paging.budget(config.max_message_bytes)
         self.syncs = TrainingSyncs(store, router, budget)
-        self.sessions = Sessions(config, store, committer, router, self.syncs, budget)
+        self.sessions = Sessions(config, store, committer, router, self.syncs, budget, metrics)
         self.queries = Queries(store, router, budget)
 
     async def Connect(  # type: ignore[override]  # answers through context.write

@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from functools import partial
-from typing import Any, TypeAlias
+from typing import Any, NoReturn, TypeAlias
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -28,6 +28,7 @@ from .config import HubConfig
 from .connection import Connection
 from .errors import StatusError, permission_denied
 from .messages import to_command
+from .metrics import HubMetrics
 from .outcomes import Outcome
 from .ratelimit import BucketTable, TokenBucket
 from .router import Router
@@ -57,8 +58,14 @@ class Sessions:
         router: Router,
         syncs: TrainingSyncs,
         budget: int,
+        metrics: HubMetrics,
     ) -> None:
         self._config = config
+        self._metrics = metrics
+        self._received = metrics.received  # children resolved once, by (kind, outcome)
+        self._errors = metrics.errors
+        self._limited = metrics.rate_limited
+        self._ended = metrics.streams_ended
         self._store = store
         self._committer = committer
         self._router = router
@@ -78,8 +85,8 @@ class Sessions:
         """One Connect call, from Hello until the stream ends."""
         agent_id = current_agent()
         if self._draining:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "the hub is shutting down; retry shortly"
+            await self._abort(
+                context, grpc.StatusCode.UNAVAILABLE, "the hub is shutting down; retry shortly"
             )
         hello = await self._expect_hello(agent_id, request_iterator, context)
         await self._admit(agent_id, context)
@@ -93,6 +100,7 @@ class Sessions:
             replay_page_size=self._config.replay_page_size,
             max_bytes=self._budget,
             linger=self._config.stream_linger,
+            metrics=self._metrics,
         )
         if hello.skip_history:
             connection.cursor = max(connection.cursor, self._router.last_published_seq)
@@ -138,7 +146,14 @@ class Sessions:
             teardown.add_done_callback(self._teardowns.discard)
             await asyncio.shield(teardown)
         if connection.end_status is not None:
-            await context.abort(*connection.end_status)
+            await self._abort(context, *connection.end_status)
+        self._ended[grpc.StatusCode.OK].inc()  # the trainer half-closed: answered, then OK
+
+    async def _abort(self, context: Context, code: grpc.StatusCode, message: str) -> NoReturn:
+        """End the call with `code`, counted (kernelhub_streams_ended_total)."""
+        self._ended[code].inc()
+        await context.abort(code, message)
+        raise AssertionError("context.abort returned")  # it raises; this tells the checkers
 
     async def _admit(self, agent_id: str, context: Context) -> None:
         """Refuse a connect over the agent's connect rate or the hub's connection limit.
@@ -146,14 +161,18 @@ class Sessions:
         After Hello (so the trainer's write of it cannot race the status) and before
         AgentOnline: a refused reconnect makes no presence event for anyone."""
         if self._connects is not None and not (bucket := self._connects.get(agent_id)).take():
-            await context.abort(
+            self._limited["connects"].inc()
+            await self._abort(
+                context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"too many connects for {agent_id}: at most {bucket.rate:g}/s (bursts of "
                 f"{bucket.burst:g}); retry in {bucket.wait():.1f} s",
             )
         limit = self._config.max_connections
         if len(self._router) >= limit and not self._router.is_connected(agent_id):
-            await context.abort(
+            self._limited["connections"].inc()
+            await self._abort(
+                context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the hub carries at most {limit} live connections; retry later",
             )
@@ -200,20 +219,25 @@ class Sessions:
         try:
             first = await asyncio.wait_for(anext(requests), self._config.hello_timeout)
         except TimeoutError:
-            await context.abort(
+            await self._abort(
+                context,
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"no Hello within {self._config.hello_timeout:g}s of opening the stream",
             )
         except StopAsyncIteration:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "stream closed before Hello")
+            await self._abort(
+                context, grpc.StatusCode.FAILED_PRECONDITION, "stream closed before Hello"
+            )
         except DecodeError as exc:
-            await context.abort(
+            await self._abort(
+                context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"the first message is not a ConnectRequest ({exc})",
             )
         first.DiscardUnknownFields()  # as _read does
         if first.WhichOneof("body") != "hello":
-            await context.abort(
+            await self._abort(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"the first message must be hello, got {first.WhichOneof('body') or 'an empty body'}",
             )
@@ -224,7 +248,7 @@ class Sessions:
                     f"this token belongs to {agent_id}; it cannot say hello as {first.hello.agent_id}"
                 )
         except StatusError as error:
-            await context.abort(error.code, error.message)
+            await self._abort(context, error.code, error.message)
         return first.hello
 
     async def _read(
@@ -269,8 +293,8 @@ class Sessions:
         except StatusError as error:
             await connection.admit()
             # A refused batch costs a message of the rate too (a valid one costs its requests).
-            limited = _rate_limited(bucket)
-            connection.answer(batch.message_id, limited or error)
+            limited = self._rate_limited(bucket)
+            self._answer(connection, batch.message_id, "batch", limited or error)
             return
         for request in batch.batch.requests:
             await self._take(connection, bucket, request)
@@ -280,17 +304,46 @@ class Sessions:
     ) -> None:
         """Validate one message and queue it for commit (or answer its error)."""
         await connection.admit()
+        body = request.WhichOneof("body") or "none"
         try:
-            if (limited := _rate_limited(bucket)) is not None:
+            if (limited := self._rate_limited(bucket)) is not None:
                 raise limited
             kind = validate(request, self._config.limits)
             await self._committer.enqueue(
                 to_command(connection.agent_id, request, kind),
-                partial(connection.answer, request.message_id),
+                partial(self._answer, connection, request.message_id, body),
                 request.ByteSize(),
             )
         except StatusError as error:
-            connection.answer(request.message_id, error)
+            self._answer(connection, request.message_id, body, error)
+
+    def _answer(
+        self,
+        connection: Connection,
+        message_id: str,
+        kind: str,
+        result: Outcome | BaseException,
+    ) -> None:
+        """Count one message's answer (kernelhub_messages_received_total), then queue it."""
+        if isinstance(result, Outcome):
+            outcome = "duplicate" if result.duplicate else "committed"
+        else:
+            outcome = "refused"
+            code = result.code if isinstance(result, StatusError) else grpc.StatusCode.INTERNAL
+            self._errors[code].inc()
+        self._received[(kind, outcome)].inc()
+        connection.answer(message_id, result)
+
+    def _rate_limited(self, bucket: TokenBucket | None) -> StatusError | None:
+        """Takes one message's token from `bucket`; the refusal if there is none left."""
+        if bucket is None or bucket.take():
+            return None
+        self._limited["messages"].inc()
+        return StatusError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"rate limit: at most {bucket.rate:g} messages/s (bursts of {bucket.burst:g}); "
+            "resend this message_id later",
+        )
 
     async def drain(self, timeout: float) -> None:
         """Stop reading, commit and answer what was read, then end every stream.
@@ -319,17 +372,6 @@ def _last_seen(online: Outcome) -> Timestamp | None:
             seen.CopyFrom(routed.event.agent_joined.agent.last_seen_time)
             return seen
     return None
-
-
-def _rate_limited(bucket: TokenBucket | None) -> StatusError | None:
-    """Takes one message's token from `bucket`; the refusal if there is none left."""
-    if bucket is None or bucket.take():
-        return None
-    return StatusError(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"rate limit: at most {bucket.rate:g} messages/s (bursts of {bucket.burst:g}); "
-        "resend this message_id later",
-    )
 
 
 def _table(rate: float, burst: float, agents: int) -> BucketTable | None:

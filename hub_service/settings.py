@@ -109,6 +109,14 @@ class HubSettings(BaseSettings):
     shutdown_grace: Seconds = _setting(
         5.0, "server", "seconds a stopping hub waits for streams to drain", ge=0
     )
+    metrics_port: int | None = _setting(
+        None,
+        "server",
+        "port of the Prometheus `/metrics` endpoint, on the same interface (unset: none is "
+        "served; 0 picks a free one)",
+        ge=0,
+        le=65535,
+    )
 
     # tls
     tls_cert: str = _setting("", "tls", "server certificate, a PEM file (enables TLS)")

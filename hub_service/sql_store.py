@@ -25,7 +25,7 @@ from sqlmodel import Session, SQLModel, col, select
 from generated.kernelhub.v1 import hub_pb2 as pb
 
 from . import collaboration as collab
-from . import paging
+from . import paging, report_data
 from .errors import StatusError, unavailable
 from .models import (
     AgentRow,
@@ -391,6 +391,10 @@ class SqlStore:
         response = await self._read(gather)
         response.knowledge_base.CopyFrom(await self.knowledge_base(recent=0))
         return response
+
+    async def report_data(self, window: report_data.Window) -> report_data.ReportData:
+        """The run report's numbers for the rows created in `window` (`report_data.py`)."""
+        return await self._read(partial(report_data.gather, window=window))
 
     async def integrity_check(self) -> str:
         """SQLite's own consistency check ('ok' when sound); other databases answer 'ok'."""

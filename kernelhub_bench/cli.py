@@ -6,6 +6,7 @@ kernelhub-bench plot results.json docs/latency.png
 kernelhub-bench markdown results.json
 kernelhub-bench hot-spots PROFILE.txt [--top 10]
 kernelhub-bench soak [--trainers 200] [--duration 10m] [--rate 0.2] [--restart-every 2m]
+kernelhub-bench report-scale [--rows 1000000]
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from hub_service.durations import parse_duration
 from . import __version__
 from .common import median
 from .report import hot_spots, hot_spots_table, markdown, plot_latency, print_report
+from .report_scale import report_scale
+from .report_scale import summary as scale_summary
 from .runner import FULL, QUICK, SCENARIOS, RunError, other_cores, run, summarize
 from .soak import as_json, report, soak
 
@@ -110,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     soak_parser.add_argument("--sample-every", type=parse_duration, default=10.0)
     soak_parser.add_argument("--json", type=Path, help="write the result here")
+    scale = commands.add_parser(
+        "report-scale",
+        help="the run report's read side on synthetic databases of N/10 and N rows: time and "
+        "peak memory as ratios",
+    )
+    scale.add_argument("--rows", type=int, default=1_000_000, help="the large database's rows")
     return parser
 
 
@@ -245,6 +254,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "soak":
         return cmd_soak(args)
+    if args.command == "report-scale":
+        if args.rows < 10:
+            print("--rows must be at least 10", file=sys.stderr)
+            return 2
+        with tempfile.TemporaryDirectory(prefix="kernelhub-report-scale-") as workdir:
+            small, large = report_scale(args.rows, Path(workdir))
+        print("\n".join(scale_summary(small, large)))
+        return 0
     if args.command == "markdown":
         print(markdown(json.loads(args.results.read_text())), end="")
         return 0

@@ -33,7 +33,7 @@ def _default(name: str) -> str:
     value = HubSettings.model_fields[name].default
     if isinstance(value, float):
         value = f"{value:g}"
-    return f"`{value}`" if value != "" else "none"
+    return f"`{value}`" if value not in ("", None) else "none"
 
 
 def table() -> str:

@@ -91,3 +91,28 @@ def test_quick_run_reports_every_figure_with_its_baseline(tmp_path: Path) -> Non
             "baseline_p99_ms",
         ):
             assert positive(point[field]), f"{field} = {point[field]!r}"
+
+
+def test_report_scale_measures_both_sizes_against_the_baseline() -> None:
+    """`report-scale` at smoke size: both databases made and read, every ratio printed."""
+    completed = subprocess.run(
+        [*bench_command(), "report-scale", "--rows", "2000"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    lines = {line.split("  ")[0]: line for line in completed.stdout.splitlines()}
+    assert set(lines) == {
+        "rows",
+        "report read",
+        "baseline scan",
+        "read / baseline",
+        "peak Python memory",
+    }
+    assert "200" in lines["rows"] and "2,000" in lines["rows"]
+    for key in ("report read", "baseline scan", "peak Python memory"):
+        ratio = lines[key].split()[-1]
+        assert ratio.endswith("x") and positive(float(ratio[:-1])), lines[key]

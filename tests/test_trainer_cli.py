@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service.report import embedded_data
 from hub_service.server import HubServer
 from trainer_service.simulation.behavior import SimulatedBehavior, load_behavior
 
@@ -102,6 +103,10 @@ async def test_usage_errors_exit_2() -> None:
     assert code == 2 and "plumbing" in err
     code, _, err = await trainer_cli("swarm", "--count", "2", "--duration", "soon")
     assert code == 2 and "soon" in err
+    code, _, err = await trainer_cli(
+        "swarm", "--count", "1", "--hub", "h:1", "--tokens-file", "t", "--report", "r.html"
+    )
+    assert code == 2 and "--report reads the embedded hub's database" in err
 
 
 async def test_swarm_with_its_own_hub_ends_with_a_summary(tmp_path: Path) -> None:
@@ -118,9 +123,12 @@ async def test_swarm_with_its_own_hub_ends_with_a_summary(tmp_path: Path) -> Non
         "11",
         "--db",
         str(db),
+        "--report",
+        str(tmp_path / "report.html"),
     )
     assert code == 0, err
     assert "Swarm summary" in out and "Hub totals" in out
+    assert f"report written to {tmp_path / 'report.html'}" in out
     for i in range(1, 5):
         assert f"AI_Node_{i}" in out
     # The swarm's hub persisted what its trainers did.
@@ -134,6 +142,10 @@ async def test_swarm_with_its_own_hub_ends_with_a_summary(tmp_path: Path) -> Non
             stats.knowledge_base.pattern_count > 0 and stats.knowledge_base.code_component_count > 0
         )
         await harness.close()
+        # The run report, written at the end of the run, counts what the hub holds.
+        drawn = embedded_data((tmp_path / "report.html").read_text())
+        assert drawn["totals"]["artifacts"]["pattern"] == stats.knowledge_base.pattern_count
+        assert drawn["totals"]["agents"] == stats.agents_known
     finally:
         await hub.stop()
 

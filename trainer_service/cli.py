@@ -222,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--db", type=Path, metavar="PATH", help="SQLite file for the embedded hub (default: temp)"
     )
     swarm.add_argument(
+        "--report",
+        type=Path,
+        metavar="FILE",
+        help="at the end, write the run report (one self-contained HTML file) from the "
+        "embedded hub's database (needs the report extra: matplotlib)",
+    )
+    swarm.add_argument(
         "--log-level",
         type=str.upper,
         choices=LOG_LEVELS,
@@ -316,10 +323,16 @@ async def _swarm(args: argparse.Namespace, console: Console) -> int:
         raise UsageError("--hub and --tokens-file go together")
     if args.hub is not None and args.db is not None:
         raise UsageError("--db is for the embedded hub; it cannot be used with --hub")
+    if args.hub is not None and args.report is not None:
+        raise UsageError(
+            "--report reads the embedded hub's database; for another hub run "
+            "`kernelhub-hub report --db FILE --out FILE` where its database is"
+        )
     factory = _behavior_factory(args.behavior)
     credentials = _credentials(args)
     ids = agent_ids(args.count)
     stop = asyncio.Event()
+    reported = True  # the report, if asked for, was written
 
     async def run_against(target: str, tokens: dict[str, str]) -> SwarmResult:
         return await run_swarm(
@@ -344,8 +357,14 @@ async def _swarm(args: argparse.Namespace, console: Console) -> int:
             result = await run_against(args.hub, tokens)
         else:
             try:
-                async with embedded_hub(args.db, tempo=args.tempo, agents=ids) as (target, tokens):
+                async with embedded_hub(args.db, tempo=args.tempo, agents=ids) as (
+                    target,
+                    tokens,
+                    database_url,
+                ):
                     result = await run_against(target, tokens)
+                    if args.report is not None:
+                        reported = await _write_report(database_url, args.report)
             except EmbeddedHubUnavailable as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return EXIT_FATAL
@@ -354,7 +373,20 @@ async def _swarm(args: argparse.Namespace, console: Console) -> int:
     failures = result.failures
     for trainer in failures:
         print(f"error: {trainer.agent_id}: {trainer.error or trainer.status}", file=sys.stderr)
-    return EXIT_FATAL if failures else EXIT_OK
+    return EXIT_FATAL if failures or not reported else EXIT_OK
+
+
+async def _write_report(database_url: str, out: Path) -> bool:
+    """The run report from the embedded hub's database; False (said on stderr) if it failed."""
+    from hub_service.report import ReportError, write_report
+
+    try:
+        await write_report(database_url, out)
+    except ReportError as error:
+        print(f"error: the report: {error}", file=sys.stderr)
+        return False
+    print(f"report written to {out}")
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -65,9 +65,9 @@ class EmbeddedHubUnavailable(RuntimeError):
 @contextlib.asynccontextmanager
 async def embedded_hub(
     db: Path | None, *, tempo: float, agents: Sequence[str]
-) -> AsyncIterator[tuple[str, dict[str, str]]]:
+) -> AsyncIterator[tuple[str, dict[str, str], str]]:
     """Starts a hub in this process on SQLite (a temp dir unless `db`) and
-    issues a token per agent; yields (target, tokens)."""
+    issues a token per agent; yields (target, tokens, database URL)."""
     try:
         from hub_service.config import HubConfig
         from hub_service.testing import TestHub
@@ -79,14 +79,15 @@ async def embedded_hub(
         if db is None:
             directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="kernelhub-swarm-"))
             db = Path(directory) / "kernelhub.db"
+        database_url = f"sqlite:///{db}"
         config = HubConfig(
             host="127.0.0.1",
             port=0,
-            database_url=f"sqlite:///{db}",
+            database_url=database_url,
             training_sync_interval=max(1.0, BASE_SYNC_INTERVAL_SECONDS / tempo),
         )
         hub = await stack.enter_async_context(TestHub.in_process(config))
-        yield hub.target, await hub.issue_tokens(*agents)
+        yield hub.target, await hub.issue_tokens(*agents), database_url
 
 
 async def fetch_stats(
