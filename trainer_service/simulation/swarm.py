@@ -64,12 +64,14 @@ class EmbeddedHubUnavailable(RuntimeError):
 
 @contextlib.asynccontextmanager
 async def embedded_hub(
-    db: Path | None, *, tempo: float, agents: Sequence[str]
+    db: Path | None, *, tempo: float, agents: Sequence[str], observers: Sequence[str] = ()
 ) -> AsyncIterator[tuple[str, dict[str, str]]]:
     """Starts a hub in this process on SQLite (a temp dir unless `db`) and
-    issues a token per agent; yields (target, tokens)."""
+    issues a token per agent, and an observer token per `observers` name (a
+    dashboard's); yields (target, tokens)."""
     try:
         from hub_service.config import HubConfig
+        from hub_service.roles import Role
         from hub_service.testing import TestHub
     except ImportError as exc:
         raise EmbeddedHubUnavailable(
@@ -86,7 +88,10 @@ async def embedded_hub(
             training_sync_interval=max(1.0, BASE_SYNC_INTERVAL_SECONDS / tempo),
         )
         hub = await stack.enter_async_context(TestHub.in_process(config))
-        yield hub.target, await hub.issue_tokens(*agents)
+        tokens = await hub.issue_tokens(*agents)
+        if observers:
+            tokens |= await hub.issue_tokens(*observers, role=Role.OBSERVER)
+        yield hub.target, tokens
 
 
 async def fetch_stats(
