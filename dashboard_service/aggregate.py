@@ -22,6 +22,7 @@ RECENT_REQUESTS = 500  # feature requests followed for waiting / delivered
 MAX_EDGES = 2000  # pairs kept for the collaboration graph (the busiest)
 GRAPH_EDGES = 150  # pairs the page draws
 MAX_CONTRIBUTORS = 20_000
+MAX_ONLINE = 20_000  # agents the online table holds
 TOP_CONTRIBUTORS = 10
 KNOWN_KINDS = frozenset(
     {
@@ -79,7 +80,8 @@ class Aggregate:
     watching: bool = False
     watch_error: str = ""
     hub_stats: dict[str, Any] = field(default_factory=dict)
-    online: list[dict[str, Any]] = field(default_factory=list)
+    # Who is online: listed when the watch (re)starts, then kept by agent_joined / agent_left.
+    online: dict[str, dict[str, Any]] = field(default_factory=dict)
     online_truncated: bool = False
 
     # --- fed ---------------------------------------------------------------------------
@@ -118,7 +120,10 @@ class Aggregate:
             label = f"{collab.initiator_id} + {collab.target_id}: {state}"
         elif kind == "agent_joined":
             agent = event.agent_joined.agent
+            self._joined(agent)
             label = enum_name(pb.Specialization, agent.specialization, "SPECIALIZATION_")
+        elif kind == "agent_left":
+            self.online.pop(event.agent_left.agent_id, None)
         elif kind not in KNOWN_KINDS:
             self._other_kinds[kind] += 1
         self._recent.append(
@@ -151,16 +156,23 @@ class Aggregate:
         self.hub_stats.get("knowledge_base", {}).pop("recent_artifacts", None)
 
     def agents(self, agents: list[pb.AgentInfo], truncated: bool) -> None:
-        self.online = [
-            {
-                "agent_id": a.agent_id,
-                "specialization": enum_name(pb.Specialization, a.specialization, "SPECIALIZATION_"),
-                "version": a.version[:64],
-                "capabilities": len(a.capabilities),
-            }
-            for a in agents
-        ]
+        """The online agents as ListAgents says, when the watch (re)starts: the events
+        replayed and streamed after it keep the table current."""
+        self.online = {}
         self.online_truncated = truncated
+        for agent in agents:
+            self._joined(agent)
+
+    def _joined(self, agent: pb.AgentInfo) -> None:
+        if agent.agent_id not in self.online and len(self.online) >= MAX_ONLINE:
+            self.online_truncated = True
+            return
+        self.online[agent.agent_id] = {
+            "agent_id": agent.agent_id,
+            "specialization": enum_name(pb.Specialization, agent.specialization, "SPECIALIZATION_"),
+            "version": agent.version[:64],
+            "capabilities": len(agent.capabilities),
+        }
 
     # --- read ----------------------------------------------------------------------------
 
@@ -173,7 +185,7 @@ class Aggregate:
             kind: [self._shares.get(s, Counter()).get(kind, 0) for s in seconds]
             for kind in ARTIFACT_KINDS
         }
-        by_spec = Counter(a["specialization"] for a in self.online)
+        by_spec = Counter(a["specialization"] for a in self.online.values())
         waiting = sum(1 for r in self._requests.values() if r[2] == 0)
         edges = self._edges.most_common(GRAPH_EDGES)
         return {
@@ -207,8 +219,9 @@ class Aggregate:
         }
 
     def agents_page(self, offset: int, limit: int) -> dict[str, Any]:
+        ids = sorted(self.online)[offset : offset + limit]
         return {
             "total": len(self.online),
             "offset": offset,
-            "agents": self.online[offset : offset + limit],
+            "agents": [self.online[i] for i in ids],
         }

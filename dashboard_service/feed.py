@@ -1,6 +1,7 @@
-"""The dashboard's side of the hub: one Watch stream (resumed by seq after any break) and a
-poll of GetHubStats and the online agents, fed into the `Aggregate`; and the lookups the
-agent and artifact pages make. Every call has a deadline; the Watch reconnects with backoff.
+"""The dashboard's side of the hub: one Watch stream (resumed by seq after any break), the
+online agents listed once per (re)connect and then kept by the stream's presence events, and
+a poll of GetHubStats, fed into the `Aggregate`; and the lookups the agent and artifact pages
+make. Every call has a deadline; the Watch reconnects with backoff.
 """
 
 from __future__ import annotations
@@ -57,9 +58,15 @@ class HubFeed:
         after: int | None = None
         while True:
             try:
+                # The head first, then who is online: the events after the head (replayed
+                # and live) bring the list up to date, whatever happened in between.
+                head = (await self.call("GetHubStats", pb.GetHubStatsRequest())).head_seq
+                agents, truncated = await self._online_agents()
+                self.aggregate.agents(agents, truncated)
                 if after is None:
-                    head = (await self.call("GetHubStats", pb.GetHubStatsRequest())).head_seq
                     after = max(0, head - REPLAY_EVENTS)
+                elif after < head - REPLAY_EVENTS:
+                    after = head - REPLAY_EVENTS  # long gone: skip what the charts no longer show
                 stream = self._stub.Watch(pb.WatchRequest(after_seq=after), metadata=self._metadata)
                 self.aggregate.watching = True
                 self.aggregate.watch_error = ""
@@ -81,8 +88,6 @@ class HubFeed:
         while True:
             try:
                 self.aggregate.stats(await self.call("GetHubStats", pb.GetHubStatsRequest()))
-                agents, truncated = await self._online_agents()
-                self.aggregate.agents(agents, truncated)
             except grpc.aio.AioRpcError as error:
                 log.warning("poll failed: %s: %s", error.code().name, error.details())
             await asyncio.sleep(POLL_SECONDS)
@@ -119,7 +124,7 @@ class HubFeed:
         )
         return {
             "agent_id": agent_id,
-            "agent": next((a for a in self.aggregate.online if a["agent_id"] == agent_id), None),
+            "agent": self.aggregate.online.get(agent_id),
             "artifacts": [_artifact_row(a) for a in artifacts.artifacts],
             "artifacts_next": artifacts.next_page_token,
             "collaborations": [to_json(c) for c in collaborations.collaborations],

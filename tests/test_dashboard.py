@@ -14,7 +14,7 @@ from urllib.request import urlopen
 import pytest
 from playwright.async_api import Browser, Page
 
-from dashboard_service.aggregate import Aggregate
+from dashboard_service.aggregate import MAX_ONLINE, Aggregate
 from dashboard_service.cli import read_token
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.roles import Role
@@ -81,7 +81,8 @@ async def test_the_dashboard_is_live_and_renders_agent_text_inert(
 ) -> None:
     token = await hub.issue_token("dash", role=Role.OBSERVER)
     evil_artifact = await _malicious_share(harness)
-    async with dashboard_beside(f"127.0.0.1:{hub.port}", token, 0) as url:
+    async with dashboard_beside(f"127.0.0.1:{hub.port}", token, 0) as dashboard:
+        url = dashboard.url
         # Without the page's CSP, so the test proves the escaping alone keeps markup inert
         # (the CSP is a second wall; its header is checked below). Playwright's polling
         # needs eval, which that CSP forbids.
@@ -170,8 +171,29 @@ def test_the_aggregate_stays_bounded_with_many_agents_and_events() -> None:
     assert snapshot["feed"]["last_seq"] == 60_000
 
 
+def test_presence_follows_the_events_after_the_listing() -> None:
+    """Listed at (re)connect, then kept by agent_joined / agent_left, capped."""
+    aggregate = Aggregate()
+    listed = [pb.AgentInfo(agent_id=f"AI_Node_{i}", online=True) for i in range(3)]
+    aggregate.agents(listed, truncated=False)
+    left = pb.HubEvent(seq=1, sender_id="AI_Node_0", agent_left=pb.AgentLeft(agent_id="AI_Node_0"))
+    joined = pb.HubEvent(seq=2, sender_id="AI_Node_9")
+    joined.agent_joined.agent.agent_id = "AI_Node_9"
+    joined.agent_joined.agent.specialization = pb.SPECIALIZATION_GRAPHICS
+    aggregate.event(left)
+    aggregate.event(joined)
+    assert sorted(aggregate.online) == ["AI_Node_1", "AI_Node_2", "AI_Node_9"]
+    page = aggregate.agents_page(1, 1)
+    assert page["total"] == 3 and [a["agent_id"] for a in page["agents"]] == ["AI_Node_2"]
+    assert aggregate.snapshot()["online_by_specialization"]["GRAPHICS"] == 1
+    many = [pb.AgentInfo(agent_id=f"a{i}") for i in range(MAX_ONLINE + 5)]
+    aggregate.agents(many, truncated=False)
+    assert len(aggregate.online) == MAX_ONLINE and aggregate.online_truncated
+
+
 async def test_a_dashboard_with_a_bad_token_says_so(hub: HubServer) -> None:
-    async with dashboard_beside(f"127.0.0.1:{hub.port}", "kh_wrong", 0) as url:
+    async with dashboard_beside(f"127.0.0.1:{hub.port}", "kh_wrong", 0) as dashboard:
+        url = dashboard.url
 
         def feed_error() -> str:
             with urlopen(url + "api/snapshot", timeout=WAIT) as response:

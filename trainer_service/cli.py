@@ -365,10 +365,10 @@ async def _swarm(args: argparse.Namespace, console: Console) -> int:
                         embedded_hub(args.db, tempo=args.tempo, agents=ids, observers=observers)
                     )
                     if args.dashboard is not None:
-                        url = await stack.enter_async_context(
+                        dashboard = await stack.enter_async_context(
                             dashboard_beside(target, tokens.pop(OBSERVER), args.dashboard)
                         )
-                        console.print(f"dashboard: {url}", highlight=False)
+                        console.print(f"dashboard: {dashboard.url}", highlight=False)
                     result = await run_against(target, tokens)
             except (EmbeddedHubUnavailable, DashboardUnavailable) as exc:
                 print(f"error: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -21,9 +22,15 @@ class DashboardUnavailable(RuntimeError):
     """The dashboard process did not start (its own words, if it said any)."""
 
 
+@dataclass(frozen=True)
+class Dashboard:
+    url: str  # http://host:port/
+    pid: int
+
+
 @contextlib.asynccontextmanager
-async def dashboard_beside(target: str, token: str, port: int) -> AsyncIterator[str]:
-    """Runs the dashboard against `target` on `port` (0: any free one); yields its URL."""
+async def dashboard_beside(target: str, token: str, port: int) -> AsyncIterator[Dashboard]:
+    """Runs the dashboard against `target` on `port` (0: any free one); yields where."""
     with tempfile.TemporaryDirectory(prefix="kernelhub-dashboard-") as directory:
         token_file = Path(directory) / "observer.token"
         token_file.write_text(token + "\n")
@@ -54,7 +61,7 @@ async def dashboard_beside(target: str, token: str, port: int) -> AsyncIterator[
                     process.kill()
                 error = (await process.stderr.read()).decode().strip()
                 raise DashboardUnavailable(error or "the dashboard did not say where it serves")
-            yield url
+            yield Dashboard(url, process.pid)
         finally:
             if process.returncode is None:
                 process.terminate()
