@@ -17,9 +17,10 @@ class Role(StrEnum):
     AGENT = "agent"
     """A trainer: the Connect stream and the query RPCs. The default."""
     OBSERVER = "observer"
-    """A person or tool that watches (the dashboard): the query RPCs, nothing that changes state."""
+    """A person or tool that watches (the dashboard): the query RPCs and Watch, nothing that
+    changes state."""
     ADMIN = "admin"
-    """An operator's tool: what an observer may, and managing tokens."""
+    """An operator's tool: what an observer may, and managing tokens (the admin RPCs)."""
     VALIDATOR = "validator"
     """Builds and tests shared components: the query RPCs; shares nothing."""
 

@@ -72,11 +72,13 @@ class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType],
     ROLE_AGENT: _Role.ValueType  # 1
     """A trainer: Connect and the query RPCs. The default role."""
     ROLE_OBSERVER: _Role.ValueType  # 2
-    """A person or tool that watches (a dashboard): the query RPCs; nothing
-    that changes state (Connect is refused).
+    """A person or tool that watches (a dashboard): the query RPCs and Watch;
+    nothing that changes state (Connect and the token RPCs are refused).
     """
     ROLE_ADMIN: _Role.ValueType  # 3
-    """An operator's tool: what an observer may do, and managing tokens."""
+    """An operator's tool: what an observer may do, and managing tokens
+    (IssueToken, ListTokens, RevokeToken).
+    """
     ROLE_VALIDATOR: _Role.ValueType  # 4
     """Builds and tests shared components and reports verdicts: the query
     RPCs; it shares nothing (Connect is refused).
@@ -96,11 +98,13 @@ ROLE_UNSPECIFIED: Role.ValueType  # 0
 ROLE_AGENT: Role.ValueType  # 1
 """A trainer: Connect and the query RPCs. The default role."""
 ROLE_OBSERVER: Role.ValueType  # 2
-"""A person or tool that watches (a dashboard): the query RPCs; nothing
-that changes state (Connect is refused).
+"""A person or tool that watches (a dashboard): the query RPCs and Watch;
+nothing that changes state (Connect and the token RPCs are refused).
 """
 ROLE_ADMIN: Role.ValueType  # 3
-"""An operator's tool: what an observer may do, and managing tokens."""
+"""An operator's tool: what an observer may do, and managing tokens
+(IssueToken, ListTokens, RevokeToken).
+"""
 ROLE_VALIDATOR: Role.ValueType  # 4
 """Builds and tests shared components and reports verdicts: the query
 RPCs; it shares nothing (Connect is refused).
