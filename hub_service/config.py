@@ -30,6 +30,7 @@ class HubConfig:
     max_events_per_response: int = _D.max_events_per_response
     stream_linger: float = _D.stream_linger
     replay_page_size: int = _D.replay_page_size
+    max_watch_streams: int = _D.max_watch_streams
     commit_batch_size: int = _D.commit_batch_size
     commit_batch_bytes: int = _D.commit_batch_bytes
     commit_queue_size: int = _D.commit_queue_size

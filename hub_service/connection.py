@@ -27,7 +27,10 @@ from .errors import StatusError
 from .metrics import HubMetrics
 from .outcomes import Outcome
 from .ratelimit import ThrottledLog
-from .state import HubStore
+from .state import EventPage, HubStore
+
+# (after_seq, limit, max_bytes) -> the next page of the log this stream reads back.
+ReadLog = Callable[[int, int, int], Awaitable[EventPage]]
 
 log = logging.getLogger(__name__)
 # One line per interval however many connections send an oversized event.
@@ -51,8 +54,11 @@ class Connection:
         max_bytes: int,
         metrics: HubMetrics,
         linger: float = 0.0,
+        read_log: ReadLog | None = None,
     ) -> None:
-        """`max_bytes`: what one response may carry (`paging.budget` of the message limit)."""
+        """`max_bytes`: what one response may carry (`paging.budget` of the message limit);
+        `read_log`: where it catches up from (default: the events the agent is entitled to;
+        a Watch stream reads every event)."""
         self.agent_id = hello.agent_id
         self.token_hash = token_hash  # re-checked while the stream lives (revocation)
         self.hello = hello
@@ -60,7 +66,11 @@ class Connection:
         self._unanswered = 0
         self._all_answered = asyncio.Event()
         self._all_answered.set()
-        self._store = store
+        self._read_log: ReadLog = read_log or (
+            lambda after, limit, max_bytes: store.events_for(
+                hello.agent_id, after, limit, max_bytes
+            )
+        )
         self._queue_size = queue_size
         self._per_response = events_per_response
         self._replay_page = replay_page_size
@@ -320,9 +330,7 @@ class Connection:
         """
         self._joining = []
         try:
-            events = await self._store.events_for(
-                self.agent_id, self.cursor, self._replay_page, self._max_bytes
-            )
+            events = await self._read_log(self.cursor, self._replay_page, self._max_bytes)
         except BaseException:
             self._joining = None
             raise
@@ -340,3 +348,19 @@ class Connection:
             if not self._replayed:
                 self._replayed = True
                 self._replay_end = self.cursor
+
+
+async def stop_sender(connection: Connection, sender: asyncio.Task[None]) -> None:
+    """Let the sender finish the write it is in before the stream's status goes out.
+
+    Cancelling it inside `context.write` leaves grpc unable to send the final
+    status, and the peer waits for it forever; so ask it to stop, and cancel
+    only a sender stuck behind a peer that does not read.
+    """
+    connection.stop_sending()
+    done, _ = await asyncio.wait([sender], timeout=1.0)
+    if not done:
+        sender.cancel()
+    # Whatever ended it (a write to a peer that vanished raises), teardown goes on.
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await sender

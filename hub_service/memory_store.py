@@ -39,6 +39,7 @@ from .models import (
     artifact_row,
     collaboration_to_proto,
     feature_request_to_proto,
+    token_to_proto,
     utcnow,
 )
 from .outcomes import Outcome
@@ -365,6 +366,18 @@ class MemoryStore:
         events.more = more
         return events
 
+    async def events_after(
+        self, after_seq: int, limit: int, max_bytes: int | None = None
+    ) -> EventPage:
+        start = bisect.bisect_right(self._event_seqs, after_seq)
+        bodies = (self._events[i].body for i in range(start, len(self._events)))
+        page, more = paging.take(
+            bodies, lambda body: decode_stored(pb.HubEvent, body), limit, max_bytes
+        )
+        events = EventPage(event for _, event in page)
+        events.more = more
+        return events
+
     # --- tokens ---------------------------------------------------------------------
 
     async def issue_token(
@@ -401,6 +414,13 @@ class MemoryStore:
         for row in rows:
             row.revoked_at = utcnow()
         return len(rows)
+
+    async def list_tokens_page(self, limit: int, cursor: str, max_bytes: int | None = None) -> Page:
+        after = sorted(token_id for token_id in self._tokens if token_id > cursor)
+        page, more = paging.take(
+            (self._tokens[token_id] for token_id in after), token_to_proto, limit, max_bytes
+        )
+        return Page([info for _, info in page], page[-1][1].token_id if more else "")
 
     # --- queries --------------------------------------------------------------------
 

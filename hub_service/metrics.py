@@ -85,7 +85,7 @@ class HubMetrics:
         )
         self.events = self._counter(
             "kernelhub_events_delivered_total",
-            "events written to trainers' streams (live and replayed)",
+            "events written to trainers' and watchers' streams (live and replayed)",
         )
         self.fallbacks = self._counter(
             "kernelhub_outbound_fallbacks_total",

@@ -14,6 +14,8 @@ from sqlmodel import Field, SQLModel
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
+from .roles import Role, to_pb
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -190,6 +192,17 @@ def collaboration_to_proto(row: CollaborationRow) -> pb.Collaboration:
     if row.expires_at is not None:
         collab.expire_time.FromDatetime(row.expires_at)
     return collab
+
+
+def token_to_proto(row: TokenRow) -> pb.TokenInfo:
+    """A token as ListTokens shows it: everything but its hash."""
+    info = pb.TokenInfo(token_id=row.token_id, agent_id=row.agent_id, role=to_pb(Role(row.role)))
+    info.create_time.FromDatetime(row.created_at)
+    if row.expires_at is not None:
+        info.expire_time.FromDatetime(row.expires_at)
+    if row.revoked_at is not None:
+        info.revoke_time.FromDatetime(row.revoked_at)
+    return info
 
 
 def feature_request_to_proto(row: FeatureRequestRow) -> pb.FeatureRequestInfo:

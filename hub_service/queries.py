@@ -105,6 +105,7 @@ class Queries:
     async def hub_stats(self, request: pb.GetHubStatsRequest) -> pb.GetHubStatsResponse:
         stats = await self._store.stats()
         stats.agents_online = len(self._router)
+        stats.watch_streams = self._router.watch_count
         stats.hub_version = __version__
         stats.start_time.CopyFrom(self._start_time)
         # The store's stats count the knowledge base; the newest artifacts come beside them,

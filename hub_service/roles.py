@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from generated.kernelhub.v1 import hub_pb2 as pb
+
 
 class Role(StrEnum):
     """A token's role, stored with its hash (`kernelhub-hub token issue --role`)."""
@@ -15,9 +17,10 @@ class Role(StrEnum):
     AGENT = "agent"
     """A trainer: the Connect stream and the query RPCs. The default."""
     OBSERVER = "observer"
-    """A person or tool that watches (the dashboard): the query RPCs, nothing that changes state."""
+    """A person or tool that watches (the dashboard): the query RPCs and Watch, nothing that
+    changes state."""
     ADMIN = "admin"
-    """An operator's tool: what an observer may, and managing tokens."""
+    """An operator's tool: what an observer may, and managing tokens (the admin RPCs)."""
     VALIDATOR = "validator"
     """Builds and tests shared components: the query RPCs; shares nothing."""
 
@@ -34,10 +37,12 @@ QUERY_METHODS = frozenset(
         "GetHubStats",
     )
 )
+WATCH_METHODS = QUERY_METHODS | {SERVICE + "Watch"}
+ADMIN_METHODS = frozenset(SERVICE + name for name in ("IssueToken", "ListTokens", "RevokeToken"))
 ALLOWED_METHODS: dict[Role, frozenset[str]] = {
     Role.AGENT: QUERY_METHODS | {SERVICE + "Connect"},
-    Role.OBSERVER: QUERY_METHODS,
-    Role.ADMIN: QUERY_METHODS,
+    Role.OBSERVER: WATCH_METHODS,
+    Role.ADMIN: WATCH_METHODS | ADMIN_METHODS,
     Role.VALIDATOR: QUERY_METHODS,
 }
 
@@ -49,3 +54,15 @@ def may_call(role: Role, method: str) -> bool:
 def refusal(role: Role, method: str) -> str:
     """The PERMISSION_DENIED message: names the role, so the caller knows which token to use."""
     return f"a token with role {role.value!r} may not call {method.rsplit('/', 1)[-1]}"
+
+
+def to_pb(role: Role) -> pb.Role.ValueType:
+    return pb.Role.Value(f"ROLE_{role.name}")
+
+
+def from_pb(value: int) -> Role:
+    """The role a contract value names (ROLE_UNSPECIFIED: the default, agent); ValueError
+    for a number the contract does not define."""
+    if value == pb.ROLE_UNSPECIFIED:
+        return Role.AGENT
+    return Role[pb.Role.Name(value).removeprefix("ROLE_")]  # type: ignore[arg-type]

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 class Router:
     def __init__(self) -> None:
         self._connections: dict[str, Connection] = {}
+        # Watch streams: every event, whoever it is for; not agents, so never online.
+        self._watchers: set[Connection] = set()
         # Highest seq handed out; every event up to it is committed.
         self.last_published_seq = 0
 
@@ -41,19 +43,34 @@ class Router:
     def connections(self) -> Iterator[Connection]:
         return iter(list(self._connections.values()))
 
+    def watch(self, watcher: Connection) -> None:
+        self._watchers.add(watcher)
+
+    def unwatch(self, watcher: Connection) -> None:
+        self._watchers.discard(watcher)
+
+    def watchers(self) -> Iterator[Connection]:
+        return iter(list(self._watchers))
+
+    @property
+    def watch_count(self) -> int:
+        return len(self._watchers)
+
     def __len__(self) -> int:
         return len(self._connections)
 
     def resync(self) -> None:
         """A commit failed in a way that may still have committed: every connection reads
         the log again rather than trust that it saw every event."""
-        for connection in self._connections.values():
+        for connection in (*self._connections.values(), *self._watchers):
             connection.resync()
 
     def publish(self, outcome: Outcome) -> None:
         for routed in outcome.events:
             event = routed.event
             self.last_published_seq = max(self.last_published_seq, event.seq)
+            for watcher in self._watchers:
+                watcher.offer(event)
             if routed.recipients is None:
                 for agent_id, connection in self._connections.items():
                     if agent_id != event.sender_id:

@@ -165,7 +165,7 @@ class HubServer:
 
     async def _end_revoked_streams(self) -> None:
         """A revoked or expired token loses its live stream within one re-check interval."""
-        connections = list(self.router.connections())
+        connections = [*self.router.connections(), *self.router.watchers()]
         valid = await self.store.valid_token_hashes({c.token_hash for c in connections})
         for connection in connections:
             if connection.token_hash not in valid:

@@ -1,4 +1,5 @@
-"""HubService over gRPC: each RPC delegates to the session, the syncs or the queries.
+"""HubService over gRPC: each RPC delegates to the session, the watches, the syncs, the
+queries or the admin handlers.
 
 Thin on purpose (Flower's servicer over a transport-agnostic handler): what is grpc here
 is the context and how a StatusError becomes a status; the work is elsewhere.
@@ -14,6 +15,7 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 from generated.kernelhub.v1 import hub_pb2_grpc
 
 from . import paging
+from .admin import Admin
 from .committer import GroupCommitter
 from .config import HubConfig
 from .errors import StatusError
@@ -23,6 +25,7 @@ from .router import Router
 from .session import Context, Sessions
 from .state import HubStore
 from .training_sync import TrainingSyncs
+from .watch import Watches
 
 Query = TypeVar("Query")
 Answer = TypeVar("Answer")
@@ -58,6 +61,8 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         self.syncs = TrainingSyncs(store, router, budget)
         self.sessions = Sessions(config, store, committer, router, self.syncs, budget, metrics)
         self.queries = Queries(store, router, budget)
+        self.watches = Watches(config, store, router, budget, metrics)
+        self.admin = Admin(store, budget)
 
     async def Connect(  # type: ignore[override]  # answers through context.write
         self, request_iterator: AsyncIterator[pb.ConnectRequest], context: Context
@@ -68,6 +73,7 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         await self.syncs.broadcast()
 
     async def drain(self, timeout: float) -> None:
+        self.watches.drain()
         await self.sessions.drain(timeout)
 
     @_rich_errors
@@ -105,3 +111,27 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         self, request: pb.GetHubStatsRequest, context: Context
     ) -> pb.GetHubStatsResponse:
         return await self.queries.hub_stats(request)
+
+    @_rich_errors
+    async def Watch(  # type: ignore[override]  # answers through context.write
+        self, request: pb.WatchRequest, context: Context
+    ) -> None:
+        await self.watches.serve(request, context)
+
+    @_rich_errors
+    async def IssueToken(
+        self, request: pb.IssueTokenRequest, context: Context
+    ) -> pb.IssueTokenResponse:
+        return await self.admin.issue_token(request)
+
+    @_rich_errors
+    async def ListTokens(
+        self, request: pb.ListTokensRequest, context: Context
+    ) -> pb.ListTokensResponse:
+        return await self.admin.list_tokens(request)
+
+    @_rich_errors
+    async def RevokeToken(
+        self, request: pb.RevokeTokenRequest, context: Context
+    ) -> pb.RevokeTokenResponse:
+        return await self.admin.revoke_token(request)

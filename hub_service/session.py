@@ -25,7 +25,7 @@ from . import commands as cmd
 from .auth import current_agent, current_token_hash
 from .committer import GroupCommitter
 from .config import HubConfig
-from .connection import Connection
+from .connection import Connection, stop_sender
 from .errors import StatusError, permission_denied
 from .messages import to_command
 from .metrics import HubMetrics
@@ -188,7 +188,7 @@ class Sessions:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
         if sender is not None:
-            await self._stop_sender(connection, sender)
+            await stop_sender(connection, sender)
         if self._router.detach(connection):
             with contextlib.suppress(StatusError, TimeoutError):
                 await asyncio.wait_for(
@@ -196,22 +196,6 @@ class Sessions:
                     self._config.shutdown_grace,
                 )
         log.info("%s disconnected", connection.agent_id)
-
-    @staticmethod
-    async def _stop_sender(connection: Connection, sender: asyncio.Task[None]) -> None:
-        """Let the sender finish the write it is in before the stream's status goes out.
-
-        Cancelling it inside `context.write` leaves grpc unable to send the final
-        status, and the trainer waits for it forever; so ask it to stop, and cancel
-        only a sender stuck behind a peer that does not read.
-        """
-        connection.stop_sending()
-        done, _ = await asyncio.wait([sender], timeout=1.0)
-        if not done:
-            sender.cancel()
-        # Whatever ended it (a write to a peer that vanished raises), teardown goes on.
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await sender
 
     async def _expect_hello(
         self, agent_id: str, requests: AsyncIterator[pb.ConnectRequest], context: Context

@@ -200,6 +200,13 @@ class HubSettings(BaseSettings):
     replay_page_size: int = _setting(
         512, "streams", "events read from the log per page while replaying", gt=0
     )
+    max_watch_streams: int = _setting(
+        64,
+        "streams",
+        "live Watch streams (observers, dashboards) the hub carries at once; each sees every "
+        "event, so they cost more than an agent's stream",
+        gt=0,
+    )
 
     # rate limits
     rate_limit_per_second: float = _setting(

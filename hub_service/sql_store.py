@@ -39,6 +39,7 @@ from .models import (
     agent_to_proto,
     collaboration_to_proto,
     feature_request_to_proto,
+    token_to_proto,
     utcnow,
 )
 from .outcomes import Outcome
@@ -188,6 +189,25 @@ class SqlStore:
         events.more = more
         return events
 
+    async def events_after(
+        self, after_seq: int, limit: int, max_bytes: int | None = None
+    ) -> EventPage:
+        query = (
+            select(EventRow.body)
+            .where(EventRow.seq > after_seq)
+            .order_by(col(EventRow.seq))
+            .limit(limit + 1)
+            .execution_options(yield_per=STREAM_ROWS)
+        )
+        page, more = await self._read(
+            lambda s: paging.take(
+                s.exec(query), partial(decode_stored, pb.HubEvent), limit, max_bytes
+            )
+        )
+        events = EventPage(event for _, event in page)
+        events.more = more
+        return events
+
     # --- tokens -------------------------------------------------------------
 
     async def issue_token(
@@ -256,6 +276,18 @@ class SqlStore:
                 return len(rows)
 
         return await self._write(revoke)
+
+    async def list_tokens_page(self, limit: int, cursor: str, max_bytes: int | None = None) -> Page:
+        query = (
+            select(TokenRow)
+            .where(col(TokenRow.token_id) > cursor)
+            .order_by(col(TokenRow.token_id))
+            .limit(limit + 1)
+        )
+        page, more = await self._read(
+            lambda s: paging.take(s.exec(query), token_to_proto, limit, max_bytes)
+        )
+        return Page([info for _, info in page], page[-1][1].token_id if more else "")
 
     # --- queries ------------------------------------------------------------
 

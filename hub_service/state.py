@@ -33,6 +33,7 @@ class IssuedToken:
     token: str  # plaintext: shown once, never stored
     expires_at: datetime | None
     role: Role = Role.AGENT
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,13 @@ class HubStore(Protocol):
         large for any response still comes, alone, for its reader to replace)."""
         ...
 
+    async def events_after(
+        self, after_seq: int, limit: int, max_bytes: int | None = None
+    ) -> EventPage:
+        """Every event after `after_seq`, whoever it was for (a Watch stream), paged as
+        `events_for` pages."""
+        ...
+
     async def head_seq(self) -> int: ...
     async def authenticate(self, token: str) -> Principal | None: ...
     async def issue_token(
@@ -168,6 +176,10 @@ class HubStore(Protocol):
     async def valid_token_hashes(self, hashes: Collection[str]) -> set[str]: ...
     async def list_tokens(self) -> list[TokenRow]: ...
     async def revoke_tokens(self, agent_or_token_id: str) -> int: ...
+    async def list_tokens_page(self, limit: int, cursor: str, max_bytes: int | None = None) -> Page:
+        """Tokens by token id (`pb.TokenInfo`, no secret), after the token id `cursor`."""
+        ...
+
     async def list_agents(
         self, online_only: bool, limit: int, cursor: str, max_bytes: int | None = None
     ) -> Page: ...

@@ -35,4 +35,4 @@ def issue(
         role=role.value,
         expires_at=utcnow() + ttl if ttl else None,
     )
-    return row, IssuedToken(row.token_id, agent_id, token, row.expires_at, role)
+    return row, IssuedToken(row.token_id, agent_id, token, row.expires_at, role, row.created_at)

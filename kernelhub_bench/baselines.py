@@ -168,6 +168,8 @@ class BareHub(hub_pb2_grpc.HubServiceServicer):
 
     ListAgents = ListArtifacts = GetArtifact = _unimplemented
     ListCollaborations = ListFeatureRequests = _unimplemented
+    IssueToken = ListTokens = RevokeToken = _unimplemented
+    Watch = _unimplemented  # type: ignore[assignment]  # a stream, refused before any item
 
 
 async def serve(mode: str, linger: float, keep_log: bool) -> None:

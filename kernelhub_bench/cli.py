@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         "peak memory as ratios",
     )
     scale.add_argument("--rows", type=int, default=1_000_000, help="the large database's rows")
+    board = commands.add_parser(
+        "dashboard", help="what kernelhub-dashboard costs a hub with many agents online"
+    )
+    board.add_argument("--agents", type=int, default=1000)
+    board.add_argument("--shares", type=int, default=200, help="shares fanned out per run")
+    board.add_argument("--repeat", type=int, default=2, help="runs with the dashboard")
+    board.add_argument("--json", type=Path, help="write the result here")
     return parser
 
 
@@ -243,6 +250,16 @@ def cmd_soak(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .dashboard import as_json, bench_dashboard, report
+
+    result = asyncio.run(bench_dashboard(args.agents, args.shares, args.repeat))
+    print(report(result))
+    if args.json:
+        args.json.write_text(json.dumps(as_json(result), indent=2) + "\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -262,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             small, large = report_scale(args.rows, Path(workdir))
         print("\n".join(scale_summary(small, large)))
         return 0
+    if args.command == "dashboard":
+        return cmd_dashboard(args)
     if args.command == "markdown":
         print(markdown(json.loads(args.results.read_text())), end="")
         return 0

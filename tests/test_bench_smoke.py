@@ -116,3 +116,35 @@ def test_report_scale_measures_both_sizes_against_the_baseline() -> None:
     for key in ("report read", "baseline scan", "peak Python memory"):
         ratio = lines[key].split()[-1]
         assert ratio.endswith("x") and positive(float(ratio[:-1])), lines[key]
+
+
+@pytest.mark.timeout(240)
+def test_the_dashboard_benchmark_reports_its_figures(tmp_path: Path) -> None:
+    """`kernelhub-bench dashboard` at toy sizes: every figure there and measured."""
+    out = tmp_path / "dashboard.json"
+    completed = subprocess.run(
+        [
+            *bench_command(),
+            "dashboard",
+            "--agents",
+            "10",
+            "--shares",
+            "30",
+            "--repeat",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert completed.returncode == 0, f"{completed.stderr[-4000:]}\n{completed.stdout[-4000:]}"
+    assert "ratio" in completed.stdout
+    result = json.loads(out.read_text())
+    assert len(result["fanout_without"]) == 2 and len(result["fanout_with"]) == 1
+    for figure in ("ratio", "snapshot_bytes", "snapshot_ms", "dashboard_rss_mib"):
+        assert positive(result[figure]), figure
+    assert result["sse_snapshots_per_second"] > 0

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service.roles import Role
 from hub_service.server import HubServer
 
 from .conftest import HubHarness, target
@@ -52,14 +53,16 @@ async def run(command: str, env: dict[str, str]) -> tuple[int, str, str]:
 async def test_readme_grpcurl_commands_work_as_written(hub: HubServer, harness: HubHarness) -> None:
     listener = await harness.connect("AI_Node_2")
     token = await harness.token("grpcurl_debug")
+    admin = await harness.token("ops", role=Role.ADMIN)
     assert GRPCURL is not None
     env = {
         **os.environ,
         "HUB": target(hub),
         "TOKEN": token,
+        "ADMIN": admin,
         "PATH": f"{Path(GRPCURL).parent}:{os.environ['PATH']}",
     }
-    session, errors = readme_blocks()
+    session, errors, administer = readme_blocks()
     prelude = "\n".join(line for line in session if line.startswith(("HUB=", "TOKEN=")))
     outputs: dict[str, str] = {}
     for command in session:
@@ -105,3 +108,23 @@ async def test_readme_grpcurl_commands_work_as_written(hub: HubServer, harness: 
     assert "google.rpc.BadRequest" in err and '"field":"page_size"' in err
     code, _, err = await run(f"{prelude}\n{missing}", env)
     assert code != 0 and "NotFound" in err and "art_missing" in err
+
+    # The admin's commands: a token issued, listed, revoked; the log watched.
+    admin_prelude = "\n".join(line for line in administer if line.startswith("ADMIN="))
+    issue, listing, revoke, watch = (c for c in administer if not c.startswith("ADMIN="))
+    results = []
+    for command in (issue, listing, revoke, watch):
+        results.append(await run(f"{prelude}\n{admin_prelude}\n{command}", env))
+    for (code, _out, err), command in zip(results[:3], (issue, listing, revoke), strict=True):
+        assert code == 0, f"{command}\nexit {code}\n{err}"
+    issued = json.loads(results[0][1])
+    assert issued["secret"].startswith("kh_") and issued["token"]["agent_id"] == "AI_Node_9"
+    listed_ids = {t["agent_id"] for t in json.loads(results[1][1])["tokens"]}
+    assert {"AI_Node_9", "ops", "grpcurl_debug"} <= listed_ids
+    assert issued["secret"] not in results[1][1]
+    assert json.loads(results[2][1]) == {"revoked_count": 1}
+    code, out, err = results[3]
+    assert "DeadlineExceeded" in err, err  # -max-time ended the watch, as the README says
+    watched = [json.loads(chunk) for chunk in re.split(r"(?<=\n})\n(?={)", out.strip())]
+    events = [e for response in watched for e in response.get("events", [])]
+    assert [e["artifact_shared"]["pattern"]["pattern_id"] for e in events] == ["p1"]

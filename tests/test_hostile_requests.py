@@ -22,6 +22,7 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service import auth as hub_auth
 from hub_service.config import HubConfig
 from hub_service.errors import StatusError
+from hub_service.roles import Role
 from hub_service.server import HubServer
 from hub_service.sql_store import SqlStore
 
@@ -60,21 +61,29 @@ async def _stream_status(call: grpc.aio.Call) -> grpc.aio.AioRpcError:
 async def test_query_rpcs_refuse_undecodable_bytes_unauthenticated_before_decoding(
     harness: HubHarness,
 ) -> None:
-    assert len(QUERIES) == 6
+    assert len(QUERIES) == 9  # the six queries and the three token RPCs
     for method in QUERIES:
         for metadata in (None, [("authorization", "Bearer kh_not_a_real_token")]):
             error = await _unary(harness.channel, _path(method), GARBAGE, metadata)
             assert error.code() == grpc.StatusCode.UNAUTHENTICATED, (method.name, error)
+    watch = _path(HUB.methods_by_name["Watch"])
+    error = await _stream_status(harness.channel.unary_stream(watch)(GARBAGE, timeout=WAIT))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error
 
 
 async def test_query_rpcs_answer_undecodable_bytes_invalid_argument_with_a_token(
     harness: HubHarness,
 ) -> None:
-    metadata = auth(await harness.token("observer"))
+    metadata = auth(await harness.token("ops", role=Role.ADMIN))  # may call every one of them
     for method in QUERIES:
         error = await _unary(harness.channel, _path(method), GARBAGE, metadata)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (method.name, error)
         assert f"not a valid {method.input_type.full_name}" in (error.details() or "")
+    watch = _path(HUB.methods_by_name["Watch"])
+    call = harness.channel.unary_stream(watch)(GARBAGE, metadata=metadata, timeout=WAIT)
+    error = await _stream_status(call)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+    assert "not a valid kernelhub.v1.WatchRequest" in (error.details() or "")
     # Nothing was lost: the same channel and token still get answers.
     stats = await harness.query("GetHubStats", pb.GetHubStatsRequest())
     assert isinstance(stats, pb.GetHubStatsResponse)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import grimp
 
-PACKAGES = ("hub_service", "trainer_service", "kernelhub_bench")
+PACKAGES = ("hub_service", "trainer_service", "kernelhub_bench", "dashboard_service")
 
 
 def cycles(graph: grimp.ImportGraph) -> set[tuple[str, str]]:

@@ -337,6 +337,36 @@ async def test_events_for_delivers_only_what_each_agent_is_entitled_to(store: Hu
     assert [e.seq for e in await store.events_for("c", 2, 100)] == [4, 7, 8]
 
 
+async def test_events_after_pages_through_every_event_whoever_it_was_for(
+    store: HubStore,
+) -> None:
+    """A Watch stream's log: broadcast and directed events alike, in seq order."""
+    await commit_ok(
+        store,
+        [
+            online("a"),
+            online("b", pb.SPECIALIZATION_PROCESS_MANAGER, ["memory_management"]),
+            share("a", "s1"),
+            propose("a", "c1", "b"),  # directed: a and b only
+            request_feature("a", "f1"),  # routed to b only
+        ],
+    )
+    assert [e.seq for e in await store.events_after(0, 100)] == [1, 2, 3, 4, 5]
+    first = await store.events_after(0, 2)
+    assert [e.seq for e in first] == [1, 2] and first.more
+    last = await store.events_after(2, 100)
+    assert [e.WhichOneof("body") for e in last] == [
+        "artifact_shared",
+        "collaboration_updated",
+        "feature_requested",
+    ]
+    assert not last.more
+    assert list(await store.events_after(5, 100)) == []
+    # The byte budget ends a page early, but always carries one event.
+    tight = await store.events_after(0, 100, max_bytes=1)
+    assert [e.seq for e in tight] == [1] and tight.more
+
+
 async def test_hub_raised_events_reach_both_partners(open_store: OpenStore) -> None:
     async with open_store(Policy(proposal_ttl=timedelta(seconds=-1))) as store:  # already due
         await commit_ok(store, [online("a"), online("b"), online("c")])
@@ -508,6 +538,23 @@ async def test_token_lifecycle(store: HubStore) -> None:
     expired = await store.issue_token("AI_Node_3", ttl=timedelta(seconds=-1))
     assert expired.expires_at is not None
     assert await store.authenticate(expired.token) is None
+
+
+async def test_tokens_page_by_id_without_secrets(store: HubStore) -> None:
+    issued = [await store.issue_token(f"AI_Node_{i}") for i in range(5)]
+    admin = await store.issue_token("ops", ttl=timedelta(hours=1), role=Role.ADMIN)
+    await store.revoke_tokens(issued[0].token_id)
+    items, pages = await all_pages(lambda limit, cursor: store.list_tokens_page(limit, cursor), 2)
+    assert pages == 3
+    ids = [t.token_id for t in items]
+    assert ids == sorted(ids) and set(ids) == {t.token_id for t in [*issued, admin]}
+    by_id = {t.token_id: t for t in items}
+    assert by_id[admin.token_id].role == pb.ROLE_ADMIN
+    assert by_id[admin.token_id].HasField("expire_time")
+    assert by_id[issued[0].token_id].HasField("revoke_time")
+    assert not by_id[issued[1].token_id].HasField("revoke_time")
+    wire = b"".join(t.SerializeToString() for t in items)
+    assert all(t.token.encode() not in wire for t in [*issued, admin])
 
 
 # --- stats -----------------------------------------------------------------------------------------

@@ -198,3 +198,16 @@ async def test_a_bad_behavior_is_a_usage_error() -> None:
         "tests.plugins.tagging_behavior:Missing",
     )
     assert code == 2 and "has no attribute 'Missing'" in err
+
+
+async def test_swarm_dashboard_opens_beside_its_own_hub_and_prints_its_url() -> None:
+    code, out, err = await trainer_cli(
+        "swarm", "--count", "2", "--duration", "3s", "--tempo", "20", "--dashboard", "0"
+    )
+    assert code == 0, err
+    assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/", out), out
+    assert "Swarm summary" in out
+    code, _, err = await trainer_cli(
+        "swarm", "--count", "2", "--hub", "localhost:1", "--tokens-file", "t", "--dashboard"
+    )
+    assert code == 2 and "kernelhub-dashboard" in err

@@ -27,6 +27,7 @@ from trainer_service.sdk.client import DEFAULT_TARGET
 from trainer_service.sdk.errors import HubError
 from trainer_service.simulation.behavior import Behavior, load_behavior
 from trainer_service.simulation.capabilities import SPECIALIZATION_NAMES, parse_specialization
+from trainer_service.simulation.dashboard import OBSERVER, DashboardUnavailable, dashboard_beside
 from trainer_service.simulation.swarm import (
     MAX_SWARM_SIZE,
     EmbeddedHubUnavailable,
@@ -235,6 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="WARNING",
         help="logging level under the live view (default WARNING)",
     )
+    swarm.add_argument(
+        "--dashboard",
+        nargs="?",
+        const=8080,
+        type=int,
+        metavar="PORT",
+        help="open the live web dashboard beside the swarm's own hub (default port 8080; 0: "
+        "any free port) and print its URL",
+    )
     common(swarm, "60s")
     return parser
 
@@ -328,6 +338,11 @@ async def _swarm(args: argparse.Namespace, console: Console) -> int:
             "--report reads the embedded hub's database; for another hub run "
             "`kernelhub-hub report --db FILE --out FILE` where its database is"
         )
+    if args.hub is not None and args.dashboard is not None:
+        raise UsageError(
+            "--dashboard opens beside the swarm's own hub; for --hub, run kernelhub-dashboard "
+            "--hub HOST:PORT --token-file F with an observer token"
+        )
     factory = _behavior_factory(args.behavior)
     credentials = _credentials(args)
     ids = agent_ids(args.count)
@@ -356,16 +371,21 @@ async def _swarm(args: argparse.Namespace, console: Console) -> int:
                 raise UsageError(f"{args.tokens_file} has no token for {', '.join(missing[:5])}")
             result = await run_against(args.hub, tokens)
         else:
+            observers = [] if args.dashboard is None else [OBSERVER]
             try:
-                async with embedded_hub(args.db, tempo=args.tempo, agents=ids) as (
-                    target,
-                    tokens,
-                    database_url,
-                ):
+                async with contextlib.AsyncExitStack() as stack:
+                    target, tokens, database_url = await stack.enter_async_context(
+                        embedded_hub(args.db, tempo=args.tempo, agents=ids, observers=observers)
+                    )
+                    if args.dashboard is not None:
+                        dashboard = await stack.enter_async_context(
+                            dashboard_beside(target, tokens.pop(OBSERVER), args.dashboard)
+                        )
+                        console.print(f"dashboard: {dashboard.url}", highlight=False)
                     result = await run_against(target, tokens)
                     if args.report is not None:
                         reported = await _write_report(database_url, args.report)
-            except EmbeddedHubUnavailable as exc:
+            except (EmbeddedHubUnavailable, DashboardUnavailable) as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return EXIT_FATAL
     for table in summary_tables(result):

@@ -64,12 +64,14 @@ class EmbeddedHubUnavailable(RuntimeError):
 
 @contextlib.asynccontextmanager
 async def embedded_hub(
-    db: Path | None, *, tempo: float, agents: Sequence[str]
+    db: Path | None, *, tempo: float, agents: Sequence[str], observers: Sequence[str] = ()
 ) -> AsyncIterator[tuple[str, dict[str, str], str]]:
     """Starts a hub in this process on SQLite (a temp dir unless `db`) and
-    issues a token per agent; yields (target, tokens, database URL)."""
+    issues a token per agent, and an observer token per `observers` name (a
+    dashboard's); yields (target, tokens, database URL)."""
     try:
         from hub_service.config import HubConfig
+        from hub_service.roles import Role
         from hub_service.testing import TestHub
     except ImportError as exc:
         raise EmbeddedHubUnavailable(
@@ -87,7 +89,10 @@ async def embedded_hub(
             training_sync_interval=max(1.0, BASE_SYNC_INTERVAL_SECONDS / tempo),
         )
         hub = await stack.enter_async_context(TestHub.in_process(config))
-        yield hub.target, await hub.issue_tokens(*agents), database_url
+        tokens = await hub.issue_tokens(*agents)
+        if observers:
+            tokens |= await hub.issue_tokens(*observers, role=Role.OBSERVER)
+        yield hub.target, tokens, database_url
 
 
 async def fetch_stats(

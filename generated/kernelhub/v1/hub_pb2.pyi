@@ -72,11 +72,13 @@ class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType],
     ROLE_AGENT: _Role.ValueType  # 1
     """A trainer: Connect and the query RPCs. The default role."""
     ROLE_OBSERVER: _Role.ValueType  # 2
-    """A person or tool that watches (a dashboard): the query RPCs; nothing
-    that changes state (Connect is refused).
+    """A person or tool that watches (a dashboard): the query RPCs and Watch;
+    nothing that changes state (Connect and the token RPCs are refused).
     """
     ROLE_ADMIN: _Role.ValueType  # 3
-    """An operator's tool: what an observer may do, and managing tokens."""
+    """An operator's tool: what an observer may do, and managing tokens
+    (IssueToken, ListTokens, RevokeToken).
+    """
     ROLE_VALIDATOR: _Role.ValueType  # 4
     """Builds and tests shared components and reports verdicts: the query
     RPCs; it shares nothing (Connect is refused).
@@ -96,11 +98,13 @@ ROLE_UNSPECIFIED: Role.ValueType  # 0
 ROLE_AGENT: Role.ValueType  # 1
 """A trainer: Connect and the query RPCs. The default role."""
 ROLE_OBSERVER: Role.ValueType  # 2
-"""A person or tool that watches (a dashboard): the query RPCs; nothing
-that changes state (Connect is refused).
+"""A person or tool that watches (a dashboard): the query RPCs and Watch;
+nothing that changes state (Connect and the token RPCs are refused).
 """
 ROLE_ADMIN: Role.ValueType  # 3
-"""An operator's tool: what an observer may do, and managing tokens."""
+"""An operator's tool: what an observer may do, and managing tokens
+(IssueToken, ListTokens, RevokeToken).
+"""
 ROLE_VALIDATOR: Role.ValueType  # 4
 """Builds and tests shared components and reports verdicts: the query
 RPCs; it shares nothing (Connect is refused).
@@ -2505,6 +2509,7 @@ class GetHubStatsResponse(_message.Message):
     HEAD_SEQ_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     HUB_VERSION_FIELD_NUMBER: _builtins.int
+    WATCH_STREAMS_FIELD_NUMBER: _builtins.int
     agents_known: _builtins.int
     """Agents that ever said Hello."""
     agents_online: _builtins.int
@@ -2515,6 +2520,10 @@ class GetHubStatsResponse(_message.Message):
     """The newest event `seq`."""
     hub_version: _builtins.str
     """The hub's software version."""
+    watch_streams: _builtins.int
+    """Live Watch streams (observers such as dashboards; not agents, so not
+    in `agents_online`).
+    """
     @_builtins.property
     def knowledge_base(self) -> Global___KnowledgeBaseSummary:
         """Knowledge-base counts."""
@@ -2538,11 +2547,324 @@ class GetHubStatsResponse(_message.Message):
         head_seq: _builtins.int = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         hub_version: _builtins.str = ...,
+        watch_streams: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["knowledge_base", b"knowledge_base", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents_known", b"agents_known", "agents_online", b"agents_online", "collaborations_by_state", b"collaborations_by_state", "feature_delivery_count", b"feature_delivery_count", "head_seq", b"head_seq", "hub_version", b"hub_version", "knowledge_base", b"knowledge_base", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents_known", b"agents_known", "agents_online", b"agents_online", "collaborations_by_state", b"collaborations_by_state", "feature_delivery_count", b"feature_delivery_count", "head_seq", b"head_seq", "hub_version", b"hub_version", "knowledge_base", b"knowledge_base", "start_time", b"start_time", "watch_streams", b"watch_streams"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetHubStatsResponse: _TypeAlias = GetHubStatsResponse  # noqa: Y015
+
+@_typing.final
+class WatchRequest(_message.Message):
+    """---------------------------------------------------------------------------
+    Observing and administering (observer and admin tokens)
+    ---------------------------------------------------------------------------
+
+    Request for Watch.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    SKIP_HISTORY_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
+    after_seq: _builtins.int
+    """Optional: replay the events after this `seq` (0: the whole log), then
+    go live. Ignored with `skip_history`.
+    """
+    skip_history: _builtins.bool
+    """Optional: start after the newest event (no replay); the first
+    response's `head_seq` says where.
+    """
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional: only events whose body is one of these `HubEvent.body` field
+        names: "artifact_shared", "feature_requested", "feature_delivered",
+        "collaboration_updated", "agent_joined", "agent_left" (an `omitted`
+        marker passes when its `EventOmitted.body` does). Empty: every event.
+        At most 16 entries; another name is INVALID_ARGUMENT naming it. A
+        richer filter comes with subscriptions.
+        """
+
+    def __init__(
+        self,
+        *,
+        after_seq: _builtins.int = ...,
+        skip_history: _builtins.bool = ...,
+        kinds: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "kinds", b"kinds", "skip_history", b"skip_history"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
+
+@_typing.final
+class WatchResponse(_message.Message):
+    """One message on a Watch stream. Like `ConnectResponse`, it coalesces
+    what is waiting (at most the hub's `--max-events-per-response` events,
+    and never more than its message size).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEAD_SEQ_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    REPLAY_COMPLETE_FIELD_NUMBER: _builtins.int
+    head_seq: _builtins.int
+    """Set on the first response only: the newest `seq` when the watch opened
+    (with `skip_history`, the seq it starts after).
+    """
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___HubEvent]:
+        """Events in increasing `seq` order, each once. Event kinds the request
+        filtered out are skipped, so seqs may jump.
+        """
+
+    @_builtins.property
+    def replay_complete(self) -> Global___ReplayComplete:
+        """Set once, on the response that ends the replay (after its `events`):
+        every event up to `replay_complete.seq` has been sent; later ones are
+        live. Set even when there was nothing to replay.
+        """
+
+    def __init__(
+        self,
+        *,
+        head_seq: _builtins.int = ...,
+        events: _abc.Iterable[Global___HubEvent] | None = ...,
+        replay_complete: Global___ReplayComplete | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["replay_complete", b"replay_complete"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "head_seq", b"head_seq", "replay_complete", b"replay_complete"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchResponse: _TypeAlias = WatchResponse  # noqa: Y015
+
+@_typing.final
+class TokenInfo(_message.Message):
+    """A token as ListTokens shows it: never its secret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    REVOKE_TIME_FIELD_NUMBER: _builtins.int
+    token_id: _builtins.str
+    """The token's id ("tok_" and 12 hex digits), for RevokeToken."""
+    agent_id: _builtins.str
+    """The agent (or the person or tool) it speaks for."""
+    role: Global___Role.ValueType
+    """What it may call."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was issued."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When it expires; unset: never."""
+
+    @_builtins.property
+    def revoke_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was revoked; unset: it was not."""
+
+    def __init__(
+        self,
+        *,
+        token_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        role: Global___Role.ValueType = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        revoke_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "revoke_time", b"revoke_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "create_time", b"create_time", "expire_time", b"expire_time", "revoke_time", b"revoke_time", "role", b"role", "token_id", b"token_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenInfo: _TypeAlias = TokenInfo  # noqa: Y015
+
+@_typing.final
+class IssueTokenRequest(_message.Message):
+    """Request for IssueToken."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """Required: the identifier the token speaks for (an agent's id, which
+    its Hello must then use; or a name for an observer or admin).
+    """
+    role: Global___Role.ValueType
+    """Optional: what it may call (unset: ROLE_AGENT; an unknown value:
+    INVALID_ARGUMENT).
+    """
+    ttl_seconds: _builtins.int
+    """Optional: seconds until it expires, at most 315360000 (ten years); 0:
+    it never expires (negative or more: INVALID_ARGUMENT).
+    """
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        role: Global___Role.ValueType = ...,
+        ttl_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "role", b"role", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueTokenRequest: _TypeAlias = IssueTokenRequest  # noqa: Y015
+
+@_typing.final
+class IssueTokenResponse(_message.Message):
+    """Response of IssueToken."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    secret: _builtins.str
+    """The bearer secret ("kh_..."): send it as `authorization: Bearer
+    <secret>`. Shown here once; the hub keeps only its hash.
+    """
+    @_builtins.property
+    def token(self) -> Global___TokenInfo:
+        """The new token."""
+
+    def __init__(
+        self,
+        *,
+        token: Global___TokenInfo | None = ...,
+        secret: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["secret", b"secret", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueTokenResponse: _TypeAlias = IssueTokenResponse  # noqa: Y015
+
+@_typing.final
+class ListTokensRequest(_message.Message):
+    """Request for ListTokens."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Optional: at most this many (0: the default, 50; larger than 500 means
+    500; negative: INVALID_ARGUMENT).
+    """
+    page_token: _builtins.str
+    """Optional: `next_page_token` of the previous page; empty for the first
+    (any other value: INVALID_ARGUMENT).
+    """
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTokensRequest: _TypeAlias = ListTokensRequest  # noqa: Y015
+
+@_typing.final
+class ListTokensResponse(_message.Message):
+    """Response of ListTokens."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKENS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as `page_token` for the next page; empty on the last page. A page
+    may hold fewer than `page_size` items, so page until this is empty.
+    """
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenInfo]:
+        """The tokens on this page, by token id."""
+
+    def __init__(
+        self,
+        *,
+        tokens: _abc.Iterable[Global___TokenInfo] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTokensResponse: _TypeAlias = ListTokensResponse  # noqa: Y015
+
+@_typing.final
+class RevokeTokenRequest(_message.Message):
+    """Request for RevokeToken."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_OR_AGENT_ID_FIELD_NUMBER: _builtins.int
+    token_or_agent_id: _builtins.str
+    """Required: a token id (`TokenInfo.token_id`), or an agent id: every
+    token of that agent. Nothing matching is not an error: the answer's
+    count is 0.
+    """
+    def __init__(
+        self,
+        *,
+        token_or_agent_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["token_or_agent_id", b"token_or_agent_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeTokenRequest: _TypeAlias = RevokeTokenRequest  # noqa: Y015
+
+@_typing.final
+class RevokeTokenResponse(_message.Message):
+    """Response of RevokeToken."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVOKED_COUNT_FIELD_NUMBER: _builtins.int
+    revoked_count: _builtins.int
+    """How many tokens this call revoked (ones already revoked not counted)."""
+    def __init__(
+        self,
+        *,
+        revoked_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revoked_count", b"revoked_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeTokenResponse: _TypeAlias = RevokeTokenResponse  # noqa: Y015

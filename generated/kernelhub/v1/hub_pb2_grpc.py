@@ -71,6 +71,26 @@ class HubServiceStub:
                 request_serializer=kernelhub_dot_v1_dot_hub__pb2.GetHubStatsRequest.SerializeToString,
                 response_deserializer=kernelhub_dot_v1_dot_hub__pb2.GetHubStatsResponse.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/kernelhub.v1.HubService/Watch',
+                request_serializer=kernelhub_dot_v1_dot_hub__pb2.WatchRequest.SerializeToString,
+                response_deserializer=kernelhub_dot_v1_dot_hub__pb2.WatchResponse.FromString,
+                _registered_method=True)
+        self.IssueToken = channel.unary_unary(
+                '/kernelhub.v1.HubService/IssueToken',
+                request_serializer=kernelhub_dot_v1_dot_hub__pb2.IssueTokenRequest.SerializeToString,
+                response_deserializer=kernelhub_dot_v1_dot_hub__pb2.IssueTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/kernelhub.v1.HubService/ListTokens',
+                request_serializer=kernelhub_dot_v1_dot_hub__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=kernelhub_dot_v1_dot_hub__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/kernelhub.v1.HubService/RevokeToken',
+                request_serializer=kernelhub_dot_v1_dot_hub__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=kernelhub_dot_v1_dot_hub__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
 
 
 class HubServiceServicer:
@@ -130,6 +150,46 @@ class HubServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """A read-only feed of the whole hub's event log, for observer and admin
+        tokens (a dashboard): the events after `WatchRequest.after_seq`, read
+        from the log in pages, then live ones, each exactly once in `seq`
+        order. A watcher is not an agent: it never appears online and never
+        supersedes an agent's stream. PERMISSION_DENIED for other roles;
+        RESOURCE_EXHAUSTED beyond the hub's `--max-watch-streams`;
+        INVALID_ARGUMENT for a bad `kinds` entry; UNAVAILABLE when the hub
+        stops (reconnect with the last seq seen); UNAUTHENTICATED once the
+        token is revoked or expires.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IssueToken(self, request, context):
+        """Issues a token (admin tokens only). The secret is in this answer and
+        nowhere else: the hub stores only its hash.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Pages through every token the hub knows, revoked and expired ones too,
+        without their secrets (admin tokens only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Revokes one token by id, or every token of an agent (admin tokens
+        only). A live stream of a revoked token ends with UNAUTHENTICATED
+        within the hub's `--token-recheck-interval`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HubServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -167,6 +227,26 @@ def add_HubServiceServicer_to_server(servicer, server):
                     servicer.GetHubStats,
                     request_deserializer=kernelhub_dot_v1_dot_hub__pb2.GetHubStatsRequest.FromString,
                     response_serializer=kernelhub_dot_v1_dot_hub__pb2.GetHubStatsResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=kernelhub_dot_v1_dot_hub__pb2.WatchRequest.FromString,
+                    response_serializer=kernelhub_dot_v1_dot_hub__pb2.WatchResponse.SerializeToString,
+            ),
+            'IssueToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueToken,
+                    request_deserializer=kernelhub_dot_v1_dot_hub__pb2.IssueTokenRequest.FromString,
+                    response_serializer=kernelhub_dot_v1_dot_hub__pb2.IssueTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=kernelhub_dot_v1_dot_hub__pb2.ListTokensRequest.FromString,
+                    response_serializer=kernelhub_dot_v1_dot_hub__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=kernelhub_dot_v1_dot_hub__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=kernelhub_dot_v1_dot_hub__pb2.RevokeTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +439,114 @@ class HubService:
             '/kernelhub.v1.HubService/GetHubStats',
             kernelhub_dot_v1_dot_hub__pb2.GetHubStatsRequest.SerializeToString,
             kernelhub_dot_v1_dot_hub__pb2.GetHubStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kernelhub.v1.HubService/Watch',
+            kernelhub_dot_v1_dot_hub__pb2.WatchRequest.SerializeToString,
+            kernelhub_dot_v1_dot_hub__pb2.WatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kernelhub.v1.HubService/IssueToken',
+            kernelhub_dot_v1_dot_hub__pb2.IssueTokenRequest.SerializeToString,
+            kernelhub_dot_v1_dot_hub__pb2.IssueTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kernelhub.v1.HubService/ListTokens',
+            kernelhub_dot_v1_dot_hub__pb2.ListTokensRequest.SerializeToString,
+            kernelhub_dot_v1_dot_hub__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kernelhub.v1.HubService/RevokeToken',
+            kernelhub_dot_v1_dot_hub__pb2.RevokeTokenRequest.SerializeToString,
+            kernelhub_dot_v1_dot_hub__pb2.RevokeTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

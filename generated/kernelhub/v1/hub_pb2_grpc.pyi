@@ -94,6 +94,30 @@ class HubServiceStub:
     """Pages through feature requests and whether they were delivered."""
     GetHubStats: _grpc.UnaryUnaryMultiCallable[_hub_pb2.GetHubStatsRequest, _hub_pb2.GetHubStatsResponse]
     """Counts of what the hub holds and who is online."""
+    Watch: _grpc.UnaryStreamMultiCallable[_hub_pb2.WatchRequest, _hub_pb2.WatchResponse]
+    """A read-only feed of the whole hub's event log, for observer and admin
+    tokens (a dashboard): the events after `WatchRequest.after_seq`, read
+    from the log in pages, then live ones, each exactly once in `seq`
+    order. A watcher is not an agent: it never appears online and never
+    supersedes an agent's stream. PERMISSION_DENIED for other roles;
+    RESOURCE_EXHAUSTED beyond the hub's `--max-watch-streams`;
+    INVALID_ARGUMENT for a bad `kinds` entry; UNAVAILABLE when the hub
+    stops (reconnect with the last seq seen); UNAUTHENTICATED once the
+    token is revoked or expires.
+    """
+    IssueToken: _grpc.UnaryUnaryMultiCallable[_hub_pb2.IssueTokenRequest, _hub_pb2.IssueTokenResponse]
+    """Issues a token (admin tokens only). The secret is in this answer and
+    nowhere else: the hub stores only its hash.
+    """
+    ListTokens: _grpc.UnaryUnaryMultiCallable[_hub_pb2.ListTokensRequest, _hub_pb2.ListTokensResponse]
+    """Pages through every token the hub knows, revoked and expired ones too,
+    without their secrets (admin tokens only).
+    """
+    RevokeToken: _grpc.UnaryUnaryMultiCallable[_hub_pb2.RevokeTokenRequest, _hub_pb2.RevokeTokenResponse]
+    """Revokes one token by id, or every token of an agent (admin tokens
+    only). A live stream of a revoked token ends with UNAUTHENTICATED
+    within the hub's `--token-recheck-interval`.
+    """
 
 @_typing.type_check_only
 class HubServiceAsyncStub(HubServiceStub):
@@ -120,6 +144,30 @@ class HubServiceAsyncStub(HubServiceStub):
     """Pages through feature requests and whether they were delivered."""
     GetHubStats: _aio.UnaryUnaryMultiCallable[_hub_pb2.GetHubStatsRequest, _hub_pb2.GetHubStatsResponse]  # type: ignore[assignment]
     """Counts of what the hub holds and who is online."""
+    Watch: _aio.UnaryStreamMultiCallable[_hub_pb2.WatchRequest, _hub_pb2.WatchResponse]  # type: ignore[assignment]
+    """A read-only feed of the whole hub's event log, for observer and admin
+    tokens (a dashboard): the events after `WatchRequest.after_seq`, read
+    from the log in pages, then live ones, each exactly once in `seq`
+    order. A watcher is not an agent: it never appears online and never
+    supersedes an agent's stream. PERMISSION_DENIED for other roles;
+    RESOURCE_EXHAUSTED beyond the hub's `--max-watch-streams`;
+    INVALID_ARGUMENT for a bad `kinds` entry; UNAVAILABLE when the hub
+    stops (reconnect with the last seq seen); UNAUTHENTICATED once the
+    token is revoked or expires.
+    """
+    IssueToken: _aio.UnaryUnaryMultiCallable[_hub_pb2.IssueTokenRequest, _hub_pb2.IssueTokenResponse]  # type: ignore[assignment]
+    """Issues a token (admin tokens only). The secret is in this answer and
+    nowhere else: the hub stores only its hash.
+    """
+    ListTokens: _aio.UnaryUnaryMultiCallable[_hub_pb2.ListTokensRequest, _hub_pb2.ListTokensResponse]  # type: ignore[assignment]
+    """Pages through every token the hub knows, revoked and expired ones too,
+    without their secrets (admin tokens only).
+    """
+    RevokeToken: _aio.UnaryUnaryMultiCallable[_hub_pb2.RevokeTokenRequest, _hub_pb2.RevokeTokenResponse]  # type: ignore[assignment]
+    """Revokes one token by id, or every token of an agent (admin tokens
+    only). A live stream of a revoked token ends with UNAUTHENTICATED
+    within the hub's `--token-recheck-interval`.
+    """
 
 class HubServiceServicer(metaclass=_abc_1.ABCMeta):
     """The coordination hub that trainers connect to."""
@@ -185,5 +233,53 @@ class HubServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_hub_pb2.GetHubStatsResponse, _abc.Awaitable[_hub_pb2.GetHubStatsResponse]]:
         """Counts of what the hub holds and who is online."""
+
+    @_abc_1.abstractmethod
+    def Watch(
+        self,
+        request: _hub_pb2.WatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_hub_pb2.WatchResponse], _abc.AsyncIterator[_hub_pb2.WatchResponse]]:
+        """A read-only feed of the whole hub's event log, for observer and admin
+        tokens (a dashboard): the events after `WatchRequest.after_seq`, read
+        from the log in pages, then live ones, each exactly once in `seq`
+        order. A watcher is not an agent: it never appears online and never
+        supersedes an agent's stream. PERMISSION_DENIED for other roles;
+        RESOURCE_EXHAUSTED beyond the hub's `--max-watch-streams`;
+        INVALID_ARGUMENT for a bad `kinds` entry; UNAVAILABLE when the hub
+        stops (reconnect with the last seq seen); UNAUTHENTICATED once the
+        token is revoked or expires.
+        """
+
+    @_abc_1.abstractmethod
+    def IssueToken(
+        self,
+        request: _hub_pb2.IssueTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hub_pb2.IssueTokenResponse, _abc.Awaitable[_hub_pb2.IssueTokenResponse]]:
+        """Issues a token (admin tokens only). The secret is in this answer and
+        nowhere else: the hub stores only its hash.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTokens(
+        self,
+        request: _hub_pb2.ListTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hub_pb2.ListTokensResponse, _abc.Awaitable[_hub_pb2.ListTokensResponse]]:
+        """Pages through every token the hub knows, revoked and expired ones too,
+        without their secrets (admin tokens only).
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeToken(
+        self,
+        request: _hub_pb2.RevokeTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hub_pb2.RevokeTokenResponse, _abc.Awaitable[_hub_pb2.RevokeTokenResponse]]:
+        """Revokes one token by id, or every token of an agent (admin tokens
+        only). A live stream of a revoked token ends with UNAUTHENTICATED
+        within the hub's `--token-recheck-interval`.
+        """
 
 def add_HubServiceServicer_to_server(servicer: HubServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

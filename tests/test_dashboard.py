@@ -1,0 +1,209 @@
+"""The dashboard in headless Chromium, against a live hub with real trainers running: agents
+online and counts that grow without a reload, the agent and artifact pages, and agent-supplied
+markup rendered as inert text."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.request import urlopen
+
+import pytest
+from playwright.async_api import Browser, Page
+
+from dashboard_service.aggregate import MAX_ONLINE, Aggregate
+from dashboard_service.cli import read_token
+from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service.roles import Role
+from hub_service.server import HubServer
+from trainer_service.simulation.dashboard import dashboard_beside
+from trainer_service.simulation.swarm import agent_ids, run_swarm
+
+from .browser import SCREENSHOTS, browser
+from .conftest import WAIT, HubHarness, code_component, hello
+
+__all__ = ["browser"]  # the fixture, imported to be used
+
+TRAINERS = 4
+XSS_NAME = "<script>window.__xss = 1</script><img src=x onerror=window.__xss=2>"
+XSS_CODE = "</code></pre><script>window.__xss = 3</script>\nint main(void) { return 0; }\n"
+BROWSER_WAIT_MS = 20_000
+
+
+@pytest.fixture
+async def swarm(hub: HubServer) -> AsyncIterator[None]:
+    """Real trainers, running until the test ends."""
+    ids = agent_ids(TRAINERS)
+    tokens = {agent_id: await hub.issue_token(agent_id) for agent_id in ids}
+    stop = asyncio.Event()
+    running = asyncio.create_task(
+        run_swarm(
+            target=f"127.0.0.1:{hub.port}",
+            tokens=tokens,
+            count=TRAINERS,
+            duration_seconds=120,
+            seed=3,
+            tempo=20,
+            stop=stop,
+        )
+    )
+    try:
+        yield
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(running, 30)
+
+
+async def _malicious_share(harness: HubHarness) -> str:
+    """An agent whose version and component name are markup; the artifact id it got."""
+    greeting = hello("mallory")
+    greeting.version = XSS_NAME[:200]
+    trainer = await harness.connect("mallory", greeting)
+    component = code_component("xss", XSS_CODE)
+    component.name = XSS_NAME[:200]
+    message_id = await trainer.send(
+        share_code_component=pb.ShareCodeComponent(code_component=component)
+    )
+    return str((await trainer.receipt(message_id)).resource_id)
+
+
+async def _number(page: Page, element_id: str) -> int:
+    text = await page.text_content(f"#{element_id}")
+    return int(text or 0) if (text or "").isdigit() else 0
+
+
+async def test_the_dashboard_is_live_and_renders_agent_text_inert(
+    hub: HubServer, harness: HubHarness, swarm: None, browser: Browser, tmp_path: Path
+) -> None:
+    token = await hub.issue_token("dash", role=Role.OBSERVER)
+    evil_artifact = await _malicious_share(harness)
+    async with dashboard_beside(f"127.0.0.1:{hub.port}", token, 0) as dashboard:
+        url = dashboard.url
+        # Without the page's CSP, so the test proves the escaping alone keeps markup inert
+        # (the CSP is a second wall; its header is checked below). Playwright's polling
+        # needs eval, which that CSP forbids.
+        page = await browser.new_page(viewport={"width": 1400, "height": 1800}, bypass_csp=True)
+        problems: list[str] = []
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.on("dialog", lambda d: problems.append(f"dialog: {d.message}"))
+        response = await page.goto(url)
+        assert response is not None
+        assert "script-src 'self'" in response.headers["content-security-policy"]
+        await page.evaluate("window.__same_page = true")
+        await page.wait_for_function(
+            f"Number(document.getElementById('agents-online').textContent) >= {TRAINERS}",
+            timeout=BROWSER_WAIT_MS,
+        )
+        await page.wait_for_selector("#agents-table a", timeout=BROWSER_WAIT_MS)
+        first = await _number(page, "patterns") + await _number(page, "head-seq")
+        await page.wait_for_function(
+            "Number(document.getElementById('patterns').textContent)"
+            " + Number(document.getElementById('head-seq').textContent)"
+            f" > {first}",
+            timeout=BROWSER_WAIT_MS,
+        )
+        assert await page.evaluate("window.__same_page === true"), "the page reloaded"
+        await page.wait_for_function(
+            "document.querySelector('#shares-chart') && document.getElementById('feed-status')"
+            ".textContent === 'live'",
+            timeout=BROWSER_WAIT_MS,
+        )
+        SCREENSHOTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=True)
+
+        # The agent page of the top contributor (so it has shared something): what it shared.
+        top = page.locator("#contributors-table a").first
+        name = await top.text_content()
+        await top.click()
+        await page.wait_for_selector("#artifacts-table a", timeout=BROWSER_WAIT_MS)
+        assert await page.text_content("#agent-id") == name
+        await page.screenshot(path=str(SCREENSHOTS / "dashboard-agent.png"), full_page=True)
+
+        # The malicious artifact: its name and code are text, nothing ran.
+        await page.goto(f"{url}artifact/{evil_artifact}")
+        await page.wait_for_function(
+            "document.getElementById('code').textContent.length > 0", timeout=BROWSER_WAIT_MS
+        )
+        assert XSS_NAME[:200] in (await page.text_content("#title") or "")
+        assert await page.text_content("#code") == XSS_CODE
+        assert await page.text_content("#contributor") == "mallory"
+        await page.screenshot(path=str(SCREENSHOTS / "dashboard-artifact.png"), full_page=True)
+        # Mallory's page and the main page show its markup as text too.
+        await page.goto(f"{url}agent/mallory")
+        await page.wait_for_selector("#artifacts-table a", timeout=BROWSER_WAIT_MS)
+        assert XSS_NAME[:200] in (await page.text_content("#artifacts-table") or "")
+        assert await page.evaluate("window.__xss === undefined")
+        await page.close()
+    assert problems == [], problems
+
+
+def test_the_token_file_takes_a_bare_token_or_an_agent_token_line(tmp_path: Path) -> None:
+    bare, line, empty = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    bare.write_text("\nkh_abc\n")
+    line.write_text("dash kh_def\n")
+    empty.write_text("\n")
+    assert (read_token(bare), read_token(line)) == ("kh_abc", "kh_def")
+    with pytest.raises(ValueError, match="holds no token"):
+        read_token(empty)
+
+
+def test_the_aggregate_stays_bounded_with_many_agents_and_events() -> None:
+    """10,000 agents' shares and collaborations: every table within its cap, the snapshot
+    the same size as for a handful."""
+    aggregate = Aggregate()
+    for i in range(60_000):
+        event = pb.HubEvent(seq=i + 1, sender_id=f"AI_Node_{i % 10_000}")
+        event.create_time.seconds = 1_000_000 + i // 100
+        if i % 3:
+            event.artifact_shared.pattern.pattern_type = "p"
+        else:
+            collab = event.collaboration_updated.collaboration
+            collab.initiator_id, collab.target_id = f"AI_Node_{i % 10_000}", f"AI_Node_{i % 97}"
+            collab.state = pb.COLLABORATION_STATE_PROPOSED
+        aggregate.event(event)
+    snapshot = aggregate.snapshot(now=1_000_600)
+    assert len(aggregate._edges) <= 2000 and len(aggregate._shares) <= 301
+    assert len(snapshot["graph"]) == 150 and len(snapshot["recent_events"]) == 20
+    assert sum(snapshot["shares"]["by_kind"]["pattern"]) > 0
+    assert snapshot["feed"]["last_seq"] == 60_000
+
+
+def test_presence_follows_the_events_after_the_listing() -> None:
+    """Listed at (re)connect, then kept by agent_joined / agent_left, capped."""
+    aggregate = Aggregate()
+    listed = [pb.AgentInfo(agent_id=f"AI_Node_{i}", online=True) for i in range(3)]
+    aggregate.agents(listed, truncated=False)
+    left = pb.HubEvent(seq=1, sender_id="AI_Node_0", agent_left=pb.AgentLeft(agent_id="AI_Node_0"))
+    joined = pb.HubEvent(seq=2, sender_id="AI_Node_9")
+    joined.agent_joined.agent.agent_id = "AI_Node_9"
+    joined.agent_joined.agent.specialization = pb.SPECIALIZATION_GRAPHICS
+    aggregate.event(left)
+    aggregate.event(joined)
+    assert sorted(aggregate.online) == ["AI_Node_1", "AI_Node_2", "AI_Node_9"]
+    page = aggregate.agents_page(1, 1)
+    assert page["total"] == 3 and [a["agent_id"] for a in page["agents"]] == ["AI_Node_2"]
+    assert aggregate.snapshot()["online_by_specialization"]["GRAPHICS"] == 1
+    many = [pb.AgentInfo(agent_id=f"a{i}") for i in range(MAX_ONLINE + 5)]
+    aggregate.agents(many, truncated=False)
+    assert len(aggregate.online) == MAX_ONLINE and aggregate.online_truncated
+
+
+async def test_a_dashboard_with_a_bad_token_says_so(hub: HubServer) -> None:
+    async with dashboard_beside(f"127.0.0.1:{hub.port}", "kh_wrong", 0) as dashboard:
+        url = dashboard.url
+
+        def feed_error() -> str:
+            with urlopen(url + "api/snapshot", timeout=WAIT) as response:
+                return str(json.load(response)["feed"]["error"])
+
+        async with asyncio.timeout(WAIT):
+            error = await asyncio.to_thread(feed_error)
+            while "UNAUTHENTICATED" not in error:  # another process's page: polled
+                await asyncio.sleep(0.1)
+                error = await asyncio.to_thread(feed_error)
+        assert "invalid, expired or revoked token" in error
