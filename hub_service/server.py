@@ -21,6 +21,7 @@ from .auth import BearerAuthInterceptor
 from .committer import GroupCommitter
 from .config import HubConfig
 from .errors import StatusError
+from .retention import Retention, RetentionPolicy
 from .router import Router
 from .servicer import HubServicer
 from .session import END_FLOOR
@@ -50,7 +51,8 @@ class HubServer:
             queue_size=config.commit_queue_size,
             linger=config.commit_linger,
         )
-        self.servicer = HubServicer(config, self.store, self.committer, self.router)
+        self.retention = Retention(self.store, self.router, RetentionPolicy.of(config))
+        self.servicer = HubServicer(config, self.store, self.committer, self.router, self.retention)
         self.health = health.aio.HealthServicer()
         # Whether the last commit reached the database (through the writer): health says so.
         self._database_up = True
@@ -78,6 +80,7 @@ class HubServer:
         self.committer.start()
         await self.committer.submit(cmd.ResetPresence())
         self.router.last_published_seq = await self.store.head_seq()
+        await self.retention.load()
         self._server = grpc.aio.server(
             interceptors=[BearerAuthInterceptor(self.store.authenticate)],
             options=[
@@ -120,6 +123,7 @@ class HubServer:
             asyncio.create_task(
                 self._every(self.config.token_recheck_interval, self._end_revoked_streams)
             ),
+            asyncio.create_task(self._every(self.config.retention_interval, self.retention.run)),
         ]
         if self.config.training_sync_interval > 0:
             self._loops.append(

@@ -18,6 +18,7 @@ from .committer import GroupCommitter
 from .config import HubConfig
 from .errors import StatusError
 from .queries import Queries
+from .retention import Retention
 from .router import Router
 from .session import Context, Sessions
 from .state import HubStore
@@ -45,13 +46,18 @@ def _rich_errors(
 
 class HubServicer(hub_pb2_grpc.HubServiceServicer):
     def __init__(
-        self, config: HubConfig, store: HubStore, committer: GroupCommitter, router: Router
+        self,
+        config: HubConfig,
+        store: HubStore,
+        committer: GroupCommitter,
+        router: Router,
+        retention: Retention,
     ) -> None:
         # What the items of one response may take: every response is built to fit.
         budget = paging.budget(config.max_message_bytes)
         self.syncs = TrainingSyncs(store, router, budget)
-        self.sessions = Sessions(config, store, committer, router, self.syncs, budget)
-        self.queries = Queries(store, router, budget)
+        self.sessions = Sessions(config, store, committer, router, self.syncs, retention, budget)
+        self.queries = Queries(store, router, retention, budget)
 
     async def Connect(  # type: ignore[override]  # answers through context.write
         self, request_iterator: AsyncIterator[pb.ConnectRequest], context: Context

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service import schema
 from hub_service.server import HubServer
 from hub_service.sql_write import make_engine
 
@@ -108,7 +109,7 @@ async def test_check_names_each_problem_of_a_damaged_database(store_url: str) ->
     code, out, err = await db_cli("check", *url)
     assert code == 1, out + err
     *problems, summary = out.splitlines()
-    gap = "missing (the log must run 1..head without a gap)"
+    gap = "missing (the log must run to the head without a gap)"
     expected = {
         f"event log: seq {seqs[2]} {gap}",
         f"artifact: artifact of events not in the log: seq {seqs[2]}",
@@ -117,7 +118,7 @@ async def test_check_names_each_problem_of_a_damaged_database(store_url: str) ->
     assert expected <= set(problems), out
     # The proposal's seq is a gap too unless it was the head (an agent_left may follow it).
     assert set(problems) - expected <= {f"event log: seq {proposed.seq} {gap}"}, out
-    assert summary == f"{len(problems)} problem(s) found (schema revision 0002)", out
+    assert summary == f"{len(problems)} problem(s) found (schema revision {schema.head()})", out
 
 
 @pytest.mark.parametrize("command", ["current", "upgrade"])
@@ -125,7 +126,7 @@ async def test_current_and_upgrade_on_an_empty_database(command: str, tmp_path: 
     code, out, err = await db_cli(command, "--db", str(tmp_path / "new.db"))
     assert code == 0, err
     expected = {
-        "current": "none (empty database) (this hub's: 0002)",
-        "upgrade": "schema at 0002 (was empty)",
+        "current": f"none (empty database) (this hub's: {schema.head()})",
+        "upgrade": f"schema at {schema.head()} (was empty)",
     }
     assert out.strip() == expected[command]
