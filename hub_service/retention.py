@@ -5,9 +5,11 @@ Artifacts, collaborations and feature requests are never pruned: they are the kn
 base, which a newcomer reads through the training sync and the query RPCs.
 
 The rule for events: one is pruned only if it is older than `event_retention` or beyond the
-newest `event_retention_max_events`, AND every live connection's cursor (the highest seq it
-has queued or sent) has reached it. A slow reader that fell back to reading the log, or a
-replay in progress, thus pins everything it has not yet received. The newest event is always
+newest `event_retention_max_events`, AND no connected trainer still reads it from the log: a
+slow reader that fell back to reading the log, or a replay in progress, pins every event after
+its cursor (the highest seq it has queued or sent); a live connection pins nothing, since every
+event it is entitled to up to the last published one is already in its queue (should it fall
+behind later, it does so in the router's loop turn, and then pins). The newest event is always
 kept (it carries the head across restarts).
 
 The race with a newcomer is closed on the event loop: a round reads what is old enough, then,
@@ -104,9 +106,8 @@ class Retention:
             aged = await store.prunable_through(head - 1, older_than, policy.batch_size)
             due = max(due, aged)
         # From here to the raise of the mark: one loop turn (no await), see the docstring.
-        pinned = min(
-            (c.cursor for c in self._router.connections()), default=self._router.last_published_seq
-        )
+        pins = (c.reads_log_after for c in self._router.connections())
+        pinned = min((p for p in pins if p is not None), default=self._router.last_published_seq)
         through = min(due, pinned, self._router.last_published_seq - 1)
         if through < self.oldest_seq:
             return 0
