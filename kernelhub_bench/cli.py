@@ -6,6 +6,7 @@ kernelhub-bench plot results.json docs/latency.png
 kernelhub-bench markdown results.json
 kernelhub-bench hot-spots PROFILE.txt [--top 10]
 kernelhub-bench soak [--trainers 200] [--duration 10m] [--rate 0.2] [--restart-every 2m]
+kernelhub-bench join [--events 1000000] [--joins 5] [--json results.json]
 """
 
 from __future__ import annotations
@@ -110,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     soak_parser.add_argument("--sample-every", type=parse_duration, default=10.0)
     soak_parser.add_argument("--json", type=Path, help="write the result here")
+    join_parser = commands.add_parser(
+        "join", help="a fresh agent going live from now on a hub with a big event log"
+    )
+    join_parser.add_argument("--events", type=int, default=1_000_000, help="events in the log")
+    join_parser.add_argument("--joins", type=int, default=5, help="measured joins per hub")
+    join_parser.add_argument("--json", type=Path, help="write the result here")
     return parser
 
 
@@ -245,6 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "soak":
         return cmd_soak(args)
+    if args.command == "join":
+        from .join import run  # imports the SDK and the hub's schema: only when asked
+
+        return run(args.events, args.joins, args.json)
     if args.command == "markdown":
         print(markdown(json.loads(args.results.read_text())), end="")
         return 0
