@@ -122,6 +122,68 @@ async def test_pruning_under_load_loses_nothing_a_connected_trainer_is_entitled_
         await replaying.close()
 
 
+async def test_a_resume_racing_a_prune_is_either_refused_or_complete(url: str) -> None:
+    """Trainers resume from the mark as they saw it a moment ago, while rounds prune hard
+    beside a writer: each is refused with OUT_OF_RANGE, or replays every event after its
+    seq that a live observer saw (other than its own): never a hole."""
+    config = make_config(
+        url, event_retention=0, event_retention_max_events=30, retention_batch_size=4, **QUIET
+    )
+    async with running(config) as (hub, harness):
+        observer = await harness.connect("observer", hello("observer", skip_history=True))
+        await share_many(harness, "sharer", 40, "old")
+        await hub.retention.run()
+        stop = asyncio.Event()
+
+        async def prune() -> None:
+            while not stop.is_set():
+                await hub.retention.run()
+                await asyncio.sleep(0)
+
+        pruner = asyncio.create_task(prune())
+        writer = asyncio.create_task(share_many(harness, "sharer", 40, "p"))
+        outcomes: list[str] = []
+        try:
+            for i in range(10):
+                agent = f"AI_Node_{i}"
+                if i == 9:  # the writer done, the mark moves only a few (presence): it gets in
+                    await writer
+                # From the mark as seen a moment ago, or a little above it.
+                resume = hub.retention.oldest_seq - 1 + (0, 5, 20)[i % 3 if i < 9 else 2]
+                await asyncio.sleep(0)  # a round may move the mark past it meanwhile
+                call = harness.stub.Connect(metadata=auth(await harness.token(agent)))
+                await call.write(pb.ConnectRequest(hello=hello(agent, resume_after_seq=resume)))
+                try:
+                    first = await asyncio.wait_for(call.read(), WAIT)
+                except grpc.aio.AioRpcError as refused:
+                    assert refused.code() == grpc.StatusCode.OUT_OF_RANGE, refused
+                    outcomes.append("refused")
+                    continue
+                assert resume > 0 and first.welcome.oldest_seq <= resume + 1
+                head = first.welcome.head_seq
+                seen: set[int] = set()
+                while True:  # the replay, up to its marker
+                    response = await asyncio.wait_for(call.read(), WAIT)
+                    seen |= {e.seq for e in response.events}
+                    if response.HasField("replay_complete"):
+                        break
+                call.cancel()
+                await observer.until_seq(head)
+                owed = {
+                    e.seq
+                    for e in observer.events
+                    if resume < e.seq <= head and e.sender_id != agent
+                }
+                assert owed <= seen, f"{agent} after {resume}: lost {sorted(owed - seen)}"
+                outcomes.append("replayed")
+        finally:
+            stop.set()
+            await pruner
+            await writer
+        assert outcomes[-1] == "replayed", outcomes
+        await observer.close()
+
+
 async def test_a_resume_below_the_low_water_mark_is_out_of_range_naming_the_oldest_seq(
     url: str,
 ) -> None:
