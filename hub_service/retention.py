@@ -10,7 +10,10 @@ slow reader that fell back to reading the log, or a replay in progress, pins eve
 its cursor (the highest seq it has queued or sent); a live connection pins nothing, since every
 event it is entitled to up to the last published one is already in its queue (should it fall
 behind later, it does so in the router's loop turn, and then pins). The newest event is always
-kept (it carries the head across restarts).
+kept (it carries the head across restarts). So that one slow reader cannot keep the log growing,
+a reader more than `retention_max_reader_lag` events behind the head that holds pruning back is
+ended with RESOURCE_EXHAUSTED (nothing it was sent is lost; it may reconnect and resume, or get
+OUT_OF_RANGE and start afresh).
 
 The race with a newcomer is closed on the event loop: a round reads what is old enough, then,
 in one loop turn, takes the connections' cursors and raises `oldest_seq` before it deletes.
@@ -24,6 +27,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+
+import grpc
 
 from .config import HubConfig
 from .models import utcnow
@@ -41,6 +46,7 @@ class RetentionPolicy:
     max_events: int = 0
     ledger_max_age: float = 0.0
     batch_size: int = 5000
+    max_reader_lag: int = 0  # 0: a slow reader is never ended for holding pruning back
 
     @classmethod
     def of(cls, config: HubConfig) -> RetentionPolicy:
@@ -49,6 +55,7 @@ class RetentionPolicy:
             config.event_retention_max_events,
             config.ledger_retention,
             config.retention_batch_size,
+            config.retention_max_reader_lag,
         )
 
 
@@ -106,9 +113,22 @@ class Retention:
             aged = await store.prunable_through(head - 1, older_than, policy.batch_size)
             due = max(due, aged)
         # From here to the raise of the mark: one loop turn (no await), see the docstring.
-        pins = (c.reads_log_after for c in self._router.connections())
-        pinned = min((p for p in pins if p is not None), default=self._router.last_published_seq)
-        through = min(due, pinned, self._router.last_published_seq - 1)
+        head = self._router.last_published_seq
+        pinned = head
+        for connection in self._router.connections():
+            pin = connection.reads_log_after
+            if pin is None or pin >= due or connection.ended.is_set():
+                continue  # live, not in the way, or being torn down (owed nothing more)
+            if policy.max_reader_lag and head - pin > policy.max_reader_lag:
+                # It holds pruning back that far: end it (it may resume, or start afresh).
+                connection.end(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"this stream fell {head - pin} events behind the event log's head (at most "
+                    f"{policy.max_reader_lag} while the log is due for pruning); reconnect",
+                )
+                continue
+            pinned = min(pinned, pin)
+        through = min(due, pinned, head - 1)
         if through < self.oldest_seq:
             return 0
         self.oldest_seq = through + 1

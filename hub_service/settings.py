@@ -302,6 +302,14 @@ class HubSettings(BaseSettings):
         "events the log keeps at most, the oldest pruned first (0: no limit)",
         ge=0,
     )
+    retention_max_reader_lag: int = _setting(
+        1_000_000,
+        "retention",
+        "a connected trainer still reading the log this many events behind the head, while "
+        "it holds pruning back, is ended with RESOURCE_EXHAUSTED (0: never), so one slow "
+        "reader cannot keep the log growing",
+        ge=0,
+    )
     ledger_retention: Annotated[Seconds, AfterValidator(_ledger_window)] = _setting(
         7 * 86400.0,
         "retention",

@@ -22,7 +22,7 @@ from hub_service.settings import SettingsError, load_settings
 from hub_service.testing import TestHub
 from trainer_service import HubClient
 
-from .conftest import WAIT, HubHarness, auth, hello, make_config, pattern, target
+from .conftest import WAIT, HubHarness, auth, code_component, hello, make_config, pattern, target
 
 # Rounds are driven by the tests (hub.retention.run()), not by the hub's own timer.
 QUIET = {"retention_interval": 3600.0}
@@ -96,6 +96,12 @@ async def test_pruning_under_load_loses_nothing_a_connected_trainer_is_entitled_
                 await slow._read_one()
             await asyncio.wait_for(slow.until_seq(shares[-1]), WAIT * 3)
             await asyncio.wait_for(replaying.until_seq(shares[-1]), WAIT * 3)
+
+            async def past_their_start() -> None:  # the rounds go on beside us
+                while hub.retention.oldest_seq <= slow.welcome.head_seq:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+
+            await asyncio.wait_for(past_their_start(), WAIT)
         finally:
             stop.set()
             await pruner
@@ -182,6 +188,51 @@ async def test_a_resume_racing_a_prune_is_either_refused_or_complete(url: str) -
             await writer
         assert outcomes[-1] == "replayed", outcomes
         await observer.close()
+
+
+async def test_a_reader_too_far_behind_is_ended_so_the_log_can_be_pruned(url: str) -> None:
+    """A trainer that stops reading pins the log only up to the reader-lag limit: then its
+    stream ends with RESOURCE_EXHAUSTED (after what it was sent) and pruning goes on."""
+    config = make_config(
+        url,
+        event_retention=0,
+        event_retention_max_events=5,
+        retention_max_reader_lag=20,
+        outbound_queue_size=2,
+        replay_page_size=2,  # what it holds in memory: its cursor stays behind
+        **QUIET,
+    )
+    async with running(config) as (hub, harness):
+        stalled = await harness.connect("AI_Node_1", hello("AI_Node_1", skip_history=True))
+        start = stalled.welcome.head_seq
+        [connection] = [c for c in hub.router.connections() if c.agent_id == "AI_Node_1"]
+        # Large shares, so the stalled stream's flow-control window and socket fill up.
+        sharer = await harness.connect("AI_Node_3", hello("AI_Node_3", skip_history=True))
+        code = "int f(void) { return 0; }\n" * 2400  # ~62 KB
+        seqs: list[int] = []
+        while hub.router.last_published_seq - connection.cursor <= 40:
+            receipt = await sharer.receipt(
+                await sharer.send(
+                    share_code_component=pb.ShareCodeComponent(
+                        code_component=code_component(f"c{len(seqs)}", code)
+                    )
+                )
+            )
+            seqs.append(receipt.seq)
+            assert len(seqs) < 2000, "the stalled reader never fell behind"
+        await hub.retention.run()
+        assert connection.end_status is not None
+        assert connection.end_status[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "events behind" in connection.end_status[1]
+        await hub.retention.run()  # without its pin
+        assert hub.retention.oldest_seq > seqs[-1] - 5 > connection.cursor
+        # It gets what was sent, then the status.
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while True:
+                await stalled._read_one()
+        assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        got = [e.seq for e in stalled.events]
+        assert got == sorted(set(got)) and (not got or got[0] > start)
 
 
 async def test_a_resume_below_the_low_water_mark_is_out_of_range_naming_the_oldest_seq(
