@@ -33,6 +33,14 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'hub.db'}" if request.param == "sqlite" else "memory://"
 
 
+@pytest.fixture(params=["sqlite", "memory", "postgres"])
+def every_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The stores, PostgreSQL too (its deletes through the writer process)."""
+    if request.param == "postgres":
+        return str(request.getfixturevalue("postgres_url"))
+    return f"sqlite:///{tmp_path / 'hub.db'}" if request.param == "sqlite" else "memory://"
+
+
 @contextlib.asynccontextmanager
 async def running(config: HubConfig) -> AsyncIterator[tuple[HubServer, HubHarness]]:
     async with TestHub.in_process(config) as test_hub:
@@ -58,14 +66,14 @@ async def share_many(harness: HubHarness, agent_id: str, count: int, tag: str) -
 
 
 async def test_pruning_under_load_loses_nothing_a_connected_trainer_is_entitled_to(
-    url: str,
+    every_url: str,
 ) -> None:
     """A slow reader (its live queue overflows, so it reads the log) and a replay in progress
     pin what they have not yet received, while rounds prune hard (keep 8 events) beside a
     writer: each gets every event it is entitled to, exactly once, in order; and behind
     them the log is pruned."""
     config = make_config(
-        url,
+        every_url,
         event_retention=0,
         event_retention_max_events=8,
         retention_batch_size=16,
