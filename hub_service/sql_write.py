@@ -1,5 +1,6 @@
 """The SQL write side: the engine, and the group commit that the writer (a thread of the
-hub, or the writer process) runs: one transaction per batch, append-only rows in bulk."""
+hub, or the writer process) runs: one transaction per batch, append-only rows in bulk; and,
+between batches, retention's bounded deletes (`WriterJob`)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ during ingest. A child process has an interpreter of its own: the loop keeps its
 and the commit runs beside it.
 
 One pipe, one commit at a time: the commands go over pickled, the outcomes (or errors)
-come back pickled. Every exchange has a deadline. A child that dies or stops answering
+come back pickled. Retention's deletes (`sql_write.WriterJob`) take the same pipe between
+commits, so they never hold the database's write lock beside a commit. Every exchange has a deadline. A child that dies or stops answering
 is killed and the commit it held is answered UNAVAILABLE (its outcome is unknown, so the
 committer distrusts the live feed; a resend is deduplicated by its message_id); the next
 commit starts a new child, which reads the event log's head again (a start that failed

@@ -117,8 +117,18 @@ class OutOfRange(HubError):
 
     default_code = grpc.StatusCode.OUT_OF_RANGE
 
-    def __init__(self, message: str, *, oldest_seq: int = 0, **kwargs: object) -> None:
-        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        message: str,
+        *,
+        oldest_seq: int = 0,
+        code: grpc.StatusCode | None = None,
+        message_id: str = "",
+        field_violations: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(
+            message, code=code, message_id=message_id, field_violations=field_violations
+        )
         self.oldest_seq = oldest_seq
 
 
