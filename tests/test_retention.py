@@ -243,6 +243,75 @@ async def test_a_reader_too_far_behind_is_ended_so_the_log_can_be_pruned(url: st
         assert got == sorted(set(got)) and (not got or got[0] > start)
 
 
+async def test_hub_client_ended_for_lag_then_refused_starts_afresh_by_itself(url: str) -> None:
+    """The whole path with a real client: a HubClient whose user stops consuming falls
+    behind, is ended for holding pruning back, reconnects, is refused OUT_OF_RANGE (the
+    rounds went on) and starts afresh from now; what it yielded is in order, once each."""
+    config = make_config(
+        url,
+        event_retention=0,
+        event_retention_max_events=5,
+        retention_max_reader_lag=20,
+        outbound_queue_size=2,
+        replay_page_size=2,
+        **QUIET,
+    )
+    async with running(config) as (hub, harness):
+        client = HubClient(
+            target(hub),
+            "AI_Node_1",
+            await harness.token("AI_Node_1"),
+            specialization=pb.SPECIALIZATION_NETWORKING,
+            inbound_buffer=2,
+            backoff_base=0.05,
+        )
+        async with client:
+            [connection] = [c for c in hub.router.connections() if c.agent_id == "AI_Node_1"]
+            sharer = await harness.connect("AI_Node_3", hello("AI_Node_3", skip_history=True))
+            code = "int f(void) { return 0; }\n" * 2400  # ~62 KB
+            shared = 0
+            while hub.router.last_published_seq - connection.cursor <= 40:
+                await sharer.receipt(
+                    await sharer.send(
+                        share_code_component=pb.ShareCodeComponent(
+                            code_component=code_component(f"c{shared}", code)
+                        )
+                    )
+                )
+                shared += 1
+                assert shared < 2000, "the client never fell behind"
+            await hub.retention.run()
+            assert connection.end_status is not None
+            assert connection.end_status[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+            await hub.retention.run()  # the mark moves past what the client has
+            got: list[int] = []
+
+            async def consume() -> None:
+                async for item in client.events():
+                    if isinstance(item, pb.HubEvent):
+                        got.append(item.seq)
+
+            consumer = asyncio.create_task(consume())
+            try:
+
+                async def restarted() -> None:
+                    while client.history_gap is None or not client.history_gap.restart_seq:
+                        await hub.retention.run()  # while it reconnects, prune on
+                        await asyncio.sleep(0.02)
+
+                await asyncio.wait_for(restarted(), WAIT * 2)
+            finally:
+                consumer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await consumer
+            gap = client.history_gap
+            assert gap is not None and gap.oldest_seq > gap.after_seq + 1
+            assert gap.restart_seq >= hub.retention.oldest_seq - 1
+            assert got == sorted(set(got)) and all(seq <= gap.after_seq for seq in got)
+            assert client.reconnects >= 1
+            await sharer.close()
+
+
 async def test_a_resume_below_the_low_water_mark_is_out_of_range_naming_the_oldest_seq(
     url: str,
 ) -> None:
