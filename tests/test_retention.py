@@ -23,6 +23,7 @@ from hub_service.testing import TestHub
 from trainer_service import HubClient
 
 from .conftest import WAIT, HubHarness, auth, code_component, hello, make_config, pattern, target
+from .test_migrations import db_cli
 
 # Rounds are driven by the tests (hub.retention.run()), not by the hub's own timer.
 QUIET = {"retention_interval": 3600.0}
@@ -499,3 +500,17 @@ def test_retention_settings_take_durations_and_zero_for_forever() -> None:
     assert settings.ledger_retention == 0 and settings.event_retention_max_events == 0
     defaults = load_settings({}).settings
     assert defaults.event_retention == defaults.ledger_retention == 7 * 86400
+
+
+async def test_db_check_finds_a_pruned_log_healthy(tmp_path: Path) -> None:
+    """A log that starts above 1, and artifacts whose events were pruned, are no problems."""
+    db = tmp_path / "hub.db"
+    config = make_config(
+        f"sqlite:///{db}", event_retention=0, event_retention_max_events=3, **QUIET
+    )
+    async with running(config) as (hub, harness):
+        await share_many(harness, "AI_Node_3", 10, "p")
+        await hub.retention.run()
+        assert hub.retention.oldest_seq > 5
+    code, out, err = await db_cli("check", "--db", str(db))
+    assert code == 0 and out.startswith("ok: no problems found"), out + err
