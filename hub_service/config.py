@@ -57,6 +57,12 @@ class HubConfig:
     tls_cert: str = _D.tls_cert
     tls_key: str = _D.tls_key
     tls_client_ca: str = _D.tls_client_ca
+    event_retention: float = _D.event_retention
+    event_retention_max_events: int = _D.event_retention_max_events
+    retention_max_reader_lag: int = _D.retention_max_reader_lag
+    ledger_retention: float = _D.ledger_retention
+    retention_interval: float = _D.retention_interval
+    retention_batch_size: int = _D.retention_batch_size
     limits: Limits = field(default_factory=Limits)
     policy: Policy = field(default_factory=Policy)
 

@@ -101,6 +101,14 @@ class Connection:
         self.ended = asyncio.Event()
         self._stopping = False
 
+    @property
+    def reads_log_after(self) -> int | None:
+        """The seq after which this connection still reads the event log (retention keeps
+        the rest), or None while it is live: then every event it is entitled to up to the
+        router's last published one is already queued, and it needs the log only again
+        after falling behind, which it does in the router's turn, from a later event."""
+        return self.cursor if self.catching_up else None
+
     # --- called by the router and the reader ---------------------------------
 
     def offer(self, event: pb.HubEvent) -> None:

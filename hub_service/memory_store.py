@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import hmac
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -57,6 +57,7 @@ class _Event:
     sender_id: str
     recipients: frozenset[str] | None  # None: every agent but the sender
     body: bytes
+    created_at: datetime
 
     def entitles(self, agent_id: str) -> bool:
         if self.recipients is None:
@@ -107,7 +108,7 @@ class MemoryTx:
 
     def add_event(self, event: pb.HubEvent, recipients: frozenset[str] | None) -> None:
         self._events.append(
-            _Event(event.seq, event.sender_id, recipients, event.SerializeToString())
+            _Event(event.seq, event.sender_id, recipients, event.SerializeToString(), self.now)
         )
 
     def add_artifact(self, artifact: pb.Artifact, seq: int) -> None:
@@ -235,7 +236,13 @@ class MemoryTx:
     def merge(self) -> None:
         """This command's writes, into the store (the command succeeded)."""
         self._store.absorb(
-            self._seq, self._rows, self._events, self._artifacts, self._deliveries, self._receipts
+            self._seq,
+            self._rows,
+            self._events,
+            self._artifacts,
+            self._deliveries,
+            self._receipts,
+            self.now,
         )
 
 
@@ -261,6 +268,8 @@ class MemoryStore:
         self._events: list[_Event] = []
         self._event_seqs: list[int] = []
         self.receipts: dict[tuple[str, str], Receipt] = {}
+        # When each message id was remembered, oldest first (retention forgets from the left).
+        self._ledger_times: deque[tuple[datetime, tuple[str, str]]] = deque()
         self._tokens: dict[str, TokenRow] = {}  # by token_id, in the order issued
         self._by_hash: dict[str, TokenRow] = {}
         self._closed = False
@@ -306,6 +315,7 @@ class MemoryStore:
         artifacts: Iterable[ArtifactRow],
         deliveries: Iterable[FeatureDeliveryRow],
         receipts: dict[tuple[str, str], Receipt],
+        now: datetime,
     ) -> None:
         """A succeeded command's writes (`MemoryTx.merge`): its seqs follow the head."""
         self.head = head
@@ -328,6 +338,7 @@ class MemoryStore:
         for delivery in deliveries:
             self.deliveries[(delivery.request_id, delivery.deliverer_id)] = delivery
         self.receipts.update(receipts)
+        self._ledger_times.extend((now, key) for key in receipts)
 
     def _index_collaboration(self, row: CollaborationRow) -> None:
         key = row.session_id
@@ -377,6 +388,37 @@ class MemoryStore:
         events = EventPage(event for _, event in page)
         events.more = more
         return events
+
+    # --- retention --------------------------------------------------------------------
+
+    async def oldest_seq(self) -> int:
+        return self._event_seqs[0] if self._event_seqs else 1
+
+    async def prunable_through(
+        self, through_seq: int, older_than: datetime | None, limit: int
+    ) -> int:
+        last = 0
+        for event in self._events[:limit]:
+            if event.seq > through_seq or (
+                older_than is not None and event.created_at >= older_than
+            ):
+                break
+            last = event.seq
+        return last
+
+    async def prune_events(self, through_seq: int) -> int:
+        # Never the newest event, as in the SQL store (where it carries the head).
+        end = bisect.bisect_right(self._event_seqs, min(through_seq, self.head - 1))
+        del self._events[:end], self._event_seqs[:end]
+        return end
+
+    async def prune_ledger(self, older_than: datetime, limit: int) -> int:
+        forgotten = 0
+        while self._ledger_times and forgotten < limit and self._ledger_times[0][0] < older_than:
+            _, key = self._ledger_times.popleft()
+            self.receipts.pop(key, None)
+            forgotten += 1
+        return forgotten
 
     # --- tokens ---------------------------------------------------------------------
 

@@ -86,6 +86,8 @@ class ReceivedMessageRow(SQLModel, table=True):
     """Idempotency ledger: a (agent, message_id) seen before gets its old receipt back."""
 
     __tablename__ = "received_message"
+    # Retention forgets the oldest ids first (schema revision 0005).
+    __table_args__ = (Index("ix_received_message_created_at", "created_at"),)
     agent_id: str = Field(primary_key=True, max_length=128)
     message_id: str = Field(primary_key=True, max_length=128)
     seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))

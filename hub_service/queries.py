@@ -12,6 +12,7 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 
 from . import __version__, paging
 from .errors import invalid, not_found
+from .retention import Retention
 from .router import Router
 from .state import HubStore, Page
 from .training_sync import knowledge_base
@@ -21,9 +22,10 @@ Fetch = Callable[[int, str, int], Awaitable[Page]]
 
 
 class Queries:
-    def __init__(self, store: HubStore, router: Router, budget: int) -> None:
+    def __init__(self, store: HubStore, router: Router, retention: Retention, budget: int) -> None:
         self._store = store
         self._router = router
+        self._retention = retention
         self._budget = budget  # what the items of one response may take
         self._start_time = Timestamp()
         self._start_time.GetCurrentTime()  # made as the hub starts (GetHubStats.start_time)
@@ -108,6 +110,8 @@ class Queries:
         stats.watch_streams = self._router.watch_count
         stats.hub_version = __version__
         stats.start_time.CopyFrom(self._start_time)
+        stats.oldest_seq = self._retention.oldest_seq
+        stats.idempotency_window_seconds = self._retention.policy.ledger_max_age
         # The store's stats count the knowledge base; the newest artifacts come beside them,
         # as many as fit (64: the summary's counts and tags).
         stats.ClearField("knowledge_base")

@@ -22,6 +22,7 @@ from .committer import GroupCommitter
 from .config import HubConfig
 from .errors import StatusError
 from .metrics import HubMetrics, MetricsEndpoint
+from .retention import Retention, RetentionPolicy
 from .roles import Role
 from .router import Router
 from .servicer import HubServicer
@@ -57,7 +58,10 @@ class HubServer:
         self.metrics.observe_state(
             lambda: len(self.router), self.committer.queued, lambda: self.router.last_published_seq
         )
-        self.servicer = HubServicer(config, self.store, self.committer, self.router, self.metrics)
+        self.retention = Retention(self.store, self.router, RetentionPolicy.of(config))
+        self.servicer = HubServicer(
+            config, self.store, self.committer, self.router, self.metrics, self.retention
+        )
         self.health = health.aio.HealthServicer()
         # Whether the last commit reached the database (through the writer): health says so.
         self._database_up = True
@@ -87,6 +91,7 @@ class HubServer:
         self.committer.start()
         await self.committer.submit(cmd.ResetPresence())
         self.router.last_published_seq = await self.store.head_seq()
+        await self.retention.load()
         self._server = grpc.aio.server(
             interceptors=[BearerAuthInterceptor(self.store.authenticate)],
             options=[
@@ -134,6 +139,7 @@ class HubServer:
             asyncio.create_task(
                 self._every(self.config.token_recheck_interval, self._end_revoked_streams)
             ),
+            asyncio.create_task(self._every(self.config.retention_interval, self.retention.run)),
         ]
         if self.config.training_sync_interval > 0:
             self._loops.append(

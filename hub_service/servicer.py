@@ -21,6 +21,7 @@ from .config import HubConfig
 from .errors import StatusError
 from .metrics import HubMetrics
 from .queries import Queries
+from .retention import Retention
 from .router import Router
 from .session import Context, Sessions
 from .state import HubStore
@@ -55,13 +56,16 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         committer: GroupCommitter,
         router: Router,
         metrics: HubMetrics,
+        retention: Retention,
     ) -> None:
         # What the items of one response may take: every response is built to fit.
         budget = paging.budget(config.max_message_bytes)
         self.syncs = TrainingSyncs(store, router, budget)
-        self.sessions = Sessions(config, store, committer, router, self.syncs, budget, metrics)
-        self.queries = Queries(store, router, budget)
-        self.watches = Watches(config, store, router, budget, metrics)
+        self.sessions = Sessions(
+            config, store, committer, router, self.syncs, retention, budget, metrics
+        )
+        self.queries = Queries(store, router, retention, budget)
+        self.watches = Watches(config, store, router, retention, budget, metrics)
         self.admin = Admin(store, budget)
 
     async def Connect(  # type: ignore[override]  # answers through context.write

@@ -31,6 +31,7 @@ from .messages import to_command
 from .metrics import HubMetrics
 from .outcomes import Outcome
 from .ratelimit import BucketTable, TokenBucket
+from .retention import Retention
 from .router import Router
 from .state import HubStore
 from .training_sync import TrainingSyncs
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 # grpc.aio.ServicerContext; grpcio ships no type hints, so grpc types are Any to mypy.
 Context: TypeAlias = Any
 
+# The trailing metadata of an OUT_OF_RANGE Hello refusal: the oldest seq still held.
+OLDEST_SEQ_KEY = "kernelhub-oldest-seq"
 SHUTTING_DOWN = "the hub is shutting down; reconnect shortly"
 # Seconds a stopping hub still gives each stream to get its answers out, however much of
 # the grace the last commits took.
@@ -57,6 +60,7 @@ class Sessions:
         committer: GroupCommitter,
         router: Router,
         syncs: TrainingSyncs,
+        retention: Retention,
         budget: int,
         metrics: HubMetrics,
     ) -> None:
@@ -66,6 +70,7 @@ class Sessions:
         self._errors = metrics.errors
         self._limited = metrics.rate_limited
         self._ended = metrics.streams_ended
+        self._retention = retention
         self._store = store
         self._committer = committer
         self._router = router
@@ -90,6 +95,16 @@ class Sessions:
             )
         hello = await self._expect_hello(agent_id, request_iterator, context)
         await self._admit(agent_id, context)
+        # From this check to the attach: one loop turn (retention.py says why).
+        oldest = self._retention.oldest_seq
+        refusal = self._retention.refusal("resume_after_seq", hello.resume_after_seq)
+        if not hello.skip_history and refusal is not None:
+            self._ended[grpc.StatusCode.OUT_OF_RANGE].inc()
+            await context.abort(
+                grpc.StatusCode.OUT_OF_RANGE,
+                refusal,
+                trailing_metadata=((OLDEST_SEQ_KEY, str(oldest)),),
+            )
         connection = Connection(
             hello,
             token_hash=current_token_hash(),
@@ -104,6 +119,8 @@ class Sessions:
         )
         if hello.skip_history:
             connection.cursor = max(connection.cursor, self._router.last_published_seq)
+        elif connection.cursor == 0:
+            connection.cursor = oldest - 1  # from the beginning: what the log still holds
         start = connection.cursor  # with skip_history, nothing at or below this is sent
         superseded = self._router.attach(connection)
         if superseded is not None:
@@ -122,6 +139,7 @@ class Sessions:
                 training_sync_interval_seconds=self._config.training_sync_interval,
                 hub_version=__version__,
                 max_batch_requests=self._config.limits.max_batch_requests,
+                oldest_seq=self._retention.oldest_seq,
             )
             connection.send_sync(await self._syncs.compose(connection))
             sender = asyncio.create_task(connection.run_sender(welcome, context.write))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, ValidationError
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from .collaboration import Policy
@@ -32,6 +32,7 @@ GROUPS = (
     "rate_limits",
     "limits",
     "collaboration",
+    "retention",
     "logging",
 )
 
@@ -47,6 +48,19 @@ def _seconds(value: object) -> object:
 
 
 Seconds = Annotated[float, BeforeValidator(_seconds)]
+# A resend within a minute (HubClient reconnects and resends for 60 s) must stay a duplicate.
+MIN_LEDGER_RETENTION = 60.0
+
+
+def _ledger_window(value: float) -> float:
+    if 0 < value < MIN_LEDGER_RETENTION:
+        raise ValueError(
+            f"must be 0 (keep forever) or at least {MIN_LEDGER_RETENTION:g} s, so a resend "
+            "after a reconnect is still recognised"
+        )
+    return value
+
+
 _LIMITS, _POLICY = Limits(), Policy()
 
 
@@ -286,6 +300,47 @@ class HubSettings(BaseSettings):
         "collaboration",
         "agents one feature request is delivered to",
         gt=0,
+    )
+
+    # retention (retention.py): the event log, its recipients and the idempotency ledger;
+    # artifacts, collaborations and feature requests are never pruned
+    event_retention: Seconds = _setting(
+        7 * 86400.0,
+        "retention",
+        "seconds the event log keeps an event (0: forever); a resume from an older seq is "
+        "OUT_OF_RANGE (events a connected trainer has not yet received are always kept)",
+        ge=0,
+    )
+    event_retention_max_events: int = _setting(
+        10_000_000,
+        "retention",
+        "events the log keeps at most, the oldest pruned first (0: no limit)",
+        ge=0,
+    )
+    retention_max_reader_lag: int = _setting(
+        1_000_000,
+        "retention",
+        "a connected trainer still reading the log this many events behind the head, while "
+        "it holds pruning back, is ended with RESOURCE_EXHAUSTED (0: never), so one slow "
+        "reader cannot keep the log growing",
+        ge=0,
+    )
+    ledger_retention: Annotated[Seconds, AfterValidator(_ledger_window)] = _setting(
+        7 * 86400.0,
+        "retention",
+        "seconds a message_id is remembered (0: forever, else at least 60): a resend older "
+        "than this is treated as a new message",
+        ge=0,
+    )
+    retention_interval: Seconds = _setting(
+        60.0, "retention", "seconds between pruning rounds", gt=0
+    )
+    retention_batch_size: int = _setting(
+        5000,
+        "retention",
+        "rows at most per pruning transaction, so no prune holds the writer for long",
+        gt=0,
+        le=100_000,
     )
 
     # logging

@@ -14,7 +14,7 @@ import hmac
 import logging
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
@@ -44,7 +44,7 @@ from .models import (
 )
 from .outcomes import Outcome
 from .roles import Role
-from .sql_write import SqlWriter, make_engine, session
+from .sql_write import PruneEvents, PruneLedger, SqlWriter, WriterJob, make_engine, session
 from .state import Command, EventPage, IssuedToken, Page, Principal, decode_stored
 from .tokens import hash_token, issue
 from .writer import WriterProcess, WriterSettings
@@ -207,6 +207,44 @@ class SqlStore:
         events = EventPage(event for _, event in page)
         events.more = more
         return events
+
+    # --- retention ----------------------------------------------------------
+
+    async def oldest_seq(self) -> int:
+        return await self._read(lambda s: int(s.exec(select(func.min(EventRow.seq))).one() or 1))
+
+    async def prunable_through(
+        self, through_seq: int, older_than: datetime | None, limit: int
+    ) -> int:
+        query = (
+            select(EventRow.seq, EventRow.created_at)
+            .where(EventRow.seq <= through_seq)
+            .order_by(col(EventRow.seq))
+            .limit(limit)
+        )
+
+        def scan(s: Session) -> int:
+            last = 0
+            for seq, created in s.exec(query):
+                # SQLite and PostgreSQL's plain timestamps come back naive: they are UTC.
+                if older_than is not None and created.replace(tzinfo=UTC) >= older_than:
+                    break
+                last = seq
+            return last
+
+        return await self._read(scan)
+
+    async def prune_events(self, through_seq: int) -> int:
+        return await self._run(PruneEvents(through_seq))
+
+    async def prune_ledger(self, older_than: datetime, limit: int) -> int:
+        return await self._run(PruneLedger(older_than, limit))
+
+    async def _run(self, job: WriterJob) -> int:
+        """A retention job where commits run: in the writer process or the writer thread."""
+        if self.writer_process is not None:
+            return await self.writer_process.run(job)
+        return await self._write(lambda: self.sql_writer.run(job))
 
     # --- tokens -------------------------------------------------------------
 

@@ -1,22 +1,25 @@
 """The SQL write side: the engine, and the group commit that the writer (a thread of the
-hub, or the writer process) runs: one transaction per batch, append-only rows in bulk."""
+hub, or the writer process) runs: one transaction per batch, append-only rows in bulk; and,
+between batches, retention's bounded deletes (`WriterJob`)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import grpc
-from sqlalchemy import Connection, Engine, event, func
+from sqlalchemy import Connection, Engine, delete, event, func
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlmodel import Session, create_engine, select
+from sqlmodel import Session, col, create_engine, select
 
 from . import collaboration as collab
 from .bulk import BulkWriter
 from .commands import apply_command
 from .errors import StatusError, unavailable
-from .models import EventRow, utcnow
+from .models import EventRecipientRow, EventRow, ReceivedMessageRow, utcnow
 from .outcomes import Outcome
 from .sql_tx import SqlTx
 from .state import Command, Receipt
@@ -51,6 +54,24 @@ def make_engine(database_url: str, busy_timeout_ms: int = 5000) -> Engine:
 def session(engine: Engine) -> Session:
     # Rows outlive their session (they are returned to the event loop).
     return Session(engine, expire_on_commit=False)
+
+
+@dataclass(frozen=True)
+class PruneEvents:
+    """A writer job: delete the events at or below `through_seq` and their recipients."""
+
+    through_seq: int
+
+
+@dataclass(frozen=True)
+class PruneLedger:
+    """A writer job: forget about `limit` of the message ids remembered before `older_than`."""
+
+    older_than: datetime
+    limit: int
+
+
+WriterJob = PruneEvents | PruneLedger
 
 
 class SqlWriter:
@@ -138,6 +159,30 @@ class SqlWriter:
                 connection, keys
             )
         }
+
+    def run(self, job: WriterJob) -> int:
+        """A retention job, in a transaction of its own between group commits (the writer
+        runs one thing at a time); returns how many rows it deleted."""
+        with session(self.engine) as s:
+            if isinstance(job, PruneEvents):
+                # Never the newest event: the next writer continues the log after it.
+                through = min(job.through_seq, self._seq - 1)
+                s.execute(delete(EventRecipientRow).where(col(EventRecipientRow.seq) <= through))
+                deleted = s.execute(delete(EventRow).where(col(EventRow.seq) <= through))
+            else:
+                created = col(ReceivedMessageRow.created_at)
+                # The `limit`-th oldest row's time: the batch ends there (by the index).
+                cut = s.execute(
+                    select(created)
+                    .where(created < job.older_than)
+                    .order_by(created)
+                    .offset(job.limit - 1)
+                    .limit(1)
+                ).scalar()
+                bound = created <= cut if cut is not None else created < job.older_than
+                deleted = s.execute(delete(ReceivedMessageRow).where(bound))
+            s.commit()
+        return int(deleted.rowcount)  # type: ignore[attr-defined]
 
     def dispose(self) -> None:
         self.engine.dispose()

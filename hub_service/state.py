@@ -173,6 +173,32 @@ class HubStore(Protocol):
     async def issue_token(
         self, agent_id: str, ttl: timedelta | None = None, role: Role = Role.AGENT
     ) -> IssuedToken: ...
+
+    # --- retention (retention.py decides what goes; each call is one bounded batch) ---
+
+    async def oldest_seq(self) -> int:
+        """The oldest seq the event log holds (1 for an empty log; pruning always keeps
+        the newest event, which carries the head across restarts)."""
+        ...
+
+    async def prunable_through(
+        self, through_seq: int, older_than: datetime | None, limit: int
+    ) -> int:
+        """Of the `limit` oldest events at or below `through_seq`, the seq of the last of
+        the unbroken run from the oldest that was created before `older_than` (every one
+        of them when None); 0 when there is none. Reads only."""
+        ...
+
+    async def prune_events(self, through_seq: int) -> int:
+        """Delete the events at or below `through_seq` (never the newest) and their
+        recipients, in one transaction; returns how many events went."""
+        ...
+
+    async def prune_ledger(self, older_than: datetime, limit: int) -> int:
+        """Forget the oldest message ids remembered before `older_than`: about `limit` of
+        them (the rows of one commit share a time, so a few more may go); how many went."""
+        ...
+
     async def valid_token_hashes(self, hashes: Collection[str]) -> set[str]: ...
     async def list_tokens(self) -> list[TokenRow]: ...
     async def revoke_tokens(self, agent_or_token_id: str) -> int: ...

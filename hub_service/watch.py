@@ -21,6 +21,7 @@ from .config import HubConfig
 from .connection import Connection, stop_sender
 from .errors import StatusError, invalid
 from .metrics import HubMetrics
+from .retention import Retention
 from .router import Router
 from .session import SHUTTING_DOWN, Context
 from .state import HubStore
@@ -60,9 +61,16 @@ class Watches:
     """Every live Watch stream of this hub."""
 
     def __init__(
-        self, config: HubConfig, store: HubStore, router: Router, budget: int, metrics: HubMetrics
+        self,
+        config: HubConfig,
+        store: HubStore,
+        router: Router,
+        retention: Retention,
+        budget: int,
+        metrics: HubMetrics,
     ) -> None:
         self._config = config
+        self._retention = retention
         self._metrics = metrics
         self._store = store
         self._router = router
@@ -74,6 +82,9 @@ class Watches:
         if self._draining:
             raise StatusError(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         kinds = check_request(request)
+        refusal = self._retention.refusal("after_seq", request.after_seq)
+        if not request.skip_history and refusal is not None:
+            raise StatusError(grpc.StatusCode.OUT_OF_RANGE, refusal)
         limit = self._config.max_watch_streams
         if self._router.watch_count >= limit:
             raise StatusError(

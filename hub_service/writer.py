@@ -9,7 +9,8 @@ during ingest. A child process has an interpreter of its own: the loop keeps its
 and the commit runs beside it.
 
 One pipe, one commit at a time: the commands go over pickled, the outcomes (or errors)
-come back pickled. Every exchange has a deadline. A child that dies or stops answering
+come back pickled. Retention's deletes (`sql_write.WriterJob`) take the same pipe between
+commits, so they never hold the database's write lock beside a commit. Every exchange has a deadline. A child that dies or stops answering
 is killed and the commit it held is answered UNAVAILABLE (its outcome is unknown, so the
 committer distrusts the live feed; a resend is deduplicated by its message_id); the next
 commit starts a new child, which reads the event log's head again (a start that failed
@@ -38,7 +39,7 @@ from typing import Any
 from .collaboration import Policy
 from .errors import StatusError, unavailable
 from .outcomes import Outcome
-from .sql_write import SqlWriter, make_engine
+from .sql_write import SqlWriter, WriterJob, make_engine
 from .state import Command
 
 log = logging.getLogger(__name__)
@@ -102,13 +103,24 @@ class WriterProcess:
             await self._start()
 
     async def commit(self, commands: Sequence[Command]) -> list[Outcome | StatusError]:
+        results: list[Outcome | StatusError] = await self._exchange(list(commands))
+        return results
+
+    async def run(self, job: WriterJob) -> int:
+        """A retention job (`SqlWriter.run`) in the child, between commits: rows deleted."""
+        result: int | StatusError = await self._exchange(job)
+        if isinstance(result, StatusError):
+            raise result
+        return result
+
+    async def _exchange(self, payload: list[Command] | WriterJob) -> Any:
         async with self._lock:
             if self._closed:
                 raise unavailable("the hub's store is closed")
             try:
                 async with asyncio.timeout(self._commit_timeout):
-                    await self._deliver(list(commands))
-                    results: list[Outcome | StatusError] = await self._receive()
+                    await self._deliver(payload)
+                    results = await self._receive()
             except TimeoutError:
                 self._discard()
                 raise unavailable(
@@ -126,7 +138,7 @@ class WriterProcess:
                 raise
             return results
 
-    async def _deliver(self, commands: list[Command]) -> None:
+    async def _deliver(self, payload: list[Command] | WriterJob) -> None:
         """Send the batch to a live child. A child found dead, or one whose end refuses the
         write, cannot have applied this batch (a batch is applied only once all of it is
         read): it is replaced and the batch sent once more. Life is judged by the pipe,
@@ -137,7 +149,7 @@ class WriterProcess:
                 self._discard()
                 await self._start()
             try:
-                await self._send(commands)
+                await self._send(payload)
                 return
             except ConnectionError:
                 self._discard()
@@ -243,10 +255,19 @@ def _serve(sock: socket.socket, settings: WriterSettings) -> None:
             return
         while len(header := incoming.read(_HEADER.size)) == _HEADER.size:
             (size,) = _HEADER.unpack(header)
-            commands: list[Command] = pickle.loads(incoming.read(size))
-            _reply(sock, writer.commit(commands))
+            payload: list[Command] | WriterJob = pickle.loads(incoming.read(size))
+            _reply(
+                sock, writer.commit(payload) if isinstance(payload, list) else _run(writer, payload)
+            )
     with contextlib.suppress(Exception):
         writer.dispose()
+
+
+def _run(writer: SqlWriter, job: WriterJob) -> int | StatusError:
+    try:
+        return writer.run(job)
+    except Exception as exc:  # the database is down or locked: the hub retries next round
+        return unavailable(f"retention job failed: {exc}")
 
 
 def _reply(sock: socket.socket, payload: object) -> None:

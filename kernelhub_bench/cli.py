@@ -7,6 +7,7 @@ kernelhub-bench markdown results.json
 kernelhub-bench hot-spots PROFILE.txt [--top 10]
 kernelhub-bench soak [--trainers 200] [--duration 10m] [--rate 0.2] [--restart-every 2m]
 kernelhub-bench report-scale [--rows 1000000]
+kernelhub-bench join [--events 1000000] [--joins 5] [--json results.json]
 """
 
 from __future__ import annotations
@@ -126,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--shares", type=int, default=200, help="shares fanned out per run")
     board.add_argument("--repeat", type=int, default=2, help="runs with the dashboard")
     board.add_argument("--json", type=Path, help="write the result here")
+    join_parser = commands.add_parser(
+        "join", help="a fresh agent going live from now on a hub with a big event log"
+    )
+    join_parser.add_argument("--events", type=int, default=1_000_000, help="events in the log")
+    join_parser.add_argument("--joins", type=int, default=5, help="measured joins per hub")
+    join_parser.add_argument("--json", type=Path, help="write the result here")
     return parser
 
 
@@ -281,6 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "dashboard":
         return cmd_dashboard(args)
+    if args.command == "join":
+        from .join import run  # imports the SDK and the hub's schema: only when asked
+
+        return run(args.events, args.joins, args.json)
     if args.command == "markdown":
         print(markdown(json.loads(args.results.read_text())), end="")
         return 0

@@ -148,3 +148,26 @@ def test_the_dashboard_benchmark_reports_its_figures(tmp_path: Path) -> None:
     for figure in ("ratio", "snapshot_bytes", "snapshot_ms", "dashboard_rss_mib"):
         assert positive(result[figure]), figure
     assert result["sse_snapshots_per_second"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_join_reports_a_fresh_agent_going_live_beside_an_empty_hub(tmp_path: Path) -> None:
+    """`kernelhub-bench join` with a small log: every figure measured, nothing asserted of
+    its speed (docs/benchmarks.md has the 1,000,000-event run)."""
+    out = tmp_path / "join.json"
+    completed = subprocess.run(
+        [*bench_command(), "join", "--events", "3000", "--joins", "2", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:] + completed.stdout[-4000:]
+    assert "ratio" in completed.stdout
+    result = json.loads(out.read_text())
+    assert result["events"] == 3000
+    for key in ("fill_seconds", "join_from_now_seconds", "baseline_empty_hub_seconds", "ratio"):
+        assert positive(result[key]), (key, result[key])
+    assert len(result["full"]["join_seconds"]) == len(result["empty"]["join_seconds"]) == 2
+    assert positive(result["full"]["resume_seconds"])

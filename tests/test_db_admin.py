@@ -109,7 +109,7 @@ async def test_check_names_each_problem_of_a_damaged_database(store_url: str) ->
     code, out, err = await db_cli("check", *url)
     assert code == 1, out + err
     *problems, summary = out.splitlines()
-    gap = "missing (the log must run 1..head without a gap)"
+    gap = "missing (the log must run to the head without a gap)"
     expected = {
         f"event log: seq {seqs[2]} {gap}",
         f"artifact: artifact of events not in the log: seq {seqs[2]}",

@@ -32,6 +32,7 @@ class Member:
             agent_id,
             token,
             specialization=pb.SPECIALIZATION_NETWORKING,
+            skip_history=False,  # from the beginning: checked below against all it is entitled to
             backoff_base=0.05,
             backoff_cap=0.5,
             reconnect_timeout=60,

@@ -20,6 +20,7 @@ from hub_service import commands as cmd
 from hub_service.collaboration import Policy, Step
 from hub_service.errors import StatusError
 from hub_service.memory_store import MemoryStore
+from hub_service.models import utcnow
 from hub_service.outcomes import Outcome
 from hub_service.roles import Role
 from hub_service.sql_store import SqlStore
@@ -596,3 +597,54 @@ async def test_stats_count_what_is_stored(store: HubStore) -> None:
     requests = await store.list_feature_requests("", 10, "")
     assert requests.items[0].delivery_count == 1
     assert p2.resource_id != p1.resource_id
+
+
+# --- retention --------------------------------------------------------------------------------
+
+
+async def test_pruning_events_keeps_the_newest_and_the_knowledge_base(store: HubStore) -> None:
+    """Events go from the oldest, with their recipients (a direct event's reader no longer
+    finds it); the newest is kept whatever is asked (it carries the head); artifacts stay."""
+    assert await store.oldest_seq() == 1, "an empty log starts at 1"
+    await commit_ok(store, [online("a"), online("b")])
+    [proposal] = await commit_ok(store, [propose("a", "c1", "b")])  # direct: to a and b
+    shares = await commit_ok(store, [share("a", f"m{i}", f"p{i}") for i in range(5)])
+    head = await store.head_seq()
+    assert head == shares[-1].seq
+
+    # Without an age, the oldest `limit` at or below the bound; with one, only older events.
+    assert await store.prunable_through(head, None, 3) == 3
+    assert await store.prunable_through(2, None, 100) == 2
+    assert await store.prunable_through(head, utcnow() - timedelta(hours=1), 100) == 0
+    assert await store.prunable_through(head, utcnow() + timedelta(hours=1), 100) == head
+
+    assert await store.prune_events(proposal.seq) == proposal.seq
+    assert await store.oldest_seq() == proposal.seq + 1
+    assert [e.seq for e in await store.events_for("b", 0, 100)] == [s.seq for s in shares]
+    assert await artifact_count(store) == 5, "the knowledge base is never pruned"
+
+    assert await store.prune_events(head + 10) == len(shares) - 1, "all but the newest"
+    assert await store.oldest_seq() == head == await store.head_seq()
+    [after] = await commit_ok(store, [share("a", "m-after", "p-after")])
+    assert after.seq == head + 1, "the log goes on after its head"
+
+
+async def test_pruning_the_ledger_makes_an_old_message_id_new(store: HubStore) -> None:
+    [first] = await commit_ok(store, [share("a", "m1")])
+    [again] = await commit_ok(store, [share("a", "m1")])
+    assert again.duplicate and again.seq == first.seq
+    assert await store.prune_ledger(utcnow() - timedelta(hours=1), 100) == 0, "not old yet"
+    assert await store.prune_ledger(utcnow() + timedelta(seconds=1), 100) == 1
+    [new] = await commit_ok(store, [share("a", "m1")])
+    assert not new.duplicate and new.seq > first.seq, "forgotten: a new message"
+
+
+async def test_pruning_the_ledger_goes_a_batch_at_a_time(store: HubStore) -> None:
+    for batch in range(3):  # three commits: three times
+        await commit_ok(store, [share("a", f"m{batch}-{i}", f"p{batch}-{i}") for i in range(4)])
+    later = utcnow() + timedelta(seconds=1)
+    first = await store.prune_ledger(later, 5)
+    # The rows of one commit share a time: a batch ends with the commit its last row is in.
+    assert first in (5, 8)
+    assert first + await store.prune_ledger(later, 100) == 12
+    assert await store.prune_ledger(later, 100) == 0

@@ -5,7 +5,7 @@ agent pulls in only the client; it imports neither the simulation nor the hub
 (an import-linter contract in pyproject.toml checks it).
 """
 
-from trainer_service.sdk.client import DEFAULT_TARGET, HubClient, Inbound
+from trainer_service.sdk.client import DEFAULT_TARGET, HistoryGap, HubClient, Inbound
 from trainer_service.sdk.errors import (
     AlreadyExists,
     ClientClosed,
@@ -15,6 +15,7 @@ from trainer_service.sdk.errors import (
     HubError,
     InvalidArgument,
     NotFound,
+    OutOfRange,
     PermissionDenied,
     ResourceExhausted,
     Superseded,
@@ -29,11 +30,13 @@ __all__ = [
     "ConnectionLost",
     "DeadlineExceeded",
     "FailedPrecondition",
+    "HistoryGap",
     "HubClient",
     "HubError",
     "Inbound",
     "InvalidArgument",
     "NotFound",
+    "OutOfRange",
     "PermissionDenied",
     "ResourceExhausted",
     "Superseded",

@@ -23,7 +23,7 @@ import logging
 import random
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Final, TypeAlias, TypeVar, cast
 
 import grpc
@@ -37,6 +37,7 @@ from trainer_service.sdk.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     HubError,
+    OutOfRange,
     ResourceExhausted,
     Superseded,
     Unavailable,
@@ -125,6 +126,20 @@ _QUERY_SERVICE_CONFIG: Final = json.dumps(
 )
 
 
+@dataclass(frozen=True)
+class HistoryGap:
+    """Events this client never received because the hub had pruned them (retention):
+    every seq after `after_seq` and before `oldest_seq` (the oldest the hub still held; 0
+    if it did not say). After a refused resume the client started afresh from now, at
+    `restart_seq` (the new Welcome's head; 0 until it came), so the seqs up to it were
+    skipped too. The knowledge base (the training sync, `list_artifacts` and the other
+    queries) holds what lasts of that history."""
+
+    after_seq: int
+    oldest_seq: int
+    restart_seq: int = 0
+
+
 @dataclass
 class _Pending:
     request: pb.ConnectRequest
@@ -189,7 +204,7 @@ class HubClient:
         capabilities: Sequence[str] = (),
         version: str = VERSION,
         resume_after_seq: int = 0,
-        skip_history: bool = False,
+        skip_history: bool | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         stream: bool = True,
         connect_timeout: float = 10.0,
@@ -252,8 +267,11 @@ class HubClient:
         self._log = logging.LoggerAdapter(logging.getLogger(__name__), {"agent_id": agent_id})
 
         self._last_seq = resume_after_seq
-        # Only the first Hello may skip history; reconnects resume from _last_seq.
-        self._skip_history = skip_history
+        # Where the first Hello starts: a fresh agent (no seq to resume after) from now unless
+        # told `skip_history=False` (from the oldest event the hub holds). Reconnects resume
+        # from _last_seq, unless the hub refused that resume (OUT_OF_RANGE): then from now.
+        self._skip_next = resume_after_seq == 0 if skip_history is None else skip_history
+        self._history_gap: HistoryGap | None = None
         self._last_processed_seq = resume_after_seq
         self._welcome: pb.Welcome | None = None
         self._replayed = asyncio.Event()
@@ -311,6 +329,14 @@ class HubClient:
     def replay_seq(self) -> int:
         """The seq the last finished replay reached (0 before any)."""
         return self._replay_seq
+
+    @property
+    def history_gap(self) -> HistoryGap | None:
+        """The latest run of events the hub had pruned before this client got them (None:
+        nothing was missed). Set when a resume was refused as OUT_OF_RANGE, after which the
+        client started afresh from now by itself, or when a start from the beginning found
+        the log pruned; logged as a warning either way."""
+        return self._history_gap
 
     @property
     def latest_sync(self) -> pb.TrainingSync | None:
@@ -607,6 +633,11 @@ class HubClient:
             while not self._close_event.is_set():
                 try:
                     session = await self._open_session()
+                except OutOfRange as error:
+                    if self._skip_next:
+                        raise  # a start from now is never refused: a hub out of step
+                    self._restart_from_now(error)
+                    continue
                 except HubError as error:
                     if not _is_transient(error):
                         raise
@@ -668,7 +699,7 @@ class HubClient:
                 capabilities=self._capabilities,
                 version=self._version,
                 resume_after_seq=self._last_seq,
-                skip_history=self._skip_history and self._welcome is None,
+                skip_history=self._skip_next,
             ),
         )
         try:
@@ -692,9 +723,26 @@ class HubClient:
         if not first.HasField("welcome"):
             call.cancel()
             raise FailedPrecondition("the hub's first response did not carry Welcome")
-        if self._skip_history and self._welcome is None:
+        if self._skip_next:
             # History was skipped up to the head: a reconnect resumes from there.
             self._last_seq = self._last_processed_seq = max(self._last_seq, first.welcome.head_seq)
+            self._skip_next = False
+            if self._history_gap is not None and not self._history_gap.restart_seq:
+                self._history_gap = replace(self._history_gap, restart_seq=self._last_seq)
+                self._log.warning(
+                    "restarted from now: events after seq %d up to seq %d were skipped",
+                    self._history_gap.after_seq,
+                    self._last_seq,
+                )
+        elif first.welcome.oldest_seq > self._last_seq + 1:
+            # From the beginning (a resume below the mark is refused): the log starts later.
+            self._history_gap = HistoryGap(self._last_seq, first.welcome.oldest_seq)
+            self._log.warning(
+                "the hub's event log starts at seq %d: events after seq %d before it were "
+                "pruned (the knowledge base has what lasts)",
+                first.welcome.oldest_seq,
+                self._last_seq,
+            )
         self._welcome = first.welcome
         self._replayed.clear()  # this stream replays anew
         self._log.info(
@@ -711,6 +759,19 @@ class HubClient:
             call.cancel()
             raise
         return session
+
+    def _restart_from_now(self, refusal: OutOfRange) -> None:
+        """The hub no longer holds every event after our seq: start afresh from now (the
+        snapshot is the knowledge base), saying what was lost."""
+        self._history_gap = HistoryGap(self._last_seq, refusal.oldest_seq)
+        self._skip_next = True
+        self._log.warning(
+            "resume after seq %d refused: the hub's event log starts at seq %s (older events "
+            "were pruned); starting afresh from now, the knowledge base (training sync, "
+            "list_artifacts and the other queries) has what lasts",
+            self._last_seq,
+            refusal.oldest_seq or "?",
+        )
 
     async def _status_error(self, call: _Call, eof_message: str) -> HubError:
         try:

@@ -110,6 +110,31 @@ class ClientClosed(HubError):
     default_code = grpc.StatusCode.CANCELLED
 
 
+class OutOfRange(HubError):
+    """A resume after a seq the hub no longer holds the events after (retention pruned
+    them): `oldest_seq` is the oldest it still holds (0 if the hub did not say).
+    `HubClient` answers it itself, by starting afresh from now (`HubClient.history_gap`)."""
+
+    default_code = grpc.StatusCode.OUT_OF_RANGE
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        oldest_seq: int = 0,
+        code: grpc.StatusCode | None = None,
+        message_id: str = "",
+        field_violations: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(
+            message, code=code, message_id=message_id, field_violations=field_violations
+        )
+        self.oldest_seq = oldest_seq
+
+
+# The trailer of an OUT_OF_RANGE Hello refusal that names the oldest seq still held.
+_OLDEST_SEQ_KEY = "kernelhub-oldest-seq"
+
 _BY_CODE: dict[grpc.StatusCode, type[HubError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -120,6 +145,7 @@ _BY_CODE: dict[grpc.StatusCode, type[HubError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
 }
 
 # grpc.StatusCode values are (number, name) tuples; RequestError carries the number.
@@ -161,7 +187,16 @@ def error_from_rpc(error: grpc.aio.AioRpcError) -> HubError:
     violations = _field_violations(error)
     if code == grpc.StatusCode.ABORTED:
         return Superseded(message, field_violations=violations)
+    if code == grpc.StatusCode.OUT_OF_RANGE:
+        return OutOfRange(message, oldest_seq=_oldest_seq(error))
     return make_error(code, message, field_violations=violations)
+
+
+def _oldest_seq(error: grpc.aio.AioRpcError) -> int:
+    try:
+        return int(dict(error.trailing_metadata() or ()).get(_OLDEST_SEQ_KEY, 0))
+    except (TypeError, ValueError, AttributeError):
+        return 0
 
 
 def _field_violations(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:

@@ -973,7 +973,10 @@ class ConnectRequest(_message.Message):
     not stored twice. An id is for one message: reusing it for a different
     body gets a RequestError ALREADY_EXISTS naming the first message's seq,
     and nothing is stored. (Ids a hub recorded before schema revision 0002
-    have no fingerprint: their reuse is a plain duplicate.)
+    have no fingerprint: their reuse is a plain duplicate.) The hub remembers
+    an id for its idempotency window (`GetHubStatsResponse.
+    idempotency_window_seconds`, 7 days by default, at least 60 s): a resend
+    older than that is treated as a new message (stored again, a new seq).
     """
     @_builtins.property
     def hello(self) -> Global___Hello:
@@ -1106,7 +1109,13 @@ class Hello(_message.Message):
       INVALID_ARGUMENT, the status message naming each field;
     - an `agent_id` other than the token's: PERMISSION_DENIED;
     - over the agent's connect rate or the hub's connection limit (checked
-      after a valid Hello): RESOURCE_EXHAUSTED.
+      after a valid Hello): RESOURCE_EXHAUSTED;
+    - a `resume_after_seq` below the event log's low-water mark (some events
+      after it were pruned by retention): OUT_OF_RANGE, the status message
+      naming the oldest seq still held, also sent as the trailing metadata
+      `kernelhub-oldest-seq` (decimal). Nothing was replayed and no presence
+      event made: start afresh (`skip_history`, then the knowledge base in the
+      training sync and the query RPCs for what was missed).
     A second Hello on an open stream does not end it: it is refused like any
     bad message, with a RequestError FAILED_PRECONDITION ("hello may be sent
     only once, as the first message") for its `message_id`.
@@ -1133,12 +1142,24 @@ class Hello(_message.Message):
     resume_after_seq: _builtins.int
     """Optional: the last event `seq` this agent processed; 0 for a fresh
     start; below 2^63. The hub replays every later event the agent is
-    entitled to before going live.
+    entitled to before going live. Below the log's low-water mark
+    (`Welcome.oldest_seq` - 1, after retention pruned events the agent never
+    received): the call ends with OUT_OF_RANGE (see above).
+
+    Where an agent starts, from these two fields:
+    - from now: `skip_history` (what a fresh agent should do; the network's
+      history that lasts is the knowledge base: artifacts, collaborations and
+      feature requests, summarised in the first training sync and paged by
+      the query RPCs, never pruned);
+    - from a seq: `resume_after_seq` = the last seq processed (a reconnect);
+    - from the beginning: neither; the replay starts at the oldest event the
+      log still holds (`Welcome.oldest_seq`), never refused.
     """
     skip_history: _builtins.bool
     """Optional: replay nothing: start with the events after the hub's current
     head. For a trainer with no saved state that does not want the network's
-    history; a reconnect should resume by `resume_after_seq` instead.
+    history; a reconnect should resume by `resume_after_seq` instead. Wins
+    over `resume_after_seq`.
     """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -1618,6 +1639,7 @@ class Welcome(_message.Message):
     TRAINING_SYNC_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
     HUB_VERSION_FIELD_NUMBER: _builtins.int
     MAX_BATCH_REQUESTS_FIELD_NUMBER: _builtins.int
+    OLDEST_SEQ_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent the token belongs to."""
     head_seq: _builtins.int
@@ -1633,6 +1655,13 @@ class Welcome(_message.Message):
     """The hub's software version."""
     max_batch_requests: _builtins.int
     """The most requests one `RequestBatch` may carry."""
+    oldest_seq: _builtins.int
+    """The event log's low-water mark: the oldest `seq` it still holds (1 when
+    nothing was pruned); every event from it on is held. Retention prunes
+    older events (by age and count, never one a connected agent is still to
+    receive), so a later resume after a seq below `oldest_seq` - 1 is refused
+    with OUT_OF_RANGE.
+    """
     def __init__(
         self,
         *,
@@ -1641,10 +1670,11 @@ class Welcome(_message.Message):
         training_sync_interval_seconds: _builtins.float = ...,
         hub_version: _builtins.str = ...,
         max_batch_requests: _builtins.int = ...,
+        oldest_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "head_seq", b"head_seq", "hub_version", b"hub_version", "max_batch_requests", b"max_batch_requests", "training_sync_interval_seconds", b"training_sync_interval_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "head_seq", b"head_seq", "hub_version", b"hub_version", "max_batch_requests", b"max_batch_requests", "oldest_seq", b"oldest_seq", "training_sync_interval_seconds", b"training_sync_interval_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2509,6 +2539,8 @@ class GetHubStatsResponse(_message.Message):
     HEAD_SEQ_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     HUB_VERSION_FIELD_NUMBER: _builtins.int
+    OLDEST_SEQ_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
     WATCH_STREAMS_FIELD_NUMBER: _builtins.int
     agents_known: _builtins.int
     """Agents that ever said Hello."""
@@ -2520,6 +2552,14 @@ class GetHubStatsResponse(_message.Message):
     """The newest event `seq`."""
     hub_version: _builtins.str
     """The hub's software version."""
+    oldest_seq: _builtins.int
+    """The event log's low-water mark: the oldest `seq` it still holds (1 when
+    nothing was pruned), as in `Welcome.oldest_seq`.
+    """
+    idempotency_window_seconds: _builtins.float
+    """How long the hub remembers a `message_id`, in seconds (0: forever): a
+    resend older than this is treated as a new message.
+    """
     watch_streams: _builtins.int
     """Live Watch streams (observers such as dashboards; not agents, so not
     in `agents_online`).
@@ -2547,11 +2587,13 @@ class GetHubStatsResponse(_message.Message):
         head_seq: _builtins.int = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         hub_version: _builtins.str = ...,
+        oldest_seq: _builtins.int = ...,
+        idempotency_window_seconds: _builtins.float = ...,
         watch_streams: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["knowledge_base", b"knowledge_base", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents_known", b"agents_known", "agents_online", b"agents_online", "collaborations_by_state", b"collaborations_by_state", "feature_delivery_count", b"feature_delivery_count", "head_seq", b"head_seq", "hub_version", b"hub_version", "knowledge_base", b"knowledge_base", "start_time", b"start_time", "watch_streams", b"watch_streams"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents_known", b"agents_known", "agents_online", b"agents_online", "collaborations_by_state", b"collaborations_by_state", "feature_delivery_count", b"feature_delivery_count", "head_seq", b"head_seq", "hub_version", b"hub_version", "idempotency_window_seconds", b"idempotency_window_seconds", "knowledge_base", b"knowledge_base", "oldest_seq", b"oldest_seq", "start_time", b"start_time", "watch_streams", b"watch_streams"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2572,8 +2614,12 @@ class WatchRequest(_message.Message):
     SKIP_HISTORY_FIELD_NUMBER: _builtins.int
     KINDS_FIELD_NUMBER: _builtins.int
     after_seq: _builtins.int
-    """Optional: replay the events after this `seq` (0: the whole log), then
-    go live. Ignored with `skip_history`.
+    """Optional: replay the events after this `seq` (0: what the log still
+    holds), then go live. Ignored with `skip_history`. Below the log's
+    low-water mark (`GetHubStatsResponse.oldest_seq` - 1, after retention
+    pruned older events) the call ends with OUT_OF_RANGE naming the oldest
+    seq held. A watcher reading behind the head holds pruning back, as a
+    trainer does.
     """
     skip_history: _builtins.bool
     """Optional: start after the newest event (no replay); the first

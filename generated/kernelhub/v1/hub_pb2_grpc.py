@@ -101,7 +101,10 @@ class HubServiceServicer:
         """The trainer's session: Hello first, then shares, feature requests and
         collaboration steps in; Welcome, receipts, errors, events and training
         syncs out. A newer Connect for the same agent ends the older stream
-        with ABORTED.
+        with ABORTED. A stream that, while the event log is due for pruning,
+        still reads it more than the hub's reader-lag limit (1,000,000 events by
+        default) behind the head ends with RESOURCE_EXHAUSTED after what it was
+        sent: reconnect and resume (OUT_OF_RANGE if that seq is now pruned).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

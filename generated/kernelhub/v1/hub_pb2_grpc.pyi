@@ -78,7 +78,10 @@ class HubServiceStub:
     """The trainer's session: Hello first, then shares, feature requests and
     collaboration steps in; Welcome, receipts, errors, events and training
     syncs out. A newer Connect for the same agent ends the older stream
-    with ABORTED.
+    with ABORTED. A stream that, while the event log is due for pruning,
+    still reads it more than the hub's reader-lag limit (1,000,000 events by
+    default) behind the head ends with RESOURCE_EXHAUSTED after what it was
+    sent: reconnect and resume (OUT_OF_RANGE if that seq is now pruned).
     """
     ListAgents: _grpc.UnaryUnaryMultiCallable[_hub_pb2.ListAgentsRequest, _hub_pb2.ListAgentsResponse]
     """Lists the agents the hub knows, online first."""
@@ -128,7 +131,10 @@ class HubServiceAsyncStub(HubServiceStub):
     """The trainer's session: Hello first, then shares, feature requests and
     collaboration steps in; Welcome, receipts, errors, events and training
     syncs out. A newer Connect for the same agent ends the older stream
-    with ABORTED.
+    with ABORTED. A stream that, while the event log is due for pruning,
+    still reads it more than the hub's reader-lag limit (1,000,000 events by
+    default) behind the head ends with RESOURCE_EXHAUSTED after what it was
+    sent: reconnect and resume (OUT_OF_RANGE if that seq is now pruned).
     """
     ListAgents: _aio.UnaryUnaryMultiCallable[_hub_pb2.ListAgentsRequest, _hub_pb2.ListAgentsResponse]  # type: ignore[assignment]
     """Lists the agents the hub knows, online first."""
@@ -181,7 +187,10 @@ class HubServiceServicer(metaclass=_abc_1.ABCMeta):
         """The trainer's session: Hello first, then shares, feature requests and
         collaboration steps in; Welcome, receipts, errors, events and training
         syncs out. A newer Connect for the same agent ends the older stream
-        with ABORTED.
+        with ABORTED. A stream that, while the event log is due for pruning,
+        still reads it more than the hub's reader-lag limit (1,000,000 events by
+        default) behind the head ends with RESOURCE_EXHAUSTED after what it was
+        sent: reconnect and resume (OUT_OF_RANGE if that seq is now pruned).
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,173 @@
+"""`kernelhub-bench join`: how long a fresh agent takes to go live on a hub whose event log
+holds a million events, when it starts from now, against the same join on an empty hub.
+
+The log is filled fast, straight into the SQLite file (executemany, as the baselines do):
+broadcast shares, and every tenth event a collaboration update to two agents (with its
+recipient rows). The hubs are real `kernelhub-hub serve` processes; the measured joins are
+real `HubClient`s: from `start()` to the hub's `replay_complete` (`client.replayed`), the
+moment the agent is live. A warm-up join on each hub first is not counted. Beside them, for
+scale, one join that resumes 1,000 events back on the full log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service import schema
+from hub_service.sql_write import make_engine
+from hub_service.testing import TestHub
+from trainer_service import HubClient
+
+from .common import median, pattern
+
+CHUNK = 50_000  # rows per executemany
+RESUME_BACK = 1_000
+NETWORKING = pb.SPECIALIZATION_NETWORKING
+
+
+def _rows(events: int) -> Iterator[tuple[tuple[Any, ...], list[tuple[int, str]]]]:
+    """Each event's row and its recipient rows, seq 1..events."""
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")  # SQLAlchemy's SQLite format
+    artifact = pb.Artifact(
+        artifact_id="art_bench", kind=pb.ARTIFACT_KIND_PATTERN, pattern=pattern("bench")
+    )
+    for seq in range(1, events + 1):
+        sender = f"bench_sharer_{seq % 50}"
+        if seq % 10:
+            event = pb.HubEvent(seq=seq, sender_id=sender, artifact_shared=artifact)
+            yield (seq, sender, True, now, event.SerializeToString()), []
+        else:
+            update = pb.CollaborationUpdated(
+                collaboration=pb.Collaboration(
+                    session_id=f"col_{seq}",
+                    initiator_id=sender,
+                    target_id="bench_partner",
+                    state=pb.COLLABORATION_STATE_ACTIVE,
+                    progress=0.5,
+                )
+            )
+            event = pb.HubEvent(seq=seq, sender_id=sender, collaboration_updated=update)
+            recipients = [(seq, sender), (seq, "bench_partner")]
+            yield (seq, sender, False, now, event.SerializeToString()), recipients
+
+
+def fill(db: Path, events: int) -> float:
+    """A database at this hub's schema whose log holds `events` events; seconds taken."""
+    started = time.perf_counter()
+    engine = make_engine(f"sqlite:///{db}")
+    try:
+        schema.ensure(engine, True)
+    finally:
+        engine.dispose()
+    connection = sqlite3.connect(db)
+    try:
+        rows = _rows(events)
+        while chunk := [next(rows, None) for _ in range(CHUNK)]:
+            taken = [row for row in chunk if row is not None]
+            if not taken:
+                break
+            connection.executemany(
+                "INSERT INTO event (seq, sender_id, broadcast, created_at, body) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [event for event, _ in taken],
+            )
+            connection.executemany(
+                "INSERT INTO event_recipient (seq, agent_id) VALUES (?, ?)",
+                [r for _, recipients in taken for r in recipients],
+            )
+            connection.commit()
+    finally:
+        connection.close()
+    return time.perf_counter() - started
+
+
+async def _join(hub: TestHub, agent_id: str, token: str, resume_after_seq: int = 0) -> float:
+    """Seconds from a fresh HubClient's start to live (its replay complete)."""
+    started = time.perf_counter()
+    client = HubClient(
+        hub.target, agent_id, token, specialization=NETWORKING, resume_after_seq=resume_after_seq
+    )
+    try:
+        await client.start()
+        await asyncio.wait_for(client.replayed.wait(), 600)
+        return time.perf_counter() - started
+    finally:
+        await client.close()
+
+
+async def _joins(db: Path, joins: int, resume: bool) -> dict[str, Any]:
+    agents = [f"bench_joiner_{i}" for i in range(joins + 2)]
+    hub = TestHub.subprocess(db, env={"KERNELHUB_TRAINING_SYNC_INTERVAL": "0"})
+    tokens = await hub.issue_tokens(*agents)
+    started = time.perf_counter()
+    async with hub:
+        start_seconds = time.perf_counter() - started
+        await _join(hub, agents[0], tokens[agents[0]])  # warm-up: not counted
+        times = [await _join(hub, a, tokens[a]) for a in agents[1 : joins + 1]]
+        result: dict[str, Any] = {"hub_start_seconds": start_seconds, "join_seconds": times}
+        if resume:
+            head = (
+                await hub.stub().GetHubStats(
+                    pb.GetHubStatsRequest(),
+                    metadata=(("authorization", f"Bearer {tokens[agents[-1]]}"),),
+                )
+            ).head_seq
+            result["resume_seconds"] = await _join(
+                hub, agents[-1], tokens[agents[-1]], max(0, head - RESUME_BACK)
+            )
+    return result
+
+
+async def measure(events: int, joins: int) -> dict[str, Any]:
+    """Both hubs, one after the other, in a temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="kernelhub-join-") as tmp:
+        empty_db, full_db = Path(tmp) / "empty.db", Path(tmp) / "full.db"
+        fill(empty_db, 0)
+        fill_seconds = fill(full_db, events)
+        empty = await _joins(empty_db, joins, resume=False)
+        full = await _joins(full_db, joins, resume=True)
+    full_join, empty_join = median(full["join_seconds"]), median(empty["join_seconds"])
+    return {
+        "events": events,
+        "joins": joins,
+        "fill_seconds": fill_seconds,
+        "empty": empty,
+        "full": full,
+        "join_from_now_seconds": full_join,
+        "baseline_empty_hub_seconds": empty_join,
+        "ratio": full_join / empty_join,
+    }
+
+
+def report(result: dict[str, Any]) -> str:
+    events = result["events"]
+    full, empty = result["full"], result["empty"]
+    lines = [
+        f"log of {events:,} events filled in {result['fill_seconds']:.1f} s; "
+        f"hub start {full['hub_start_seconds']:.2f} s (empty: {empty['hub_start_seconds']:.2f} s)",
+        f"fresh agent live, starting from now, {events:,}-event log: "
+        f"{result['join_from_now_seconds'] * 1000:.1f} ms (median of {result['joins']})",
+        f"baseline, the same join on an empty hub: "
+        f"{result['baseline_empty_hub_seconds'] * 1000:.1f} ms",
+        f"ratio: {result['ratio']:.2f}x  (target: live in under 1 s)",
+        f"for scale: a resume {RESUME_BACK:,} events back on the full log: "
+        f"{full['resume_seconds'] * 1000:.1f} ms",
+    ]
+    return "\n".join(lines)
+
+
+def run(events: int, joins: int, out: Path | None) -> int:
+    result = asyncio.run(measure(events, joins))
+    print(report(result))
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
