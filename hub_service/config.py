@@ -55,6 +55,9 @@ class HubConfig:
     tls_cert: str = _D.tls_cert
     tls_key: str = _D.tls_key
     tls_client_ca: str = _D.tls_client_ca
+    validation_lease_ttl: float = _D.validation_lease_ttl
+    validation_max_attempts: int = _D.validation_max_attempts
+    validation_max_wait: float = _D.validation_max_wait
     limits: Limits = field(default_factory=Limits)
     policy: Policy = field(default_factory=Policy)
 

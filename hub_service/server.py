@@ -21,6 +21,7 @@ from .auth import BearerAuthInterceptor
 from .committer import GroupCommitter
 from .config import HubConfig
 from .errors import StatusError
+from .outcomes import Outcome
 from .roles import Role
 from .router import Router
 from .servicer import HubServicer
@@ -43,7 +44,7 @@ class HubServer:
         self.router = Router()
         self.committer = GroupCommitter(
             self.store,
-            self.router.publish,
+            self._published,
             on_failure=self.router.resync,
             on_health=self._commit_answered,
             batch_size=config.commit_batch_size,
@@ -59,6 +60,12 @@ class HubServer:
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._loops: list[asyncio.Task[None]] = []
+
+    def _published(self, outcome: Outcome) -> None:
+        """A committed outcome: its events to the router, its new components to the
+        validators waiting for work."""
+        self.router.publish(outcome)
+        self.servicer.verdicts.notice(outcome)
 
     async def start(self) -> int:
         try:

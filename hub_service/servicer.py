@@ -13,7 +13,7 @@ from typing import TypeVar
 from generated.kernelhub.v1 import hub_pb2 as pb
 from generated.kernelhub.v1 import hub_pb2_grpc
 
-from . import paging
+from . import auth, paging
 from .committer import GroupCommitter
 from .config import HubConfig
 from .errors import StatusError
@@ -22,6 +22,7 @@ from .router import Router
 from .session import Context, Sessions
 from .state import HubStore
 from .training_sync import TrainingSyncs
+from .verdicts import Verdicts
 
 Query = TypeVar("Query")
 Answer = TypeVar("Answer")
@@ -52,6 +53,7 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         self.syncs = TrainingSyncs(store, router, budget)
         self.sessions = Sessions(config, store, committer, router, self.syncs, budget)
         self.queries = Queries(store, router, budget)
+        self.verdicts = Verdicts(config, committer)
 
     async def Connect(  # type: ignore[override]  # answers through context.write
         self, request_iterator: AsyncIterator[pb.ConnectRequest], context: Context
@@ -99,3 +101,15 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         self, request: pb.GetHubStatsRequest, context: Context
     ) -> pb.GetHubStatsResponse:
         return await self.queries.hub_stats(request)
+
+    @_rich_errors
+    async def ClaimValidation(
+        self, request: pb.ClaimValidationRequest, context: Context
+    ) -> pb.ClaimValidationResponse:
+        return await self.verdicts.claim(auth.current_agent(), request)
+
+    @_rich_errors
+    async def SubmitVerdict(
+        self, request: pb.SubmitVerdictRequest, context: Context
+    ) -> pb.SubmitVerdictResponse:
+        return await self.verdicts.submit(auth.current_agent(), request)

@@ -32,6 +32,7 @@ GROUPS = (
     "rate_limits",
     "limits",
     "collaboration",
+    "validation",
     "logging",
 )
 
@@ -271,6 +272,27 @@ class HubSettings(BaseSettings):
         "collaboration",
         "agents one feature request is delivered to",
         gt=0,
+    )
+
+    # validation (the validators' queue: verdicts.py)
+    validation_lease_ttl: Seconds = _setting(
+        120.0,
+        "validation",
+        "seconds a validator holds a component it claimed; a verdict after that is refused "
+        "and the component goes to the next validator",
+        gt=0,
+    )
+    validation_max_attempts: int = _setting(
+        3,
+        "validation",
+        "leases a component gets; when every one expires the hub records an ERROR verdict",
+        gt=0,
+    )
+    validation_max_wait: Seconds = _setting(
+        30.0,
+        "validation",
+        "seconds a ClaimValidation may wait for a component (its `wait_seconds` at most)",
+        ge=0,
     )
 
     # logging

@@ -94,6 +94,17 @@ class HubServiceStub:
     """Pages through feature requests and whether they were delivered."""
     GetHubStats: _grpc.UnaryUnaryMultiCallable[_hub_pb2.GetHubStatsRequest, _hub_pb2.GetHubStatsResponse]
     """Counts of what the hub holds and who is online."""
+    ClaimValidation: _grpc.UnaryUnaryMultiCallable[_hub_pb2.ClaimValidationRequest, _hub_pb2.ClaimValidationResponse]
+    """A validator takes one component to build and test: a lease on it, which
+    expires (`ValidationLease.expire_time`) unless a verdict comes first.
+    Waits up to `wait_seconds` for one; an empty response means none came.
+    Validators only (ROLE_VALIDATOR; any other role: PERMISSION_DENIED).
+    """
+    SubmitVerdict: _grpc.UnaryUnaryMultiCallable[_hub_pb2.SubmitVerdictRequest, _hub_pb2.SubmitVerdictResponse]
+    """A validator reports the verdict on the component it holds a lease on.
+    The hub stores it with the artifact and commits an `artifact_validated`
+    event. Validators only (ROLE_VALIDATOR; any other role: PERMISSION_DENIED).
+    """
 
 @_typing.type_check_only
 class HubServiceAsyncStub(HubServiceStub):
@@ -120,6 +131,17 @@ class HubServiceAsyncStub(HubServiceStub):
     """Pages through feature requests and whether they were delivered."""
     GetHubStats: _aio.UnaryUnaryMultiCallable[_hub_pb2.GetHubStatsRequest, _hub_pb2.GetHubStatsResponse]  # type: ignore[assignment]
     """Counts of what the hub holds and who is online."""
+    ClaimValidation: _aio.UnaryUnaryMultiCallable[_hub_pb2.ClaimValidationRequest, _hub_pb2.ClaimValidationResponse]  # type: ignore[assignment]
+    """A validator takes one component to build and test: a lease on it, which
+    expires (`ValidationLease.expire_time`) unless a verdict comes first.
+    Waits up to `wait_seconds` for one; an empty response means none came.
+    Validators only (ROLE_VALIDATOR; any other role: PERMISSION_DENIED).
+    """
+    SubmitVerdict: _aio.UnaryUnaryMultiCallable[_hub_pb2.SubmitVerdictRequest, _hub_pb2.SubmitVerdictResponse]  # type: ignore[assignment]
+    """A validator reports the verdict on the component it holds a lease on.
+    The hub stores it with the artifact and commits an `artifact_validated`
+    event. Validators only (ROLE_VALIDATOR; any other role: PERMISSION_DENIED).
+    """
 
 class HubServiceServicer(metaclass=_abc_1.ABCMeta):
     """The coordination hub that trainers connect to."""
@@ -185,5 +207,28 @@ class HubServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_hub_pb2.GetHubStatsResponse, _abc.Awaitable[_hub_pb2.GetHubStatsResponse]]:
         """Counts of what the hub holds and who is online."""
+
+    @_abc_1.abstractmethod
+    def ClaimValidation(
+        self,
+        request: _hub_pb2.ClaimValidationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hub_pb2.ClaimValidationResponse, _abc.Awaitable[_hub_pb2.ClaimValidationResponse]]:
+        """A validator takes one component to build and test: a lease on it, which
+        expires (`ValidationLease.expire_time`) unless a verdict comes first.
+        Waits up to `wait_seconds` for one; an empty response means none came.
+        Validators only (ROLE_VALIDATOR; any other role: PERMISSION_DENIED).
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitVerdict(
+        self,
+        request: _hub_pb2.SubmitVerdictRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hub_pb2.SubmitVerdictResponse, _abc.Awaitable[_hub_pb2.SubmitVerdictResponse]]:
+        """A validator reports the verdict on the component it holds a lease on.
+        The hub stores it with the artifact and commits an `artifact_validated`
+        event. Validators only (ROLE_VALIDATOR; any other role: PERMISSION_DENIED).
+        """
 
 def add_HubServiceServicer_to_server(servicer: HubServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
