@@ -168,6 +168,7 @@ class BareHub(hub_pb2_grpc.HubServiceServicer):
 
     ListAgents = ListArtifacts = GetArtifact = _unimplemented
     ListCollaborations = ListFeatureRequests = _unimplemented
+    ClaimValidation = SubmitVerdict = _unimplemented
 
 
 async def serve(mode: str, linger: float, keep_log: bool) -> None:

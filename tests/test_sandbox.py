@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -93,8 +95,20 @@ def component(name: str, code: str, entry: str) -> pb.CodeComponent:
     )
 
 
+@pytest.fixture
+def work() -> Iterator[Path]:
+    """Scratch dirs where the sandbox's uids can reach them (pytest's tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="kh-test-validator-"))
+    path.chmod(0o711)
+    try:
+        yield path
+        assert not list(path.iterdir()), "scratch dirs are removed"
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.skipif(not os.path.exists("/usr/bin/bwrap"), reason="bubblewrap is not installed")
-async def test_hostile_components_fail_and_harm_nothing(tmp_path: Path) -> None:
+async def test_hostile_components_fail_and_harm_nothing(tmp_path: Path, work: Path) -> None:
     database = tmp_path / "hub.db"
     escape = tmp_path / "escaped.txt"
     async with TestHub.in_process(make_config(f"sqlite:///{database}")) as hub:
@@ -102,9 +116,6 @@ async def test_hostile_components_fail_and_harm_nothing(tmp_path: Path) -> None:
         validator_token = await hub.issue_token("v1", role=Role.VALIDATOR)
         sandbox = Sandbox()
         await sandbox.check()
-        # Scratch dirs where the sandbox's uids can reach them (pytest's tmp_path is 0700).
-        work = Path(tempfile.mkdtemp(prefix="kh-test-validator-"))
-        work.chmod(0o711)
         validator = Validator(hub.target, validator_token, Builder(sandbox, LIMITS, work), "v1")
         stop = asyncio.Event()
         running = asyncio.ensure_future(validator.run(stop, limit=len(HOSTILE) + 1))
@@ -152,5 +163,3 @@ async def test_hostile_components_fail_and_harm_nothing(tmp_path: Path) -> None:
     assert "build failed" in detail["compiler_bomb"]
     assert "SIGSEGV" in detail["segfault"]
     assert not escape.exists()
-    assert not list(work.iterdir()), "scratch dirs are removed"
-    work.rmdir()

@@ -604,7 +604,9 @@ async def test_a_verdict_is_stored_with_the_artifact_and_announced(store: HubSto
     # The filter, and the counts.
     page = await store.list_artifacts(0, 0, "", 10, "", None, pb.VALIDATION_STATE_PASSED)
     assert [a.artifact_id for a in page.items] == [artifact_id]
-    assert not (await store.list_artifacts(0, 0, "", 10, "", None, pb.VALIDATION_STATE_FAILED)).items
+    assert not (
+        await store.list_artifacts(0, 0, "", 10, "", None, pb.VALIDATION_STATE_FAILED)
+    ).items
     stats = await store.stats()
     assert dict(stats.artifacts_by_validation_state) == {"VALIDATION_STATE_PASSED": 1}
     # A resend of the same lease's verdict is answered as the first; nothing new is stored.
@@ -657,9 +659,7 @@ async def test_a_component_whose_every_lease_expired_gets_the_hubs_error_verdict
     assert "1 lease(s) expired" in stored.verdict.diagnostics
 
 
-async def test_pending_validations_survive_a_reopen(
-    store_kind: str, open_store: OpenStore
-) -> None:
+async def test_pending_validations_survive_a_reopen(store_kind: str, open_store: OpenStore) -> None:
     if store_kind == "memory":
         pytest.skip("the memory store keeps nothing by design")
     async with open_store() as store:

@@ -34,9 +34,12 @@ async def hub(database_url: str) -> AsyncIterator[TestHub]:
 async def validated(client: HubClient, artifact_id: str) -> pb.ArtifactValidated:
     async def wait() -> pb.ArtifactValidated:
         async for item in client.events():
-            if isinstance(item, pb.HubEvent) and item.HasField("artifact_validated"):
-                if item.artifact_validated.artifact_id == artifact_id:
-                    return item.artifact_validated
+            if (
+                isinstance(item, pb.HubEvent)
+                and item.HasField("artifact_validated")
+                and item.artifact_validated.artifact_id == artifact_id
+            ):
+                return item.artifact_validated
         raise AssertionError("the stream ended")
 
     return await asyncio.wait_for(wait(), timeout=20)

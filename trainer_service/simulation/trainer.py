@@ -35,6 +35,7 @@ from trainer_service.simulation.behavior import (
     BehaviorContext,
     SimulatedBehavior,
     TrainerState,
+    VerdictHook,
 )
 from trainer_service.simulation.capabilities import (
     Specialization,
@@ -75,6 +76,10 @@ class TrainingMetrics:
     artifacts_received: int = 0
     syncs_received: int = 0
     errors: int = 0
+    # Verdicts on this trainer's own components (the validators' word, not its own).
+    components_validated: int = 0
+    components_passed: int = 0
+    components_failed: int = 0  # FAILED or TIMED_OUT: the code's fault
 
     @property
     def shared(self) -> int:
@@ -486,6 +491,8 @@ class NetworkedKernelTrainer:
                 delivered.request_id,
                 event.sender_id or delivered.artifact.contributor_id,
             )
+        elif body == "artifact_validated":
+            self._on_validated(event.artifact_validated)
         elif body == "collaboration_updated":
             self._on_collaboration(event, event.collaboration_updated.collaboration)
         elif body == "agent_joined":
@@ -496,6 +503,38 @@ class NetworkedKernelTrainer:
             )
         elif body == "agent_left":
             self._log.debug("%s left", event.agent_left.agent_id)
+
+    def _on_validated(self, validated: pb.ArtifactValidated) -> None:
+        """A verdict: counted and logged if the component is this trainer's, and handed to
+        the behaviour's `on_verdict` hook if it has one."""
+        if validated.contributor_id != self.agent_id:
+            return
+        verdict = validated.verdict
+        self.metrics.components_validated += 1
+        state = pb.ValidationState.Name(verdict.state)
+        if verdict.state == pb.VALIDATION_STATE_PASSED:
+            self.metrics.components_passed += 1
+            self._log.info(
+                "Component %s PASSED (%d/%d self-tests, %.0f%% line coverage)",
+                validated.component_id,
+                verdict.tests_passed,
+                verdict.tests_run,
+                verdict.line_coverage * 100,
+            )
+        else:
+            if verdict.state in (pb.VALIDATION_STATE_FAILED, pb.VALIDATION_STATE_TIMED_OUT):
+                self.metrics.components_failed += 1
+            self._log.warning(
+                "Component %s %s: %s",
+                validated.component_id,
+                state.removeprefix("VALIDATION_STATE_"),
+                verdict.diagnostics.splitlines()[0] if verdict.diagnostics else "no diagnostics",
+            )
+        if isinstance(self.behavior, VerdictHook) and not self._stop.is_set():
+            self._spawn(
+                "react to a verdict",
+                self.behavior.on_verdict(self._context(self._event_rng), validated),
+            )
 
     async def _on_sync(self, sync: pb.TrainingSync) -> None:
         for agent in sync.active_agents:
