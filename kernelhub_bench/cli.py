@@ -6,6 +6,7 @@ kernelhub-bench plot results.json docs/latency.png
 kernelhub-bench markdown results.json
 kernelhub-bench hot-spots PROFILE.txt [--top 10]
 kernelhub-bench soak [--trainers 200] [--duration 10m] [--rate 0.2] [--restart-every 2m]
+kernelhub-bench validation [--quick] [--json results.json]
 """
 
 from __future__ import annotations
@@ -110,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     soak_parser.add_argument("--sample-every", type=parse_duration, default=10.0)
     soak_parser.add_argument("--json", type=Path, help="write the result here")
+    validation = commands.add_parser(
+        "validation",
+        help="validators: components validated per second (1 and 2 validators), the "
+        "sandbox's overhead, share -> verdict time",
+    )
+    validation.add_argument("--quick", action="store_true", help="smoke sizes (~15 s)")
+    validation.add_argument("--json", type=Path, help="write the result here")
     return parser
 
 
@@ -245,6 +253,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "soak":
         return cmd_soak(args)
+    if args.command == "validation":
+        from .validation import print_validation, run_validation
+
+        result = asyncio.run(run_validation(args.quick))
+        print_validation(result)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return 0
     if args.command == "markdown":
         print(markdown(json.loads(args.results.read_text())), end="")
         return 0

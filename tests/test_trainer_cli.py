@@ -121,6 +121,7 @@ async def test_swarm_with_its_own_hub_ends_with_a_summary(tmp_path: Path) -> Non
     )
     assert code == 0, err
     assert "Swarm summary" in out and "Hub totals" in out
+    assert "validated/passed/failed" in out  # the swarm's one validator by default
     for i in range(1, 5):
         assert f"AI_Node_{i}" in out
     # The swarm's hub persisted what its trainers did.
@@ -133,6 +134,10 @@ async def test_swarm_with_its_own_hub_ends_with_a_summary(tmp_path: Path) -> Non
         assert (
             stats.knowledge_base.pattern_count > 0 and stats.knowledge_base.code_component_count > 0
         )
+        # Its validator judged real components: the simulated C passes its own self-tests.
+        judged = stats.artifacts_by_validation_state
+        assert judged["VALIDATION_STATE_PASSED"] > 0, judged
+        assert stats.validation_pass_rate == 1.0, judged
         await harness.close()
     finally:
         await hub.stop()
