@@ -164,3 +164,31 @@ async def test_hostile_components_fail_and_harm_nothing(tmp_path: Path, work: Pa
     assert "build failed" in detail["compiler_bomb"]
     assert "SIGSEGV" in detail["segfault"]
     assert not escape.exists()
+
+
+async def test_without_the_sandbox_every_verdict_says_so_and_other_languages_are_unsupported(
+    work: Path,
+) -> None:
+    builder = Builder(Sandbox(enabled=False), LIMITS, work)
+    await builder.start()
+    good = pb.Artifact(
+        kind=pb.ARTIFACT_KIND_CODE_COMPONENT,
+        code_component=component("good", "int good(void) { return 0; }\n", "good"),
+    )
+    verdict = await builder.validate(good)
+    assert verdict.state == pb.VALIDATION_STATE_PASSED and not verdict.sandboxed
+    assert verdict.toolchain.startswith("gcc") and verdict.peak_memory_kib > 0
+    rust = pb.Artifact(
+        kind=pb.ARTIFACT_KIND_OS_COMPONENT,
+        os_component=pb.OsComponent(language="rust", implementation="fn main() {}"),
+    )
+    unsupported = await builder.validate(rust)
+    assert unsupported.state == pb.VALIDATION_STATE_UNSUPPORTED
+    assert "rust" in unsupported.diagnostics
+    broken = pb.Artifact(
+        kind=pb.ARTIFACT_KIND_CODE_COMPONENT,
+        code_component=component("broken", "int good(void) { return 0 }\n", "good"),
+    )
+    failed = await builder.validate(broken)
+    assert failed.state == pb.VALIDATION_STATE_FAILED and not failed.build_ok
+    assert "error" in failed.diagnostics and "component.c" in failed.diagnostics

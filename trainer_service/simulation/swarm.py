@@ -287,7 +287,7 @@ def summary_tables(result: SwarmResult) -> list[Table]:
     per_trainer.add_column("Shared", justify="right")
     per_trainer.add_column("Received", justify="right")
     per_trainer.add_column("Collaborations\nprop/acc/done", justify="right")
-    per_trainer.add_column("Features\nreq/impl/recv", justify="right")
+    per_trainer.add_column("Features\nreq/impl/recv/adopted", justify="right")
     per_trainer.add_column("Components\nvalidated/passed/failed", justify="right")
     per_trainer.add_column("Errors", justify="right")
     per_trainer.add_column("Result")
@@ -299,7 +299,8 @@ def summary_tables(result: SwarmResult) -> list[Table]:
             str(m.shared),
             str(m.artifacts_received),
             f"{m.collaborations_proposed}/{m.collaborations_accepted}/{m.collaborations_completed}",
-            f"{m.features_requested}/{m.features_implemented}/{m.features_received}",
+            f"{m.features_requested}/{m.features_implemented}/{m.features_received}"
+            f"/{m.features_adopted}",
             f"{m.components_validated}/{m.components_passed}/{m.components_failed}",
             str(m.errors),
             _result(t),

@@ -80,6 +80,8 @@ class TrainingMetrics:
     components_validated: int = 0
     components_passed: int = 0
     components_failed: int = 0  # FAILED or TIMED_OUT: the code's fault
+    # Feature requests of this trainer for which it adopted a delivery that passed validation.
+    features_adopted: int = 0
 
     @property
     def shared(self) -> int:
@@ -88,6 +90,37 @@ class TrainingMetrics:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+class Deliveries:
+    """The deliveries of this trainer's feature requests, and which it adopted: the best
+    validated one (PASSED, then the most line coverage, then the first). Bounded: the
+    oldest deliveries are forgotten."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self._request_of: dict[str, str] = {}  # artifact id -> request id, oldest first
+        self._adopted: dict[str, float] = {}  # request id -> coverage of the adopted one
+        self._limit = limit
+
+    def note(self, artifact_id: str, request_id: str) -> None:
+        self._request_of[artifact_id] = request_id
+        while len(self._request_of) > self._limit:
+            forgotten = self._request_of.pop(next(iter(self._request_of)))
+            if forgotten not in self._request_of.values():
+                self._adopted.pop(forgotten, None)
+
+    def judge(self, validated: pb.ArtifactValidated) -> tuple[str, bool] | None:
+        """(request id, whether it is the request's first adoption) if this verdict makes
+        its delivery the one to adopt; None otherwise."""
+        request_id = self._request_of.pop(validated.artifact_id, None)
+        verdict = validated.verdict
+        if request_id is None or verdict.state != pb.VALIDATION_STATE_PASSED:
+            return None
+        best = self._adopted.get(request_id)
+        if best is not None and verdict.line_coverage <= best:
+            return None
+        self._adopted[request_id] = verdict.line_coverage
+        return request_id, best is None
 
 
 class KnowledgeBase:
@@ -182,6 +215,7 @@ class NetworkedKernelTrainer:
 
         self.metrics = TrainingMetrics()
         self.knowledge = KnowledgeBase()
+        self._deliveries = Deliveries()  # of its feature requests, to adopt the best
         self.status = "idle"
         self.error: HubError | None = None
         self._log = logging.LoggerAdapter(logging.getLogger(__name__), {"agent_id": agent_id})
@@ -485,6 +519,7 @@ class NetworkedKernelTrainer:
         elif body == "feature_delivered":
             delivered = event.feature_delivered
             self.metrics.features_received += 1
+            self._deliveries.note(delivered.artifact.artifact_id, delivered.request_id)
             self.knowledge.learn(delivered.artifact)
             self._log.info(
                 "Feature delivered for request %s by %s",
@@ -505,8 +540,20 @@ class NetworkedKernelTrainer:
             self._log.debug("%s left", event.agent_left.agent_id)
 
     def _on_validated(self, validated: pb.ArtifactValidated) -> None:
-        """A verdict: counted and logged if the component is this trainer's, and handed to
-        the behaviour's `on_verdict` hook if it has one."""
+        """A verdict: on a delivery to this trainer, perhaps the one it adopts; on its own
+        component, counted, logged and handed to the behaviour's `on_verdict` hook."""
+        adopted = self._deliveries.judge(validated)
+        if adopted is not None:
+            request_id, first = adopted
+            if first:
+                self.metrics.features_adopted += 1
+            self._log.info(
+                "Adopted delivery %s from %s for request %s (%.0f%% line coverage)",
+                validated.artifact_id,
+                validated.contributor_id,
+                request_id,
+                validated.verdict.line_coverage * 100,
+            )
         if validated.contributor_id != self.agent_id:
             return
         verdict = validated.verdict
