@@ -107,7 +107,14 @@ def work() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.mark.skipif(not os.path.exists("/usr/bin/bwrap"), reason="bubblewrap is not installed")
+TOOLS = ("/usr/bin/bwrap", "/usr/bin/time", "/usr/bin/gcc", "/usr/bin/prlimit")
+needs_tools = pytest.mark.skipif(
+    not all(os.path.exists(tool) for tool in TOOLS),
+    reason=f"the validator needs {', '.join(TOOLS)} (scripts/setup installs them)",
+)
+
+
+@needs_tools
 async def test_hostile_components_fail_and_harm_nothing(tmp_path: Path, work: Path) -> None:
     database = tmp_path / "hub.db"
     escape = tmp_path / "escaped.txt"
@@ -166,6 +173,7 @@ async def test_hostile_components_fail_and_harm_nothing(tmp_path: Path, work: Pa
     assert not escape.exists()
 
 
+@needs_tools
 async def test_without_the_sandbox_every_verdict_says_so_and_other_languages_are_unsupported(
     work: Path,
 ) -> None:
