@@ -22,6 +22,7 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service import auth as hub_auth
 from hub_service.config import HubConfig
 from hub_service.errors import StatusError
+from hub_service.roles import Role
 from hub_service.server import HubServer
 from hub_service.sql_store import SqlStore
 
@@ -60,7 +61,7 @@ async def _stream_status(call: grpc.aio.Call) -> grpc.aio.AioRpcError:
 async def test_query_rpcs_refuse_undecodable_bytes_unauthenticated_before_decoding(
     harness: HubHarness,
 ) -> None:
-    assert len(QUERIES) == 6
+    assert len(QUERIES) == 8  # the six queries, ClaimValidation and SubmitVerdict
     for method in QUERIES:
         for metadata in (None, [("authorization", "Bearer kh_not_a_real_token")]):
             error = await _unary(harness.channel, _path(method), GARBAGE, metadata)
@@ -71,8 +72,11 @@ async def test_query_rpcs_answer_undecodable_bytes_invalid_argument_with_a_token
     harness: HubHarness,
 ) -> None:
     metadata = auth(await harness.token("observer"))
+    # The validators' RPCs with a token allowed to call them.
+    validator = auth(await harness.token("validator", role=Role.VALIDATOR))
     for method in QUERIES:
-        error = await _unary(harness.channel, _path(method), GARBAGE, metadata)
+        allowed = validator if method.name in ("ClaimValidation", "SubmitVerdict") else metadata
+        error = await _unary(harness.channel, _path(method), GARBAGE, allowed)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (method.name, error)
         assert f"not a valid {method.input_type.full_name}" in (error.details() or "")
     # Nothing was lost: the same channel and token still get answers.
