@@ -9,6 +9,7 @@ import asyncio
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -200,3 +201,16 @@ async def test_without_the_sandbox_every_verdict_says_so_and_other_languages_are
     failed = await builder.validate(broken)
     assert failed.state == pb.VALIDATION_STATE_FAILED and not failed.build_ok
     assert "error" in failed.diagnostics and "component.c" in failed.diagnostics
+
+
+@needs_tools
+async def test_self_tests_that_would_outlast_the_lease_are_not_run(work: Path) -> None:
+    builder = Builder(Sandbox(enabled=False), LIMITS, work)
+    await builder.start()
+    artifact = pb.Artifact(
+        kind=pb.ARTIFACT_KIND_CODE_COMPONENT,
+        code_component=component("good", "int good(void) { return 0; }\n", "good"),
+    )
+    verdict = await builder.validate(artifact, deadline=time.monotonic())  # the lease is over
+    assert verdict.state == pb.VALIDATION_STATE_TIMED_OUT and verdict.build_ok
+    assert verdict.tests_run == 0 and "lease" in verdict.test_results[0].detail

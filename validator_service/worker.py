@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import grpc
 
@@ -21,6 +23,7 @@ CLAIM_WAIT = 10.0  # seconds one ClaimValidation waits for work (the hub allows 
 CALL_SLACK = 10.0  # beyond the wait, for the call's own deadline
 SUBMIT_ATTEMPTS = 5  # a verdict is resent on UNAVAILABLE (the hub answers a resend as the first)
 RETRY_BACKOFF = (0.2, 2.0)  # first and largest pause between attempts, seconds
+SUBMIT_MARGIN = 5.0  # seconds before a lease ends that its verdict is sent at the latest
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
@@ -83,8 +86,11 @@ class Validator:
             return
         lease = response.lease
         artifact = lease.artifact
+        # The lease's end on this clock, less the time a verdict takes to reach the hub.
+        left = lease.expire_time.ToDatetime(tzinfo=UTC) - datetime.now(UTC)
+        deadline = time.monotonic() + left.total_seconds() - SUBMIT_MARGIN
         try:
-            verdict = await self.builder.validate(artifact)
+            verdict = await self.builder.validate(artifact, deadline)
         except Exception as exc:  # the validator failed, not the component
             log.exception("%s: validating %s failed", self.name, artifact.artifact_id)
             verdict = pb.ValidationVerdict(
