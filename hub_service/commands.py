@@ -560,10 +560,18 @@ class ClaimValidation:
     agent_id: str
     lease_ttl: float
     max_attempts: int
+    max_leases: int = 4  # unexpired leases one validator may hold at once
     message_id: str = ""
     fingerprint: bytes = b""
 
     def apply(self, tx: StateTx) -> Outcome:
+        held = tx.leases_held(self.agent_id)
+        if held >= self.max_leases:
+            raise StatusError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"validator {self.agent_id} already holds {held} leases (the limit per "
+                "validator); submit their verdicts, or let them expire, first",
+            )
         outcome = Outcome()
         for _ in range(CLAIM_ROUNDS):
             jobs = tx.claimable_jobs(CLAIM_SCAN)

@@ -58,6 +58,7 @@ class HubConfig:
     validation_lease_ttl: float = _D.validation_lease_ttl
     validation_max_attempts: int = _D.validation_max_attempts
     validation_max_wait: float = _D.validation_max_wait
+    validation_max_leases: int = _D.validation_max_leases
     limits: Limits = field(default_factory=Limits)
     policy: Policy = field(default_factory=Policy)
 

@@ -264,6 +264,21 @@ class MemoryTx:
                 found.append(row)
         return found
 
+    def leases_held(self, validator_id: str) -> int:
+        keys = set(self._store.held.get(validator_id, ())) | {
+            key
+            for (kind, key), row in self._rows.items()
+            if kind is ValidationJobRow and row.validator_id == validator_id
+        }
+        return sum(
+            1
+            for key in keys
+            if (row := self.validation_job(key)) is not None
+            and row.validator_id == validator_id
+            and not row.done
+            and row.available_at > self.now
+        )
+
     def next_available(self) -> datetime | None:
         times = [
             row.available_at
@@ -302,6 +317,7 @@ class MemoryStore:
         self.artifacts: dict[str, ArtifactRow] = {}
         self.jobs: dict[str, ValidationJobRow] = {}  # the validation queue, by artifact id
         self.waiting: list[tuple[datetime, int, str]] = []  # jobs not done, claimable order
+        self.held: dict[str, set[str]] = {}  # validator -> its jobs not done (leases)
         self._artifact_seqs: list[tuple[int, str]] = []  # (seq, artifact_id), by seq
         self._kinds: Counter[int] = Counter()
         self._events: list[_Event] = []
@@ -384,9 +400,12 @@ class MemoryStore:
         old = self.jobs.get(row.artifact_id)
         if old is not None and not old.done:
             self.waiting.remove((old.available_at, old.seq, old.artifact_id))
+            self.held.get(old.validator_id, set()).discard(old.artifact_id)
         self.jobs[row.artifact_id] = row
         if not row.done:
             bisect.insort(self.waiting, (row.available_at, row.seq, row.artifact_id))
+            if row.validator_id:
+                self.held.setdefault(row.validator_id, set()).add(row.artifact_id)
 
     def _index_collaboration(self, row: CollaborationRow) -> None:
         key = row.session_id

@@ -119,7 +119,10 @@ class ValidationJobRow(SQLModel, table=True):
     once `available_at` has passed (at its share; again when a lease expires) until done."""
 
     __tablename__ = "validation_job"
-    __table_args__ = (Index("ix_validation_job_done_available", "done", "available_at", "seq"),)
+    __table_args__ = (
+        Index("ix_validation_job_done_available", "done", "available_at", "seq"),
+        Index("ix_validation_job_validator_done", "validator_id", "done"),
+    )
     artifact_id: str = Field(primary_key=True, max_length=64)
     seq: int = Field(sa_column=Column(BigInteger, nullable=False))  # the share's: oldest first
     done: bool = False

@@ -288,6 +288,12 @@ class HubSettings(BaseSettings):
         "leases a component gets; when every one expires the hub records an ERROR verdict",
         gt=0,
     )
+    validation_max_leases: int = _setting(
+        4,
+        "validation",
+        "unexpired leases one validator may hold at once (a claim beyond: RESOURCE_EXHAUSTED)",
+        gt=0,
+    )
     validation_max_wait: Seconds = _setting(
         30.0,
         "validation",

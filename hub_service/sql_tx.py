@@ -206,6 +206,19 @@ class SqlTx:
             .limit(limit)
         ).all()
 
+    def leases_held(self, validator_id: str) -> int:
+        return int(
+            self.session.exec(
+                select(func.count())
+                .select_from(ValidationJobRow)
+                .where(
+                    col(ValidationJobRow.validator_id) == validator_id,
+                    col(ValidationJobRow.done) == false(),
+                    col(ValidationJobRow.available_at) > self.now,
+                )
+            ).one()
+        )
+
     def next_available(self) -> datetime | None:
         return self.session.exec(
             select(func.min(ValidationJobRow.available_at)).where(

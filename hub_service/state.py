@@ -148,6 +148,10 @@ class StateTx(Protocol):
         at most `limit` (queued by earlier commits)."""
         ...
 
+    def leases_held(self, validator_id: str) -> int:
+        """Unexpired leases of jobs not done that `validator_id` holds."""
+        ...
+
     def next_available(self) -> datetime | None:
         """The earliest `available_at` of the jobs not done (None: there are none)."""
         ...

@@ -78,6 +78,7 @@ class Verdicts:
             validator_id,
             self._config.validation_lease_ttl,
             self._config.validation_max_attempts,
+            self._config.validation_max_leases,
         )
         while True:
             generation = self._generation

@@ -669,3 +669,15 @@ async def test_pending_validations_survive_a_reopen(store_kind: str, open_store:
         (again,) = await commit_ok(store, [claim("v2")])
         assert leased(again).artifact.artifact_id == shared[2].resource_id
         await commit_ok(store, [cmd.SubmitVerdict("v1", leased(claimed).lease_id, PASSED)])
+
+
+async def test_one_validator_holds_a_bounded_number_of_leases(store: HubStore) -> None:
+    await commit_ok(store, [online("a"), share_os("a", "m1"), share_os("a", "m2")])
+    await commit_ok(store, [share_os("a", "m3")])
+    limited = cmd.ClaimValidation("v1", 60.0, 3, max_leases=2)
+    await commit_ok(store, [limited, limited])
+    (refused,) = await store.commit([limited])
+    assert isinstance(refused, StatusError)
+    assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "2 leases" in refused.message
+    (other,) = await commit_ok(store, [claim("v2")])  # another validator is not held back
+    assert other.lease

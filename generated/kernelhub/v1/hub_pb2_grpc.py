@@ -144,6 +144,8 @@ class HubServiceServicer:
         """A validator takes one component to build and test: a lease on it, which
         expires (`ValidationLease.expire_time`) unless a verdict comes first.
         Waits up to `wait_seconds` for one; an empty response means none came.
+        One validator holds at most 4 unexpired leases (the hub's
+        validation-max-leases; beyond: RESOURCE_EXHAUSTED).
         Validators only (ROLE_VALIDATOR; any other role: PERMISSION_DENIED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -98,6 +98,8 @@ class HubServiceStub:
     """A validator takes one component to build and test: a lease on it, which
     expires (`ValidationLease.expire_time`) unless a verdict comes first.
     Waits up to `wait_seconds` for one; an empty response means none came.
+    One validator holds at most 4 unexpired leases (the hub's
+    validation-max-leases; beyond: RESOURCE_EXHAUSTED).
     Validators only (ROLE_VALIDATOR; any other role: PERMISSION_DENIED).
     """
     SubmitVerdict: _grpc.UnaryUnaryMultiCallable[_hub_pb2.SubmitVerdictRequest, _hub_pb2.SubmitVerdictResponse]
@@ -135,6 +137,8 @@ class HubServiceAsyncStub(HubServiceStub):
     """A validator takes one component to build and test: a lease on it, which
     expires (`ValidationLease.expire_time`) unless a verdict comes first.
     Waits up to `wait_seconds` for one; an empty response means none came.
+    One validator holds at most 4 unexpired leases (the hub's
+    validation-max-leases; beyond: RESOURCE_EXHAUSTED).
     Validators only (ROLE_VALIDATOR; any other role: PERMISSION_DENIED).
     """
     SubmitVerdict: _aio.UnaryUnaryMultiCallable[_hub_pb2.SubmitVerdictRequest, _hub_pb2.SubmitVerdictResponse]  # type: ignore[assignment]
@@ -217,6 +221,8 @@ class HubServiceServicer(metaclass=_abc_1.ABCMeta):
         """A validator takes one component to build and test: a lease on it, which
         expires (`ValidationLease.expire_time`) unless a verdict comes first.
         Waits up to `wait_seconds` for one; an empty response means none came.
+        One validator holds at most 4 unexpired leases (the hub's
+        validation-max-leases; beyond: RESOURCE_EXHAUSTED).
         Validators only (ROLE_VALIDATOR; any other role: PERMISSION_DENIED).
         """
 

@@ -45,9 +45,16 @@ def upgrade() -> None:
         ["done", "available_at", "seq"],
         unique=False,
     )
+    op.create_index(
+        "ix_validation_job_validator_done",
+        "validation_job",
+        ["validator_id", "done"],
+        unique=False,
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_validation_job_validator_done", table_name="validation_job")
     op.drop_index("ix_validation_job_done_available", table_name="validation_job")
     op.drop_table("validation_job")
     op.drop_index("ix_artifact_validation_state_seq", table_name="artifact")
