@@ -224,3 +224,34 @@ async def test_the_validator_refuses_to_start_without_its_sandbox(tmp_path: Path
     assert process.returncode == 1
     message = err.decode()
     assert "cannot start" in message and "no-bwrap" in message and "--no-sandbox" in message
+
+
+async def test_kernelhub_validator_run_validates_and_reports(hub: TestHub, tmp_path: Path) -> None:
+    sharer = await hub.issue_token("sharer")
+    token_file = tmp_path / "validator.token"
+    token_file.write_text(await hub.issue_token("v1", role=Role.VALIDATOR))
+    async with HubClient(hub.target, "sharer", sharer, specialization=NET) as client:
+        component = code_component(code="int ring_size(void) { return 0; }\n")
+        component.test_entry_points.append("ring_size")
+        receipt = await client.share_code_component(component)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "validator_service",
+            "run",
+            "--hub",
+            hub.target,
+            "--token-file",
+            str(token_file),
+            "--count",
+            "1",
+            "--name",
+            "cli_validator",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 120)
+        assert process.returncode == 0, err.decode()
+        assert "cli_validator: 1 validated {'VALIDATION_STATE_PASSED': 1}" in out.decode()
+        event = await validated(client, receipt.resource_id)
+    assert event.verdict.sandboxed and event.verdict.line_coverage == 1.0
