@@ -27,7 +27,9 @@ from .conftest import make_config
 
 LIMITS = BuildLimits(
     build=Limits(cpu_seconds=4, wall_seconds=20, memory_bytes=512 << 20, processes=32),
-    test=Limits(cpu_seconds=1, wall_seconds=3, memory_bytes=128 << 20, processes=16),
+    test=Limits(
+        cpu_seconds=1, wall_seconds=3, memory_bytes=128 << 20, processes=16, disk_bytes=32 << 20
+    ),
 )
 FAILING = {pb.VALIDATION_STATE_FAILED, pb.VALIDATION_STATE_TIMED_OUT}
 # Each self-test returns 0 only if its attack worked: a pass would be an escape.
@@ -71,6 +73,13 @@ HOSTILE = {
         + "int bomb[] = { A31 0 };\nint nothing(void) { return 0; }\n"
     ),
     "segfault": "int crash(void) { volatile int *p = 0; return *p; }\n",
+    "disk_filler": (
+        "#include <stdio.h>\n#include <string.h>\n"
+        "int fill(void) { static char buf[1 << 16]; char name[32]; memset(buf, 'x', sizeof buf);"
+        ' for (int i = 0; i < 100000; i++) { sprintf(name, "f%d", i); FILE *f = fopen(name, "w");'
+        " if (!f) return 1; for (int j = 0; j < 64; j++) fwrite(buf, 1, sizeof buf, f);"
+        " fclose(f); } return 0; }\n"
+    ),
 }
 ENTRY = {
     "endless_loop": "spin",
@@ -82,6 +91,7 @@ ENTRY = {
     "network": "dial",
     "compiler_bomb": "nothing",
     "segfault": "crash",
+    "disk_filler": "fill",
 }
 
 
@@ -171,6 +181,7 @@ async def test_hostile_components_fail_and_harm_nothing(tmp_path: Path, work: Pa
     assert "returned 1" in detail["read_host_file"] and "returned 1" in detail["network"]
     assert "build failed" in detail["compiler_bomb"]
     assert "SIGSEGV" in detail["segfault"]
+    assert "disk limit" in detail["disk_filler"]
     assert not escape.exists()
 
 

@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-processes", type=int, default=default.test.processes)
     run.add_argument("--file-mib", type=int, default=default.test.file_bytes >> 20)
     run.add_argument("--output-kib", type=int, default=default.test.output_bytes >> 10)
+    run.add_argument("--disk-mib", type=int, default=default.test.disk_bytes >> 20)
     run.add_argument("--log-level", default="INFO")
     return parser
 
@@ -52,6 +53,7 @@ def limits_from(args: argparse.Namespace) -> BuildLimits:
         "processes": args.max_processes,
         "file_bytes": args.file_mib << 20,
         "output_bytes": args.output_kib << 10,
+        "disk_bytes": args.disk_mib << 20,
     }
     return BuildLimits(
         build=Limits(

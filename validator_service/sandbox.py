@@ -49,6 +49,10 @@ class Limits:
     processes: int = 64  # per uid: the compiler's own children fit, a fork bomb does not
     file_bytes: int = 16 * 1024 * 1024
     output_bytes: int = 64 * 1024  # stdout and stderr kept; beyond, the run is killed
+    # The scratch dir on the host's disk: FSIZE caps each file, this the whole dir (bytes
+    # and entries), checked every DISK_POLL seconds while a step runs; beyond, it is killed.
+    disk_bytes: int = 64 * 1024 * 1024
+    disk_entries: int = 4096
 
 
 @dataclass(frozen=True)
@@ -61,11 +65,14 @@ class RunResult:
     signal: int = 0  # the signal that killed the command (0: it exited)
     timed_out: bool = False  # the wall clock ran out
     output_exceeded: bool = False
+    disk_exceeded: bool = False
 
     def why(self, limits: Limits) -> str:
         """In words, what ended a run that did not exit 0."""
         if self.timed_out:
             return f"wall-clock limit ({limits.wall_seconds:g} s)"
+        if self.disk_exceeded:
+            return f"disk limit ({limits.disk_bytes} bytes, {limits.disk_entries} files)"
         if self.output_exceeded:
             return f"output limit ({limits.output_bytes} bytes)"
         if self.signal == signal.SIGXCPU or (
@@ -163,11 +170,24 @@ class Sandbox:
                 kept += chunk[: max(room, 0)]
                 budget[0] -= len(chunk)
                 if budget[0] < 0:
-                    exceeded.set()
-                    break
+                    exceeded.set()  # the run is killed; what it still wrote is dropped
+            # Read to the end (EOF comes once the run is dead): a pipe left unread would
+            # keep its transport open past the run.
             return bytes(kept)
 
         readers = asyncio.gather(read(process.stdout), read(process.stderr))
+        disk_full = asyncio.Event()
+
+        async def watch_disk() -> None:
+            while True:
+                await asyncio.sleep(DISK_POLL)  # a poll's period, not a wait for a condition
+                size, entries = await asyncio.to_thread(_usage, scratch, limits.disk_entries)
+                if size > limits.disk_bytes or entries > limits.disk_entries:
+                    disk_full.set()
+                    exceeded.set()
+                    return
+
+        watcher = asyncio.ensure_future(watch_disk())
         over: asyncio.Future[Any] = asyncio.ensure_future(exceeded.wait())
         timed_out = False
         try:
@@ -184,6 +204,7 @@ class Sandbox:
             await asyncio.wait_for(process.wait(), timeout=10)
         finally:
             over.cancel()
+            watcher.cancel()
             if process.returncode is None:
                 _kill(process)
                 with contextlib.suppress(TimeoutError):
@@ -203,7 +224,8 @@ class Sandbox:
             peak_kib=peak,
             signal=killed_by,
             timed_out=timed_out,
-            output_exceeded=exceeded.is_set(),
+            output_exceeded=exceeded.is_set() and not disk_full.is_set(),
+            disk_exceeded=disk_full.is_set(),
         )
 
     async def check(self) -> None:
@@ -237,6 +259,31 @@ class Sandbox:
                 "user namespaces (sysctl kernel.unprivileged_userns_clone=1); or run with "
                 "--no-sandbox, and every verdict will say it was not sandboxed"
             )
+
+
+DISK_POLL = 0.05
+
+
+def _usage(root: Path, most: int) -> tuple[int, int]:
+    """Bytes (allocated, so sparse files count as what they take) and entries under `root`,
+    counting no further than `most` + 1 entries."""
+    size = entries = 0
+    stack = [str(root)]
+    while stack and entries <= most:
+        try:
+            with os.scandir(stack.pop()) as found:
+                for entry in found:
+                    entries += 1
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    size += info.st_blocks * 512
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+        except OSError:
+            continue
+    return size, entries
 
 
 def _missing(paths: Sequence[str]) -> list[str]:
