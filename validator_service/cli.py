@@ -32,7 +32,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--bwrap", default=BWRAP, help="bubblewrap's path")
     run.add_argument("--count", type=int, default=0, help="stop after this many verdicts")
-    run.add_argument("--work-dir", type=Path, default=None, help="where scratch dirs go")
+    run.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="where scratch dirs go (default: the system's temp dir); run as root, every "
+        "directory on its path must be searchable by other uids (o+x): each component runs "
+        "as a uid of its own",
+    )
     default = BuildLimits()
     run.add_argument("--build-cpu-seconds", type=int, default=default.build.cpu_seconds)
     run.add_argument("--build-wall-seconds", type=float, default=default.build.wall_seconds)
