@@ -198,6 +198,14 @@ async def test_without_the_sandbox_every_verdict_says_so_and_other_languages_are
     verdict = await builder.validate(good)
     assert verdict.state == pb.VALIDATION_STATE_PASSED and not verdict.sandboxed
     assert verdict.toolchain.startswith("gcc") and verdict.peak_memory_kib > 0
+    assert verdict.warning_count == 0
+    sloppy = pb.Artifact(
+        kind=pb.ARTIFACT_KIND_CODE_COMPONENT,
+        code_component=component("sloppy", "int good(void) { int unused; return 0; }\n", "good"),
+    )
+    warned = await builder.validate(sloppy)
+    assert warned.state == pb.VALIDATION_STATE_PASSED and warned.warning_count == 1
+    assert "unused" in warned.diagnostics
     rust = pb.Artifact(
         kind=pb.ARTIFACT_KIND_OS_COMPONENT,
         os_component=pb.OsComponent(language="rust", implementation="fn main() {}"),
