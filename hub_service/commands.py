@@ -9,8 +9,9 @@ produced and who may receive them; the router delivers them once the commit is d
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
@@ -25,6 +26,7 @@ from .models import (
     CollaborationRow,
     FeatureDeliveryRow,
     FeatureRequestRow,
+    ValidationJobRow,
     agent_to_proto,
     capabilities_of,
     collaboration_to_proto,
@@ -70,18 +72,40 @@ def emit(
     return seq
 
 
+# What validators build and test: every shared component (patterns are not code).
+COMPONENT_KINDS = frozenset({pb.ARTIFACT_KIND_CODE_COMPONENT, pb.ARTIFACT_KIND_OS_COMPONENT})
+
+
 def stamp(tx: StateTx, artifact: pb.Artifact, contributor: str) -> pb.Artifact:
-    """Give an artifact its hub-assigned id, contributor and time."""
+    """Give an artifact its hub-assigned id, contributor and time (and a component its
+    PENDING validation: no client can claim a verdict for itself)."""
     artifact.artifact_id = new_id("art")
     artifact.contributor_id = contributor
     artifact.create_time.CopyFrom(tx.now_pb)
+    artifact.ClearField("verdict")
+    artifact.validation_state = (
+        pb.VALIDATION_STATE_PENDING
+        if artifact.kind in COMPONENT_KINDS
+        else pb.VALIDATION_STATE_UNSPECIFIED
+    )
     return artifact
+
+
+def add_artifact(tx: StateTx, artifact: pb.Artifact, seq: int) -> None:
+    """Store a stamped artifact; a component also joins the validation queue."""
+    tx.add_artifact(artifact, seq)
+    if artifact.kind in COMPONENT_KINDS:
+        tx.add_validation_job(
+            ValidationJobRow(
+                artifact_id=artifact.artifact_id, seq=seq, available_at=tx.now, created_at=tx.now
+            )
+        )
 
 
 def store_artifact(tx: StateTx, outcome: Outcome, sender: str, artifact: pb.Artifact) -> str:
     """Stamp, store and broadcast an artifact; returns its hub-assigned id."""
     seq = emit(tx, outcome, sender, None, artifact_shared=stamp(tx, artifact, sender))
-    tx.add_artifact(artifact, seq)
+    add_artifact(tx, artifact, seq)
     return artifact.artifact_id
 
 
@@ -287,7 +311,7 @@ class DeliverFeature:
             frozenset({request.requester_id}),
             feature_delivered=pb.FeatureDelivered(request_id=request.request_id, artifact=artifact),
         )
-        tx.add_artifact(artifact, seq)
+        add_artifact(tx, artifact, seq)
         tx.put_delivery(
             FeatureDeliveryRow(
                 artifact_id=artifact.artifact_id,
@@ -471,4 +495,159 @@ class ExpireDue:
             row.expires_at = None
             tx.put_collaboration(row)
             _notify_partners(tx, outcome, "", row)
+        return outcome
+
+
+# --- validation -------------------------------------------------------------
+
+# Claimable jobs one claim looks at per round, and rounds at most: a claim's work is bounded
+# even when it must first give up on many components whose every lease expired.
+CLAIM_SCAN = 16
+CLAIM_ROUNDS = 4
+
+
+def _lease_id(artifact_id: str, attempt: int) -> str:
+    """The artifact id first (so a verdict finds its job by primary key), then the attempt
+    and a random part: a lease cannot be guessed from the artifact id alone."""
+    return f"{artifact_id}:{attempt}:{secrets.token_hex(6)}"
+
+
+def artifact_of_lease(lease_id: str) -> str:
+    return lease_id.split(":", 1)[0]
+
+
+def _record_verdict(
+    tx: StateTx,
+    outcome: Outcome,
+    sender: str,
+    job: ValidationJobRow,
+    artifact: pb.Artifact,
+    verdict: pb.ValidationVerdict,
+) -> None:
+    """Store the verdict with the artifact, end the job, and tell the agents
+    (`artifact_validated`: for now to every agent; subscriptions will narrow it)."""
+    verdict.validator_id = sender
+    verdict.validate_time.CopyFrom(tx.now_pb)
+    artifact.verdict.CopyFrom(verdict)
+    artifact.validation_state = verdict.state
+    tx.put_artifact(artifact)
+    content = getattr(artifact, artifact.WhichOneof("content") or "code_component")
+    seq = emit(
+        tx,
+        outcome,
+        sender,
+        None,
+        artifact_validated=pb.ArtifactValidated(
+            artifact_id=artifact.artifact_id,
+            contributor_id=artifact.contributor_id,
+            kind=artifact.kind,
+            component_id=content.component_id,
+            verdict=verdict,
+        ),
+    )
+    job.done = True
+    job.verdict_seq = seq
+    tx.put_validation_job(job)
+    outcome.resource_id = artifact.artifact_id
+
+
+@dataclass
+class ClaimValidation:
+    """A validator takes the oldest claimable component: a lease for `lease_ttl` seconds.
+    A component whose `max_attempts` leases all expired gets the hub's own ERROR verdict
+    instead of a fourth validator to kill."""
+
+    agent_id: str
+    lease_ttl: float
+    max_attempts: int
+    max_leases: int = 4  # unexpired leases one validator may hold at once
+    message_id: str = ""
+    fingerprint: bytes = b""
+
+    def apply(self, tx: StateTx) -> Outcome:
+        held = tx.leases_held(self.agent_id)
+        if held >= self.max_leases:
+            raise StatusError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"validator {self.agent_id} already holds {held} leases (the limit per "
+                "validator); submit their verdicts, or let them expire, first",
+            )
+        outcome = Outcome()
+        for _ in range(CLAIM_ROUNDS):
+            jobs = tx.claimable_jobs(CLAIM_SCAN)
+            if not jobs:
+                break
+            for job in jobs:
+                artifact = tx.artifact(job.artifact_id)
+                if artifact is None:  # cannot happen while artifacts are never deleted
+                    job.done = True
+                    tx.put_validation_job(job)
+                    continue
+                if job.attempts >= self.max_attempts:
+                    verdict = pb.ValidationVerdict(
+                        state=pb.VALIDATION_STATE_ERROR,
+                        diagnostics=(
+                            f"no validator returned a verdict: {job.attempts} lease(s) expired "
+                            f"(the last held by {job.validator_id})"
+                        ),
+                    )
+                    _record_verdict(tx, outcome, "", job, artifact, verdict)
+                    continue
+                job.attempts += 1
+                job.lease_id = _lease_id(job.artifact_id, job.attempts)
+                job.validator_id = self.agent_id
+                job.available_at = tx.now + timedelta(seconds=self.lease_ttl)
+                tx.put_validation_job(job)
+                lease = pb.ValidationLease(
+                    lease_id=job.lease_id, artifact=artifact, attempt=job.attempts
+                )
+                lease.expire_time.FromDatetime(job.available_at)
+                outcome.lease = lease.SerializeToString()
+                outcome.resource_id = job.artifact_id
+                return outcome
+        outcome.retry_at = tx.next_available()
+        return outcome
+
+
+@dataclass
+class SubmitVerdict:
+    """A validator's verdict on the component it holds a lease on (checked by validation)."""
+
+    agent_id: str
+    lease_id: str
+    verdict: pb.ValidationVerdict
+    message_id: str = ""
+    fingerprint: bytes = b""
+
+    def apply(self, tx: StateTx) -> Outcome:
+        artifact_id = artifact_of_lease(self.lease_id)
+        job = tx.validation_job(artifact_id)
+        if job is None or not job.lease_id:
+            raise not_found(f"lease {self.lease_id}")
+        mine = job.lease_id == self.lease_id and job.validator_id == self.agent_id
+        if job.done:
+            if mine:  # a resend (e.g. after UNAVAILABLE): the first answer
+                return Outcome(seq=job.verdict_seq, resource_id=artifact_id, duplicate=True)
+            raise failed_precondition(
+                f"component {artifact_id} already has its verdict; lease {self.lease_id} is over"
+            )
+        if job.lease_id != self.lease_id:
+            raise failed_precondition(
+                f"lease {self.lease_id} expired and component {artifact_id} was leased again "
+                f"(attempt {job.attempts}); this verdict is refused"
+            )
+        if job.validator_id != self.agent_id:
+            raise permission_denied(f"lease {self.lease_id} is not yours")
+        if job.available_at <= tx.now:
+            raise failed_precondition(
+                f"lease {self.lease_id} expired at {job.available_at.isoformat()}; the "
+                "component goes to the next validator that claims, and this verdict is refused"
+            )
+        artifact = tx.artifact(artifact_id)
+        if artifact is None:
+            raise not_found(f"artifact {artifact_id}")
+        outcome = Outcome()
+        verdict = pb.ValidationVerdict()
+        verdict.CopyFrom(self.verdict)
+        _record_verdict(tx, outcome, self.agent_id, job, artifact, verdict)
         return outcome

@@ -63,6 +63,10 @@ class HubConfig:
     ledger_retention: float = _D.ledger_retention
     retention_interval: float = _D.retention_interval
     retention_batch_size: int = _D.retention_batch_size
+    validation_lease_ttl: float = _D.validation_lease_ttl
+    validation_max_attempts: int = _D.validation_max_attempts
+    validation_max_wait: float = _D.validation_max_wait
+    validation_max_leases: int = _D.validation_max_leases
     limits: Limits = field(default_factory=Limits)
     policy: Policy = field(default_factory=Policy)
 

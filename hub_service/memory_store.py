@@ -35,6 +35,7 @@ from .models import (
     FeatureDeliveryRow,
     FeatureRequestRow,
     TokenRow,
+    ValidationJobRow,
     agent_to_proto,
     artifact_row,
     collaboration_to_proto,
@@ -98,7 +99,7 @@ class MemoryTx:
         self._seq = store.head
         self._rows: dict[tuple[type[SQLModel], str], Any] = {}
         self._events: list[_Event] = []
-        self._artifacts: list[ArtifactRow] = []
+        self.artifacts: list[ArtifactRow] = []
         self._deliveries: list[FeatureDeliveryRow] = []
         self._receipts: dict[tuple[str, str], Receipt] = {}
 
@@ -112,7 +113,7 @@ class MemoryTx:
         )
 
     def add_artifact(self, artifact: pb.Artifact, seq: int) -> None:
-        self._artifacts.append(ArtifactRow(**artifact_row(artifact, seq, self.now)))
+        self.artifacts.append(ArtifactRow(**artifact_row(artifact, seq, self.now)))
 
     def receipt(self, agent_id: str, message_id: str) -> Receipt | None:
         key = (agent_id, message_id)
@@ -233,13 +234,72 @@ class MemoryTx:
     def put_delivery(self, row: FeatureDeliveryRow) -> None:
         self._deliveries.append(row)
 
+    # --- the validation queue -----------------------------------------------------
+
+    def artifact(self, artifact_id: str) -> pb.Artifact | None:
+        row = self._get(ArtifactRow, self._store.artifacts, artifact_id)
+        return decode_stored(pb.Artifact, row.body) if row is not None else None
+
+    def put_artifact(self, artifact: pb.Artifact) -> None:
+        row = self._get(ArtifactRow, self._store.artifacts, artifact.artifact_id)
+        assert row is not None, artifact.artifact_id  # only stored artifacts change
+        row.body = artifact.SerializeToString()
+        row.validation_state = artifact.validation_state
+
+    def add_validation_job(self, row: ValidationJobRow) -> None:
+        self._put(ValidationJobRow, row.artifact_id, row)
+
+    def validation_job(self, artifact_id: str) -> ValidationJobRow | None:
+        return self._get(ValidationJobRow, self._store.jobs, artifact_id)
+
+    def put_validation_job(self, row: ValidationJobRow) -> None:
+        self._put(ValidationJobRow, row.artifact_id, row)
+
+    def claimable_jobs(self, limit: int) -> Sequence[ValidationJobRow]:
+        """From the store's queue (ordered), as this command changed it."""
+        found: list[ValidationJobRow] = []
+        for available_at, _, artifact_id in self._store.waiting:
+            if available_at > self.now or len(found) >= limit:
+                break
+            row = self.validation_job(artifact_id)
+            if row is not None and not row.done and row.available_at <= self.now:
+                found.append(row)
+        return found
+
+    def leases_held(self, validator_id: str) -> int:
+        keys = set(self._store.held.get(validator_id, ())) | {
+            key
+            for (kind, key), row in self._rows.items()
+            if kind is ValidationJobRow and row.validator_id == validator_id
+        }
+        return sum(
+            1
+            for key in keys
+            if (row := self.validation_job(key)) is not None
+            and row.validator_id == validator_id
+            and not row.done
+            and row.available_at > self.now
+        )
+
+    def next_available(self) -> datetime | None:
+        times = [
+            row.available_at
+            for (kind, _), row in self._rows.items()
+            if kind is ValidationJobRow and not row.done
+        ]
+        for available_at, _, artifact_id in self._store.waiting:
+            if (ValidationJobRow, artifact_id) not in self._rows:
+                times.append(available_at)
+                break
+        return min(times, default=None)
+
     def merge(self) -> None:
         """This command's writes, into the store (the command succeeded)."""
         self._store.absorb(
             self._seq,
             self._rows,
             self._events,
-            self._artifacts,
+            self.artifacts,
             self._deliveries,
             self._receipts,
             self.now,
@@ -262,7 +322,10 @@ class MemoryStore:
         self.requests: dict[str, FeatureRequestRow] = {}
         self._request_seqs: list[tuple[int, str]] = []  # (seq, request_id), by seq
         self.deliveries: dict[tuple[str, str], FeatureDeliveryRow] = {}  # (request, deliverer)
-        self._artifacts: dict[str, ArtifactRow] = {}
+        self.artifacts: dict[str, ArtifactRow] = {}
+        self.jobs: dict[str, ValidationJobRow] = {}  # the validation queue, by artifact id
+        self.waiting: list[tuple[datetime, int, str]] = []  # jobs not done, claimable order
+        self.held: dict[str, set[str]] = {}  # validator -> its jobs not done (leases)
         self._artifact_seqs: list[tuple[int, str]] = []  # (seq, artifact_id), by seq
         self._kinds: Counter[int] = Counter()
         self._events: list[_Event] = []
@@ -328,17 +391,33 @@ class MemoryStore:
                 if key not in self.requests:
                     self._request_seqs.append((row.seq, key))
                 self.requests[key] = row
+            elif kind is ArtifactRow:
+                self.artifacts[key] = row
+            elif kind is ValidationJobRow:
+                self._index_job(row)
         for event in events:
             self._events.append(event)
             self._event_seqs.append(event.seq)
         for artifact in artifacts:
-            self._artifacts[artifact.artifact_id] = artifact
+            self.artifacts[artifact.artifact_id] = artifact
             self._artifact_seqs.append((artifact.seq, artifact.artifact_id))
             self._kinds[artifact.kind] += 1
         for delivery in deliveries:
             self.deliveries[(delivery.request_id, delivery.deliverer_id)] = delivery
         self.receipts.update(receipts)
         self._ledger_times.extend((now, key) for key in receipts)
+
+    def _index_job(self, row: ValidationJobRow) -> None:
+        """The queue's order: jobs not done, by (available_at, seq)."""
+        old = self.jobs.get(row.artifact_id)
+        if old is not None and not old.done:
+            self.waiting.remove((old.available_at, old.seq, old.artifact_id))
+            self.held.get(old.validator_id, set()).discard(old.artifact_id)
+        self.jobs[row.artifact_id] = row
+        if not row.done:
+            bisect.insort(self.waiting, (row.available_at, row.seq, row.artifact_id))
+            if row.validator_id:
+                self.held.setdefault(row.validator_id, set()).add(row.artifact_id)
 
     def _index_collaboration(self, row: CollaborationRow) -> None:
         key = row.session_id
@@ -485,15 +564,17 @@ class MemoryStore:
         limit: int,
         cursor: str,
         max_bytes: int | None = None,
+        validation_state: int = 0,
     ) -> Page:
         end = bisect.bisect_left(self._artifact_seqs, (int(cursor), "")) if cursor else None
         rows = (
             row
             for _, artifact_id in reversed(self._artifact_seqs[:end])
-            if (row := self._artifacts[artifact_id])
+            if (row := self.artifacts[artifact_id])
             and kind in (0, row.kind)
             and specialization in (0, row.specialization)
             and contributor_id in ("", row.contributor_id)
+            and validation_state in (0, row.validation_state)
         )
         page, more = paging.take(
             rows, lambda row: decode_stored(pb.Artifact, row.body), limit, max_bytes, paging.stub
@@ -501,7 +582,7 @@ class MemoryStore:
         return Page([artifact for _, artifact in page], str(page[-1][0].seq) if more else "")
 
     async def get_artifact(self, artifact_id: str) -> pb.Artifact | None:
-        row = self._artifacts.get(artifact_id)
+        row = self.artifacts.get(artifact_id)
         return decode_stored(pb.Artifact, row.body) if row else None
 
     async def list_collaborations(
@@ -544,7 +625,7 @@ class MemoryStore:
             os_component_count=self._kinds[pb.ARTIFACT_KIND_OS_COMPONENT],
             feature_request_count=len(self.requests),
             recent_artifacts=[
-                decode_stored(pb.Artifact, self._artifacts[artifact_id].body)
+                decode_stored(pb.Artifact, self.artifacts[artifact_id].body)
                 for _, artifact_id in reversed(newest)
             ],
         )
@@ -560,6 +641,12 @@ class MemoryStore:
                 for state, n in by_state.items()
             },
             head_seq=self.head,
+        )
+        by_validation = Counter(
+            row.validation_state for row in self.artifacts.values() if row.validation_state
+        )
+        response.artifacts_by_validation_state.update(
+            {pb.ValidationState.Name(state): n for state, n in by_validation.items()}  # type: ignore[arg-type]
         )
         response.knowledge_base.CopyFrom(await self.knowledge_base(recent=0))
         return response

@@ -104,6 +104,7 @@ class ArtifactRow(SQLModel, table=True):
         Index("ix_artifact_kind_seq", "kind", "seq"),
         Index("ix_artifact_contributor_seq", "contributor_id", "seq"),
         Index("ix_artifact_specialization_seq", "specialization", "seq"),
+        Index("ix_artifact_validation_state_seq", "validation_state", "seq"),
     )
     artifact_id: str = Field(primary_key=True, max_length=64)
     seq: int = Field(sa_column=Column(BigInteger, unique=True, nullable=False))
@@ -111,8 +112,30 @@ class ArtifactRow(SQLModel, table=True):
     contributor_id: str = Field(max_length=128)
     specialization: int = 0
     name: str = ""
+    # A pb.ValidationState (schema revision 0006): ListArtifacts filters on it.
+    validation_state: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     created_at: datetime = Field(default_factory=utcnow)
     body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # serialized Artifact
+
+
+class ValidationJobRow(SQLModel, table=True):
+    """The validation queue (schema revision 0006): one row per shared component, claimable
+    once `available_at` has passed (at its share; again when a lease expires) until done."""
+
+    __tablename__ = "validation_job"
+    __table_args__ = (
+        Index("ix_validation_job_done_available", "done", "available_at", "seq"),
+        Index("ix_validation_job_validator_done", "validator_id", "done"),
+    )
+    artifact_id: str = Field(primary_key=True, max_length=64)
+    seq: int = Field(sa_column=Column(BigInteger, nullable=False))  # the share's: oldest first
+    done: bool = False
+    available_at: datetime = Field(default_factory=utcnow)  # share time, then lease expiry
+    attempts: int = 0  # leases given
+    lease_id: str = Field(default="", max_length=64)  # the latest lease
+    validator_id: str = Field(default="", max_length=128)  # who holds (held) it
+    verdict_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
 
 
 class FeatureRequestRow(SQLModel, table=True):
@@ -232,6 +255,7 @@ def artifact_row(artifact: pb.Artifact, seq: int, now: datetime) -> dict[str, An
         "contributor_id": artifact.contributor_id,
         "specialization": specialization,
         "name": name[:200],
+        "validation_state": artifact.validation_state,
         "created_at": now,
         "body": artifact.SerializeToString(),
     }

@@ -4,6 +4,7 @@ router and the Connect session share (so none of them needs the domain rules).""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
@@ -24,3 +25,7 @@ class Outcome:
     resource_id: str = ""
     duplicate: bool = False
     events: list[RoutedEvent] = field(default_factory=list)
+    # A ClaimValidation's answer: the serialized ValidationLease it took (empty: none), and
+    # when (None: never, without a new share) the next one may become claimable.
+    lease: bytes = b""
+    retry_at: datetime | None = None

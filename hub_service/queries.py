@@ -54,6 +54,7 @@ class Queries:
     async def list_artifacts(self, request: pb.ListArtifactsRequest) -> pb.ListArtifactsResponse:
         _check_enum("kind", request.kind, pb.ArtifactKind)
         _check_enum("specialization", request.specialization, pb.Specialization)
+        _check_enum("validation_state", request.validation_state, pb.ValidationState)
         items, token = await self._page(
             request.page_size,
             request.page_token,
@@ -64,6 +65,7 @@ class Queries:
                 limit,
                 cursor,
                 budget,
+                request.validation_state,
             ),
         )
         return pb.ListArtifactsResponse(artifacts=items, next_page_token=token)
@@ -112,6 +114,13 @@ class Queries:
         stats.start_time.CopyFrom(self._start_time)
         stats.oldest_seq = self._retention.oldest_seq
         stats.idempotency_window_seconds = self._retention.policy.ledger_max_age
+        judged = stats.artifacts_by_validation_state
+        passed = judged.get(pb.ValidationState.Name(pb.VALIDATION_STATE_PASSED), 0)
+        failed = sum(
+            judged.get(pb.ValidationState.Name(state), 0)
+            for state in (pb.VALIDATION_STATE_FAILED, pb.VALIDATION_STATE_TIMED_OUT)
+        )
+        stats.validation_pass_rate = passed / (passed + failed) if passed + failed else 0.0
         # The store's stats count the knowledge base; the newest artifacts come beside them,
         # as many as fit (64: the summary's counts and tags).
         stats.ClearField("knowledge_base")

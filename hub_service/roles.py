@@ -22,7 +22,8 @@ class Role(StrEnum):
     ADMIN = "admin"
     """An operator's tool: what an observer may, and managing tokens (the admin RPCs)."""
     VALIDATOR = "validator"
-    """Builds and tests shared components: the query RPCs; shares nothing."""
+    """Builds and tests shared components: the query RPCs, ClaimValidation and SubmitVerdict;
+    shares nothing."""
 
 
 SERVICE = "/kernelhub.v1.HubService/"
@@ -43,7 +44,7 @@ ALLOWED_METHODS: dict[Role, frozenset[str]] = {
     Role.AGENT: QUERY_METHODS | {SERVICE + "Connect"},
     Role.OBSERVER: WATCH_METHODS,
     Role.ADMIN: WATCH_METHODS | ADMIN_METHODS,
-    Role.VALIDATOR: QUERY_METHODS,
+    Role.VALIDATOR: QUERY_METHODS | {SERVICE + "ClaimValidation", SERVICE + "SubmitVerdict"},
 }
 
 

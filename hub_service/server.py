@@ -22,6 +22,7 @@ from .committer import GroupCommitter
 from .config import HubConfig
 from .errors import StatusError
 from .metrics import HubMetrics, MetricsEndpoint
+from .outcomes import Outcome
 from .retention import Retention, RetentionPolicy
 from .roles import Role
 from .router import Router
@@ -46,7 +47,7 @@ class HubServer:
         self.metrics = HubMetrics()
         self.committer = GroupCommitter(
             self.store,
-            self.router.publish,
+            self._published,
             on_failure=self.router.resync,
             on_health=self._commit_answered,
             batch_size=config.commit_batch_size,
@@ -70,6 +71,12 @@ class HubServer:
         self.metrics_endpoint: MetricsEndpoint | None = None  # serving /metrics, if configured
         self._server: grpc.aio.Server | None = None
         self._loops: list[asyncio.Task[None]] = []
+
+    def _published(self, outcome: Outcome) -> None:
+        """A committed outcome: its events to the router, its new components to the
+        validators waiting for work."""
+        self.router.publish(outcome)
+        self.servicer.verdicts.notice(outcome)
 
     async def start(self) -> int:
         try:

@@ -14,7 +14,7 @@ from typing import TypeVar
 from generated.kernelhub.v1 import hub_pb2 as pb
 from generated.kernelhub.v1 import hub_pb2_grpc
 
-from . import paging
+from . import auth, paging
 from .admin import Admin
 from .committer import GroupCommitter
 from .config import HubConfig
@@ -26,6 +26,7 @@ from .router import Router
 from .session import Context, Sessions
 from .state import HubStore
 from .training_sync import TrainingSyncs
+from .verdicts import Verdicts
 from .watch import Watches
 
 Query = TypeVar("Query")
@@ -67,6 +68,7 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         self.queries = Queries(store, router, retention, budget)
         self.watches = Watches(config, store, router, retention, budget, metrics)
         self.admin = Admin(store, budget)
+        self.verdicts = Verdicts(config, committer)
 
     async def Connect(  # type: ignore[override]  # answers through context.write
         self, request_iterator: AsyncIterator[pb.ConnectRequest], context: Context
@@ -139,3 +141,15 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         self, request: pb.RevokeTokenRequest, context: Context
     ) -> pb.RevokeTokenResponse:
         return await self.admin.revoke_token(request)
+
+    @_rich_errors
+    async def ClaimValidation(
+        self, request: pb.ClaimValidationRequest, context: Context
+    ) -> pb.ClaimValidationResponse:
+        return await self.verdicts.claim(auth.current_agent(), request)
+
+    @_rich_errors
+    async def SubmitVerdict(
+        self, request: pb.SubmitVerdictRequest, context: Context
+    ) -> pb.SubmitVerdictResponse:
+        return await self.verdicts.submit(auth.current_agent(), request)

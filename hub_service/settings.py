@@ -33,6 +33,7 @@ GROUPS = (
     "limits",
     "collaboration",
     "retention",
+    "validation",
     "logging",
 )
 
@@ -341,6 +342,32 @@ class HubSettings(BaseSettings):
         "rows at most per pruning transaction, so no prune holds the writer for long",
         gt=0,
         le=100_000,
+    )
+    # validation (the validators' queue: verdicts.py)
+    validation_lease_ttl: Seconds = _setting(
+        120.0,
+        "validation",
+        "seconds a validator holds a component it claimed; a verdict after that is refused "
+        "and the component goes to the next validator",
+        gt=0,
+    )
+    validation_max_attempts: int = _setting(
+        3,
+        "validation",
+        "leases a component gets; when every one expires the hub records an ERROR verdict",
+        gt=0,
+    )
+    validation_max_leases: int = _setting(
+        4,
+        "validation",
+        "unexpired leases one validator may hold at once (a claim beyond: RESOURCE_EXHAUSTED)",
+        gt=0,
+    )
+    validation_max_wait: Seconds = _setting(
+        30.0,
+        "validation",
+        "seconds a ClaimValidation may wait for a component (its `wait_seconds` at most)",
+        ge=0,
     )
 
     # logging

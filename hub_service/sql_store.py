@@ -350,8 +350,11 @@ class SqlStore:
         limit: int,
         cursor: str,
         max_bytes: int | None = None,
+        validation_state: int = 0,
     ) -> Page:
         query = select(ArtifactRow.seq, ArtifactRow.body).order_by(col(ArtifactRow.seq).desc())
+        if validation_state:
+            query = query.where(ArtifactRow.validation_state == validation_state)
         if kind:
             query = query.where(ArtifactRow.kind == kind)
         if specialization:
@@ -458,7 +461,18 @@ class SqlStore:
                 head_seq=int(s.exec(select(func.max(EventRow.seq))).one() or 0),
             )
 
+        def validation(s: Session) -> dict[str, int]:
+            return {
+                pb.ValidationState.Name(state): n  # type: ignore[arg-type]
+                for state, n in s.exec(
+                    select(ArtifactRow.validation_state, func.count())
+                    .where(ArtifactRow.validation_state != 0)
+                    .group_by(col(ArtifactRow.validation_state))
+                ).all()
+            }
+
         response = await self._read(gather)
+        response.artifacts_by_validation_state.update(await self._read(validation))
         response.knowledge_base.CopyFrom(await self.knowledge_base(recent=0))
         return response
 

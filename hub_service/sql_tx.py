@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import func, or_
+from sqlalchemy import false, func, or_, update
 from sqlmodel import Session, SQLModel, col, select
 
 from generated.kernelhub.v1 import hub_pb2 as pb
@@ -24,9 +24,10 @@ from .models import (
     FeatureDeliveryRow,
     FeatureRequestRow,
     ReceivedMessageRow,
+    ValidationJobRow,
     artifact_row,
 )
-from .state import Receipt
+from .state import Receipt, decode_stored
 
 
 class SqlTx:
@@ -169,3 +170,58 @@ class SqlTx:
 
     def put_delivery(self, row: FeatureDeliveryRow) -> None:
         self.session.add(row)
+
+    # --- the validation queue -----------------------------------------------------
+
+    def artifact(self, artifact_id: str) -> pb.Artifact | None:
+        body = self.session.exec(
+            select(ArtifactRow.body).where(col(ArtifactRow.artifact_id) == artifact_id)
+        ).first()
+        return decode_stored(pb.Artifact, body) if body is not None else None
+
+    def put_artifact(self, artifact: pb.Artifact) -> None:
+        self.session.exec(
+            update(ArtifactRow)
+            .where(col(ArtifactRow.artifact_id) == artifact.artifact_id)
+            .values(body=artifact.SerializeToString(), validation_state=artifact.validation_state)
+        )
+
+    def add_validation_job(self, row: ValidationJobRow) -> None:
+        self._append(ValidationJobRow, **row.model_dump())
+
+    def validation_job(self, artifact_id: str) -> ValidationJobRow | None:
+        return self.session.get(ValidationJobRow, artifact_id)
+
+    def put_validation_job(self, row: ValidationJobRow) -> None:
+        self.session.add(row)
+
+    def claimable_jobs(self, limit: int) -> Sequence[ValidationJobRow]:
+        return self.session.exec(
+            select(ValidationJobRow)
+            .where(
+                col(ValidationJobRow.done) == false(),
+                col(ValidationJobRow.available_at) <= self.now,
+            )
+            .order_by(col(ValidationJobRow.available_at), col(ValidationJobRow.seq))
+            .limit(limit)
+        ).all()
+
+    def leases_held(self, validator_id: str) -> int:
+        return int(
+            self.session.exec(
+                select(func.count())
+                .select_from(ValidationJobRow)
+                .where(
+                    col(ValidationJobRow.validator_id) == validator_id,
+                    col(ValidationJobRow.done) == false(),
+                    col(ValidationJobRow.available_at) > self.now,
+                )
+            ).one()
+        )
+
+    def next_available(self) -> datetime | None:
+        return self.session.exec(
+            select(func.min(ValidationJobRow.available_at)).where(
+                col(ValidationJobRow.done) == false()
+            )
+        ).one()

@@ -19,7 +19,14 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 
 from .collaboration import Policy
 from .errors import StatusError
-from .models import AgentRow, CollaborationRow, FeatureDeliveryRow, FeatureRequestRow, TokenRow
+from .models import (
+    AgentRow,
+    CollaborationRow,
+    FeatureDeliveryRow,
+    FeatureRequestRow,
+    TokenRow,
+    ValidationJobRow,
+)
 from .outcomes import Outcome
 from .roles import Role
 
@@ -122,6 +129,34 @@ class StateTx(Protocol):
         """The receipt already given for this message id (idempotency ledger)."""
         ...
 
+    def artifact(self, artifact_id: str) -> pb.Artifact | None:
+        """A stored artifact (of an earlier commit), to change with `put_artifact`."""
+        ...
+
+    def put_artifact(self, artifact: pb.Artifact) -> None:
+        """Store a changed artifact (its verdict, its validation state) under its id."""
+        ...
+
+    def add_validation_job(self, row: ValidationJobRow) -> None:
+        """Queue a new component for validation (claimable from `row.available_at`)."""
+        ...
+
+    def validation_job(self, artifact_id: str) -> ValidationJobRow | None: ...
+    def put_validation_job(self, row: ValidationJobRow) -> None: ...
+
+    def claimable_jobs(self, limit: int) -> Sequence[ValidationJobRow]:
+        """Jobs not done whose `available_at` is at or before `now`, by (available_at, seq),
+        at most `limit` (queued by earlier commits)."""
+        ...
+
+    def leases_held(self, validator_id: str) -> int:
+        """Unexpired leases of jobs not done that `validator_id` holds."""
+        ...
+
+    def next_available(self) -> datetime | None:
+        """The earliest `available_at` of the jobs not done (None: there are none)."""
+        ...
+
     def remember(self, agent_id: str, message_id: str, receipt: Receipt) -> None: ...
 
 
@@ -217,6 +252,7 @@ class HubStore(Protocol):
         limit: int,
         cursor: str,
         max_bytes: int | None = None,
+        validation_state: int = 0,
     ) -> Page: ...
     async def get_artifact(self, artifact_id: str) -> pb.Artifact | None: ...
     async def list_collaborations(

@@ -19,6 +19,17 @@ from .errors import failed_precondition, invalid
 
 IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")  # used with fullmatch
 SNAKE = re.compile(r"[a-z][a-z0-9_]*")
+C_SYMBOL = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # a self-test's entry point
+# States a verdict may have (PENDING and UNSPECIFIED are the hub's, before a verdict).
+VERDICT_STATES = frozenset(
+    {
+        pb.VALIDATION_STATE_PASSED,
+        pb.VALIDATION_STATE_FAILED,
+        pb.VALIDATION_STATE_ERROR,
+        pb.VALIDATION_STATE_UNSUPPORTED,
+        pb.VALIDATION_STATE_TIMED_OUT,
+    }
+)
 # Attribute keys only the hub writes, so nothing a client sends can pose as a hub-owned fact:
 # any key with this prefix, and the key the hub has always put on a collaboration's result.
 HUB_ATTRIBUTE_PREFIX = "hub_"
@@ -152,6 +163,46 @@ class _Checker:
         self.fraction(f"{path}.performance_score", c.performance_score)
         self.enum(f"{path}.specialization", c.specialization, pb.Specialization)
         self.attributes(f"{path}.attributes", c.attributes)
+        self.entry_points(f"{path}.test_entry_points", c.test_entry_points)
+
+    def entry_points(self, path: str, names: Iterable[str]) -> None:
+        """Self-tests a validator calls from a generated harness: C identifiers, nothing else
+        can reach its source."""
+        names = list(names)
+        if len(names) > self.limits.max_list_items:
+            self.fail(
+                path, f"must have at most {self.limits.max_list_items} items, got {len(names)}"
+            )
+            return
+        for i, name in enumerate(names):
+            if not C_SYMBOL.fullmatch(name) or name == "main":
+                self.fail(
+                    f"{path}[{i}]",
+                    f"must be a C identifier of at most 64 characters, not main, got {name[:80]!r}",
+                )
+
+    def verdict(self, path: str, v: pb.ValidationVerdict) -> None:
+        if v.state not in VERDICT_STATES:
+            self.fail(
+                f"{path}.state",
+                "must be PASSED, FAILED, ERROR, UNSUPPORTED or TIMED_OUT, got "
+                f"{pb.ValidationState.Name(v.state) if v.state in pb.ValidationState.values() else v.state}",
+            )
+        self.text(f"{path}.diagnostics", v.diagnostics)
+        if v.tests_passed > v.tests_run:
+            self.fail(f"{path}.tests_passed", f"must be at most tests_run ({v.tests_run})")
+        self.fraction(f"{path}.line_coverage", v.line_coverage)
+        self.non_negative(f"{path}.run_seconds", v.run_seconds)
+        self.text(f"{path}.toolchain", v.toolchain, self.limits.max_name_length)
+        if len(v.test_results) > self.limits.max_list_items:
+            self.fail(
+                f"{path}.test_results",
+                f"must have at most {self.limits.max_list_items} items, got {len(v.test_results)}",
+            )
+        else:
+            for i, result in enumerate(v.test_results):
+                self.text(f"{path}.test_results[{i}].name", result.name, 64, required=True)
+                self.text(f"{path}.test_results[{i}].detail", result.detail, 200)
 
     def os_component(self, path: str, c: pb.OsComponent) -> None:
         self.identifier(f"{path}.component_id", c.component_id)
@@ -175,6 +226,7 @@ class _Checker:
         )
         self.fraction(f"{path}.quality_score", c.quality_score)
         self.attributes(f"{path}.attributes", c.attributes)
+        self.entry_points(f"{path}.test_entry_points", c.test_entry_points)
 
     def code(self, path: str, code: str) -> None:
         size = len(code.encode())
@@ -288,3 +340,13 @@ def validate(request: pb.ConnectRequest, limits: Limits) -> str:
     if check.violations:
         raise invalid(check.violations)
     return kind
+
+
+def validate_verdict(request: pb.SubmitVerdictRequest, limits: Limits) -> None:
+    """A validator's verdict, before it reaches the store: INVALID_ARGUMENT naming each field."""
+    check = _Checker(limits)
+    check.identifier("lease_id", request.lease_id)
+    if check.present("", request, "verdict"):
+        check.verdict("verdict", request.verdict)
+    if check.violations:
+        raise invalid(check.violations)

@@ -170,6 +170,7 @@ class BareHub(hub_pb2_grpc.HubServiceServicer):
     ListCollaborations = ListFeatureRequests = _unimplemented
     IssueToken = ListTokens = RevokeToken = _unimplemented
     Watch = _unimplemented  # type: ignore[assignment]  # a stream, refused before any item
+    ClaimValidation = SubmitVerdict = _unimplemented
 
 
 async def serve(mode: str, linger: float, keep_log: bool) -> None:

@@ -8,6 +8,7 @@ kernelhub-bench hot-spots PROFILE.txt [--top 10]
 kernelhub-bench soak [--trainers 200] [--duration 10m] [--rate 0.2] [--restart-every 2m]
 kernelhub-bench report-scale [--rows 1000000]
 kernelhub-bench join [--events 1000000] [--joins 5] [--json results.json]
+kernelhub-bench validation [--quick] [--json results.json]
 """
 
 from __future__ import annotations
@@ -133,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     join_parser.add_argument("--events", type=int, default=1_000_000, help="events in the log")
     join_parser.add_argument("--joins", type=int, default=5, help="measured joins per hub")
     join_parser.add_argument("--json", type=Path, help="write the result here")
+    validation = commands.add_parser(
+        "validation",
+        help="validators: components validated per second (1 and 2 validators), the "
+        "sandbox's overhead, share -> verdict time",
+    )
+    validation.add_argument("--quick", action="store_true", help="smoke sizes (~15 s)")
+    validation.add_argument("--json", type=Path, help="write the result here")
     return parser
 
 
@@ -292,6 +300,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .join import run  # imports the SDK and the hub's schema: only when asked
 
         return run(args.events, args.joins, args.json)
+    if args.command == "validation":
+        from .validation import print_validation, run_validation
+
+        result = asyncio.run(run_validation(args.quick))
+        print_validation(result)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return 0
     if args.command == "markdown":
         print(markdown(json.loads(args.results.read_text())), end="")
         return 0

@@ -171,3 +171,23 @@ def test_join_reports_a_fresh_agent_going_live_beside_an_empty_hub(tmp_path: Pat
         assert positive(result[key]), (key, result[key])
     assert len(result["full"]["join_seconds"]) == len(result["empty"]["join_seconds"]) == 2
     assert positive(result["full"]["resume_seconds"])
+
+
+@pytest.mark.timeout(180)
+def test_the_validation_scenario_reports_its_figures(tmp_path: Path) -> None:
+    out = tmp_path / "validation.json"
+    completed = subprocess.run(
+        [*bench_command(), "validation", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert completed.returncode == 0, f"{completed.stderr[-4000:]}\n{completed.stdout[-4000:]}"
+    assert "validated/s, 2 validators" in completed.stdout
+    result = json.loads(out.read_text())
+    for figure in ("validated_per_second_1", "validated_per_second_2", "two_vs_one"):
+        assert positive(result[figure]), (figure, result)
+    assert positive(result["sandbox"]["ratio"]) and positive(result["sandbox"]["sandboxed_seconds"])
+    assert positive(result["share_to_verdict"]["median_seconds"])

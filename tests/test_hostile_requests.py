@@ -61,7 +61,7 @@ async def _stream_status(call: grpc.aio.Call) -> grpc.aio.AioRpcError:
 async def test_query_rpcs_refuse_undecodable_bytes_unauthenticated_before_decoding(
     harness: HubHarness,
 ) -> None:
-    assert len(QUERIES) == 9  # the six queries and the three token RPCs
+    assert len(QUERIES) == 11  # six queries, three token RPCs, ClaimValidation, SubmitVerdict
     for method in QUERIES:
         for metadata in (None, [("authorization", "Bearer kh_not_a_real_token")]):
             error = await _unary(harness.channel, _path(method), GARBAGE, metadata)
@@ -74,9 +74,12 @@ async def test_query_rpcs_refuse_undecodable_bytes_unauthenticated_before_decodi
 async def test_query_rpcs_answer_undecodable_bytes_invalid_argument_with_a_token(
     harness: HubHarness,
 ) -> None:
-    metadata = auth(await harness.token("ops", role=Role.ADMIN))  # may call every one of them
+    metadata = auth(await harness.token("ops", role=Role.ADMIN))  # may call all but two
+    # The validators' RPCs with a token allowed to call them.
+    validator = auth(await harness.token("validator", role=Role.VALIDATOR))
     for method in QUERIES:
-        error = await _unary(harness.channel, _path(method), GARBAGE, metadata)
+        allowed = validator if method.name in ("ClaimValidation", "SubmitVerdict") else metadata
+        error = await _unary(harness.channel, _path(method), GARBAGE, allowed)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (method.name, error)
         assert f"not a valid {method.input_type.full_name}" in (error.details() or "")
     watch = _path(HUB.methods_by_name["Watch"])

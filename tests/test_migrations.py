@@ -46,9 +46,10 @@ TABLES = [
 
 
 # Columns migrations added after 0.1.0, with what each holds for the rows from before.
-ADDED_COLUMNS: dict[str, dict[str, str | None]] = {
+ADDED_COLUMNS: dict[str, dict[str, str | int | None]] = {
     "received_message": {"fingerprint": None},
     "token": {"role": "agent"},
+    "artifact": {"validation_state": 0},
 }
 
 

@@ -648,3 +648,135 @@ async def test_pruning_the_ledger_goes_a_batch_at_a_time(store: HubStore) -> Non
     assert first in (5, 8)
     assert first + await store.prune_ledger(later, 100) == 12
     assert await store.prune_ledger(later, 100) == 0
+
+
+# --- the validation queue -------------------------------------------------------------------
+
+
+def claim(validator: str, lease_ttl: float = 60.0, max_attempts: int = 3) -> cmd.ClaimValidation:
+    return cmd.ClaimValidation(validator, lease_ttl, max_attempts)
+
+
+def leased(outcome: Outcome) -> pb.ValidationLease:
+    assert outcome.lease, "no lease was given"
+    return pb.ValidationLease.FromString(outcome.lease)
+
+
+PASSED = pb.ValidationVerdict(state=pb.VALIDATION_STATE_PASSED, build_ok=True, tests_run=1)
+
+
+async def test_components_are_leased_oldest_first_each_to_one_validator(store: HubStore) -> None:
+    shared = await commit_ok(
+        store, [online("a"), share("a", "m1"), share_os("a", "m2"), share_os("a", "m3")]
+    )
+    first_component, second_component = shared[2].resource_id, shared[3].resource_id
+    one, two, none = await commit_ok(store, [claim("v1"), claim("v2"), claim("v1")])
+    # The pattern is not queued; the components go in the order they were shared, once each.
+    assert [leased(one).artifact.artifact_id, leased(two).artifact.artifact_id] == [
+        first_component,
+        second_component,
+    ]
+    assert leased(one).attempt == 1 and leased(one).lease_id != leased(two).lease_id
+    assert leased(one).artifact.validation_state == pb.VALIDATION_STATE_PENDING
+    assert not none.lease
+    # Nothing claimable: the claim says when the first lease runs out.
+    assert none.retry_at is not None
+    assert abs(none.retry_at.timestamp() - leased(one).expire_time.ToSeconds()) < 1
+
+
+async def test_a_verdict_is_stored_with_the_artifact_and_announced(store: HubStore) -> None:
+    shared = await commit_ok(store, [online("a"), share_os("a", "m1"), share("a", "m2")])
+    artifact_id = shared[1].resource_id
+    (claimed,) = await commit_ok(store, [claim("v1")])
+    lease = leased(claimed)
+    (verdict,) = await commit_ok(store, [cmd.SubmitVerdict("v1", lease.lease_id, PASSED)])
+    (event,) = verdict.events
+    assert event.recipients is None  # to every agent for now (subscriptions will narrow it)
+    validated = event.event.artifact_validated
+    assert validated.artifact_id == artifact_id and validated.contributor_id == "a"
+    assert validated.verdict.validator_id == "v1" and validated.verdict.validate_time.seconds
+    stored = await store.get_artifact(artifact_id)
+    assert stored is not None
+    assert stored.validation_state == pb.VALIDATION_STATE_PASSED
+    assert stored.verdict.state == pb.VALIDATION_STATE_PASSED and stored.verdict.build_ok
+    assert (await store.events_for("a", verdict.seq - 1, 10))[0].HasField("artifact_validated")
+    # The filter, and the counts.
+    page = await store.list_artifacts(0, 0, "", 10, "", None, pb.VALIDATION_STATE_PASSED)
+    assert [a.artifact_id for a in page.items] == [artifact_id]
+    assert not (
+        await store.list_artifacts(0, 0, "", 10, "", None, pb.VALIDATION_STATE_FAILED)
+    ).items
+    stats = await store.stats()
+    assert dict(stats.artifacts_by_validation_state) == {"VALIDATION_STATE_PASSED": 1}
+    # A resend of the same lease's verdict is answered as the first; nothing new is stored.
+    (again,) = await commit_ok(store, [cmd.SubmitVerdict("v1", lease.lease_id, PASSED)])
+    assert (again.seq, again.duplicate, again.events) == (verdict.seq, True, [])
+    (nothing,) = await commit_ok(store, [claim("v2")])
+    assert not nothing.lease and nothing.retry_at is None
+
+
+async def test_an_expired_lease_goes_to_the_next_validator_and_its_verdict_is_refused(
+    store: HubStore,
+) -> None:
+    await commit_ok(store, [online("a"), share_os("a", "m1")])
+    # A TTL of 0: the lease is over as soon as it is given, without waiting for a clock.
+    (first,) = await commit_ok(store, [claim("v1", lease_ttl=0)])
+    late = await store.commit([cmd.SubmitVerdict("v1", leased(first).lease_id, PASSED)])
+    assert isinstance(late[0], StatusError)
+    assert late[0].code == grpc.StatusCode.FAILED_PRECONDITION and "expired" in late[0].message
+    (second,) = await commit_ok(store, [claim("v2")])
+    assert leased(second).attempt == 2
+    assert leased(second).artifact.artifact_id == leased(first).artifact.artifact_id
+    older = await store.commit([cmd.SubmitVerdict("v1", leased(first).lease_id, PASSED)])
+    assert isinstance(older[0], StatusError) and "leased again" in older[0].message
+    stolen = await store.commit([cmd.SubmitVerdict("v3", leased(second).lease_id, PASSED)])
+    assert isinstance(stolen[0], StatusError)
+    assert stolen[0].code == grpc.StatusCode.PERMISSION_DENIED
+    unknown = await store.commit([cmd.SubmitVerdict("v2", "art_nope:1:00", PASSED)])
+    assert isinstance(unknown[0], StatusError) and unknown[0].code == grpc.StatusCode.NOT_FOUND
+    await commit_ok(store, [cmd.SubmitVerdict("v2", leased(second).lease_id, PASSED)])
+
+
+async def test_a_component_whose_every_lease_expired_gets_the_hubs_error_verdict(
+    store: HubStore,
+) -> None:
+    shared = await commit_ok(store, [online("a"), share_os("a", "m1"), share_os("a", "m2")])
+    doomed, other = shared[1].resource_id, shared[2].resource_id
+    (claimed,) = await commit_ok(store, [claim("v1", lease_ttl=0, max_attempts=1)])
+    assert leased(claimed).artifact.artifact_id == doomed
+    # A lease that expired puts its component behind those never tried.
+    (second,) = await commit_ok(store, [claim("v2", max_attempts=1)])
+    assert leased(second).artifact.artifact_id == other
+    (third,) = await commit_ok(store, [claim("v2", max_attempts=1)])
+    # The hub judged the first itself: its one lease expired.
+    assert not third.lease
+    (event,) = third.events
+    assert event.event.artifact_validated.artifact_id == doomed
+    assert event.event.sender_id == ""
+    stored = await store.get_artifact(doomed)
+    assert stored is not None and stored.validation_state == pb.VALIDATION_STATE_ERROR
+    assert "1 lease(s) expired" in stored.verdict.diagnostics
+
+
+async def test_pending_validations_survive_a_reopen(store_kind: str, open_store: OpenStore) -> None:
+    if store_kind == "memory":
+        pytest.skip("the memory store keeps nothing by design")
+    async with open_store() as store:
+        shared = await commit_ok(store, [online("a"), share_os("a", "m1"), share_os("a", "m2")])
+        (claimed,) = await commit_ok(store, [claim("v1")])
+    async with open_store() as store:
+        (again,) = await commit_ok(store, [claim("v2")])
+        assert leased(again).artifact.artifact_id == shared[2].resource_id
+        await commit_ok(store, [cmd.SubmitVerdict("v1", leased(claimed).lease_id, PASSED)])
+
+
+async def test_one_validator_holds_a_bounded_number_of_leases(store: HubStore) -> None:
+    await commit_ok(store, [online("a"), share_os("a", "m1"), share_os("a", "m2")])
+    await commit_ok(store, [share_os("a", "m3")])
+    limited = cmd.ClaimValidation("v1", 60.0, 3, max_leases=2)
+    await commit_ok(store, [limited, limited])
+    (refused,) = await store.commit([limited])
+    assert isinstance(refused, StatusError)
+    assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "2 leases" in refused.message
+    (other,) = await commit_ok(store, [claim("v2")])  # another validator is not held back
+    assert other.lease

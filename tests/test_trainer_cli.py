@@ -129,6 +129,7 @@ async def test_swarm_with_its_own_hub_ends_with_a_summary(tmp_path: Path) -> Non
     assert code == 0, err
     assert "Swarm summary" in out and "Hub totals" in out
     assert f"report written to {tmp_path / 'report.html'}" in out
+    assert "validated/passed/failed" in out  # the swarm's one validator by default
     for i in range(1, 5):
         assert f"AI_Node_{i}" in out
     # The swarm's hub persisted what its trainers did.
@@ -141,6 +142,12 @@ async def test_swarm_with_its_own_hub_ends_with_a_summary(tmp_path: Path) -> Non
         assert (
             stats.knowledge_base.pattern_count > 0 and stats.knowledge_base.code_component_count > 0
         )
+        # Every component is queued; what its validator judged in the time it had passed
+        # (how many it got to depends on the machine's speed: not asserted).
+        kb = stats.knowledge_base
+        judged = stats.artifacts_by_validation_state
+        assert sum(judged.values()) == kb.code_component_count + kb.os_component_count, judged
+        assert set(judged) <= {"VALIDATION_STATE_PENDING", "VALIDATION_STATE_PASSED"}, judged
         await harness.close()
         # The run report, written at the end of the run, counts what the hub holds.
         drawn = embedded_data((tmp_path / "report.html").read_text())

@@ -36,6 +36,8 @@ from trainer_service.simulation.swarm import (
     embedded_hub,
     run_swarm,
     summary_tables,
+    validator_ids,
+    validator_processes,
 )
 from trainer_service.simulation.trainer import NetworkedKernelTrainer, TrainingMetrics
 
@@ -230,6 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
         "embedded hub's database (needs the report extra: matplotlib)",
     )
     swarm.add_argument(
+        "--validators",
+        type=int,
+        default=1,
+        metavar="N",
+        help="validators to run beside the trainers (default 1, 0 for none), each a "
+        "`kernelhub-validator` process; with --hub their tokens come from --tokens-file "
+        "as validator_1..N",
+    )
+    swarm.add_argument(
+        "--validators-no-sandbox",
+        action="store_true",
+        help="run the validators with --no-sandbox (every verdict says so)",
+    )
+    swarm.add_argument(
         "--log-level",
         type=str.upper,
         choices=LOG_LEVELS,
@@ -346,27 +362,35 @@ async def _swarm(args: argparse.Namespace, console: Console) -> int:
     factory = _behavior_factory(args.behavior)
     credentials = _credentials(args)
     ids = agent_ids(args.count)
+    if args.validators < 0:
+        raise UsageError("--validators must be 0 or more")
+    validators = validator_ids(args.validators)
     stop = asyncio.Event()
     reported = True  # the report, if asked for, was written
 
     async def run_against(target: str, tokens: dict[str, str]) -> SwarmResult:
-        return await run_swarm(
-            target=target,
-            tokens=tokens,
-            count=args.count,
-            duration_seconds=args.duration,
-            seed=args.seed,
-            tempo=args.tempo,
-            credentials=credentials,
-            behavior_factory=factory,
-            console=console,
-            stop=stop,
-        )
+        async with validator_processes(
+            target,
+            {v: tokens[v] for v in validators},
+            sandbox=not args.validators_no_sandbox,
+        ):
+            return await run_swarm(
+                target=target,
+                tokens=tokens,
+                count=args.count,
+                duration_seconds=args.duration,
+                seed=args.seed,
+                tempo=args.tempo,
+                credentials=credentials,
+                behavior_factory=factory,
+                console=console,
+                stop=stop,
+            )
 
     with _graceful_stop(stop.set):
         if args.hub is not None:
             tokens = read_tokens_file(args.tokens_file)
-            missing = [agent_id for agent_id in ids if agent_id not in tokens]
+            missing = [agent_id for agent_id in ids + validators if agent_id not in tokens]
             if missing:
                 raise UsageError(f"{args.tokens_file} has no token for {', '.join(missing[:5])}")
             result = await run_against(args.hub, tokens)
@@ -375,7 +399,13 @@ async def _swarm(args: argparse.Namespace, console: Console) -> int:
             try:
                 async with contextlib.AsyncExitStack() as stack:
                     target, tokens, database_url = await stack.enter_async_context(
-                        embedded_hub(args.db, tempo=args.tempo, agents=ids, observers=observers)
+                        embedded_hub(
+                            args.db,
+                            tempo=args.tempo,
+                            agents=ids,
+                            observers=observers,
+                            validators=validators,
+                        )
                     )
                     if args.dashboard is not None:
                         dashboard = await stack.enter_async_context(

@@ -123,6 +123,10 @@ class SimulatedBehavior:
     """The prototype's simulated trainer: random but plausible numbers in its
     ranges, and real C from `codegen` instead of placeholder classes."""
 
+    async def on_verdict(self, ctx: BehaviorContext, validated: pb.ArtifactValidated) -> None:
+        """A verdict on one of its components: this simulation fixes nothing (the trainer
+        has already logged and counted it)."""
+
     async def generate_pattern(self, ctx: BehaviorContext) -> pb.Pattern:
         rng = ctx.rng
         name = ctx.specialization_name
@@ -146,9 +150,10 @@ class SimulatedBehavior:
             language="c",
             code=unit.code,
             dependencies=list(unit.dependencies),
-            test_coverage=rng.uniform(0.8, 0.95),
-            performance_score=rng.uniform(0.7, 0.9),
+            # test_coverage and performance_score stay unset: the validators' verdict
+            # (Artifact.verdict) measures coverage; a claimed number would be a guess.
             specialization=ctx.specialization,
+            test_entry_points=[unit.entry_point],
             attributes={"entry_point": unit.entry_point, "standard": "c99"},
         )
 
@@ -183,12 +188,8 @@ class SimulatedBehavior:
             language="c",
             implementation=unit.code,
             test_cases=list(unit.test_cases),
-            performance_metrics=pb.PerformanceMetrics(
-                cpu_usage=rng.uniform(0.1, 0.3),
-                memory_kib=rng.uniform(100.0, 500.0),
-                execution_time_seconds=rng.uniform(0.001, 0.01),
-            ),
-            quality_score=rng.uniform(0.7, 0.95),
+            # No performance_metrics or quality_score: the verdict is the measurement.
+            test_entry_points=[unit.entry_point],
             attributes={"request_id": request.request_id, "requester": request.requester_id},
         )
 
@@ -240,17 +241,20 @@ class SimulatedBehavior:
             language="c",
             implementation=unit.code,
             test_cases=list(unit.test_cases),
-            performance_metrics=pb.PerformanceMetrics(
-                cpu_usage=rng.uniform(0.1, 0.3),
-                memory_kib=rng.uniform(100.0, 800.0),
-                execution_time_seconds=rng.uniform(0.001, 0.02),
-            ),
-            quality_score=rng.uniform(0.7, 0.95),
+            test_entry_points=[unit.entry_point],
             attributes={
                 "session_id": collaboration.session_id,
                 "partners": f"{collaboration.initiator_id},{collaboration.target_id}",
             },
         )
+
+
+@runtime_checkable
+class VerdictHook(Protocol):
+    """Optional beside `Behavior`: told of each verdict on this trainer's own components (a
+    behaviour without it gets the trainer's default: logged and counted)."""
+
+    async def on_verdict(self, ctx: BehaviorContext, validated: pb.ArtifactValidated) -> None: ...
 
 
 def load_behavior(spec: str) -> Behavior:

@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -42,6 +45,50 @@ def agent_ids(count: int) -> list[str]:
     return [f"AI_Node_{i}" for i in range(1, count + 1)]
 
 
+def validator_ids(count: int) -> list[str]:
+    return [f"validator_{i}" for i in range(1, count + 1)]
+
+
+VALIDATOR_STOP_SECONDS: Final = 15.0  # a validator finishes its component, then exits
+
+
+@contextlib.asynccontextmanager
+async def validator_processes(
+    target: str, tokens: Mapping[str, str], *, sandbox: bool = True
+) -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """`kernelhub-validator run` per (id, token), each in its own process (the trainer never
+    imports the validator: it runs untrusted builds and should not share the swarm's loop);
+    stopped with SIGTERM when the block ends."""
+    processes: list[asyncio.subprocess.Process] = []
+    with tempfile.TemporaryDirectory(prefix="kernelhub-validators-") as directory:
+        try:
+            for validator_id, token in tokens.items():
+                token_file = Path(directory) / validator_id
+                token_file.write_text(token)
+                token_file.chmod(0o600)
+                argv = [sys.executable, "-m", "validator_service", "run", "--hub", target]
+                argv += ["--token-file", str(token_file), "--name", validator_id]
+                argv += ["--log-level", "WARNING"] + ([] if sandbox else ["--no-sandbox"])
+                processes.append(
+                    await asyncio.create_subprocess_exec(
+                        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL
+                    )
+                )
+            yield processes
+        finally:
+            for process in processes:
+                if process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.send_signal(signal.SIGTERM)
+            for process in processes:
+                try:
+                    await asyncio.wait_for(process.wait(), VALIDATOR_STOP_SECONDS)
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(process.pid, signal.SIGKILL)
+                    await process.wait()
+
+
 def specialization_for(index: int) -> str:
     """AI_Node_1 gets the first specialization, and so on round the eight."""
     return SPECIALIZATION_NAMES[index % len(SPECIALIZATION_NAMES)]
@@ -64,11 +111,17 @@ class EmbeddedHubUnavailable(RuntimeError):
 
 @contextlib.asynccontextmanager
 async def embedded_hub(
-    db: Path | None, *, tempo: float, agents: Sequence[str], observers: Sequence[str] = ()
+    db: Path | None,
+    *,
+    tempo: float,
+    agents: Sequence[str],
+    observers: Sequence[str] = (),
+    validators: Sequence[str] = (),
 ) -> AsyncIterator[tuple[str, dict[str, str], str]]:
     """Starts a hub in this process on SQLite (a temp dir unless `db`) and
-    issues a token per agent, and an observer token per `observers` name (a
-    dashboard's); yields (target, tokens, database URL)."""
+    issues a token per agent, an observer token per `observers` name (a
+    dashboard's) and a validator's per validator; yields (target, tokens,
+    database URL)."""
     try:
         from hub_service.config import HubConfig
         from hub_service.roles import Role
@@ -92,6 +145,8 @@ async def embedded_hub(
         tokens = await hub.issue_tokens(*agents)
         if observers:
             tokens |= await hub.issue_tokens(*observers, role=Role.OBSERVER)
+        if validators:
+            tokens |= await hub.issue_tokens(*validators, role=Role.VALIDATOR)
         yield hub.target, tokens, database_url
 
 
@@ -242,7 +297,8 @@ def summary_tables(result: SwarmResult) -> list[Table]:
     per_trainer.add_column("Shared", justify="right")
     per_trainer.add_column("Received", justify="right")
     per_trainer.add_column("Collaborations\nprop/acc/done", justify="right")
-    per_trainer.add_column("Features\nreq/impl/recv", justify="right")
+    per_trainer.add_column("Features\nreq/impl/recv/adopted", justify="right")
+    per_trainer.add_column("Components\nvalidated/passed/failed", justify="right")
     per_trainer.add_column("Errors", justify="right")
     per_trainer.add_column("Result")
     for t in result.trainers:
@@ -253,7 +309,9 @@ def summary_tables(result: SwarmResult) -> list[Table]:
             str(m.shared),
             str(m.artifacts_received),
             f"{m.collaborations_proposed}/{m.collaborations_accepted}/{m.collaborations_completed}",
-            f"{m.features_requested}/{m.features_implemented}/{m.features_received}",
+            f"{m.features_requested}/{m.features_implemented}/{m.features_received}"
+            f"/{m.features_adopted}",
+            f"{m.components_validated}/{m.components_passed}/{m.components_failed}",
             str(m.errors),
             _result(t),
         )
@@ -280,6 +338,15 @@ def summary_tables(result: SwarmResult) -> list[Table]:
                 )
                 for state, n in sorted(s.collaborations_by_state.items())
             ),
+            *(
+                (
+                    "Components "
+                    + state.removeprefix("VALIDATION_STATE_").lower().replace("_", " "),
+                    n,
+                )
+                for state, n in sorted(s.artifacts_by_validation_state.items())
+            ),
+            ("Validation pass rate", f"{s.validation_pass_rate:.0%}"),
             ("Head seq", s.head_seq),
         ]
         for name, value in rows:

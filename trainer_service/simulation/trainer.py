@@ -35,6 +35,7 @@ from trainer_service.simulation.behavior import (
     BehaviorContext,
     SimulatedBehavior,
     TrainerState,
+    VerdictHook,
 )
 from trainer_service.simulation.capabilities import (
     Specialization,
@@ -75,6 +76,12 @@ class TrainingMetrics:
     artifacts_received: int = 0
     syncs_received: int = 0
     errors: int = 0
+    # Verdicts on this trainer's own components (the validators' word, not its own).
+    components_validated: int = 0
+    components_passed: int = 0
+    components_failed: int = 0  # FAILED or TIMED_OUT: the code's fault
+    # Feature requests of this trainer for which it adopted a delivery that passed validation.
+    features_adopted: int = 0
 
     @property
     def shared(self) -> int:
@@ -83,6 +90,37 @@ class TrainingMetrics:
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+class Deliveries:
+    """The deliveries of this trainer's feature requests, and which it adopted: the best
+    validated one (PASSED, then the most line coverage, then the first). Bounded: the
+    oldest deliveries are forgotten."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self._request_of: dict[str, str] = {}  # artifact id -> request id, oldest first
+        self._adopted: dict[str, float] = {}  # request id -> coverage of the adopted one
+        self._limit = limit
+
+    def note(self, artifact_id: str, request_id: str) -> None:
+        self._request_of[artifact_id] = request_id
+        while len(self._request_of) > self._limit:
+            forgotten = self._request_of.pop(next(iter(self._request_of)))
+            if forgotten not in self._request_of.values():
+                self._adopted.pop(forgotten, None)
+
+    def judge(self, validated: pb.ArtifactValidated) -> tuple[str, bool] | None:
+        """(request id, whether it is the request's first adoption) if this verdict makes
+        its delivery the one to adopt; None otherwise."""
+        request_id = self._request_of.pop(validated.artifact_id, None)
+        verdict = validated.verdict
+        if request_id is None or verdict.state != pb.VALIDATION_STATE_PASSED:
+            return None
+        best = self._adopted.get(request_id)
+        if best is not None and verdict.line_coverage <= best:
+            return None
+        self._adopted[request_id] = verdict.line_coverage
+        return request_id, best is None
 
 
 class KnowledgeBase:
@@ -177,6 +215,7 @@ class NetworkedKernelTrainer:
 
         self.metrics = TrainingMetrics()
         self.knowledge = KnowledgeBase()
+        self._deliveries = Deliveries()  # of its feature requests, to adopt the best
         self.status = "idle"
         self.error: HubError | None = None
         self._log = logging.LoggerAdapter(logging.getLogger(__name__), {"agent_id": agent_id})
@@ -480,12 +519,15 @@ class NetworkedKernelTrainer:
         elif body == "feature_delivered":
             delivered = event.feature_delivered
             self.metrics.features_received += 1
+            self._deliveries.note(delivered.artifact.artifact_id, delivered.request_id)
             self.knowledge.learn(delivered.artifact)
             self._log.info(
                 "Feature delivered for request %s by %s",
                 delivered.request_id,
                 event.sender_id or delivered.artifact.contributor_id,
             )
+        elif body == "artifact_validated":
+            self._on_validated(event.artifact_validated)
         elif body == "collaboration_updated":
             self._on_collaboration(event, event.collaboration_updated.collaboration)
         elif body == "agent_joined":
@@ -496,6 +538,50 @@ class NetworkedKernelTrainer:
             )
         elif body == "agent_left":
             self._log.debug("%s left", event.agent_left.agent_id)
+
+    def _on_validated(self, validated: pb.ArtifactValidated) -> None:
+        """A verdict: on a delivery to this trainer, perhaps the one it adopts; on its own
+        component, counted, logged and handed to the behaviour's `on_verdict` hook."""
+        adopted = self._deliveries.judge(validated)
+        if adopted is not None:
+            request_id, first = adopted
+            if first:
+                self.metrics.features_adopted += 1
+            self._log.info(
+                "Adopted delivery %s from %s for request %s (%.0f%% line coverage)",
+                validated.artifact_id,
+                validated.contributor_id,
+                request_id,
+                validated.verdict.line_coverage * 100,
+            )
+        if validated.contributor_id != self.agent_id:
+            return
+        verdict = validated.verdict
+        self.metrics.components_validated += 1
+        state = pb.ValidationState.Name(verdict.state)
+        if verdict.state == pb.VALIDATION_STATE_PASSED:
+            self.metrics.components_passed += 1
+            self._log.info(
+                "Component %s PASSED (%d/%d self-tests, %.0f%% line coverage)",
+                validated.component_id,
+                verdict.tests_passed,
+                verdict.tests_run,
+                verdict.line_coverage * 100,
+            )
+        else:
+            if verdict.state in (pb.VALIDATION_STATE_FAILED, pb.VALIDATION_STATE_TIMED_OUT):
+                self.metrics.components_failed += 1
+            self._log.warning(
+                "Component %s %s: %s",
+                validated.component_id,
+                state.removeprefix("VALIDATION_STATE_"),
+                verdict.diagnostics.splitlines()[0] if verdict.diagnostics else "no diagnostics",
+            )
+        if isinstance(self.behavior, VerdictHook) and not self._stop.is_set():
+            self._spawn(
+                "react to a verdict",
+                self.behavior.on_verdict(self._context(self._event_rng), validated),
+            )
 
     async def _on_sync(self, sync: pb.TrainingSync) -> None:
         for agent in sync.active_agents:

@@ -81,7 +81,8 @@ class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType],
     """
     ROLE_VALIDATOR: _Role.ValueType  # 4
     """Builds and tests shared components and reports verdicts: the query
-    RPCs; it shares nothing (Connect is refused).
+    RPCs, ClaimValidation and SubmitVerdict; it shares nothing (Connect is
+    refused).
     """
 
 class Role(_Role, metaclass=_RoleEnumTypeWrapper):
@@ -107,7 +108,8 @@ ROLE_ADMIN: Role.ValueType  # 3
 """
 ROLE_VALIDATOR: Role.ValueType  # 4
 """Builds and tests shared components and reports verdicts: the query
-RPCs; it shares nothing (Connect is refused).
+RPCs, ClaimValidation and SubmitVerdict; it shares nothing (Connect is
+refused).
 """
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
@@ -238,6 +240,60 @@ ARTIFACT_KIND_OS_COMPONENT: ArtifactKind.ValueType  # 3
 collaborations produce).
 """
 Global___ArtifactKind: _TypeAlias = ArtifactKind  # noqa: Y015
+
+class _ValidationState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ValidationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ValidationState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VALIDATION_STATE_UNSPECIFIED: _ValidationState.ValueType  # 0
+    """Not validated and never will be: patterns, and artifacts stored before
+    the hub validated components. In a filter it means "any state".
+    """
+    VALIDATION_STATE_PENDING: _ValidationState.ValueType  # 1
+    """Shared and waiting for a validator (or leased to one)."""
+    VALIDATION_STATE_PASSED: _ValidationState.ValueType  # 2
+    """It built, and every declared self-test returned 0."""
+    VALIDATION_STATE_FAILED: _ValidationState.ValueType  # 3
+    """It did not build, a self-test failed or crashed, or it broke a sandbox
+    limit (memory, processes, output, file size, CPU).
+    """
+    VALIDATION_STATE_ERROR: _ValidationState.ValueType  # 4
+    """The validator itself failed (not the component's fault), or no
+    validator returned a verdict within the hub's attempts.
+    """
+    VALIDATION_STATE_UNSUPPORTED: _ValidationState.ValueType  # 5
+    """The validator has no toolchain for the component's language."""
+    VALIDATION_STATE_TIMED_OUT: _ValidationState.ValueType  # 6
+    """The build or a self-test ran out of wall-clock time."""
+
+class ValidationState(_ValidationState, metaclass=_ValidationStateEnumTypeWrapper):
+    """Where a component stands in validation (a validator builds and tests every
+    shared code and OS component in a sandbox; see `ValidationVerdict`).
+    """
+
+VALIDATION_STATE_UNSPECIFIED: ValidationState.ValueType  # 0
+"""Not validated and never will be: patterns, and artifacts stored before
+the hub validated components. In a filter it means "any state".
+"""
+VALIDATION_STATE_PENDING: ValidationState.ValueType  # 1
+"""Shared and waiting for a validator (or leased to one)."""
+VALIDATION_STATE_PASSED: ValidationState.ValueType  # 2
+"""It built, and every declared self-test returned 0."""
+VALIDATION_STATE_FAILED: ValidationState.ValueType  # 3
+"""It did not build, a self-test failed or crashed, or it broke a sandbox
+limit (memory, processes, output, file size, CPU).
+"""
+VALIDATION_STATE_ERROR: ValidationState.ValueType  # 4
+"""The validator itself failed (not the component's fault), or no
+validator returned a verdict within the hub's attempts.
+"""
+VALIDATION_STATE_UNSUPPORTED: ValidationState.ValueType  # 5
+"""The validator has no toolchain for the component's language."""
+VALIDATION_STATE_TIMED_OUT: ValidationState.ValueType  # 6
+"""The build or a self-test ran out of wall-clock time."""
+Global___ValidationState: _TypeAlias = ValidationState  # noqa: Y015
 
 class _Priority:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -520,6 +576,7 @@ class CodeComponent(_message.Message):
     PERFORMANCE_SCORE_FIELD_NUMBER: _builtins.int
     SPECIALIZATION_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    TEST_ENTRY_POINTS_FIELD_NUMBER: _builtins.int
     component_id: _builtins.str
     """Required, an identifier: the trainer's own id for the component."""
     name: _builtins.str
@@ -550,6 +607,15 @@ class CodeComponent(_message.Message):
         for the hub: a client's are refused (INVALID_ARGUMENT naming the entry).
         """
 
+    @_builtins.property
+    def test_entry_points(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional: at most 64 self-tests, each a C identifier (`[A-Za-z_]
+        [A-Za-z0-9_]*`, at most 64 characters, not `main`) naming a function
+        `int name(void)` in `code` that returns 0 when its test passes. The
+        validators run each one; their verdict (`Artifact.verdict`), not
+        `test_coverage` or `performance_score`, is what the hub vouches for.
+        """
+
     def __init__(
         self,
         *,
@@ -562,10 +628,11 @@ class CodeComponent(_message.Message):
         performance_score: _builtins.float = ...,
         specialization: Global___Specialization.ValueType = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        test_entry_points: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "code", b"code", "component_id", b"component_id", "dependencies", b"dependencies", "language", b"language", "name", b"name", "performance_score", b"performance_score", "specialization", b"specialization", "test_coverage", b"test_coverage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "code", b"code", "component_id", b"component_id", "dependencies", b"dependencies", "language", b"language", "name", b"name", "performance_score", b"performance_score", "specialization", b"specialization", "test_coverage", b"test_coverage", "test_entry_points", b"test_entry_points"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -639,6 +706,7 @@ class OsComponent(_message.Message):
     PERFORMANCE_METRICS_FIELD_NUMBER: _builtins.int
     QUALITY_SCORE_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    TEST_ENTRY_POINTS_FIELD_NUMBER: _builtins.int
     component_id: _builtins.str
     """Required, an identifier: the trainer's own id for the component."""
     name: _builtins.str
@@ -682,6 +750,15 @@ class OsComponent(_message.Message):
         trusted as the hub's word.
         """
 
+    @_builtins.property
+    def test_entry_points(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional: at most 64 self-tests, each a C identifier (`[A-Za-z_]
+        [A-Za-z0-9_]*`, at most 64 characters, not `main`) naming a function
+        `int name(void)` in `implementation` that returns 0 when its test
+        passes. The validators run each one; their verdict (`Artifact.verdict`),
+        not `quality_score`, is what the hub vouches for.
+        """
+
     def __init__(
         self,
         *,
@@ -695,10 +772,11 @@ class OsComponent(_message.Message):
         performance_metrics: Global___PerformanceMetrics | None = ...,
         quality_score: _builtins.float = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        test_entry_points: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["performance_metrics", b"performance_metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "component_id", b"component_id", "component_type", b"component_type", "implementation", b"implementation", "language", b"language", "name", b"name", "performance_metrics", b"performance_metrics", "quality_score", b"quality_score", "specializations", b"specializations", "test_cases", b"test_cases"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "component_id", b"component_id", "component_type", b"component_type", "implementation", b"implementation", "language", b"language", "name", b"name", "performance_metrics", b"performance_metrics", "quality_score", b"quality_score", "specializations", b"specializations", "test_cases", b"test_cases", "test_entry_points", b"test_entry_points"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -717,6 +795,8 @@ class Artifact(_message.Message):
     PATTERN_FIELD_NUMBER: _builtins.int
     CODE_COMPONENT_FIELD_NUMBER: _builtins.int
     OS_COMPONENT_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    VALIDATION_STATE_FIELD_NUMBER: _builtins.int
     artifact_id: _builtins.str
     """Hub-assigned id, unique in the hub."""
     kind: Global___ArtifactKind.ValueType
@@ -724,6 +804,10 @@ class Artifact(_message.Message):
     contributor_id: _builtins.str
     """The agent that shared it (set by the hub from the token, never by the
     client).
+    """
+    validation_state: Global___ValidationState.ValueType
+    """Where it stands in validation: PENDING from its share until a verdict,
+    then the verdict's state; UNSPECIFIED for patterns.
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -741,6 +825,12 @@ class Artifact(_message.Message):
     def os_component(self) -> Global___OsComponent:
         """A shared OS component."""
 
+    @_builtins.property
+    def verdict(self) -> Global___ValidationVerdict:
+        """The latest verdict of a validator (set once a component is validated;
+        unset while it is pending, and on patterns).
+        """
+
     def __init__(
         self,
         *,
@@ -751,16 +841,141 @@ class Artifact(_message.Message):
         pattern: Global___Pattern | None = ...,
         code_component: Global___CodeComponent | None = ...,
         os_component: Global___OsComponent | None = ...,
+        verdict: Global___ValidationVerdict | None = ...,
+        validation_state: Global___ValidationState.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["code_component", b"code_component", "content", b"content", "create_time", b"create_time", "os_component", b"os_component", "pattern", b"pattern"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["code_component", b"code_component", "content", b"content", "create_time", b"create_time", "os_component", b"os_component", "pattern", b"pattern", "verdict", b"verdict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "code_component", b"code_component", "content", b"content", "contributor_id", b"contributor_id", "create_time", b"create_time", "kind", b"kind", "os_component", b"os_component", "pattern", b"pattern"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "code_component", b"code_component", "content", b"content", "contributor_id", b"contributor_id", "create_time", b"create_time", "kind", b"kind", "os_component", b"os_component", "pattern", b"pattern", "validation_state", b"validation_state", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["pattern", "code_component", "os_component"]  # noqa: Y015
     _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
 
 Global___Artifact: _TypeAlias = Artifact  # noqa: Y015
+
+@_typing.final
+class SelfTestResult(_message.Message):
+    """One self-test a validator ran."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The entry point (from `test_entry_points`)."""
+    passed: _builtins.bool
+    """It returned 0 within the limits."""
+    detail: _builtins.str
+    """What happened, at most 200 characters: e.g. "returned 3", "killed by
+    SIGSEGV", "CPU time limit".
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        passed: _builtins.bool = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "name", b"name", "passed", b"passed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SelfTestResult: _TypeAlias = SelfTestResult  # noqa: Y015
+
+@_typing.final
+class ValidationVerdict(_message.Message):
+    """A validator's verdict on one component: what it built and measured in its
+    sandbox. Sent by the validator in `SubmitVerdict` (the hub sets
+    `validator_id` and `validate_time`), then shown on the artifact.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    BUILD_OK_FIELD_NUMBER: _builtins.int
+    DIAGNOSTICS_FIELD_NUMBER: _builtins.int
+    WARNING_COUNT_FIELD_NUMBER: _builtins.int
+    TESTS_RUN_FIELD_NUMBER: _builtins.int
+    TESTS_PASSED_FIELD_NUMBER: _builtins.int
+    LINE_COVERAGE_FIELD_NUMBER: _builtins.int
+    RUN_SECONDS_FIELD_NUMBER: _builtins.int
+    PEAK_MEMORY_KIB_FIELD_NUMBER: _builtins.int
+    TOOLCHAIN_FIELD_NUMBER: _builtins.int
+    VALIDATOR_ID_FIELD_NUMBER: _builtins.int
+    SANDBOXED_FIELD_NUMBER: _builtins.int
+    VALIDATE_TIME_FIELD_NUMBER: _builtins.int
+    TEST_RESULTS_FIELD_NUMBER: _builtins.int
+    state: Global___ValidationState.ValueType
+    """Required: the overall outcome, one of PASSED, FAILED, ERROR, UNSUPPORTED,
+    TIMED_OUT (UNSPECIFIED and PENDING: INVALID_ARGUMENT).
+    """
+    build_ok: _builtins.bool
+    """Optional: the component compiled and linked."""
+    diagnostics: _builtins.str
+    """Optional, free text (at most 4096 characters): the compiler's first
+    diagnostics, or why the build or a run failed.
+    """
+    warning_count: _builtins.int
+    """Optional: warnings the compiler reported."""
+    tests_run: _builtins.int
+    """Optional: self-tests run."""
+    tests_passed: _builtins.int
+    """Optional: self-tests that passed (at most `tests_run`)."""
+    line_coverage: _builtins.float
+    """Optional, a fraction (0.0 to 1.0): lines of the component executed by
+    its self-tests, measured (gcov), not claimed.
+    """
+    run_seconds: _builtins.float
+    """Optional: wall-clock seconds of build and tests, a finite number >= 0."""
+    peak_memory_kib: _builtins.int
+    """Optional: peak resident memory of the build or a test, in kibibytes."""
+    toolchain: _builtins.str
+    """Optional, a name (at most 200 characters): the toolchain and its
+    version, e.g. "gcc (Debian 12.2.0-14) 12.2.0".
+    """
+    validator_id: _builtins.str
+    """Set by the hub: the validator's agent id (from its token)."""
+    sandboxed: _builtins.bool
+    """Optional: built and run inside the sandbox (false: the validator ran
+    with --no-sandbox, and the verdict says so).
+    """
+    @_builtins.property
+    def validate_time(self) -> _timestamp_pb2.Timestamp:
+        """Set by the hub: when the verdict was stored."""
+
+    @_builtins.property
+    def test_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SelfTestResult]:
+        """Optional: at most 64 results, one per self-test run."""
+
+    def __init__(
+        self,
+        *,
+        state: Global___ValidationState.ValueType = ...,
+        build_ok: _builtins.bool = ...,
+        diagnostics: _builtins.str = ...,
+        warning_count: _builtins.int = ...,
+        tests_run: _builtins.int = ...,
+        tests_passed: _builtins.int = ...,
+        line_coverage: _builtins.float = ...,
+        run_seconds: _builtins.float = ...,
+        peak_memory_kib: _builtins.int = ...,
+        toolchain: _builtins.str = ...,
+        validator_id: _builtins.str = ...,
+        sandboxed: _builtins.bool = ...,
+        validate_time: _timestamp_pb2.Timestamp | None = ...,
+        test_results: _abc.Iterable[Global___SelfTestResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["validate_time", b"validate_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_ok", b"build_ok", "diagnostics", b"diagnostics", "line_coverage", b"line_coverage", "peak_memory_kib", b"peak_memory_kib", "run_seconds", b"run_seconds", "sandboxed", b"sandboxed", "state", b"state", "test_results", b"test_results", "tests_passed", b"tests_passed", "tests_run", b"tests_run", "toolchain", b"toolchain", "validate_time", b"validate_time", "validator_id", b"validator_id", "warning_count", b"warning_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValidationVerdict: _TypeAlias = ValidationVerdict  # noqa: Y015
 
 @_typing.final
 class FeatureRequirements(_message.Message):
@@ -1805,6 +2020,7 @@ class HubEvent(_message.Message):
     AGENT_JOINED_FIELD_NUMBER: _builtins.int
     AGENT_LEFT_FIELD_NUMBER: _builtins.int
     OMITTED_FIELD_NUMBER: _builtins.int
+    ARTIFACT_VALIDATED_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Hub-assigned, strictly increasing across the hub; resume from it."""
     sender_id: _builtins.str
@@ -1847,6 +2063,12 @@ class HubEvent(_message.Message):
         its `seq` like any other; nothing else of that event will be sent.
         """
 
+    @_builtins.property
+    def artifact_validated(self) -> Global___ArtifactValidated:
+        """A component was validated (to the contributor, and for now to every
+        other agent too).
+        """
+
     def __init__(
         self,
         *,
@@ -1860,16 +2082,57 @@ class HubEvent(_message.Message):
         agent_joined: Global___AgentJoined | None = ...,
         agent_left: Global___AgentLeft | None = ...,
         omitted: Global___EventOmitted | None = ...,
+        artifact_validated: Global___ArtifactValidated | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_joined", b"agent_joined", "agent_left", b"agent_left", "artifact_shared", b"artifact_shared", "body", b"body", "collaboration_updated", b"collaboration_updated", "create_time", b"create_time", "feature_delivered", b"feature_delivered", "feature_requested", b"feature_requested", "omitted", b"omitted"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_joined", b"agent_joined", "agent_left", b"agent_left", "artifact_shared", b"artifact_shared", "artifact_validated", b"artifact_validated", "body", b"body", "collaboration_updated", b"collaboration_updated", "create_time", b"create_time", "feature_delivered", b"feature_delivered", "feature_requested", b"feature_requested", "omitted", b"omitted"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_joined", b"agent_joined", "agent_left", b"agent_left", "artifact_shared", b"artifact_shared", "body", b"body", "collaboration_updated", b"collaboration_updated", "create_time", b"create_time", "feature_delivered", b"feature_delivered", "feature_requested", b"feature_requested", "omitted", b"omitted", "sender_id", b"sender_id", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_joined", b"agent_joined", "agent_left", b"agent_left", "artifact_shared", b"artifact_shared", "artifact_validated", b"artifact_validated", "body", b"body", "collaboration_updated", b"collaboration_updated", "create_time", b"create_time", "feature_delivered", b"feature_delivered", "feature_requested", b"feature_requested", "omitted", b"omitted", "sender_id", b"sender_id", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["artifact_shared", "feature_requested", "feature_delivered", "collaboration_updated", "agent_joined", "agent_left", "omitted"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["artifact_shared", "feature_requested", "feature_delivered", "collaboration_updated", "agent_joined", "agent_left", "omitted", "artifact_validated"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___HubEvent: _TypeAlias = HubEvent  # noqa: Y015
+
+@_typing.final
+class ArtifactValidated(_message.Message):
+    """A validator's verdict on a shared component."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACT_ID_FIELD_NUMBER: _builtins.int
+    CONTRIBUTOR_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    COMPONENT_ID_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    artifact_id: _builtins.str
+    """The component's artifact id."""
+    contributor_id: _builtins.str
+    """Who shared it."""
+    kind: Global___ArtifactKind.ValueType
+    """Its kind (CODE_COMPONENT or OS_COMPONENT)."""
+    component_id: _builtins.str
+    """Its `component_id`, as the contributor named it."""
+    @_builtins.property
+    def verdict(self) -> Global___ValidationVerdict:
+        """The verdict (also on the artifact from now on)."""
+
+    def __init__(
+        self,
+        *,
+        artifact_id: _builtins.str = ...,
+        contributor_id: _builtins.str = ...,
+        kind: Global___ArtifactKind.ValueType = ...,
+        component_id: _builtins.str = ...,
+        verdict: Global___ValidationVerdict | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["verdict", b"verdict"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "component_id", b"component_id", "contributor_id", b"contributor_id", "kind", b"kind", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArtifactValidated: _TypeAlias = ArtifactValidated  # noqa: Y015
 
 @_typing.final
 class EventOmitted(_message.Message):
@@ -2232,6 +2495,7 @@ class ListArtifactsRequest(_message.Message):
     CONTRIBUTOR_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    VALIDATION_STATE_FIELD_NUMBER: _builtins.int
     kind: Global___ArtifactKind.ValueType
     """Optional: only this kind (an unknown value: INVALID_ARGUMENT)."""
     specialization: Global___Specialization.ValueType
@@ -2248,6 +2512,10 @@ class ListArtifactsRequest(_message.Message):
     """Optional: `next_page_token` of the previous page; empty for the first
     (any other value: INVALID_ARGUMENT).
     """
+    validation_state: Global___ValidationState.ValueType
+    """Optional: only artifacts in this validation state (an unknown value:
+    INVALID_ARGUMENT), e.g. VALIDATION_STATE_PASSED for checked components.
+    """
     def __init__(
         self,
         *,
@@ -2256,10 +2524,11 @@ class ListArtifactsRequest(_message.Message):
         contributor_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        validation_state: Global___ValidationState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contributor_id", b"contributor_id", "kind", b"kind", "page_size", b"page_size", "page_token", b"page_token", "specialization", b"specialization"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contributor_id", b"contributor_id", "kind", b"kind", "page_size", b"page_size", "page_token", b"page_token", "specialization", b"specialization", "validation_state", b"validation_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2531,6 +2800,26 @@ class GetHubStatsResponse(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ArtifactsByValidationStateEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     AGENTS_KNOWN_FIELD_NUMBER: _builtins.int
     AGENTS_ONLINE_FIELD_NUMBER: _builtins.int
     KNOWLEDGE_BASE_FIELD_NUMBER: _builtins.int
@@ -2542,6 +2831,8 @@ class GetHubStatsResponse(_message.Message):
     OLDEST_SEQ_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
     WATCH_STREAMS_FIELD_NUMBER: _builtins.int
+    ARTIFACTS_BY_VALIDATION_STATE_FIELD_NUMBER: _builtins.int
+    VALIDATION_PASS_RATE_FIELD_NUMBER: _builtins.int
     agents_known: _builtins.int
     """Agents that ever said Hello."""
     agents_online: _builtins.int
@@ -2564,6 +2855,11 @@ class GetHubStatsResponse(_message.Message):
     """Live Watch streams (observers such as dashboards; not agents, so not
     in `agents_online`).
     """
+    validation_pass_rate: _builtins.float
+    """PASSED / (PASSED + FAILED + TIMED_OUT): how much of what validators
+    judged passed (0 when nothing was judged; ERROR and UNSUPPORTED are not
+    judgements on the code).
+    """
     @_builtins.property
     def knowledge_base(self) -> Global___KnowledgeBaseSummary:
         """Knowledge-base counts."""
@@ -2575,6 +2871,12 @@ class GetHubStatsResponse(_message.Message):
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """When this hub process started."""
+
+    @_builtins.property
+    def artifacts_by_validation_state(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Code and OS components per validation state name, e.g.
+        "VALIDATION_STATE_PASSED" (states with none are left out).
+        """
 
     def __init__(
         self,
@@ -2590,10 +2892,12 @@ class GetHubStatsResponse(_message.Message):
         oldest_seq: _builtins.int = ...,
         idempotency_window_seconds: _builtins.float = ...,
         watch_streams: _builtins.int = ...,
+        artifacts_by_validation_state: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        validation_pass_rate: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["knowledge_base", b"knowledge_base", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents_known", b"agents_known", "agents_online", b"agents_online", "collaborations_by_state", b"collaborations_by_state", "feature_delivery_count", b"feature_delivery_count", "head_seq", b"head_seq", "hub_version", b"hub_version", "idempotency_window_seconds", b"idempotency_window_seconds", "knowledge_base", b"knowledge_base", "oldest_seq", b"oldest_seq", "start_time", b"start_time", "watch_streams", b"watch_streams"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents_known", b"agents_known", "agents_online", b"agents_online", "artifacts_by_validation_state", b"artifacts_by_validation_state", "collaborations_by_state", b"collaborations_by_state", "feature_delivery_count", b"feature_delivery_count", "head_seq", b"head_seq", "hub_version", b"hub_version", "idempotency_window_seconds", b"idempotency_window_seconds", "knowledge_base", b"knowledge_base", "oldest_seq", b"oldest_seq", "start_time", b"start_time", "validation_pass_rate", b"validation_pass_rate", "watch_streams", b"watch_streams"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2914,3 +3218,156 @@ class RevokeTokenResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeTokenResponse: _TypeAlias = RevokeTokenResponse  # noqa: Y015
+
+@_typing.final
+class ClaimValidationRequest(_message.Message):
+    """Request for ClaimValidation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WAIT_SECONDS_FIELD_NUMBER: _builtins.int
+    wait_seconds: _builtins.float
+    """Optional: seconds to wait for a component when none is waiting, 0 to 30
+    (the hub's validation-max-wait; more: INVALID_ARGUMENT); 0 answers at
+    once. Set the call's deadline beyond it.
+    """
+    def __init__(
+        self,
+        *,
+        wait_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["wait_seconds", b"wait_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimValidationRequest: _TypeAlias = ClaimValidationRequest  # noqa: Y015
+
+@_typing.final
+class ClaimValidationResponse(_message.Message):
+    """Response of ClaimValidation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def lease(self) -> Global___ValidationLease:
+        """The component leased to you; unset when none came within the wait."""
+
+    def __init__(
+        self,
+        *,
+        lease: Global___ValidationLease | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClaimValidationResponse: _TypeAlias = ClaimValidationResponse  # noqa: Y015
+
+@_typing.final
+class ValidationLease(_message.Message):
+    """One component leased to one validator. Components are handed out oldest
+    first; each gets one verdict. A lease that expires passes the component
+    to the next validator that claims (after the hub's attempts, 3 by default,
+    the hub itself records an ERROR verdict: "no validator returned a
+    verdict").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    ARTIFACT_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    """Hub-assigned; name it in `SubmitVerdict`."""
+    attempt: _builtins.int
+    """1 for the first lease on this component, 2 after one expired, ..."""
+    @_builtins.property
+    def artifact(self) -> Global___Artifact:
+        """The component to build and test (kind CODE_COMPONENT or OS_COMPONENT)."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """A verdict after this is refused (FAILED_PRECONDITION); the lease's TTL
+        is the hub's validation-lease-ttl (120 s).
+        """
+
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        artifact: Global___Artifact | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        attempt: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "attempt", b"attempt", "expire_time", b"expire_time", "lease_id", b"lease_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ValidationLease: _TypeAlias = ValidationLease  # noqa: Y015
+
+@_typing.final
+class SubmitVerdictRequest(_message.Message):
+    """Request for SubmitVerdict."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    """Required, an identifier: the lease (unknown: NOT_FOUND; expired, or
+    another validator's: FAILED_PRECONDITION). Submitting the same lease's
+    verdict again after it was stored returns the first answer.
+    """
+    @_builtins.property
+    def verdict(self) -> Global___ValidationVerdict:
+        """Required: the verdict; its fields' limits are on `ValidationVerdict`
+        (a violation: INVALID_ARGUMENT naming the field).
+        """
+
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        verdict: Global___ValidationVerdict | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["verdict", b"verdict"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitVerdictRequest: _TypeAlias = SubmitVerdictRequest  # noqa: Y015
+
+@_typing.final
+class SubmitVerdictResponse(_message.Message):
+    """Response of SubmitVerdict."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    ARTIFACT_ID_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """The `seq` of the `artifact_validated` event."""
+    artifact_id: _builtins.str
+    """The artifact id the verdict was stored with."""
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        artifact_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_id", b"artifact_id", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitVerdictResponse: _TypeAlias = SubmitVerdictResponse  # noqa: Y015

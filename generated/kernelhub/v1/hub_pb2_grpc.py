@@ -91,6 +91,16 @@ class HubServiceStub:
                 request_serializer=kernelhub_dot_v1_dot_hub__pb2.RevokeTokenRequest.SerializeToString,
                 response_deserializer=kernelhub_dot_v1_dot_hub__pb2.RevokeTokenResponse.FromString,
                 _registered_method=True)
+        self.ClaimValidation = channel.unary_unary(
+                '/kernelhub.v1.HubService/ClaimValidation',
+                request_serializer=kernelhub_dot_v1_dot_hub__pb2.ClaimValidationRequest.SerializeToString,
+                response_deserializer=kernelhub_dot_v1_dot_hub__pb2.ClaimValidationResponse.FromString,
+                _registered_method=True)
+        self.SubmitVerdict = channel.unary_unary(
+                '/kernelhub.v1.HubService/SubmitVerdict',
+                request_serializer=kernelhub_dot_v1_dot_hub__pb2.SubmitVerdictRequest.SerializeToString,
+                response_deserializer=kernelhub_dot_v1_dot_hub__pb2.SubmitVerdictResponse.FromString,
+                _registered_method=True)
 
 
 class HubServiceServicer:
@@ -193,6 +203,27 @@ class HubServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClaimValidation(self, request, context):
+        """A validator takes one component to build and test: a lease on it, which
+        expires (`ValidationLease.expire_time`) unless a verdict comes first.
+        Waits up to `wait_seconds` for one; an empty response means none came.
+        One validator holds at most 4 unexpired leases (the hub's
+        validation-max-leases; beyond: RESOURCE_EXHAUSTED).
+        Validators only (ROLE_VALIDATOR; any other role: PERMISSION_DENIED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitVerdict(self, request, context):
+        """A validator reports the verdict on the component it holds a lease on.
+        The hub stores it with the artifact and commits an `artifact_validated`
+        event. Validators only (ROLE_VALIDATOR; any other role: PERMISSION_DENIED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HubServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -250,6 +281,16 @@ def add_HubServiceServicer_to_server(servicer, server):
                     servicer.RevokeToken,
                     request_deserializer=kernelhub_dot_v1_dot_hub__pb2.RevokeTokenRequest.FromString,
                     response_serializer=kernelhub_dot_v1_dot_hub__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'ClaimValidation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimValidation,
+                    request_deserializer=kernelhub_dot_v1_dot_hub__pb2.ClaimValidationRequest.FromString,
+                    response_serializer=kernelhub_dot_v1_dot_hub__pb2.ClaimValidationResponse.SerializeToString,
+            ),
+            'SubmitVerdict': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitVerdict,
+                    request_deserializer=kernelhub_dot_v1_dot_hub__pb2.SubmitVerdictRequest.FromString,
+                    response_serializer=kernelhub_dot_v1_dot_hub__pb2.SubmitVerdictResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -550,6 +591,60 @@ class HubService:
             '/kernelhub.v1.HubService/RevokeToken',
             kernelhub_dot_v1_dot_hub__pb2.RevokeTokenRequest.SerializeToString,
             kernelhub_dot_v1_dot_hub__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimValidation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kernelhub.v1.HubService/ClaimValidation',
+            kernelhub_dot_v1_dot_hub__pb2.ClaimValidationRequest.SerializeToString,
+            kernelhub_dot_v1_dot_hub__pb2.ClaimValidationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitVerdict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kernelhub.v1.HubService/SubmitVerdict',
+            kernelhub_dot_v1_dot_hub__pb2.SubmitVerdictRequest.SerializeToString,
+            kernelhub_dot_v1_dot_hub__pb2.SubmitVerdictResponse.FromString,
             options,
             channel_credentials,
             insecure,

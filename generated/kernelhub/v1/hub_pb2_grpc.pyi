@@ -121,6 +121,19 @@ class HubServiceStub:
     only). A live stream of a revoked token ends with UNAUTHENTICATED
     within the hub's `--token-recheck-interval`.
     """
+    ClaimValidation: _grpc.UnaryUnaryMultiCallable[_hub_pb2.ClaimValidationRequest, _hub_pb2.ClaimValidationResponse]
+    """A validator takes one component to build and test: a lease on it, which
+    expires (`ValidationLease.expire_time`) unless a verdict comes first.
+    Waits up to `wait_seconds` for one; an empty response means none came.
+    One validator holds at most 4 unexpired leases (the hub's
+    validation-max-leases; beyond: RESOURCE_EXHAUSTED).
+    Validators only (ROLE_VALIDATOR; any other role: PERMISSION_DENIED).
+    """
+    SubmitVerdict: _grpc.UnaryUnaryMultiCallable[_hub_pb2.SubmitVerdictRequest, _hub_pb2.SubmitVerdictResponse]
+    """A validator reports the verdict on the component it holds a lease on.
+    The hub stores it with the artifact and commits an `artifact_validated`
+    event. Validators only (ROLE_VALIDATOR; any other role: PERMISSION_DENIED).
+    """
 
 @_typing.type_check_only
 class HubServiceAsyncStub(HubServiceStub):
@@ -173,6 +186,19 @@ class HubServiceAsyncStub(HubServiceStub):
     """Revokes one token by id, or every token of an agent (admin tokens
     only). A live stream of a revoked token ends with UNAUTHENTICATED
     within the hub's `--token-recheck-interval`.
+    """
+    ClaimValidation: _aio.UnaryUnaryMultiCallable[_hub_pb2.ClaimValidationRequest, _hub_pb2.ClaimValidationResponse]  # type: ignore[assignment]
+    """A validator takes one component to build and test: a lease on it, which
+    expires (`ValidationLease.expire_time`) unless a verdict comes first.
+    Waits up to `wait_seconds` for one; an empty response means none came.
+    One validator holds at most 4 unexpired leases (the hub's
+    validation-max-leases; beyond: RESOURCE_EXHAUSTED).
+    Validators only (ROLE_VALIDATOR; any other role: PERMISSION_DENIED).
+    """
+    SubmitVerdict: _aio.UnaryUnaryMultiCallable[_hub_pb2.SubmitVerdictRequest, _hub_pb2.SubmitVerdictResponse]  # type: ignore[assignment]
+    """A validator reports the verdict on the component it holds a lease on.
+    The hub stores it with the artifact and commits an `artifact_validated`
+    event. Validators only (ROLE_VALIDATOR; any other role: PERMISSION_DENIED).
     """
 
 class HubServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -289,6 +315,31 @@ class HubServiceServicer(metaclass=_abc_1.ABCMeta):
         """Revokes one token by id, or every token of an agent (admin tokens
         only). A live stream of a revoked token ends with UNAUTHENTICATED
         within the hub's `--token-recheck-interval`.
+        """
+
+    @_abc_1.abstractmethod
+    def ClaimValidation(
+        self,
+        request: _hub_pb2.ClaimValidationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hub_pb2.ClaimValidationResponse, _abc.Awaitable[_hub_pb2.ClaimValidationResponse]]:
+        """A validator takes one component to build and test: a lease on it, which
+        expires (`ValidationLease.expire_time`) unless a verdict comes first.
+        Waits up to `wait_seconds` for one; an empty response means none came.
+        One validator holds at most 4 unexpired leases (the hub's
+        validation-max-leases; beyond: RESOURCE_EXHAUSTED).
+        Validators only (ROLE_VALIDATOR; any other role: PERMISSION_DENIED).
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitVerdict(
+        self,
+        request: _hub_pb2.SubmitVerdictRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hub_pb2.SubmitVerdictResponse, _abc.Awaitable[_hub_pb2.SubmitVerdictResponse]]:
+        """A validator reports the verdict on the component it holds a lease on.
+        The hub stores it with the artifact and commits an `artifact_validated`
+        event. Validators only (ROLE_VALIDATOR; any other role: PERMISSION_DENIED).
         """
 
 def add_HubServiceServicer_to_server(servicer: HubServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

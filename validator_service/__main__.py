@@ -1,0 +1,9 @@
+"""`python -m validator_service` is `kernelhub-validator`."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,316 @@
+"""The sandbox every untrusted step runs in: bubblewrap (no network, no host files but the
+toolchain, read-only; one scratch directory writable; own pid, user, ipc, uts namespaces;
+dies with the validator) around prlimit (CPU, address space, processes, file size, no core)
+and GNU time (peak memory), as an unprivileged uid, under a wall-clock timeout and an
+output cap. The validator only talks to it with asyncio subprocesses.
+
+`--no-sandbox` keeps the rlimits, the timeout and the cap but drops bubblewrap: the code
+then sees the host (every verdict says `sandboxed: false`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+BWRAP = "/usr/bin/bwrap"
+PRLIMIT = "/usr/bin/prlimit"
+GNU_TIME = "/usr/bin/time"
+SETPRIV = "/usr/bin/setpriv"
+NOBODY = 65534  # the uid and gid the code sees itself run as, inside the sandbox
+# Run by root, the validator gives each component a uid of its own from this range, outside:
+# the process limit counts one component's processes only, and no two components (nor the
+# leftovers of one killed) share anything a uid owns.
+UID_BASE, UID_COUNT = 200_000, 1_000_000
+# The toolchain: read-only, and all the code can see of the host.
+READ_ONLY = ("/usr", "/etc/alternatives")
+SCRATCH = "/work"  # where the scratch directory appears inside
+
+
+class SandboxUnavailable(RuntimeError):
+    """No working sandbox: the message says what is missing and what to do."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one step may take. The builder uses wider limits for the compiler."""
+
+    cpu_seconds: int = 10
+    wall_seconds: float = 30.0
+    memory_bytes: int = 512 * 1024 * 1024  # address space
+    processes: int = 64  # per uid: the compiler's own children fit, a fork bomb does not
+    file_bytes: int = 16 * 1024 * 1024
+    output_bytes: int = 64 * 1024  # stdout and stderr kept; beyond, the run is killed
+    # The scratch dir on the host's disk: FSIZE caps each file, this the whole dir (bytes
+    # and entries), checked every DISK_POLL seconds while a step runs; beyond, it is killed.
+    disk_bytes: int = 64 * 1024 * 1024
+    disk_entries: int = 4096
+
+
+@dataclass(frozen=True)
+class RunResult:
+    returncode: int  # the command's exit status (128 + N for a signal, as a shell says)
+    stdout: bytes
+    stderr: bytes
+    wall_seconds: float
+    peak_kib: int = 0
+    signal: int = 0  # the signal that killed the command (0: it exited)
+    timed_out: bool = False  # the wall clock ran out
+    output_exceeded: bool = False
+    disk_exceeded: bool = False
+
+    def why(self, limits: Limits) -> str:
+        """In words, what ended a run that did not exit 0."""
+        if self.timed_out:
+            return f"wall-clock limit ({limits.wall_seconds:g} s)"
+        if self.disk_exceeded:
+            return f"disk limit ({limits.disk_bytes} bytes, {limits.disk_entries} files)"
+        if self.output_exceeded:
+            return f"output limit ({limits.output_bytes} bytes)"
+        if self.signal == signal.SIGXCPU or (
+            self.signal == signal.SIGKILL and self.wall_seconds >= limits.cpu_seconds * 0.9
+        ):
+            return f"CPU time limit ({limits.cpu_seconds} s)"
+        if self.signal == signal.SIGXFSZ:
+            return f"file size limit ({limits.file_bytes} bytes)"
+        if self.signal:
+            return f"killed by {signal.Signals(self.signal).name}"
+        return f"exited with status {self.returncode}"
+
+
+class Sandbox:
+    def __init__(self, enabled: bool = True, bwrap: str = BWRAP) -> None:
+        self.enabled = enabled
+        self.bwrap = bwrap
+        self._as_root = os.geteuid() == 0
+
+    def _wrap(
+        self, argv: Sequence[str], scratch: Path, limits: Limits, peak_file: str, uid: int
+    ) -> list[str]:
+        limited = [
+            PRLIMIT,
+            f"--cpu={limits.cpu_seconds}",
+            f"--as={limits.memory_bytes}",
+            f"--nproc={limits.processes}",
+            f"--fsize={limits.file_bytes}",
+            "--core=0",
+            GNU_TIME,
+            "-f",
+            "%M",
+            "-o",
+            peak_file,
+            *argv,
+        ]
+        drop = [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
+        if not self.enabled:
+            return (drop if self._as_root else []) + limited
+        jail = [self.bwrap, "--unshare-all", "--die-with-parent", "--new-session"]
+        jail += ["--uid", str(NOBODY), "--gid", str(NOBODY)]
+        for path in READ_ONLY:
+            if Path(path).exists():
+                jail += ["--ro-bind", path, path]
+        for link in ("bin", "lib", "lib64", "sbin"):
+            if Path(f"/usr/{link}").exists():
+                jail += ["--symlink", f"usr/{link}", f"/{link}"]
+        jail += ["--proc", "/proc", "--dev", "/dev", "--bind", str(scratch), SCRATCH]
+        jail += ["--chdir", SCRATCH, "--clearenv", "--setenv", "PATH", "/usr/bin:/bin"]
+        jail += ["--setenv", "TMPDIR", f"{SCRATCH}/tmp", "--setenv", "HOME", SCRATCH]
+        # bubblewrap as the component's uid too: the processes the code makes count against
+        # that uid's process limit, not root's (which every root process on the host fills).
+        return (drop if self._as_root else []) + jail + ["--", *limited]
+
+    def prepare(self, scratch: Path) -> int:
+        """Make `scratch` the code's to write; returns the uid its runs use (`run(uid=)`)."""
+        (scratch / "tmp").mkdir(parents=True, exist_ok=True)
+        uid = UID_BASE + secrets.randbelow(UID_COUNT) if self._as_root else os.geteuid()
+        if self._as_root:
+            for path in (scratch, scratch / "tmp", *scratch.iterdir()):
+                os.chown(path, uid, uid)
+        return uid
+
+    def inside(self, path: Path, scratch: Path) -> str:
+        """A scratch path as the code sees it."""
+        return f"{SCRATCH}/{path.relative_to(scratch)}" if self.enabled else str(path)
+
+    async def run(
+        self, argv: Sequence[str], scratch: Path, limits: Limits, uid: int = NOBODY
+    ) -> RunResult:
+        """Run `argv` (paths as the code sees them) in the sandbox, in `scratch`, as `uid`
+        (from `prepare`)."""
+        peak_name = f".peak-{secrets.token_hex(4)}"
+        peak_host = scratch / peak_name
+        peak_file = f"{SCRATCH}/{peak_name}" if self.enabled else str(peak_host)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        process = await asyncio.create_subprocess_exec(
+            *self._wrap(argv, scratch, limits, peak_file, uid),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=scratch,
+            start_new_session=True,  # its own process group: killed whole
+            env={"PATH": "/usr/bin:/bin", "TMPDIR": str(scratch / "tmp"), "HOME": str(scratch)},
+        )
+        assert process.stdout is not None and process.stderr is not None
+        budget = [limits.output_bytes]
+        exceeded = asyncio.Event()
+
+        async def read(stream: asyncio.StreamReader) -> bytes:
+            kept = bytearray()
+            while chunk := await stream.read(65536):
+                room = budget[0]
+                kept += chunk[: max(room, 0)]
+                budget[0] -= len(chunk)
+                if budget[0] < 0:
+                    exceeded.set()  # the run is killed; what it still wrote is dropped
+            # Read to the end (EOF comes once the run is dead): a pipe left unread would
+            # keep its transport open past the run.
+            return bytes(kept)
+
+        readers = asyncio.gather(read(process.stdout), read(process.stderr))
+        disk_full = asyncio.Event()
+
+        async def watch_disk() -> None:
+            while True:
+                await asyncio.sleep(DISK_POLL)  # a poll's period, not a wait for a condition
+                size, entries = await asyncio.to_thread(_usage, scratch, limits.disk_entries)
+                if size > limits.disk_bytes or entries > limits.disk_entries:
+                    disk_full.set()
+                    exceeded.set()
+                    return
+
+        watcher = asyncio.ensure_future(watch_disk())
+        over: asyncio.Future[Any] = asyncio.ensure_future(exceeded.wait())
+        timed_out = False
+        try:
+            done, _ = await asyncio.wait(
+                {cast("asyncio.Future[Any]", readers), over},
+                timeout=limits.wall_seconds,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if not done:
+                timed_out = True
+            if timed_out or exceeded.is_set():
+                _kill(process)
+            stdout, stderr = await asyncio.wait_for(readers, timeout=10)
+            await asyncio.wait_for(process.wait(), timeout=10)
+        finally:
+            over.cancel()
+            watcher.cancel()
+            if process.returncode is None:
+                _kill(process)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(process.wait(), timeout=10)
+            readers.cancel()
+        wall = loop.time() - start
+        code = process.returncode if process.returncode is not None else -signal.SIGKILL
+        code = code if code >= 0 else 128 - code  # killed itself: as a shell says it
+        peak, killed_by = _read_time(peak_host)
+        if code > 128 and not killed_by:
+            killed_by = code - 128
+        return RunResult(
+            returncode=code,
+            stdout=stdout,
+            stderr=stderr,
+            wall_seconds=wall,
+            peak_kib=peak,
+            signal=killed_by,
+            timed_out=timed_out,
+            output_exceeded=exceeded.is_set() and not disk_full.is_set(),
+            disk_exceeded=disk_full.is_set(),
+        )
+
+    async def check(self) -> None:
+        """Prove the sandbox works here (a command inside it that must not see the network),
+        or raise SandboxUnavailable saying what is missing."""
+        needed = [PRLIMIT, GNU_TIME] + ([self.bwrap] if self.enabled else [])
+        if self._as_root:
+            needed.append(SETPRIV)
+        missing = _missing(needed)
+        if missing:
+            packages = {self.bwrap: "bubblewrap", PRLIMIT: "util-linux", GNU_TIME: "time"}
+            raise SandboxUnavailable(
+                f"missing {', '.join(missing)} (apt-get install "
+                f"{' '.join(sorted({packages.get(m, 'util-linux') for m in missing}))}); "
+                "or run with --no-sandbox, and every verdict will say it was not sandboxed"
+            )
+        if not self.enabled:
+            return
+        scratch = Path(tempfile_dir())
+        try:
+            uid = self.prepare(scratch)
+            result = await self.run(
+                ["/bin/sh", "-c", "echo ok"], scratch, Limits(wall_seconds=20), uid
+            )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if result.returncode != 0 or result.stdout.strip() != b"ok":
+            raise SandboxUnavailable(
+                f"bubblewrap cannot start a sandbox here (exit {result.returncode}: "
+                f"{result.stderr.decode(errors='replace').strip()[:300]}); it needs unprivileged "
+                "user namespaces (sysctl kernel.unprivileged_userns_clone=1); or run with "
+                "--no-sandbox, and every verdict will say it was not sandboxed"
+            )
+
+
+DISK_POLL = 0.05
+
+
+def _usage(root: Path, most: int) -> tuple[int, int]:
+    """Bytes (allocated, so sparse files count as what they take) and entries under `root`,
+    counting no further than `most` + 1 entries."""
+    size = entries = 0
+    stack = [str(root)]
+    while stack and entries <= most:
+        try:
+            with os.scandir(stack.pop()) as found:
+                for entry in found:
+                    entries += 1
+                    try:
+                        info = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    size += info.st_blocks * 512
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+        except OSError:
+            continue
+    return size, entries
+
+
+def _missing(paths: Sequence[str]) -> list[str]:
+    return [path for path in paths if not Path(path).exists()]
+
+
+def tempfile_dir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="kernelhub-validator-")
+
+
+def _kill(process: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def _read_time(path: Path) -> tuple[int, int]:
+    """GNU time's report: peak RSS in KiB, and the signal that killed the command (or 0)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()[-4:]
+    except OSError:
+        return 0, 0
+    peak = int(lines[-1]) if lines and lines[-1].strip().isdigit() else 0
+    killed = 0
+    for line in lines:
+        if line.startswith("Command terminated by signal "):
+            with contextlib.suppress(ValueError):
+                killed = int(line.rsplit(" ", 1)[1])
+    return peak, killed
