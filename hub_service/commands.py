@@ -32,6 +32,7 @@ from .models import (
 )
 from .outcomes import Outcome, RoutedEvent
 from .state import Command, StateTx
+from .subscriptions import tags_of
 from .validation import COLLABORATION_SESSION_ATTRIBUTE
 
 State = pb.CollaborationState
@@ -64,8 +65,10 @@ def emit(
     seq = tx.next_seq()
     event = pb.HubEvent(seq=seq, sender_id=sender, **body)
     event.create_time.CopyFrom(tx.now_pb)
-    tx.add_event(event, recipients)
-    outcome.events.append(RoutedEvent(event, recipients))
+    contributor = tx.agent(sender) if sender and recipients is None else None
+    tags = tags_of(event, contributor.specialization if contributor else 0)
+    tx.add_event(event, recipients, tags)
+    outcome.events.append(RoutedEvent(event, recipients, tags))
     outcome.seq = seq
     return seq
 
@@ -104,11 +107,8 @@ class AgentOnline:
         row.last_seen_at = tx.now
         tx.put_agent(row)
         _reset_deadlines(tx, self.agent_id)  # back in time: no longer held to the grace
-        outcome = Outcome(resource_id=self.agent_id)
-        emit(
-            tx, outcome, self.agent_id, None, agent_joined=pb.AgentJoined(agent=agent_to_proto(row))
-        )
-        return outcome
+        # Presence is state, not history: no event; the router tells who wants to know.
+        return Outcome(resource_id=self.agent_id, agent=agent_to_proto(row))
 
 
 @dataclass
@@ -126,7 +126,6 @@ class AgentOffline:
         row.last_seen_at = tx.now
         tx.put_agent(row)
         _reset_deadlines(tx, self.agent_id)
-        emit(tx, outcome, self.agent_id, None, agent_left=pb.AgentLeft(agent_id=self.agent_id))
         return outcome
 
 

@@ -5,7 +5,11 @@ in-flight window (a message's slot is freed only once its answer is written).
 Live events wait in a fixed-size queue; when it is full the connection stops
 taking live events and reads them back from the event log instead, in order,
 then rejoins the live feed. New connections start that way too, which is how
-replay after `resume_after_seq` works: one mechanism for both.
+replay after `resume_after_seq` works: one mechanism for both. The log is read with the
+stream's subscription, as the router filters live events with it.
+
+Presence (who is online) is not in the log: the roster, then changes keyed by agent, so a
+burst of joins costs a stream a few writes (at most one per presence linger).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from .errors import StatusError
 from .outcomes import Outcome
 from .ratelimit import ThrottledLog
 from .state import HubStore
+from .subscriptions import Filter
 
 log = logging.getLogger(__name__)
 # One line per interval however many connections send an oversized event.
@@ -34,6 +39,8 @@ _OMITTED = ThrottledLog(log, 10.0)
 
 LOG_RETRY_SECONDS = 0.5
 CATCH_UP_POLL_SECONDS = 0.05
+# Agents at most in one response's presence update (each is small: ~150 bytes).
+PRESENCE_PER_RESPONSE = 1024
 
 
 class Connection:
@@ -49,9 +56,22 @@ class Connection:
         replay_page_size: int,
         max_bytes: int,
         linger: float = 0.0,
+        presence_linger: float = 0.0,
     ) -> None:
         """`max_bytes`: what one response may carry (`paging.budget` of the message limit)."""
         self.agent_id = hello.agent_id
+        self.subscription = Filter.of(hello.subscription)
+        # Bumped by a Subscribe: a log read begun before it is not used.
+        self._epoch = 0
+        # Presence: the roster still to send (None: sent, or not following presence), and
+        # the changes since the last update, by agent (None: went offline), with the time
+        # the first of them came.
+        self._roster: list[pb.AgentInfo] | None = None
+        self._roster_sent = 0
+        self.roster_size = 0
+        self._presence: dict[str, pb.AgentInfo | None] = {}
+        self._presence_since = 0.0
+        self._presence_linger = presence_linger
         self.token_hash = token_hash  # re-checked while the stream lives (revocation)
         self.hello = hello
         self._window = asyncio.Semaphore(max_inflight)
@@ -109,6 +129,39 @@ class Connection:
         if len(self._events) in (1, self._per_response):
             # The sender knows of the rest: it looks at the queue when its linger ends.
             self._wake.set()
+
+    def start_roster(self, roster: list[pb.AgentInfo]) -> None:
+        """Send the roster (everyone online but this agent) before any presence change."""
+        self._roster = [a for a in roster if a.agent_id != self.agent_id]
+        self._roster_sent = 0
+        self.roster_size = len(self._roster)
+        self._presence.clear()  # the roster is newer
+        self._wake.set()
+
+    def presence_changed(self, agent_id: str, agent: pb.AgentInfo | None) -> None:
+        """An agent came online (`agent`) or went offline (None); the latest state wins."""
+        if not self._presence:
+            self._presence_since = time.monotonic()
+            self._wake.set()
+        self._presence[agent_id] = agent
+
+    def resubscribe(self, subscription: Filter, last_published_seq: int) -> int:
+        """Switch to `subscription`; returns the seq S it takes effect after. Live, every
+        event up to the last published one was offered under the old one: S is that seq.
+        Catching up, S is the cursor (what was queued under the old one): the log is read
+        from there with the new one, and a read under way is not used."""
+        if self.catching_up:
+            at = self.cursor
+            self._epoch += 1
+            self._joining = None
+        else:
+            at = self.cursor = max(self.cursor, last_published_seq)
+        self.subscription = subscription
+        if not subscription.presence:
+            self._roster = None
+            self.roster_size = 0
+            self._presence.clear()
+        return at
 
     def answer(self, message_id: str, result: Outcome | BaseException) -> None:
         """Queue the receipt or error for one message (its window slot is freed once sent)."""
@@ -187,7 +240,10 @@ class Connection:
                 if self.ended.is_set() or self._stopping:
                     break  # asked during the log read: its wake-up is not to be cleared
                 # Offers are not signalled while catching up: look at the log again soon.
-                await self._sleep(CATCH_UP_POLL_SECONDS if self.catching_up else None)
+                timeout = CATCH_UP_POLL_SECONDS if self.catching_up else None
+                if (due := self._presence_due()) is not None:
+                    timeout = due if timeout is None else min(timeout, due)
+                await self._sleep(timeout)
                 continue
             wait = last_write + self._linger - loop.time()
             if (
@@ -211,6 +267,14 @@ class Connection:
             async with asyncio.timeout(timeout):
                 await self._wake.wait()
 
+    def _presence_due(self) -> float | None:
+        """Seconds until presence is to be written (0: now), or None if none waits."""
+        if self._roster is not None:
+            return 0.0
+        if not self._presence:
+            return None
+        return max(0.0, self._presence_since + self._presence_linger - time.monotonic())
+
     def _has_output(self) -> bool:
         return bool(
             self._events
@@ -218,7 +282,42 @@ class Connection:
             or self._errors
             or self._sync
             or self._replay_end is not None
+            or self._presence_due() == 0.0
         )
+
+    def _take_presence(self, update: pb.PresenceUpdate, room: int) -> int:
+        """Fill `update` with the roster's next part, or (once it is sent) the changes, in
+        at most `room` bytes; returns the bytes used."""
+        used = 0
+        if self._roster is not None:
+            roster = self._roster
+            while self._roster_sent < len(roster) and len(update.online) < PRESENCE_PER_RESPONSE:
+                cost = paging.entry_bytes(roster[self._roster_sent])
+                if used + cost > room and update.online:
+                    return used
+                used += cost
+                update.online.append(roster[self._roster_sent])
+                self._roster_sent += 1
+            if self._roster_sent == len(roster):
+                update.roster_complete = True
+                self._roster = None
+            return used
+        if self._presence_due() != 0.0:
+            return 0
+        while self._presence and len(update.online) + len(update.offline) < PRESENCE_PER_RESPONSE:
+            agent_id, agent = next(iter(self._presence.items()))
+            cost = paging.entry_bytes(agent) if agent is not None else len(agent_id) + 3
+            if used + cost > room and (update.online or update.offline):
+                break
+            used += cost
+            del self._presence[agent_id]
+            if agent is None:
+                update.offline.append(agent_id)
+            else:
+                update.online.append(agent)
+        if self._presence:
+            self._presence_since = time.monotonic() - self._presence_linger  # the rest: next
+        return used
 
     async def _flush(self, write: Callable[[pb.ConnectResponse], Awaitable[None]]) -> None:
         """Write one response of what waits, never more than `max_bytes` of it.
@@ -251,6 +350,8 @@ class Connection:
                     room -= cost
                     response.training_sync.CopyFrom(self._sync)
                     self._sync = None
+            if self._presence_due() == 0.0:
+                room -= self._take_presence(response.presence, room // 2 if self._events else room)
             while self._events and len(response.events) < self._per_response:
                 event = self._events[0]
                 cost = paging.entry_bytes(event)
@@ -309,13 +410,16 @@ class Connection:
         they leave no gap, and `cursor` drops what both hold.
         """
         self._joining = []
+        epoch = self._epoch
         try:
             events = await self._store.events_for(
-                self.agent_id, self.cursor, self._replay_page, self._max_bytes
+                self.agent_id, self.cursor, self._replay_page, self._max_bytes, self.subscription
             )
         except BaseException:
             self._joining = None
             raise
+        if epoch != self._epoch:
+            return  # a Subscribe came during the read: read again with the new one
         joining, self._joining = self._joining, None
         for event in events:
             if event.seq > self.cursor:

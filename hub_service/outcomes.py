@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
+from .subscriptions import Tags
+
 
 @dataclass(frozen=True)
 class RoutedEvent:
@@ -14,6 +16,7 @@ class RoutedEvent:
 
     event: pb.HubEvent
     recipients: frozenset[str] | None
+    tags: Tags = field(default_factory=Tags)
 
 
 @dataclass
@@ -24,3 +27,5 @@ class Outcome:
     resource_id: str = ""
     duplicate: bool = False
     events: list[RoutedEvent] = field(default_factory=list)
+    # AgentOnline's answer: the agent as stored (its connect time), for presence.
+    agent: pb.AgentInfo | None = None

@@ -1,39 +1,121 @@
-"""Fan-out: hands each committed event to the live connections entitled to it.
+"""Fan-out: hands each committed event to the live connections entitled to it, and each
+change of presence to the connections that follow presence.
 
 This is the one seam between "committed" and "delivered". A multi-replica
 deployment would feed it from the shared database's notifications instead of
 the local committer; connections would not change.
+
+Connections are indexed by their subscription, per broadcast kind, under one of its terms
+(a contributor, else a specialization, else an artifact kind, else "all of the kind"): an
+event is offered to the connections indexed under its own terms, each checked against its
+whole filter. The cost of an event grows with the connections that may want it, not with
+every connection.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from generated.kernelhub.v1 import hub_pb2 as pb
+
 from .outcomes import Outcome
+from .subscriptions import ARTIFACTS, BROADCAST_KINDS, Filter, Tags
 
 if TYPE_CHECKING:
     from .connection import Connection
+
+Key = tuple[str, object]  # ("all", None), ("contributor", id), ("spec", n), ("artifact", n)
+
+
+def _keys(subscription: Filter, kind: int) -> list[Key]:
+    """The index keys a subscription is filed under for `kind` (none: it wants none)."""
+    if not subscription.wants(kind):
+        return []
+    if subscription.contributors:
+        return [("contributor", c) for c in sorted(subscription.contributors)]
+    if subscription.spec_mask:
+        return [("spec", s) for s in range(1, 64) if subscription.spec_mask & (1 << s)]
+    if kind == ARTIFACTS and subscription.artifact_kinds:
+        return [("artifact", a) for a in sorted(subscription.artifact_kinds)]
+    return [("all", None)]
+
+
+def _event_keys(tags: Tags) -> Iterator[Key]:
+    yield ("all", None)
+    yield ("contributor", tags.contributor)
+    mask = tags.spec_mask
+    spec = 0
+    while mask:
+        if mask & 1:
+            yield ("spec", spec)
+        mask >>= 1
+        spec += 1
+    if tags.kind == ARTIFACTS:
+        yield ("artifact", tags.artifact_kind)
 
 
 class Router:
     def __init__(self) -> None:
         self._connections: dict[str, Connection] = {}
+        # kind -> index key -> connections filed under it (insertion-ordered, as sets of
+        # keys of a dict, so fan-out order is stable).
+        self._index: dict[int, dict[Key, dict[Connection, None]]] = {
+            kind: {} for kind in BROADCAST_KINDS
+        }
+        # Who is online, as presence tells it: AgentOnline committed, the stream not ended.
+        self._online: dict[str, pb.AgentInfo] = {}
+        self._presence: dict[Connection, None] = {}  # connections that follow presence
         # Highest seq handed out; every event up to it is committed.
         self.last_published_seq = 0
+
+    # --- connections and their subscriptions ----------------------------------
 
     def attach(self, connection: Connection) -> Connection | None:
         """Make `connection` the agent's live one; returns the one it supersedes."""
         old = self._connections.get(connection.agent_id)
+        if old is not None:
+            self._unindex(old)
         self._connections[connection.agent_id] = connection
+        self._file(connection)
         return old
 
     def detach(self, connection: Connection) -> bool:
         """Forget `connection`; False if a newer one had already superseded it."""
         if self._connections.get(connection.agent_id) is connection:
             del self._connections[connection.agent_id]
+            self._unindex(connection)
             return True
         return False
+
+    def resubscribe(self, connection: Connection, subscription: Filter) -> int:
+        """Switch a live connection to `subscription`; returns the seq it takes effect
+        after (`Connection.resubscribe`)."""
+        attached = self._connections.get(connection.agent_id) is connection
+        if attached:
+            self._unindex(connection)
+        at = connection.resubscribe(subscription, self.last_published_seq)
+        if attached:
+            self._file(connection)
+            if connection.subscription.presence and connection.agent_id in self._online:
+                self._presence[connection] = None
+                connection.start_roster(self._roster())
+        return at
+
+    def _file(self, connection: Connection) -> None:
+        for kind, index in self._index.items():
+            for key in _keys(connection.subscription, kind):
+                index.setdefault(key, {})[connection] = None
+
+    def _unindex(self, connection: Connection) -> None:
+        self._presence.pop(connection, None)
+        for kind, index in self._index.items():
+            for key in _keys(connection.subscription, kind):
+                filed = index.get(key)
+                if filed is not None:
+                    filed.pop(connection, None)
+                    if not filed:
+                        del index[key]
 
     def is_connected(self, agent_id: str) -> bool:
         return agent_id in self._connections
@@ -43,6 +125,43 @@ class Router:
 
     def __len__(self) -> int:
         return len(self._connections)
+
+    # --- presence -----------------------------------------------------------------
+
+    def came_online(self, connection: Connection, agent: pb.AgentInfo) -> None:
+        """`connection`'s AgentOnline committed: it gets the roster (if it follows presence),
+        the others the change, unless a stream it superseded had announced the same."""
+        if self._connections.get(connection.agent_id) is not connection:
+            return  # already superseded or gone
+        agent.online = True
+        before = self._online.get(connection.agent_id)
+        if connection.subscription.presence:
+            connection.start_roster(self._roster())
+        self._online.pop(connection.agent_id, None)  # re-inserted last: roster order
+        self._online[connection.agent_id] = agent
+        if connection.subscription.presence:
+            self._presence[connection] = None
+        if before is None or not _same(before, agent):
+            self._announce(connection.agent_id, agent)
+
+    def went_offline(self, agent_id: str) -> None:
+        """The agent's live stream ended (and no newer one took over)."""
+        if self._online.pop(agent_id, None) is not None:
+            self._announce(agent_id, None)
+
+    def _roster(self) -> list[pb.AgentInfo]:
+        return list(self._online.values())
+
+    def _announce(self, agent_id: str, agent: pb.AgentInfo | None) -> None:
+        for connection in self._presence:
+            if connection.agent_id != agent_id:
+                connection.presence_changed(agent_id, agent)
+
+    @property
+    def online_count(self) -> int:
+        return len(self._online)
+
+    # --- events ---------------------------------------------------------------------
 
     def resync(self) -> None:
         """A commit failed in a way that may still have committed: every connection reads
@@ -55,10 +174,34 @@ class Router:
             event = routed.event
             self.last_published_seq = max(self.last_published_seq, event.seq)
             if routed.recipients is None:
-                for agent_id, connection in self._connections.items():
-                    if agent_id != event.sender_id:
+                for connection in self._interested(routed.tags):
+                    if connection.agent_id != event.sender_id:
                         connection.offer(event)
             else:
                 for agent_id in routed.recipients:
                     if (recipient := self._connections.get(agent_id)) is not None:
                         recipient.offer(event)
+
+    def _interested(self, tags: Tags) -> Iterable[Connection]:
+        """The connections whose subscription matches `tags`, each once."""
+        index = self._index.get(tags.kind)
+        if index is None:
+            return ()
+        filed = [c for key in _event_keys(tags) if (c := index.get(key))]
+        if len(filed) == 1:
+            return [c for c in filed[0] if c.subscription.matches(tags)]
+        seen: dict[Connection, None] = {}
+        for connections in filed:
+            for connection in connections:
+                if connection not in seen and connection.subscription.matches(tags):
+                    seen[connection] = None
+        return seen
+
+
+def _same(a: pb.AgentInfo, b: pb.AgentInfo) -> bool:
+    """Whether a reconnect changed what presence tells (its time does not count)."""
+    return (
+        a.specialization == b.specialization
+        and list(a.capabilities) == list(b.capabilities)
+        and a.version == b.version
+    )

@@ -16,7 +16,6 @@ from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf.message import DecodeError
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
@@ -32,6 +31,7 @@ from .outcomes import Outcome
 from .ratelimit import BucketTable, TokenBucket
 from .router import Router
 from .state import HubStore
+from .subscriptions import Filter
 from .training_sync import TrainingSyncs
 from .validation import validate, validate_batch, validate_hello
 
@@ -93,6 +93,7 @@ class Sessions:
             replay_page_size=self._config.replay_page_size,
             max_bytes=self._budget,
             linger=self._config.stream_linger,
+            presence_linger=self._config.presence_linger,
         )
         if hello.skip_history:
             connection.cursor = max(connection.cursor, self._router.last_published_seq)
@@ -107,13 +108,16 @@ class Sessions:
         reader: asyncio.Task[None] | None = None
         try:
             online = await self._committer.submit(cmd.AgentOnline(agent_id, hello))
-            connection.connected_time = _last_seen(online)
+            if online.agent is not None:
+                connection.connected_time = online.agent.last_seen_time
+                self._router.came_online(connection, online.agent)
             welcome = pb.Welcome(
                 agent_id=agent_id,
                 head_seq=start if hello.skip_history else self._router.last_published_seq,
                 training_sync_interval_seconds=self._config.training_sync_interval,
                 hub_version=__version__,
                 max_batch_requests=self._config.limits.max_batch_requests,
+                roster_size=connection.roster_size,
             )
             connection.send_sync(await self._syncs.compose(connection))
             sender = asyncio.create_task(connection.run_sender(welcome, context.write))
@@ -171,6 +175,7 @@ class Sessions:
         if sender is not None:
             await self._stop_sender(connection, sender)
         if self._router.detach(connection):
+            self._router.went_offline(connection.agent_id)
             with contextlib.suppress(StatusError, TimeoutError):
                 await asyncio.wait_for(
                     self._committer.submit(cmd.AgentOffline(connection.agent_id)),
@@ -284,6 +289,12 @@ class Sessions:
             if (limited := _rate_limited(bucket)) is not None:
                 raise limited
             kind = validate(request, self._config.limits)
+            if kind == "subscribe":
+                # Not stored: the stream's own state, switched at a seq the receipt names.
+                subscription = Filter.of(request.subscribe.subscription)
+                at = self._router.resubscribe(connection, subscription)
+                connection.answer(request.message_id, Outcome(seq=at))
+                return
             await self._committer.enqueue(
                 to_command(connection.agent_id, request, kind),
                 partial(connection.answer, request.message_id),
@@ -309,16 +320,6 @@ class Sessions:
             connection.end(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
         await asyncio.gather(*(finish(c) for c in self._router.connections()))
-
-
-def _last_seen(online: Outcome) -> Timestamp | None:
-    """The connect time the hub stored, from AgentOnline's `agent_joined` event."""
-    for routed in online.events:
-        if routed.event.HasField("agent_joined"):
-            seen = Timestamp()
-            seen.CopyFrom(routed.event.agent_joined.agent.last_seen_time)
-            return seen
-    return None
 
 
 def _rate_limited(bucket: TokenBucket | None) -> StatusError | None:

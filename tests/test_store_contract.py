@@ -158,13 +158,15 @@ async def test_a_batch_gets_increasing_seqs(store: HubStore) -> None:
         ],
     )
     seqs = [o.seq for o in outcomes]
-    assert seqs == [1, 2, 3, 4, 5]
-    assert [e.event.seq for o in outcomes for e in o.events] == seqs
-    assert await store.head_seq() == 5
+    # Presence is state, not an event: the connect takes no seq.
+    assert seqs == [0, 1, 2, 3, 4]
+    assert outcomes[0].events == [] and outcomes[0].agent is not None
+    assert [e.event.seq for o in outcomes for e in o.events] == seqs[1:]
+    assert await store.head_seq() == 4
     assert outcomes[1].resource_id != outcomes[2].resource_id
     assert outcomes[3].resource_id.startswith("feat_")
     more = await commit_ok(store, [share("a", "m5", "p5")])
-    assert more[0].seq == 6
+    assert more[0].seq == 5
 
 
 async def test_a_refused_command_does_not_sink_its_batch_mates(store: HubStore) -> None:
@@ -188,7 +190,7 @@ async def test_a_refused_command_does_not_sink_its_batch_mates(store: HubStore) 
     assert [e.code for e in refused] == [grpc.StatusCode.NOT_FOUND] * 2
     assert "collab_unknown" in refused[0].message and "nobody" in refused[1].message
     committed = [r for r in results if isinstance(r, Outcome)]
-    assert [o.seq for o in committed] == [1, 2, 3]
+    assert [o.seq for o in committed] == [0, 1, 2]  # presence takes no seq
     assert await artifact_count(store) == 2
     # A refused message is not remembered: sending it again is evaluated again.
     again = await store.commit([cmd.CollaborationStep("a", "m2", "collab_unknown", Step.ACCEPT)])
@@ -307,33 +309,31 @@ async def test_events_for_delivers_only_what_each_agent_is_entitled_to(store: Hu
                     entitled = agent in routed.recipients
                 if entitled:
                     expected[agent].append(routed.event.seq)
-    # Sanity: the scenario exercises every rule.
-    assert expected["a"] == [2, 3, 5, 8]
-    assert expected["b"] == [1, 3, 4, 5, 6, 7]
-    assert expected["c"] == [1, 2, 4, 7, 8]
+    # Sanity: the scenario exercises every rule. Presence makes no event.
+    assert expected["a"] == [2, 5]
+    assert expected["b"] == [1, 2, 3, 4]
+    assert expected["c"] == [1, 4, 5]
     # An agent that never said hello still gets broadcasts.
-    assert expected["d"] == [1, 2, 3, 4, 7, 8]
+    assert expected["d"] == [1, 4, 5]
 
     for agent, seqs in expected.items():
         events = await store.events_for(agent, 0, 100)
         assert [e.seq for e in events] == seqs, agent
     b_events = await store.events_for("b", 0, 100)
     assert [e.WhichOneof("body") for e in b_events] == [
-        "agent_joined",
-        "agent_joined",
         "artifact_shared",
         "collaboration_updated",
         "feature_requested",
         "feature_requested",
     ]
-    assert b_events[4].sender_id == "c"
-    assert list(b_events[4].feature_requested.request.routed_to) == ["b"]
+    assert b_events[2].sender_id == "c"
+    assert list(b_events[2].feature_requested.request.routed_to) == ["b"]
 
     # limit and after_seq page through the same sequence.
-    assert [e.seq for e in await store.events_for("b", 0, 2)] == [1, 3]
-    assert [e.seq for e in await store.events_for("b", 3, 2)] == [4, 5]
-    assert [e.seq for e in await store.events_for("b", 7, 10)] == []
-    assert [e.seq for e in await store.events_for("c", 2, 100)] == [4, 7, 8]
+    assert [e.seq for e in await store.events_for("b", 0, 2)] == [1, 2]
+    assert [e.seq for e in await store.events_for("b", 2, 2)] == [3, 4]
+    assert [e.seq for e in await store.events_for("b", 4, 10)] == []
+    assert [e.seq for e in await store.events_for("c", 2, 100)] == [4, 5]
 
 
 async def test_hub_raised_events_reach_both_partners(open_store: OpenStore) -> None:

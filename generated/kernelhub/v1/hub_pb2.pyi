@@ -265,6 +265,52 @@ COLLABORATION_STATE_EXPIRED: CollaborationState.ValueType  # 5
 """A deadline passed or a partner stayed offline too long."""
 Global___CollaborationState: _TypeAlias = CollaborationState  # noqa: Y015
 
+class _EventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_KIND_UNSPECIFIED: _EventKind.ValueType  # 0
+    """Not set; rejected in a subscription."""
+    EVENT_KIND_ARTIFACTS: _EventKind.ValueType  # 1
+    """`artifact_shared` events."""
+    EVENT_KIND_FEATURE_REQUESTS: _EventKind.ValueType  # 2
+    """`feature_requested` events broadcast to every agent (a request routed to
+    you by capability always comes, as does `feature_delivered`).
+    """
+    EVENT_KIND_COLLABORATIONS: _EventKind.ValueType  # 3
+    """`collaboration_updated` events. They only ever go to the session's two
+    partners, so they come whatever the subscription says; listed for
+    completeness.
+    """
+    EVENT_KIND_PRESENCE: _EventKind.ValueType  # 4
+    """Presence: the roster of who is online after Welcome, then its changes
+    (`ConnectResponse.presence`). Never part of the event log.
+    """
+
+class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
+    """The kinds of thing a trainer can subscribe to (`Subscription.event_kinds`)."""
+
+EVENT_KIND_UNSPECIFIED: EventKind.ValueType  # 0
+"""Not set; rejected in a subscription."""
+EVENT_KIND_ARTIFACTS: EventKind.ValueType  # 1
+"""`artifact_shared` events."""
+EVENT_KIND_FEATURE_REQUESTS: EventKind.ValueType  # 2
+"""`feature_requested` events broadcast to every agent (a request routed to
+you by capability always comes, as does `feature_delivered`).
+"""
+EVENT_KIND_COLLABORATIONS: EventKind.ValueType  # 3
+"""`collaboration_updated` events. They only ever go to the session's two
+partners, so they come whatever the subscription says; listed for
+completeness.
+"""
+EVENT_KIND_PRESENCE: EventKind.ValueType  # 4
+"""Presence: the roster of who is online after Welcome, then its changes
+(`ConnectResponse.presence`). Never part of the event log.
+"""
+Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
+
 @_typing.final
 class AgentInfo(_message.Message):
     """One known agent and what it can do."""
@@ -869,6 +915,7 @@ class ConnectRequest(_message.Message):
     REPORT_COLLABORATION_PROGRESS_FIELD_NUMBER: _builtins.int
     COMPLETE_COLLABORATION_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
+    SUBSCRIBE_FIELD_NUMBER: _builtins.int
     message_id: _builtins.str
     """Client-chosen idempotency key, unique per agent (a UUID is a good
     choice), at most 128 characters. The receipt or error echoes it. A
@@ -927,6 +974,12 @@ class ConnectRequest(_message.Message):
     def batch(self) -> Global___RequestBatch:
         """Several messages in one: fewer, larger stream messages for throughput."""
 
+    @_builtins.property
+    def subscribe(self) -> Global___Subscribe:
+        """Replace this stream's subscription (what the hub sends you); answered
+        by a Receipt whose `seq` is where the new one starts.
+        """
+
     def __init__(
         self,
         *,
@@ -943,12 +996,13 @@ class ConnectRequest(_message.Message):
         report_collaboration_progress: Global___ReportCollaborationProgress | None = ...,
         complete_collaboration: Global___CompleteCollaboration | None = ...,
         batch: Global___RequestBatch | None = ...,
+        subscribe: Global___Subscribe | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accept_collaboration", b"accept_collaboration", "batch", b"batch", "body", b"body", "complete_collaboration", b"complete_collaboration", "decline_collaboration", b"decline_collaboration", "deliver_feature", b"deliver_feature", "hello", b"hello", "propose_collaboration", b"propose_collaboration", "report_collaboration_progress", b"report_collaboration_progress", "request_feature", b"request_feature", "share_code_component", b"share_code_component", "share_os_component", b"share_os_component", "share_pattern", b"share_pattern"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accept_collaboration", b"accept_collaboration", "batch", b"batch", "body", b"body", "complete_collaboration", b"complete_collaboration", "decline_collaboration", b"decline_collaboration", "deliver_feature", b"deliver_feature", "hello", b"hello", "propose_collaboration", b"propose_collaboration", "report_collaboration_progress", b"report_collaboration_progress", "request_feature", b"request_feature", "share_code_component", b"share_code_component", "share_os_component", b"share_os_component", "share_pattern", b"share_pattern", "subscribe", b"subscribe"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_collaboration", b"accept_collaboration", "batch", b"batch", "body", b"body", "complete_collaboration", b"complete_collaboration", "decline_collaboration", b"decline_collaboration", "deliver_feature", b"deliver_feature", "hello", b"hello", "message_id", b"message_id", "propose_collaboration", b"propose_collaboration", "report_collaboration_progress", b"report_collaboration_progress", "request_feature", b"request_feature", "share_code_component", b"share_code_component", "share_os_component", b"share_os_component", "share_pattern", b"share_pattern"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_collaboration", b"accept_collaboration", "batch", b"batch", "body", b"body", "complete_collaboration", b"complete_collaboration", "decline_collaboration", b"decline_collaboration", "deliver_feature", b"deliver_feature", "hello", b"hello", "message_id", b"message_id", "propose_collaboration", b"propose_collaboration", "report_collaboration_progress", b"report_collaboration_progress", "request_feature", b"request_feature", "share_code_component", b"share_code_component", "share_os_component", b"share_os_component", "share_pattern", b"share_pattern", "subscribe", b"subscribe"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "share_pattern", "share_code_component", "share_os_component", "request_feature", "deliver_feature", "propose_collaboration", "accept_collaboration", "decline_collaboration", "report_collaboration_progress", "complete_collaboration", "batch"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "share_pattern", "share_code_component", "share_os_component", "request_feature", "deliver_feature", "propose_collaboration", "accept_collaboration", "decline_collaboration", "report_collaboration_progress", "complete_collaboration", "batch", "subscribe"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -1024,6 +1078,7 @@ class Hello(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     RESUME_AFTER_SEQ_FIELD_NUMBER: _builtins.int
     SKIP_HISTORY_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTION_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Required, an identifier; must equal the agent id bound to the token,
     else PERMISSION_DENIED.
@@ -1072,6 +1127,16 @@ class Hello(_message.Message):
         performance: optimization, benchmarking, performance_analysis.
         """
 
+    @_builtins.property
+    def subscription(self) -> Global___Subscription:
+        """Optional: what this stream receives, for the replay and live alike (see
+        `Subscription`; its rules are checked like any field, a bad one is
+        INVALID_ARGUMENT naming it, e.g. "hello.subscription.event_kinds[0]").
+        Unset: everything, as before subscriptions existed. It lasts for this
+        stream only (until a `Subscribe` replaces it): send it again in the Hello
+        of every reconnect, so the replay applies it too.
+        """
+
     def __init__(
         self,
         *,
@@ -1081,14 +1146,116 @@ class Hello(_message.Message):
         version: _builtins.str = ...,
         resume_after_seq: _builtins.int = ...,
         skip_history: _builtins.bool = ...,
+        subscription: Global___Subscription | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["subscription", b"subscription"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "resume_after_seq", b"resume_after_seq", "skip_history", b"skip_history", "specialization", b"specialization", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "resume_after_seq", b"resume_after_seq", "skip_history", b"skip_history", "specialization", b"specialization", "subscription", b"subscription", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Hello: _TypeAlias = Hello  # noqa: Y015
+
+@_typing.final
+class Subscription(_message.Message):
+    """What a stream receives. Events addressed to you always come, whatever it
+    says: a collaboration you are a partner of (`collaboration_updated`), a
+    feature delivered to you (`feature_delivered`) and a feature request
+    routed to you by your capabilities (`feature_requested` with you in
+    `routed_to`). Everything else (broadcast `artifact_shared` and
+    `feature_requested`, presence) comes when it matches every field set here
+    (AND across fields, OR within one); an empty field matches everything, so
+    an empty Subscription is everything. The hub applies the same filter to
+    the replay (read from the log) and to live events, so "every event after
+    my seq that I am entitled to, exactly once, in seq order" holds with
+    entitled meaning "addressed to me, or matching my subscription".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_KINDS_FIELD_NUMBER: _builtins.int
+    ARTIFACT_KINDS_FIELD_NUMBER: _builtins.int
+    SPECIALIZATIONS_FIELD_NUMBER: _builtins.int
+    CONTRIBUTORS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event_kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___EventKind.ValueType]:
+        """Optional: at most 4 kinds, each a known EventKind other than
+        UNSPECIFIED (else INVALID_ARGUMENT naming the entry). Empty: every
+        kind.
+        """
+
+    @_builtins.property
+    def artifact_kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___ArtifactKind.ValueType]:
+        """Optional: at most 3 kinds, each a known ArtifactKind other than
+        UNSPECIFIED. Applies to artifacts only. Empty: every kind.
+        """
+
+    @_builtins.property
+    def specializations(self) -> _containers.RepeatedScalarFieldContainer[Global___Specialization.ValueType]:
+        """Optional: at most 8 specializations, each known, not UNSPECIFIED. An
+        artifact matches when its content's specialization (an OS component's:
+        any of its specializations) or its contributor's (as of the share) is
+        listed; a feature request when its requester's specialization or its
+        `requirements.compatibility` is. Presence is not narrowed by it.
+        Empty: every specialization.
+        """
+
+    @_builtins.property
+    def contributors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional: at most 64 agent ids (identifiers): only artifacts and
+        feature requests they sent. Presence is not narrowed by it. Empty:
+        every contributor.
+        """
+
+    def __init__(
+        self,
+        *,
+        event_kinds: _abc.Iterable[Global___EventKind.ValueType] | None = ...,
+        artifact_kinds: _abc.Iterable[Global___ArtifactKind.ValueType] | None = ...,
+        specializations: _abc.Iterable[Global___Specialization.ValueType] | None = ...,
+        contributors: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_kinds", b"artifact_kinds", "contributors", b"contributors", "event_kinds", b"event_kinds", "specializations", b"specializations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Subscription: _TypeAlias = Subscription  # noqa: Y015
+
+@_typing.final
+class Subscribe(_message.Message):
+    """Replaces the stream's subscription. Answered by a Receipt (by its
+    `message_id`, Required) whose `seq` is the switch point S: every event at
+    or below S was chosen by the old subscription, every event after it is by
+    the new one, so nothing is lost or doubled by the switch; an event at or
+    below S may still arrive after the receipt. Nothing is stored (the
+    subscription lasts for the stream; put it in the next Hello). A bad
+    subscription is a RequestError INVALID_ARGUMENT naming the field (e.g.
+    "subscribe.subscription.specializations[2]") and the old one stays.
+    Turning presence on sends the roster again, as after Welcome; turning it
+    off drops what presence was waiting.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIPTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def subscription(self) -> Global___Subscription:
+        """Optional: the new subscription; unset or empty means everything."""
+
+    def __init__(
+        self,
+        *,
+        subscription: Global___Subscription | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["subscription", b"subscription"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["subscription", b"subscription"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Subscribe: _TypeAlias = Subscribe  # noqa: Y015
 
 @_typing.final
 class SharePattern(_message.Message):
@@ -1445,6 +1612,7 @@ class ConnectResponse(_message.Message):
     EVENTS_FIELD_NUMBER: _builtins.int
     TRAINING_SYNC_FIELD_NUMBER: _builtins.int
     REPLAY_COMPLETE_FIELD_NUMBER: _builtins.int
+    PRESENCE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome:
         """Set on the first response only: the session is open."""
@@ -1473,6 +1641,12 @@ class ConnectResponse(_message.Message):
         there was nothing to replay. Optional: an older hub never sets it.
         """
 
+    @_builtins.property
+    def presence(self) -> Global___PresenceUpdate:
+        """Who is online (when subscribed to EVENT_KIND_PRESENCE): first the
+        roster, then its changes. See `PresenceUpdate`.
+        """
+
     def __init__(
         self,
         *,
@@ -1482,14 +1656,66 @@ class ConnectResponse(_message.Message):
         events: _abc.Iterable[Global___HubEvent] | None = ...,
         training_sync: Global___TrainingSync | None = ...,
         replay_complete: Global___ReplayComplete | None = ...,
+        presence: Global___PresenceUpdate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["replay_complete", b"replay_complete", "training_sync", b"training_sync", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["presence", b"presence", "replay_complete", b"replay_complete", "training_sync", b"training_sync", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "events", b"events", "receipts", b"receipts", "replay_complete", b"replay_complete", "training_sync", b"training_sync", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "events", b"events", "presence", b"presence", "receipts", b"receipts", "replay_complete", b"replay_complete", "training_sync", b"training_sync", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class PresenceUpdate(_message.Message):
+    """Presence is state, not history: it is not in the event log, has no `seq`
+    and is never replayed. After Welcome, a stream subscribed to presence (the
+    default) gets the roster: every agent online when it joined, other than
+    itself (`Welcome.roster_size` of them), in `online`, over as many
+    responses as its size needs (each within the response budget); the last
+    of them has `roster_complete`. After that each update is a change since
+    the previous one, coalesced: an agent appears at most once per update, in
+    its latest state (`online` with its latest AgentInfo, or `offline`), and a
+    burst of joins reaches each agent in a few updates (at most one per
+    presence linger, 0.25 s by default), not one per join. A reconnect that
+    changes nothing (the same specialization, capabilities and version while
+    the older stream was still live) is not announced. A reconnecting trainer
+    gets the roster again: replace what it knew.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ONLINE_FIELD_NUMBER: _builtins.int
+    OFFLINE_FIELD_NUMBER: _builtins.int
+    ROSTER_COMPLETE_FIELD_NUMBER: _builtins.int
+    roster_complete: _builtins.bool
+    """Set on the update that ends the roster (also when the roster is empty);
+    every later update is a change.
+    """
+    @_builtins.property
+    def online(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentInfo]:
+        """Agents online: in the roster, or come online (or said Hello again with
+        other details) since the previous update.
+        """
+
+    @_builtins.property
+    def offline(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids of agents gone offline since the previous update."""
+
+    def __init__(
+        self,
+        *,
+        online: _abc.Iterable[Global___AgentInfo] | None = ...,
+        offline: _abc.Iterable[_builtins.str] | None = ...,
+        roster_complete: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offline", b"offline", "online", b"online", "roster_complete", b"roster_complete"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PresenceUpdate: _TypeAlias = PresenceUpdate  # noqa: Y015
 
 @_typing.final
 class ReplayComplete(_message.Message):
@@ -1527,11 +1753,11 @@ class Welcome(_message.Message):
     TRAINING_SYNC_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
     HUB_VERSION_FIELD_NUMBER: _builtins.int
     MAX_BATCH_REQUESTS_FIELD_NUMBER: _builtins.int
+    ROSTER_SIZE_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent the token belongs to."""
     head_seq: _builtins.int
-    """The highest `seq` in the event log when the session opened (often the
-    agent's own `agent_joined`, which it is not sent). Replay ends with
+    """The highest `seq` in the event log when the session opened. Replay ends with
     `ConnectResponse.replay_complete`, not at this seq. With
     `skip_history`, the seq the hub started after: every later event you are
     entitled to is sent.
@@ -1542,6 +1768,11 @@ class Welcome(_message.Message):
     """The hub's software version."""
     max_batch_requests: _builtins.int
     """The most requests one `RequestBatch` may carry."""
+    roster_size: _builtins.int
+    """How many agents the roster that follows lists (`ConnectResponse.presence`
+    until `roster_complete`); 0 when the stream is not subscribed to
+    presence.
+    """
     def __init__(
         self,
         *,
@@ -1550,10 +1781,11 @@ class Welcome(_message.Message):
         training_sync_interval_seconds: _builtins.float = ...,
         hub_version: _builtins.str = ...,
         max_batch_requests: _builtins.int = ...,
+        roster_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "head_seq", b"head_seq", "hub_version", b"hub_version", "max_batch_requests", b"max_batch_requests", "training_sync_interval_seconds", b"training_sync_interval_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "head_seq", b"head_seq", "hub_version", b"hub_version", "max_batch_requests", b"max_batch_requests", "roster_size", b"roster_size", "training_sync_interval_seconds", b"training_sync_interval_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1712,11 +1944,14 @@ class HubEvent(_message.Message):
 
     @_builtins.property
     def agent_joined(self) -> Global___AgentJoined:
-        """An agent came online (broadcast)."""
+        """An agent came online. Not sent by this hub: presence is state
+        (`ConnectResponse.presence`), not history; older hubs logged it, and
+        their logged ones are not replayed.
+        """
 
     @_builtins.property
     def agent_left(self) -> Global___AgentLeft:
-        """An agent went offline (broadcast)."""
+        """An agent went offline. Not sent by this hub (see `agent_joined`)."""
 
     @_builtins.property
     def omitted(self) -> Global___EventOmitted:
