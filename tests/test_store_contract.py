@@ -23,6 +23,7 @@ from hub_service.memory_store import MemoryStore
 from hub_service.outcomes import Outcome
 from hub_service.sql_store import SqlStore
 from hub_service.state import HubStore, Page, StateTx
+from hub_service.subscriptions import Filter
 
 from .conftest import hello, os_component, pattern
 
@@ -544,3 +545,78 @@ async def test_stats_count_what_is_stored(store: HubStore) -> None:
     requests = await store.list_feature_requests("", 10, "")
     assert requests.items[0].delivery_count == 1
     assert p2.resource_id != p1.resource_id
+
+
+# --- subscriptions: the store filters the replay ----------------------------------------------
+
+
+def share_as(agent: str, message_id: str, spec: int) -> cmd.ShareArtifact:
+    content = pattern(message_id)
+    content.specialization = spec  # type: ignore[assignment]
+    return cmd.ShareArtifact(
+        agent, message_id, pb.Artifact(kind=pb.ARTIFACT_KIND_PATTERN, pattern=content)
+    )
+
+
+def subscription(**fields: Any) -> Filter:
+    return Filter.of(pb.Subscription(**fields))
+
+
+ART, FEAT, COLLAB, PRESENCE = (
+    pb.EVENT_KIND_ARTIFACTS,
+    pb.EVENT_KIND_FEATURE_REQUESTS,
+    pb.EVENT_KIND_COLLABORATIONS,
+    pb.EVENT_KIND_PRESENCE,
+)
+NET, SEC, FS, AUDIO = (
+    pb.SPECIALIZATION_NETWORKING,
+    pb.SPECIALIZATION_SECURITY,
+    pb.SPECIALIZATION_FILE_SYSTEM,
+    pb.SPECIALIZATION_AUDIO,
+)
+# reader, subscription fields, the seqs it is entitled to (see the scenario below)
+FILTERED: list[tuple[str, dict[str, Any], list[int]]] = [
+    ("c", {}, [1, 2, 4, 5, 6]),
+    ("c", {"event_kinds": [ART]}, [1, 2, 5, 6]),
+    ("c", {"event_kinds": [FEAT]}, [4, 5, 6]),
+    ("c", {"event_kinds": [PRESENCE]}, [5, 6]),  # only what is addressed to it
+    ("c", {"event_kinds": [COLLAB, PRESENCE]}, [5, 6]),
+    ("c", {"specializations": [SEC]}, [2, 5, 6]),  # the contributor's specialization
+    ("c", {"specializations": [AUDIO]}, [2, 5, 6]),  # the content's
+    ("c", {"specializations": [NET]}, [1, 4, 5, 6]),  # content, contributor, requester
+    ("c", {"specializations": [AUDIO, NET]}, [1, 2, 4, 5, 6]),
+    ("c", {"contributors": ["a"]}, [1, 4, 5, 6]),
+    ("c", {"contributors": ["a"], "event_kinds": [ART]}, [1, 5, 6]),
+    ("c", {"contributors": ["b"], "specializations": [NET]}, [5, 6]),  # AND across fields
+    ("c", {"artifact_kinds": [pb.ARTIFACT_KIND_CODE_COMPONENT]}, [4, 5, 6]),  # artifacts only
+    ("c", {"artifact_kinds": [pb.ARTIFACT_KIND_PATTERN], "event_kinds": [ART]}, [1, 2, 5, 6]),
+    ("b", {"specializations": [FS]}, [3]),
+    ("b", {"event_kinds": [ART], "artifact_kinds": [pb.ARTIFACT_KIND_OS_COMPONENT]}, [3]),
+    ("d", {"contributors": ["c"]}, [3]),  # an agent that never said hello
+]
+
+
+@pytest.mark.parametrize("case", range(len(FILTERED)))
+async def test_events_for_applies_the_subscription(store: HubStore, case: int) -> None:
+    await commit_ok(
+        store,
+        [
+            online("a", NET),
+            online("b", SEC),
+            online("c", FS, ["memory_management"]),
+            share_as("a", "s1", NET),  # 1: pattern, networking, by a (networking)
+            share_as("b", "s2", AUDIO),  # 2: pattern, audio, by b (security)
+            share_os("c", "s3"),  # 3: OS component, networking, by c (file_system)
+            request_feature("a", "f1", "not_known"),  # 4: broadcast, by a (networking)
+            request_feature("b", "f2"),  # 5: routed to c only
+            propose("a", "c1", "c"),  # 6: to a and c
+        ],
+    )
+    reader, fields, seqs = FILTERED[case]
+    events = await store.events_for(reader, 0, 100, subscription=subscription(**fields))
+    assert [e.seq for e in events] == seqs
+    # Pages of a filtered read go on where the last ended.
+    first = await store.events_for(reader, 0, 1, subscription=subscription(**fields))
+    assert [e.seq for e in first] == seqs[:1] and first.more == (len(seqs) > 1)
+    rest = await store.events_for(reader, seqs[0], 100, subscription=subscription(**fields))
+    assert [e.seq for e in rest] == seqs[1:]
