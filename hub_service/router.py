@@ -92,12 +92,15 @@ class Router:
         """Switch a live connection to `subscription`; returns the seq it takes effect
         after (`Connection.resubscribe`)."""
         attached = self._connections.get(connection.agent_id) is connection
+        followed = connection.subscription.presence
         if attached:
             self._unindex(connection)
         at = connection.resubscribe(subscription, self.last_published_seq)
         if attached:
             self._file(connection)
-            if connection.subscription.presence and connection.agent_id in self._online:
+            if followed and subscription.presence:
+                self._presence[connection] = None  # as before: no roster again
+            elif subscription.presence and connection.agent_id in self._online:
                 self._presence[connection] = None
                 connection.start_roster(self._roster())
         return at

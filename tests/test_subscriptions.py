@@ -11,6 +11,9 @@ import grpc
 import pytest
 
 from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service.complementarity import complements
+from trainer_service.sdk.client import HubClient
+from trainer_service.simulation.trainer import interests
 
 from .conftest import EOF, WAIT, HubHarness, RawTrainer, auth, hello, pattern
 
@@ -46,7 +49,7 @@ def watching(agent_id: str, resume: int = 0, **subscription: Any) -> pb.Hello:
 async def test_a_filtered_subscriber_gets_exactly_what_matches_live_and_after_reconnect(
     harness: HubHarness,
 ) -> None:
-    wanted = {"event_kinds": [pb.EVENT_KIND_ARTIFACTS], "specializations": [SEC]}
+    wanted: dict[str, Any] = {"event_kinds": [pb.EVENT_KIND_ARTIFACTS], "specializations": [SEC]}
     watcher = await harness.connect("watcher", watching("watcher", **wanted))
     assert watcher.welcome.roster_size == 0  # not following presence
     sec = await harness.connect("sec", hello("sec", SEC))
@@ -167,11 +170,11 @@ async def test_subscribe_during_the_replay_switches_at_the_seq_it_names(
     ("subscription", "field"),
     [
         (pb.Subscription(event_kinds=[7]), "hello.subscription.event_kinds[0]"),  # type: ignore[list-item]
-        (pb.Subscription(event_kinds=[0]), "hello.subscription.event_kinds[0]"),
+        (pb.Subscription(event_kinds=[0]), "hello.subscription.event_kinds[0]"),  # type: ignore[list-item]
         (
-            pb.Subscription(specializations=list(range(1, 9)) * 2),
+            pb.Subscription(specializations=list(range(1, 9)) * 2),  # type: ignore[arg-type]
             "hello.subscription.specializations",
-        ),  # type: ignore[arg-type]
+        ),
         (pb.Subscription(contributors=["bad id"]), "hello.subscription.contributors[0]"),
     ],
 )
@@ -202,3 +205,44 @@ async def test_a_bad_subscribe_is_refused_and_the_old_subscription_stays(
     kept = await share(sharer, SEC, "s1")
     await watcher.until_seq(kept)
     assert [e.seq for e in watcher.events] == [kept] and skipped < kept
+
+
+# --- HubClient and the reference trainer -------------------------------------------------
+
+
+async def test_hub_client_subscribes_switches_live_and_keeps_the_roster(
+    harness: HubHarness,
+) -> None:
+    address = f"127.0.0.1:{harness.server.port}"
+    sharer = await harness.connect("sharer", hello("sharer", pb.SPECIALIZATION_PERFORMANCE))
+    async with HubClient(
+        address,
+        "watcher",
+        await harness.token("watcher"),
+        specialization=FS,
+        subscription=pb.Subscription(specializations=[SEC]),
+    ) as client:
+        await asyncio.wait_for(client.roster_complete.wait(), WAIT)
+        assert list(client.online) == ["sharer"]
+        skipped = await share(sharer, NET, "n1")
+        kept = await share(sharer, SEC, "s1")
+        at = await client.subscribe(pb.Subscription(specializations=[NET]))
+        assert at >= kept
+        assert client.subscription == pb.Subscription(specializations=[NET])
+        after = [await share(sharer, SEC, "s2"), await share(sharer, NET, "n2")]
+        seen: list[int] = []
+        async with asyncio.timeout(WAIT):
+            async for item in client.events():
+                if isinstance(item, pb.HubEvent):
+                    seen.append(item.seq)
+                    if item.seq >= after[-1]:
+                        break
+        assert seen == [kept, after[1]] and skipped not in seen
+    # The reference trainer's interests: its own specialization and its complements.
+    wanted = interests(pb.SPECIALIZATION_NETWORKING)
+    assert list(wanted.specializations) == [
+        pb.SPECIALIZATION_NETWORKING,
+        *complements(pb.SPECIALIZATION_NETWORKING),
+    ]
+    assert pb.SPECIALIZATION_SECURITY in wanted.specializations  # networking-security 0.9
+    assert list(wanted.event_kinds) == []  # every kind, presence too
