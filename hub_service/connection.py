@@ -29,6 +29,7 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 from . import paging
 from .errors import StatusError
 from .outcomes import Outcome
+from .presence import Entry, Presence
 from .ratelimit import ThrottledLog
 from .state import HubStore
 from .subscriptions import Filter
@@ -56,22 +57,20 @@ class Connection:
         replay_page_size: int,
         max_bytes: int,
         linger: float = 0.0,
-        presence_linger: float = 0.0,
     ) -> None:
         """`max_bytes`: what one response may carry (`paging.budget` of the message limit)."""
         self.agent_id = hello.agent_id
         self.subscription = Filter.of(hello.subscription)
         # Bumped by a Subscribe: a log read begun before it is not used.
         self._epoch = 0
-        # Presence: the roster still to send (None: sent, or not following presence), and
-        # the changes since the last update, by agent (None: went offline), with the time
-        # the first of them came.
-        self._roster: list[pb.AgentInfo] | None = None
+        # Presence (None: not following it): the roster still to send (None: sent), then
+        # the presence log from `_presence_cursor`, once it says changes wait.
+        self._presence: Presence | None = None
+        self._roster: list[Entry] | None = None
         self._roster_sent = 0
         self.roster_size = 0
-        self._presence: dict[str, pb.AgentInfo | None] = {}
-        self._presence_since = 0.0
-        self._presence_linger = presence_linger
+        self._presence_cursor = 0
+        self._presence_ready = False
         self.token_hash = token_hash  # re-checked while the stream lives (revocation)
         self.hello = hello
         self._window = asyncio.Semaphore(max_inflight)
@@ -130,20 +129,20 @@ class Connection:
             # The sender knows of the rest: it looks at the queue when its linger ends.
             self._wake.set()
 
-    def start_roster(self, roster: list[pb.AgentInfo]) -> None:
-        """Send the roster (everyone online but this agent) before any presence change."""
-        self._roster = [a for a in roster if a.agent_id != self.agent_id]
+    def start_roster(self, presence: Presence) -> None:
+        """Send the roster (everyone online but this agent), then the changes after it."""
+        self._presence = presence
+        self._roster = [e for e in presence.roster() if e.agent_id != self.agent_id]
         self._roster_sent = 0
         self.roster_size = len(self._roster)
-        self._presence.clear()  # the roster is newer
+        self._presence_cursor = presence.version
         self._wake.set()
 
-    def presence_changed(self, agent_id: str, agent: pb.AgentInfo | None) -> None:
-        """An agent came online (`agent`) or went offline (None); the latest state wins."""
-        if not self._presence:
-            self._presence_since = time.monotonic()
+    def presence_ready(self) -> None:
+        """Changes wait in the presence log (called at most once per presence linger)."""
+        if self._presence is not None and self._presence_cursor < self._presence.version:
+            self._presence_ready = True
             self._wake.set()
-        self._presence[agent_id] = agent
 
     def resubscribe(self, subscription: Filter, last_published_seq: int) -> int:
         """Switch to `subscription`; returns the seq S it takes effect after. Live, every
@@ -158,9 +157,9 @@ class Connection:
             at = self.cursor = max(self.cursor, last_published_seq)
         self.subscription = subscription
         if not subscription.presence:
-            self._roster = None
+            self._presence = self._roster = None
             self.roster_size = 0
-            self._presence.clear()
+            self._presence_ready = False
         return at
 
     def answer(self, message_id: str, result: Outcome | BaseException) -> None:
@@ -240,10 +239,7 @@ class Connection:
                 if self.ended.is_set() or self._stopping:
                     break  # asked during the log read: its wake-up is not to be cleared
                 # Offers are not signalled while catching up: look at the log again soon.
-                timeout = CATCH_UP_POLL_SECONDS if self.catching_up else None
-                if (due := self._presence_due()) is not None:
-                    timeout = due if timeout is None else min(timeout, due)
-                await self._sleep(timeout)
+                await self._sleep(CATCH_UP_POLL_SECONDS if self.catching_up else None)
                 continue
             wait = last_write + self._linger - loop.time()
             if (
@@ -267,13 +263,8 @@ class Connection:
             async with asyncio.timeout(timeout):
                 await self._wake.wait()
 
-    def _presence_due(self) -> float | None:
-        """Seconds until presence is to be written (0: now), or None if none waits."""
-        if self._roster is not None:
-            return 0.0
-        if not self._presence:
-            return None
-        return max(0.0, self._presence_since + self._presence_linger - time.monotonic())
+    def _presence_due(self) -> bool:
+        return self._roster is not None or self._presence_ready
 
     def _has_output(self) -> bool:
         return bool(
@@ -282,41 +273,52 @@ class Connection:
             or self._errors
             or self._sync
             or self._replay_end is not None
-            or self._presence_due() == 0.0
+            or self._presence_due()
         )
 
     def _take_presence(self, update: pb.PresenceUpdate, room: int) -> int:
-        """Fill `update` with the roster's next part, or (once it is sent) the changes, in
-        at most `room` bytes; returns the bytes used."""
+        """Fill `update` with the roster's next part, or (once it is sent) the changes since
+        the last update, each agent once in its latest state, in at most `room` bytes;
+        returns the bytes used."""
+        if self._presence is None:
+            return 0
         used = 0
         if self._roster is not None:
             roster = self._roster
+            update.roster = True
             while self._roster_sent < len(roster) and len(update.online) < PRESENCE_PER_RESPONSE:
-                cost = paging.entry_bytes(roster[self._roster_sent])
-                if used + cost > room and update.online:
+                entry = roster[self._roster_sent]
+                if used + entry.cost > room and update.online:
                     return used
-                used += cost
-                update.online.append(roster[self._roster_sent])
+                used += entry.cost
+                assert entry.info is not None  # the roster holds those online
+                update.online.append(entry.info)
                 self._roster_sent += 1
             if self._roster_sent == len(roster):
                 update.roster_complete = True
                 self._roster = None
             return used
-        if self._presence_due() != 0.0:
-            return 0
-        while self._presence and len(update.online) + len(update.offline) < PRESENCE_PER_RESPONSE:
-            agent_id, agent = next(iter(self._presence.items()))
-            cost = paging.entry_bytes(agent) if agent is not None else len(agent_id) + 3
-            if used + cost > room and (update.online or update.offline):
+        self._presence_ready = False
+        changes = self._presence.since(self._presence_cursor)
+        if changes is None:  # too far behind the log: the roster again
+            self.start_roster(self._presence)
+            return self._take_presence(update, room)
+        latest: dict[str, Entry] = {}
+        taken = 0
+        for entry in changes:
+            if len(latest) >= PRESENCE_PER_RESPONSE or (used + entry.cost > room and latest):
+                self._presence_ready = True  # the rest: the next response
                 break
-            used += cost
-            del self._presence[agent_id]
-            if agent is None:
-                update.offline.append(agent_id)
+            taken += 1
+            if entry.agent_id != self.agent_id:
+                used += entry.cost
+                latest[entry.agent_id] = entry
+        self._presence_cursor += taken
+        for entry in latest.values():
+            if entry.info is None:
+                update.offline.append(entry.agent_id)
             else:
-                update.online.append(agent)
-        if self._presence:
-            self._presence_since = time.monotonic() - self._presence_linger  # the rest: next
+                update.online.append(entry.info)
         return used
 
     async def _flush(self, write: Callable[[pb.ConnectResponse], Awaitable[None]]) -> None:
@@ -350,7 +352,7 @@ class Connection:
                     room -= cost
                     response.training_sync.CopyFrom(self._sync)
                     self._sync = None
-            if self._presence_due() == 0.0:
+            if self._presence_due():
                 room -= self._take_presence(response.presence, room // 2 if self._events else room)
             while self._events and len(response.events) < self._per_response:
                 event = self._events[0]

@@ -14,12 +14,14 @@ every connection.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
 from .outcomes import Outcome
+from .presence import Presence
 from .subscriptions import ARTIFACTS, BROADCAST_KINDS, Filter, Tags
 
 if TYPE_CHECKING:
@@ -56,7 +58,7 @@ def _event_keys(tags: Tags) -> Iterator[Key]:
 
 
 class Router:
-    def __init__(self) -> None:
+    def __init__(self, presence: Presence) -> None:
         self._connections: dict[str, Connection] = {}
         # kind -> index key -> connections filed under it (insertion-ordered, as sets of
         # keys of a dict, so fan-out order is stable).
@@ -64,8 +66,8 @@ class Router:
             kind: {} for kind in BROADCAST_KINDS
         }
         # Who is online, as presence tells it: AgentOnline committed, the stream not ended.
-        self._online: dict[str, pb.AgentInfo] = {}
-        self._presence: dict[Connection, None] = {}  # connections that follow presence
+        self.presence = presence
+        self._by_specialization: dict[int, dict[Connection, None]] = {}
         # Highest seq handed out; every event up to it is committed.
         self.last_published_seq = 0
 
@@ -76,7 +78,9 @@ class Router:
         old = self._connections.get(connection.agent_id)
         if old is not None:
             self._unindex(old)
+            self._by_specialization.get(old.hello.specialization, {}).pop(old, None)
         self._connections[connection.agent_id] = connection
+        self._by_specialization.setdefault(connection.hello.specialization, {})[connection] = None
         self._file(connection)
         return old
 
@@ -85,6 +89,7 @@ class Router:
         if self._connections.get(connection.agent_id) is connection:
             del self._connections[connection.agent_id]
             self._unindex(connection)
+            self._by_specialization.get(connection.hello.specialization, {}).pop(connection, None)
             return True
         return False
 
@@ -98,11 +103,10 @@ class Router:
         at = connection.resubscribe(subscription, self.last_published_seq)
         if attached:
             self._file(connection)
-            if followed and subscription.presence:
-                self._presence[connection] = None  # as before: no roster again
-            elif subscription.presence and connection.agent_id in self._online:
-                self._presence[connection] = None
-                connection.start_roster(self._roster())
+            if subscription.presence and self.presence.get(connection.agent_id) is not None:
+                self.presence.follow(connection)
+                if not followed:
+                    connection.start_roster(self.presence)
         return at
 
     def _file(self, connection: Connection) -> None:
@@ -111,7 +115,7 @@ class Router:
                 index.setdefault(key, {})[connection] = None
 
     def _unindex(self, connection: Connection) -> None:
-        self._presence.pop(connection, None)
+        self.presence.unfollow(connection)
         for kind, index in self._index.items():
             for key in _keys(connection.subscription, kind):
                 filed = index.get(key)
@@ -126,6 +130,18 @@ class Router:
     def connections(self) -> Iterator[Connection]:
         return iter(list(self._connections.values()))
 
+    def sample(self, limit: int) -> list[Connection]:
+        """The first `limit` live connections (the oldest), at the cost of `limit`."""
+        return list(itertools.islice(self._connections.values(), limit))
+
+    def sample_by_specialization(self, limit: int) -> dict[int, list[Connection]]:
+        """The first `limit` live connections of each specialization."""
+        return {
+            spec: list(itertools.islice(connections, limit))
+            for spec, connections in self._by_specialization.items()
+            if connections
+        }
+
     def __len__(self) -> int:
         return len(self._connections)
 
@@ -137,32 +153,14 @@ class Router:
         if self._connections.get(connection.agent_id) is not connection:
             return  # already superseded or gone
         agent.online = True
-        before = self._online.get(connection.agent_id)
         if connection.subscription.presence:
-            connection.start_roster(self._roster())
-        self._online.pop(connection.agent_id, None)  # re-inserted last: roster order
-        self._online[connection.agent_id] = agent
-        if connection.subscription.presence:
-            self._presence[connection] = None
-        if before is None or not _same(before, agent):
-            self._announce(connection.agent_id, agent)
+            connection.start_roster(self.presence)  # everyone before it; then the log
+            self.presence.follow(connection)
+        self.presence.online(agent)
 
     def went_offline(self, agent_id: str) -> None:
         """The agent's live stream ended (and no newer one took over)."""
-        if self._online.pop(agent_id, None) is not None:
-            self._announce(agent_id, None)
-
-    def _roster(self) -> list[pb.AgentInfo]:
-        return list(self._online.values())
-
-    def _announce(self, agent_id: str, agent: pb.AgentInfo | None) -> None:
-        for connection in self._presence:
-            if connection.agent_id != agent_id:
-                connection.presence_changed(agent_id, agent)
-
-    @property
-    def online_count(self) -> int:
-        return len(self._online)
+        self.presence.offline(agent_id)
 
     # --- events ---------------------------------------------------------------------
 
@@ -199,12 +197,3 @@ class Router:
                 if connection not in seen and connection.subscription.matches(tags):
                     seen[connection] = None
         return seen
-
-
-def _same(a: pb.AgentInfo, b: pb.AgentInfo) -> bool:
-    """Whether a reconnect changed what presence tells (its time does not count)."""
-    return (
-        a.specialization == b.specialization
-        and list(a.capabilities) == list(b.capabilities)
-        and a.version == b.version
-    )

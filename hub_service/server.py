@@ -21,6 +21,7 @@ from .auth import BearerAuthInterceptor
 from .committer import GroupCommitter
 from .config import HubConfig
 from .errors import StatusError
+from .presence import Presence
 from .router import Router
 from .servicer import HubServicer
 from .session import END_FLOOR
@@ -39,7 +40,7 @@ class HubServer:
     def __init__(self, config: HubConfig, store: HubStore | None = None) -> None:
         self.config = config
         self.store = store or make_store(config.database_url, config)
-        self.router = Router()
+        self.router = Router(Presence(config.presence_linger))
         self.committer = GroupCommitter(
             self.store,
             self.router.publish,

@@ -93,7 +93,6 @@ class Sessions:
             replay_page_size=self._config.replay_page_size,
             max_bytes=self._budget,
             linger=self._config.stream_linger,
-            presence_linger=self._config.presence_linger,
         )
         if hello.skip_history:
             connection.cursor = max(connection.cursor, self._router.last_published_seq)

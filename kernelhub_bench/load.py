@@ -646,6 +646,65 @@ async def scenario_idle(args: Context, deadline: Deadline) -> dict[str, Any]:
         await pool.close()
 
 
+async def scenario_connect(args: Context, deadline: Deadline) -> dict[str, Any]:
+    """A connect storm: `trainers` fresh trainers (`resume_after_seq` 0) connect at once and
+    each is timed until it is live: its welcome and, with `roster`, the end of its roster.
+    With `roster`, also until each knows every other one is online (roster plus joins),
+    and how many presence updates that took per trainer."""
+    count = int(args.params["trainers"])
+    roster = bool(args.params.get("roster", False))
+    tokens = args.tokens(count)
+    pool = ChannelPool(args.target, int(args.params.get("per_channel", 50)))
+    limit = asyncio.Semaphore(int(args.params.get("connect_concurrency", count)))
+    calls: list[Call] = []
+    welcomed_at: list[float] = []
+    live_at: list[float] = []
+    known_at: list[float] = []
+    updates: list[int] = []
+    start = time.perf_counter()
+
+    async def join(index: int, agent_id: str, token: str) -> None:
+        async with limit:
+            call = await open_stream(pool.channel(index), agent_id, token, 0, deadline)
+        calls.append(call)
+        welcomed_at.append(time.perf_counter())
+        if not roster:
+            live_at.append(time.perf_counter())
+            return
+        online: set[str] = set()
+        received = 0
+        while True:
+            response = await bounded(call.read(), deadline, f"{agent_id}'s presence")
+            if response is EOF:
+                raise BenchError(f"{agent_id}: the stream ended during the storm")
+            if not response.HasField("presence"):
+                continue
+            received += 1
+            online.difference_update(response.presence.offline)
+            online.update(a.agent_id for a in response.presence.online)
+            if response.presence.roster_complete:
+                live_at.append(time.perf_counter())
+            if len(online) >= count - 1:
+                known_at.append(time.perf_counter())
+                updates.append(received)
+                return
+
+    try:
+        await asyncio.gather(*(join(i, a, t) for i, (a, t) in enumerate(tokens)))
+        result: dict[str, Any] = {
+            "trainers": len(calls),
+            "connect_seconds": max(live_at) - start,
+            "welcome_seconds": max(welcomed_at) - start,
+        }
+        if roster:
+            result["presence_seconds"] = max(known_at) - start
+            result["presence_updates_per_trainer"] = sum(updates) / len(updates)
+        return result
+    finally:
+        await close_calls(calls)
+        await pool.close()
+
+
 async def scenario_replay(args: Context, deadline: Deadline) -> dict[str, Any]:
     """A sender shares `count` patterns while the replayer is away; then the replayer
     reconnects `replays` times from where it left off and is timed until it has them all."""
@@ -696,6 +755,7 @@ SCENARIOS: dict[str, Callable[[Context, Deadline], Awaitable[dict[str, Any]]]] =
     "fanout": scenario_fanout,
     "latency": scenario_latency,
     "idle": scenario_idle,
+    "connect": scenario_connect,
     "replay": scenario_replay,
 }
 

@@ -31,7 +31,7 @@ from .common import LOOPBACK, die_with_parent, median
 PYTHON = sys.executable
 HUB_READY = re.compile(r"kernelhub serving on 127\.0\.0\.1:(\d+)")
 BASELINE_READY = re.compile(r"baseline \w+ serving on 127\.0\.0\.1:(\d+)")
-SCENARIOS = ("ingest", "fanout", "latency", "rss", "replay")
+SCENARIOS = ("ingest", "fanout", "latency", "rss", "connect", "replay")
 
 
 class RunError(Exception):
@@ -50,6 +50,7 @@ class Sizes:
     latency_calibrate_count: int
     idle_trainers: int
     replay_count: int
+    connect_trainers: int = 1_000  # the connect storm (`--connect-trainers 5000` for more)
     sqlite_batch: int = 256
     ingest_batch: int = 16  # shares per stream message in the batched ingest run
 
@@ -80,6 +81,7 @@ QUICK = Sizes(
     latency_calibrate_count=2_000,
     idle_trainers=50,
     replay_count=5_000,
+    connect_trainers=100,
 )
 
 
@@ -532,6 +534,24 @@ class Runner:
             **load,
         }
 
+    async def connect(self) -> dict[str, Any]:
+        """The connect storm: every trainer at once, until each is live (welcome, roster)."""
+        trainers = self.sizes.connect_trainers
+        params = {"trainers": trainers, "per_channel": 50}
+        deadline = trainers / 10 + 120
+        async with self.hub(trainers, "connect") as hub:
+            mine = await self.load("connect", hub, {**params, "roster": True}, deadline)
+        async with self.baseline("fanout", "connect") as bare:
+            theirs = await self.load("connect", bare, params, deadline)
+        self.log(
+            f"  connect storm of {trainers:,}: kernelhub welcomed all in "
+            f"{mine['welcome_seconds']:.2f} s, live in {mine['connect_seconds']:.2f} s "
+            f"(everyone knows everyone in {mine['presence_seconds']:.2f} s, "
+            f"{mine['presence_updates_per_trainer']:.1f} presence updates each), "
+            f"bare {theirs['connect_seconds']:.2f} s"
+        )
+        return {"kernelhub": mine, "baseline": theirs}
+
     async def replay(self, replays: int) -> dict[str, Any]:
         count = self.sizes.replay_count
         params = {"count": count, "replays": replays}
@@ -592,7 +612,14 @@ async def run(
     if task is not None:
         for sig in (signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, task.cancel)
-    raw: dict[str, Any] = {"ingest": [], "fanout": {}, "latency": [], "rss": [], "replay": None}
+    raw: dict[str, Any] = {
+        "ingest": [],
+        "fanout": {},
+        "latency": [],
+        "rss": [],
+        "connect": [],
+        "replay": None,
+    }
     started = time.monotonic()
     for index in range(repeat):
         log(f"run {index + 1} of {repeat}")
@@ -605,6 +632,8 @@ async def run(
             raw["latency"].append(await runner.latency())
         if "rss" in scenarios:
             raw["rss"].append(await runner.rss())
+        if "connect" in scenarios:
+            raw["connect"].append(await runner.connect())
     if "replay" in scenarios:
         raw["replay"] = await runner.replay(repeat)
     raw["seconds"] = time.monotonic() - started
@@ -646,6 +675,8 @@ def summarize(raw: dict[str, Any], sizes: Sizes) -> tuple[list[dict[str, Any]], 
             kind, limit = target
             if kind == "ratio_min":
                 met, text = ratio >= limit, f">= {limit:g}x baseline"
+            elif kind == "ratio_max":
+                met, text = ratio <= limit, f"<= {limit:g}x baseline"
             elif kind == "max":
                 met, text = value <= limit, f"<= {limit:g} {unit}"
             else:
@@ -784,6 +815,35 @@ def summarize(raw: dict[str, Any], sizes: Sizes) -> tuple[list[dict[str, Any]], 
             [r["kernelhub"]["connect_seconds"] for r in runs],
             [r["baseline"]["connect_seconds"] for r in runs],
             "bare grpc.aio server",
+        )
+    if raw.get("connect"):
+        runs = raw["connect"]
+        add(
+            "connect_storm",
+            f"connect storm: {sizes.connect_trainers:,} fresh trainers at once, until each is "
+            "live (welcome and roster)",
+            "s",
+            [r["kernelhub"]["connect_seconds"] for r in runs],
+            [r["baseline"]["connect_seconds"] for r in runs],
+            "bare grpc.aio server (welcome)",
+            ("ratio_max", 3.0),
+        )
+        add(
+            "connect_storm_welcome",
+            f"connect storm: {sizes.connect_trainers:,} fresh trainers at once, until each has "
+            "its welcome",
+            "s",
+            [r["kernelhub"]["welcome_seconds"] for r in runs],
+            [r["baseline"]["welcome_seconds"] for r in runs],
+            "bare grpc.aio server (welcome)",
+        )
+        add(
+            "connect_storm_presence",
+            f"connect storm: until each of {sizes.connect_trainers:,} knows every other is online",
+            "s",
+            [r["kernelhub"]["presence_seconds"] for r in runs],
+            [r["baseline"]["connect_seconds"] for r in runs],
+            "bare grpc.aio server (welcome)",
         )
     if raw["replay"]:
         replay = raw["replay"]

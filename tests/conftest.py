@@ -192,6 +192,9 @@ class RawTrainer:
             self.syncs.append(response.training_sync)
         if response.HasField("presence"):
             update = response.presence
+            last = self.presence[-1] if self.presence else None
+            if update.roster and (last is None or last.roster_complete or not last.roster):
+                self.online.clear()  # a roster: a fresh view
             self.presence.append(update)
             for agent_id in update.offline:
                 self.online.pop(agent_id, None)

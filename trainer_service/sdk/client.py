@@ -945,6 +945,8 @@ class HubClient:
 
     def _on_presence(self, update: pb.PresenceUpdate) -> None:
         """The roster replaces what an earlier stream said; changes apply to it."""
+        if update.roster and self._roster is None:
+            self._roster = {}  # a roster again (see PresenceUpdate.roster): start afresh
         view = self._roster if self._roster is not None else self._online
         for agent_id in update.offline:
             view.pop(agent_id, None)

@@ -1676,8 +1676,9 @@ class PresenceUpdate(_message.Message):
     of them has `roster_complete`. After that each update is a change since
     the previous one, coalesced: an agent appears at most once per update, in
     its latest state (`online` with its latest AgentInfo, or `offline`), and a
-    burst of joins reaches each agent in a few updates (at most one per
-    presence linger, 0.25 s by default), not one per join. A reconnect that
+    burst of joins reaches each agent in a few updates (the hub collects
+    changes for a presence linger, 0.25 s by default, then tells them), not
+    one per join. A reconnect that
     changes nothing (the same specialization, capabilities and version while
     the older stream was still live) is not announced. A reconnecting trainer
     gets the roster again: replace what it knew.
@@ -1688,9 +1689,17 @@ class PresenceUpdate(_message.Message):
     ONLINE_FIELD_NUMBER: _builtins.int
     OFFLINE_FIELD_NUMBER: _builtins.int
     ROSTER_COMPLETE_FIELD_NUMBER: _builtins.int
+    ROSTER_FIELD_NUMBER: _builtins.int
     roster_complete: _builtins.bool
     """Set on the update that ends the roster (also when the roster is empty);
     every later update is a change.
+    """
+    roster: _builtins.bool
+    """Set on every update that carries (part of) a roster. A roster comes after
+    Welcome, after a Subscribe that turns presence on, and again if the
+    stream fell so far behind that the hub no longer holds the changes it
+    missed (more than 16,384 changes): on the first update with `roster` set
+    after one without it, start your view of who is online afresh.
     """
     @_builtins.property
     def online(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentInfo]:
@@ -1708,10 +1717,11 @@ class PresenceUpdate(_message.Message):
         online: _abc.Iterable[Global___AgentInfo] | None = ...,
         offline: _abc.Iterable[_builtins.str] | None = ...,
         roster_complete: _builtins.bool = ...,
+        roster: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["offline", b"offline", "online", b"online", "roster_complete", b"roster_complete"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offline", b"offline", "online", b"online", "roster", b"roster", "roster_complete", b"roster_complete"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
