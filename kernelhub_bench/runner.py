@@ -31,7 +31,7 @@ from .common import LOOPBACK, die_with_parent, median
 PYTHON = sys.executable
 HUB_READY = re.compile(r"kernelhub serving on 127\.0\.0\.1:(\d+)")
 BASELINE_READY = re.compile(r"baseline \w+ serving on 127\.0\.0\.1:(\d+)")
-SCENARIOS = ("ingest", "fanout", "latency", "rss", "connect", "replay")
+SCENARIOS = ("ingest", "fanout", "latency", "rss", "connect", "interest", "replay")
 
 
 class RunError(Exception):
@@ -51,6 +51,8 @@ class Sizes:
     idle_trainers: int
     replay_count: int
     connect_trainers: int = 1_000  # the connect storm (`--connect-trainers 5000` for more)
+    interest_receivers: int = 200  # interest-filtered fan-out: trainers, 8 specializations
+    interest_count: int = 2_000  # shares, each specialization in turn
     sqlite_batch: int = 256
     ingest_batch: int = 16  # shares per stream message in the batched ingest run
 
@@ -82,6 +84,8 @@ QUICK = Sizes(
     idle_trainers=50,
     replay_count=5_000,
     connect_trainers=100,
+    interest_receivers=16,
+    interest_count=400,
 )
 
 
@@ -552,6 +556,26 @@ class Runner:
         )
         return {"kernelhub": mine, "baseline": theirs}
 
+    async def interest(self) -> dict[str, Any]:
+        """Interest-filtered fan-out beside the same run with everyone subscribed to all."""
+        receivers, count = self.sizes.interest_receivers, self.sizes.interest_count
+        params = {"receivers": receivers, "count": count, "per_channel": 50}
+        deadline = count * receivers / 2000 + 120
+        results = {}
+        for filtered in (True, False):
+            async with self.hub(receivers + 8, "interest") as hub:
+                results["filtered" if filtered else "broadcast"] = await self.load(
+                    "interest", hub, {**params, "filtered": filtered}, deadline
+                )
+        mine, theirs = results["filtered"], results["broadcast"]
+        self.log(
+            f"  interest fan-out, {receivers} trainers: filtered {mine['rate']:,.0f} "
+            f"deliveries/s ({mine['deliveries']:,}), {mine['hub_cpu_us_per_delivery']:.1f} µs "
+            f"hub CPU each; broadcast {theirs['rate']:,.0f}/s ({theirs['deliveries']:,}), "
+            f"{theirs['hub_cpu_us_per_delivery']:.1f} µs each"
+        )
+        return {"kernelhub": mine, "baseline": theirs}
+
     async def replay(self, replays: int) -> dict[str, Any]:
         count = self.sizes.replay_count
         params = {"count": count, "replays": replays}
@@ -618,6 +642,7 @@ async def run(
         "latency": [],
         "rss": [],
         "connect": [],
+        "interest": [],
         "replay": None,
     }
     started = time.monotonic()
@@ -634,6 +659,8 @@ async def run(
             raw["rss"].append(await runner.rss())
         if "connect" in scenarios:
             raw["connect"].append(await runner.connect())
+        if "interest" in scenarios:
+            raw["interest"].append(await runner.interest())
     if "replay" in scenarios:
         raw["replay"] = await runner.replay(repeat)
     raw["seconds"] = time.monotonic() - started
@@ -844,6 +871,26 @@ def summarize(raw: dict[str, Any], sizes: Sizes) -> tuple[list[dict[str, Any]], 
             [r["kernelhub"]["presence_seconds"] for r in runs],
             [r["baseline"]["connect_seconds"] for r in runs],
             "bare grpc.aio server (welcome)",
+        )
+    if raw.get("interest"):
+        runs = raw["interest"]
+        add(
+            "interest_cpu",
+            f"interest-filtered fan-out, {sizes.interest_receivers} trainers (own "
+            "specialization + complements): hub CPU per delivered event",
+            "µs",
+            [r["kernelhub"]["hub_cpu_us_per_delivery"] for r in runs],
+            [r["baseline"]["hub_cpu_us_per_delivery"] for r in runs],
+            "the same hub, everyone subscribed to everything",
+            ("ratio_max", 1.0),
+        )
+        add(
+            "interest_rate",
+            f"interest-filtered fan-out, {sizes.interest_receivers} trainers: deliveries/s",
+            "deliveries/s",
+            [r["kernelhub"]["rate"] for r in runs],
+            [r["baseline"]["rate"] for r in runs],
+            "the same hub, everyone subscribed to everything",
         )
     if raw["replay"]:
         replay = raw["replay"]

@@ -27,6 +27,8 @@ FIGURES = {
     "connect_storm",
     "connect_storm_welcome",
     "connect_storm_presence",
+    "interest_cpu",
+    "interest_rate",
     "replay",
 }
 
