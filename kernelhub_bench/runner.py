@@ -541,7 +541,9 @@ class Runner:
     async def connect(self) -> dict[str, Any]:
         """The connect storm: every trainer at once, until each is live (welcome, roster)."""
         trainers = self.sizes.connect_trainers
-        params = {"trainers": trainers, "per_channel": 50}
+        # At most 1,000 Hellos in flight: beyond that a trainer may wait longer than the
+        # hub's hello timeout (10 s) for its stream to be read, on this 2-core machine.
+        params = {"trainers": trainers, "per_channel": 50, "connect_concurrency": 1000}
         deadline = trainers / 10 + 120
         async with self.hub(trainers, "connect") as hub:
             mine = await self.load("connect", hub, {**params, "roster": True}, deadline)

@@ -932,15 +932,15 @@ class ConnectRequest(_message.Message):
 
     @_builtins.property
     def share_pattern(self) -> Global___SharePattern:
-        """Share a pattern with every other agent."""
+        """Share a pattern with every other agent (that subscribes to it)."""
 
     @_builtins.property
     def share_code_component(self) -> Global___ShareCodeComponent:
-        """Share a code component with every other agent."""
+        """Share a code component with every other agent (that subscribes to it)."""
 
     @_builtins.property
     def share_os_component(self) -> Global___ShareOsComponent:
-        """Share an OS component with every other agent."""
+        """Share an OS component with every other agent (that subscribes to it)."""
 
     @_builtins.property
     def request_feature(self) -> Global___RequestFeature:
@@ -1938,11 +1938,16 @@ class HubEvent(_message.Message):
 
     @_builtins.property
     def artifact_shared(self) -> Global___Artifact:
-        """Another agent shared an artifact (broadcast)."""
+        """Another agent shared an artifact (to every other agent whose
+        subscription matches it).
+        """
 
     @_builtins.property
     def feature_requested(self) -> Global___FeatureRequested:
-        """An agent asks for a feature that fits your capabilities."""
+        """An agent asks for a feature that fits your capabilities (always
+        sent), or that fit nobody's (to every other agent whose subscription
+        matches it).
+        """
 
     @_builtins.property
     def feature_delivered(self) -> Global___FeatureDelivered:
