@@ -80,9 +80,10 @@ class Aggregate:
     watching: bool = False
     watch_error: str = ""
     hub_stats: dict[str, Any] = field(default_factory=dict)
-    # Who is online: listed when the watch (re)starts, then kept by agent_joined / agent_left.
+    # Who is online: the Watch stream's roster, then its presence changes (`presence`).
     online: dict[str, dict[str, Any]] = field(default_factory=dict)
     online_truncated: bool = False
+    _in_roster: bool = False  # between a roster's first update and its roster_complete
 
     # --- fed ---------------------------------------------------------------------------
 
@@ -118,12 +119,8 @@ class Aggregate:
                 pair = tuple(sorted((collab.initiator_id, collab.target_id)))
                 self._add_edge((pair[0], pair[1]))
             label = f"{collab.initiator_id} + {collab.target_id}: {state}"
-        elif kind == "agent_joined":
-            agent = event.agent_joined.agent
-            self._joined(agent)
-            label = enum_name(pb.Specialization, agent.specialization, "SPECIALIZATION_")
-        elif kind == "agent_left":
-            self.online.pop(event.agent_left.agent_id, None)
+        elif kind in ("agent_joined", "agent_left"):
+            pass  # logged by hubs before presence was state: history, not who is online
         elif kind not in KNOWN_KINDS:
             self._other_kinds[kind] += 1
         self._recent.append(
@@ -155,13 +152,17 @@ class Aggregate:
         self.hub_stats = to_json(stats)
         self.hub_stats.get("knowledge_base", {}).pop("recent_artifacts", None)
 
-    def agents(self, agents: list[pb.AgentInfo], truncated: bool) -> None:
-        """The online agents as ListAgents says, when the watch (re)starts: the events
-        replayed and streamed after it keep the table current."""
-        self.online = {}
-        self.online_truncated = truncated
-        for agent in agents:
+    def presence(self, update: pb.PresenceUpdate) -> None:
+        """Who is online, from the Watch stream: a roster (after the stream starts, or
+        after it fell far behind) replaces the table; later updates change it."""
+        if update.roster and not self._in_roster:
+            self.online = {}
+            self.online_truncated = False
+        self._in_roster = update.roster and not update.roster_complete
+        for agent in update.online:
             self._joined(agent)
+        for agent_id in update.offline:
+            self.online.pop(agent_id, None)
 
     def _joined(self, agent: pb.AgentInfo) -> None:
         if agent.agent_id not in self.online and len(self.online) >= MAX_ONLINE:

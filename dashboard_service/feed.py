@@ -58,11 +58,8 @@ class HubFeed:
         after: int | None = None
         while True:
             try:
-                # The head first, then who is online: the events after the head (replayed
-                # and live) bring the list up to date, whatever happened in between.
+                # Who is online comes on the stream itself (its roster, then changes).
                 head = (await self.call("GetHubStats", pb.GetHubStatsRequest())).head_seq
-                agents, truncated = await self._online_agents()
-                self.aggregate.agents(agents, truncated)
                 if after is None:
                     after = max(0, head - REPLAY_EVENTS)
                 elif after < head - REPLAY_EVENTS:
@@ -72,6 +69,8 @@ class HubFeed:
                 self.aggregate.watch_error = ""
                 async for response in stream:
                     delay = BACKOFF[0]
+                    if response.HasField("presence"):
+                        self.aggregate.presence(response.presence)
                     for event in response.events:
                         self.aggregate.event(event)
                         after = event.seq
@@ -91,21 +90,6 @@ class HubFeed:
             except grpc.aio.AioRpcError as error:
                 log.warning("poll failed: %s: %s", error.code().name, error.details())
             await asyncio.sleep(POLL_SECONDS)
-
-    async def _online_agents(self) -> tuple[list[pb.AgentInfo], bool]:
-        agents: list[pb.AgentInfo] = []
-        token = ""
-        while True:
-            page = await self.call(
-                "ListAgents",
-                pb.ListAgentsRequest(online_only=True, page_size=500, page_token=token),
-            )
-            agents += page.agents
-            token = page.next_page_token
-            if not token:
-                return agents, False
-            if len(agents) >= MAX_ONLINE:
-                return agents, True
 
     # --- the agent and artifact pages ---------------------------------------------------
 

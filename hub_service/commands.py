@@ -34,6 +34,7 @@ from .models import (
 )
 from .outcomes import Outcome, RoutedEvent
 from .state import Command, StateTx
+from .subscriptions import tags_of
 from .validation import COLLABORATION_SESSION_ATTRIBUTE
 
 State = pb.CollaborationState
@@ -60,14 +61,24 @@ def apply_command(tx: StateTx, command: Command) -> Outcome:
 
 
 def emit(
-    tx: StateTx, outcome: Outcome, sender: str, recipients: frozenset[str] | None, **body: Any
+    tx: StateTx,
+    outcome: Outcome,
+    sender: str,
+    recipients: frozenset[str] | None,
+    about: pb.HubEvent | None = None,
+    **body: Any,
 ) -> int:
-    """Append an event to the log; it is routed only after the commit."""
+    """Append an event to the log; it is routed only after the commit. Its subscription tags
+    are those of the event itself, or of `about` (a verdict is tagged as its artifact's share,
+    so it reaches whoever subscribed to that artifact)."""
     seq = tx.next_seq()
     event = pb.HubEvent(seq=seq, sender_id=sender, **body)
     event.create_time.CopyFrom(tx.now_pb)
-    tx.add_event(event, recipients)
-    outcome.events.append(RoutedEvent(event, recipients))
+    tagged = about or event
+    contributor = tx.agent(tagged.sender_id) if tagged.sender_id and recipients is None else None
+    tags = tags_of(tagged, contributor.specialization if contributor else 0)
+    tx.add_event(event, recipients, tags)
+    outcome.events.append(RoutedEvent(event, recipients, tags))
     outcome.seq = seq
     return seq
 
@@ -128,11 +139,8 @@ class AgentOnline:
         row.last_seen_at = tx.now
         tx.put_agent(row)
         _reset_deadlines(tx, self.agent_id)  # back in time: no longer held to the grace
-        outcome = Outcome(resource_id=self.agent_id)
-        emit(
-            tx, outcome, self.agent_id, None, agent_joined=pb.AgentJoined(agent=agent_to_proto(row))
-        )
-        return outcome
+        # Presence is state, not history: no event; the router tells who wants to know.
+        return Outcome(resource_id=self.agent_id, agent=agent_to_proto(row))
 
 
 @dataclass
@@ -150,7 +158,6 @@ class AgentOffline:
         row.last_seen_at = tx.now
         tx.put_agent(row)
         _reset_deadlines(tx, self.agent_id)
-        emit(tx, outcome, self.agent_id, None, agent_left=pb.AgentLeft(agent_id=self.agent_id))
         return outcome
 
 
@@ -524,8 +531,9 @@ def _record_verdict(
     artifact: pb.Artifact,
     verdict: pb.ValidationVerdict,
 ) -> None:
-    """Store the verdict with the artifact, end the job, and tell the agents
-    (`artifact_validated`: for now to every agent; subscriptions will narrow it)."""
+    """Store the verdict with the artifact, end the job, and tell the agents: the
+    `artifact_validated` event goes to those whose subscription matches the artifact itself
+    (its kind, specializations, contributor), as its share did."""
     verdict.validator_id = sender
     verdict.validate_time.CopyFrom(tx.now_pb)
     artifact.verdict.CopyFrom(verdict)
@@ -537,6 +545,7 @@ def _record_verdict(
         outcome,
         sender,
         None,
+        about=pb.HubEvent(sender_id=artifact.contributor_id, artifact_shared=artifact),
         artifact_validated=pb.ArtifactValidated(
             artifact_id=artifact.artifact_id,
             contributor_id=artifact.contributor_id,

@@ -73,6 +73,16 @@ def complement(a: int, b: int) -> Complement | None:
     return _PAIRS.get(frozenset({a, b}))
 
 
+def complements(specialization: int) -> list[int]:
+    """The specializations that complement `specialization`, best first (ties by number)."""
+    found = [
+        (-fit.score, other)
+        for other in pb.Specialization.values()
+        if other and (fit := complement(specialization, other)) is not None
+    ]
+    return [other for _, other in sorted(found)]
+
+
 @dataclass(frozen=True)
 class Candidate:
     agent_id: str

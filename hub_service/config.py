@@ -29,6 +29,7 @@ class HubConfig:
     outbound_queue_size: int = _D.outbound_queue_size
     max_events_per_response: int = _D.max_events_per_response
     stream_linger: float = _D.stream_linger
+    presence_linger: float = _D.presence_linger
     replay_page_size: int = _D.replay_page_size
     max_watch_streams: int = _D.max_watch_streams
     commit_batch_size: int = _D.commit_batch_size

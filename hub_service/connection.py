@@ -5,7 +5,11 @@ in-flight window (a message's slot is freed only once its answer is written).
 Live events wait in a fixed-size queue; when it is full the connection stops
 taking live events and reads them back from the event log instead, in order,
 then rejoins the live feed. New connections start that way too, which is how
-replay after `resume_after_seq` works: one mechanism for both.
+replay after `resume_after_seq` works: one mechanism for both. The log is read with the
+stream's subscription, as the router filters live events with it.
+
+Presence (who is online) is not in the log: the roster, then changes keyed by agent, so a
+burst of joins costs a stream a few writes (at most one per presence linger).
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ from . import paging
 from .errors import StatusError
 from .metrics import HubMetrics
 from .outcomes import Outcome
+from .presence import Entry, Presence
 from .ratelimit import ThrottledLog
 from .state import EventPage, HubStore
+from .subscriptions import Filter
 
-# (after_seq, limit, max_bytes) -> the next page of the log this stream reads back.
-ReadLog = Callable[[int, int, int], Awaitable[EventPage]]
+# (after_seq, limit, max_bytes, subscription) -> the next page of the log this stream reads back.
+ReadLog = Callable[[int, int, int, Filter], Awaitable[EventPage]]
 
 log = logging.getLogger(__name__)
 # One line per interval however many connections send an oversized event.
@@ -38,6 +44,8 @@ _OMITTED = ThrottledLog(log, 10.0)
 
 LOG_RETRY_SECONDS = 0.5
 CATCH_UP_POLL_SECONDS = 0.05
+# Agents at most in one response's presence update (each is small: ~150 bytes).
+PRESENCE_PER_RESPONSE = 1024
 
 
 class Connection:
@@ -60,6 +68,17 @@ class Connection:
         `read_log`: where it catches up from (default: the events the agent is entitled to;
         a Watch stream reads every event)."""
         self.agent_id = hello.agent_id
+        self.subscription = Filter.of(hello.subscription)
+        # Bumped by a Subscribe: a log read begun before it is not used.
+        self._epoch = 0
+        # Presence (None: not following it): the roster still to send (None: sent), then
+        # the presence log from `_presence_cursor`, once it says changes wait.
+        self._presence: Presence | None = None
+        self._roster: list[Entry] | None = None
+        self._roster_sent = 0
+        self.roster_size = 0
+        self._presence_cursor = 0
+        self._presence_ready = False
         self.token_hash = token_hash  # re-checked while the stream lives (revocation)
         self.hello = hello
         self._window = asyncio.Semaphore(max_inflight)
@@ -67,8 +86,8 @@ class Connection:
         self._all_answered = asyncio.Event()
         self._all_answered.set()
         self._read_log: ReadLog = read_log or (
-            lambda after, limit, max_bytes: store.events_for(
-                hello.agent_id, after, limit, max_bytes
+            lambda after, limit, max_bytes, subscription: store.events_for(
+                hello.agent_id, after, limit, max_bytes, subscription
             )
         )
         self._queue_size = queue_size
@@ -133,6 +152,39 @@ class Connection:
         if len(self._events) in (1, self._per_response):
             # The sender knows of the rest: it looks at the queue when its linger ends.
             self._wake.set()
+
+    def start_roster(self, presence: Presence) -> None:
+        """Send the roster (everyone online but this agent), then the changes after it."""
+        self._presence = presence
+        self._roster = [e for e in presence.roster() if e.agent_id != self.agent_id]
+        self._roster_sent = 0
+        self.roster_size = len(self._roster)
+        self._presence_cursor = presence.version
+        self._wake.set()
+
+    def presence_ready(self) -> None:
+        """Changes wait in the presence log (called at most once per presence linger)."""
+        if self._presence is not None and self._presence_cursor < self._presence.version:
+            self._presence_ready = True
+            self._wake.set()
+
+    def resubscribe(self, subscription: Filter, last_published_seq: int) -> int:
+        """Switch to `subscription`; returns the seq S it takes effect after. Live, every
+        event up to the last published one was offered under the old one: S is that seq.
+        Catching up, S is the cursor (what was queued under the old one): the log is read
+        from there with the new one, and a read under way is not used."""
+        if self.catching_up:
+            at = self.cursor
+            self._epoch += 1
+            self._joining = None
+        else:
+            at = self.cursor = max(self.cursor, last_published_seq)
+        self.subscription = subscription
+        if not subscription.presence:
+            self._presence = self._roster = None
+            self.roster_size = 0
+            self._presence_ready = False
+        return at
 
     def answer(self, message_id: str, result: Outcome | BaseException) -> None:
         """Queue the receipt or error for one message (its window slot is freed once sent)."""
@@ -235,6 +287,9 @@ class Connection:
             async with asyncio.timeout(timeout):
                 await self._wake.wait()
 
+    def _presence_due(self) -> bool:
+        return self._roster is not None or self._presence_ready
+
     def _has_output(self) -> bool:
         return bool(
             self._events
@@ -242,7 +297,53 @@ class Connection:
             or self._errors
             or self._sync
             or self._replay_end is not None
+            or self._presence_due()
         )
+
+    def _take_presence(self, update: pb.PresenceUpdate, room: int) -> int:
+        """Fill `update` with the roster's next part, or (once it is sent) the changes since
+        the last update, each agent once in its latest state, in at most `room` bytes;
+        returns the bytes used."""
+        if self._presence is None:
+            return 0
+        used = 0
+        if self._roster is not None:
+            roster = self._roster
+            update.roster = True
+            while self._roster_sent < len(roster) and len(update.online) < PRESENCE_PER_RESPONSE:
+                entry = roster[self._roster_sent]
+                if used + entry.cost > room and update.online:
+                    return used
+                used += entry.cost
+                assert entry.info is not None  # the roster holds those online
+                update.online.append(entry.info)
+                self._roster_sent += 1
+            if self._roster_sent == len(roster):
+                update.roster_complete = True
+                self._roster = None
+            return used
+        self._presence_ready = False
+        changes = self._presence.since(self._presence_cursor)
+        if changes is None:  # too far behind the log: the roster again
+            self.start_roster(self._presence)
+            return self._take_presence(update, room)
+        latest: dict[str, Entry] = {}
+        taken = 0
+        for entry in changes:
+            if len(latest) >= PRESENCE_PER_RESPONSE or (used + entry.cost > room and latest):
+                self._presence_ready = True  # the rest: the next response
+                break
+            taken += 1
+            if entry.agent_id != self.agent_id:
+                used += entry.cost
+                latest[entry.agent_id] = entry
+        self._presence_cursor += taken
+        for entry in latest.values():
+            if entry.info is None:
+                update.offline.append(entry.agent_id)
+            else:
+                update.online.append(entry.info)
+        return used
 
     async def _flush(self, write: Callable[[pb.ConnectResponse], Awaitable[None]]) -> None:
         """Write one response of what waits, never more than `max_bytes` of it.
@@ -275,6 +376,8 @@ class Connection:
                     room -= cost
                     response.training_sync.CopyFrom(self._sync)
                     self._sync = None
+            if self._presence_due():
+                room -= self._take_presence(response.presence, room // 2 if self._events else room)
             while self._events and len(response.events) < self._per_response:
                 event = self._events[0]
                 cost = paging.entry_bytes(event)
@@ -337,11 +440,16 @@ class Connection:
         they leave no gap, and `cursor` drops what both hold.
         """
         self._joining = []
+        epoch = self._epoch
         try:
-            events = await self._read_log(self.cursor, self._replay_page, self._max_bytes)
+            events = await self._read_log(
+                self.cursor, self._replay_page, self._max_bytes, self.subscription
+            )
         except BaseException:
             self._joining = None
             raise
+        if epoch != self._epoch:
+            return  # a Subscribe came during the read: read again with the new one
         joining, self._joining = self._joining, None
         for event in events:
             if event.seq > self.cursor:

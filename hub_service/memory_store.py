@@ -46,6 +46,7 @@ from .models import (
 from .outcomes import Outcome
 from .roles import Role
 from .state import Command, EventPage, IssuedToken, Page, Principal, Receipt, decode_stored
+from .subscriptions import EVERYTHING, Filter, Tags
 from .tokens import hash_token, issue
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,11 @@ class _Event:
     recipients: frozenset[str] | None  # None: every agent but the sender
     body: bytes
     created_at: datetime
+    tags: Tags
 
-    def entitles(self, agent_id: str) -> bool:
+    def entitles(self, agent_id: str, subscription: Filter) -> bool:
         if self.recipients is None:
-            return self.sender_id != agent_id
+            return self.sender_id != agent_id and subscription.matches(self.tags)
         return agent_id in self.recipients
 
 
@@ -107,9 +109,16 @@ class MemoryTx:
         self._seq += 1
         return self._seq
 
-    def add_event(self, event: pb.HubEvent, recipients: frozenset[str] | None) -> None:
+    def add_event(self, event: pb.HubEvent, recipients: frozenset[str] | None, tags: Tags) -> None:
         self._events.append(
-            _Event(event.seq, event.sender_id, recipients, event.SerializeToString(), self.now)
+            _Event(
+                event.seq,
+                event.sender_id,
+                recipients,
+                event.SerializeToString(),
+                self.now,
+                tags,
+            )
         )
 
     def add_artifact(self, artifact: pb.Artifact, seq: int) -> None:
@@ -441,13 +450,18 @@ class MemoryStore:
         return self.head
 
     async def events_for(
-        self, agent_id: str, after_seq: int, limit: int, max_bytes: int | None = None
+        self,
+        agent_id: str,
+        after_seq: int,
+        limit: int,
+        max_bytes: int | None = None,
+        subscription: Filter = EVERYTHING,
     ) -> EventPage:
         start = bisect.bisect_right(self._event_seqs, after_seq)
         entitled = (
             self._events[i].body
             for i in range(start, len(self._events))
-            if self._events[i].entitles(agent_id)
+            if self._events[i].entitles(agent_id, subscription)
         )
         page, more = paging.take(
             entitled, lambda body: decode_stored(pb.HubEvent, body), limit, max_bytes

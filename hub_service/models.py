@@ -71,6 +71,11 @@ class EventRow(SQLModel, table=True):
     sender_id: str = Field(max_length=128)
     # True: every agent but the sender receives it; False: only event_recipient rows.
     broadcast: bool
+    # What it is about (`subscriptions.Tags`, schema revision 0004), so a replay filters
+    # by subscription in SQL: the EventKind, the artifact kind, specializations as bits.
+    kind: int = 0
+    artifact_kind: int = 0
+    spec_mask: int = 0
     created_at: datetime = Field(default_factory=utcnow)
     body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # serialized HubEvent
 

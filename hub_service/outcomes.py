@@ -8,6 +8,8 @@ from datetime import datetime
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
+from .subscriptions import Tags
+
 
 @dataclass(frozen=True)
 class RoutedEvent:
@@ -15,6 +17,7 @@ class RoutedEvent:
 
     event: pb.HubEvent
     recipients: frozenset[str] | None
+    tags: Tags = field(default_factory=Tags)
 
 
 @dataclass
@@ -29,3 +32,5 @@ class Outcome:
     # when (None: never, without a new share) the next one may become claimable.
     lease: bytes = b""
     retry_at: datetime | None = None
+    # AgentOnline's answer: the agent as stored (its connect time), for presence.
+    agent: pb.AgentInfo | None = None

@@ -23,6 +23,7 @@ from .config import HubConfig
 from .errors import StatusError
 from .metrics import HubMetrics, MetricsEndpoint
 from .outcomes import Outcome
+from .presence import Presence
 from .retention import Retention, RetentionPolicy
 from .roles import Role
 from .router import Router
@@ -43,7 +44,7 @@ class HubServer:
     def __init__(self, config: HubConfig, store: HubStore | None = None) -> None:
         self.config = config
         self.store = store or make_store(config.database_url, config)
-        self.router = Router()
+        self.router = Router(Presence(config.presence_linger))
         self.metrics = HubMetrics()
         self.committer = GroupCommitter(
             self.store,

@@ -16,7 +16,6 @@ from typing import Any, NoReturn, TypeAlias
 
 import grpc
 from google.protobuf.message import DecodeError
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
@@ -34,6 +33,7 @@ from .ratelimit import BucketTable, TokenBucket
 from .retention import Retention
 from .router import Router
 from .state import HubStore
+from .subscriptions import Filter
 from .training_sync import TrainingSyncs
 from .validation import validate, validate_batch, validate_hello
 
@@ -132,7 +132,9 @@ class Sessions:
         reader: asyncio.Task[None] | None = None
         try:
             online = await self._committer.submit(cmd.AgentOnline(agent_id, hello))
-            connection.connected_time = _last_seen(online)
+            if online.agent is not None:
+                connection.connected_time = online.agent.last_seen_time
+                self._router.came_online(connection, online.agent)
             welcome = pb.Welcome(
                 agent_id=agent_id,
                 head_seq=start if hello.skip_history else self._router.last_published_seq,
@@ -140,6 +142,7 @@ class Sessions:
                 hub_version=__version__,
                 max_batch_requests=self._config.limits.max_batch_requests,
                 oldest_seq=self._retention.oldest_seq,
+                roster_size=connection.roster_size,
             )
             connection.send_sync(await self._syncs.compose(connection))
             sender = asyncio.create_task(connection.run_sender(welcome, context.write))
@@ -208,6 +211,7 @@ class Sessions:
         if sender is not None:
             await stop_sender(connection, sender)
         if self._router.detach(connection):
+            self._router.went_offline(connection.agent_id)
             with contextlib.suppress(StatusError, TimeoutError):
                 await asyncio.wait_for(
                     self._committer.submit(cmd.AgentOffline(connection.agent_id)),
@@ -311,6 +315,12 @@ class Sessions:
             if (limited := self._rate_limited(bucket)) is not None:
                 raise limited
             kind = validate(request, self._config.limits)
+            if kind == "subscribe":
+                # Not stored: the stream's own state, switched at a seq the receipt names.
+                subscription = Filter.of(request.subscribe.subscription)
+                at = self._router.resubscribe(connection, subscription)
+                connection.answer(request.message_id, Outcome(seq=at))
+                return
             await self._committer.enqueue(
                 to_command(connection.agent_id, request, kind),
                 partial(self._answer, connection, request.message_id, body),
@@ -364,16 +374,6 @@ class Sessions:
             connection.end(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
         await asyncio.gather(*(finish(c) for c in self._router.connections()))
-
-
-def _last_seen(online: Outcome) -> Timestamp | None:
-    """The connect time the hub stored, from AgentOnline's `agent_joined` event."""
-    for routed in online.events:
-        if routed.event.HasField("agent_joined"):
-            seen = Timestamp()
-            seen.CopyFrom(routed.event.agent_joined.agent.last_seen_time)
-            return seen
-    return None
 
 
 def _table(rate: float, burst: float, agents: int) -> BucketTable | None:

@@ -212,6 +212,13 @@ class HubSettings(BaseSettings):
         "idle stream's first event goes at once; 0 writes whatever waits at once)",
         ge=0,
     )
+    presence_linger: Seconds = _setting(
+        0.25,
+        "streams",
+        "a stream's presence changes (joins, leaves) wait at most this many seconds after the "
+        "first of them, so a burst of joins costs each agent one write, not one per join",
+        ge=0,
+    )
     replay_page_size: int = _setting(
         512, "streams", "events read from the log per page while replaying", gt=0
     )

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
-from sqlalchemy import exists, func, or_, text
+from sqlalchemy import ColumnElement, and_, exists, false, func, or_, text
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, SQLModel, col, select
 
@@ -46,6 +46,7 @@ from .outcomes import Outcome
 from .roles import Role
 from .sql_write import PruneEvents, PruneLedger, SqlWriter, WriterJob, make_engine, session
 from .state import Command, EventPage, IssuedToken, Page, Principal, decode_stored
+from .subscriptions import ARTIFACTS, EVERYTHING, Filter
 from .tokens import hash_token, issue
 from .writer import WriterProcess, WriterSettings
 
@@ -161,21 +162,25 @@ class SqlStore:
         return await self._read(lambda s: int(s.exec(select(func.max(EventRow.seq))).one() or 0))
 
     async def events_for(
-        self, agent_id: str, after_seq: int, limit: int, max_bytes: int | None = None
+        self,
+        agent_id: str,
+        after_seq: int,
+        limit: int,
+        max_bytes: int | None = None,
+        subscription: Filter = EVERYTHING,
     ) -> EventPage:
         """The events after `after_seq` that `agent_id` is entitled to, oldest first: at
         most `limit`, and no more than `max_bytes` of them beyond the first (an event too
-        large for any response still comes, alone, for its reader to replace)."""
+        large for any response still comes, alone, for its reader to replace). The
+        subscription is a WHERE on the event's tag columns."""
         direct = exists().where(
             col(EventRecipientRow.seq) == col(EventRow.seq),
             col(EventRecipientRow.agent_id) == agent_id,
         )
+        entitled = or_(_broadcast_for(agent_id, subscription), direct)
         query = (
             select(EventRow.body)
-            .where(
-                EventRow.seq > after_seq,
-                or_(col(EventRow.broadcast) & (EventRow.sender_id != agent_id), direct),
-            )
+            .where(EventRow.seq > after_seq, entitled)
             .order_by(col(EventRow.seq))
             .limit(limit + 1)
             .execution_options(yield_per=STREAM_ROWS)
@@ -485,3 +490,28 @@ class SqlStore:
         if not self.database_url.startswith("sqlite"):
             return "ok"
         return await self._read(lambda s: str(s.execute(text("PRAGMA integrity_check")).scalar()))
+
+
+def _broadcast_for(agent_id: str, subscription: Filter) -> ColumnElement[bool]:
+    """The broadcast events by others that `subscription` matches, on the tag columns (as
+    `Filter.matches`; rows of kind 0 or presence, which older hubs logged, never match)."""
+    kinds = subscription.broadcast_kinds()
+    if not kinds:
+        return false()
+    terms: list[ColumnElement[bool]] = [
+        col(EventRow.broadcast).is_(True),
+        col(EventRow.sender_id) != agent_id,
+        col(EventRow.kind).in_(kinds),
+    ]
+    if subscription.artifact_kinds:
+        terms.append(
+            or_(
+                col(EventRow.kind) != ARTIFACTS,
+                col(EventRow.artifact_kind).in_(sorted(subscription.artifact_kinds)),
+            )
+        )
+    if subscription.spec_mask:
+        terms.append(col(EventRow.spec_mask).op("&")(subscription.spec_mask) != 0)
+    if subscription.contributors:
+        terms.append(col(EventRow.sender_id).in_(sorted(subscription.contributors)))
+    return and_(*terms)

@@ -28,6 +28,7 @@ from .models import (
     artifact_row,
 )
 from .state import Receipt, decode_stored
+from .subscriptions import Tags
 
 
 class SqlTx:
@@ -59,12 +60,15 @@ class SqlTx:
 
     # --- the append-only tables --------------------------------------------------
 
-    def add_event(self, event: pb.HubEvent, recipients: frozenset[str] | None) -> None:
+    def add_event(self, event: pb.HubEvent, recipients: frozenset[str] | None, tags: Tags) -> None:
         self._append(
             EventRow,
             seq=event.seq,
             sender_id=event.sender_id,
             broadcast=recipients is None,
+            kind=tags.kind,
+            artifact_kind=tags.artifact_kind,
+            spec_mask=tags.spec_mask,
             created_at=self.now,
             body=event.SerializeToString(),
         )

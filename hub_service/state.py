@@ -29,6 +29,7 @@ from .models import (
 )
 from .outcomes import Outcome
 from .roles import Role
+from .subscriptions import EVERYTHING, Filter, Tags
 
 M = TypeVar("M", bound=Message)
 
@@ -91,8 +92,9 @@ class StateTx(Protocol):
         """The next seq of the event log (strictly increasing)."""
         ...
 
-    def add_event(self, event: pb.HubEvent, recipients: frozenset[str] | None) -> None:
-        """Append `event` (its seq set) for `recipients`, or for all but its sender (None)."""
+    def add_event(self, event: pb.HubEvent, recipients: frozenset[str] | None, tags: Tags) -> None:
+        """Append `event` (its seq set) for `recipients`, or for all but its sender (None)
+        that subscribe to what `tags` say it is about."""
         ...
 
     def add_artifact(self, artifact: pb.Artifact, seq: int) -> None: ...
@@ -189,11 +191,19 @@ class HubStore(Protocol):
         ...
 
     async def events_for(
-        self, agent_id: str, after_seq: int, limit: int, max_bytes: int | None = None
+        self,
+        agent_id: str,
+        after_seq: int,
+        limit: int,
+        max_bytes: int | None = None,
+        subscription: Filter = EVERYTHING,
     ) -> EventPage:
-        """The events after `after_seq` that `agent_id` is entitled to, oldest first: at
-        most `limit`, and no more than `max_bytes` of them beyond the first (an event too
-        large for any response still comes, alone, for its reader to replace)."""
+        """The events after `after_seq` that `agent_id` is entitled to, oldest first: those
+        addressed to it, and broadcasts by others that match `subscription` (never presence,
+        which older hubs logged). At most `limit`, and no more than `max_bytes` of them
+        beyond the first (an event too large for any response still comes, alone, for its
+        reader to replace). The filter is the store's to apply (indexed columns), not the
+        reader's."""
         ...
 
     async def events_after(

@@ -62,10 +62,11 @@ class TrainingSyncs:
 
     def _roster(self) -> Roster:
         """Who is online, sampled once per sync round: at most ROSTER_SIZE agents in all and
-        per specialization, so a round costs O(connections), not O(connections^2); and at
+        per specialization (from the router's index, so a sample costs its size, not the
+        number of connections, and a connect storm does not cost O(connections^2)); and at
         most half a response of them, so the knowledge base has room beside them."""
         roster = Roster()
-        for c in self._router.connections():
+        for c in self._router.sample(ROSTER_SIZE):
             spec = c.hello.specialization
             if len(roster.active) < ROSTER_SIZE:
                 info = pb.AgentInfo(
@@ -80,9 +81,8 @@ class TrainingSyncs:
                 if roster.active_bytes + paging.entry_bytes(info) <= self._budget // 2:
                     roster.active.append(info)
                     roster.active_bytes += paging.entry_bytes(info)
-            peers = roster.by_specialization.setdefault(spec, [])
-            if len(peers) < ROSTER_SIZE:
-                peers.append(Candidate(c.agent_id, spec))
+        for kind, peers in self._router.sample_by_specialization(ROSTER_SIZE).items():
+            roster.by_specialization[kind] = [Candidate(c.agent_id, kind) for c in peers]
         return roster
 
     async def compose(

@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 from generated.kernelhub.v1 import hub_pb2 as pb
 
 from .errors import failed_precondition, invalid
+from .subscriptions import MAX_ARTIFACT_KINDS, MAX_EVENT_KINDS, MAX_SPECIALIZATIONS
 
 IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")  # used with fullmatch
 SNAKE = re.compile(r"[a-z][a-z0-9_]*")
@@ -136,6 +137,25 @@ class _Checker:
                 continue
             self.snake(entry, key)
             self.text(entry, value, self.limits.max_attribute_value_length)
+
+    def subscription(self, path: str, s: pb.Subscription) -> None:
+        """Known, non-UNSPECIFIED enums and at most a field's limit of terms."""
+        for name, enum_type, limit in (
+            ("event_kinds", pb.EventKind, MAX_EVENT_KINDS),
+            ("artifact_kinds", pb.ArtifactKind, MAX_ARTIFACT_KINDS),
+            ("specializations", pb.Specialization, MAX_SPECIALIZATIONS),
+        ):
+            values = getattr(s, name)
+            if len(values) > limit:
+                self.fail(f"{path}.{name}", f"must have at most {limit} items, got {len(values)}")
+                continue
+            for i, value in enumerate(values):
+                self.enum(f"{path}.{name}[{i}]", value, enum_type)
+        if len(s.contributors) > self.limits.max_list_items:
+            self.items(f"{path}.contributors", s.contributors)  # names the limit
+            return
+        for i, contributor in enumerate(s.contributors):
+            self.identifier(f"{path}.contributors[{i}]", contributor)
 
     def present(self, path: str, parent: Message, field: str) -> bool:
         if not parent.HasField(field):
@@ -264,6 +284,7 @@ def validate_hello(request: pb.ConnectRequest, limits: Limits) -> None:
     check.text("hello.version", hello.version, limits.max_name_length)
     if hello.resume_after_seq >= 2**63:
         check.fail("hello.resume_after_seq", f"must be below 2^63, got {hello.resume_after_seq}")
+    check.subscription("hello.subscription", hello.subscription)
     if check.violations:
         raise invalid(check.violations)
 
@@ -337,6 +358,8 @@ def validate(request: pb.ConnectRequest, limits: Limits) -> str:
         check.identifier(f"{kind}.session_id", body.session_id)
         if check.present(kind, body, "component"):
             check.os_component(f"{kind}.component", body.component)
+    elif kind == "subscribe":
+        check.subscription(f"{kind}.subscription", body.subscription)
     if check.violations:
         raise invalid(check.violations)
     return kind

@@ -35,6 +35,8 @@ KINDS = frozenset(
     if field.name != "omitted"
 )
 MAX_KINDS = 16
+# Kinds that ask for presence, which is not in the log: WatchResponse.presence carries it.
+PRESENCE_KINDS = frozenset({"agent_joined", "agent_left"})
 
 
 def event_kind(event: pb.HubEvent) -> str:
@@ -101,13 +103,16 @@ class Watches:
             replay_page_size=self._config.replay_page_size,
             max_bytes=self._budget,
             linger=self._config.stream_linger,
-            read_log=self._store.events_after,
+            read_log=lambda after, limit, max_bytes, _: self._store.events_after(
+                after, limit, max_bytes
+            ),
             metrics=self._metrics,
         )
         head = self._router.last_published_seq
         if request.skip_history:
             watcher.cursor = head
-        self._router.watch(watcher)
+        # Presence is state, not in the log: a watcher gets it as a trainer does.
+        self._router.watch(watcher, kinds is None or bool(kinds & PRESENCE_KINDS))
         log.info("%s watching (after seq %d)", watcher.agent_id, watcher.cursor)
         written = False
 
@@ -119,7 +124,14 @@ class Watches:
             )
             if response.HasField("replay_complete"):
                 out.replay_complete.CopyFrom(response.replay_complete)
-            if not written or out.events or out.HasField("replay_complete"):
+            if response.HasField("presence"):
+                out.presence.CopyFrom(response.presence)
+            if (
+                not written
+                or out.events
+                or out.HasField("replay_complete")
+                or out.HasField("presence")
+            ):
                 written = True
                 await context.write(out)
 

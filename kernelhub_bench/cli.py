@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         "5,000 replayed events; repeat 1)",
     )
     run_parser.add_argument("--repeat", type=int, help="runs per figure (default 3; quick: 1)")
+    run_parser.add_argument(
+        "--connect-trainers",
+        type=int,
+        metavar="N",
+        help="trainers in the connect storm (default 1,000; quick: 100), e.g. 5000",
+    )
     run_parser.add_argument("--json", type=Path, help="write the results here")
     run_parser.add_argument(
         "--scenarios",
@@ -187,6 +193,8 @@ def _clean(value: Any) -> Any:
 
 def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     sizes = QUICK if args.quick else FULL
+    if args.connect_trainers is not None:
+        sizes = dataclasses.replace(sizes, connect_trainers=args.connect_trainers)
     repeat = args.repeat or (1 if args.quick else 3)
     if repeat < 1:
         print("--repeat must be at least 1", file=sys.stderr)

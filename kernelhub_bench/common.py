@@ -97,11 +97,15 @@ def pattern(pattern_id: str, pattern_type: str = "networking_pattern") -> pb.Pat
     )
 
 
-def share(message_id: str, pattern_id: str) -> pb.ConnectRequest:
-    """A valid share_pattern of `pattern(pattern_id)`."""
-    return pb.ConnectRequest(
-        message_id=message_id, share_pattern=pb.SharePattern(pattern=pattern(pattern_id))
-    )
+def share(
+    message_id: str,
+    pattern_id: str,
+    specialization: pb.Specialization.ValueType = pb.SPECIALIZATION_NETWORKING,
+) -> pb.ConnectRequest:
+    """A valid share_pattern of `pattern(pattern_id)` (of `specialization`)."""
+    content = pattern(pattern_id)
+    content.specialization = specialization
+    return pb.ConnectRequest(message_id=message_id, share_pattern=pb.SharePattern(pattern=content))
 
 
 def read_tokens(path: Path) -> list[tuple[str, str]]:

@@ -29,6 +29,8 @@ import grpc
 import psutil
 
 from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service.complementarity import complements
+from hub_service.subscriptions import Filter, tags_of
 
 from .common import (
     EOF,
@@ -173,12 +175,22 @@ class ChannelPool:
 
 
 async def open_stream(
-    channel: grpc.aio.Channel, agent_id: str, token: str, resume: int, deadline: Deadline
+    channel: grpc.aio.Channel,
+    agent_id: str,
+    token: str,
+    resume: int,
+    deadline: Deadline,
+    specialization: pb.Specialization.ValueType = pb.SPECIALIZATION_NETWORKING,
+    subscription: pb.Subscription | None = None,
 ) -> Call:
     """Connect, say hello and wait for the welcome; returns the live call."""
     call = async_stub(channel).Connect(metadata=auth(token))
+    request = hello(agent_id, resume)
+    request.hello.specialization = specialization
+    if subscription is not None:
+        request.hello.subscription.CopyFrom(subscription)
     try:
-        await bounded(call.write(hello(agent_id, resume)), deadline, f"{agent_id}'s hello")
+        await bounded(call.write(request), deadline, f"{agent_id}'s hello")
         first = await bounded(call.read(), deadline, f"{agent_id}'s welcome")
     except grpc.aio.AioRpcError as exc:
         raise BenchError(f"{agent_id}: {exc.code().name}: {exc.details()}") from None
@@ -646,6 +658,154 @@ async def scenario_idle(args: Context, deadline: Deadline) -> dict[str, Any]:
         await pool.close()
 
 
+async def scenario_connect(args: Context, deadline: Deadline) -> dict[str, Any]:
+    """A connect storm: `trainers` fresh trainers (`resume_after_seq` 0) connect at once and
+    each is timed until it is live: its welcome and, with `roster`, the end of its roster.
+    With `roster`, also until each knows every other one is online (roster plus joins),
+    and how many presence updates that took per trainer."""
+    count = int(args.params["trainers"])
+    roster = bool(args.params.get("roster", False))
+    tokens = args.tokens(count)
+    pool = ChannelPool(args.target, int(args.params.get("per_channel", 50)))
+    limit = asyncio.Semaphore(int(args.params.get("connect_concurrency", count)))
+    calls: list[Call] = []
+    welcomed_at: list[float] = []
+    live_at: list[float] = []
+    known_at: list[float] = []
+    updates: list[int] = []
+    start = time.perf_counter()
+
+    async def join(index: int, agent_id: str, token: str) -> None:
+        async with limit:
+            call = await open_stream(pool.channel(index), agent_id, token, 0, deadline)
+        calls.append(call)
+        welcomed_at.append(time.perf_counter())
+        if not roster:
+            live_at.append(time.perf_counter())
+            return
+        online: set[str] = set()
+        received = 0
+        while True:
+            response = await bounded(call.read(), deadline, f"{agent_id}'s presence")
+            if response is EOF:
+                raise BenchError(f"{agent_id}: the stream ended during the storm")
+            if not response.HasField("presence"):
+                continue
+            received += 1
+            online.difference_update(response.presence.offline)
+            online.update(a.agent_id for a in response.presence.online)
+            if response.presence.roster_complete:
+                live_at.append(time.perf_counter())
+            if len(online) >= count - 1:
+                known_at.append(time.perf_counter())
+                updates.append(received)
+                return
+
+    try:
+        await asyncio.gather(*(join(i, a, t) for i, (a, t) in enumerate(tokens)))
+        result: dict[str, Any] = {
+            "trainers": len(calls),
+            "connect_seconds": max(live_at) - start,
+            "welcome_seconds": max(welcomed_at) - start,
+        }
+        if roster:
+            result["presence_seconds"] = max(known_at) - start
+            result["presence_updates_per_trainer"] = sum(updates) / len(updates)
+        return result
+    finally:
+        await close_calls(calls)
+        await pool.close()
+
+
+async def scenario_interest(args: Context, deadline: Deadline) -> dict[str, Any]:
+    """Interest-filtered fan-out: `receivers` trainers of the 8 specializations in turn, each
+    subscribed (with `filtered`) to its own specialization and its complements, as the
+    reference trainers are, or (without) to everything; 8 senders, one per specialization,
+    share `count` patterns of their own specialization in turn. Timed until every receiver
+    has every share it is entitled to; the hub's CPU per delivered event is the figure."""
+    count = int(args.params["count"])
+    receivers = int(args.params["receivers"])
+    filtered = bool(args.params.get("filtered", False))
+    tokens = args.tokens(receivers + 8)
+    sending, rest = tokens[:8], tokens[8:]
+    sender_ids = {agent_id for agent_id, _ in sending}
+    specs = [pb.Specialization.ValueType(1 + k) for k in range(8)]
+    pool = ChannelPool(args.target, int(args.params.get("per_channel", 50)))
+    meter = CpuMeter(args.server_pid)
+    shares = [(i % 8, share(f"{args.tag}-n{i}", f"n.{i}", specs[i % 8])) for i in range(count)]
+    tags = [
+        tags_of(
+            pb.HubEvent(
+                sender_id=sending[k][0],
+                artifact_shared=pb.Artifact(
+                    kind=pb.ARTIFACT_KIND_PATTERN, pattern=request.share_pattern.pattern
+                ),
+            ),
+            specs[k],
+        )
+        for k, request in shares
+    ]
+    calls: list[Call] = []
+    readers: list[asyncio.Task[float]] = []
+    senders: list[Sender] = []
+    try:
+        head = await head_seq(pool.extra(), sending[0][1], deadline)
+        for k, (sender_id, sender_token) in enumerate(sending):
+            call = await open_stream(
+                pool.extra(), sender_id, sender_token, head, deadline, specs[k]
+            )
+            calls.append(call)
+            senders.append(Sender(call))
+
+        async def receive(call: Call, expected: int) -> float:
+            got = 0
+            while got < expected:
+                response = await bounded(call.read(), deadline, "a share's delivery")
+                if response is EOF:
+                    raise BenchError("a receiver's stream ended")
+                got += sum(1 for e in response.events if e.sender_id in sender_ids)
+            return time.perf_counter()
+
+        expected_total = 0
+        for i, (agent_id, token) in enumerate(rest):
+            spec = specs[i % 8]
+            wanted = (
+                pb.Subscription(specializations=[spec, *complements(spec)])  # type: ignore[list-item]
+                if filtered
+                else pb.Subscription()
+            )
+            match = Filter.of(wanted)
+            expected = sum(1 for t in tags if match.matches(t))
+            expected_total += expected
+            call = await open_stream(pool.channel(i), agent_id, token, head, deadline, spec, wanted)
+            calls.append(call)
+            readers.append(asyncio.create_task(receive(call, expected)))
+        meter.start()
+        start = time.perf_counter()
+        for k, request in shares:
+            await senders[k].send(request, deadline)
+        end = max(await bounded(asyncio.gather(*readers), deadline, "every delivery"))
+        cpu = meter.stop()
+        for sender in senders:
+            await sender.all_answered(deadline)
+            sender.close()
+        seconds = end - start
+        return {
+            "filtered": filtered,
+            "deliveries": expected_total,
+            "rate": expected_total / seconds,
+            "shares_per_s": count / seconds,
+            "hub_cpu_us_per_delivery": cpu["server_cores"] * seconds / expected_total * 1e6,
+            "seconds": seconds,
+            **cpu,
+        }
+    finally:
+        for task in readers:
+            task.cancel()
+        await close_calls(calls)
+        await pool.close()
+
+
 async def scenario_replay(args: Context, deadline: Deadline) -> dict[str, Any]:
     """A sender shares `count` patterns while the replayer is away; then the replayer
     reconnects `replays` times from where it left off and is timed until it has them all."""
@@ -696,6 +856,8 @@ SCENARIOS: dict[str, Callable[[Context, Deadline], Awaitable[dict[str, Any]]]] =
     "fanout": scenario_fanout,
     "latency": scenario_latency,
     "idle": scenario_idle,
+    "connect": scenario_connect,
+    "interest": scenario_interest,
     "replay": scenario_replay,
 }
 

@@ -15,7 +15,7 @@ from rich.table import Table
 def _number(value: float, unit: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    if unit in ("ms", "KiB", "s"):
+    if unit in ("ms", "KiB", "s", "µs"):
         return f"{value:,.2f} {unit}" if value < 100 else f"{value:,.0f} {unit}"
     return f"{value:,.0f}/s"
 

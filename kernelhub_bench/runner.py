@@ -31,7 +31,7 @@ from .common import LOOPBACK, die_with_parent, median
 PYTHON = sys.executable
 HUB_READY = re.compile(r"kernelhub serving on 127\.0\.0\.1:(\d+)")
 BASELINE_READY = re.compile(r"baseline \w+ serving on 127\.0\.0\.1:(\d+)")
-SCENARIOS = ("ingest", "fanout", "latency", "rss", "replay")
+SCENARIOS = ("ingest", "fanout", "latency", "rss", "connect", "interest", "replay")
 
 
 class RunError(Exception):
@@ -50,6 +50,9 @@ class Sizes:
     latency_calibrate_count: int
     idle_trainers: int
     replay_count: int
+    connect_trainers: int = 1_000  # the connect storm (`--connect-trainers 5000` for more)
+    interest_receivers: int = 200  # interest-filtered fan-out: trainers, 8 specializations
+    interest_count: int = 2_000  # shares, each specialization in turn
     sqlite_batch: int = 256
     ingest_batch: int = 16  # shares per stream message in the batched ingest run
 
@@ -80,6 +83,9 @@ QUICK = Sizes(
     latency_calibrate_count=2_000,
     idle_trainers=50,
     replay_count=5_000,
+    connect_trainers=100,
+    interest_receivers=16,
+    interest_count=400,
 )
 
 
@@ -532,6 +538,46 @@ class Runner:
             **load,
         }
 
+    async def connect(self) -> dict[str, Any]:
+        """The connect storm: every trainer at once, until each is live (welcome, roster)."""
+        trainers = self.sizes.connect_trainers
+        # At most 1,000 Hellos in flight: beyond that a trainer may wait longer than the
+        # hub's hello timeout (10 s) for its stream to be read, on this 2-core machine.
+        params = {"trainers": trainers, "per_channel": 50, "connect_concurrency": 1000}
+        deadline = trainers / 10 + 120
+        async with self.hub(trainers, "connect") as hub:
+            mine = await self.load("connect", hub, {**params, "roster": True}, deadline)
+        async with self.baseline("fanout", "connect") as bare:
+            theirs = await self.load("connect", bare, params, deadline)
+        self.log(
+            f"  connect storm of {trainers:,}: kernelhub welcomed all in "
+            f"{mine['welcome_seconds']:.2f} s, live in {mine['connect_seconds']:.2f} s "
+            f"(everyone knows everyone in {mine['presence_seconds']:.2f} s, "
+            f"{mine['presence_updates_per_trainer']:.1f} presence updates each), "
+            f"bare {theirs['connect_seconds']:.2f} s"
+        )
+        return {"kernelhub": mine, "baseline": theirs}
+
+    async def interest(self) -> dict[str, Any]:
+        """Interest-filtered fan-out beside the same run with everyone subscribed to all."""
+        receivers, count = self.sizes.interest_receivers, self.sizes.interest_count
+        params = {"receivers": receivers, "count": count, "per_channel": 50}
+        deadline = count * receivers / 2000 + 120
+        results = {}
+        for filtered in (True, False):
+            async with self.hub(receivers + 8, "interest") as hub:
+                results["filtered" if filtered else "broadcast"] = await self.load(
+                    "interest", hub, {**params, "filtered": filtered}, deadline
+                )
+        mine, theirs = results["filtered"], results["broadcast"]
+        self.log(
+            f"  interest fan-out, {receivers} trainers: filtered {mine['rate']:,.0f} "
+            f"deliveries/s ({mine['deliveries']:,}), {mine['hub_cpu_us_per_delivery']:.1f} µs "
+            f"hub CPU each; broadcast {theirs['rate']:,.0f}/s ({theirs['deliveries']:,}), "
+            f"{theirs['hub_cpu_us_per_delivery']:.1f} µs each"
+        )
+        return {"kernelhub": mine, "baseline": theirs}
+
     async def replay(self, replays: int) -> dict[str, Any]:
         count = self.sizes.replay_count
         params = {"count": count, "replays": replays}
@@ -592,7 +638,15 @@ async def run(
     if task is not None:
         for sig in (signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, task.cancel)
-    raw: dict[str, Any] = {"ingest": [], "fanout": {}, "latency": [], "rss": [], "replay": None}
+    raw: dict[str, Any] = {
+        "ingest": [],
+        "fanout": {},
+        "latency": [],
+        "rss": [],
+        "connect": [],
+        "interest": [],
+        "replay": None,
+    }
     started = time.monotonic()
     for index in range(repeat):
         log(f"run {index + 1} of {repeat}")
@@ -605,6 +659,10 @@ async def run(
             raw["latency"].append(await runner.latency())
         if "rss" in scenarios:
             raw["rss"].append(await runner.rss())
+        if "connect" in scenarios:
+            raw["connect"].append(await runner.connect())
+        if "interest" in scenarios:
+            raw["interest"].append(await runner.interest())
     if "replay" in scenarios:
         raw["replay"] = await runner.replay(repeat)
     raw["seconds"] = time.monotonic() - started
@@ -646,6 +704,8 @@ def summarize(raw: dict[str, Any], sizes: Sizes) -> tuple[list[dict[str, Any]], 
             kind, limit = target
             if kind == "ratio_min":
                 met, text = ratio >= limit, f">= {limit:g}x baseline"
+            elif kind == "ratio_max":
+                met, text = ratio <= limit, f"<= {limit:g}x baseline"
             elif kind == "max":
                 met, text = value <= limit, f"<= {limit:g} {unit}"
             else:
@@ -784,6 +844,55 @@ def summarize(raw: dict[str, Any], sizes: Sizes) -> tuple[list[dict[str, Any]], 
             [r["kernelhub"]["connect_seconds"] for r in runs],
             [r["baseline"]["connect_seconds"] for r in runs],
             "bare grpc.aio server",
+        )
+    if raw.get("connect"):
+        runs = raw["connect"]
+        add(
+            "connect_storm",
+            f"connect storm: {sizes.connect_trainers:,} fresh trainers at once, until each is "
+            "live (welcome and roster)",
+            "s",
+            [r["kernelhub"]["connect_seconds"] for r in runs],
+            [r["baseline"]["connect_seconds"] for r in runs],
+            "bare grpc.aio server (welcome)",
+            ("ratio_max", 3.0),
+        )
+        add(
+            "connect_storm_welcome",
+            f"connect storm: {sizes.connect_trainers:,} fresh trainers at once, until each has "
+            "its welcome",
+            "s",
+            [r["kernelhub"]["welcome_seconds"] for r in runs],
+            [r["baseline"]["welcome_seconds"] for r in runs],
+            "bare grpc.aio server (welcome)",
+        )
+        add(
+            "connect_storm_presence",
+            f"connect storm: until each of {sizes.connect_trainers:,} knows every other is online",
+            "s",
+            [r["kernelhub"]["presence_seconds"] for r in runs],
+            [r["baseline"]["connect_seconds"] for r in runs],
+            "bare grpc.aio server (welcome)",
+        )
+    if raw.get("interest"):
+        runs = raw["interest"]
+        add(
+            "interest_cpu",
+            f"interest-filtered fan-out, {sizes.interest_receivers} trainers (own "
+            "specialization + complements): hub CPU per delivered event",
+            "µs",
+            [r["kernelhub"]["hub_cpu_us_per_delivery"] for r in runs],
+            [r["baseline"]["hub_cpu_us_per_delivery"] for r in runs],
+            "the same hub, everyone subscribed to everything",
+            ("ratio_max", 1.0),
+        )
+        add(
+            "interest_rate",
+            f"interest-filtered fan-out, {sizes.interest_receivers} trainers: deliveries/s",
+            "deliveries/s",
+            [r["kernelhub"]["rate"] for r in runs],
+            [r["baseline"]["rate"] for r in runs],
+            "the same hub, everyone subscribed to everything",
         )
     if raw["replay"]:
         replay = raw["replay"]

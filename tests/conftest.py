@@ -170,6 +170,10 @@ class RawTrainer:
     errors: dict[str, pb.RequestError] = field(default_factory=dict)
     events: list[pb.HubEvent] = field(default_factory=list)
     syncs: list[pb.TrainingSync] = field(default_factory=list)
+    presence: list[pb.PresenceUpdate] = field(default_factory=list)
+    # Who is online as presence told it (roster, then changes), and whether the roster ended.
+    online: dict[str, pb.AgentInfo] = field(default_factory=dict)
+    roster_complete: bool = False
 
     async def send(self, message_id: str | None = None, **body: Any) -> str:
         message_id = message_id if message_id is not None else uuid.uuid4().hex
@@ -187,6 +191,17 @@ class RawTrainer:
         self.events.extend(response.events)
         if response.HasField("training_sync"):
             self.syncs.append(response.training_sync)
+        if response.HasField("presence"):
+            update = response.presence
+            last = self.presence[-1] if self.presence else None
+            if update.roster and (last is None or last.roster_complete or not last.roster):
+                self.online.clear()  # a roster: a fresh view
+            self.presence.append(update)
+            for agent_id in update.offline:
+                self.online.pop(agent_id, None)
+            for agent in update.online:
+                self.online[agent.agent_id] = agent
+            self.roster_complete = self.roster_complete or update.roster_complete
 
     async def answer(self, message_id: str) -> pb.Receipt | pb.RequestError:
         """The receipt or error for `message_id` (waits for it)."""
@@ -214,6 +229,26 @@ class RawTrainer:
                 ):
                     return event
             seen = len(self.events)
+            await self._read_one()
+
+    async def joined(self, agent_id: str) -> pb.AgentInfo:
+        """`agent_id` as presence announced it online (reading until it is)."""
+        while agent_id not in self.online:
+            await self._read_one()
+        return self.online[agent_id]
+
+    async def left(self, agent_id: str) -> None:
+        """Reads until presence says `agent_id` went offline (after it was online)."""
+        seen = 0
+        while True:
+            for update in self.presence[seen:]:
+                if agent_id in update.offline:
+                    return
+            seen = len(self.presence)
+            await self._read_one()
+
+    async def until_roster(self) -> None:
+        while not self.roster_complete:
             await self._read_one()
 
     async def until_seq(self, seq: int) -> None:

@@ -24,6 +24,11 @@ FIGURES = {
     "latency_p99",
     "rss_per_trainer",
     "connect_idle",
+    "connect_storm",
+    "connect_storm_welcome",
+    "connect_storm_presence",
+    "interest_cpu",
+    "interest_rate",
     "replay",
 }
 

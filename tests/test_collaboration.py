@@ -283,7 +283,7 @@ async def test_session_expires_when_a_partner_stays_offline(harness: HubHarness)
     await accept(b, session_id)
     await updated(a, session_id, S.COLLABORATION_STATE_ACTIVE)
     await b.close()
-    await a.event("agent_left", agent_id="AI_Node_2")
+    await a.left("AI_Node_2")
     collab = await updated(a, session_id, S.COLLABORATION_STATE_EXPIRED)
     assert collab.end_reason == "partner AI_Node_2 went offline"
     # The absent partner finds out when it comes back.
@@ -615,7 +615,7 @@ async def test_a_proposal_to_an_agent_already_offline_expires_after_the_grace(
 ) -> None:
     a, b = await connect_pair(harness)
     await b.close()
-    await a.event("agent_left", agent_id="AI_Node_2")
+    await a.left("AI_Node_2")
     session_id = await propose(a, "AI_Node_2")
     proposed = await updated(a, session_id, S.COLLABORATION_STATE_PROPOSED)
     # Due no later than the grace after the target was last seen, not after the proposal TTL.
@@ -633,7 +633,7 @@ async def test_progress_by_one_partner_does_not_keep_a_session_with_an_absent_on
     a, b = await connect_pair(harness)
     session_id = await propose(a, "AI_Node_2")
     await a.close()  # the initiator leaves ...
-    await b.event("agent_left", agent_id="AI_Node_1")
+    await b.left("AI_Node_1")
     await accept(b, session_id)  # ... and the target accepts and keeps working
     deadline = asyncio.get_running_loop().time() + WAIT
     progress = 0.0
@@ -673,7 +673,7 @@ async def test_a_partner_back_in_time_gets_the_full_deadline_again(harness: HubH
     full = active.update_time.ToDatetime() + timedelta(seconds=60)
     assert active.expire_time.ToDatetime() == full
     await b.close()
-    await a.event("agent_left", agent_id="AI_Node_2")
+    await a.left("AI_Node_2")
     [away] = (
         await harness.query("ListCollaborations", pb.ListCollaborationsRequest())
     ).collaborations

@@ -110,9 +110,16 @@ async def test_welcome_then_presence_and_sync(harness: HubHarness) -> None:
         "AI_Node_2",
         hello("AI_Node_2", pb.SPECIALIZATION_SECURITY, capabilities=["security_analysis"]),
     )
-    joined = await first.event("agent_joined", agent__agent_id="AI_Node_2")
-    assert joined.sender_id == "AI_Node_2"
-    assert joined.agent_joined.agent.specialization == pb.SPECIALIZATION_SECURITY
+    # Presence is state: the roster (empty for the first agent), then the join.
+    await first.until_roster()
+    assert first.welcome.roster_size == 0
+    joined = await first.joined("AI_Node_2")
+    assert joined.specialization == pb.SPECIALIZATION_SECURITY
+    assert list(joined.capabilities) == ["security_analysis"]
+    assert joined.online
+    assert second.welcome.roster_size == 1
+    await second.until_roster()
+    assert list(second.online) == ["AI_Node_1"]
     # The newcomer's sync lists the other agent and the complementary pairing.
     while not second.syncs:
         await second._read_one()
@@ -121,8 +128,10 @@ async def test_welcome_then_presence_and_sync(harness: HubHarness) -> None:
     assert [o.agent_id for o in sync.opportunities] == ["AI_Node_1"]
     assert sync.opportunities[0].score > 0
     await second.close()
-    left = await first.event("agent_left", agent_id="AI_Node_2")
-    assert left.seq > joined.seq
+    await first.left("AI_Node_2")
+    assert "AI_Node_2" not in first.online
+    # Neither the join nor the leave is in the event log.
+    assert first.events == []
     stats = await harness.query("GetHubStats", pb.GetHubStatsRequest())
     assert (stats.agents_known, stats.agents_online) == (2, 1)
 

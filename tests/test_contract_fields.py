@@ -114,9 +114,9 @@ async def test_training_sync_says_when_each_active_agent_was_last_seen(
         await second._read_one()
     (listed,) = [a for a in second.syncs[0].active_agents if a.agent_id == "AI_Node_1"]
     assert listed.HasField("last_seen_time")
-    joined = await second.event("agent_joined", agent__agent_id="AI_Node_1")
-    # The time the hub stored when AI_Node_1 connected, as ListAgents and agent_joined say.
-    assert listed.last_seen_time == joined.agent_joined.agent.last_seen_time
+    joined = await second.joined("AI_Node_1")  # from the roster
+    # The time the hub stored when AI_Node_1 connected, as ListAgents and presence say.
+    assert listed.last_seen_time == joined.last_seen_time
     agents = await harness.query("ListAgents", pb.ListAgentsRequest(online_only=True))
     (stored,) = [a for a in agents.agents if a.agent_id == "AI_Node_1"]
     assert listed.last_seen_time == stored.last_seen_time

@@ -173,24 +173,23 @@ def test_the_aggregate_stays_bounded_with_many_agents_and_events() -> None:
     assert snapshot["feed"]["last_seq"] == 60_000
 
 
-def test_presence_follows_the_events_after_the_listing() -> None:
-    """Listed at (re)connect, then kept by agent_joined / agent_left, capped."""
+def test_presence_follows_the_roster_then_its_changes() -> None:
+    """The Watch stream's roster (in two parts), then changes; a new roster starts afresh;
+    capped."""
     aggregate = Aggregate()
     listed = [pb.AgentInfo(agent_id=f"AI_Node_{i}", online=True) for i in range(3)]
-    aggregate.agents(listed, truncated=False)
-    left = pb.HubEvent(seq=1, sender_id="AI_Node_0", agent_left=pb.AgentLeft(agent_id="AI_Node_0"))
-    joined = pb.HubEvent(seq=2, sender_id="AI_Node_9")
-    joined.agent_joined.agent.agent_id = "AI_Node_9"
-    joined.agent_joined.agent.specialization = pb.SPECIALIZATION_GRAPHICS
-    aggregate.event(left)
-    aggregate.event(joined)
+    aggregate.presence(pb.PresenceUpdate(online=listed[:2], roster=True))
+    aggregate.presence(pb.PresenceUpdate(online=listed[2:], roster=True, roster_complete=True))
+    joined = pb.AgentInfo(agent_id="AI_Node_9", specialization=pb.SPECIALIZATION_GRAPHICS)
+    aggregate.presence(pb.PresenceUpdate(online=[joined], offline=["AI_Node_0"]))
     assert sorted(aggregate.online) == ["AI_Node_1", "AI_Node_2", "AI_Node_9"]
     page = aggregate.agents_page(1, 1)
     assert page["total"] == 3 and [a["agent_id"] for a in page["agents"]] == ["AI_Node_2"]
     assert aggregate.snapshot()["online_by_specialization"]["GRAPHICS"] == 1
     many = [pb.AgentInfo(agent_id=f"a{i}") for i in range(MAX_ONLINE + 5)]
-    aggregate.agents(many, truncated=False)
+    aggregate.presence(pb.PresenceUpdate(online=many, roster=True, roster_complete=True))
     assert len(aggregate.online) == MAX_ONLINE and aggregate.online_truncated
+    assert "AI_Node_9" not in aggregate.online, "a new roster replaces the table"
 
 
 async def test_a_dashboard_with_a_bad_token_says_so(hub: HubServer) -> None:

@@ -116,7 +116,7 @@ async def test_check_names_each_problem_of_a_damaged_database(store_url: str) ->
         f"event_recipient: recipient rows of events not in the log: seq {proposed.seq}",
     }
     assert expected <= set(problems), out
-    # The proposal's seq is a gap too unless it was the head (an agent_left may follow it).
+    # The proposal's seq is a gap too unless it was the head.
     assert set(problems) - expected <= {f"event log: seq {proposed.seq} {gap}"}, out
     assert summary == f"{len(problems)} problem(s) found (schema revision {schema.head()})", out
 

@@ -175,7 +175,7 @@ async def test_trainer_survives_a_frozen_or_dropped_network(
         ]
         if fault == "freeze":
             # Keepalive must notice the silent connection: the hub drops the agent.
-            await writer.event("agent_left", agent_id="AI_Node_1")
+            await writer.left("AI_Node_1")
             proxy.thaw()
         own_receipt = await asyncio.wait_for(own, WAIT * 3)
         await asyncio.wait_for(consume(during[-1].seq), WAIT * 3)

@@ -187,7 +187,7 @@ async def test_trainer_sigkilled_mid_collaboration_expires_it(harness: HubHarnes
         )
         worker.kill()
         await worker.wait()
-        await initiator.event("agent_left", agent_id="AI_Node_2")
+        await initiator.left("AI_Node_2")
         expired = await initiator.event(
             "collaboration_updated",
             collaboration__session_id=session,

@@ -283,13 +283,16 @@ async def test_delivering_an_unknown_request_is_not_found(harness: HubHarness) -
 async def test_offline_capable_agent_gets_the_request_on_reconnect(harness: HubHarness) -> None:
     m = await memory_agent(harness)
     r = await requester(harness)
-    joined = await m.event("agent_joined", agent__agent_id="AI_Node_1")
+    # Presence is not in the log: the memory agent has seen no event, and resumes after
+    # the log's head when it left.
+    await m.joined("AI_Node_1")
     await m.close()
-    await r.event("agent_left", agent_id="AI_Node_2")
+    await r.left("AI_Node_2")
+    head = (await harness.query("GetHubStats", pb.GetHubStatsRequest())).head_seq
     f = await file_agent(harness)
 
     receipt = await request(r, "memory_allocator")
-    back = await memory_agent(harness, resume_after_seq=joined.seq)
+    back = await memory_agent(harness, resume_after_seq=head)
     event = await back.event("feature_requested", request__request_id=receipt.resource_id)
     assert event.seq == receipt.seq
     assert list(event.feature_requested.request.routed_to) == ["AI_Node_2"]

@@ -259,12 +259,13 @@ def _poison_database(database_url: str, size: int, huge: pb.Artifact) -> int:
                 {"s": seq, "k": huge.kind, "b": huge.SerializeToString()},
             )
             event = pb.HubEvent(seq=seq, sender_id="ghost", artifact_shared=huge)
+            # Tagged as an artifact, as migration 0004 tags what older hubs logged.
             conn.execute(
                 sqlalchemy.text(
-                    "INSERT INTO event (seq, sender_id, broadcast, created_at, body)"
-                    " VALUES (:s, 'ghost', true, CURRENT_TIMESTAMP, :b)"
+                    "INSERT INTO event (seq, sender_id, broadcast, created_at, body, kind)"
+                    " VALUES (:s, 'ghost', true, CURRENT_TIMESTAMP, :b, :kind)"
                 ),
-                {"s": seq, "b": event.SerializeToString()},
+                {"s": seq, "b": event.SerializeToString(), "kind": pb.EVENT_KIND_ARTIFACTS},
             )
         return seq
     finally:

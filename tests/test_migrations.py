@@ -51,6 +51,8 @@ ADDED_COLUMNS: dict[str, dict[str, str | int | None]] = {
     "token": {"role": "agent"},
     "artifact": {"validation_state": 0},
 }
+# Columns 0004 added to the event log: tags derived from each event's body (checked below).
+EVENT_TAGS = {"kind", "artifact_kind", "spec_mask"}
 
 
 @pytest.fixture
@@ -80,7 +82,7 @@ def rows(path: Path, table: str) -> list[tuple[Any, ...]]:
     """Every row of `table` in the columns kernelhub 0.1.0 had, in a stable order."""
     with sqlite3.connect(path) as connection:
         columns = [r[1] for r in connection.execute(f"PRAGMA table_info({table})")]
-        old = [c for c in columns if c not in ADDED_COLUMNS.get(table, ())]
+        old = [c for c in columns if c not in ADDED_COLUMNS.get(table, ()) and c not in EVENT_TAGS]
         found = connection.execute(f"SELECT {', '.join(old)} FROM {table} ORDER BY 1, 2").fetchall()
     connection.close()
     return found
@@ -105,6 +107,12 @@ def test_the_fixture_upgrades_keeping_every_row(fixture_db: Path) -> None:
                 for column, value in added.items():
                     held = connection.execute(text(f"SELECT DISTINCT {column} FROM {table}"))
                     assert [v for (v,) in held] == [value], (table, column)
+            # 0004 tagged every event from its body: presence, artifacts, feature requests.
+            tagged = connection.execute(text("SELECT kind, body FROM event")).all()
+            kinds = {pb.HubEvent.FromString(body).WhichOneof("body"): kind for kind, body in tagged}
+            assert kinds["agent_joined"] == pb.EVENT_KIND_PRESENCE
+            assert kinds["artifact_shared"] == pb.EVENT_KIND_ARTIFACTS
+            assert 0 not in {kind for kind, _ in tagged}
     finally:
         engine.dispose()
     after = {table: rows(fixture_db, table) for table in TABLES}
@@ -121,11 +129,14 @@ async def test_the_upgraded_fixture_is_served_as_before(fixture_db: Path) -> Non
             "SELECT seq, sender_id, broadcast, body FROM event ORDER BY seq"
         ).fetchall()
     connection.close()
-    # What the log owes this agent: broadcasts by others and events addressed to it.
+    # What the log owes this agent: broadcasts by others and events addressed to it, but
+    # not the presence events 0.1.0 logged (presence is state now, never replayed).
     owed = [
-        pb.HubEvent.FromString(body)
+        event
         for seq, sender, broadcast, body in log
         if (broadcast and sender != agent_id) or (seq,) in recipients
+        if (event := pb.HubEvent.FromString(body)).WhichOneof("body")
+        not in ("agent_joined", "agent_left")
     ]
     assert len(owed) >= 5, owed
     hub = HubServer(make_config(f"sqlite:///{fixture_db}"))  # upgrades on start

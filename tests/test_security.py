@@ -119,7 +119,7 @@ async def test_revoking_a_token_ends_its_live_stream(database_url: str) -> None:
         assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "revoked" in (ended.value.details() or "")
         # The other agent is untouched and is told the revoked one left.
-        await other.event("agent_left", agent_id="AI_Node_1")
+        await other.left("AI_Node_1")
         mid = await other.send(share_pattern=pb.SharePattern(pattern=pattern()))
         assert (await other.receipt(mid)).seq > 0
         await harness.close()

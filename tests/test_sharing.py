@@ -85,7 +85,7 @@ async def test_reconnecting_trainer_gets_every_missed_event_once_in_order(
     await reader.until_seq(before.seq)
     last_processed = reader.events[-1].seq
     await reader.close()
-    await writer.event("agent_left", agent_id="AI_Node_1")
+    await writer.left("AI_Node_1")
 
     missed = []
     for i in range(150):  # more than one replay response (64 events each)

@@ -25,6 +25,7 @@ from hub_service.outcomes import Outcome
 from hub_service.roles import Role
 from hub_service.sql_store import SqlStore
 from hub_service.state import HubStore, Page, Principal, StateTx
+from hub_service.subscriptions import Filter
 
 from .conftest import hello, os_component, pattern
 
@@ -160,13 +161,15 @@ async def test_a_batch_gets_increasing_seqs(store: HubStore) -> None:
         ],
     )
     seqs = [o.seq for o in outcomes]
-    assert seqs == [1, 2, 3, 4, 5]
-    assert [e.event.seq for o in outcomes for e in o.events] == seqs
-    assert await store.head_seq() == 5
+    # Presence is state, not an event: the connect takes no seq.
+    assert seqs == [0, 1, 2, 3, 4]
+    assert outcomes[0].events == [] and outcomes[0].agent is not None
+    assert [e.event.seq for o in outcomes for e in o.events] == seqs[1:]
+    assert await store.head_seq() == 4
     assert outcomes[1].resource_id != outcomes[2].resource_id
     assert outcomes[3].resource_id.startswith("feat_")
     more = await commit_ok(store, [share("a", "m5", "p5")])
-    assert more[0].seq == 6
+    assert more[0].seq == 5
 
 
 async def test_a_refused_command_does_not_sink_its_batch_mates(store: HubStore) -> None:
@@ -190,7 +193,7 @@ async def test_a_refused_command_does_not_sink_its_batch_mates(store: HubStore) 
     assert [e.code for e in refused] == [grpc.StatusCode.NOT_FOUND] * 2
     assert "collab_unknown" in refused[0].message and "nobody" in refused[1].message
     committed = [r for r in results if isinstance(r, Outcome)]
-    assert [o.seq for o in committed] == [1, 2, 3]
+    assert [o.seq for o in committed] == [0, 1, 2]  # presence takes no seq
     assert await artifact_count(store) == 2
     # A refused message is not remembered: sending it again is evaluated again.
     again = await store.commit([cmd.CollaborationStep("a", "m2", "collab_unknown", Step.ACCEPT)])
@@ -309,33 +312,31 @@ async def test_events_for_delivers_only_what_each_agent_is_entitled_to(store: Hu
                     entitled = agent in routed.recipients
                 if entitled:
                     expected[agent].append(routed.event.seq)
-    # Sanity: the scenario exercises every rule.
-    assert expected["a"] == [2, 3, 5, 8]
-    assert expected["b"] == [1, 3, 4, 5, 6, 7]
-    assert expected["c"] == [1, 2, 4, 7, 8]
+    # Sanity: the scenario exercises every rule. Presence makes no event.
+    assert expected["a"] == [2, 5]
+    assert expected["b"] == [1, 2, 3, 4]
+    assert expected["c"] == [1, 4, 5]
     # An agent that never said hello still gets broadcasts.
-    assert expected["d"] == [1, 2, 3, 4, 7, 8]
+    assert expected["d"] == [1, 4, 5]
 
     for agent, seqs in expected.items():
         events = await store.events_for(agent, 0, 100)
         assert [e.seq for e in events] == seqs, agent
     b_events = await store.events_for("b", 0, 100)
     assert [e.WhichOneof("body") for e in b_events] == [
-        "agent_joined",
-        "agent_joined",
         "artifact_shared",
         "collaboration_updated",
         "feature_requested",
         "feature_requested",
     ]
-    assert b_events[4].sender_id == "c"
-    assert list(b_events[4].feature_requested.request.routed_to) == ["b"]
+    assert b_events[2].sender_id == "c"
+    assert list(b_events[2].feature_requested.request.routed_to) == ["b"]
 
     # limit and after_seq page through the same sequence.
-    assert [e.seq for e in await store.events_for("b", 0, 2)] == [1, 3]
-    assert [e.seq for e in await store.events_for("b", 3, 2)] == [4, 5]
-    assert [e.seq for e in await store.events_for("b", 7, 10)] == []
-    assert [e.seq for e in await store.events_for("c", 2, 100)] == [4, 7, 8]
+    assert [e.seq for e in await store.events_for("b", 0, 2)] == [1, 2]
+    assert [e.seq for e in await store.events_for("b", 2, 2)] == [3, 4]
+    assert [e.seq for e in await store.events_for("b", 4, 10)] == []
+    assert [e.seq for e in await store.events_for("c", 2, 100)] == [4, 5]
 
 
 async def test_events_after_pages_through_every_event_whoever_it_was_for(
@@ -691,7 +692,13 @@ async def test_a_verdict_is_stored_with_the_artifact_and_announced(store: HubSto
     lease = leased(claimed)
     (verdict,) = await commit_ok(store, [cmd.SubmitVerdict("v1", lease.lease_id, PASSED)])
     (event,) = verdict.events
-    assert event.recipients is None  # to every agent for now (subscriptions will narrow it)
+    assert event.recipients is None  # to those subscribed to the artifact
+    # Tagged as the artifact's share: an OS component by a, filed under artifacts.
+    assert (event.tags.kind, event.tags.artifact_kind, event.tags.contributor) == (
+        pb.EVENT_KIND_ARTIFACTS,
+        pb.ARTIFACT_KIND_OS_COMPONENT,
+        "a",
+    )
     validated = event.event.artifact_validated
     assert validated.artifact_id == artifact_id and validated.contributor_id == "a"
     assert validated.verdict.validator_id == "v1" and validated.verdict.validate_time.seconds
@@ -780,3 +787,78 @@ async def test_one_validator_holds_a_bounded_number_of_leases(store: HubStore) -
     assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "2 leases" in refused.message
     (other,) = await commit_ok(store, [claim("v2")])  # another validator is not held back
     assert other.lease
+
+
+# --- subscriptions: the store filters the replay ----------------------------------------------
+
+
+def share_as(agent: str, message_id: str, spec: int) -> cmd.ShareArtifact:
+    content = pattern(message_id)
+    content.specialization = spec  # type: ignore[assignment]
+    return cmd.ShareArtifact(
+        agent, message_id, pb.Artifact(kind=pb.ARTIFACT_KIND_PATTERN, pattern=content)
+    )
+
+
+def subscription(**fields: Any) -> Filter:
+    return Filter.of(pb.Subscription(**fields))
+
+
+ART, FEAT, COLLAB, PRESENCE = (
+    pb.EVENT_KIND_ARTIFACTS,
+    pb.EVENT_KIND_FEATURE_REQUESTS,
+    pb.EVENT_KIND_COLLABORATIONS,
+    pb.EVENT_KIND_PRESENCE,
+)
+NET, SEC, FS, AUDIO = (
+    pb.SPECIALIZATION_NETWORKING,
+    pb.SPECIALIZATION_SECURITY,
+    pb.SPECIALIZATION_FILE_SYSTEM,
+    pb.SPECIALIZATION_AUDIO,
+)
+# reader, subscription fields, the seqs it is entitled to (see the scenario below)
+FILTERED: list[tuple[str, dict[str, Any], list[int]]] = [
+    ("c", {}, [1, 2, 4, 5, 6]),
+    ("c", {"event_kinds": [ART]}, [1, 2, 5, 6]),
+    ("c", {"event_kinds": [FEAT]}, [4, 5, 6]),
+    ("c", {"event_kinds": [PRESENCE]}, [5, 6]),  # only what is addressed to it
+    ("c", {"event_kinds": [COLLAB, PRESENCE]}, [5, 6]),
+    ("c", {"specializations": [SEC]}, [2, 5, 6]),  # the contributor's specialization
+    ("c", {"specializations": [AUDIO]}, [2, 5, 6]),  # the content's
+    ("c", {"specializations": [NET]}, [1, 4, 5, 6]),  # content, contributor, requester
+    ("c", {"specializations": [AUDIO, NET]}, [1, 2, 4, 5, 6]),
+    ("c", {"contributors": ["a"]}, [1, 4, 5, 6]),
+    ("c", {"contributors": ["a"], "event_kinds": [ART]}, [1, 5, 6]),
+    ("c", {"contributors": ["b"], "specializations": [NET]}, [5, 6]),  # AND across fields
+    ("c", {"artifact_kinds": [pb.ARTIFACT_KIND_CODE_COMPONENT]}, [4, 5, 6]),  # artifacts only
+    ("c", {"artifact_kinds": [pb.ARTIFACT_KIND_PATTERN], "event_kinds": [ART]}, [1, 2, 5, 6]),
+    ("b", {"specializations": [FS]}, [3]),
+    ("b", {"event_kinds": [ART], "artifact_kinds": [pb.ARTIFACT_KIND_OS_COMPONENT]}, [3]),
+    ("d", {"contributors": ["c"]}, [3]),  # an agent that never said hello
+]
+
+
+@pytest.mark.parametrize("case", range(len(FILTERED)))
+async def test_events_for_applies_the_subscription(store: HubStore, case: int) -> None:
+    await commit_ok(
+        store,
+        [
+            online("a", NET),
+            online("b", SEC),
+            online("c", FS, ["memory_management"]),
+            share_as("a", "s1", NET),  # 1: pattern, networking, by a (networking)
+            share_as("b", "s2", AUDIO),  # 2: pattern, audio, by b (security)
+            share_os("c", "s3"),  # 3: OS component, networking, by c (file_system)
+            request_feature("a", "f1", "not_known"),  # 4: broadcast, by a (networking)
+            request_feature("b", "f2"),  # 5: routed to c only
+            propose("a", "c1", "c"),  # 6: to a and c
+        ],
+    )
+    reader, fields, seqs = FILTERED[case]
+    events = await store.events_for(reader, 0, 100, subscription=subscription(**fields))
+    assert [e.seq for e in events] == seqs
+    # Pages of a filtered read go on where the last ended.
+    first = await store.events_for(reader, 0, 1, subscription=subscription(**fields))
+    assert [e.seq for e in first] == seqs[:1] and first.more == (len(seqs) > 1)
+    rest = await store.events_for(reader, seqs[0], 100, subscription=subscription(**fields))
+    assert [e.seq for e in rest] == seqs[1:]

@@ -43,6 +43,8 @@ class Watcher:
         self.head_seq: int | None = None
         self.events: list[pb.HubEvent] = []
         self.replay_complete: int | None = None
+        self.online: set[str] = set()  # from presence: the roster, then changes
+        self.roster_complete = False
 
     async def read_one(self) -> None:
         response = await asyncio.wait_for(self.call.read(), WAIT)
@@ -50,6 +52,10 @@ class Watcher:
         if self.head_seq is None:
             self.head_seq = response.head_seq
         self.events.extend(response.events)
+        if response.HasField("presence"):
+            self.online |= {a.agent_id for a in response.presence.online}
+            self.online -= set(response.presence.offline)
+            self.roster_complete |= response.presence.roster_complete
         if response.HasField("replay_complete"):
             assert self.replay_complete is None, "replay_complete came twice"
             self.replay_complete = response.replay_complete.seq
@@ -115,9 +121,31 @@ async def test_replay_then_live_exactly_once_in_order(watched: HubHarness) -> No
     assert seqs == list(range(1, head + 1)), "every event of the log, once, in order"
     assert watcher.replay_complete >= watcher.head_seq
     assert last < live
-    # Directed events too: the trainer's own agent_joined, which no agent stream carries to it.
-    assert watcher.events[0].WhichOneof("body") == "agent_joined"
     watcher.call.cancel()
+
+
+async def test_a_watcher_gets_the_roster_then_presence_changes(watched: HubHarness) -> None:
+    """Presence is state, not in the log: the Watch stream carries it as Connect does."""
+    watcher = Watcher(watched, await observer(watched), pb.WatchRequest(skip_history=True))
+    while not watcher.roster_complete:
+        await watcher.read_one()
+    assert watcher.online == {"AI_Node_1"}
+    second = await watched.connect("AI_Node_2")
+    while "AI_Node_2" not in watcher.online:
+        await watcher.read_one()
+    second.call.cancel()
+    while "AI_Node_2" in watcher.online:
+        await watcher.read_one()
+    assert watcher.online == {"AI_Node_1"}
+    # A kinds filter without presence gets none of it.
+    shares_only = Watcher(
+        watched, await observer(watched), pb.WatchRequest(kinds=["artifact_shared"])
+    )
+    last = await share(watched, 1, "p")
+    await shares_only.until_seq(last)
+    assert not shares_only.online and not shares_only.roster_complete
+    watcher.call.cancel()
+    shares_only.call.cancel()
 
 
 async def test_after_seq_and_skip_history(watched: HubHarness) -> None:

@@ -185,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
             "--tls-cert", type=Path, metavar="FILE", help="client certificate (mutual TLS)"
         )
         sub.add_argument("--tls-key", type=Path, metavar="FILE", help="client private key")
+        sub.add_argument(
+            "--subscribe",
+            choices=("interests", "all"),
+            default="interests",
+            help="what each trainer receives: `interests` (default), shares and requests of "
+            "its specialization and those that complement it, plus what is addressed to it; "
+            "`all`: everything, as before subscriptions",
+        )
 
     run = commands.add_parser("run", help="run one trainer against a hub")
     run.add_argument("--id", required=True, dest="agent_id", help="agent id, e.g. AI_Node_1")
@@ -337,6 +345,7 @@ async def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         tempo=args.tempo,
         credentials=_credentials(args),
+        subscribe_all=args.subscribe == "all",
     )
     with _graceful_stop(trainer.stop):
         metrics = await trainer.run(args.duration)
@@ -385,6 +394,7 @@ async def _swarm(args: argparse.Namespace, console: Console) -> int:
                 behavior_factory=factory,
                 console=console,
                 stop=stop,
+                subscribe_all=args.subscribe == "all",
             )
 
     with _graceful_stop(stop.set):

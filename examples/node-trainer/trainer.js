@@ -22,6 +22,9 @@ const SPEC = `SPECIALIZATION_${(opts.KERNELHUB_SPECIALIZATION || 'graphics').toU
 const STATE_FILE = opts.KERNELHUB_STATE_FILE || `${AGENT_ID}.seq`;
 const DURATION_S = Number(opts.KERNELHUB_DURATION || 30);
 const PROPOSE_TO = opts.KERNELHUB_PROPOSE_TO || '';
+// What to receive: specializations, comma-separated (e.g. graphics,window_manager); empty: everything.
+const SUBSCRIBE = (opts.KERNELHUB_SUBSCRIBE || '').split(',').filter(Boolean)
+  .map((s) => `SPECIALIZATION_${s.toUpperCase()}`);
 
 function fail(why) {
   console.error(`${opts.KERNELHUB_AGENT_ID || 'trainer'}: ${why}`);
@@ -60,6 +63,11 @@ const call = new HubService(HUB, grpc.credentials.createInsecure()).Connect(meta
 call.write({ message_id: crypto.randomUUID(), hello: {
   agent_id: AGENT_ID, specialization: SPEC, capabilities: ['rendering', 'display_management'],
   version: 'node-example-1.0.0', resume_after_seq: lastSeq.toString(),
+  // Shares and requests of these specializations (content or contributor) only; what is
+  // addressed to us (collaborations, deliveries, routed requests) comes anyway. Unset: all.
+  // Send it in every Hello: the replay after a reconnect applies it too. A live stream can
+  // switch with send({ subscribe: { subscription } }): the receipt's seq is where it takes effect.
+  subscription: { specializations: SUBSCRIBE },
 } });
 log(`connecting to ${HUB} as ${AGENT_ID} (${SPEC}), resuming after seq ${lastSeq}`);
 
@@ -75,7 +83,7 @@ function send(body, then) {
   call.write({ message_id, ...body }); // a oneof is set by naming one of its fields
 }
 
-const specializations = new Map(); // agent id -> specialization, from syncs and agent_joined
+const specializations = new Map(); // agent id -> specialization, from presence and syncs
 
 function onWelcome(welcome) {
   log(`welcome from hub ${welcome.hub_version}, head seq ${welcome.head_seq}`);
@@ -131,9 +139,6 @@ function onEvent(event) {
     } else if (c.initiator_id === AGENT_ID && c.state === 'COLLABORATION_STATE_COMPLETED') {
       log(`${c.target_id} completed our collaboration ${c.session_id}: ${c.result_artifact_id}`);
     }
-  } else if (event.body === 'agent_joined') {
-    specializations.set(body.agent.agent_id, body.agent.specialization);
-    log(`${body.agent.agent_id} joined (${body.agent.specialization})`);
   } else {
     log(`event ${event.seq} ${event.body} from ${event.sender_id || 'the hub'}`);
   }
@@ -161,6 +166,15 @@ call.on('data', (response) => {
     emit('error', { what, ...error });
   }
   for (const event of response.events) onEvent(event);
+  // 7. Presence is state, not events: after Welcome the roster (who is online, possibly over
+  // several responses, the last with roster_complete), then changes, coalesced.
+  if (response.presence) {
+    for (const agent of response.presence.online) {
+      specializations.set(agent.agent_id, agent.specialization);
+      log(`${agent.agent_id} is online (${agent.specialization})`);
+    }
+    for (const id of response.presence.offline) log(`${id} went offline`);
+  }
   if (response.training_sync) {
     const agents = response.training_sync.active_agents;
     for (const agent of agents) specializations.set(agent.agent_id, agent.specialization);

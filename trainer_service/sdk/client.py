@@ -169,6 +169,11 @@ def _body_name(request: pb.ConnectRequest) -> str:
     return request.WhichOneof("body") or "empty"
 
 
+def _follows_presence(subscription: pb.Subscription) -> bool:
+    kinds = subscription.event_kinds
+    return not kinds or pb.EVENT_KIND_PRESENCE in kinds
+
+
 def _is_transient(error: HubError) -> bool:
     if isinstance(error, ConnectionLost | Superseded | ClientClosed):
         return False
@@ -205,6 +210,7 @@ class HubClient:
         version: str = VERSION,
         resume_after_seq: int = 0,
         skip_history: bool | None = None,
+        subscription: pb.Subscription | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         stream: bool = True,
         connect_timeout: float = 10.0,
@@ -272,6 +278,13 @@ class HubClient:
         # from _last_seq, unless the hub refused that resume (OUT_OF_RANGE): then from now.
         self._skip_next = resume_after_seq == 0 if skip_history is None else skip_history
         self._history_gap: HistoryGap | None = None
+        # What the stream receives (None: everything); in every Hello, so a reconnect's
+        # replay applies it too. `subscribe` replaces it.
+        self._subscription = subscription
+        # Who is online, from presence: the roster being received, then the one in force.
+        self._online: dict[str, pb.AgentInfo] = {}
+        self._roster: dict[str, pb.AgentInfo] | None = None
+        self._roster_complete = asyncio.Event()
         self._last_processed_seq = resume_after_seq
         self._welcome: pb.Welcome | None = None
         self._replayed = asyncio.Event()
@@ -309,6 +322,22 @@ class HubClient:
     def last_seq(self) -> int:
         """Highest event seq put in the inbound buffer; what a reconnect resumes after."""
         return self._last_seq
+
+    @property
+    def subscription(self) -> pb.Subscription | None:
+        """What the stream receives (None: everything)."""
+        return self._subscription
+
+    @property
+    def online(self) -> dict[str, pb.AgentInfo]:
+        """Who is online, other than this agent, as the hub's presence says (a copy): the
+        latest complete roster with the changes since (empty when not subscribed to it)."""
+        return dict(self._online)
+
+    @property
+    def roster_complete(self) -> asyncio.Event:
+        """Set once this stream's roster has arrived (`online` is then the hub's view)."""
+        return self._roster_complete
 
     @property
     def last_processed_seq(self) -> int:
@@ -522,6 +551,21 @@ class HubClient:
         request = pb.ConnectRequest(message_id=uuid.uuid4().hex, **body)  # type: ignore[arg-type]
         return await self.send(request)
 
+    async def subscribe(self, subscription: pb.Subscription | None) -> int:
+        """Replace what the stream receives (None or empty: everything); returns the seq it
+        takes effect after: events at or below it were chosen by the old subscription,
+        later ones by the new. Reconnects use the new one from now on."""
+        followed = self._subscription is None or _follows_presence(self._subscription)
+        follows = subscription is None or _follows_presence(subscription)
+        self._subscription = subscription
+        if follows and not followed:
+            self._roster = {}  # the hub sends the roster again
+            self._roster_complete.clear()
+        receipt = await self._send_body(subscribe=pb.Subscribe(subscription=subscription))
+        if not follows:
+            self._online.clear()
+        return receipt.seq
+
     async def share_pattern(self, pattern: pb.Pattern) -> pb.Receipt:
         """resource_id is the artifact id."""
         return await self._send_body(share_pattern=pb.SharePattern(pattern=pattern))
@@ -700,6 +744,7 @@ class HubClient:
                 version=self._version,
                 resume_after_seq=self._last_seq,
                 skip_history=self._skip_next,
+                subscription=self._subscription,
             ),
         )
         try:
@@ -745,6 +790,8 @@ class HubClient:
             )
         self._welcome = first.welcome
         self._replayed.clear()  # this stream replays anew
+        self._roster = {}  # and sends its roster anew
+        self._roster_complete.clear()
         self._log.info(
             "connected to %s (hub %s, head seq %d, resuming after %d, %d unacknowledged)",
             self.target,
@@ -954,6 +1001,21 @@ class HubClient:
             self._latest_sync = response.training_sync
             if not closing:
                 await self._inbound.put(response.training_sync)
+        if response.HasField("presence"):
+            self._on_presence(response.presence)
+
+    def _on_presence(self, update: pb.PresenceUpdate) -> None:
+        """The roster replaces what an earlier stream said; changes apply to it."""
+        if update.roster and self._roster is None:
+            self._roster = {}  # a roster again (see PresenceUpdate.roster): start afresh
+        view = self._roster if self._roster is not None else self._online
+        for agent_id in update.offline:
+            view.pop(agent_id, None)
+        for agent in update.online:
+            view[agent.agent_id] = agent
+        if update.roster_complete and self._roster is not None:
+            self._online, self._roster = self._roster, None
+            self._roster_complete.set()
 
     # ------------------------------------------------------------------
     # Pending bookkeeping

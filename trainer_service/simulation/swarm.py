@@ -176,6 +176,7 @@ async def run_swarm(
     behavior_factory: Callable[[], Behavior] | None = None,
     console: Console | None = None,
     stop: asyncio.Event | None = None,
+    subscribe_all: bool = False,
 ) -> SwarmResult:
     """Runs AI_Node_1..N against `target` until the duration ends (or `stop` is
     set), showing a live table on `console` (none if it is None)."""
@@ -191,6 +192,7 @@ async def run_swarm(
             seed=seed,
             tempo=tempo,
             credentials=credentials,
+            subscribe_all=subscribe_all,
         )
         for i, agent_id in enumerate(agent_ids(count))
     ]

@@ -27,6 +27,7 @@ from typing import Any, Final, TypeVar
 import grpc
 
 from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service.complementarity import complements
 from trainer_service.sdk.client import DEFAULT_TARGET, HubClient
 from trainer_service.sdk.errors import ClientClosed, FailedPrecondition, HubError, NotFound
 from trainer_service.simulation.behavior import (
@@ -155,6 +156,15 @@ def _describe_artifact(artifact: pb.Artifact) -> str:
     return f"artifact {artifact.artifact_id}"
 
 
+def interests(specialization: Specialization) -> pb.Subscription:
+    """What a reference trainer subscribes to: shares and requests of its own
+    specialization and of those that complement it (what it can learn from and pair
+    with); presence; and, as for everyone, whatever is addressed to it."""
+    return pb.Subscription(
+        specializations=[specialization, *complements(specialization)],  # type: ignore[list-item]
+    )
+
+
 def _raise_failure(*tasks: asyncio.Task[None]) -> None:
     """Re-raises the first exception among finished tasks (a fatal hub error or a bug)."""
     for task in tasks:
@@ -190,7 +200,10 @@ class NetworkedKernelTrainer:
         connect_timeout: float = 10.0,
         reconnect_timeout: float = 60.0,
         stop_grace: float = 10.0,
+        subscribe_all: bool = False,
     ) -> None:
+        """`subscribe_all`: receive every share and request, not only those of this
+        trainer's specialization and its complements (`interests`)."""
         if not tempo > 0 or not math.isfinite(tempo):
             raise ValueError(f"tempo must be a positive number, got {tempo}")
         self.agent_id = agent_id
@@ -208,6 +221,7 @@ class NetworkedKernelTrainer:
         self._connect_timeout = connect_timeout
         self._reconnect_timeout = reconnect_timeout
         self._stop_grace = stop_grace
+        self._subscribe_all = subscribe_all
         # Separate streams so the training cycle's draws don't depend on how
         # network events happened to interleave with it.
         self._cycle_rng = random.Random(f"{seed}:{agent_id}:cycle")
@@ -279,6 +293,7 @@ class NetworkedKernelTrainer:
             credentials=self._credentials,
             # A fresh trainer has no saved seq: the network's history is not its work.
             skip_history=True,
+            subscription=None if self._subscribe_all else interests(self.specialization),
             connect_timeout=self._connect_timeout,
             reconnect_timeout=self._reconnect_timeout,
         )
@@ -530,14 +545,6 @@ class NetworkedKernelTrainer:
             self._on_validated(event.artifact_validated)
         elif body == "collaboration_updated":
             self._on_collaboration(event, event.collaboration_updated.collaboration)
-        elif body == "agent_joined":
-            agent = event.agent_joined.agent
-            self._remember_peer(agent.agent_id, agent.specialization)
-            self._log.debug(
-                "%s joined (%s)", agent.agent_id, specialization_name(agent.specialization)
-            )
-        elif body == "agent_left":
-            self._log.debug("%s left", event.agent_left.agent_id)
 
     def _on_validated(self, validated: pb.ArtifactValidated) -> None:
         """A verdict: on a delivery to this trainer, perhaps the one it adopts; on its own
@@ -584,7 +591,9 @@ class NetworkedKernelTrainer:
             )
 
     async def _on_sync(self, sync: pb.TrainingSync) -> None:
-        for agent in sync.active_agents:
+        # Who is online is presence (state the client keeps), not events.
+        online = self._hub.online.values() if self._hub is not None else ()
+        for agent in [*sync.active_agents, *online]:
             self._remember_peer(agent.agent_id, agent.specialization)
         self._log.info(
             "Synced with %d active AIs, %d collaboration opportunities",

@@ -417,6 +417,52 @@ COLLABORATION_STATE_EXPIRED: CollaborationState.ValueType  # 5
 """A deadline passed or a partner stayed offline too long."""
 Global___CollaborationState: _TypeAlias = CollaborationState  # noqa: Y015
 
+class _EventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_KIND_UNSPECIFIED: _EventKind.ValueType  # 0
+    """Not set; rejected in a subscription."""
+    EVENT_KIND_ARTIFACTS: _EventKind.ValueType  # 1
+    """`artifact_shared` events."""
+    EVENT_KIND_FEATURE_REQUESTS: _EventKind.ValueType  # 2
+    """`feature_requested` events broadcast to every agent (a request routed to
+    you by capability always comes, as does `feature_delivered`).
+    """
+    EVENT_KIND_COLLABORATIONS: _EventKind.ValueType  # 3
+    """`collaboration_updated` events. They only ever go to the session's two
+    partners, so they come whatever the subscription says; listed for
+    completeness.
+    """
+    EVENT_KIND_PRESENCE: _EventKind.ValueType  # 4
+    """Presence: the roster of who is online after Welcome, then its changes
+    (`ConnectResponse.presence`). Never part of the event log.
+    """
+
+class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
+    """The kinds of thing a trainer can subscribe to (`Subscription.event_kinds`)."""
+
+EVENT_KIND_UNSPECIFIED: EventKind.ValueType  # 0
+"""Not set; rejected in a subscription."""
+EVENT_KIND_ARTIFACTS: EventKind.ValueType  # 1
+"""`artifact_shared` events."""
+EVENT_KIND_FEATURE_REQUESTS: EventKind.ValueType  # 2
+"""`feature_requested` events broadcast to every agent (a request routed to
+you by capability always comes, as does `feature_delivered`).
+"""
+EVENT_KIND_COLLABORATIONS: EventKind.ValueType  # 3
+"""`collaboration_updated` events. They only ever go to the session's two
+partners, so they come whatever the subscription says; listed for
+completeness.
+"""
+EVENT_KIND_PRESENCE: EventKind.ValueType  # 4
+"""Presence: the roster of who is online after Welcome, then its changes
+(`ConnectResponse.presence`). Never part of the event log.
+"""
+Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
+
 @_typing.final
 class AgentInfo(_message.Message):
     """One known agent and what it can do."""
@@ -1180,6 +1226,7 @@ class ConnectRequest(_message.Message):
     REPORT_COLLABORATION_PROGRESS_FIELD_NUMBER: _builtins.int
     COMPLETE_COLLABORATION_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
+    SUBSCRIBE_FIELD_NUMBER: _builtins.int
     message_id: _builtins.str
     """Client-chosen idempotency key, unique per agent (a UUID is a good
     choice), at most 128 characters. The receipt or error echoes it. A
@@ -1199,15 +1246,15 @@ class ConnectRequest(_message.Message):
 
     @_builtins.property
     def share_pattern(self) -> Global___SharePattern:
-        """Share a pattern with every other agent."""
+        """Share a pattern with every other agent (that subscribes to it)."""
 
     @_builtins.property
     def share_code_component(self) -> Global___ShareCodeComponent:
-        """Share a code component with every other agent."""
+        """Share a code component with every other agent (that subscribes to it)."""
 
     @_builtins.property
     def share_os_component(self) -> Global___ShareOsComponent:
-        """Share an OS component with every other agent."""
+        """Share an OS component with every other agent (that subscribes to it)."""
 
     @_builtins.property
     def request_feature(self) -> Global___RequestFeature:
@@ -1241,6 +1288,12 @@ class ConnectRequest(_message.Message):
     def batch(self) -> Global___RequestBatch:
         """Several messages in one: fewer, larger stream messages for throughput."""
 
+    @_builtins.property
+    def subscribe(self) -> Global___Subscribe:
+        """Replace this stream's subscription (what the hub sends you); answered
+        by a Receipt whose `seq` is where the new one starts.
+        """
+
     def __init__(
         self,
         *,
@@ -1257,12 +1310,13 @@ class ConnectRequest(_message.Message):
         report_collaboration_progress: Global___ReportCollaborationProgress | None = ...,
         complete_collaboration: Global___CompleteCollaboration | None = ...,
         batch: Global___RequestBatch | None = ...,
+        subscribe: Global___Subscribe | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accept_collaboration", b"accept_collaboration", "batch", b"batch", "body", b"body", "complete_collaboration", b"complete_collaboration", "decline_collaboration", b"decline_collaboration", "deliver_feature", b"deliver_feature", "hello", b"hello", "propose_collaboration", b"propose_collaboration", "report_collaboration_progress", b"report_collaboration_progress", "request_feature", b"request_feature", "share_code_component", b"share_code_component", "share_os_component", b"share_os_component", "share_pattern", b"share_pattern"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accept_collaboration", b"accept_collaboration", "batch", b"batch", "body", b"body", "complete_collaboration", b"complete_collaboration", "decline_collaboration", b"decline_collaboration", "deliver_feature", b"deliver_feature", "hello", b"hello", "propose_collaboration", b"propose_collaboration", "report_collaboration_progress", b"report_collaboration_progress", "request_feature", b"request_feature", "share_code_component", b"share_code_component", "share_os_component", b"share_os_component", "share_pattern", b"share_pattern", "subscribe", b"subscribe"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_collaboration", b"accept_collaboration", "batch", b"batch", "body", b"body", "complete_collaboration", b"complete_collaboration", "decline_collaboration", b"decline_collaboration", "deliver_feature", b"deliver_feature", "hello", b"hello", "message_id", b"message_id", "propose_collaboration", b"propose_collaboration", "report_collaboration_progress", b"report_collaboration_progress", "request_feature", b"request_feature", "share_code_component", b"share_code_component", "share_os_component", b"share_os_component", "share_pattern", b"share_pattern"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_collaboration", b"accept_collaboration", "batch", b"batch", "body", b"body", "complete_collaboration", b"complete_collaboration", "decline_collaboration", b"decline_collaboration", "deliver_feature", b"deliver_feature", "hello", b"hello", "message_id", b"message_id", "propose_collaboration", b"propose_collaboration", "report_collaboration_progress", b"report_collaboration_progress", "request_feature", b"request_feature", "share_code_component", b"share_code_component", "share_os_component", b"share_os_component", "share_pattern", b"share_pattern", "subscribe", b"subscribe"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "share_pattern", "share_code_component", "share_os_component", "request_feature", "deliver_feature", "propose_collaboration", "accept_collaboration", "decline_collaboration", "report_collaboration_progress", "complete_collaboration", "batch"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "share_pattern", "share_code_component", "share_os_component", "request_feature", "deliver_feature", "propose_collaboration", "accept_collaboration", "decline_collaboration", "report_collaboration_progress", "complete_collaboration", "batch", "subscribe"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -1344,6 +1398,7 @@ class Hello(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     RESUME_AFTER_SEQ_FIELD_NUMBER: _builtins.int
     SKIP_HISTORY_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTION_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Required, an identifier; must equal the agent id bound to the token,
     else PERMISSION_DENIED.
@@ -1404,6 +1459,16 @@ class Hello(_message.Message):
         performance: optimization, benchmarking, performance_analysis.
         """
 
+    @_builtins.property
+    def subscription(self) -> Global___Subscription:
+        """Optional: what this stream receives, for the replay and live alike (see
+        `Subscription`; its rules are checked like any field, a bad one is
+        INVALID_ARGUMENT naming it, e.g. "hello.subscription.event_kinds[0]").
+        Unset: everything, as before subscriptions existed. It lasts for this
+        stream only (until a `Subscribe` replaces it): send it again in the Hello
+        of every reconnect, so the replay applies it too.
+        """
+
     def __init__(
         self,
         *,
@@ -1413,14 +1478,116 @@ class Hello(_message.Message):
         version: _builtins.str = ...,
         resume_after_seq: _builtins.int = ...,
         skip_history: _builtins.bool = ...,
+        subscription: Global___Subscription | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["subscription", b"subscription"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "resume_after_seq", b"resume_after_seq", "skip_history", b"skip_history", "specialization", b"specialization", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "capabilities", b"capabilities", "resume_after_seq", b"resume_after_seq", "skip_history", b"skip_history", "specialization", b"specialization", "subscription", b"subscription", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Hello: _TypeAlias = Hello  # noqa: Y015
+
+@_typing.final
+class Subscription(_message.Message):
+    """What a stream receives. Events addressed to you always come, whatever it
+    says: a collaboration you are a partner of (`collaboration_updated`), a
+    feature delivered to you (`feature_delivered`) and a feature request
+    routed to you by your capabilities (`feature_requested` with you in
+    `routed_to`). Everything else (broadcast `artifact_shared` and
+    `feature_requested`, presence) comes when it matches every field set here
+    (AND across fields, OR within one); an empty field matches everything, so
+    an empty Subscription is everything. The hub applies the same filter to
+    the replay (read from the log) and to live events, so "every event after
+    my seq that I am entitled to, exactly once, in seq order" holds with
+    entitled meaning "addressed to me, or matching my subscription".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_KINDS_FIELD_NUMBER: _builtins.int
+    ARTIFACT_KINDS_FIELD_NUMBER: _builtins.int
+    SPECIALIZATIONS_FIELD_NUMBER: _builtins.int
+    CONTRIBUTORS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event_kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___EventKind.ValueType]:
+        """Optional: at most 4 kinds, each a known EventKind other than
+        UNSPECIFIED (else INVALID_ARGUMENT naming the entry). Empty: every
+        kind.
+        """
+
+    @_builtins.property
+    def artifact_kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___ArtifactKind.ValueType]:
+        """Optional: at most 3 kinds, each a known ArtifactKind other than
+        UNSPECIFIED. Applies to artifacts only. Empty: every kind.
+        """
+
+    @_builtins.property
+    def specializations(self) -> _containers.RepeatedScalarFieldContainer[Global___Specialization.ValueType]:
+        """Optional: at most 8 specializations, each known, not UNSPECIFIED. An
+        artifact matches when its content's specialization (an OS component's:
+        any of its specializations) or its contributor's (as of the share) is
+        listed; a feature request when its requester's specialization or its
+        `requirements.compatibility` is. Presence is not narrowed by it.
+        Empty: every specialization.
+        """
+
+    @_builtins.property
+    def contributors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional: at most 64 agent ids (identifiers): only artifacts and
+        feature requests they sent. Presence is not narrowed by it. Empty:
+        every contributor.
+        """
+
+    def __init__(
+        self,
+        *,
+        event_kinds: _abc.Iterable[Global___EventKind.ValueType] | None = ...,
+        artifact_kinds: _abc.Iterable[Global___ArtifactKind.ValueType] | None = ...,
+        specializations: _abc.Iterable[Global___Specialization.ValueType] | None = ...,
+        contributors: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_kinds", b"artifact_kinds", "contributors", b"contributors", "event_kinds", b"event_kinds", "specializations", b"specializations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Subscription: _TypeAlias = Subscription  # noqa: Y015
+
+@_typing.final
+class Subscribe(_message.Message):
+    """Replaces the stream's subscription. Answered by a Receipt (by its
+    `message_id`, Required) whose `seq` is the switch point S: every event at
+    or below S was chosen by the old subscription, every event after it is by
+    the new one, so nothing is lost or doubled by the switch; an event at or
+    below S may still arrive after the receipt. Nothing is stored (the
+    subscription lasts for the stream; put it in the next Hello). A bad
+    subscription is a RequestError INVALID_ARGUMENT naming the field (e.g.
+    "subscribe.subscription.specializations[2]") and the old one stays.
+    Turning presence on sends the roster again, as after Welcome; turning it
+    off drops what presence was waiting.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIPTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def subscription(self) -> Global___Subscription:
+        """Optional: the new subscription; unset or empty means everything."""
+
+    def __init__(
+        self,
+        *,
+        subscription: Global___Subscription | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["subscription", b"subscription"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["subscription", b"subscription"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Subscribe: _TypeAlias = Subscribe  # noqa: Y015
 
 @_typing.final
 class SharePattern(_message.Message):
@@ -1772,6 +1939,7 @@ class ConnectResponse(_message.Message):
     EVENTS_FIELD_NUMBER: _builtins.int
     TRAINING_SYNC_FIELD_NUMBER: _builtins.int
     REPLAY_COMPLETE_FIELD_NUMBER: _builtins.int
+    PRESENCE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome:
         """Set on the first response only: the session is open."""
@@ -1800,6 +1968,12 @@ class ConnectResponse(_message.Message):
         there was nothing to replay. Optional: an older hub never sets it.
         """
 
+    @_builtins.property
+    def presence(self) -> Global___PresenceUpdate:
+        """Who is online (when subscribed to EVENT_KIND_PRESENCE): first the
+        roster, then its changes. See `PresenceUpdate`.
+        """
+
     def __init__(
         self,
         *,
@@ -1809,14 +1983,76 @@ class ConnectResponse(_message.Message):
         events: _abc.Iterable[Global___HubEvent] | None = ...,
         training_sync: Global___TrainingSync | None = ...,
         replay_complete: Global___ReplayComplete | None = ...,
+        presence: Global___PresenceUpdate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["replay_complete", b"replay_complete", "training_sync", b"training_sync", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["presence", b"presence", "replay_complete", b"replay_complete", "training_sync", b"training_sync", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "events", b"events", "receipts", b"receipts", "replay_complete", b"replay_complete", "training_sync", b"training_sync", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "events", b"events", "presence", b"presence", "receipts", b"receipts", "replay_complete", b"replay_complete", "training_sync", b"training_sync", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class PresenceUpdate(_message.Message):
+    """Presence is state, not history: it is not in the event log, has no `seq`
+    and is never replayed. After Welcome, a stream subscribed to presence (the
+    default) gets the roster: every agent online when it joined, other than
+    itself (`Welcome.roster_size` of them), in `online`, over as many
+    responses as its size needs (each within the response budget); the last
+    of them has `roster_complete`. After that each update is a change since
+    the previous one, coalesced: an agent appears at most once per update, in
+    its latest state (`online` with its latest AgentInfo, or `offline`), and a
+    burst of joins reaches each agent in a few updates (the hub collects
+    changes for a presence linger, 0.25 s by default, then tells them), not
+    one per join. A reconnect that
+    changes nothing (the same specialization, capabilities and version while
+    the older stream was still live) is not announced. A reconnecting trainer
+    gets the roster again: replace what it knew.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ONLINE_FIELD_NUMBER: _builtins.int
+    OFFLINE_FIELD_NUMBER: _builtins.int
+    ROSTER_COMPLETE_FIELD_NUMBER: _builtins.int
+    ROSTER_FIELD_NUMBER: _builtins.int
+    roster_complete: _builtins.bool
+    """Set on the update that ends the roster (also when the roster is empty);
+    every later update is a change.
+    """
+    roster: _builtins.bool
+    """Set on every update that carries (part of) a roster. A roster comes after
+    Welcome, after a Subscribe that turns presence on, and again if the
+    stream fell so far behind that the hub no longer holds the changes it
+    missed (more than 16,384 changes): on the first update with `roster` set
+    after one without it, start your view of who is online afresh.
+    """
+    @_builtins.property
+    def online(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentInfo]:
+        """Agents online: in the roster, or come online (or said Hello again with
+        other details) since the previous update.
+        """
+
+    @_builtins.property
+    def offline(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids of agents gone offline since the previous update."""
+
+    def __init__(
+        self,
+        *,
+        online: _abc.Iterable[Global___AgentInfo] | None = ...,
+        offline: _abc.Iterable[_builtins.str] | None = ...,
+        roster_complete: _builtins.bool = ...,
+        roster: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offline", b"offline", "online", b"online", "roster", b"roster", "roster_complete", b"roster_complete"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PresenceUpdate: _TypeAlias = PresenceUpdate  # noqa: Y015
 
 @_typing.final
 class ReplayComplete(_message.Message):
@@ -1855,11 +2091,11 @@ class Welcome(_message.Message):
     HUB_VERSION_FIELD_NUMBER: _builtins.int
     MAX_BATCH_REQUESTS_FIELD_NUMBER: _builtins.int
     OLDEST_SEQ_FIELD_NUMBER: _builtins.int
+    ROSTER_SIZE_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent the token belongs to."""
     head_seq: _builtins.int
-    """The highest `seq` in the event log when the session opened (often the
-    agent's own `agent_joined`, which it is not sent). Replay ends with
+    """The highest `seq` in the event log when the session opened. Replay ends with
     `ConnectResponse.replay_complete`, not at this seq. With
     `skip_history`, the seq the hub started after: every later event you are
     entitled to is sent.
@@ -1877,6 +2113,11 @@ class Welcome(_message.Message):
     receive), so a later resume after a seq below `oldest_seq` - 1 is refused
     with OUT_OF_RANGE.
     """
+    roster_size: _builtins.int
+    """How many agents the roster that follows lists (`ConnectResponse.presence`
+    until `roster_complete`); 0 when the stream is not subscribed to
+    presence.
+    """
     def __init__(
         self,
         *,
@@ -1886,10 +2127,11 @@ class Welcome(_message.Message):
         hub_version: _builtins.str = ...,
         max_batch_requests: _builtins.int = ...,
         oldest_seq: _builtins.int = ...,
+        roster_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "head_seq", b"head_seq", "hub_version", b"hub_version", "max_batch_requests", b"max_batch_requests", "oldest_seq", b"oldest_seq", "training_sync_interval_seconds", b"training_sync_interval_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "head_seq", b"head_seq", "hub_version", b"hub_version", "max_batch_requests", b"max_batch_requests", "oldest_seq", b"oldest_seq", "roster_size", b"roster_size", "training_sync_interval_seconds", b"training_sync_interval_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2033,11 +2275,16 @@ class HubEvent(_message.Message):
 
     @_builtins.property
     def artifact_shared(self) -> Global___Artifact:
-        """Another agent shared an artifact (broadcast)."""
+        """Another agent shared an artifact (to every other agent whose
+        subscription matches it).
+        """
 
     @_builtins.property
     def feature_requested(self) -> Global___FeatureRequested:
-        """An agent asks for a feature that fits your capabilities."""
+        """An agent asks for a feature that fits your capabilities (always
+        sent), or that fit nobody's (to every other agent whose subscription
+        matches it).
+        """
 
     @_builtins.property
     def feature_delivered(self) -> Global___FeatureDelivered:
@@ -2049,11 +2296,14 @@ class HubEvent(_message.Message):
 
     @_builtins.property
     def agent_joined(self) -> Global___AgentJoined:
-        """An agent came online (broadcast)."""
+        """An agent came online. Not sent by this hub: presence is state
+        (`ConnectResponse.presence`), not history; older hubs logged it, and
+        their logged ones are not replayed.
+        """
 
     @_builtins.property
     def agent_left(self) -> Global___AgentLeft:
-        """An agent went offline (broadcast)."""
+        """An agent went offline. Not sent by this hub (see `agent_joined`)."""
 
     @_builtins.property
     def omitted(self) -> Global___EventOmitted:
@@ -2065,8 +2315,10 @@ class HubEvent(_message.Message):
 
     @_builtins.property
     def artifact_validated(self) -> Global___ArtifactValidated:
-        """A component was validated (to the contributor, and for now to every
-        other agent too).
+        """A component was validated. Subscriptions see it as the artifact's own
+        share (EVENT_KIND_ARTIFACTS, the artifact's kind, specializations and
+        contributor), so it reaches whoever received that share; the
+        contributor too, unless its subscription leaves out its own artifacts.
         """
 
     def __init__(
@@ -2966,6 +3218,7 @@ class WatchResponse(_message.Message):
     HEAD_SEQ_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
     REPLAY_COMPLETE_FIELD_NUMBER: _builtins.int
+    PRESENCE_FIELD_NUMBER: _builtins.int
     head_seq: _builtins.int
     """Set on the first response only: the newest `seq` when the watch opened
     (with `skip_history`, the seq it starts after).
@@ -2983,16 +3236,25 @@ class WatchResponse(_message.Message):
         live. Set even when there was nothing to replay.
         """
 
+    @_builtins.property
+    def presence(self) -> Global___PresenceUpdate:
+        """Who is online, as on Connect (`ConnectResponse.presence`): the roster
+        after the first response, ending with `roster_complete`, then coalesced
+        changes. Sent when `kinds` is empty or names "agent_joined" or
+        "agent_left" (the log holds no presence events: presence is state).
+        """
+
     def __init__(
         self,
         *,
         head_seq: _builtins.int = ...,
         events: _abc.Iterable[Global___HubEvent] | None = ...,
         replay_complete: Global___ReplayComplete | None = ...,
+        presence: Global___PresenceUpdate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["replay_complete", b"replay_complete"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["presence", b"presence", "replay_complete", b"replay_complete"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "head_seq", b"head_seq", "replay_complete", b"replay_complete"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "head_seq", b"head_seq", "presence", b"presence", "replay_complete", b"replay_complete"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

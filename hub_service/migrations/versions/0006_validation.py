@@ -3,7 +3,7 @@ leases, and each artifact's validation state beside it for ListArtifacts to filt
 Artifacts stored before stay UNSPECIFIED (0) and are not queued.
 
 Revision ID: 0006
-Revises: 0003
+Revises: 0005
 Create Date: 2026-12-02
 """
 

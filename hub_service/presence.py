@@ -1,0 +1,109 @@
+"""Presence: who is online, as state (not the event log): the roster, and a bounded log of
+its changes that every following stream reads from its own cursor.
+
+A change costs one append, whoever follows; followers are woken once per linger however
+many changes came meanwhile, so a burst of joins costs each stream a few writes. A stream
+too far behind the log's tail gets the roster again instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+
+from . import paging
+
+# Changes kept for followers that are behind; one further behind gets the roster again.
+LOG_SIZE = 16384
+
+
+class Entry(NamedTuple):
+    """An agent as presence tells it: `info` None once it went offline; `cost` its bytes
+    in a response, measured once."""
+
+    agent_id: str
+    info: pb.AgentInfo | None
+    cost: int
+
+
+class Follower(Protocol):
+    def presence_ready(self) -> None:
+        """Changes wait in the log for this follower."""
+
+
+def same(a: pb.AgentInfo, b: pb.AgentInfo) -> bool:
+    """Whether two announcements tell the same (the time does not count)."""
+    return (
+        a.specialization == b.specialization
+        and list(a.capabilities) == list(b.capabilities)
+        and a.version == b.version
+    )
+
+
+class Presence:
+    def __init__(self, linger: float, log_size: int = LOG_SIZE) -> None:
+        self._linger = linger
+        self._log_size = log_size
+        self._online: dict[str, Entry] = {}
+        self._log: list[Entry] = []
+        self._base = 0  # the version of _log[0]: change n is _log[n - _base]
+        self._followers: dict[Follower, None] = {}
+        self._tick: asyncio.TimerHandle | None = None
+
+    @property
+    def version(self) -> int:
+        """Changes so far: a follower that has read up to it has seen everything."""
+        return self._base + len(self._log)
+
+    def __len__(self) -> int:
+        return len(self._online)
+
+    def get(self, agent_id: str) -> pb.AgentInfo | None:
+        entry = self._online.get(agent_id)
+        return entry.info if entry is not None else None
+
+    def roster(self) -> list[Entry]:
+        """Everyone online now, oldest announcement first."""
+        return list(self._online.values())
+
+    def since(self, cursor: int) -> Sequence[Entry] | None:
+        """The changes after `cursor`, in order; None if the log no longer holds them all."""
+        if cursor < self._base:
+            return None
+        return self._log[cursor - self._base :]
+
+    def follow(self, follower: Follower) -> None:
+        self._followers[follower] = None
+
+    def unfollow(self, follower: Follower) -> None:
+        self._followers.pop(follower, None)
+
+    def online(self, agent: pb.AgentInfo) -> None:
+        """`agent` is online; announced unless it already was, with the same details."""
+        before = self._online.pop(agent.agent_id, None)  # re-inserted last: roster order
+        entry = Entry(agent.agent_id, agent, paging.entry_bytes(agent))
+        self._online[agent.agent_id] = entry
+        if before is None or before.info is None or not same(before.info, agent):
+            self._change(entry)
+
+    def offline(self, agent_id: str) -> None:
+        if self._online.pop(agent_id, None) is not None:
+            self._change(Entry(agent_id, None, len(agent_id) + 3))
+
+    def _change(self, entry: Entry) -> None:
+        self._log.append(entry)
+        if len(self._log) > self._log_size:
+            dropped = len(self._log) // 2
+            del self._log[:dropped]
+            self._base += dropped
+        if self._tick is None:
+            self._tick = asyncio.get_running_loop().call_later(self._linger, self._wake)
+
+    def _wake(self) -> None:
+        """Once per linger: every follower reads what came meanwhile."""
+        self._tick = None
+        for follower in self._followers:
+            follower.presence_ready()

@@ -1,0 +1,146 @@
+"""Presence is state, not history: a newcomer gets the roster of who is online, the others
+learn of each join once, coalesced; nothing of it is in the event log or replayed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service.server import HubServer
+from hub_service.testing import TestHub
+
+from .conftest import WAIT, HubHarness, RawTrainer, hello, make_config, pattern
+
+STORM = 300
+LINGER = 0.5  # seconds; the test's presence linger
+
+
+@contextlib.asynccontextmanager
+async def memory_hub(**overrides: Any) -> AsyncIterator[HubHarness]:
+    async with TestHub.in_process(make_config("memory://", **overrides)) as test_hub:
+        server: HubServer = test_hub.server
+        h = HubHarness(server)
+        try:
+            yield h
+        finally:
+            await h.close()
+
+
+@pytest.fixture
+async def storm_harness() -> AsyncIterator[HubHarness]:
+    async with memory_hub(presence_linger=LINGER) as h:
+        yield h
+
+
+async def test_a_connect_storm_gives_everyone_the_roster_and_each_join_once(
+    storm_harness: HubHarness,
+) -> None:
+    ids = [f"agent_{i:03d}" for i in range(STORM)]
+    for agent_id in ids:
+        await storm_harness.token(agent_id)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    trainers: list[RawTrainer] = await asyncio.gather(
+        *(storm_harness.connect(a, hello(a, 1 + i % 8)) for i, a in enumerate(ids))
+    )
+
+    async def until_everyone(trainer: RawTrainer) -> None:
+        await trainer.until_roster()
+        while len(trainer.online) < STORM - 1:
+            await trainer._read_one()
+
+    await asyncio.wait_for(asyncio.gather(*(until_everyone(t) for t in trainers)), WAIT * 3)
+    elapsed = loop.time() - began
+    for trainer in trainers:
+        others = set(ids) - {trainer.agent_id}
+        assert set(trainer.online) == others
+        assert trainer.welcome.roster_size == sum(
+            len(u.online) for u in trainer.presence[: _roster_end(trainer) + 1]
+        )
+        # Each other agent came to it once: in its roster or as a change, never both.
+        told = Counter(a.agent_id for u in trainer.presence for a in u.online)
+        assert set(told.values()) == {1}, trainer.agent_id
+        assert not any(u.offline for u in trainer.presence)
+        # With the right specialization, as said in Hello.
+        assert all(
+            a.specialization == 1 + ids.index(a.agent_id) % 8 for a in trainer.online.values()
+        )
+        # Coalesced: after the roster, at most one update per linger, not one per join.
+        changes = len(trainer.presence) - _roster_end(trainer) - 1
+        assert changes <= elapsed / LINGER + 1, (changes, elapsed)
+        assert trainer.events == []  # presence is not in the log
+    total_changes = sum(len(t.presence) for t in trainers)
+    assert total_changes < STORM * (STORM - 1) / 10, total_changes
+
+
+def _roster_end(trainer: RawTrainer) -> int:
+    return next(i for i, u in enumerate(trainer.presence) if u.roster_complete)
+
+
+async def test_a_reconnect_that_changes_nothing_announces_nothing(harness: HubHarness) -> None:
+    first = await harness.connect("AI_Node_1")
+    second = await harness.connect("AI_Node_2")
+    await first.joined("AI_Node_2")
+    # A newer stream supersedes the live one with the same details: no change to tell.
+    again = await harness.connect("AI_Node_2")
+    await again.until_roster()
+    assert list(again.online) == ["AI_Node_1"]
+    # A marker: the next change reaches the first agent after any about AI_Node_2.
+    await harness.connect("AI_Node_3")
+    await first.joined("AI_Node_3")
+    about_2 = [u for u in first.presence if any(a.agent_id == "AI_Node_2" for a in u.online)]
+    assert len(about_2) == 1
+    assert not any("AI_Node_2" in u.offline for u in first.presence)
+    # Details that change are told.
+    changed = hello("AI_Node_2", pb.SPECIALIZATION_GRAPHICS, capabilities=["graphics_rendering"])
+    await harness.connect("AI_Node_2", changed)
+    while first.online["AI_Node_2"].specialization != pb.SPECIALIZATION_GRAPHICS:
+        await first._read_one()
+    assert list(first.online["AI_Node_2"].capabilities) == ["graphics_rendering"]
+    del second
+
+
+async def test_presence_follows_the_subscription(harness: HubHarness) -> None:
+    quiet = await harness.connect(
+        "quiet",
+        hello("quiet", subscription=pb.Subscription(event_kinds=[pb.EVENT_KIND_ARTIFACTS])),
+    )
+    assert quiet.welcome.roster_size == 0
+    other = await harness.connect("other")
+    # A marker after the join: an artifact, which quiet does follow.
+    shared = await other.receipt(await other.send(share_pattern=pb.SharePattern(pattern=pattern())))
+    await quiet.until_seq(shared.seq)
+    assert quiet.presence == []
+    # Subscribing to presence sends the roster, then changes.
+    presence = pb.Subscription(event_kinds=[pb.EVENT_KIND_PRESENCE])
+    await quiet.receipt(await quiet.send(subscribe=pb.Subscribe(subscription=presence)))
+    await quiet.until_roster()
+    assert list(quiet.online) == ["other"]
+    await other.close()
+    await quiet.left("other")
+    assert quiet.online == {}
+
+
+async def test_a_roster_larger_than_one_response_comes_in_pages() -> None:
+    """Roster pages keep to the response budget: here 256 KiB, and ~700 KiB of roster."""
+    limit = 256 * 1024
+    caps = [f"capability_{i:02d}_{'x' * 40}" for i in range(64)]  # ~3.5 KiB per agent
+    ids = [f"big_{i:03d}" for i in range(200)]
+    async with memory_hub(max_message_bytes=limit) as h:
+        for agent_id in ids:
+            await h.token(agent_id)
+        await asyncio.gather(*(h.connect(a, hello(a, capabilities=caps)) for a in ids))
+        late = await h.connect("late")
+        await late.until_roster()
+        assert set(late.online) == set(ids)
+        assert late.welcome.roster_size == len(ids)
+        assert len(late.presence) >= 3
+        assert all(u.ByteSize() <= limit for u in late.presence)
+        assert [u.roster_complete for u in late.presence][-1]
+        assert not any(u.roster_complete for u in late.presence[:-1])
