@@ -10,7 +10,7 @@ produced and who may receive them; the router delivers them once the commit is d
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -69,14 +69,17 @@ def emit(
     **body: Any,
 ) -> int:
     """Append an event to the log; it is routed only after the commit. Its subscription tags
-    are those of the event itself, or of `about` (a verdict is tagged as its artifact's share,
-    so it reaches whoever subscribed to that artifact)."""
+    are those of the event itself, or of `about` (a verdict is tagged with its artifact's
+    kinds and specializations, so it reaches whoever subscribed to such artifacts); the
+    contributor a filter names is always the event's sender, as the log's column is."""
     seq = tx.next_seq()
     event = pb.HubEvent(seq=seq, sender_id=sender, **body)
     event.create_time.CopyFrom(tx.now_pb)
     tagged = about or event
     contributor = tx.agent(tagged.sender_id) if tagged.sender_id and recipients is None else None
     tags = tags_of(tagged, contributor.specialization if contributor else 0)
+    if about is not None:
+        tags = replace(tags, contributor=sender)
     tx.add_event(event, recipients, tags)
     outcome.events.append(RoutedEvent(event, recipients, tags))
     outcome.seq = seq

@@ -693,11 +693,11 @@ async def test_a_verdict_is_stored_with_the_artifact_and_announced(store: HubSto
     (verdict,) = await commit_ok(store, [cmd.SubmitVerdict("v1", lease.lease_id, PASSED)])
     (event,) = verdict.events
     assert event.recipients is None  # to those subscribed to the artifact
-    # Tagged as the artifact's share: an OS component by a, filed under artifacts.
+    # Tagged as the artifact's share (an OS component, filed under artifacts), sent by v1.
     assert (event.tags.kind, event.tags.artifact_kind, event.tags.contributor) == (
         pb.EVENT_KIND_ARTIFACTS,
         pb.ARTIFACT_KIND_OS_COMPONENT,
-        "a",
+        "v1",
     )
     validated = event.event.artifact_validated
     assert validated.artifact_id == artifact_id and validated.contributor_id == "a"

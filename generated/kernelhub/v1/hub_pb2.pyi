@@ -2315,10 +2315,10 @@ class HubEvent(_message.Message):
 
     @_builtins.property
     def artifact_validated(self) -> Global___ArtifactValidated:
-        """A component was validated. Subscriptions see it as the artifact's own
-        share (EVENT_KIND_ARTIFACTS, the artifact's kind, specializations and
-        contributor), so it reaches whoever received that share; the
-        contributor too, unless its subscription leaves out its own artifacts.
+        """A component was validated. Subscriptions see it as an artifact event
+        (EVENT_KIND_ARTIFACTS) with the artifact's kind and specializations (its
+        contributor's too), so it reaches whoever receives such shares; its
+        `sender_id` (what `Subscription.contributors` matches) is the validator.
         """
 
     def __init__(
