@@ -338,14 +338,14 @@ async def test_a_resume_below_the_low_water_mark_is_out_of_range_naming_the_olde
         assert fine.welcome.oldest_seq == oldest
         await fine.until_seq(seqs[-1])
         assert fine.events[0].seq == oldest
-        # The refusal made no presence event: the watcher's first is AI_Node_1's joining.
-        joined = await watcher.event("agent_joined", agent__agent_id="AI_Node_1")
+        # The refusal made no presence change: the watcher heard of AI_Node_1 once, online.
+        await watcher.joined("AI_Node_1")
         about_it = [
-            e.seq
-            for e in watcher.events
-            if e.agent_joined.agent.agent_id == "AI_Node_1" or e.agent_left.agent_id == "AI_Node_1"
+            ("online" if any(a.agent_id == "AI_Node_1" for a in u.online) else "offline")
+            for u in watcher.presence
+            if "AI_Node_1" in u.offline or any(a.agent_id == "AI_Node_1" for a in u.online)
         ]
-        assert about_it == [joined.seq]
+        assert about_it == ["online"]
         await fine.close()
         await watcher.close()
 
