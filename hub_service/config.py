@@ -40,6 +40,8 @@ class HubConfig:
     writer: str = _D.writer
     auto_upgrade: bool = _D.auto_upgrade
     commit_timeout: float = _D.commit_timeout
+    replica: bool = _D.replica
+    replica_catch_up_interval: float = _D.replica_catch_up_interval
     reaper_interval: float = _D.reaper_interval
     shutdown_grace: float = _D.shutdown_grace
     max_message_bytes: int = _D.max_message_bytes

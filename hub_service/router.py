@@ -38,6 +38,10 @@ class Router:
     def is_connected(self, agent_id: str) -> bool:
         return agent_id in self._connections
 
+    def connection(self, agent_id: str) -> Connection | None:
+        """The agent's live connection here, if any."""
+        return self._connections.get(agent_id)
+
     def connections(self) -> Iterator[Connection]:
         return iter(list(self._connections.values()))
 

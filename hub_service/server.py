@@ -21,11 +21,14 @@ from .auth import BearerAuthInterceptor
 from .committer import GroupCommitter
 from .config import HubConfig
 from .errors import StatusError
+from .outcomes import Outcome
+from .replica import LogFollower
 from .roles import Role
 from .router import Router
 from .servicer import HubServicer
 from .session import END_FLOOR
 from .settings import mask_url
+from .sql_store import SqlStore
 from .state import HubStore, IssuedToken
 from .store_factory import make_store
 
@@ -41,9 +44,21 @@ class HubServer:
         self.config = config
         self.store = store or make_store(config.database_url, config)
         self.router = Router()
+        # Replica mode: the shared log feeds the router; else each commit's outcome does.
+        self.follower = (
+            LogFollower(
+                self.store,
+                self.router,
+                interval=config.replica_catch_up_interval,
+                page_size=config.replay_page_size,
+                max_bytes=config.max_message_bytes,
+            )
+            if config.replica and isinstance(self.store, SqlStore)
+            else None
+        )
         self.committer = GroupCommitter(
             self.store,
-            self.router.publish,
+            self._publish if self.follower is None else self.follower.committed,
             on_failure=self.router.resync,
             on_health=self._commit_answered,
             batch_size=config.commit_batch_size,
@@ -69,16 +84,26 @@ class HubServer:
             # release what was started (the writer process and the committer), or the
             # process could not exit.
             await self.committer.stop(0)
+            if self.follower is not None:
+                await self.follower.stop()
             if self._server is not None:
                 await self._server.stop(None)
                 self._server = None
             await self.store.close()
             raise
 
+    def _publish(self, outcome: Outcome, answer: Callable[[], None]) -> None:
+        self.router.publish(outcome)
+        answer()
+
     async def _start_serving(self) -> int:
         self.committer.start()
-        await self.committer.submit(cmd.ResetPresence())
-        self.router.last_published_seq = await self.store.head_seq()
+        if self.follower is None:
+            await self.committer.submit(cmd.ResetPresence())
+            self.router.last_published_seq = await self.store.head_seq()
+        else:
+            # Not ResetPresence: the agents online on the other replicas still are.
+            await self.follower.start(await self.store.head_seq())
         self._server = grpc.aio.server(
             interceptors=[BearerAuthInterceptor(self.store.authenticate)],
             options=[
@@ -212,6 +237,8 @@ class HubServer:
         clock = asyncio.get_running_loop()
         deadline = clock.time() + self.config.shutdown_grace
         await self.servicer.drain(self.config.shutdown_grace)
+        if self.follower is not None:
+            await self.follower.stop()
         # Every stream has been ended: the server waits only for the handlers to send their
         # status (at least END_FLOOR, or a slow drain would have them cancelled before it).
         await self._server.stop(max(END_FLOOR, deadline - clock.time()))

@@ -108,6 +108,7 @@ class Sessions:
         try:
             online = await self._committer.submit(cmd.AgentOnline(agent_id, hello))
             connection.connected_time = _last_seen(online)
+            connection.joined_seq = online.seq
             welcome = pb.Welcome(
                 agent_id=agent_id,
                 head_seq=start if hello.skip_history else self._router.last_published_seq,
@@ -170,7 +171,11 @@ class Sessions:
                 await reader
         if sender is not None:
             await self._stop_sender(connection, sender)
-        if self._router.detach(connection):
+        superseded = connection.end_status is not None and (
+            connection.end_status[0] == grpc.StatusCode.ABORTED
+        )
+        # Superseded (here, or by a stream on another replica): the agent is online there.
+        if self._router.detach(connection) and not superseded:
             with contextlib.suppress(StatusError, TimeoutError):
                 await asyncio.wait_for(
                     self._committer.submit(cmd.AgentOffline(connection.agent_id)),

@@ -18,7 +18,7 @@ from datetime import timedelta
 from functools import partial
 from typing import Any, TypeVar
 
-from sqlalchemy import exists, func, or_, text
+from sqlalchemy import exists, func, make_url, or_, text
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, SQLModel, col, select
 
@@ -41,7 +41,7 @@ from .models import (
     feature_request_to_proto,
     utcnow,
 )
-from .outcomes import Outcome
+from .outcomes import Outcome, RoutedEvent
 from .roles import Role
 from .sql_write import SqlWriter, make_engine, session
 from .state import Command, EventPage, IssuedToken, Page, Principal, decode_stored
@@ -69,17 +69,25 @@ class SqlStore:
         busy_timeout: float = 5.0,
         commit_timeout: float = 30.0,
         auto_upgrade: bool = True,
+        shared: bool = False,
     ) -> None:
         """`writer`: "thread", or "process" for commits in a child process (`HubConfig.writer`
-        says which the hub uses), each answered within `commit_timeout` seconds or UNAVAILABLE."""
+        says which the hub uses), each answered within `commit_timeout` seconds or UNAVAILABLE.
+        `shared`: one of several replicas on this PostgreSQL database (`HubConfig.replica`)."""
         if writer not in WRITERS:
             raise ValueError(f"writer must be 'thread' or 'process', not {writer!r}")
+        if shared and not database_url.startswith("postgresql"):
+            raise ValueError(
+                "replica mode needs PostgreSQL (a postgresql+psycopg:// URL): replicas share "
+                "its advisory locks and LISTEN/NOTIFY"
+            )
+        self.shared = shared
         self.database_url = database_url
         self.auto_upgrade = auto_upgrade  # at open: else a schema not this hub's is refused
         self.policy = policy or collab.Policy()
         self._engine = make_engine(database_url, int(busy_timeout * 1000))
         # The thread writer's commits, and the schema and head at open in either mode.
-        self.sql_writer = SqlWriter(self._engine, self.policy)
+        self.sql_writer = SqlWriter(self._engine, self.policy, shared)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="kernelhub-writer")
         self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="kernelhub-reader")
         self.writer_process = (
@@ -89,6 +97,7 @@ class SqlStore:
                     self.policy,
                     busy_timeout,
                     logging.getLogger().getEffectiveLevel(),
+                    shared,
                 ),
                 commit_timeout,
             )
@@ -187,6 +196,50 @@ class SqlStore:
         events = EventPage(event for _, event in page)
         events.more = more
         return events
+
+    async def log_after(
+        self, after_seq: int, limit: int, max_bytes: int
+    ) -> tuple[list[RoutedEvent], bool]:
+        """Every event after `after_seq` with its audience, oldest first: at most `limit`,
+        and no more than `max_bytes` of them beyond the first (what a replica reads of the
+        others' commits, to route them); and whether more follow."""
+        query = (
+            select(EventRow.seq, EventRow.broadcast, EventRow.body)
+            .where(EventRow.seq > after_seq)
+            .order_by(col(EventRow.seq))
+            .limit(limit + 1)
+            .execution_options(yield_per=STREAM_ROWS)
+        )
+
+        def read(s: Session) -> tuple[list[RoutedEvent], bool]:
+            page, more = paging.take(
+                s.exec(query), lambda row: decode_stored(pb.HubEvent, row[2]), limit, max_bytes
+            )
+            if not page:
+                return [], False
+            audience: dict[int, set[str]] = {}
+            last = page[-1][1].seq
+            if not all(row[1] for row, _ in page):
+                for seq, agent_id in s.exec(
+                    select(EventRecipientRow.seq, EventRecipientRow.agent_id).where(
+                        col(EventRecipientRow.seq) > after_seq, col(EventRecipientRow.seq) <= last
+                    )
+                ):
+                    audience.setdefault(seq, set()).add(agent_id)
+            return [
+                RoutedEvent(event, None if row[1] else frozenset(audience.get(event.seq, ())))
+                for row, event in page
+            ], more
+
+        return await self._read(read)
+
+    def listen_conninfo(self) -> str:
+        """The database URL as libpq takes it (for a LISTEN connection of psycopg's own)."""
+        return (
+            make_url(self.database_url)
+            .set(drivername="postgresql")
+            .render_as_string(hide_password=False)
+        )
 
     # --- tokens -------------------------------------------------------------
 

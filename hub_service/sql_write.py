@@ -1,5 +1,9 @@
 """The SQL write side: the engine, and the group commit that the writer (a thread of the
-hub, or the writer process) runs: one transaction per batch, append-only rows in bulk."""
+hub, or the writer process) runs: one transaction per batch, append-only rows in bulk.
+
+Replicas on one PostgreSQL (`shared`): each batch takes one transaction-level advisory lock
+before anything else and holds it to COMMIT, and allocates `seq` after the log's head it then
+reads, so seq order is commit order hub-wide (docs/scaling.md, "One log, one order")."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
-from sqlalchemy import Connection, Engine, event, func
+from sqlalchemy import Connection, Engine, event, func, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session, create_engine, select
 
@@ -22,6 +26,15 @@ from .sql_tx import SqlTx
 from .state import Command, Receipt
 
 log = logging.getLogger(__name__)
+
+# The advisory lock every replica's batch holds from its first statement to COMMIT: an
+# arbitrary 64-bit key ("kernelhub" in ASCII, folded), the same in every replica.
+LOG_LOCK_KEY = 0x6B65726E656C6875
+# The channel each committed batch NOTIFYs (payload: the last seq it committed).
+LOG_CHANNEL = "kernelhub_log"
+_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
+_HEAD = text("SELECT coalesce(max(seq), 0) FROM event")
+_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 
 
 def _sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
@@ -55,11 +68,17 @@ def session(engine: Engine) -> Session:
 
 class SqlWriter:
     """Group commits on one engine, from one thread at a time: it owns the event log's
-    head, so each commit's `seq`s follow the last one's."""
+    head, so each commit's `seq`s follow the last one's. `shared` (replicas on one
+    PostgreSQL): the head is read again in each batch, under the log's advisory lock."""
 
-    def __init__(self, engine: Engine, policy: collab.Policy) -> None:
+    def __init__(self, engine: Engine, policy: collab.Policy, shared: bool = False) -> None:
+        if shared and engine.dialect.name != "postgresql":
+            raise ValueError(
+                "replicas share one PostgreSQL database; this is " + engine.url.drivername
+            )
         self.engine = engine
         self.policy = policy
+        self.shared = shared
         self._bulk = BulkWriter(engine.dialect)
         self._seq = 0
 
@@ -114,6 +133,12 @@ class SqlWriter:
         results: list[Outcome | StatusError] = []
         with session(self.engine) as s:
             connection = s.connection()
+            if self.shared:
+                # First, before any read: the ledger and the rows the rules read are then
+                # those every earlier batch hub-wide committed.
+                connection.execute(_LOCK, {"key": LOG_LOCK_KEY})
+                self._seq = int(connection.execute(_HEAD).scalar_one())
+            head = self._seq
             received = self._received(connection, commands)
             tx = SqlTx(s, utcnow(), self._next_seq, self.policy, received)
             for command in commands:
@@ -124,6 +149,9 @@ class SqlWriter:
             s.flush()  # rows the commands changed through the ORM, before the appends
             for model, rows in tx.appends.items():
                 self._bulk.insert(connection, model, rows)
+            if self.shared and self._seq > head:
+                # Delivered at COMMIT, to every replica's listener.
+                connection.execute(_NOTIFY, {"channel": LOG_CHANNEL, "payload": str(self._seq)})
             s.commit()
         return results
 

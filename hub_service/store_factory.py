@@ -20,6 +20,8 @@ def make_store(database_url: str, config: HubConfig | None = None) -> HubStore:
                 f"database URL {database_url!r}: the in-memory store is {MEMORY_URL!r}, "
                 "with nothing after it"
             )
+        if config.replica:
+            raise ValueError("replica mode needs PostgreSQL: an in-memory hub is one process")
         return MemoryStore(config.policy)
     return SqlStore(
         database_url,
@@ -28,4 +30,5 @@ def make_store(database_url: str, config: HubConfig | None = None) -> HubStore:
         busy_timeout=config.sqlite_busy_timeout,
         commit_timeout=config.commit_timeout,
         auto_upgrade=config.auto_upgrade,
+        shared=config.replica,
     )

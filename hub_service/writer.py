@@ -66,6 +66,7 @@ class WriterSettings:
     policy: Policy
     busy_timeout: float
     log_level: int = logging.INFO
+    shared: bool = False  # a replica: `SqlWriter`'s shared mode
 
 
 class WriterProcess:
@@ -231,7 +232,9 @@ def _serve(sock: socket.socket, settings: WriterSettings) -> None:
         format="%(asctime)s - kernelhub-writer - %(levelname)s - %(message)s",
     )
     writer = SqlWriter(
-        make_engine(settings.database_url, int(settings.busy_timeout * 1000)), settings.policy
+        make_engine(settings.database_url, int(settings.busy_timeout * 1000)),
+        settings.policy,
+        settings.shared,
     )
     with sock, sock.makefile("rb") as incoming:
         try:
