@@ -10,7 +10,7 @@ import contextlib
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -75,8 +75,18 @@ def _conninfo(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+@dataclass
+class Replicas:
+    hubs: list[TestHub]
+    tokens: dict[str, str]  # agent id -> its bearer token
+
+
 @contextlib.asynccontextmanager
-async def replicas(url: str, count: int, *extra: str) -> AsyncIterator[list[TestHub]]:
+async def replicas(
+    url: str, count: int, *extra: str, agents: Sequence[str] = ()
+) -> AsyncIterator[Replicas]:
+    """`count` replica processes on `url`, and tokens for `agents` (issued on the database
+    while they start)."""
     hubs = [
         TestHub.subprocess(
             url,
@@ -87,15 +97,12 @@ async def replicas(url: str, count: int, *extra: str) -> AsyncIterator[list[Test
         for i in range(count)
     ]
     try:
-        await asyncio.gather(*(h.start() for h in hubs))
-        yield hubs
+        issuing = [asyncio.ensure_future(hubs[0].issue_tokens(*agents))] if agents else []
+        await asyncio.gather(*issuing, *(h.start() for h in hubs))
+        yield Replicas(hubs, issuing[0].result() if issuing else {})
     finally:
         for h in hubs:
             await h.close()
-
-
-async def tokens(hub: TestHub, *agent_ids: str) -> dict[str, str]:
-    return await hub.issue_tokens(*agent_ids)
 
 
 async def connect(hub: TestHub, agent_id: str, token: str, resume_after: int = 0) -> RawTrainer:
@@ -183,8 +190,8 @@ async def test_three_replicas_one_log_every_trainer_gets_exactly_its_events(
 ) -> None:
     agents = [f"AI_Node_{i}" for i in range(9)]
     shares = 25
-    async with replicas(replica_url, 3) as hubs:
-        issued = await tokens(hubs[0], *agents, "AI_Node_late")
+    async with replicas(replica_url, 3, agents=[*agents, "AI_Node_late"]) as running:
+        hubs, issued = running.hubs, running.tokens
         trainers = [
             await connect(hubs[i % 3], agent, issued[agent]) for i, agent in enumerate(agents)
         ]
@@ -250,8 +257,10 @@ async def test_a_lost_listen_connection_loses_no_event(replica_url: str) -> None
     """Notifications carry events across at once (the catch-up read is a minute away here);
     then every replica's LISTEN connection is cut, as a database restart would: what commits
     meanwhile still reaches the trainers on the other replica."""
-    async with replicas(replica_url, 2, "--replica-catch-up-interval", "60") as hubs:
-        issued = await tokens(hubs[0], "AI_Node_a", "AI_Node_b")
+    async with replicas(
+        replica_url, 2, "--replica-catch-up-interval", "60", agents=["AI_Node_a", "AI_Node_b"]
+    ) as running:
+        hubs, issued = running.hubs, running.tokens
         a = await connect(hubs[0], "AI_Node_a", issued["AI_Node_a"])
         b = await connect(hubs[1], "AI_Node_b", issued["AI_Node_b"])
         before = await share_all(b, 3)
@@ -299,8 +308,8 @@ async def test_without_notifications_the_catch_up_read_delivers(replica_url: str
 async def test_reconnecting_to_another_replica_supersedes_the_old_stream(
     replica_url: str,
 ) -> None:
-    async with replicas(replica_url, 2) as hubs:
-        issued = await tokens(hubs[0], "AI_Node_x", "AI_Node_y")
+    async with replicas(replica_url, 2, agents=["AI_Node_x", "AI_Node_y"]) as running:
+        hubs, issued = running.hubs, running.tokens
         old = await connect(hubs[0], "AI_Node_x", issued["AI_Node_x"])
         new = await connect(hubs[1], "AI_Node_x", issued["AI_Node_x"])
         assert await ended_with(old) == grpc.StatusCode.ABORTED
@@ -318,16 +327,16 @@ async def test_reconnecting_to_another_replica_supersedes_the_old_stream(
 
 
 async def test_revoking_a_token_ends_its_stream_on_every_replica(replica_url: str) -> None:
-    async with replicas(replica_url, 2) as hubs:
-        issued = await tokens(hubs[0], "AI_Node_r")
+    async with replicas(replica_url, 2, agents=["AI_Node_r"]) as running:
+        hubs, issued = running.hubs, running.tokens
         stream = await connect(hubs[1], "AI_Node_r", issued["AI_Node_r"])
         await _cli("token", "revoke", "AI_Node_r", "--database-url", replica_url)
         assert await ended_with(stream) == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_a_message_resent_to_another_replica_is_recognised(replica_url: str) -> None:
-    async with replicas(replica_url, 2) as hubs:
-        issued = await tokens(hubs[0], "AI_Node_m")
+    async with replicas(replica_url, 2, agents=["AI_Node_m"]) as running:
+        hubs, issued = running.hubs, running.tokens
         first = await connect(hubs[0], "AI_Node_m", issued["AI_Node_m"])
         body = pb.SharePattern(pattern=pattern("resent"))
         receipt = await first.receipt(await first.send("m-1", share_pattern=body))
