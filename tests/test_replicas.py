@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import psycopg
@@ -105,10 +107,14 @@ async def replicas(
             await h.close()
 
 
-async def connect(hub: TestHub, agent_id: str, token: str, resume_after: int = 0) -> RawTrainer:
+async def connect(
+    hub: TestHub, agent_id: str, token: str, resume_after: int = 0, **kw: Any
+) -> RawTrainer:
     call = async_stub(hub.channel()).Connect(metadata=auth(token))
     await call.write(
-        pb.ConnectRequest(message_id="hello", hello=hello(agent_id, resume_after_seq=resume_after))
+        pb.ConnectRequest(
+            message_id="hello", hello=hello(agent_id, resume_after_seq=resume_after, **kw)
+        )
     )
     first = await asyncio.wait_for(call.read(), WAIT)
     assert first is not EOF and first.HasField("welcome"), f"no welcome: {first}"
@@ -206,6 +212,11 @@ async def test_three_replicas_one_log_every_trainer_gets_exactly_its_events(
         }
         every = set().union(*by_sender.values())
         assert len(every) == len(agents) * shares  # one seq per share, none shared
+        # The replicas' commits interleaved in the log: they did contend for it.
+        replica_of = {seq: i % 3 for i, t in enumerate(trainers) for seq in by_sender[t.agent_id]}
+        in_order = [replica_of[seq] for seq in sorted(every)]
+        switches = sum(1 for x, y in itertools.pairwise(in_order) if x != y)
+        assert switches > 3, f"the replicas committed one after the other: {switches} switches"
         for trainer in trainers:
             entitled = every - by_sender[trainer.agent_id]
             await wait_for(trainer, entitled)
@@ -223,6 +234,50 @@ async def test_three_replicas_one_log_every_trainer_gets_exactly_its_events(
     assert watcher.polls > 1
     logged = await log_seqs(_conninfo(replica_url))
     assert logged == list(range(1, len(logged) + 1))  # no gap, no duplicate
+
+
+async def test_directed_events_reach_only_their_recipients_across_replicas(
+    replica_url: str,
+) -> None:
+    """A collaboration between trainers on two replicas: each partner gets its updates from
+    the other's replica; a trainer on a third replica, entitled to none, gets none."""
+    names = ["AI_Node_x", "AI_Node_y", "AI_Node_z"]
+    async with replicas(replica_url, 3, agents=names) as running:
+        hubs, issued = running.hubs, running.tokens
+        x = await connect(hubs[0], "AI_Node_x", issued["AI_Node_x"])
+        y = await connect(
+            hubs[1],
+            "AI_Node_y",
+            issued["AI_Node_y"],
+            specialization=pb.SPECIALIZATION_SECURITY,
+            capabilities=["security_analysis"],
+        )
+        z = await connect(hubs[2], "AI_Node_z", issued["AI_Node_z"])
+        proposal = await x.receipt(
+            await x.send(
+                propose_collaboration=pb.ProposeCollaboration(
+                    target_agent_id="AI_Node_y",
+                    type=pb.COLLABORATION_TYPE_CROSS_SPECIALIZATION,
+                    description="secure transport",
+                )
+            )
+        )
+        await y.event("collaboration_updated", collaboration__state=pb.COLLABORATION_STATE_PROPOSED)
+        accepted = await y.receipt(
+            await y.send(
+                accept_collaboration=pb.AcceptCollaboration(session_id=proposal.resource_id)
+            )
+        )
+        await x.event("collaboration_updated", collaboration__state=pb.COLLABORATION_STATE_ACTIVE)
+        (later,) = await share_all(x, 1)
+        await wait_for(z, {later.seq})  # in seq order: anything routed to z before it came
+        assert not [e for e in z.events if e.HasField("collaboration_updated")]
+        for partner in (x, y):
+            await wait_for(partner, {proposal.seq, accepted.seq})
+            updates = [e.seq for e in partner.events if e.HasField("collaboration_updated")]
+            assert updates == [proposal.seq, accepted.seq], partner.agent_id
+        for trainer in (x, y, z):
+            await trainer.close()
 
 
 async def test_the_watcher_catches_a_seq_committed_above_an_uncommitted_one(
@@ -253,10 +308,10 @@ async def test_the_watcher_catches_a_seq_committed_above_an_uncommitted_one(
     assert watcher.last == 2
 
 
-async def test_a_lost_listen_connection_loses_no_event(replica_url: str) -> None:
+async def test_lost_database_connections_lose_no_event(replica_url: str) -> None:
     """Notifications carry events across at once (the catch-up read is a minute away here);
-    then every replica's LISTEN connection is cut, as a database restart would: what commits
-    meanwhile still reaches the trainers on the other replica."""
+    then every connection to the database is cut, LISTEN's and the pools' alike, as a database
+    restart would: what commits next still reaches the trainers on the other replica."""
     async with replicas(
         replica_url, 2, "--replica-catch-up-interval", "60", agents=["AI_Node_a", "AI_Node_b"]
     ) as running:
@@ -270,11 +325,12 @@ async def test_a_lost_listen_connection_loses_no_event(replica_url: str) -> None
         ) as db:
             cut = await (
                 await db.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND query LIKE 'LISTEN%%'"
+                    "SELECT query LIKE 'LISTEN%%', pg_terminate_backend(pid) "
+                    "FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
                 )
             ).fetchall()
-        assert len(cut) == 2
+        assert [listening for listening, _ in cut].count(True) == 2
         after = await share_all(b, 3)
         await wait_for(a, {r.seq for r in after})
         assert artifact_seqs(a) == [r.seq for r in before + after]
