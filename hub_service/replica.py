@@ -130,6 +130,9 @@ class LogFollower:
                 self.reads += 1
                 self._route(events)
                 continue
+            # A notification is sent at COMMIT, so what it named is in the log by now; only
+            # the guess made on (re)opening LISTEN can name a seq not yet committed.
+            self._heard = min(self._heard, self.published)
             if not self._local:
                 return
             # Nothing in the log between `published` and a local commit: seqs that never

@@ -34,6 +34,7 @@ from .conftest import (
     make_config,
     pattern,
 )
+from .test_collaboration import collaborative_component
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -240,7 +241,8 @@ async def test_directed_events_reach_only_their_recipients_across_replicas(
     replica_url: str,
 ) -> None:
     """A collaboration between trainers on two replicas: each partner gets its updates from
-    the other's replica; a trainer on a third replica, entitled to none, gets none."""
+    the other's replica, and completing it from both at once completes it once; a trainer on a
+    third replica, entitled to none of the updates, gets none."""
     names = ["AI_Node_x", "AI_Node_y", "AI_Node_z"]
     async with replicas(replica_url, 3, agents=names) as running:
         hubs, issued = running.hubs, running.tokens
@@ -269,13 +271,24 @@ async def test_directed_events_reach_only_their_recipients_across_replicas(
             )
         )
         await x.event("collaboration_updated", collaboration__state=pb.COLLABORATION_STATE_ACTIVE)
+        # Both partners complete it at once, each on its replica: the database serializes the
+        # two steps (the log's lock), so one completes it and the other is refused.
+        complete = pb.CompleteCollaboration(
+            session_id=proposal.resource_id, component=collaborative_component()
+        )
+        sent = [await p.send(complete_collaboration=complete) for p in (x, y)]
+        answers = [await p.answer(m) for p, m in zip((x, y), sent, strict=True)]
+        done = [a for a in answers if isinstance(a, pb.Receipt)]
+        refused = [a for a in answers if isinstance(a, pb.RequestError)]
+        assert len(done) == 1 and len(refused) == 1, answers
+        assert refused[0].code_name == "FAILED_PRECONDITION"
         (later,) = await share_all(x, 1)
         await wait_for(z, {later.seq})  # in seq order: anything routed to z before it came
         assert not [e for e in z.events if e.HasField("collaboration_updated")]
         for partner in (x, y):
-            await wait_for(partner, {proposal.seq, accepted.seq})
+            await wait_for(partner, {proposal.seq, accepted.seq, done[0].seq})
             updates = [e.seq for e in partner.events if e.HasField("collaboration_updated")]
-            assert updates == [proposal.seq, accepted.seq], partner.agent_id
+            assert updates == [proposal.seq, accepted.seq, done[0].seq], partner.agent_id
         for trainer in (x, y, z):
             await trainer.close()
 
