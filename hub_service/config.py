@@ -42,6 +42,7 @@ class HubConfig:
     commit_timeout: float = _D.commit_timeout
     replica: bool = _D.replica
     replica_catch_up_interval: float = _D.replica_catch_up_interval
+    replica_lock_idle_timeout: float = _D.replica_lock_idle_timeout
     reaper_interval: float = _D.reaper_interval
     shutdown_grace: float = _D.shutdown_grace
     max_message_bytes: int = _D.max_message_bytes

@@ -162,6 +162,14 @@ class HubSettings(BaseSettings):
         "a lost one costs latency, never an event",
         gt=0,
     )
+    replica_lock_idle_timeout: Seconds = _setting(
+        10.0,
+        "database",
+        "PostgreSQL ends a replica's commit that holds the log's lock and sends nothing for this "
+        "long (its host vanished mid-commit), so it cannot stall the other replicas; it rolls "
+        "back, unanswered",
+        gt=0,
+    )
     commit_batch_size: int = _setting(512, "database", "commands at most per group commit", gt=0)
     commit_batch_bytes: int = _setting(
         4 * 1024 * 1024,

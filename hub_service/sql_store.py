@@ -70,10 +70,12 @@ class SqlStore:
         commit_timeout: float = 30.0,
         auto_upgrade: bool = True,
         shared: bool = False,
+        lock_idle_timeout: float = 10.0,
     ) -> None:
         """`writer`: "thread", or "process" for commits in a child process (`HubConfig.writer`
         says which the hub uses), each answered within `commit_timeout` seconds or UNAVAILABLE.
-        `shared`: one of several replicas on this PostgreSQL database (`HubConfig.replica`)."""
+        `shared`: one of several replicas on this PostgreSQL database (`HubConfig.replica`),
+        whose batches' sessions PostgreSQL ends when idle `lock_idle_timeout` seconds."""
         if writer not in WRITERS:
             raise ValueError(f"writer must be 'thread' or 'process', not {writer!r}")
         if shared and not database_url.startswith("postgresql"):
@@ -87,7 +89,7 @@ class SqlStore:
         self.policy = policy or collab.Policy()
         self._engine = make_engine(database_url, int(busy_timeout * 1000))
         # The thread writer's commits, and the schema and head at open in either mode.
-        self.sql_writer = SqlWriter(self._engine, self.policy, shared)
+        self.sql_writer = SqlWriter(self._engine, self.policy, shared, lock_idle_timeout)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="kernelhub-writer")
         self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="kernelhub-reader")
         self.writer_process = (
@@ -98,6 +100,7 @@ class SqlStore:
                     busy_timeout,
                     logging.getLogger().getEffectiveLevel(),
                     shared,
+                    lock_idle_timeout,
                 ),
                 commit_timeout,
             )

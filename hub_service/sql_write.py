@@ -32,7 +32,10 @@ log = logging.getLogger(__name__)
 LOG_LOCK_KEY = 0x6B65726E656C6875
 # The channel each committed batch NOTIFYs (payload: the last seq it committed).
 LOG_CHANNEL = "kernelhub_log"
-_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
+LOCK_STATEMENT = text(
+    "SELECT set_config('idle_in_transaction_session_timeout', :idle, true), "
+    "pg_advisory_xact_lock(:key)"
+)
 _HEAD = text("SELECT coalesce(max(seq), 0) FROM event")
 _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 
@@ -71,7 +74,14 @@ class SqlWriter:
     head, so each commit's `seq`s follow the last one's. `shared` (replicas on one
     PostgreSQL): the head is read again in each batch, under the log's advisory lock."""
 
-    def __init__(self, engine: Engine, policy: collab.Policy, shared: bool = False) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        policy: collab.Policy,
+        shared: bool = False,
+        lock_idle_timeout: float = 10.0,
+    ) -> None:
+        """`lock_idle_timeout` (shared): PostgreSQL ends a batch's session idle this long."""
         if shared and engine.dialect.name != "postgresql":
             raise ValueError(
                 "replicas share one PostgreSQL database; this is " + engine.url.drivername
@@ -79,6 +89,11 @@ class SqlWriter:
         self.engine = engine
         self.policy = policy
         self.shared = shared
+        # A batch's statements follow each other within milliseconds. One whose replica
+        # vanished mid-batch (its host gone, no TCP reset) would hold the lock, and stall
+        # every replica, until PostgreSQL ended its session: this bounds that (the
+        # transaction rolls back; nothing was answered, so nothing is lost).
+        self.lock_params = {"key": LOG_LOCK_KEY, "idle": str(int(lock_idle_timeout * 1000))}
         self._bulk = BulkWriter(engine.dialect)
         self._seq = 0
 
@@ -136,7 +151,7 @@ class SqlWriter:
             if self.shared:
                 # First, before any read: the ledger and the rows the rules read are then
                 # those every earlier batch hub-wide committed.
-                connection.execute(_LOCK, {"key": LOG_LOCK_KEY})
+                connection.execute(LOCK_STATEMENT, self.lock_params)
                 self._seq = int(connection.execute(_HEAD).scalar_one())
             head = self._seq
             received = self._received(connection, commands)

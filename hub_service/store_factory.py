@@ -31,4 +31,5 @@ def make_store(database_url: str, config: HubConfig | None = None) -> HubStore:
         commit_timeout=config.commit_timeout,
         auto_upgrade=config.auto_upgrade,
         shared=config.replica,
+        lock_idle_timeout=config.replica_lock_idle_timeout,
     )

@@ -67,6 +67,7 @@ class WriterSettings:
     busy_timeout: float
     log_level: int = logging.INFO
     shared: bool = False  # a replica: `SqlWriter`'s shared mode
+    lock_idle_timeout: float = 10.0
 
 
 class WriterProcess:
@@ -235,6 +236,7 @@ def _serve(sock: socket.socket, settings: WriterSettings) -> None:
         make_engine(settings.database_url, int(settings.busy_timeout * 1000)),
         settings.policy,
         settings.shared,
+        settings.lock_idle_timeout,
     )
     with sock, sock.makefile("rb") as incoming:
         try:

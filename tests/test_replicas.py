@@ -18,9 +18,12 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
+import sqlalchemy
 from sqlalchemy import make_url
 
 from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service.collaboration import Policy
+from hub_service.sql_write import LOCK_STATEMENT, SqlWriter, make_engine
 from hub_service.testing import TestHub
 
 from .conftest import (
@@ -369,6 +372,26 @@ async def test_without_notifications_the_catch_up_read_delivers(replica_url: str
         assert follower.notifications == 0
         await a.close()
         await b.close()
+
+
+async def test_a_replica_frozen_holding_the_log_lock_stalls_nobody_for_long(
+    replica_url: str,
+) -> None:
+    """A batch that took the log's lock and then went silent (its replica's host vanished
+    mid-commit) is ended by PostgreSQL after the replica's `replica_lock_idle_timeout`; the
+    other replicas' commits then go on."""
+    async with replicas(replica_url, 1, agents=["AI_Node_f"]) as running:
+        (hub,), issued = running.hubs, running.tokens
+        frozen = SqlWriter(make_engine(replica_url), Policy(), shared=True, lock_idle_timeout=1.0)
+        with frozen.engine.connect() as holder:
+            holder.execute(LOCK_STATEMENT, frozen.lock_params)  # and then nothing
+            trainer = await connect(hub, "AI_Node_f", issued["AI_Node_f"])
+            (receipt,) = await share_all(trainer, 1)
+            assert receipt.seq > 0
+            with pytest.raises(sqlalchemy.exc.DBAPIError, match="idle-in-transaction"):
+                holder.execute(sqlalchemy.text("SELECT 1"))  # PostgreSQL ended it
+        frozen.dispose()
+        await trainer.close()
 
 
 # --- one live stream per agent, revocation, idempotency across replicas -----------------
