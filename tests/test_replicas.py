@@ -186,6 +186,17 @@ async def share_all(trainer: RawTrainer, count: int) -> list[pb.Receipt]:
     return [await trainer.receipt(message_id) for message_id in ids]
 
 
+async def share_one_by_one(trainer: RawTrainer, count: int) -> list[pb.Receipt]:
+    return [
+        await trainer.receipt(
+            await trainer.send(
+                share_pattern=pb.SharePattern(pattern=pattern(f"{trainer.agent_id}-{i}"))
+            )
+        )
+        for i in range(count)
+    ]
+
+
 async def wait_for(trainer: RawTrainer, seqs: set[int]) -> None:
     """Reads until every seq in `seqs` has arrived (each read has its deadline)."""
     while not seqs <= {e.seq for e in trainer.events}:
@@ -208,7 +219,9 @@ async def test_three_replicas_one_log_every_trainer_gets_exactly_its_events(
         watcher = LogWatcher(_conninfo(replica_url))
         stop = asyncio.Event()
         watching = asyncio.create_task(watcher.run(stop))
-        receipts = await asyncio.gather(*(share_all(t, shares) for t in trainers))
+        # Each trainer waits for each receipt before its next share: nine committers that
+        # keep all three replicas' writers contending for the log the whole time.
+        receipts = await asyncio.gather(*(share_one_by_one(t, shares) for t in trainers))
         stop.set()
         await watching
         by_sender = {
