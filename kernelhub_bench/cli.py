@@ -7,7 +7,7 @@ kernelhub-bench markdown results.json
 kernelhub-bench hot-spots PROFILE.txt [--top 10]
 kernelhub-bench soak [--trainers 200] [--duration 10m] [--rate 0.2] [--restart-every 2m]
 kernelhub-bench replicas --database-url postgresql+psycopg://postgres@127.0.0.1:5432/postgres
-                    [--replicas 1,2,3] [--senders 3] [--receivers 30] [--shares 1000] [--json F]
+                    [--replicas 0,1,2,3] [--senders 3] [--receivers 30] [--shares 1000] [--json F]
 """
 
 from __future__ import annotations
@@ -123,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a PostgreSQL server (any database on it): each replica count gets a fresh database",
     )
     replicas_parser.add_argument(
-        "--replicas", type=lambda t: [int(x) for x in t.split(",")], default=[1, 2, 3]
+        "--replicas",
+        type=lambda t: [int(x) for x in t.split(",")],
+        default=[0, 1, 2, 3],
+        help="replica counts, in turn; 0 is one hub without --replica (the baseline)",
     )
     replicas_parser.add_argument("--senders", type=int, default=3)
     replicas_parser.add_argument("--receivers", type=int, default=30)

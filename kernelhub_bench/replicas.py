@@ -1,10 +1,11 @@
 """`kernelhub-bench replicas`: aggregate ingest and fan-out of 1, 2, 3... hub replicas on one
 PostgreSQL database, and what the database pays per committed event (CPU, WAL bytes).
 
-Each replica count gets a fresh database and its own replicas (`--replica`). Senders and
-receivers are spread round-robin over the replicas, so most deliveries cross replicas (a
-receiver on A gets B's shares through the shared log). The figures of 1 replica are the
-baseline of the same run: the ratios are what adding replicas changed on this machine.
+Each replica count gets a fresh database and its own replicas (`--replica`); a count of 0 is
+one hub without `--replica` (today's PostgreSQL hub: no lock, fed by its own commits). Senders
+and receivers are spread round-robin over the replicas, so most deliveries cross replicas (a
+receiver on A gets B's shares through the shared log). The first count's figures are the
+baseline of the same run: the ratios are what replica mode and adding replicas changed here.
 The load runs in this process; on a small machine it competes with the hubs and PostgreSQL
 for the same cores, and the report says how busy each was.
 """
@@ -33,7 +34,7 @@ STEP_SECONDS = 300.0  # one replica count's whole measurement
 
 @dataclass
 class ReplicaFigures:
-    replicas: int
+    replicas: int  # 0: one hub without --replica
     senders: int
     receivers: int
     shares: int
@@ -109,13 +110,19 @@ class Counter:
 async def measure(
     admin_url: str, replicas: int, senders: int, receivers: int, shares: int
 ) -> ReplicaFigures:
-    """One replica count: fresh database, replicas, load, figures."""
+    """One replica count (0: one plain hub): fresh database, hubs, load, figures."""
+    plain = replicas == 0
+    replicas = max(1, replicas)
     deadline = Deadline(STEP_SECONDS)
     async with fresh_database(admin_url) as url:
         hubs = [
             TestHub.subprocess(
                 url,
-                args=["--replica", "true", "--training-sync-interval", "0"],
+                args=[
+                    *(() if plain else ("--replica", "true")),
+                    "--training-sync-interval",
+                    "0",
+                ],
                 env={"KERNELHUB_LOG_LEVEL": "WARNING"},
                 name=f"replica{i}",
             )
@@ -202,7 +209,7 @@ async def measure(
                 counter.task.cancel()
                 counter.call.cancel()
             return ReplicaFigures(
-                replicas=replicas,
+                replicas=0 if plain else replicas,
                 senders=senders,
                 receivers=receivers,
                 shares=total,
@@ -241,7 +248,7 @@ def report(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"{r['replicas']:>8}  {r['ingest_per_s']:>8.0f}  {r['ingest_ratio']:>4.2f}  "
+            f"{r['replicas'] or 'plain':>8}  {r['ingest_per_s']:>8.0f}  {r['ingest_ratio']:>4.2f}  "
             f"{r['deliveries_per_s']:>12.0f}  {r['deliveries_ratio']:>4.2f}  "
             f"{r['hub_cpu_ms_per_event']:>9.3f}  {r['db_cpu_ms_per_event']:>8.3f}  "
             f"{r['wal_bytes_per_event']:>8.0f}  {r['load_cores']:>10.2f}"
