@@ -29,7 +29,7 @@ from .errors import StatusError
 from .outcomes import Outcome, RoutedEvent
 from .ratelimit import ThrottledLog
 from .router import Router
-from .sql_write import LOG_CHANNEL
+from .sql_write import LOG_CHANNEL, parse_notify
 
 if TYPE_CHECKING:
     from .sql_store import SqlStore
@@ -55,6 +55,8 @@ class LogFollower:
         max_bytes: int,
     ) -> None:
         self._store = store
+        assert store.shared is not None, "a replica's store shares the log"
+        self._origin = store.shared.origin
         self._router = router
         self._interval = interval  # the catch-up read, whatever the notifications said
         self._page_size = page_size
@@ -69,7 +71,7 @@ class LogFollower:
         self._tasks: list[asyncio.Task[None]] = []
         self.listener: asyncio.Task[None] | None = None  # LISTEN's task (a test may end it)
         self._heard = 0  # the highest seq a notification named
-        self.notifications = 0  # NOTIFYs received, for tests and stats
+        self.notifications = 0  # other replicas' NOTIFYs received, for tests and stats
         self.reads = 0  # log reads that routed something
 
     async def start(self, head: int) -> None:
@@ -207,9 +209,14 @@ class LogFollower:
                     self._heard = self.published + 1  # read what committed while deaf
                     self._wake.set()
                     async for notify in connection.notifies():
+                        try:
+                            seq, origin = parse_notify(notify.payload)
+                        except ValueError:
+                            continue  # not a replica's
+                        if origin == self._origin:
+                            continue  # its outcome comes from the committer, no read needed
                         self.notifications += 1
-                        with contextlib.suppress(ValueError):
-                            self._heard = max(self._heard, int(notify.payload))
+                        self._heard = max(self._heard, seq)
                         self._wake.set()
             except (psycopg.Error, OSError) as exc:
                 _TROUBLE.warning("replica: LISTEN connection lost (%s); reopening", exc)

@@ -43,7 +43,7 @@ from .models import (
 )
 from .outcomes import Outcome, RoutedEvent
 from .roles import Role
-from .sql_write import SqlWriter, make_engine, session
+from .sql_write import SharedLog, SqlWriter, make_engine, session
 from .state import Command, EventPage, IssuedToken, Page, Principal, decode_stored
 from .tokens import hash_token, issue
 from .writer import WriterProcess, WriterSettings
@@ -69,13 +69,11 @@ class SqlStore:
         busy_timeout: float = 5.0,
         commit_timeout: float = 30.0,
         auto_upgrade: bool = True,
-        shared: bool = False,
-        lock_idle_timeout: float = 10.0,
+        shared: SharedLog | None = None,
     ) -> None:
         """`writer`: "thread", or "process" for commits in a child process (`HubConfig.writer`
         says which the hub uses), each answered within `commit_timeout` seconds or UNAVAILABLE.
-        `shared`: one of several replicas on this PostgreSQL database (`HubConfig.replica`),
-        whose batches' sessions PostgreSQL ends when idle `lock_idle_timeout` seconds."""
+        `shared`: one of several replicas on this PostgreSQL database (`HubConfig.replica`)."""
         if writer not in WRITERS:
             raise ValueError(f"writer must be 'thread' or 'process', not {writer!r}")
         if shared and not database_url.startswith("postgresql"):
@@ -89,7 +87,7 @@ class SqlStore:
         self.policy = policy or collab.Policy()
         self._engine = make_engine(database_url, int(busy_timeout * 1000))
         # The thread writer's commits, and the schema and head at open in either mode.
-        self.sql_writer = SqlWriter(self._engine, self.policy, shared, lock_idle_timeout)
+        self.sql_writer = SqlWriter(self._engine, self.policy, shared)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="kernelhub-writer")
         self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="kernelhub-reader")
         self.writer_process = (
@@ -100,7 +98,6 @@ class SqlStore:
                     busy_timeout,
                     logging.getLogger().getEffectiveLevel(),
                     shared,
-                    lock_idle_timeout,
                 ),
                 commit_timeout,
             )

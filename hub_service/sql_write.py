@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -69,19 +70,38 @@ def session(engine: Engine) -> Session:
     return Session(engine, expire_on_commit=False)
 
 
+@dataclass(frozen=True)
+class SharedLog:
+    """This hub is one of several replicas on one PostgreSQL log (`HubConfig.replica`)."""
+
+    # Names this replica in its NOTIFYs, so that it ignores its own (it routes its own
+    # commits from their outcomes).
+    origin: str
+    # A batch's statements follow each other within milliseconds. One whose replica
+    # vanished mid-batch (its host gone, no TCP reset) would hold the lock, and stall every
+    # replica, until PostgreSQL ended its session: this bounds that (the transaction rolls
+    # back; nothing was answered, so nothing is lost).
+    lock_idle_timeout: float = 10.0
+
+
+def notify_payload(seq: int, origin: str) -> str:
+    return f"{seq} {origin}"
+
+
+def parse_notify(payload: str) -> tuple[int, str]:
+    """(seq, origin) of a NOTIFY's payload; ValueError if it is not one of ours."""
+    seq, origin = payload.split(" ", 1)
+    return int(seq), origin
+
+
 class SqlWriter:
     """Group commits on one engine, from one thread at a time: it owns the event log's
     head, so each commit's `seq`s follow the last one's. `shared` (replicas on one
     PostgreSQL): the head is read again in each batch, under the log's advisory lock."""
 
     def __init__(
-        self,
-        engine: Engine,
-        policy: collab.Policy,
-        shared: bool = False,
-        lock_idle_timeout: float = 10.0,
+        self, engine: Engine, policy: collab.Policy, shared: SharedLog | None = None
     ) -> None:
-        """`lock_idle_timeout` (shared): PostgreSQL ends a batch's session idle this long."""
         if shared and engine.dialect.name != "postgresql":
             raise ValueError(
                 "replicas share one PostgreSQL database; this is " + engine.url.drivername
@@ -89,11 +109,8 @@ class SqlWriter:
         self.engine = engine
         self.policy = policy
         self.shared = shared
-        # A batch's statements follow each other within milliseconds. One whose replica
-        # vanished mid-batch (its host gone, no TCP reset) would hold the lock, and stall
-        # every replica, until PostgreSQL ended its session: this bounds that (the
-        # transaction rolls back; nothing was answered, so nothing is lost).
-        self.lock_params = {"key": LOG_LOCK_KEY, "idle": str(int(lock_idle_timeout * 1000))}
+        idle = shared.lock_idle_timeout if shared else 0.0
+        self.lock_params = {"key": LOG_LOCK_KEY, "idle": str(int(idle * 1000))}
         self._bulk = BulkWriter(engine.dialect)
         self._seq = 0
 
@@ -166,7 +183,8 @@ class SqlWriter:
                 self._bulk.insert(connection, model, rows)
             if self.shared and self._seq > head:
                 # Delivered at COMMIT, to every replica's listener.
-                connection.execute(_NOTIFY, {"channel": LOG_CHANNEL, "payload": str(self._seq)})
+                payload = notify_payload(self._seq, self.shared.origin)
+                connection.execute(_NOTIFY, {"channel": LOG_CHANNEL, "payload": payload})
             s.commit()
         return results
 

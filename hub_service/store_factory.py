@@ -3,9 +3,12 @@ anything else a SQLAlchemy URL for the SQL store (SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
+import uuid
+
 from .config import HubConfig
 from .memory_store import MemoryStore
 from .sql_store import SqlStore
+from .sql_write import SharedLog
 from .state import HubStore
 
 MEMORY_URL = "memory://"
@@ -30,6 +33,7 @@ def make_store(database_url: str, config: HubConfig | None = None) -> HubStore:
         busy_timeout=config.sqlite_busy_timeout,
         commit_timeout=config.commit_timeout,
         auto_upgrade=config.auto_upgrade,
-        shared=config.replica,
-        lock_idle_timeout=config.replica_lock_idle_timeout,
+        shared=SharedLog(uuid.uuid4().hex[:12], config.replica_lock_idle_timeout)
+        if config.replica
+        else None,
     )

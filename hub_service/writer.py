@@ -38,7 +38,7 @@ from typing import Any
 from .collaboration import Policy
 from .errors import StatusError, unavailable
 from .outcomes import Outcome
-from .sql_write import SqlWriter, make_engine
+from .sql_write import SharedLog, SqlWriter, make_engine
 from .state import Command
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,7 @@ class WriterSettings:
     policy: Policy
     busy_timeout: float
     log_level: int = logging.INFO
-    shared: bool = False  # a replica: `SqlWriter`'s shared mode
-    lock_idle_timeout: float = 10.0
+    shared: SharedLog | None = None  # a replica: `SqlWriter`'s shared mode
 
 
 class WriterProcess:
@@ -236,7 +235,6 @@ def _serve(sock: socket.socket, settings: WriterSettings) -> None:
         make_engine(settings.database_url, int(settings.busy_timeout * 1000)),
         settings.policy,
         settings.shared,
-        settings.lock_idle_timeout,
     )
     with sock, sock.makefile("rb") as incoming:
         try:

@@ -23,7 +23,7 @@ from sqlalchemy import make_url
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.collaboration import Policy
-from hub_service.sql_write import LOCK_STATEMENT, SqlWriter, make_engine
+from hub_service.sql_write import LOCK_STATEMENT, SharedLog, SqlWriter, make_engine
 from hub_service.testing import TestHub
 
 from .conftest import (
@@ -395,7 +395,9 @@ async def test_a_replica_frozen_holding_the_log_lock_stalls_nobody_for_long(
     other replicas' commits then go on."""
     async with replicas(replica_url, 1, agents=["AI_Node_f"]) as running:
         (hub,), issued = running.hubs, running.tokens
-        frozen = SqlWriter(make_engine(replica_url), Policy(), shared=True, lock_idle_timeout=1.0)
+        frozen = SqlWriter(
+            make_engine(replica_url), Policy(), SharedLog("frozen", lock_idle_timeout=1.0)
+        )
         with frozen.engine.connect() as holder:
             holder.execute(LOCK_STATEMENT, frozen.lock_params)  # and then nothing
             trainer = await connect(hub, "AI_Node_f", issued["AI_Node_f"])
