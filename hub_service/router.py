@@ -1,8 +1,8 @@
 """Fan-out: hands each committed event to the live connections entitled to it.
 
-This is the one seam between "committed" and "delivered". A multi-replica
-deployment would feed it from the shared database's notifications instead of
-the local committer; connections would not change.
+This is the one seam between "committed" and "delivered". One hub feeds it from
+its committer; replicas on one PostgreSQL feed it from the shared event log
+(`replica.LogFollower`), in the same seq order; connections do not change.
 """
 
 from __future__ import annotations
