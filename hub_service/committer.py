@@ -8,6 +8,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import grpc
 
@@ -19,6 +20,9 @@ from .state import Command, HubStore
 log = logging.getLogger(__name__)
 
 Reply = Callable[[Outcome | StatusError], None]
+# Publishes a committed outcome, then calls the answer (at once, or in a replica once the
+# shared log's reader has published every event before it: `replica.LogFollower`).
+Publish = Callable[[Outcome, Callable[[], None]], None]
 
 
 @dataclass(slots=True)
@@ -45,14 +49,14 @@ class GroupCommitter:
 
     `on_commit` runs on the event loop for each committed outcome, in commit
     order: events reach the router in the order of their `seq`. Each command's
-    reply runs right after its own outcome is published, in the same loop turn,
-    so a trainer's receipt is queued no later than the events its message caused.
+    reply runs once its own outcome is published (`Publish`'s answer), so a
+    trainer's receipt is queued no later than the events its message caused.
     """
 
     def __init__(
         self,
         store: HubStore,
-        on_commit: Callable[[Outcome], None],
+        on_commit: Publish,
         on_failure: Callable[[], None] = lambda: None,
         on_health: Callable[[bool], None] = lambda ok: None,
         batch_size: int = 512,
@@ -158,10 +162,12 @@ class GroupCommitter:
             for pending, result in zip(batch, results, strict=True):
                 if isinstance(result, Outcome):
                     try:
-                        self._on_commit(result)
+                        self._on_commit(result, partial(pending.answer, result))
                     except Exception:
                         log.exception("routing a committed event failed")
-                pending.answer(result)
+                        pending.answer(result)
+                else:
+                    pending.answer(result)
             self._inflight = []
             self.commits += 1
             last_commit = loop.time()

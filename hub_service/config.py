@@ -42,6 +42,9 @@ class HubConfig:
     writer: str = _D.writer
     auto_upgrade: bool = _D.auto_upgrade
     commit_timeout: float = _D.commit_timeout
+    replica: bool = _D.replica
+    replica_catch_up_interval: float = _D.replica_catch_up_interval
+    replica_lock_idle_timeout: float = _D.replica_lock_idle_timeout
     reaper_interval: float = _D.reaper_interval
     shutdown_grace: float = _D.shutdown_grace
     metrics_port: int | None = _D.metrics_port

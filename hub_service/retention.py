@@ -50,9 +50,11 @@ class RetentionPolicy:
 
     @classmethod
     def of(cls, config: HubConfig) -> RetentionPolicy:
+        # A replica knows only its own readers, so it could prune what a slow reader on
+        # another replica still needs: replicas keep the whole log (the ledger is pruned).
         return cls(
-            config.event_retention,
-            config.event_retention_max_events,
+            0.0 if config.replica else config.event_retention,
+            0 if config.replica else config.event_retention_max_events,
             config.ledger_retention,
             config.retention_batch_size,
             config.retention_max_reader_lag,

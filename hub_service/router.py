@@ -1,9 +1,9 @@
 """Fan-out: hands each committed event to the live connections entitled to it, and each
 change of presence to the connections that follow presence.
 
-This is the one seam between "committed" and "delivered". A multi-replica
-deployment would feed it from the shared database's notifications instead of
-the local committer; connections would not change.
+This is the one seam between "committed" and "delivered". One hub feeds it from
+its committer; replicas on one PostgreSQL feed it from the shared event log
+(`replica.LogFollower`), in the same seq order; connections do not change.
 
 Connections are indexed by their subscription, per broadcast kind, under one of its terms
 (a contributor, else a specialization, else an artifact kind, else "all of the kind"): an
@@ -128,6 +128,10 @@ class Router:
 
     def is_connected(self, agent_id: str) -> bool:
         return agent_id in self._connections
+
+    def connection(self, agent_id: str) -> Connection | None:
+        """The agent's live connection here, if any."""
+        return self._connections.get(agent_id)
 
     def connections(self) -> Iterator[Connection]:
         return iter(list(self._connections.values()))

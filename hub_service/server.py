@@ -24,12 +24,14 @@ from .errors import StatusError
 from .metrics import HubMetrics, MetricsEndpoint
 from .outcomes import Outcome
 from .presence import Presence
+from .replica import LogFollower
 from .retention import Retention, RetentionPolicy
 from .roles import Role
 from .router import Router
 from .servicer import HubServicer
 from .session import END_FLOOR
 from .settings import mask_url
+from .sql_store import SqlStore
 from .state import HubStore, IssuedToken
 from .store_factory import make_store
 
@@ -46,9 +48,21 @@ class HubServer:
         self.store = store or make_store(config.database_url, config)
         self.router = Router(Presence(config.presence_linger))
         self.metrics = HubMetrics()
+        # Replica mode: the shared log feeds the router; else each commit's outcome does.
+        self.follower = (
+            LogFollower(
+                self.store,
+                self.router,
+                interval=config.replica_catch_up_interval,
+                page_size=config.replay_page_size,
+                max_bytes=config.max_message_bytes,
+            )
+            if config.replica and isinstance(self.store, SqlStore)
+            else None
+        )
         self.committer = GroupCommitter(
             self.store,
-            self._published,
+            self._publish,
             on_failure=self.router.resync,
             on_health=self._commit_answered,
             batch_size=config.commit_batch_size,
@@ -73,12 +87,6 @@ class HubServer:
         self._server: grpc.aio.Server | None = None
         self._loops: list[asyncio.Task[None]] = []
 
-    def _published(self, outcome: Outcome) -> None:
-        """A committed outcome: its events to the router, its new components to the
-        validators waiting for work."""
-        self.router.publish(outcome)
-        self.servicer.verdicts.notice(outcome)
-
     async def start(self) -> int:
         try:
             await self.store.open()
@@ -89,16 +97,33 @@ class HubServer:
             # process could not exit.
             await self.committer.stop(0)
             await self._stop_metrics()
+            if self.follower is not None:
+                await self.follower.stop()
             if self._server is not None:
                 await self._server.stop(None)
                 self._server = None
             await self.store.close()
             raise
 
+    def _publish(self, outcome: Outcome, answer: Callable[[], None]) -> None:
+        """A committed outcome: its new components to the validators waiting here, its
+        events to the router (in replica mode, through the shared log's order), then its
+        answer."""
+        self.servicer.verdicts.notice(outcome)
+        if self.follower is not None:
+            self.follower.committed(outcome, answer)
+            return
+        self.router.publish(outcome)
+        answer()
+
     async def _start_serving(self) -> int:
         self.committer.start()
-        await self.committer.submit(cmd.ResetPresence())
-        self.router.last_published_seq = await self.store.head_seq()
+        if self.follower is None:
+            await self.committer.submit(cmd.ResetPresence())
+            self.router.last_published_seq = await self.store.head_seq()
+        else:
+            # Not ResetPresence: the agents online on the other replicas still are.
+            await self.follower.start(await self.store.head_seq())
         await self.retention.load()
         self._server = grpc.aio.server(
             interceptors=[BearerAuthInterceptor(self.store.authenticate)],
@@ -245,6 +270,8 @@ class HubServer:
         clock = asyncio.get_running_loop()
         deadline = clock.time() + self.config.shutdown_grace
         await self.servicer.drain(self.config.shutdown_grace)
+        if self.follower is not None:
+            await self.follower.stop()
         # Every stream has been ended: the server waits only for the handlers to send their
         # status (at least END_FLOOR, or a slow drain would have them cancelled before it).
         await self._server.stop(max(END_FLOOR, deadline - clock.time()))

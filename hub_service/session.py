@@ -210,7 +210,11 @@ class Sessions:
                 await reader
         if sender is not None:
             await stop_sender(connection, sender)
-        if self._router.detach(connection):
+        superseded = connection.end_status is not None and (
+            connection.end_status[0] == grpc.StatusCode.ABORTED
+        )
+        # Superseded (here, or by a stream on another replica): the agent is online there.
+        if self._router.detach(connection) and not superseded:
             self._router.went_offline(connection.agent_id)
             with contextlib.suppress(StatusError, TimeoutError):
                 await asyncio.wait_for(

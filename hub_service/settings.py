@@ -170,6 +170,29 @@ class HubSettings(BaseSettings):
         "the same `message_id`) and the writer process is replaced",
         gt=0,
     )
+    replica: bool = _setting(
+        False,
+        "database",
+        "one of several replicas of this hub on one PostgreSQL database (`database_url`): seq is "
+        "allocated under the log's advisory lock, and live events come from the shared log "
+        "(LISTEN/NOTIFY, and a catch-up read every `replica_catch_up_interval`) "
+        "(docs/scaling.md); refused for SQLite and `memory://`",
+    )
+    replica_catch_up_interval: Seconds = _setting(
+        0.5,
+        "database",
+        "a replica reads the shared log at least this often, whatever notifications it got, so "
+        "a lost one costs latency, never an event",
+        gt=0,
+    )
+    replica_lock_idle_timeout: Seconds = _setting(
+        10.0,
+        "database",
+        "PostgreSQL ends a replica's commit that holds the log's lock and sends nothing for this "
+        "long (its host vanished mid-commit), so it cannot stall the other replicas; it rolls "
+        "back, unanswered",
+        gt=0,
+    )
     commit_batch_size: int = _setting(512, "database", "commands at most per group commit", gt=0)
     commit_batch_bytes: int = _setting(
         4 * 1024 * 1024,

@@ -18,7 +18,8 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, and_, exists, false, func, or_, text
+from sqlalchemy import ColumnElement, and_, exists, false, func, make_url, or_, text
+from sqlalchemy import select as core_select
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, SQLModel, col, select
 
@@ -42,11 +43,19 @@ from .models import (
     token_to_proto,
     utcnow,
 )
-from .outcomes import Outcome
+from .outcomes import Outcome, RoutedEvent
 from .roles import Role
-from .sql_write import PruneEvents, PruneLedger, SqlWriter, WriterJob, make_engine, session
+from .sql_write import (
+    PruneEvents,
+    PruneLedger,
+    SharedLog,
+    SqlWriter,
+    WriterJob,
+    make_engine,
+    session,
+)
 from .state import Command, EventPage, IssuedToken, Page, Principal, decode_stored
-from .subscriptions import ARTIFACTS, EVERYTHING, Filter
+from .subscriptions import ARTIFACTS, EVERYTHING, Filter, Tags
 from .tokens import hash_token, issue
 from .writer import WriterProcess, WriterSettings
 
@@ -55,6 +64,8 @@ T = TypeVar("T")
 # Rows a page query holds in memory at once: bodies are decoded one by one, and a page
 # ends at its byte budget, so a table of huge rows is never read whole.
 STREAM_ROWS = 16
+# Agent ids per IN list when a replica reads its streams' agents (`online_since`).
+ONLINE_CHUNK = 500
 WRITERS = ("thread", "process")
 
 
@@ -71,17 +82,25 @@ class SqlStore:
         busy_timeout: float = 5.0,
         commit_timeout: float = 30.0,
         auto_upgrade: bool = True,
+        shared: SharedLog | None = None,
     ) -> None:
         """`writer`: "thread", or "process" for commits in a child process (`HubConfig.writer`
-        says which the hub uses), each answered within `commit_timeout` seconds or UNAVAILABLE."""
+        says which the hub uses), each answered within `commit_timeout` seconds or UNAVAILABLE.
+        `shared`: one of several replicas on this PostgreSQL database (`HubConfig.replica`)."""
         if writer not in WRITERS:
             raise ValueError(f"writer must be 'thread' or 'process', not {writer!r}")
+        if shared and not database_url.startswith("postgresql"):
+            raise ValueError(
+                "replica mode needs PostgreSQL (a postgresql+psycopg:// URL): replicas share "
+                "its advisory locks and LISTEN/NOTIFY"
+            )
+        self.shared = shared
         self.database_url = database_url
         self.auto_upgrade = auto_upgrade  # at open: else a schema not this hub's is refused
         self.policy = policy or collab.Policy()
         self._engine = make_engine(database_url, int(busy_timeout * 1000))
         # The thread writer's commits, and the schema and head at open in either mode.
-        self.sql_writer = SqlWriter(self._engine, self.policy)
+        self.sql_writer = SqlWriter(self._engine, self.policy, shared)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="kernelhub-writer")
         self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="kernelhub-reader")
         self.writer_process = (
@@ -91,6 +110,7 @@ class SqlStore:
                     self.policy,
                     busy_timeout,
                     logging.getLogger().getEffectiveLevel(),
+                    shared,
                 ),
                 commit_timeout,
             )
@@ -250,6 +270,81 @@ class SqlStore:
         if self.writer_process is not None:
             return await self.writer_process.run(job)
         return await self._write(lambda: self.sql_writer.run(job))
+
+    async def log_after(
+        self, after_seq: int, limit: int, max_bytes: int
+    ) -> tuple[list[RoutedEvent], bool]:
+        """Every event after `after_seq` with its audience and tags, oldest first: at most
+        `limit`, and no more than `max_bytes` of them beyond the first (what a replica reads
+        of the others' commits, to route them); and whether more follow."""
+        query = (
+            core_select(  # seven columns: more than sqlmodel's select types
+                col(EventRow.seq),
+                col(EventRow.broadcast),
+                col(EventRow.body),
+                col(EventRow.kind),
+                col(EventRow.artifact_kind),
+                col(EventRow.spec_mask),
+                col(EventRow.sender_id),
+            )
+            .where(col(EventRow.seq) > after_seq)
+            .order_by(col(EventRow.seq))
+            .limit(limit + 1)
+            .execution_options(yield_per=STREAM_ROWS)
+        )
+
+        def read(s: Session) -> tuple[list[RoutedEvent], bool]:
+            page, more = paging.take(
+                s.execute(query), lambda row: decode_stored(pb.HubEvent, row[2]), limit, max_bytes
+            )
+            if not page:
+                return [], False
+            audience: dict[int, set[str]] = {}
+            last = page[-1][1].seq
+            if not all(row[1] for row, _ in page):
+                for seq, agent_id in s.exec(
+                    select(EventRecipientRow.seq, EventRecipientRow.agent_id).where(
+                        col(EventRecipientRow.seq) > after_seq, col(EventRecipientRow.seq) <= last
+                    )
+                ):
+                    audience.setdefault(seq, set()).add(agent_id)
+            return [
+                RoutedEvent(
+                    event,
+                    None if row[1] else frozenset(audience.get(event.seq, ())),
+                    Tags(row[3], row[4], row[5], row[6]),
+                )
+                for row, event in page
+            ], more
+
+        return await self._read(read)
+
+    async def online_since(self, agent_ids: Collection[str]) -> dict[str, datetime]:
+        """When each of these agents that is marked online came online (naive UTC), read in
+        chunks of `ONLINE_CHUNK` ids (a replica checks its live streams with it)."""
+        ids = sorted(agent_ids)
+
+        def read(s: Session) -> dict[str, datetime]:
+            found: dict[str, datetime] = {}
+            for start in range(0, len(ids), ONLINE_CHUNK):
+                chunk = ids[start : start + ONLINE_CHUNK]
+                rows = s.exec(
+                    select(AgentRow.agent_id, AgentRow.last_seen_at).where(
+                        col(AgentRow.agent_id).in_(chunk), col(AgentRow.online).is_(True)
+                    )
+                )
+                found.update({agent_id: seen.replace(tzinfo=None) for agent_id, seen in rows})
+            return found
+
+        return await self._read(read)
+
+    def listen_conninfo(self) -> str:
+        """The database URL as libpq takes it (for a LISTEN connection of psycopg's own)."""
+        return (
+            make_url(self.database_url)
+            .set(drivername="postgresql")
+            .render_as_string(hide_password=False)
+        )
 
     # --- tokens -------------------------------------------------------------
 

@@ -1,6 +1,10 @@
 """The SQL write side: the engine, and the group commit that the writer (a thread of the
 hub, or the writer process) runs: one transaction per batch, append-only rows in bulk; and,
-between batches, retention's bounded deletes (`WriterJob`)."""
+between batches, retention's bounded deletes (`WriterJob`).
+
+Replicas on one PostgreSQL (`shared`): each batch takes one transaction-level advisory lock
+before anything else and holds it to COMMIT, and allocates `seq` after the log's head it then
+reads, so seq order is commit order hub-wide (docs/scaling.md, "One log, one order")."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import grpc
-from sqlalchemy import Connection, Engine, delete, event, func
+from sqlalchemy import Connection, Engine, delete, event, func, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session, col, create_engine, select
 
@@ -25,6 +29,18 @@ from .sql_tx import SqlTx
 from .state import Command, Receipt
 
 log = logging.getLogger(__name__)
+
+# The advisory lock every replica's batch holds from its first statement to COMMIT: an
+# arbitrary 64-bit key ("kernelhub" in ASCII, folded), the same in every replica.
+LOG_LOCK_KEY = 0x6B65726E656C6875
+# The channel each committed batch NOTIFYs (payload: the last seq it committed).
+LOG_CHANNEL = "kernelhub_log"
+LOCK_STATEMENT = text(
+    "SELECT set_config('idle_in_transaction_session_timeout', :idle, true), "
+    "pg_advisory_xact_lock(:key)"
+)
+_HEAD = text("SELECT coalesce(max(seq), 0) FROM event")
+_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 
 
 def _sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
@@ -74,13 +90,47 @@ class PruneLedger:
 WriterJob = PruneEvents | PruneLedger
 
 
+@dataclass(frozen=True)
+class SharedLog:
+    """This hub is one of several replicas on one PostgreSQL log (`HubConfig.replica`)."""
+
+    # Names this replica in its NOTIFYs, so that it ignores its own (it routes its own
+    # commits from their outcomes).
+    origin: str
+    # A batch's statements follow each other within milliseconds. One whose replica
+    # vanished mid-batch (its host gone, no TCP reset) would hold the lock, and stall every
+    # replica, until PostgreSQL ended its session: this bounds that (the transaction rolls
+    # back; nothing was answered, so nothing is lost).
+    lock_idle_timeout: float = 10.0
+
+
+def notify_payload(seq: int, origin: str) -> str:
+    return f"{seq} {origin}"
+
+
+def parse_notify(payload: str) -> tuple[int, str]:
+    """(seq, origin) of a NOTIFY's payload; ValueError if it is not one of ours."""
+    seq, origin = payload.split(" ", 1)
+    return int(seq), origin
+
+
 class SqlWriter:
     """Group commits on one engine, from one thread at a time: it owns the event log's
-    head, so each commit's `seq`s follow the last one's."""
+    head, so each commit's `seq`s follow the last one's. `shared` (replicas on one
+    PostgreSQL): the head is read again in each batch, under the log's advisory lock."""
 
-    def __init__(self, engine: Engine, policy: collab.Policy) -> None:
+    def __init__(
+        self, engine: Engine, policy: collab.Policy, shared: SharedLog | None = None
+    ) -> None:
+        if shared and engine.dialect.name != "postgresql":
+            raise ValueError(
+                "replicas share one PostgreSQL database; this is " + engine.url.drivername
+            )
         self.engine = engine
         self.policy = policy
+        self.shared = shared
+        idle = shared.lock_idle_timeout if shared else 0.0
+        self.lock_params = {"key": LOG_LOCK_KEY, "idle": str(int(idle * 1000))}
         self._bulk = BulkWriter(engine.dialect)
         self._seq = 0
 
@@ -135,6 +185,12 @@ class SqlWriter:
         results: list[Outcome | StatusError] = []
         with session(self.engine) as s:
             connection = s.connection()
+            if self.shared:
+                # First, before any read: the ledger and the rows the rules read are then
+                # those every earlier batch hub-wide committed.
+                connection.execute(LOCK_STATEMENT, self.lock_params)
+                self._seq = int(connection.execute(_HEAD).scalar_one())
+            head = self._seq
             received = self._received(connection, commands)
             tx = SqlTx(s, utcnow(), self._next_seq, self.policy, received)
             for command in commands:
@@ -145,6 +201,10 @@ class SqlWriter:
             s.flush()  # rows the commands changed through the ORM, before the appends
             for model, rows in tx.appends.items():
                 self._bulk.insert(connection, model, rows)
+            if self.shared and self._seq > head:
+                # Delivered at COMMIT, to every replica's listener.
+                payload = notify_payload(self._seq, self.shared.origin)
+                connection.execute(_NOTIFY, {"channel": LOG_CHANNEL, "payload": payload})
             s.commit()
         return results
 

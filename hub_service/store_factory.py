@@ -3,9 +3,12 @@ anything else a SQLAlchemy URL for the SQL store (SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
+import uuid
+
 from .config import HubConfig
 from .memory_store import MemoryStore
 from .sql_store import SqlStore
+from .sql_write import SharedLog
 from .state import HubStore
 
 MEMORY_URL = "memory://"
@@ -20,6 +23,8 @@ def make_store(database_url: str, config: HubConfig | None = None) -> HubStore:
                 f"database URL {database_url!r}: the in-memory store is {MEMORY_URL!r}, "
                 "with nothing after it"
             )
+        if config.replica:
+            raise ValueError("replica mode needs PostgreSQL: an in-memory hub is one process")
         return MemoryStore(config.policy)
     return SqlStore(
         database_url,
@@ -28,4 +33,7 @@ def make_store(database_url: str, config: HubConfig | None = None) -> HubStore:
         busy_timeout=config.sqlite_busy_timeout,
         commit_timeout=config.commit_timeout,
         auto_upgrade=config.auto_upgrade,
+        shared=SharedLog(uuid.uuid4().hex[:12], config.replica_lock_idle_timeout)
+        if config.replica
+        else None,
     )

@@ -39,7 +39,7 @@ from typing import Any
 from .collaboration import Policy
 from .errors import StatusError, unavailable
 from .outcomes import Outcome
-from .sql_write import SqlWriter, WriterJob, make_engine
+from .sql_write import SharedLog, SqlWriter, WriterJob, make_engine
 from .state import Command
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class WriterSettings:
     policy: Policy
     busy_timeout: float
     log_level: int = logging.INFO
+    shared: SharedLog | None = None  # a replica: `SqlWriter`'s shared mode
 
 
 class WriterProcess:
@@ -243,7 +244,9 @@ def _serve(sock: socket.socket, settings: WriterSettings) -> None:
         format="%(asctime)s - kernelhub-writer - %(levelname)s - %(message)s",
     )
     writer = SqlWriter(
-        make_engine(settings.database_url, int(settings.busy_timeout * 1000)), settings.policy
+        make_engine(settings.database_url, int(settings.busy_timeout * 1000)),
+        settings.policy,
+        settings.shared,
     )
     with sock, sock.makefile("rb") as incoming:
         try:

@@ -9,6 +9,8 @@ kernelhub-bench soak [--trainers 200] [--duration 10m] [--rate 0.2] [--restart-e
 kernelhub-bench report-scale [--rows 1000000]
 kernelhub-bench join [--events 1000000] [--joins 5] [--json results.json]
 kernelhub-bench validation [--quick] [--json results.json]
+kernelhub-bench replicas --database-url postgresql+psycopg://postgres@127.0.0.1:5432/postgres
+                    [--replicas 0,1,2,3] [--senders 3] [--receivers 30] [--shares 1000] [--json F]
 """
 
 from __future__ import annotations
@@ -147,6 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validation.add_argument("--quick", action="store_true", help="smoke sizes (~15 s)")
     validation.add_argument("--json", type=Path, help="write the result here")
+    replicas_parser = commands.add_parser(
+        "replicas",
+        help="aggregate ingest and fan-out of 1, 2, 3 hub replicas on one PostgreSQL, and the "
+        "database's cost per event (docs/scaling.md)",
+    )
+    replicas_parser.add_argument(
+        "--database-url",
+        required=True,
+        help="a PostgreSQL server (any database on it): each replica count gets a fresh database",
+    )
+    replicas_parser.add_argument(
+        "--replicas",
+        type=lambda t: [int(x) for x in t.split(",")],
+        default=[0, 1, 2, 3],
+        help="replica counts, in turn; 0 is one hub without --replica (the baseline)",
+    )
+    replicas_parser.add_argument("--senders", type=int, default=3)
+    replicas_parser.add_argument("--receivers", type=int, default=30)
+    replicas_parser.add_argument("--shares", type=int, default=1000, help="per sender")
+    replicas_parser.add_argument("--json", type=Path, help="write the results here")
     return parser
 
 
@@ -283,6 +305,20 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replicas(args: argparse.Namespace) -> int:
+    from .replicas import report as replicas_report
+    from .replicas import run_replicas
+
+    rows = asyncio.run(
+        run_replicas(args.database_url, args.replicas, args.senders, args.receivers, args.shares)
+    )
+    print(replicas_report(rows))
+    print(f"machine: {_machine()}")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": _machine(), "rows": rows}, indent=2) + "\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -316,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
         return 0
+    if args.command == "replicas":
+        return cmd_replicas(args)
     if args.command == "markdown":
         print(markdown(json.loads(args.results.read_text())), end="")
         return 0

@@ -4,6 +4,7 @@ no timing assertions (the targets are reported, never asserted)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import shutil
@@ -12,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from .conftest import POSTGRES_URL
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = {
@@ -196,3 +199,35 @@ def test_the_validation_scenario_reports_its_figures(tmp_path: Path) -> None:
         assert positive(result[figure]), (figure, result)
     assert positive(result["sandbox"]["ratio"]) and positive(result["sandbox"]["sandboxed_seconds"])
     assert positive(result["share_to_verdict"]["median_seconds"])
+
+
+async def test_the_replicas_benchmark_measures_each_replica_count(tmp_path: Path) -> None:
+    """`kernelhub-bench replicas` in miniature: two replicas on a fresh database, every share
+    delivered to every receiver, the database's cost per event measured."""
+    out = tmp_path / "replicas.json"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kernelhub_bench",
+        "replicas",
+        "--database-url",
+        POSTGRES_URL,
+        "--replicas",
+        "2",
+        "--senders",
+        "2",
+        "--receivers",
+        "2",
+        "--shares",
+        "20",
+        "--json",
+        str(out),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 240)
+    assert process.returncode == 0, stdout.decode()[-2000:] + stderr.decode()[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["replicas"] == 2 and row["shares"] == 40
+    assert row["ingest_per_s"] > 0 and row["deliveries_per_s"] > 0
+    assert row["wal_bytes_per_event"] > 0  # every committed event is written ahead

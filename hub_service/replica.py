@@ -1,0 +1,222 @@
+"""Replica mode: the router is fed from the shared event log in `seq` order, whichever replica
+committed; LISTEN/NOTIFY wakes the reader, and a periodic read bounds a lost notification.
+
+Several hubs on one PostgreSQL allocate `seq` under one advisory lock (`sql_write`), so the
+log's order is the commit order hub-wide and no seq ever commits below one already visible.
+This module delivers that log: it keeps the highest seq it has routed (`published`) and
+routes each event after it exactly once, in order. Local outcomes come from the committer
+(no read needed when nothing came between); events committed by other replicas are read
+back from the log (`SqlStore.log_after`). A local answer (the receipt) waits until every
+event before it is routed, so a trainer's receipt still never precedes its events.
+
+It also carries "one live stream per agent" across replicas. Presence is state, not in the
+log, so every `SUPERSEDE_CHECK_SECONDS` it reads the agent rows of its live streams: an agent
+marked online since later than its local stream connected connected again on another
+replica, and the local stream ends with ABORTED (without marking the agent offline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import grpc
+
+from .errors import StatusError
+from .outcomes import Outcome, RoutedEvent
+from .ratelimit import ThrottledLog
+from .router import Router
+from .sql_write import LOG_CHANNEL, parse_notify
+
+if TYPE_CHECKING:
+    from .sql_store import SqlStore
+
+log = logging.getLogger(__name__)
+_TROUBLE = ThrottledLog(log, 10.0)
+
+# Seconds before a lost LISTEN connection is opened again (the catch-up read goes on).
+LISTEN_RETRY_SECONDS = 1.0
+SUPERSEDED_ELSEWHERE = "superseded by a newer connection for this agent (on another replica)"
+# How often a replica looks for its streams' agents connecting elsewhere (one read of the
+# agent rows of its live streams).
+SUPERSEDE_CHECK_SECONDS = 1.0
+
+
+class LogFollower:
+    """Routes the shared log in seq order; `committed` is the committer's `Publish`."""
+
+    def __init__(
+        self,
+        store: SqlStore,
+        router: Router,
+        *,
+        interval: float,
+        page_size: int,
+        max_bytes: int,
+    ) -> None:
+        self._store = store
+        assert store.shared is not None, "a replica's store shares the log"
+        self._origin = store.shared.origin
+        self._router = router
+        self._interval = interval  # the catch-up read, whatever the notifications said
+        self._page_size = page_size
+        self._max_bytes = max_bytes  # one log read's byte budget
+        self.published = 0  # every event up to it has been routed (or was before start)
+        # Committed here, not yet routed: bounded by the committer's queue and batches.
+        self._local: deque[tuple[Outcome, Callable[[], None]]] = deque()
+        self._checked = 0.0  # time.monotonic() of the last supersession check
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.listener: asyncio.Task[None] | None = None  # LISTEN's task (a test may end it)
+        self._heard = 0  # the highest seq a notification named
+        self.notifications = 0  # other replicas' NOTIFYs received, for tests and stats
+        self.reads = 0  # log reads that routed something
+
+    async def start(self, head: int) -> None:
+        """Route what commits after `head` (the log's head when the hub started)."""
+        self.published = self._router.last_published_seq = head
+        self.listener = asyncio.create_task(self._listen(), name="replica-listen")
+        self._tasks = [asyncio.create_task(self._run(), name="replica-log"), self.listener]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        # Committed, so answered: the streams are ending, there is nobody left to route to.
+        while self._local:
+            _, answer = self._local.popleft()
+            answer()
+
+    def committed(self, outcome: Outcome, answer: Callable[[], None]) -> None:
+        """A local commit's outcome: routed (and answered) once every event before it is."""
+        self._local.append((outcome, answer))
+        self._wake.set()
+
+    # --- the reader ---------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            timed_out = False
+            try:
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
+            except TimeoutError:
+                timed_out = True  # the catch-up read: a notification may have been lost
+            self._wake.clear()
+            try:
+                await self._advance(read=timed_out)
+            except StatusError as error:  # the database is down: the next round retries
+                _TROUBLE.warning("replica: cannot read the shared log: %s", error.message)
+            except Exception:
+                log.exception("replica: routing the shared log failed")
+            if time.monotonic() - self._checked >= SUPERSEDE_CHECK_SECONDS:
+                self._checked = time.monotonic()
+                try:
+                    await self._end_superseded()
+                except StatusError as error:
+                    _TROUBLE.warning("replica: cannot read presence: %s", error.message)
+
+    async def _advance(self, read: bool) -> None:
+        """Route everything committed after `published`: local outcomes as they stand, the
+        rest read back from the log, in seq order. The log is read when told to, when a
+        notification names a seq not yet routed, or when a local commit waits behind seqs
+        it does not have."""
+        while True:
+            self._route_local()
+            if not (read or self._local or self._heard > self.published):
+                return
+            events, read = await self._store.log_after(
+                self.published, self._page_size, self._max_bytes
+            )
+            if events:
+                self.reads += 1
+                self._route(events)
+                continue
+            # A notification is sent at COMMIT, so what it named is in the log by now; only
+            # the guess made on (re)opening LISTEN can name a seq not yet committed.
+            self._heard = min(self._heard, self.published)
+            if not self._local:
+                return
+            # Nothing in the log between `published` and a local commit: seqs that never
+            # committed (pruned, or a log written by something else); do not wait for them.
+            outcome, _ = self._local[0]
+            first = min(r.event.seq for r in outcome.events)
+            log.warning("replica: seqs %d..%d are not in the log", self.published + 1, first - 1)
+            self.published = first - 1
+
+    def _route_local(self) -> None:
+        """Route (and answer) the local outcomes that come next in seq order."""
+        while self._local:
+            outcome, answer = self._local[0]
+            if outcome.events and min(r.event.seq for r in outcome.events) > self.published + 1:
+                return  # another replica's events come first
+            self._local.popleft()
+            fresh = [r for r in outcome.events if r.event.seq > self.published]
+            if fresh:
+                self._route(fresh)
+            answer()
+
+    def _route(self, events: list[RoutedEvent]) -> None:
+        fresh = [r for r in events if r.event.seq > self.published]
+        if not fresh:
+            return
+        self._router.publish(Outcome(events=fresh))
+        self.published = max(self.published, fresh[-1].event.seq)
+
+    # --- one live stream per agent, hub-wide ------------------------------------------
+
+    async def _end_superseded(self) -> None:
+        """End each local stream whose agent came online again later, on another replica."""
+        live = {
+            c.agent_id: c.connected_time.ToDatetime()
+            for c in self._router.connections()
+            if c.connected_time is not None  # its own AgentOnline is still committing
+        }
+        if not live:
+            return
+        for agent_id, since in (await self._store.online_since(live)).items():
+            if since > live[agent_id] and (connection := self._router.connection(agent_id)):
+                connection.end(grpc.StatusCode.ABORTED, SUPERSEDED_ELSEWHERE)
+
+    # --- notifications ----------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """Wake the reader at each NOTIFY of another replica's (or this one's) commit."""
+        import psycopg  # the postgres extra: only a replica needs it
+
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self._store.listen_conninfo(),
+                    autocommit=True,
+                    connect_timeout=5,
+                    # A connection that died silently is noticed, and opened again.
+                    keepalives=1,
+                    keepalives_idle=10,
+                    keepalives_interval=5,
+                    keepalives_count=3,
+                ) as connection:
+                    await connection.execute(f"LISTEN {LOG_CHANNEL}")
+                    self._heard = self.published + 1  # read what committed while deaf
+                    self._wake.set()
+                    async for notify in connection.notifies():
+                        try:
+                            seq, origin = parse_notify(notify.payload)
+                        except ValueError:
+                            continue  # not a replica's
+                        if origin == self._origin:
+                            continue  # its outcome comes from the committer, no read needed
+                        self.notifications += 1
+                        self._heard = max(self._heard, seq)
+                        self._wake.set()
+            except (psycopg.Error, OSError) as exc:
+                _TROUBLE.warning("replica: LISTEN connection lost (%s); reopening", exc)
+            await asyncio.sleep(LISTEN_RETRY_SECONDS)
