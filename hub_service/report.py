@@ -315,11 +315,26 @@ def render_html(data: ReportData, title: str = "kernelhub run report") -> str:
     if data.validation is None:
         parts.append('<p class="empty">no validation data: this database records no verdicts</p>')
     else:
-        parts.append(f'<p class="empty">{html.escape(str(data.validation["note"]))}</p>')
+        rate = data.validation["pass_rate"]
+        parts.append(
+            "<table>"
+            + "".join(
+                f"<tr><th>{html.escape(state)}</th><td>{n}</td></tr>"
+                for state, n in sorted(data.validation["by_state"].items())
+            )
+            + "<tr><th>pass rate of those judged</th><td>"
+            + ("none judged" if rate is None else f"{rate:.0%}")
+            + "</td></tr></table>"
+        )
     parts.append("</section>")
-    # The figures' numbers, for whoever wants them exactly (a test, a script); "</" escaped
-    # so no string in the data can end the script element.
-    embedded = json.dumps(data.as_json(), sort_keys=True).replace("</", "<\\/")
+    # The figures' numbers, for whoever wants them exactly (a test, a script); < > & as JSON
+    # escapes, so no string in the data can end (or, with "<!--", derail) the script element.
+    embedded = (
+        json.dumps(data.as_json(), sort_keys=True)
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+    )
     parts.append(f'<script type="application/json" id="report-data">{embedded}</script>')
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import calendar
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, and_, case, cast, func, inspect
+from sqlalchemy import BigInteger, and_, case, cast, func
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
 
@@ -38,25 +38,24 @@ ENDED = (
 STREAM_ROWS = 1000  # rows held at once while streaming durations
 
 
-def specialization_name(value: int) -> str:
+def enum_name(enum: Any, value: int, prefix: str) -> str:
+    """An enum value's short name ("networking"), or the prefix and number if unknown."""
     try:
-        return pb.Specialization.Name(value).removeprefix("SPECIALIZATION_").lower()  # type: ignore[arg-type]
+        return str(enum.Name(value)).removeprefix(prefix).lower()
     except ValueError:
-        return f"specialization_{value}"
+        return f"{prefix.lower()}{value}"
+
+
+def specialization_name(value: int) -> str:
+    return enum_name(pb.Specialization, value, "SPECIALIZATION_")
 
 
 def kind_name(value: int) -> str:
-    try:
-        return pb.ArtifactKind.Name(value).removeprefix("ARTIFACT_KIND_").lower()  # type: ignore[arg-type]
-    except ValueError:
-        return f"kind_{value}"
+    return enum_name(pb.ArtifactKind, value, "ARTIFACT_KIND_")
 
 
 def state_name(value: int) -> str:
-    try:
-        return pb.CollaborationState.Name(value).removeprefix("COLLABORATION_STATE_").lower()  # type: ignore[arg-type]
-    except ValueError:
-        return f"state_{value}"
+    return enum_name(pb.CollaborationState, value, "COLLABORATION_STATE_")
 
 
 def bin_index(seconds: float) -> int:
@@ -162,7 +161,7 @@ def gather(s: Session, window: Window) -> ReportData:
         durations=_durations(s, window),
         feature_latency=_feature_latency(s, window),
         contributions=_contributions(s, window),
-        validation=_validation(s),
+        validation=_validation(s, window),
     )
 
 
@@ -361,10 +360,21 @@ def _contributions(s: Session, window: Window) -> dict[str, Any]:
     }
 
 
-def _validation(s: Session) -> dict[str, Any] | None:
-    """Validation verdicts, where the database has them; this schema has no such table yet,
-    so the report says "no validation data" rather than draw an empty plot."""
-    tables: Iterable[str] = inspect(s.get_bind()).get_table_names()
-    if not any("verdict" in name or "validation" in name for name in tables):
+def _validation(s: Session, window: Window) -> dict[str, Any] | None:
+    """Shared components by validation state (PENDING until a validator's verdict), and the
+    pass rate of those judged; None when the window holds no component."""
+    rows = s.exec(
+        select(ArtifactRow.validation_state, func.count())
+        .where(col(ArtifactRow.validation_state) != 0, *window.where(ArtifactRow.created_at))
+        .group_by(col(ArtifactRow.validation_state))
+    ).all()
+    if not rows:
         return None
-    return {"note": "validation tables exist, but this report does not read them yet"}
+    by_state = {
+        enum_name(pb.ValidationState, state, "VALIDATION_STATE_"): int(n) for state, n in rows
+    }
+    judged = sum(by_state.get(state, 0) for state in ("passed", "failed", "timed_out"))
+    return {
+        "by_state": by_state,
+        "pass_rate": by_state.get("passed", 0) / judged if judged else None,
+    }

@@ -55,6 +55,7 @@ def name(enum: Any, value: int, prefix: str) -> str:
 def expected_from_rows(url: str, width: int = 1) -> dict[str, Any]:
     """Each figure's numbers, computed here in Python from every row."""
     artifacts = rows(url, "SELECT kind, specialization, contributor_id, created_at FROM artifact")
+    components = rows(url, "SELECT validation_state FROM artifact WHERE validation_state != 0")
     collaborations = rows(
         url, "SELECT initiator_id, target_id, state, created_at, updated_at FROM collaboration"
     )
@@ -87,7 +88,11 @@ def expected_from_rows(url: str, width: int = 1) -> dict[str, Any]:
             latency[
                 bin_index((first_delivery[r.request_id] - moment(r.created_at)).total_seconds())
             ] += 1
+    validated = Counter(
+        name(pb.ValidationState, c.validation_state, "VALIDATION_STATE_") for c in components
+    )
     return {
+        "validation": dict(validated) or None,
         "artifacts": Counter(name(pb.ArtifactKind, a.kind, "ARTIFACT_KIND_") for a in artifacts),
         "states": Counter(
             name(pb.CollaborationState, c.state, "COLLABORATION_STATE_") for c in collaborations
@@ -156,7 +161,7 @@ def check_against_rows(data: dict[str, Any], expected: dict[str, Any]) -> None:
     assert [agent["total"] for agent in shown] == totals[:TOP_CONTRIBUTORS]
     assert data["contributions"]["others"] == sum(totals[TOP_CONTRIBUTORS:])
     assert data["contributions"]["contributors_total"] == len(per_agent)
-    assert data["validation"] is None
+    assert (data["validation"] or {}).get("by_state") == expected["validation"]
 
 
 async def test_the_report_is_the_rows(store_url: str, tmp_path: Path) -> None:
@@ -176,7 +181,7 @@ async def test_the_report_is_the_rows(store_url: str, tmp_path: Path) -> None:
     for figure in report.FIGURES:
         section = document.split(f'id="fig-{figure}"', 1)[1].split("</section>", 1)[0]
         assert "<svg" in section, figure
-    assert "no validation data" in document
+    assert data["validation"] == {"by_state": {"pending": 4}, "pass_rate": None}  # no validator
     for needle in ("http://", "https://", "src=", "<link"):
         outside_svg = "".join(part.split("</svg>")[-1] for part in document.split("<svg"))
         assert needle not in outside_svg, needle
@@ -298,7 +303,7 @@ async def test_the_report_opens_offline_in_a_browser(
         await svg.wait_for(state="visible", timeout=10_000)
         box = await svg.bounding_box()
         assert box is not None and box["width"] > 300 and box["height"] > 150, (figure, box)
-    assert "no validation data" in await page.locator("#fig-validation").inner_text()
+    assert "pending" in await page.locator("#fig-validation").inner_text()
     embedded = await page.evaluate("JSON.parse(document.getElementById('report-data').textContent)")
     assert embedded == report.embedded_data(out.read_text())
     assert fetched == []
