@@ -1,8 +1,9 @@
 """`kernelhub-bench`: run the benchmark suite against in-run baselines, and plot it.
 
-kernelhub-bench run [--quick] [--repeat 3] [--json results.json]
+kernelhub-bench run [--quick] [--repeat 3] [--json results.json] [--peers]
                     [--scenarios ingest,fanout,latency,rss,replay] [--profile DIR]
-kernelhub-bench plot results.json docs/latency.png
+kernelhub-bench run --scenarios peers_latency --peer-rates 200 --peer-duration 20 ...
+kernelhub-bench plot results.json docs/latency.png [--peers]
 kernelhub-bench markdown results.json
 kernelhub-bench hot-spots PROFILE.txt [--top 10]
 kernelhub-bench soak [--trainers 200] [--duration 10m] [--rate 0.2] [--restart-every 2m]
@@ -32,8 +33,19 @@ from hub_service.durations import parse_duration
 
 from . import __version__
 from .common import median
-from .report import hot_spots, hot_spots_table, markdown, plot_latency, print_report
-from .runner import FULL, QUICK, SCENARIOS, RunError, other_cores, run, summarize
+from .report import hot_spots, hot_spots_table, markdown, plot_latency, plot_peers, print_report
+from .runner import (
+    DEFAULT_SCENARIOS,
+    FULL,
+    PEER_SCENARIOS,
+    QUICK,
+    SCENARIOS,
+    RunError,
+    other_cores,
+    run,
+    summarize,
+    summarize_peers,
+)
 from .soak import as_json, report, soak
 
 
@@ -45,6 +57,16 @@ def _scenarios(text: str) -> list[str]:
             f"unknown scenario(s) {', '.join(unknown) or '(none)'}; choose from {','.join(SCENARIOS)}"
         )
     return chosen
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of rates: {text!r}") from None
+    if not rates or min(rates) <= 0:
+        raise argparse.ArgumentTypeError("rates must be positive shares/s")
+    return rates
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,8 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument(
         "--scenarios",
         type=_scenarios,
-        default=list(SCENARIOS),
-        help=f"comma-separated, of {','.join(SCENARIOS)}",
+        default=list(DEFAULT_SCENARIOS),
+        help=f"comma-separated, of {','.join(SCENARIOS)} (default: all but the peers)",
+    )
+    run_parser.add_argument(
+        "--peers",
+        action="store_true",
+        help=f"also run {','.join(PEER_SCENARIOS)}: kernelhub beside the bare grpc.aio server "
+        "and NATS JetStream (its own nats-server -js), at fixed absolute rates",
+    )
+    run_parser.add_argument(
+        "--peer-rates",
+        type=_rates,
+        help="the peers' offered shares/s, comma-separated (default 20,100,200,400,800; quick: 20)",
+    )
+    run_parser.add_argument(
+        "--peer-duration", type=float, help="seconds per rate and system (default 4; quick 1.5)"
     )
     run_parser.add_argument(
         "--profile",
@@ -87,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot_parser = commands.add_parser("plot", help="plot latency against offered load")
     plot_parser.add_argument("results", type=Path)
     plot_parser.add_argument("out", type=Path)
+    plot_parser.add_argument(
+        "--peers", action="store_true", help="kernelhub beside the bare server and JetStream"
+    )
     md = commands.add_parser("markdown", help="the results as Markdown tables (for the docs)")
     md.add_argument("results", type=Path)
     hot = commands.add_parser("hot-spots", help="top self-time frames of a py-spy raw profile")
@@ -156,6 +195,15 @@ def _clean(value: Any) -> Any:
 
 def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     sizes = QUICK if args.quick else FULL
+    if args.peer_rates:
+        sizes = dataclasses.replace(sizes, peer_rates=args.peer_rates)
+    if args.peer_duration:
+        if args.peer_duration <= 0:
+            print("--peer-duration must be positive", file=sys.stderr)
+            return 2
+        sizes = dataclasses.replace(sizes, peer_duration=args.peer_duration)
+    if args.peers:
+        args.scenarios += [s for s in PEER_SCENARIOS if s not in args.scenarios]
     repeat = args.repeat or (1 if args.quick else 3)
     if repeat < 1:
         print("--repeat must be at least 1", file=sys.stderr)
@@ -209,6 +257,7 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "machine": machine,
         "figures": figures,
         "latency_sweep": sweep,
+        "peers": summarize_peers(raw["peers"]),
         "hot_spots": {p: hot_spots(Path(p)) for p in raw["profiles"] if Path(p).exists()},
         "raw": raw,
     }
@@ -240,7 +289,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return cmd_run(args, argv)
     if args.command == "plot":
-        plot_latency(json.loads(args.results.read_text()), args.out)
+        result = json.loads(args.results.read_text())
+        if args.peers:
+            if not (result.get("peers") or {}).get("points"):
+                print("the results have no peers' latency (run with --peers)", file=sys.stderr)
+                return 2
+            plot_peers(result, args.out)
+        else:
+            plot_latency(result, args.out)
         print(f"wrote {args.out}")
         return 0
     if args.command == "soak":

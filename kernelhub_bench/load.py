@@ -3,7 +3,7 @@
     python -m kernelhub_bench.load SCENARIO --target 127.0.0.1:PORT [--tokens FILE]
         [--server-pid PID] [--params JSON] [--deadline SECONDS]
 
-Scenarios: `ingest`, `fanout`, `latency`, `idle`, `replay`. Each prints one JSON
+Scenarios: `ingest`, `ingest_client`, `fanout`, `latency`, `idle`, `replay`. Each prints one JSON
 line with its result on stdout (`idle` prints a `{"phase": "connected"}` line
 first and holds its trainers until a line arrives on stdin). Without `--tokens`
 the trainers use placeholder tokens (for the baselines, which check none).
@@ -40,6 +40,7 @@ from .common import (
     hello,
     make_channel,
     median,
+    pattern,
     percentile,
     read_tokens,
     share,
@@ -482,6 +483,51 @@ async def scenario_ingest(args: Context, deadline: Deadline) -> dict[str, Any]:
         await pool.close()
 
 
+async def scenario_ingest_client(args: Context, deadline: Deadline) -> dict[str, Any]:
+    """One trainer shares `count` patterns through the SDK's `HubClient`, `window` awaiting
+    their receipt at a time (the client batches whatever is waiting into one stream message
+    by itself); timed until the last receipt."""
+    # Only this scenario needs the SDK.
+    from trainer_service.sdk.client import HubClient
+    from trainer_service.sdk.errors import HubError
+
+    count = int(args.params["count"])
+    window = int(args.params.get("window", SEND_WINDOW))
+    ((agent_id, token),) = args.tokens(1)
+    patterns = [pattern(f"i.{args.tag}.{i}") for i in range(count)]
+    meter = CpuMeter(args.server_pid)
+    client = HubClient(
+        args.target,
+        agent_id,
+        token,
+        specialization=pb.SPECIALIZATION_NETWORKING,
+        skip_history=True,
+        send_window=window,
+        reconnect_timeout=min(60.0, deadline.left()),
+        send_timeout=min(60.0, deadline.left()),
+    )
+    try:
+        await bounded(client.start(), deadline, "the HubClient's welcome")
+        work = iter(patterns)
+
+        async def worker() -> None:
+            for item in work:
+                await client.share_pattern(item)
+
+        meter.start()
+        start = time.perf_counter()
+        await bounded(
+            asyncio.gather(*(worker() for _ in range(window))), deadline, "the last receipt"
+        )
+        seconds = time.perf_counter() - start
+        cpu = meter.stop()
+    except HubError as exc:
+        raise BenchError(f"HubClient: {type(exc).__name__}: {exc}") from None
+    finally:
+        await client.close()
+    return {"rate": count / seconds, "count": count, "seconds": seconds, "window": window, **cpu}
+
+
 async def scenario_fanout(args: Context, deadline: Deadline) -> dict[str, Any]:
     """One sender shares `count` patterns as fast as its window allows; `receivers` trainers
     each receive every one. Rate: deliveries per second until the last receiver has all."""
@@ -693,6 +739,7 @@ async def scenario_replay(args: Context, deadline: Deadline) -> dict[str, Any]:
 
 SCENARIOS: dict[str, Callable[[Context, Deadline], Awaitable[dict[str, Any]]]] = {
     "ingest": scenario_ingest,
+    "ingest_client": scenario_ingest_client,
     "fanout": scenario_fanout,
     "latency": scenario_latency,
     "idle": scenario_idle,

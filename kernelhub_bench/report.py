@@ -15,8 +15,10 @@ from rich.table import Table
 def _number(value: float, unit: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    if unit in ("ms", "KiB", "s"):
+    if unit in ("ms", "KiB", "s", "cores"):
         return f"{value:,.2f} {unit}" if value < 100 else f"{value:,.0f} {unit}"
+    if unit == "us":
+        return f"{value:,.0f} µs"
     return f"{value:,.0f}/s"
 
 
@@ -70,6 +72,38 @@ def sweep_table(sweep: dict[str, Any]) -> Table:
     return table
 
 
+PEER_SYSTEMS = (("kernelhub", "kernelhub"), ("bare", "bare grpc.aio"), ("jetstream", "JetStream"))
+
+
+def peers_table(peers: dict[str, Any]) -> Table:
+    """Per offered rate: each system's p50/p99 and its server's / load's cores, and
+    kernelhub's ratios to the bare server and to JetStream."""
+    table = Table(
+        title=f"beside the peers, N={peers['receivers']} receivers, one sender (medians; "
+        "cores: server/load/other work)",
+        title_justify="left",
+    )
+    table.add_column("shares/s", justify="right")
+    for _, label in PEER_SYSTEMS:
+        table.add_column(f"{label} p50/p99 ms", justify="right")
+        table.add_column("cores", justify="right")
+    table.add_column("x bare p50/p99", justify="right")
+    table.add_column("x JetStream p50/p99", justify="right")
+    for p in peers["points"]:
+        cells = [f"{p['offered_shares_per_s']:,.0f}"]
+        for key, _ in PEER_SYSTEMS:
+            cells.append(f"{p[key + '_p50_ms']:.1f} / {p[key + '_p99_ms']:.1f}")
+            cells.append(_cores(p, key))
+        cells.append(f"{p['p50_vs_bare']:.2f} / {p['p99_vs_bare']:.2f}")
+        cells.append(f"{p['p50_vs_jetstream']:.2f} / {p['p99_vs_jetstream']:.2f}")
+        table.add_row(*cells)
+    return table
+
+
+def _cores(point: dict[str, Any], system: str) -> str:
+    return "/".join(f"{point[f'{system}_{k}_cores']:.2f}" for k in ("server", "client", "other"))
+
+
 def print_report(result: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     mode = "quick" if result["quick"] else "full"
@@ -80,6 +114,11 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
     console.print(figures_table(result["figures"], title))
     if result.get("latency_sweep"):
         console.print(sweep_table(result["latency_sweep"]))
+    peers = result.get("peers") or {}
+    if peers.get("points"):
+        console.print(peers_table(peers))
+    if peers.get("skipped"):
+        console.print(f"peers skipped: {peers['skipped']}")
     for path, spots in result.get("hot_spots", {}).items():
         console.print(hot_spots_table(path, spots))
 
@@ -95,6 +134,48 @@ def hot_spots_table(path: str, spots: dict[str, Any]) -> Table:
     for frame, share in spots["top"]:
         table.add_row(f"{share:.1%}", frame)
     return table
+
+
+def plot_peers(result: dict[str, Any], out: Path) -> None:
+    """p50/p99 share->delivery latency against the absolute offered rate, every system."""
+    import matplotlib  # lazily: only `plot` needs it (the `bench` extra)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peers = result["peers"]
+    points = peers["points"]
+    x = [p["offered_shares_per_s"] for p in points]
+    figure, axes = plt.subplots(figsize=(8, 5), dpi=110)
+    colors = {"kernelhub": "tab:blue", "bare": "tab:gray", "jetstream": "tab:orange"}
+    for key, label in PEER_SYSTEMS:
+        for q, style in (("p50", "o-"), ("p99", "s--")):
+            axes.plot(
+                x,
+                [p[f"{key}_{q}_ms"] for p in points],
+                style,
+                color=colors[key],
+                label=f"{label} {q}",
+            )
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xticks(x, [f"{v:g}" for v in x])
+    axes.set_xlabel(f"offered load, shares/s (each delivered to {peers['receivers']} receivers)")
+    axes.set_ylabel("share -> delivery latency, ms")
+    title = f"share->delivery latency beside the peers, {peers['receivers']} receivers"
+    machine = result.get("machine", {})
+    if "other_cores_median" in machine:
+        title += (
+            f"\n{machine.get('cpus')} cores; other work on the machine took "
+            f"{machine['other_cores_median']:.2f} cores (median) while measuring"
+        )
+    axes.set_title(title, fontsize=10)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8, ncol=3)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out)
+    plt.close(figure)
 
 
 def plot_latency(result: dict[str, Any], out: Path) -> None:
@@ -232,4 +313,23 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {p['kernelhub_p99_ms']:.1f} ms | {p['baseline_p50_ms']:.1f} ms "
                 f"| {p['baseline_p99_ms']:.1f} ms | {p.get('other_cores', 0.0):.2f} |"
             )
+    peers = result.get("peers") or {}
+    if peers.get("points"):
+        lines += [
+            "",
+            f"Beside the peers, N={peers['receivers']} receivers, one sender (medians of the "
+            "runs; cores: server / load / other work on the machine):",
+            "",
+            "| shares/s | kernelhub p50 / p99 | cores | bare grpc.aio p50 / p99 | cores "
+            "| JetStream p50 / p99 | cores | kernelhub / bare | kernelhub / JetStream |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for p in peers["points"]:
+            cells = [f"{p['offered_shares_per_s']:,.0f}"]
+            for key, _ in PEER_SYSTEMS:
+                cells.append(f"{p[key + '_p50_ms']:.1f} / {p[key + '_p99_ms']:.1f} ms")
+                cells.append(_cores(p, key))
+            cells.append(f"{p['p50_vs_bare']:.2f}x / {p['p99_vs_bare']:.2f}x")
+            cells.append(f"{p['p50_vs_jetstream']:.2f}x / {p['p99_vs_jetstream']:.2f}x")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
