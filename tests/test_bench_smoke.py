@@ -166,7 +166,7 @@ def test_peers_are_skipped_with_the_reason_where_nats_server_is_missing(
 
     from kernelhub_bench import runner
 
-    monkeypatch.setattr(runner.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.setattr(runner, "NATS_SERVER_PATHS", ())
     lines: list[str] = []
     raw = asyncio.run(runner.run(runner.QUICK, 1, ["peers_latency"], tmp_path, log=lines.append))
