@@ -5,7 +5,7 @@ kernelhub-bench run [--quick] [--repeat 3] [--json results.json] [--peers]
 kernelhub-bench run --scenarios peers_latency --peer-rates 200 --peer-duration 20 ...
 kernelhub-bench plot results.json docs/latency.png [--peers]
 kernelhub-bench markdown results.json
-kernelhub-bench hot-spots PROFILE.txt [--top 10]
+kernelhub-bench hot-spots PROFILE.txt [--top 10] [--by-module]
 kernelhub-bench soak [--trainers 200] [--duration 10m] [--rate 0.2] [--restart-every 2m]
 """
 
@@ -33,7 +33,16 @@ from hub_service.durations import parse_duration
 
 from . import __version__
 from .common import median
-from .report import hot_spots, hot_spots_table, markdown, plot_latency, plot_peers, print_report
+from .report import (
+    breakdown,
+    breakdown_table,
+    hot_spots,
+    hot_spots_table,
+    markdown,
+    plot_latency,
+    plot_peers,
+    print_report,
+)
 from .runner import (
     DEFAULT_SCENARIOS,
     FULL,
@@ -131,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     hot = commands.add_parser("hot-spots", help="top self-time frames of a py-spy raw profile")
     hot.add_argument("profile", type=Path)
     hot.add_argument("--top", type=int, default=10)
+    hot.add_argument(
+        "--by-module",
+        action="store_true",
+        help="charge each busy sample to the innermost hub module on its stack and to the "
+        "layer its leaf runs in (grpc, protobuf, sql, asyncio, hub code...)",
+    )
     soak_parser = commands.add_parser(
         "soak", help="many trainers for a long time: hub RSS over time, lost and duplicated events"
     )
@@ -304,5 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "markdown":
         print(markdown(json.loads(args.results.read_text())), end="")
         return 0
-    Console().print(hot_spots_table(str(args.profile), hot_spots(args.profile, args.top)))
+    if args.by_module:
+        Console().print(breakdown_table(str(args.profile), breakdown(args.profile, args.top)))
+    else:
+        Console().print(hot_spots_table(str(args.profile), hot_spots(args.profile, args.top)))
     return 0

@@ -281,6 +281,91 @@ def hot_spots(path: Path, top: int = 10) -> dict[str, Any]:
     }
 
 
+_FRAME_FILE = re.compile(r"\(([^()]*?)(?::\d+)?\)$")
+# What a busy sample's leaf frame was running, by the path of its file (first match wins).
+LAYERS = (
+    ("grpc", ("grpc/", "cygrpc")),
+    ("protobuf", ("google/protobuf", "google/_upb")),
+    ("sql", ("sqlalchemy/", "sqlmodel/", "sqlite3/", "psycopg/")),
+    ("pickle / pipe", ("pickle", "multiprocessing/", "copyreg")),
+    ("asyncio", ("asyncio/",)),
+    ("hub code", ("hub_service/",)),
+    ("generated", ("generated/",)),
+    ("logging", ("logging/",)),
+)
+
+
+def _frame_file(frame: str) -> str:
+    match = _FRAME_FILE.search(frame)
+    return match.group(1) if match else frame
+
+
+def _layer(frame: str) -> str:
+    path = _frame_file(frame)
+    return next((name for name, marks in LAYERS if any(m in path for m in marks)), "other")
+
+
+def breakdown(path: Path, top: int = 12) -> dict[str, Any]:
+    """Where a py-spy raw profile's busy samples go (waiting frames left out, as in
+    hot_spots): each sample is charged to the innermost hub_service module on its stack
+    (whose call it was: connection.py writing, router.py routing, ...) and to the layer its
+    leaf frame runs in (grpc, protobuf, sql, asyncio, the hub's own code, ...)."""
+    modules: Counter[str] = Counter()
+    layers: Counter[str] = Counter()
+    pairs: Counter[str] = Counter()
+    busy = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [f for f in stack.split(";") if not _THREAD.match(f)]
+        if not frames or frames[-1].startswith(IDLE_FRAMES):
+            continue
+        samples = int(count)
+        busy += samples
+        owner = next(
+            (
+                _frame_file(f).rsplit("hub_service/", 1)[1]
+                for f in reversed(frames)
+                if "hub_service/" in _frame_file(f)
+            ),
+            "(no hub frame)",
+        )
+        layer = _layer(frames[-1])
+        modules[owner] += samples
+        layers[layer] += samples
+        pairs[f"{owner} -> {layer}"] += samples
+
+    def shares(counter: Counter[str]) -> list[list[Any]]:
+        return [[k, n / busy] for k, n in counter.most_common(top)] if busy else []
+
+    return {
+        "busy_samples": busy,
+        "by_module": shares(modules),
+        "by_layer": shares(layers),
+        "by_module_and_layer": shares(pairs),
+    }
+
+
+def breakdown_table(path: str, spots: dict[str, Any]) -> Table:
+    table = Table(
+        title=f"where the hub's busy samples go ({path}, {spots['busy_samples']:,} samples)",
+        title_justify="left",
+    )
+    for column in ("hub module (innermost on the stack)", "share", "layer (leaf)", "share"):
+        table.add_column(column, justify="right" if column == "share" else "left")
+    table.add_column("module -> layer")
+    table.add_column("share", justify="right")
+    rows = max(len(spots["by_module"]), len(spots["by_module_and_layer"]))
+    for i in range(rows):
+        cells: list[str] = []
+        for key in ("by_module", "by_layer", "by_module_and_layer"):
+            entries = spots[key]
+            cells += [entries[i][0], f"{entries[i][1]:.1%}"] if i < len(entries) else ["", ""]
+        table.add_row(*cells)
+    return table
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The figures, the latency sweep and the hot spots as Markdown tables (for the docs)."""
     lines = [
