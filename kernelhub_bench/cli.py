@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         "core of Python goes, not the time its threads wait)",
     )
     run_parser.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="with --profile: C frames too (grpc's core and Cython, protobuf's upb), so a "
+        "stream write splits into serialization, grpc and the await",
+    )
+    run_parser.add_argument(
         "--keep-workdir", action="store_true", help="keep the temporary directory (databases, logs)"
     )
     plot_parser = commands.add_parser("plot", help="plot latency against offered load")
@@ -240,6 +246,7 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 workdir,
                 args.profile,
                 profile_gil=args.profile_gil,
+                profile_native=args.profile_native,
                 log=lambda line: console.print(line, highlight=False),
             )
         )

@@ -606,6 +606,7 @@ async def scenario_latency(args: Context, deadline: Deadline) -> dict[str, Any]:
                 receiver.warmup = int(n * warmup)
             await asyncio.sleep(0.2)  # let the previous point's tail settle
             swarm.expect(sent + n)
+            responses = sum(r.responses for r in swarm.receivers)
             meter = CpuMeter(args.server_pid)
             meter.start()
             period_ns = int(1e9 / rate)
@@ -622,6 +623,7 @@ async def scenario_latency(args: Context, deadline: Deadline) -> dict[str, Any]:
             await swarm.all_reached(deadline)
             cpu = meter.stop()
             samples = [ns for r in swarm.receivers for ns in r.latencies.get(point, [])]
+            responses = sum(r.responses for r in swarm.receivers) - responses
             points.append(
                 {
                     "fraction": fraction,
@@ -632,6 +634,8 @@ async def scenario_latency(args: Context, deadline: Deadline) -> dict[str, Any]:
                     "p50_ms": percentile(samples, 50) / 1e6,
                     "p99_ms": percentile(samples, 99) / 1e6,
                     "max_ms": max(samples, default=0) / 1e6,
+                    # How many events each stream write carried, this point's alone.
+                    "events_per_response": n * receivers / responses if responses else 0.0,
                     **cpu,
                 }
             )

@@ -239,8 +239,9 @@ def plot_latency(result: dict[str, Any], out: Path) -> None:
     plt.close(figure)
 
 
-_THREAD = re.compile(r"^(thread|process) \(")
-_THREAD_ID = re.compile(r" \(\d+\)")
+_THREAD = re.compile(r"^thread \((?:\d+|0x[0-9A-Fa-f]+)\):? ?(.*)$")
+_PROCESS = re.compile(r"^process \d+:")
+_FRAME_FILE = re.compile(r"\(([^()]*?)(?::\d+)?\)$")
 # Leaf frames that are a thread waiting, not working: py-spy cannot always tell them apart
 # (a thread blocked in C with the GIL released looks busy), so they are left out by name.
 IDLE_FRAMES = (
@@ -250,6 +251,22 @@ IDLE_FRAMES = (
     "Condition.wait (",
     "Event.wait (",
 )
+
+
+def split_stack(stack: str) -> tuple[str, list[str]]:
+    """A py-spy raw stack (`--threads`, maybe `--subprocesses`) as (thread, frames): the
+    thread's name, prefixed "child process" for a child's (the hub's writer), and its Python
+    frames (process command lines, which may hold semicolons themselves, left out)."""
+    parts = stack.split(";")
+    marks = [i for i, part in enumerate(parts) if _THREAD.match(part)]
+    if not marks:
+        return "?", [p for p in parts if _FRAME_FILE.search(p) and not _PROCESS.match(p)]
+    at = marks[-1]
+    match = _THREAD.match(parts[at])
+    name = (match.group(1) if match else "").strip().strip("()") or "?"
+    if sum(1 for part in parts[:at] if _PROCESS.match(part)) > 1:
+        name = f"child process {name}"
+    return name, parts[at + 1 :]
 
 
 def hot_spots(path: Path, top: int = 10) -> dict[str, Any]:
@@ -265,14 +282,12 @@ def hot_spots(path: Path, top: int = 10) -> dict[str, Any]:
             continue
         samples = int(count)
         total += samples
-        frames = stack.split(";")
-        thread = _THREAD_ID.sub("", frames[0]) if _THREAD.match(frames[0]) else "?"
-        frames = [f for f in frames if not _THREAD.match(f)]
+        thread, frames = split_stack(stack)
         if not frames or frames[-1].startswith(IDLE_FRAMES):
             continue
         busy += samples
         self_time[frames[-1]] += samples
-        threads[thread.removeprefix("thread: ").strip()] += samples
+        threads[thread] += samples
     return {
         "samples": total,
         "busy_samples": busy,
@@ -281,18 +296,24 @@ def hot_spots(path: Path, top: int = 10) -> dict[str, Any]:
     }
 
 
-_FRAME_FILE = re.compile(r"\(([^()]*?)(?::\d+)?\)$")
-# What a busy sample's leaf frame was running, by the path of its file (first match wins).
+# What a busy sample was running: the innermost frame on its stack whose file names one of
+# these (first match wins). Frames of libc or the interpreter name none, so a syscall or an
+# allocation counts for the library that made it (with `--native`; without, C code is
+# invisible and counts for the Python line that called it).
 LAYERS = (
     ("grpc", ("grpc/", "cygrpc")),
-    ("protobuf", ("google/protobuf", "google/_upb")),
-    ("sql", ("sqlalchemy/", "sqlmodel/", "sqlite3/", "psycopg/")),
+    ("protobuf", ("google/protobuf", "google/_upb", "_message.abi3")),
+    ("sql", ("sqlalchemy/", "sqlmodel/", "sqlite3/", "psycopg/", "_sqlite")),
     ("pickle / pipe", ("pickle", "multiprocessing/", "copyreg")),
-    ("asyncio", ("asyncio/",)),
+    ("asyncio", ("asyncio/", "_asynciomodule")),
     ("hub code", ("hub_service/",)),
     ("generated", ("generated/",)),
     ("logging", ("logging/",)),
 )
+
+
+# The event loop dispatching: what runs below these frames is a callback or a task step.
+LOOP_FRAMES = ("Handle._run (asyncio/events.py", "BaseEventLoop._run_once (asyncio/")
 
 
 def _frame_file(frame: str) -> str:
@@ -300,16 +321,20 @@ def _frame_file(frame: str) -> str:
     return match.group(1) if match else frame
 
 
-def _layer(frame: str) -> str:
-    path = _frame_file(frame)
-    return next((name for name, marks in LAYERS if any(m in path for m in marks)), "other")
+def _layer(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        path = _frame_file(frame)
+        for name, marks in LAYERS:
+            if any(mark in path for mark in marks):
+                return name
+    return "other"
 
 
 def breakdown(path: Path, top: int = 12) -> dict[str, Any]:
     """Where a py-spy raw profile's busy samples go (waiting frames left out, as in
     hot_spots): each sample is charged to the innermost hub_service module on its stack
-    (whose call it was: connection.py writing, router.py routing, ...) and to the layer its
-    leaf frame runs in (grpc, protobuf, sql, asyncio, the hub's own code, ...)."""
+    (whose call it was: connection.py writing, router.py routing, ...) and to the layer it
+    runs in (LAYERS: grpc, protobuf, sql, asyncio, the hub's own code, ...)."""
     modules: Counter[str] = Counter()
     layers: Counter[str] = Counter()
     pairs: Counter[str] = Counter()
@@ -318,20 +343,23 @@ def breakdown(path: Path, top: int = 12) -> dict[str, Any]:
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        frames = [f for f in stack.split(";") if not _THREAD.match(f)]
+        _, frames = split_stack(stack)
         if not frames or frames[-1].startswith(IDLE_FRAMES):
             continue
         samples = int(count)
         busy += samples
+        # Only frames the event loop called count as owners: below the last loop frame, the
+        # hub's entry point (cli.py running the loop) would own the loop's own work.
+        loop = max((i for i, f in enumerate(frames) if f.startswith(LOOP_FRAMES)), default=-1)
         owner = next(
             (
                 _frame_file(f).rsplit("hub_service/", 1)[1]
-                for f in reversed(frames)
+                for f in reversed(frames[loop + 1 :])
                 if "hub_service/" in _frame_file(f)
             ),
-            "(no hub frame)",
+            "(the event loop itself)" if loop >= 0 else "(no hub frame)",
         )
-        layer = _layer(frames[-1])
+        layer = _layer(frames)
         modules[owner] += samples
         layers[layer] += samples
         pairs[f"{owner} -> {layer}"] += samples
@@ -352,7 +380,7 @@ def breakdown_table(path: str, spots: dict[str, Any]) -> Table:
         title=f"where the hub's busy samples go ({path}, {spots['busy_samples']:,} samples)",
         title_justify="left",
     )
-    for column in ("hub module (innermost on the stack)", "share", "layer (leaf)", "share"):
+    for column in ("hub module (innermost on the stack)", "share", "layer", "share"):
         table.add_column(column, justify="right" if column == "share" else "left")
     table.add_column("module -> layer")
     table.add_column("share", justify="right")

@@ -278,6 +278,7 @@ class Runner:
     profile_dir: Path | None = None
     log: Callable[[str], None] = print
     profile_gil: bool = False
+    profile_native: bool = False
     profiles: list[str] = field(default_factory=list)
     _count: int = 0
 
@@ -377,8 +378,10 @@ class Runner:
                 "--threads",
                 "--rate",
                 "200",
-                "--nonblocking",
+                "--subprocesses",  # the writer process commits: its samples are the hub's too
                 *(["--gil"] if self.profile_gil else []),
+                # C frames need the process paused for each sample (slower, but whole stacks).
+                *(["--native"] if self.profile_native else ["--nonblocking"]),
             ],
             self.workdir,
             self.env(),
@@ -726,10 +729,11 @@ async def run(
     profile_dir: Path | None = None,
     log: Callable[[str], None] = print,
     profile_gil: bool = False,
+    profile_native: bool = False,
 ) -> dict[str, Any]:
     """Every scenario `repeat` times (the replay: one seeding, `repeat` reconnections),
     kernelhub and its baseline back to back each time. Returns the raw per-run results."""
-    runner = Runner(sizes, workdir, profile_dir, log, profile_gil)
+    runner = Runner(sizes, workdir, profile_dir, log, profile_gil, profile_native)
     # SIGTERM and SIGHUP cancel the run like Ctrl-C does, so every child is stopped on the way out.
     loop, task = asyncio.get_running_loop(), asyncio.current_task()
     if task is not None:
@@ -987,7 +991,8 @@ def _peer_figures(peers: dict[str, Any], sizes: Sizes, add: Callable[..., None])
                 for peer, limit in PEER_TARGETS.items():
                     add(
                         f"peers_{q}_{rate:g}_vs_{peer}",
-                        f"share->delivery {q} at {rate:g} shares/s x {n} receivers",
+                        f"share->delivery {q} at {rate:g} shares/s x {n} receivers, "
+                        f"against {PEER_NAMES[peer]}",
                         "ms",
                         side("kernelhub", i, f"{q}_ms"),
                         side(peer, i, f"{q}_ms"),
