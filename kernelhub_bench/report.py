@@ -157,9 +157,15 @@ def plot_peers(result: dict[str, Any], out: Path) -> None:
                 color=colors[key],
                 label=f"{label} {q}",
             )
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
     axes.set_xscale("log")
     axes.set_yscale("log")
     axes.set_xticks(x, [f"{v:g}" for v in x])
+    axes.xaxis.set_minor_formatter(NullFormatter())
+    axes.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axes.yaxis.set_major_formatter(ScalarFormatter())
+    axes.yaxis.set_minor_formatter(NullFormatter())
     axes.set_xlabel(f"offered load, shares/s (each delivered to {peers['receivers']} receivers)")
     axes.set_ylabel("share -> delivery latency, ms")
     title = f"share->delivery latency beside the peers, {peers['receivers']} receivers"
