@@ -11,15 +11,18 @@ THREAD = "thread (0x7F00) (MainThread)"
 PROFILE = "\n".join(
     [
         # connection.py writing: the leaf is grpc's Cython -> connection.py / grpc
-        f"{THREAD};run (asyncio/base_events.py:1);_send (hub_service/connection.py:10);"
+        f"{THREAD};main (hub_service/cli.py:262);Handle._run (asyncio/events.py:80);"
+        "_send (hub_service/connection.py:10);"
         "write (grpc/_cython/_cygrpc/aio/call.pyx.pxi:5) 6",
         # the router calling into connection.py's own code: charged to connection.py
         f"{THREAD};route (hub_service/router.py:20);offer (hub_service/connection.py:30) 2",
         # the router serializing
         f"{THREAD};route (hub_service/router.py:21);"
         "SerializeToString (google/protobuf/message.py:1) 1",
-        # no hub frame at all: the event loop's own work
-        f"{THREAD};run (asyncio/base_events.py:1);_run (asyncio/events.py:80) 1",
+        # the event loop's own work, under the hub's entry point that runs the loop
+        f"{THREAD};main (hub_service/cli.py:262);run (asyncio/base_events.py:1);"
+        "BaseEventLoop._run_once (asyncio/base_events.py:1922);"
+        "_get_loop (asyncio/mixins.py:13) 1",
         # waiting: not busy, left out
         f"{THREAD};select (selectors.py:1);EpollSelector.select (selectors.py:468) 90",
         "garbage line",
@@ -37,7 +40,7 @@ def test_samples_are_charged_to_the_innermost_hub_module_and_the_leaf_layer(
     assert dict(map(tuple, result["by_module"])) == {
         "connection.py": 0.8,
         "router.py": 0.1,
-        "(no hub frame)": 0.1,
+        "(the event loop itself)": 0.1,
     }
     assert dict(map(tuple, result["by_layer"])) == {
         "grpc": 0.6,
