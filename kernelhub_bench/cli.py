@@ -281,6 +281,7 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "latency_sweep": sweep,
         "peers": summarize_peers(raw["peers"]),
         "hot_spots": {p: hot_spots(Path(p)) for p in raw["profiles"] if Path(p).exists()},
+        "breakdown": {p: breakdown(Path(p)) for p in raw["profiles"] if Path(p).exists()},
         "raw": raw,
     }
     print_report(result, Console())
@@ -317,6 +318,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("the results have no peers' latency (run with --peers)", file=sys.stderr)
                 return 2
             plot_peers(result, args.out)
+        elif not result.get("latency_sweep"):
+            has_peers = (result.get("peers") or {}).get("points")
+            hint = " (this one has the peers': plot --peers)" if has_peers else ""
+            print(f"the results have no latency sweep{hint}", file=sys.stderr)
+            return 2
         else:
             plot_latency(result, args.out)
         print(f"wrote {args.out}")

@@ -121,6 +121,8 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
         console.print(f"peers skipped: {peers['skipped']}")
     for path, spots in result.get("hot_spots", {}).items():
         console.print(hot_spots_table(path, spots))
+    for path, spots in result.get("breakdown", {}).items():
+        console.print(breakdown_table(path, spots))
 
 
 def hot_spots_table(path: str, spots: dict[str, Any]) -> Table:

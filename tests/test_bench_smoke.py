@@ -158,6 +158,18 @@ def test_quick_peers_run_reports_every_system_at_its_rate(tmp_path: Path) -> Non
     (run,) = result["raw"]["peers"]["latency"]
     assert sorted(run["points"][0]["order"]) == ["bare", "jetstream", "kernelhub"]
 
+    plot = tmp_path / "peers.png"
+    drawn = subprocess.run(
+        [*bench_command(), "plot", str(out), str(plot), "--peers"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert drawn.returncode == 0, drawn.stderr[-2000:]
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
 
 def test_peers_are_skipped_with_the_reason_where_nats_server_is_missing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
