@@ -1,10 +1,11 @@
 """`kernelhub-bench`: run the benchmark suite against in-run baselines, and plot it.
 
-kernelhub-bench run [--quick] [--repeat 3] [--json results.json]
+kernelhub-bench run [--quick] [--repeat 3] [--json results.json] [--peers]
                     [--scenarios ingest,fanout,latency,rss,replay] [--profile DIR]
-kernelhub-bench plot results.json docs/latency.png
+kernelhub-bench run --scenarios peers_latency --peer-rates 200 --peer-duration 20 ...
+kernelhub-bench plot results.json docs/latency.png [--peers]
 kernelhub-bench markdown results.json
-kernelhub-bench hot-spots PROFILE.txt [--top 10]
+kernelhub-bench hot-spots PROFILE.txt [--top 10] [--by-module]
 kernelhub-bench soak [--trainers 200] [--duration 10m] [--rate 0.2] [--restart-every 2m]
 kernelhub-bench report-scale [--rows 1000000]
 kernelhub-bench join [--events 1000000] [--joins 5] [--json results.json]
@@ -37,10 +38,30 @@ from hub_service.durations import parse_duration
 
 from . import __version__
 from .common import median
-from .report import hot_spots, hot_spots_table, markdown, plot_latency, print_report
+from .report import (
+    breakdown,
+    breakdown_table,
+    hot_spots,
+    hot_spots_table,
+    markdown,
+    plot_latency,
+    plot_peers,
+    print_report,
+)
 from .report_scale import report_scale
 from .report_scale import summary as scale_summary
-from .runner import FULL, QUICK, SCENARIOS, RunError, other_cores, run, summarize
+from .runner import (
+    DEFAULT_SCENARIOS,
+    FULL,
+    PEER_SCENARIOS,
+    QUICK,
+    SCENARIOS,
+    RunError,
+    other_cores,
+    run,
+    summarize,
+    summarize_peers,
+)
 from .soak import as_json, report, soak
 
 
@@ -52,6 +73,16 @@ def _scenarios(text: str) -> list[str]:
             f"unknown scenario(s) {', '.join(unknown) or '(none)'}; choose from {','.join(SCENARIOS)}"
         )
     return chosen
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of rates: {text!r}") from None
+    if not rates or min(rates) <= 0:
+        raise argparse.ArgumentTypeError("rates must be positive shares/s")
+    return rates
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,8 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument(
         "--scenarios",
         type=_scenarios,
-        default=list(SCENARIOS),
-        help=f"comma-separated, of {','.join(SCENARIOS)}",
+        default=list(DEFAULT_SCENARIOS),
+        help=f"comma-separated, of {','.join(SCENARIOS)} (default: all but the peers)",
+    )
+    run_parser.add_argument(
+        "--peers",
+        action="store_true",
+        help=f"also run {','.join(PEER_SCENARIOS)}: kernelhub beside the bare grpc.aio server "
+        "and NATS JetStream (its own nats-server -js), at fixed absolute rates",
+    )
+    run_parser.add_argument(
+        "--peer-rates",
+        type=_rates,
+        help="the peers' offered shares/s, comma-separated (default 20,100,200,400,800; quick: 20)",
+    )
+    run_parser.add_argument(
+        "--peer-duration", type=float, help="seconds per rate and system (default 4; quick 1.5)"
     )
     run_parser.add_argument(
         "--profile",
@@ -95,16 +140,31 @@ def build_parser() -> argparse.ArgumentParser:
         "core of Python goes, not the time its threads wait)",
     )
     run_parser.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="with --profile: C frames too (grpc's core and Cython, protobuf's upb), so a "
+        "stream write splits into serialization, grpc and the await",
+    )
+    run_parser.add_argument(
         "--keep-workdir", action="store_true", help="keep the temporary directory (databases, logs)"
     )
     plot_parser = commands.add_parser("plot", help="plot latency against offered load")
     plot_parser.add_argument("results", type=Path)
     plot_parser.add_argument("out", type=Path)
+    plot_parser.add_argument(
+        "--peers", action="store_true", help="kernelhub beside the bare server and JetStream"
+    )
     md = commands.add_parser("markdown", help="the results as Markdown tables (for the docs)")
     md.add_argument("results", type=Path)
     hot = commands.add_parser("hot-spots", help="top self-time frames of a py-spy raw profile")
     hot.add_argument("profile", type=Path)
     hot.add_argument("--top", type=int, default=10)
+    hot.add_argument(
+        "--by-module",
+        action="store_true",
+        help="charge each busy sample to the innermost hub module on its stack and to the "
+        "layer its leaf runs in (grpc, protobuf, sql, asyncio, hub code...)",
+    )
     soak_parser = commands.add_parser(
         "soak", help="many trainers for a long time: hub RSS over time, lost and duplicated events"
     )
@@ -217,6 +277,15 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     sizes = QUICK if args.quick else FULL
     if args.connect_trainers is not None:
         sizes = dataclasses.replace(sizes, connect_trainers=args.connect_trainers)
+    if args.peer_rates:
+        sizes = dataclasses.replace(sizes, peer_rates=args.peer_rates)
+    if args.peer_duration:
+        if args.peer_duration <= 0:
+            print("--peer-duration must be positive", file=sys.stderr)
+            return 2
+        sizes = dataclasses.replace(sizes, peer_duration=args.peer_duration)
+    if args.peers:
+        args.scenarios += [s for s in PEER_SCENARIOS if s not in args.scenarios]
     repeat = args.repeat or (1 if args.quick else 3)
     if repeat < 1:
         print("--repeat must be at least 1", file=sys.stderr)
@@ -238,6 +307,7 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 workdir,
                 args.profile,
                 profile_gil=args.profile_gil,
+                profile_native=args.profile_native,
                 log=lambda line: console.print(line, highlight=False),
             )
         )
@@ -270,7 +340,9 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         "machine": machine,
         "figures": figures,
         "latency_sweep": sweep,
+        "peers": summarize_peers(raw["peers"]),
         "hot_spots": {p: hot_spots(Path(p)) for p in raw["profiles"] if Path(p).exists()},
+        "breakdown": {p: breakdown(Path(p)) for p in raw["profiles"] if Path(p).exists()},
         "raw": raw,
     }
     print_report(result, Console())
@@ -325,7 +397,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return cmd_run(args, argv)
     if args.command == "plot":
-        plot_latency(json.loads(args.results.read_text()), args.out)
+        result = json.loads(args.results.read_text())
+        if args.peers:
+            if not (result.get("peers") or {}).get("points"):
+                print("the results have no peers' latency (run with --peers)", file=sys.stderr)
+                return 2
+            plot_peers(result, args.out)
+        elif not result.get("latency_sweep"):
+            has_peers = (result.get("peers") or {}).get("points")
+            hint = " (this one has the peers': plot --peers)" if has_peers else ""
+            print(f"the results have no latency sweep{hint}", file=sys.stderr)
+            return 2
+        else:
+            plot_latency(result, args.out)
         print(f"wrote {args.out}")
         return 0
     if args.command == "soak":
@@ -357,5 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "markdown":
         print(markdown(json.loads(args.results.read_text())), end="")
         return 0
-    Console().print(hot_spots_table(str(args.profile), hot_spots(args.profile, args.top)))
+    if args.by_module:
+        Console().print(breakdown_table(str(args.profile), breakdown(args.profile, args.top)))
+    else:
+        Console().print(hot_spots_table(str(args.profile), hot_spots(args.profile, args.top)))
     return 0

@@ -3,7 +3,7 @@
     python -m kernelhub_bench.load SCENARIO --target 127.0.0.1:PORT [--tokens FILE]
         [--server-pid PID] [--params JSON] [--deadline SECONDS]
 
-Scenarios: `ingest`, `fanout`, `latency`, `idle`, `replay`. Each prints one JSON
+Scenarios: `ingest`, `ingest_client`, `fanout`, `latency`, `idle`, `replay`. Each prints one JSON
 line with its result on stdout (`idle` prints a `{"phase": "connected"}` line
 first and holds its trainers until a line arrives on stdin). Without `--tokens`
 the trainers use placeholder tokens (for the baselines, which check none).
@@ -42,6 +42,7 @@ from .common import (
     hello,
     make_channel,
     median,
+    pattern,
     percentile,
     read_tokens,
     share,
@@ -494,6 +495,51 @@ async def scenario_ingest(args: Context, deadline: Deadline) -> dict[str, Any]:
         await pool.close()
 
 
+async def scenario_ingest_client(args: Context, deadline: Deadline) -> dict[str, Any]:
+    """One trainer shares `count` patterns through the SDK's `HubClient`, `window` awaiting
+    their receipt at a time (the client batches whatever is waiting into one stream message
+    by itself); timed until the last receipt."""
+    # Only this scenario needs the SDK.
+    from trainer_service.sdk.client import HubClient
+    from trainer_service.sdk.errors import HubError
+
+    count = int(args.params["count"])
+    window = int(args.params.get("window", SEND_WINDOW))
+    ((agent_id, token),) = args.tokens(1)
+    patterns = [pattern(f"i.{args.tag}.{i}") for i in range(count)]
+    meter = CpuMeter(args.server_pid)
+    client = HubClient(
+        args.target,
+        agent_id,
+        token,
+        specialization=pb.SPECIALIZATION_NETWORKING,
+        skip_history=True,
+        send_window=window,
+        reconnect_timeout=min(60.0, deadline.left()),
+        send_timeout=min(60.0, deadline.left()),
+    )
+    try:
+        await bounded(client.start(), deadline, "the HubClient's welcome")
+        work = iter(patterns)
+
+        async def worker() -> None:
+            for item in work:
+                await client.share_pattern(item)
+
+        meter.start()
+        start = time.perf_counter()
+        await bounded(
+            asyncio.gather(*(worker() for _ in range(window))), deadline, "the last receipt"
+        )
+        seconds = time.perf_counter() - start
+        cpu = meter.stop()
+    except HubError as exc:
+        raise BenchError(f"HubClient: {type(exc).__name__}: {exc}") from None
+    finally:
+        await client.close()
+    return {"rate": count / seconds, "count": count, "seconds": seconds, "window": window, **cpu}
+
+
 async def scenario_fanout(args: Context, deadline: Deadline) -> dict[str, Any]:
     """One sender shares `count` patterns as fast as its window allows; `receivers` trainers
     each receive every one. Rate: deliveries per second until the last receiver has all."""
@@ -572,6 +618,7 @@ async def scenario_latency(args: Context, deadline: Deadline) -> dict[str, Any]:
                 receiver.warmup = int(n * warmup)
             await asyncio.sleep(0.2)  # let the previous point's tail settle
             swarm.expect(sent + n)
+            responses = sum(r.responses for r in swarm.receivers)
             meter = CpuMeter(args.server_pid)
             meter.start()
             period_ns = int(1e9 / rate)
@@ -588,6 +635,7 @@ async def scenario_latency(args: Context, deadline: Deadline) -> dict[str, Any]:
             await swarm.all_reached(deadline)
             cpu = meter.stop()
             samples = [ns for r in swarm.receivers for ns in r.latencies.get(point, [])]
+            responses = sum(r.responses for r in swarm.receivers) - responses
             points.append(
                 {
                     "fraction": fraction,
@@ -598,6 +646,8 @@ async def scenario_latency(args: Context, deadline: Deadline) -> dict[str, Any]:
                     "p50_ms": percentile(samples, 50) / 1e6,
                     "p99_ms": percentile(samples, 99) / 1e6,
                     "max_ms": max(samples, default=0) / 1e6,
+                    # How many events each stream write carried, this point's alone.
+                    "events_per_response": n * receivers / responses if responses else 0.0,
                     **cpu,
                 }
             )
@@ -853,6 +903,7 @@ async def scenario_replay(args: Context, deadline: Deadline) -> dict[str, Any]:
 
 SCENARIOS: dict[str, Callable[[Context, Deadline], Awaitable[dict[str, Any]]]] = {
     "ingest": scenario_ingest,
+    "ingest_client": scenario_ingest_client,
     "fanout": scenario_fanout,
     "latency": scenario_latency,
     "idle": scenario_idle,

@@ -15,8 +15,10 @@ from rich.table import Table
 def _number(value: float, unit: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    if unit in ("ms", "KiB", "s", "µs"):
+    if unit in ("ms", "KiB", "s", "µs", "cores"):
         return f"{value:,.2f} {unit}" if value < 100 else f"{value:,.0f} {unit}"
+    if unit == "us":
+        return f"{value:,.0f} µs"
     return f"{value:,.0f}/s"
 
 
@@ -70,6 +72,38 @@ def sweep_table(sweep: dict[str, Any]) -> Table:
     return table
 
 
+PEER_SYSTEMS = (("kernelhub", "kernelhub"), ("bare", "bare grpc.aio"), ("jetstream", "JetStream"))
+
+
+def peers_table(peers: dict[str, Any]) -> Table:
+    """Per offered rate: each system's p50/p99 and its server's / load's cores, and
+    kernelhub's ratios to the bare server and to JetStream."""
+    table = Table(
+        title=f"beside the peers, N={peers['receivers']} receivers, one sender (medians; "
+        "cores: server/load/other work)",
+        title_justify="left",
+    )
+    table.add_column("shares/s", justify="right")
+    for _, label in PEER_SYSTEMS:
+        table.add_column(f"{label} p50/p99 ms", justify="right")
+        table.add_column("cores", justify="right")
+    table.add_column("x bare p50/p99", justify="right")
+    table.add_column("x JetStream p50/p99", justify="right")
+    for p in peers["points"]:
+        cells = [f"{p['offered_shares_per_s']:,.0f}"]
+        for key, _ in PEER_SYSTEMS:
+            cells.append(f"{p[key + '_p50_ms']:.1f} / {p[key + '_p99_ms']:.1f}")
+            cells.append(_cores(p, key))
+        cells.append(f"{p['p50_vs_bare']:.2f} / {p['p99_vs_bare']:.2f}")
+        cells.append(f"{p['p50_vs_jetstream']:.2f} / {p['p99_vs_jetstream']:.2f}")
+        table.add_row(*cells)
+    return table
+
+
+def _cores(point: dict[str, Any], system: str) -> str:
+    return "/".join(f"{point[f'{system}_{k}_cores']:.2f}" for k in ("server", "client", "other"))
+
+
 def print_report(result: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     mode = "quick" if result["quick"] else "full"
@@ -80,8 +114,15 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
     console.print(figures_table(result["figures"], title))
     if result.get("latency_sweep"):
         console.print(sweep_table(result["latency_sweep"]))
+    peers = result.get("peers") or {}
+    if peers.get("points"):
+        console.print(peers_table(peers))
+    if peers.get("skipped"):
+        console.print(f"peers skipped: {peers['skipped']}")
     for path, spots in result.get("hot_spots", {}).items():
         console.print(hot_spots_table(path, spots))
+    for path, spots in result.get("breakdown", {}).items():
+        console.print(breakdown_table(path, spots))
 
 
 def hot_spots_table(path: str, spots: dict[str, Any]) -> Table:
@@ -95,6 +136,54 @@ def hot_spots_table(path: str, spots: dict[str, Any]) -> Table:
     for frame, share in spots["top"]:
         table.add_row(f"{share:.1%}", frame)
     return table
+
+
+def plot_peers(result: dict[str, Any], out: Path) -> None:
+    """p50/p99 share->delivery latency against the absolute offered rate, every system."""
+    import matplotlib  # lazily: only `plot` needs it (the `bench` extra)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peers = result["peers"]
+    points = peers["points"]
+    x = [p["offered_shares_per_s"] for p in points]
+    figure, axes = plt.subplots(figsize=(8, 5), dpi=110)
+    colors = {"kernelhub": "tab:blue", "bare": "tab:gray", "jetstream": "tab:orange"}
+    for key, label in PEER_SYSTEMS:
+        for q, style in (("p50", "o-"), ("p99", "s--")):
+            axes.plot(
+                x,
+                [p[f"{key}_{q}_ms"] for p in points],
+                style,
+                color=colors[key],
+                label=f"{label} {q}",
+            )
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xticks(x, [f"{v:g}" for v in x])
+    axes.xaxis.set_minor_formatter(NullFormatter())
+    axes.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axes.yaxis.set_major_formatter(ScalarFormatter())
+    axes.yaxis.set_minor_formatter(NullFormatter())
+    axes.set_xlabel(f"offered load, shares/s (each delivered to {peers['receivers']} receivers)")
+    axes.set_ylabel("share -> delivery latency, ms")
+    title = f"share->delivery latency beside the peers, {peers['receivers']} receivers"
+    machine = result.get("machine", {})
+    if "other_cores_median" in machine:
+        title += (
+            f"\n{machine.get('cpus')} cores; other work on the machine took "
+            f"{machine['other_cores_median']:.2f} cores (median) while measuring"
+        )
+    axes.set_title(title, fontsize=10)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8, ncol=3)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out)
+    plt.close(figure)
 
 
 def plot_latency(result: dict[str, Any], out: Path) -> None:
@@ -158,8 +247,9 @@ def plot_latency(result: dict[str, Any], out: Path) -> None:
     plt.close(figure)
 
 
-_THREAD = re.compile(r"^(thread|process) \(")
-_THREAD_ID = re.compile(r" \(\d+\)")
+_THREAD = re.compile(r"^thread \((?:\d+|0x[0-9A-Fa-f]+)\):? ?(.*)$")
+_PROCESS = re.compile(r"^process \d+:")
+_FRAME_FILE = re.compile(r"\(([^()]*?)(?::\d+)?\)$")
 # Leaf frames that are a thread waiting, not working: py-spy cannot always tell them apart
 # (a thread blocked in C with the GIL released looks busy), so they are left out by name.
 IDLE_FRAMES = (
@@ -169,6 +259,22 @@ IDLE_FRAMES = (
     "Condition.wait (",
     "Event.wait (",
 )
+
+
+def split_stack(stack: str) -> tuple[str, list[str]]:
+    """A py-spy raw stack (`--threads`, maybe `--subprocesses`) as (thread, frames): the
+    thread's name, prefixed "child process" for a child's (the hub's writer), and its Python
+    frames (process command lines, which may hold semicolons themselves, left out)."""
+    parts = stack.split(";")
+    marks = [i for i, part in enumerate(parts) if _THREAD.match(part)]
+    if not marks:
+        return "?", [p for p in parts if _FRAME_FILE.search(p) and not _PROCESS.match(p)]
+    at = marks[-1]
+    match = _THREAD.match(parts[at])
+    name = (match.group(1) if match else "").strip().strip("()") or "?"
+    if sum(1 for part in parts[:at] if _PROCESS.match(part)) > 1:
+        name = f"child process {name}"
+    return name, parts[at + 1 :]
 
 
 def hot_spots(path: Path, top: int = 10) -> dict[str, Any]:
@@ -184,20 +290,116 @@ def hot_spots(path: Path, top: int = 10) -> dict[str, Any]:
             continue
         samples = int(count)
         total += samples
-        frames = stack.split(";")
-        thread = _THREAD_ID.sub("", frames[0]) if _THREAD.match(frames[0]) else "?"
-        frames = [f for f in frames if not _THREAD.match(f)]
+        thread, frames = split_stack(stack)
         if not frames or frames[-1].startswith(IDLE_FRAMES):
             continue
         busy += samples
         self_time[frames[-1]] += samples
-        threads[thread.removeprefix("thread: ").strip()] += samples
+        threads[thread] += samples
     return {
         "samples": total,
         "busy_samples": busy,
         "threads": {t: n / busy for t, n in threads.most_common()} if busy else {},
         "top": [[frame, n / busy] for frame, n in self_time.most_common(top)] if busy else [],
     }
+
+
+# What a busy sample was running: the innermost frame on its stack whose file names one of
+# these (first match wins). Frames of libc or the interpreter name none, so a syscall or an
+# allocation counts for the library that made it (with `--native`; without, C code is
+# invisible and counts for the Python line that called it).
+LAYERS = (
+    ("grpc", ("grpc/", "cygrpc")),
+    ("protobuf", ("google/protobuf", "google/_upb", "_message.abi3")),
+    ("sql", ("sqlalchemy/", "sqlmodel/", "sqlite3/", "psycopg/", "_sqlite")),
+    ("pickle / pipe", ("pickle", "multiprocessing/", "copyreg")),
+    ("asyncio", ("asyncio/", "_asynciomodule")),
+    ("hub code", ("hub_service/",)),
+    ("generated", ("generated/",)),
+    ("logging", ("logging/",)),
+)
+
+
+# The event loop dispatching: what runs below these frames is a callback or a task step.
+LOOP_FRAMES = ("Handle._run (asyncio/events.py", "BaseEventLoop._run_once (asyncio/")
+
+
+def _frame_file(frame: str) -> str:
+    match = _FRAME_FILE.search(frame)
+    return match.group(1) if match else frame
+
+
+def _layer(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        path = _frame_file(frame)
+        for name, marks in LAYERS:
+            if any(mark in path for mark in marks):
+                return name
+    return "other"
+
+
+def breakdown(path: Path, top: int = 12) -> dict[str, Any]:
+    """Where a py-spy raw profile's busy samples go (waiting frames left out, as in
+    hot_spots): each sample is charged to the innermost hub_service module on its stack
+    (whose call it was: connection.py writing, router.py routing, ...) and to the layer it
+    runs in (LAYERS: grpc, protobuf, sql, asyncio, the hub's own code, ...)."""
+    modules: Counter[str] = Counter()
+    layers: Counter[str] = Counter()
+    pairs: Counter[str] = Counter()
+    busy = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        _, frames = split_stack(stack)
+        if not frames or frames[-1].startswith(IDLE_FRAMES):
+            continue
+        samples = int(count)
+        busy += samples
+        # Only frames the event loop called count as owners: below the last loop frame, the
+        # hub's entry point (cli.py running the loop) would own the loop's own work.
+        loop = max((i for i, f in enumerate(frames) if f.startswith(LOOP_FRAMES)), default=-1)
+        owner = next(
+            (
+                _frame_file(f).rsplit("hub_service/", 1)[1]
+                for f in reversed(frames[loop + 1 :])
+                if "hub_service/" in _frame_file(f)
+            ),
+            "(the event loop itself)" if loop >= 0 else "(no hub frame)",
+        )
+        layer = _layer(frames)
+        modules[owner] += samples
+        layers[layer] += samples
+        pairs[f"{owner} -> {layer}"] += samples
+
+    def shares(counter: Counter[str]) -> list[list[Any]]:
+        return [[k, n / busy] for k, n in counter.most_common(top)] if busy else []
+
+    return {
+        "busy_samples": busy,
+        "by_module": shares(modules),
+        "by_layer": shares(layers),
+        "by_module_and_layer": shares(pairs),
+    }
+
+
+def breakdown_table(path: str, spots: dict[str, Any]) -> Table:
+    table = Table(
+        title=f"where the hub's busy samples go ({path}, {spots['busy_samples']:,} samples)",
+        title_justify="left",
+    )
+    for column in ("hub module (innermost on the stack)", "share", "layer", "share"):
+        table.add_column(column, justify="right" if column == "share" else "left")
+    table.add_column("module -> layer")
+    table.add_column("share", justify="right")
+    rows = max(len(spots["by_module"]), len(spots["by_module_and_layer"]))
+    for i in range(rows):
+        cells: list[str] = []
+        for key in ("by_module", "by_layer", "by_module_and_layer"):
+            entries = spots[key]
+            cells += [entries[i][0], f"{entries[i][1]:.1%}"] if i < len(entries) else ["", ""]
+        table.add_row(*cells)
+    return table
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -232,4 +434,23 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {p['kernelhub_p99_ms']:.1f} ms | {p['baseline_p50_ms']:.1f} ms "
                 f"| {p['baseline_p99_ms']:.1f} ms | {p.get('other_cores', 0.0):.2f} |"
             )
+    peers = result.get("peers") or {}
+    if peers.get("points"):
+        lines += [
+            "",
+            f"Beside the peers, N={peers['receivers']} receivers, one sender (medians of the "
+            "runs; cores: server / load / other work on the machine):",
+            "",
+            "| shares/s | kernelhub p50 / p99 | cores | bare grpc.aio p50 / p99 | cores "
+            "| JetStream p50 / p99 | cores | kernelhub / bare | kernelhub / JetStream |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for p in peers["points"]:
+            cells = [f"{p['offered_shares_per_s']:,.0f}"]
+            for key, _ in PEER_SYSTEMS:
+                cells.append(f"{p[key + '_p50_ms']:.1f} / {p[key + '_p99_ms']:.1f} ms")
+                cells.append(_cores(p, key))
+            cells.append(f"{p['p50_vs_bare']:.2f}x / {p['p99_vs_bare']:.2f}x")
+            cells.append(f"{p['p50_vs_jetstream']:.2f}x / {p['p99_vs_jetstream']:.2f}x")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

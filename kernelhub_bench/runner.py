@@ -31,7 +31,13 @@ from .common import LOOPBACK, die_with_parent, median
 PYTHON = sys.executable
 HUB_READY = re.compile(r"kernelhub serving on 127\.0\.0\.1:(\d+)")
 BASELINE_READY = re.compile(r"baseline \w+ serving on 127\.0\.0\.1:(\d+)")
-SCENARIOS = ("ingest", "fanout", "latency", "rss", "connect", "interest", "replay")
+NATS_READY = re.compile(r"Listening for client connections on 127\.0\.0\.1:(\d+)")
+DEFAULT_SCENARIOS = ("ingest", "fanout", "latency", "rss", "connect", "interest", "replay")
+# Beside the peers (`run --peers`): NATS JetStream and the bare server, at fixed absolute rates.
+PEER_SCENARIOS = ("peers_latency", "peers_ingest", "peers_fanout")
+SCENARIOS = DEFAULT_SCENARIOS + PEER_SCENARIOS
+# Where Debian puts nats-server (/usr/sbin is not on every PATH).
+NATS_SERVER_PATHS = ("/usr/sbin/nats-server", "/usr/bin/nats-server")
 
 
 class RunError(Exception):
@@ -50,6 +56,11 @@ class Sizes:
     latency_calibrate_count: int
     idle_trainers: int
     replay_count: int
+    peer_rates: tuple[float, ...]  # absolute offered shares/s of the peers' latency points
+    peer_receivers: int
+    peer_duration: float  # seconds per rate and system
+    peer_ingest_count: int
+    peer_fanout_count: int
     connect_trainers: int = 1_000  # the connect storm (`--connect-trainers 5000` for more)
     interest_receivers: int = 200  # interest-filtered fan-out: trainers, 8 specializations
     interest_count: int = 2_000  # shares, each specialization in turn
@@ -71,6 +82,11 @@ FULL = Sizes(
     latency_calibrate_count=6_000,
     idle_trainers=1_000,
     replay_count=100_000,
+    peer_rates=(20, 100, 200, 400, 800),
+    peer_receivers=50,
+    peer_duration=4.0,
+    peer_ingest_count=20_000,
+    peer_fanout_count=4_000,
 )
 QUICK = Sizes(
     ingest_count=2_000,
@@ -86,6 +102,11 @@ QUICK = Sizes(
     connect_trainers=100,
     interest_receivers=16,
     interest_count=400,
+    peer_rates=(20,),
+    peer_receivers=10,
+    peer_duration=1.5,
+    peer_ingest_count=1_000,
+    peer_fanout_count=500,
 )
 
 
@@ -128,12 +149,15 @@ class Child:
                 text += path.read_text(errors="replace")
         return "\n".join(text.splitlines()[-lines:])
 
-    async def wait_for_line(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+    async def wait_for_line(
+        self, pattern: re.Pattern[str], timeout: float, stderr: bool = False
+    ) -> re.Match[str]:
         assert self.process is not None
+        path = self.stderr_path if stderr else self.stdout_path
         until = time.monotonic() + timeout
         while time.monotonic() < until:
             with contextlib.suppress(OSError):
-                match = pattern.search(self.stdout_path.read_text(errors="replace"))
+                match = pattern.search(path.read_text(errors="replace"))
                 if match:
                     return match
             if self.process.returncode is not None:
@@ -221,7 +245,7 @@ def hub_argv(db: Path, port: int) -> list[str]:
 class Server:
     """A server under test: the hub or a baseline."""
 
-    kind: str  # "kernelhub" or "baseline"
+    kind: str  # "kernelhub", "baseline" or "jetstream"
     pid: int
     port: int
     tokens: Path | None
@@ -231,6 +255,28 @@ class Server:
         return f"{LOOPBACK}:{self.port}"
 
 
+def find_nats_server() -> str | None:
+    """nats-server on PATH or where Debian installs it; None when it is not there."""
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    return next((p for p in NATS_SERVER_PATHS if os.access(p, os.X_OK)), None)
+
+
+def peers_missing() -> str | None:
+    """Why the peers cannot run here (nats-server or nats-py missing), or None."""
+    if find_nats_server() is None:
+        return (
+            "nats-server not found (Debian: apt-get install nats-server; scripts/setup does it "
+            "as root): the comparison with NATS JetStream is skipped"
+        )
+    try:
+        import nats  # noqa: F401
+    except ImportError:
+        return "nats-py not installed (pip install -e '.[bench]'): the peers are skipped"
+    return None
+
+
 @dataclass
 class Runner:
     sizes: Sizes
@@ -238,6 +284,7 @@ class Runner:
     profile_dir: Path | None = None
     log: Callable[[str], None] = print
     profile_gil: bool = False
+    profile_native: bool = False
     profiles: list[str] = field(default_factory=list)
     _count: int = 0
 
@@ -295,6 +342,29 @@ class Runner:
         finally:
             await child.stop()
 
+    @contextlib.asynccontextmanager
+    async def nats(self, label: str) -> AsyncIterator[Server]:
+        """Our own `nats-server -js` on a free loopback port with a fresh store directory
+        (never the machine's own NATS service)."""
+        binary = find_nats_server()
+        if binary is None:
+            raise RunError("nats-server not found")
+        name = self._name(f"nats-{label}")
+        store = self.workdir / f"{name}.store"
+        store.mkdir()
+        child = Child(
+            name,
+            [binary, "-js", "-a", LOOPBACK, "-p", "-1", "-m", "0", "-sd", str(store)],
+            self.workdir,
+            self.env(),
+        )
+        try:
+            await child.start()
+            port = int((await child.wait_for_line(NATS_READY, 60, stderr=True)).group(1))
+            yield Server("jetstream", child.pid, port, None)
+        finally:
+            await child.stop()
+
     async def _profile(self, pid: int, label: str) -> Child:
         assert self.profile_dir is not None
         self.profile_dir.mkdir(parents=True, exist_ok=True)
@@ -314,8 +384,10 @@ class Runner:
                 "--threads",
                 "--rate",
                 "200",
-                "--nonblocking",
+                "--subprocesses",  # the writer process commits: its samples are the hub's too
                 *(["--gil"] if self.profile_gil else []),
+                # C frames need the process paused for each sample (slower, but whole stacks).
+                *(["--native"] if self.profile_native else ["--nonblocking"]),
             ],
             self.workdir,
             self.env(),
@@ -337,20 +409,13 @@ class Runner:
     ) -> dict[str, Any]:
         """Runs one load process against `server`; returns its result (RunError if it failed)."""
         name = self._name(f"load-{scenario}-{server.kind}")
-        argv = [
-            PYTHON,
-            "-m",
-            "kernelhub_bench.load",
-            scenario,
-            "--target",
-            server.target,
-            "--server-pid",
-            str(server.pid),
-            "--params",
-            json.dumps(params),
-            "--deadline",
-            str(deadline),
-        ]
+        if server.kind == "jetstream":
+            argv = [PYTHON, "-m", "kernelhub_bench.jetstream", scenario]
+            argv += ["--url", f"nats://{server.target}"]
+        else:
+            argv = [PYTHON, "-m", "kernelhub_bench.load", scenario, "--target", server.target]
+        argv += ["--server-pid", str(server.pid), "--params", json.dumps(params)]
+        argv += ["--deadline", str(deadline)]
         if server.tokens is not None:
             argv += ["--tokens", str(server.tokens)]
         stderr = (self.workdir / f"{name}.err").open("wb")
@@ -592,6 +657,87 @@ class Runner:
         )
         return {"kernelhub": mine, "baseline": theirs}
 
+    # --- beside the peers: the bare server and NATS JetStream --------------------------
+
+    @contextlib.asynccontextmanager
+    async def peers(self, agents: int, label: str) -> AsyncIterator[dict[str, Server]]:
+        """The three systems side by side, each in its own process(es)."""
+        async with (
+            self.hub(agents, label) as hub,
+            self.baseline("fanout", label) as bare,
+            self.nats(label) as jetstream,
+        ):
+            yield {"kernelhub": hub, "bare": bare, "jetstream": jetstream}
+
+    async def peers_latency(self, run_index: int) -> dict[str, Any]:
+        """p50/p99 share -> delivery for each system at each absolute rate; the systems take
+        turns per rate (the order rotates, so no system always goes first)."""
+        sizes = self.sizes
+        receivers, duration = sizes.peer_receivers, sizes.peer_duration
+        out: dict[str, Any] = {"receivers": receivers, "points": []}
+        async with self.peers(receivers + 1, "peers-latency") as servers:
+            names = list(servers)
+            for i, rate in enumerate(sizes.peer_rates):
+                turn = (run_index + i) % len(names)
+                order = names[turn:] + names[:turn]
+                point: dict[str, Any] = {"offered_shares_per_s": rate, "order": order}
+                for system in order:
+                    params = {"receivers": receivers, "duration": duration, "rates": [rate]}
+                    result = await self.load(
+                        "latency", servers[system], params, deadline=duration * 3 + 90
+                    )
+                    point[system] = result["points"][0]
+                out["points"].append(point)
+                self.log(
+                    f"  peers @ {rate:,.0f} shares/s x {receivers}: "
+                    + ", ".join(
+                        f"{s} p50 {point[s]['p50_ms']:.1f} p99 {point[s]['p99_ms']:.1f} ms "
+                        f"({_cores(point[s])})"
+                        for s in names
+                    )
+                )
+        return out
+
+    async def peers_ingest(self) -> dict[str, Any]:
+        """Durable ingest from one publisher, 256 in flight: receipts (or acks) per second."""
+        count = self.sizes.peer_ingest_count
+        params = {"count": count}
+        deadline = count / 200 + 60
+        async with self.peers(1, "peers-ingest") as servers:
+            out = {
+                "kernelhub": await self.load("ingest", servers["kernelhub"], params, deadline),
+                "kernelhub_client": await self.load(
+                    "ingest_client", servers["kernelhub"], params, deadline
+                ),
+                "bare": await self.load("ingest", servers["bare"], params, deadline),
+                "jetstream": await self.load("ingest", servers["jetstream"], params, deadline),
+            }
+        for result in out.values():
+            result["server_us_per_message"] = (
+                result["server_cores"] * result["seconds"] / result["count"] * 1e6
+            )
+        self.log(
+            "  peers ingest: "
+            + ", ".join(
+                f"{k} {r['rate']:,.0f}/s, {r['server_us_per_message']:.0f} us/msg ({_cores(r)})"
+                for k, r in out.items()
+            )
+        )
+        return out
+
+    async def peers_fanout(self) -> dict[str, Any]:
+        """Fan-out at saturation to the peers' receivers, the three systems back to back."""
+        receivers, count = self.sizes.peer_receivers, self.sizes.peer_fanout_count
+        params = {"receivers": receivers, "count": count}
+        deadline = count * receivers / 2000 + 90
+        async with self.peers(receivers + 1, "peers-fanout") as servers:
+            out = {k: await self.load("fanout", s, params, deadline) for k, s in servers.items()}
+        self.log(
+            f"  peers fan-out N={receivers}: "
+            + ", ".join(f"{k} {r['rate']:,.0f}/s ({_cores(r)})" for k, r in out.items())
+        )
+        return out
+
 
 def _cores(result: dict[str, Any]) -> str:
     return "/".join(
@@ -629,10 +775,11 @@ async def run(
     profile_dir: Path | None = None,
     log: Callable[[str], None] = print,
     profile_gil: bool = False,
+    profile_native: bool = False,
 ) -> dict[str, Any]:
     """Every scenario `repeat` times (the replay: one seeding, `repeat` reconnections),
     kernelhub and its baseline back to back each time. Returns the raw per-run results."""
-    runner = Runner(sizes, workdir, profile_dir, log, profile_gil)
+    runner = Runner(sizes, workdir, profile_dir, log, profile_gil, profile_native)
     # SIGTERM and SIGHUP cancel the run like Ctrl-C does, so every child is stopped on the way out.
     loop, task = asyncio.get_running_loop(), asyncio.current_task()
     if task is not None:
@@ -647,6 +794,12 @@ async def run(
         "interest": [],
         "replay": None,
     }
+    raw["peers"] = {"latency": [], "ingest": [], "fanout": [], "skipped": None}
+    wanted_peers = [s for s in scenarios if s in PEER_SCENARIOS]
+    if wanted_peers and (reason := peers_missing()) is not None:
+        log(f"[yellow]peers skipped:[/yellow] {reason}")
+        raw["peers"]["skipped"] = reason
+        wanted_peers = []
     started = time.monotonic()
     for index in range(repeat):
         log(f"run {index + 1} of {repeat}")
@@ -663,6 +816,12 @@ async def run(
             raw["connect"].append(await runner.connect())
         if "interest" in scenarios:
             raw["interest"].append(await runner.interest())
+        if "peers_latency" in wanted_peers:
+            raw["peers"]["latency"].append(await runner.peers_latency(index))
+        if "peers_ingest" in wanted_peers:
+            raw["peers"]["ingest"].append(await runner.peers_ingest())
+        if "peers_fanout" in wanted_peers:
+            raw["peers"]["fanout"].append(await runner.peers_fanout())
     if "replay" in scenarios:
         raw["replay"] = await runner.replay(repeat)
     raw["seconds"] = time.monotonic() - started
@@ -905,4 +1064,136 @@ def summarize(raw: dict[str, Any], sizes: Sizes) -> tuple[list[dict[str, Any]], 
             "bare in-memory replay",
             ("min", 50_000.0),
         )
+    _peer_figures(raw.get("peers") or {}, sizes, add)
     return figures, sweep
+
+
+# The issue's targets beside the peers: (rates, kernelhub <= x bare, kernelhub <= x JetStream).
+PEER_LATENCY_TARGET_RATES = (200, 400, 800)
+PEER_TARGETS = {"bare": 1.5, "jetstream": 2.0}
+PEER_NAMES = {"bare": "bare grpc.aio fan-out", "jetstream": "NATS JetStream (nats-py)"}
+HUB_CORES_RATE = 200
+HUB_CORES_MAX = 0.4
+
+
+def _target_rates(rates: list[float]) -> list[float]:
+    """The rates with targets; a run without any of them (the quick one) shows its highest."""
+    chosen = [r for r in rates if r in PEER_LATENCY_TARGET_RATES]
+    return chosen or rates[-1:]
+
+
+def _peer_figures(peers: dict[str, Any], sizes: Sizes, add: Callable[..., None]) -> None:
+    """The figures beside the peers (the whole per-rate table: summarize_peers)."""
+    runs = peers.get("latency") or []
+    if runs:
+        rates = [p["offered_shares_per_s"] for p in runs[0]["points"]]
+        n = runs[0]["receivers"]
+
+        def side(system: str, i: int, key: str) -> list[float]:
+            return [r["points"][i][system][key] for r in runs]
+
+        for rate in _target_rates(rates):
+            i = rates.index(rate)
+            for q in ("p50", "p99"):
+                for peer, limit in PEER_TARGETS.items():
+                    add(
+                        f"peers_{q}_{rate:g}_vs_{peer}",
+                        f"share->delivery {q} at {rate:g} shares/s x {n} receivers, "
+                        f"against {PEER_NAMES[peer]}",
+                        "ms",
+                        side("kernelhub", i, f"{q}_ms"),
+                        side(peer, i, f"{q}_ms"),
+                        f"{PEER_NAMES[peer]}, same rate",
+                        ("ratio_max", limit) if rate in PEER_LATENCY_TARGET_RATES else None,
+                    )
+        rate = HUB_CORES_RATE if HUB_CORES_RATE in rates else rates[-1]
+        i = rates.index(rate)
+        add(
+            f"peers_hub_cores_{rate:g}",
+            f"hub CPU at {rate:g} shares/s x {n} receivers (with its writer process)",
+            "cores",
+            side("kernelhub", i, "server_cores"),
+            side("bare", i, "server_cores"),
+            "bare grpc.aio fan-out's CPU, same rate",
+            ("max", HUB_CORES_MAX) if rate == HUB_CORES_RATE else None,
+        )
+    ingest = peers.get("ingest") or []
+    if ingest:
+
+        def rate_of(system: str, key: str = "rate") -> list[float]:
+            return [r[system][key] for r in ingest]
+
+        count = ingest[0]["kernelhub"]["count"]
+        add(
+            "peers_ingest_vs_bare",
+            f"durable ingest, 1 publisher, 256 in flight, one share per message ({count:,})",
+            "shares/s",
+            rate_of("kernelhub"),
+            rate_of("bare"),
+            "bare grpc.aio server's receipts",
+            ("ratio_min", 0.9),
+        )
+        add(
+            "peers_ingest_vs_jetstream",
+            "durable ingest, one share per message, against JetStream",
+            "shares/s",
+            rate_of("kernelhub"),
+            rate_of("jetstream"),
+            "JetStream publish-with-ack, 256 in flight",
+        )
+        add(
+            "peers_ingest_client_vs_jetstream",
+            "durable ingest through HubClient (it batches what waits), 256 in flight",
+            "shares/s",
+            rate_of("kernelhub_client"),
+            rate_of("jetstream"),
+            "JetStream publish-with-ack, 256 in flight",
+            ("ratio_min", 1.0),
+        )
+        for system, label in (
+            ("kernelhub", "one share per message"),
+            ("kernelhub_client", "HubClient"),
+        ):
+            add(
+                f"peers_ingest_cpu_{system}",
+                f"server CPU per durable message, {label}",
+                "us",
+                rate_of(system, "server_us_per_message"),
+                rate_of("jetstream", "server_us_per_message"),
+                "nats-server's CPU per acked publish",
+            )
+    fanout = peers.get("fanout") or []
+    if fanout:
+        n = fanout[0]["kernelhub"]["receivers"]
+        for peer, limit in (("bare", 1.3), ("jetstream", 1.4)):
+            add(
+                f"peers_fanout_vs_{peer}",
+                f"fan-out at saturation to N={n}",
+                "events/s",
+                [r["kernelhub"]["rate"] for r in fanout],
+                [r[peer]["rate"] for r in fanout],
+                f"{PEER_NAMES[peer]}, same load",
+                ("ratio_min", limit),
+            )
+
+
+def summarize_peers(peers: dict[str, Any]) -> dict[str, Any]:
+    """The per-rate table beside the peers: each system's median p50/p99 and the cores of its
+    server and of its load (which side was the bottleneck), with kernelhub's paired ratios."""
+    runs = peers.get("latency") or []
+    out: dict[str, Any] = {"skipped": peers.get("skipped"), "points": []}
+    if not runs:
+        return out
+    out["receivers"] = runs[0]["receivers"]
+    systems = ("kernelhub", "bare", "jetstream")
+    for i, first in enumerate(runs[0]["points"]):
+        row: dict[str, Any] = {"offered_shares_per_s": first["offered_shares_per_s"]}
+        for system in systems:
+            for key in ("p50_ms", "p99_ms", "server_cores", "client_cores", "other_cores"):
+                row[f"{system}_{key}"] = median([r["points"][i][system][key] for r in runs])
+        for peer in ("bare", "jetstream"):
+            for q in ("p50_ms", "p99_ms"):
+                pairs = [(r["points"][i]["kernelhub"][q], r["points"][i][peer][q]) for r in runs]
+                row[f"{q.removesuffix('_ms')}_vs_{peer}"] = median([m / t for m, t in pairs if t])
+        out["points"].append(row)
+    return out

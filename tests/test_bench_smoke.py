@@ -231,3 +231,97 @@ async def test_the_replicas_benchmark_measures_each_replica_count(tmp_path: Path
     assert row["replicas"] == 2 and row["shares"] == 40
     assert row["ingest_per_s"] > 0 and row["deliveries_per_s"] > 0
     assert row["wal_bytes_per_event"] > 0  # every committed event is written ahead
+
+
+PEER_FIGURES = {
+    "peers_p50_20_vs_bare",
+    "peers_p50_20_vs_jetstream",
+    "peers_p99_20_vs_bare",
+    "peers_p99_20_vs_jetstream",
+    "peers_hub_cores_20",
+    "peers_ingest_vs_bare",
+    "peers_ingest_vs_jetstream",
+    "peers_ingest_client_vs_jetstream",
+    "peers_ingest_cpu_kernelhub",
+    "peers_ingest_cpu_kernelhub_client",
+    "peers_fanout_vs_bare",
+    "peers_fanout_vs_jetstream",
+}
+
+
+# A hang guard only: ~35 s on a loaded machine.
+@pytest.mark.timeout(400)
+def test_quick_peers_run_reports_every_system_at_its_rate(tmp_path: Path) -> None:
+    """kernelhub, the bare server and our own nats-server -js, at 20 shares/s to 10 receivers
+    for 1.5 s each, then ingest and fan-out: every figure measured, with its baseline."""
+    from kernelhub_bench.runner import peers_missing
+
+    if (reason := peers_missing()) is not None:
+        pytest.skip(reason)
+    out = tmp_path / "peers.json"
+    scenarios = "peers_latency,peers_ingest,peers_fanout"
+    completed = subprocess.run(
+        [*bench_command(), "run", "--quick", "--scenarios", scenarios, "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=360,
+        check=False,
+    )
+    assert completed.returncode == 0, (
+        f"kernelhub-bench failed ({completed.returncode}):\n"
+        f"{completed.stderr[-4000:]}\n{completed.stdout[-4000:]}"
+    )
+    assert "beside the peers" in completed.stdout  # the per-rate table
+
+    result = json.loads(out.read_text())
+    figures = {figure["key"]: figure for figure in result["figures"]}
+    assert set(figures) == PEER_FIGURES
+    for key, figure in figures.items():
+        for field in ("kernelhub", "baseline", "ratio"):
+            assert positive(figure[field]), f"{key}: {field} = {figure[field]!r}"
+        assert figure["baseline_name"]
+    # The quick rate (20/s) is below the targets' rates: only the rate-free targets judge.
+    for key in ("peers_ingest_vs_bare", "peers_ingest_client_vs_jetstream", "peers_fanout_vs_bare"):
+        assert figures[key]["met"] in (True, False), f"{key} has a target"
+
+    peers = result["peers"]
+    assert peers["skipped"] is None and peers["receivers"] == 10
+    (point,) = peers["points"]
+    assert point["offered_shares_per_s"] == 20
+    for system in ("kernelhub", "bare", "jetstream"):
+        for field in ("p50_ms", "p99_ms", "server_cores", "client_cores"):
+            assert positive(point[f"{system}_{field}"]), f"{system} {field}"
+    for field in ("p50_vs_bare", "p99_vs_bare", "p50_vs_jetstream", "p99_vs_jetstream"):
+        assert positive(point[field]), field
+    # Every system took its turn at the rate.
+    (run,) = result["raw"]["peers"]["latency"]
+    assert sorted(run["points"][0]["order"]) == ["bare", "jetstream", "kernelhub"]
+
+    plot = tmp_path / "peers.png"
+    drawn = subprocess.run(
+        [*bench_command(), "plot", str(out), str(plot), "--peers"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert drawn.returncode == 0, drawn.stderr[-2000:]
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_peers_are_skipped_with_the_reason_where_nats_server_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from kernelhub_bench import runner
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(runner, "NATS_SERVER_PATHS", ())
+    lines: list[str] = []
+    raw = asyncio.run(runner.run(runner.QUICK, 1, ["peers_latency"], tmp_path, log=lines.append))
+    assert "nats-server not found" in raw["peers"]["skipped"]
+    assert any("peers skipped" in line and "apt-get install nats-server" in line for line in lines)
+    assert raw["peers"]["latency"] == [] and list(tmp_path.iterdir()) == []  # nothing started
