@@ -20,13 +20,13 @@ from hub_service.roles import Role
 from hub_service.testing import TestHub
 from trainer_service import HubClient
 from validator_service.builder import Builder, BuildLimits
-from validator_service.sandbox import Limits, Sandbox
+from validator_service.sandbox import MEMORY_BUDGET, Limits, Sandbox, _read_time
 from validator_service.worker import Validator
 
 from .conftest import make_config
 
 LIMITS = BuildLimits(
-    build=Limits(cpu_seconds=4, wall_seconds=20, memory_bytes=512 << 20, processes=32),
+    build=Limits(cpu_seconds=4, wall_seconds=20, memory_bytes=256 << 20, processes=16),
     test=Limits(
         cpu_seconds=1, wall_seconds=3, memory_bytes=128 << 20, processes=16, disk_bytes=32 << 20
     ),
@@ -205,7 +205,7 @@ async def test_without_the_sandbox_every_verdict_says_so_and_other_languages_are
     )
     warned = await builder.validate(sloppy)
     assert warned.state == pb.VALIDATION_STATE_PASSED and warned.warning_count == 1
-    assert "unused" in warned.diagnostics
+    assert "1 warnings, the first at component.c:1:" in warned.diagnostics
     rust = pb.Artifact(
         kind=pb.ARTIFACT_KIND_OS_COMPONENT,
         os_component=pb.OsComponent(language="rust", implementation="fn main() {}"),
@@ -219,7 +219,7 @@ async def test_without_the_sandbox_every_verdict_says_so_and_other_languages_are
     )
     failed = await builder.validate(broken)
     assert failed.state == pb.VALIDATION_STATE_FAILED and not failed.build_ok
-    assert "error" in failed.diagnostics and "component.c" in failed.diagnostics
+    assert "1 errors" in failed.diagnostics and "component.c" in failed.diagnostics
 
 
 @needs_tools
@@ -233,3 +233,142 @@ async def test_self_tests_that_would_outlast_the_lease_are_not_run(work: Path) -
     verdict = await builder.validate(artifact, deadline=time.monotonic())  # the lease is over
     assert verdict.state == pb.VALIDATION_STATE_TIMED_OUT and verdict.build_ok
     assert verdict.tests_run == 0 and "lease" in verdict.test_results[0].detail
+
+
+def artifact(code: str, entry: str = "t") -> pb.Artifact:
+    return pb.Artifact(
+        kind=pb.ARTIFACT_KIND_CODE_COMPONENT, code_component=component("hostile", code, entry)
+    )
+
+
+def host_file(directory: Path, name: str, text: str) -> Path:
+    """A host file the uid the code runs as can read (as many a host file is)."""
+    directory.chmod(0o755)
+    path = directory / name
+    path.write_text(text)
+    path.chmod(0o644)
+    return path
+
+
+async def sandboxed(work: Path) -> Builder:
+    sandbox = Sandbox()
+    await sandbox.check()
+    builder = Builder(sandbox, LIMITS, work)
+    await builder.start()
+    return builder
+
+
+# Swaps GNU time's report (where the code can find it) for a symlink to a host file.
+SWAP_REPORT = r"""
+#define _DEFAULT_SOURCE
+#include <dirent.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+static void swap(const char *p) { unlink(p); symlink("{target}", p); }
+int t(void) {
+    DIR *d = opendir("/work"); struct dirent *e; char p[300];
+    while (d && (e = readdir(d))) if (!strncmp(e->d_name, ".peak-", 6)) {
+        snprintf(p, sizeof p, "/work/%s", e->d_name); swap(p);
+    }
+    swap("/run/kernelhub-time");
+    return 0;
+}
+"""
+
+
+@needs_tools
+async def test_the_code_cannot_swap_gnu_times_report(tmp_path: Path, work: Path) -> None:
+    host = host_file(tmp_path, "forged", "9999999\n")
+    builder = await sandboxed(work)
+    verdict = await builder.validate(artifact(SWAP_REPORT.replace("{target}", str(host))))
+    assert verdict.state == pb.VALIDATION_STATE_PASSED, verdict
+    assert 0 < verdict.peak_memory_kib < 9999999
+    # Read as if hostile: a FIFO neither blocks nor counts, nor does a symlink.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "link"
+    link.symlink_to(host)
+    assert await asyncio.wait_for(asyncio.to_thread(_read_time, fifo), 5) == (0, 0)
+    assert _read_time(link) == (0, 0)
+
+
+# Each returns 0 if the sandbox let it take what it should not.
+ESCAPES = {
+    "write_root": '#include <stdio.h>\nint t(void) { return fopen("/probe", "w") == 0; }\n',
+    "write_dev": '#include <stdio.h>\nint t(void) { return fopen("/dev/probe", "w") == 0; }\n',
+    "fill_shm": (  # 32 MiB of RAM in four files (each under the file size limit)
+        "#include <stdio.h>\n"
+        "int t(void) { static char b[1 << 20]; char n[32]; for (int k = 0; k < 4; k++) {"
+        ' sprintf(n, "/dev/shm/x%d", k); FILE *f = fopen(n, "w"); if (!f) return 1;'
+        " for (int i = 0; i < 8; i++) if (fwrite(b, 1, sizeof b, f) != sizeof b) return 1;"
+        " if (fclose(f) != 0) return 1; } return 0; }\n"
+    ),
+    "nested_userns": (
+        "#define _GNU_SOURCE\n#include <sched.h>\n"
+        "int t(void) { return unshare(CLONE_NEWUSER) != 0; }\n"
+    ),
+}
+
+
+@needs_tools
+@pytest.mark.parametrize("name", sorted(ESCAPES))
+async def test_no_ram_backed_writes_nor_nested_namespaces(name: str, work: Path) -> None:
+    builder = await sandboxed(work)
+    verdict = await builder.validate(artifact(ESCAPES[name]))
+    assert verdict.build_ok and verdict.state == pb.VALIDATION_STATE_FAILED, verdict
+    assert "returned 1" in verdict.test_results[0].detail
+
+
+def test_limits_refuse_a_worst_case_past_the_memory_budget() -> None:
+    with pytest.raises(ValueError, match="memory budget"):
+        Limits(processes=64, memory_bytes=512 << 20)
+    assert Limits().processes * Limits().memory_bytes <= MEMORY_BUDGET
+
+
+UNTESTED = "\n".join(
+    f"int f{i}(int x) {{\n  if (x) return {i};\n  return x;\n}}" for i in range(20)
+)
+
+
+@needs_tools
+async def test_line_directives_do_not_hide_untested_lines(work: Path) -> None:
+    builder = await sandboxed(work)
+    elsewhere = 'int t(void) {\n  return 0;\n}\n#line 1 "elsewhere.c"\n' + UNTESTED + "\n"
+    covered = await builder.validate(artifact(elsewhere))
+    assert covered.state == pb.VALIDATION_STATE_PASSED
+    assert 0 < covered.line_coverage < 0.2, covered.line_coverage
+
+
+@needs_tools
+async def test_a_failing_build_cannot_pass_for_a_sandbox_failure(work: Path) -> None:
+    builder = await sandboxed(work)
+    blame = '#line 1 "bwrap: cannot start"\nint t(void) { return undefined_thing; }\n'
+    failed = await builder.validate(artifact(blame))
+    assert failed.state == pb.VALIDATION_STATE_FAILED and not failed.build_ok, failed
+
+
+@needs_tools
+async def test_without_the_sandbox_diagnostics_quote_no_host_file(
+    tmp_path: Path, work: Path
+) -> None:
+    secret = host_file(tmp_path, "validator.token", "kh-secret-token-value\n")
+    builder = Builder(Sandbox(enabled=False), LIMITS, work)
+    await builder.start()
+    verdict = await builder.validate(
+        artifact(f'#include "{secret}"\nint t(void) {{ return 0; }}\n')
+    )
+    assert verdict.state == pb.VALIDATION_STATE_FAILED, verdict
+    assert "kh-secret" not in verdict.diagnostics and "errors" in verdict.diagnostics
+
+
+def test_the_validator_refuses_limits_past_the_memory_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from validator_service.cli import main
+
+    token = tmp_path / "token"
+    token.write_text("unused")
+    argv = ["run", "--token-file", str(token), "--memory-mib", "1024", "--max-processes", "64"]
+    assert main(argv) == 1
+    assert "memory budget" in capsys.readouterr().err

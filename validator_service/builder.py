@@ -45,7 +45,11 @@ BUILD = (
     f"{CC} -std=c99 -Wall -Wextra -O0 --coverage -Dmain=kernelhub_main -c component.c"
     f" -o component.o && {CC} -std=c99 -O0 --coverage harness.c component.o -o selftest"
 )
-_COVERAGE = re.compile(rb"File 'component\.c'\s*\nLines executed:\s*([0-9.]+)% of (\d+)")
+# Every file gcov reports for component.gcno: `#line` can put the component's lines under
+# any name, so all count. (Coverage is measured in the code's own process, from a .gcda it
+# writes: forgeable in principle; it is a hint, not a proof.)
+_COVERAGE = re.compile(rb"File '[^'\n]*'\s*\nLines executed:\s*([0-9.]+)% of (\d+)")
+_LOCATION = re.compile(rb"^([^:\n]*:\d+(?::\d+)?): (?:fatal )?(?:error|warning)", re.M)
 _RETURNED = re.compile(rb"kernelhub-selftest returned (-?\d+)")
 
 
@@ -127,6 +131,18 @@ class Builder:
         )
         return self.sandbox.prepare(scratch)
 
+    def _diagnostics(self, stderr: bytes) -> str:
+        """The compiler's words; without a sandbox only counts and the first location: it
+        quotes whatever the code `#include`s, and there that is any file the host has."""
+        if self.sandbox.enabled:
+            return stderr.decode(errors="replace")
+        first = _LOCATION.search(stderr)
+        where = f", the first at {first.group(1).decode(errors='replace')}" if first else ""
+        return (
+            f"{stderr.count(b'error:')} errors, {stderr.count(b'warning:')} warnings{where}"
+            " (the text is left out: without a sandbox it may quote host files)"
+        )
+
     async def _build_and_test(
         self,
         scratch: Path,
@@ -144,8 +160,10 @@ class Builder:
         compiled = await self._run(["/bin/sh", "-c", BUILD], scratch, build)
         verdict.warning_count = compiled.stderr.count(b"warning:")
         verdict.peak_memory_kib = compiled.peak_kib
-        if compiled.returncode != 0 and compiled.stderr.startswith(b"bwrap:"):
-            # The sandbox did not start: the validator's failure, not the component's.
+        if not compiled.started:
+            # The sandbox did not start (its marker never came): the validator's failure, not
+            # the component's. What stderr says is not the test: the compiler prints the
+            # code's `#line` names there.
             verdict.state = pb.VALIDATION_STATE_ERROR
             verdict.diagnostics = compiled.stderr.decode(errors="replace")[:MAX_DIAGNOSTICS]
             return
@@ -154,13 +172,13 @@ class Builder:
             verdict.state = (
                 pb.VALIDATION_STATE_TIMED_OUT if compiled.timed_out else pb.VALIDATION_STATE_FAILED
             )
-            text = compiled.stderr.decode(errors="replace")
+            text = self._diagnostics(compiled.stderr)
             ended = compiled.why(build)
             verdict.diagnostics = f"build failed ({ended}):\n{text}"[:MAX_DIAGNOSTICS]
             return
         verdict.build_ok = True
         if verdict.warning_count:
-            verdict.diagnostics = compiled.stderr.decode(errors="replace")[:MAX_DIAGNOSTICS]
+            verdict.diagnostics = self._diagnostics(compiled.stderr)[:MAX_DIAGNOSTICS]
         timed_out = False
         test = self.limits.test
         for name in entry_points:
@@ -186,8 +204,11 @@ class Builder:
             timed_out = timed_out or ran.timed_out
             verdict.test_results.add(name=name, passed=passed, detail=detail[:MAX_DETAIL])
         coverage = await self._run([GCOV, "-n", "component.c"], scratch, replace(build))
-        if (m := _COVERAGE.search(coverage.stdout)) is not None:
-            verdict.line_coverage = min(1.0, float(m.group(1)) / 100.0)
+        files = _COVERAGE.findall(coverage.stdout)
+        total = sum(int(lines) for _, lines in files)
+        if total:
+            executed = sum(float(pct) * int(lines) / 100.0 for pct, lines in files)
+            verdict.line_coverage = min(1.0, round(executed) / total)
         if verdict.tests_passed == len(entry_points):
             verdict.state = pb.VALIDATION_STATE_PASSED
         elif timed_out:

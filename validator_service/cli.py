@@ -73,6 +73,11 @@ def limits_from(args: argparse.Namespace) -> BuildLimits:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    try:
+        limits = limits_from(args)
+    except ValueError as error:  # processes x memory past the budget
+        print(f"kernelhub-validator cannot start: {error}", file=sys.stderr)
+        return 1
     sandbox = Sandbox(enabled=not args.no_sandbox, bwrap=args.bwrap)
     try:
         await sandbox.check()
@@ -82,7 +87,7 @@ async def _run(args: argparse.Namespace) -> int:
     if args.no_sandbox:
         log.warning("running WITHOUT a sandbox: the code sees this host (--no-sandbox)")
     token = args.token_file.read_text().strip()
-    builder = Builder(sandbox, limits_from(args), args.work_dir)
+    builder = Builder(sandbox, limits, args.work_dir)
     validator = Validator(args.hub, token, builder, args.name)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -4,6 +4,15 @@ dies with the validator) around prlimit (CPU, address space, processes, file siz
 and GNU time (peak memory), as an unprivileged uid, under a wall-clock timeout and an
 output cap. The validator only talks to it with asyncio subprocesses.
 
+Memory: the address-space limit is per process, so `processes` x `memory_bytes` (+ the
+/dev/shm cap) is what one run may take at most; Limits refuses more than MEMORY_BUDGET.
+Inside, `/` and `/dev` are read-only (they are tmpfs: RAM), /dev/shm is capped, and no
+nested user namespace can be made.
+
+GNU time's report goes to a file outside the scratch dir, bound in as a single file (which
+the code cannot unlink or replace) and read back defensively: the code may still write
+into it, so the peak memory it gives is the code's word, never trusted for a limit.
+
 `--no-sandbox` keeps the rlimits, the timeout and the cap but drops bubblewrap: the code
 then sees the host (every verdict says `sandboxed: false`).
 """
@@ -16,6 +25,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +43,13 @@ UID_BASE, UID_COUNT = 200_000, 1_000_000
 # The toolchain: read-only, and all the code can see of the host.
 READ_ONLY = ("/usr", "/etc/alternatives")
 SCRATCH = "/work"  # where the scratch directory appears inside
+REPORT = "/run/kernelhub-time"  # where GNU time's report file appears inside
+SH = "/bin/sh"
+# Printed inside the sandbox (to stderr) before the tool runs: its absence, and not what
+# stderr says (the code controls that), tells a sandbox that did not start.
+STARTED = 'printf "%s\\n" "$0" >&2 && exec "$@"'
+MEMORY_BUDGET = 4 << 30  # processes x address space, per run
+REPORT_BYTES = 4096  # of GNU time's report read back
 
 
 class SandboxUnavailable(RuntimeError):
@@ -45,14 +62,24 @@ class Limits:
 
     cpu_seconds: int = 10
     wall_seconds: float = 30.0
-    memory_bytes: int = 512 * 1024 * 1024  # address space
-    processes: int = 64  # per uid: the compiler's own children fit, a fork bomb does not
+    memory_bytes: int = 256 * 1024 * 1024  # address space, per process
+    processes: int = 16  # per uid: the compiler's own children fit, a fork bomb does not
     file_bytes: int = 16 * 1024 * 1024
     output_bytes: int = 64 * 1024  # stdout and stderr kept; beyond, the run is killed
     # The scratch dir on the host's disk: FSIZE caps each file, this the whole dir (bytes
     # and entries), checked every DISK_POLL seconds while a step runs; beyond, it is killed.
     disk_bytes: int = 64 * 1024 * 1024
     disk_entries: int = 4096
+    shm_bytes: int = 16 * 1024 * 1024  # /dev/shm inside (tmpfs: RAM)
+
+    def __post_init__(self) -> None:
+        """Refuse limits whose worst case (every process at its address-space limit) is
+        more than the stated budget: the per-process limit alone does not bound a run."""
+        if self.processes * self.memory_bytes > MEMORY_BUDGET:
+            raise ValueError(
+                f"{self.processes} processes x {self.memory_bytes >> 20} MiB is more than "
+                f"the memory budget of {MEMORY_BUDGET >> 20} MiB per run"
+            )
 
 
 @dataclass(frozen=True)
@@ -66,6 +93,7 @@ class RunResult:
     timed_out: bool = False  # the wall clock ran out
     output_exceeded: bool = False
     disk_exceeded: bool = False
+    started: bool = True  # the sandbox started (its marker came before the tool ran)
 
     def why(self, limits: Limits) -> str:
         """In words, what ended a run that did not exit 0."""
@@ -93,9 +121,19 @@ class Sandbox:
         self._as_root = os.geteuid() == 0
 
     def _wrap(
-        self, argv: Sequence[str], scratch: Path, limits: Limits, peak_file: str, uid: int
+        self,
+        argv: Sequence[str],
+        scratch: Path,
+        limits: Limits,
+        report: Path,
+        uid: int,
+        marker: str,
     ) -> list[str]:
         limited = [
+            SH,
+            "-c",
+            STARTED,
+            marker,
             PRLIMIT,
             f"--cpu={limits.cpu_seconds}",
             f"--as={limits.memory_bytes}",
@@ -106,13 +144,14 @@ class Sandbox:
             "-f",
             "%M",
             "-o",
-            peak_file,
+            REPORT if self.enabled else str(report),
             *argv,
         ]
         drop = [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
         if not self.enabled:
             return (drop if self._as_root else []) + limited
-        jail = [self.bwrap, "--unshare-all", "--die-with-parent", "--new-session"]
+        jail = [self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns"]
+        jail += ["--die-with-parent", "--new-session"]
         jail += ["--uid", str(NOBODY), "--gid", str(NOBODY)]
         for path in READ_ONLY:
             if Path(path).exists():
@@ -121,6 +160,8 @@ class Sandbox:
             if Path(f"/usr/{link}").exists():
                 jail += ["--symlink", f"usr/{link}", f"/{link}"]
         jail += ["--proc", "/proc", "--dev", "/dev", "--bind", str(scratch), SCRATCH]
+        jail += ["--size", str(limits.shm_bytes), "--tmpfs", "/dev/shm"]
+        jail += ["--bind", str(report), REPORT, "--remount-ro", "/dev", "--remount-ro", "/"]
         jail += ["--chdir", SCRATCH, "--clearenv", "--setenv", "PATH", "/usr/bin:/bin"]
         jail += ["--setenv", "TMPDIR", f"{SCRATCH}/tmp", "--setenv", "HOME", SCRATCH]
         # bubblewrap as the component's uid too: the processes the code makes count against
@@ -145,13 +186,33 @@ class Sandbox:
     ) -> RunResult:
         """Run `argv` (paths as the code sees them) in the sandbox, in `scratch`, as `uid`
         (from `prepare`)."""
-        peak_name = f".peak-{secrets.token_hex(4)}"
-        peak_host = scratch / peak_name
-        peak_file = f"{SCRATCH}/{peak_name}" if self.enabled else str(peak_host)
+        reports = await asyncio.to_thread(self._report_file, uid)
+        try:
+            return await self._run(argv, scratch, limits, uid, reports / "time")
+        finally:
+            await asyncio.to_thread(shutil.rmtree, reports, True)
+
+    def _report_file(self, uid: int) -> Path:
+        """A directory of the validator's, outside the scratch dir, holding an empty file
+        GNU time (as `uid`) may write: the code never sees the directory."""
+        directory = Path(tempfile_dir())
+        directory.chmod(0o711)
+        fd = os.open(directory / "time", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            if self._as_root:
+                os.fchown(fd, uid, uid)
+        finally:
+            os.close(fd)
+        return directory
+
+    async def _run(
+        self, argv: Sequence[str], scratch: Path, limits: Limits, uid: int, report: Path
+    ) -> RunResult:
+        marker = f"kernelhub-sandbox-{secrets.token_hex(16)}"
         loop = asyncio.get_running_loop()
         start = loop.time()
         process = await asyncio.create_subprocess_exec(
-            *self._wrap(argv, scratch, limits, peak_file, uid),
+            *self._wrap(argv, scratch, limits, report, uid, marker),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -213,13 +274,15 @@ class Sandbox:
         wall = loop.time() - start
         code = process.returncode if process.returncode is not None else -signal.SIGKILL
         code = code if code >= 0 else 128 - code  # killed itself: as a shell says it
-        peak, killed_by = _read_time(peak_host)
+        peak, killed_by = await asyncio.to_thread(_read_time, report)
         if code > 128 and not killed_by:
             killed_by = code - 128
+        started = stderr.startswith(marker.encode() + b"\n")
         return RunResult(
             returncode=code,
             stdout=stdout,
-            stderr=stderr,
+            stderr=stderr[len(marker) + 1 :] if started else stderr,
+            started=started,
             wall_seconds=wall,
             peak_kib=peak,
             signal=killed_by,
@@ -252,7 +315,7 @@ class Sandbox:
             )
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        if result.returncode != 0 or result.stdout.strip() != b"ok":
+        if not result.started or result.returncode != 0 or result.stdout.strip() != b"ok":
             raise SandboxUnavailable(
                 f"bubblewrap cannot start a sandbox here (exit {result.returncode}: "
                 f"{result.stderr.decode(errors='replace').strip()[:300]}); it needs unprivileged "
@@ -302,11 +365,22 @@ def _kill(process: asyncio.subprocess.Process) -> None:
 
 
 def _read_time(path: Path) -> tuple[int, int]:
-    """GNU time's report: peak RSS in KiB, and the signal that killed the command (or 0)."""
+    """GNU time's report: peak RSS in KiB, and the signal that killed the command (or 0).
+    Opened as if hostile (no symlink, no blocking on a FIFO, a regular file only, 4 KiB at
+    most): the code could write into it. Blocking: call it off the event loop."""
     try:
-        lines = path.read_text(errors="replace").splitlines()[-4:]
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return 0, 0
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return 0, 0
+        text = os.read(fd, REPORT_BYTES).decode(errors="replace")
+    except OSError:
+        return 0, 0
+    finally:
+        os.close(fd)
+    lines = text.splitlines()[-4:]
     peak = int(lines[-1]) if lines and lines[-1].strip().isdigit() else 0
     killed = 0
     for line in lines:
