@@ -42,7 +42,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 async def serve(args: argparse.Namespace) -> None:
     feed = HubFeed(args.hub, read_token(args.token_file), Aggregate())
     config = uvicorn.Config(
-        make_app(feed),
+        make_app(feed, [args.host]),
         log_level=args.log_level.lower(),
         timeout_graceful_shutdown=2,  # open pages hold event streams: do not wait on them
         lifespan="on",

@@ -3,7 +3,9 @@ that carry a snapshot to each open page a few times a second.
 
 Everything an agent supplied reaches the browser as JSON, and the pages put it into the
 document as text only (never as markup); the Content-Security-Policy allows scripts from
-this server alone, so even a slip could not run an injected one.
+this server alone, so even a slip could not run an injected one. Only requests naming this
+server (the configured host, localhost, 127.0.0.1) in their Host header are answered: a
+page elsewhere cannot rebind its own name to this address and read the dashboard.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from importlib import resources
 from typing import Any
 
@@ -19,6 +21,7 @@ import grpc
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -72,7 +75,13 @@ def _page(name: str) -> FileResponse:
     return FileResponse(str(STATIC / name), media_type="text/html")
 
 
-def make_app(feed: HubFeed) -> Starlette:
+LOCAL_HOSTS = ("localhost", "127.0.0.1")
+
+
+def make_app(feed: HubFeed, hosts: Sequence[str] = ()) -> Starlette:
+    """The app; `hosts`: names besides LOCAL_HOSTS that its Host header may give (the
+    configured one): any other is refused (DNS rebinding)."""
+    allowed = sorted({*LOCAL_HOSTS, *hosts})
     snapshots = Snapshots(feed.aggregate)
 
     async def index(request: Request) -> Response:
@@ -146,7 +155,7 @@ def make_app(feed: HubFeed) -> Starlette:
             Route("/api/artifact/{artifact_id:path}", artifact),
             Mount("/static", StaticFiles(directory=str(STATIC)), name="static"),
         ],
-        middleware=[Middleware(_Headers)],
+        middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed), Middleware(_Headers)],
         lifespan=lifespan,
     )
 

@@ -9,7 +9,8 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.request import urlopen
+from urllib.error import HTTPError
+from urllib.request import Request, urlopen
 
 import pytest
 from playwright.async_api import Browser, Page
@@ -206,3 +207,45 @@ async def test_a_dashboard_with_a_bad_token_says_so(hub: HubServer) -> None:
                 await asyncio.sleep(0.1)
                 error = await asyncio.to_thread(feed_error)
         assert "invalid, expired or revoked token" in error
+
+
+def _status(url: str, host: str) -> int:
+    try:
+        with urlopen(Request(url, headers={"Host": host}), timeout=WAIT) as response:
+            return int(response.status)
+    except HTTPError as error:
+        return error.code
+
+
+async def test_the_dashboard_answers_only_its_own_host_names(hub: HubServer) -> None:
+    """A page on another site that rebinds its name to this address sends that name as
+    Host: refused, so the dashboard's data stays unread cross-origin."""
+    token = await hub.issue_token("dash", role=Role.OBSERVER)
+    async with dashboard_beside(f"127.0.0.1:{hub.port}", token, 0) as dashboard:
+        port = dashboard.url.rstrip("/").rsplit(":", 1)[1]
+        snapshot = dashboard.url + "api/snapshot"
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example"):
+            assert await asyncio.to_thread(_status, snapshot, host) == 400, host
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
+            assert await asyncio.to_thread(_status, snapshot, host) == 200, host
+
+
+async def test_the_graph_takes_agents_named_like_its_edges(
+    hub: HubServer, browser: Browser
+) -> None:
+    token = await hub.issue_token("dash", role=Role.OBSERVER)
+    async with dashboard_beside(f"127.0.0.1:{hub.port}", token, 0) as dashboard:
+        page = await browser.new_page(bypass_csp=True)
+        problems: list[str] = []
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        await page.goto(dashboard.url)
+        await page.wait_for_function("typeof drawGraph === 'function'", timeout=BROWSER_WAIT_MS)
+        # One call draws and counts: the next snapshot may redraw the graph after it.
+        drawn = await page.evaluate(
+            "() => { drawGraph([{a: 'e0', b: 'e1', count: 1}, {a: 'e1', b: 'p:0', count: 2}]);"
+            " return [graph.nodes().length, graph.edges().length,"
+            " graph.nodes().map((n) => n.data('agent')).sort()]; }"
+        )
+        await page.close()
+    assert drawn == [3, 2, ["e0", "e1", "p:0"]], drawn
+    assert problems == [], problems

@@ -32,7 +32,7 @@ const graph = cytoscape({
   ],
   userZoomingEnabled: true,
 });
-graph.on("tap", "node", (event) => { window.location.href = "/agent/" + encodeURIComponent(event.target.id()); });
+graph.on("tap", "node", (event) => { window.location.href = "/agent/" + encodeURIComponent(event.target.data("agent")); });
 
 function drawShares(shares) {
   sharesChart.data.labels = shares.seconds.map((s) => new Date(s * 1000).toLocaleTimeString());
@@ -56,8 +56,9 @@ function drawGraph(edges) {
   const nodes = new Set();
   for (const e of edges) { nodes.add(e.a); nodes.add(e.b); }
   const elements = [];
-  for (const id of nodes) elements.push({ data: { id: id, label: id } });
-  edges.forEach((e, i) => elements.push({ data: { id: "e" + i, source: e.a, target: e.b, width: Math.min(1 + e.count, 6) } }));
+  // Nodes and edges share one id space: prefixed apart, so an agent named "e0" is no edge.
+  for (const id of nodes) elements.push({ data: { id: "a:" + id, agent: id, label: id } });
+  edges.forEach((e, i) => elements.push({ data: { id: "p:" + i, source: "a:" + e.a, target: "a:" + e.b, width: Math.min(1 + e.count, 6) } }));
   graph.elements().remove();
   graph.add(elements);
   graph.layout({ name: "circle", animate: false }).run();
