@@ -105,13 +105,20 @@ def stamp(tx: StateTx, artifact: pb.Artifact, contributor: str) -> pb.Artifact:
     return artifact
 
 
-def add_artifact(tx: StateTx, artifact: pb.Artifact, seq: int) -> None:
-    """Store a stamped artifact; a component also joins the validation queue."""
+def add_artifact(
+    tx: StateTx, artifact: pb.Artifact, seq: int, audience: frozenset[str] = frozenset()
+) -> None:
+    """Store a stamped artifact; a component also joins the validation queue (its verdict
+    goes to `audience`, or by subscription when that is empty)."""
     tx.add_artifact(artifact, seq)
     if artifact.kind in COMPONENT_KINDS:
         tx.add_validation_job(
             ValidationJobRow(
-                artifact_id=artifact.artifact_id, seq=seq, available_at=tx.now, created_at=tx.now
+                artifact_id=artifact.artifact_id,
+                seq=seq,
+                available_at=tx.now,
+                created_at=tx.now,
+                audience="\n".join(sorted(audience)),
             )
         )
 
@@ -321,7 +328,7 @@ class DeliverFeature:
             frozenset({request.requester_id}),
             feature_delivered=pb.FeatureDelivered(request_id=request.request_id, artifact=artifact),
         )
-        add_artifact(tx, artifact, seq)
+        add_artifact(tx, artifact, seq, frozenset({request.requester_id, self.agent_id}))
         tx.put_delivery(
             FeatureDeliveryRow(
                 artifact_id=artifact.artifact_id,
@@ -534,9 +541,9 @@ def _record_verdict(
     artifact: pb.Artifact,
     verdict: pb.ValidationVerdict,
 ) -> None:
-    """Store the verdict with the artifact, end the job, and tell the agents: the
-    `artifact_validated` event goes to those whose subscription matches the artifact itself
-    (its kind, specializations, contributor), as its share did."""
+    """Store the verdict with the artifact, end the job, and tell the agents: a delivery's
+    verdict goes to its requester and deliverer only; a share's to those whose subscription
+    matches the artifact (its kinds and specializations), as its share did."""
     verdict.validator_id = sender
     verdict.validate_time.CopyFrom(tx.now_pb)
     artifact.verdict.CopyFrom(verdict)
@@ -547,7 +554,7 @@ def _record_verdict(
         tx,
         outcome,
         sender,
-        None,
+        frozenset(job.audience.split("\n")) if job.audience else None,
         about=pb.HubEvent(sender_id=artifact.contributor_id, artifact_shared=artifact),
         artifact_validated=pb.ArtifactValidated(
             artifact_id=artifact.artifact_id,

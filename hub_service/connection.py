@@ -63,10 +63,13 @@ class Connection:
         metrics: HubMetrics,
         linger: float = 0.0,
         read_log: ReadLog | None = None,
+        head: Callable[[], int] = lambda: 0,
     ) -> None:
         """`max_bytes`: what one response may carry (`paging.budget` of the message limit);
         `read_log`: where it catches up from (default: the events the agent is entitled to;
-        a Watch stream reads every event)."""
+        a Watch stream reads every event); `head`: the newest seq published to the streams
+        (a log read that reached the end leaves the cursor there, matches or not)."""
+        self._head = head
         self.agent_id = hello.agent_id
         self.subscription = Filter.of(hello.subscription)
         # Bumped by a Subscribe: a log read begun before it is not used.
@@ -442,6 +445,7 @@ class Connection:
         """
         self._joining = []
         epoch = self._epoch
+        head = self._head()  # every event up to it was committed before the read began
         try:
             events = await self._read_log(
                 self.cursor, self._replay_page, self._max_bytes, self.subscription
@@ -457,6 +461,9 @@ class Connection:
                 self._events.append(event)
                 self.cursor = event.seq
         if not events.more and joining is not None:
+            # The read reached the log's end: nothing up to `head` is owed any more, even
+            # where the filter let nothing through (so a resume or a pin starts from here).
+            self.cursor = max(self.cursor, head)
             for event in joining:
                 if event.seq > self.cursor:
                     self._events.append(event)

@@ -140,6 +140,10 @@ class ValidationJobRow(SQLModel, table=True):
     lease_id: str = Field(default="", max_length=64)  # the latest lease
     validator_id: str = Field(default="", max_length=128)  # who holds (held) it
     verdict_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    # Who hears the verdict: empty for a share (subscribers to such artifacts), else the
+    # agents its event went to, newline-separated (a feature delivery's requester and
+    # deliverer: a private exchange stays private).
+    audience: str = Field(default="", max_length=260)
     created_at: datetime = Field(default_factory=utcnow)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -69,7 +68,6 @@ class LogFollower:
         self.published = 0  # every event up to it has been routed (or was before start)
         # Committed here, not yet routed: bounded by the committer's queue and batches.
         self._local: deque[tuple[Outcome, Callable[[], None]]] = deque()
-        self._checked = 0.0  # time.monotonic() of the last supersession check
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.listener: asyncio.Task[None] | None = None  # LISTEN's task (a test may end it)
@@ -81,7 +79,11 @@ class LogFollower:
         """Route what commits after `head` (the log's head when the hub started)."""
         self.published = self._router.last_published_seq = head
         self.listener = asyncio.create_task(self._listen(), name="replica-listen")
-        self._tasks = [asyncio.create_task(self._run(), name="replica-log"), self.listener]
+        self._tasks = [
+            asyncio.create_task(self._run(), name="replica-log"),
+            asyncio.create_task(self._supersede(), name="replica-supersede"),
+            self.listener,
+        ]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -117,12 +119,17 @@ class LogFollower:
                 _TROUBLE.warning("replica: cannot read the shared log: %s", error.message)
             except Exception:
                 log.exception("replica: routing the shared log failed")
-            if time.monotonic() - self._checked >= SUPERSEDE_CHECK_SECONDS:
-                self._checked = time.monotonic()
-                try:
-                    await self._end_superseded()
-                except StatusError as error:
-                    _TROUBLE.warning("replica: cannot read presence: %s", error.message)
+
+    async def _supersede(self) -> None:
+        """Its own task, so its reads never hold up routing (or receipts)."""
+        while True:
+            await asyncio.sleep(SUPERSEDE_CHECK_SECONDS)
+            try:
+                await self._end_superseded()
+            except StatusError as error:  # the database is down: the next round retries
+                _TROUBLE.warning("replica: cannot read presence: %s", error.message)
+            except Exception:
+                log.exception("replica: the supersession check failed")
 
     async def _advance(self, read: bool) -> None:
         """Route everything committed after `published`: local outcomes as they stand, the

@@ -116,6 +116,7 @@ class Sessions:
             max_bytes=self._budget,
             linger=self._config.stream_linger,
             metrics=self._metrics,
+            head=lambda: self._router.last_published_seq,
         )
         if hello.skip_history:
             connection.cursor = max(connection.cursor, self._router.last_published_seq)
@@ -213,9 +214,12 @@ class Sessions:
         superseded = connection.end_status is not None and (
             connection.end_status[0] == grpc.StatusCode.ABORTED
         )
-        # Superseded (here, or by a stream on another replica): the agent is online there.
-        if self._router.detach(connection) and not superseded:
+        # Detached here but superseded (by a stream on another replica): gone from this
+        # replica's presence, but online there, so no AgentOffline.
+        detached = self._router.detach(connection)
+        if detached:
             self._router.went_offline(connection.agent_id)
+        if detached and not superseded:
             with contextlib.suppress(StatusError, TimeoutError):
                 await asyncio.wait_for(
                     self._committer.submit(cmd.AgentOffline(connection.agent_id)),

@@ -63,14 +63,21 @@ def make_engine(database_url: str, busy_timeout_ms: int = 5000) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms))
         return engine
-    # Timestamps are stored as naive UTC: a PostgreSQL session in another time zone would
-    # convert the hub's aware UTC values to its local time on the way in.
-    connect_args = (
-        {"connect_timeout": 5, "options": "-c timezone=UTC"}
-        if database_url.startswith("postgresql")
-        else {}
-    )
-    return create_engine(database_url, pool_size=8, pool_pre_ping=True, connect_args=connect_args)
+    connect_args = {"connect_timeout": 5} if database_url.startswith("postgresql") else {}
+    engine = create_engine(database_url, pool_size=8, pool_pre_ping=True, connect_args=connect_args)
+    if database_url.startswith("postgresql"):
+        event.listen(engine, "connect", _utc_session)
+    return engine
+
+
+def _utc_session(connection: Any, _record: Any) -> None:
+    """Timestamps are stored as naive UTC: a PostgreSQL session in another time zone would
+    convert the hub's aware UTC values to its local time on the way in. (A SET, not the
+    `options` connect argument, which would replace a URL's own options.)"""
+    autocommit = connection.autocommit
+    connection.autocommit = True
+    connection.execute("SET TIME ZONE 'UTC'")
+    connection.autocommit = autocommit
 
 
 def session(engine: Engine) -> Session:

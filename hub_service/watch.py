@@ -107,10 +107,15 @@ class Watches:
                 after, limit, max_bytes
             ),
             metrics=self._metrics,
+            head=lambda: self._router.last_published_seq,
         )
         head = self._router.last_published_seq
         if request.skip_history:
             watcher.cursor = head
+        elif watcher.cursor == 0:
+            # From the beginning: what the log still holds (a cursor below the mark would
+            # look like a reader pinning pruning far behind).
+            watcher.cursor = self._retention.oldest_seq - 1
         # Presence is state, not in the log: a watcher gets it as a trainer does.
         self._router.watch(watcher, kinds is None or bool(kinds & PRESENCE_KINDS))
         log.info("%s watching (after seq %d)", watcher.agent_id, watcher.cursor)

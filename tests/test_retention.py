@@ -514,3 +514,21 @@ async def test_db_check_finds_a_pruned_log_healthy(tmp_path: Path) -> None:
         assert hub.retention.oldest_seq > 5
     code, out, err = await db_cli("check", "--db", str(db))
     assert code == 0 and out.startswith("ok: no problems found"), out + err
+
+
+async def test_a_filtered_stream_s_cursor_reaches_the_head_it_read_to(url: str) -> None:
+    """A stream whose filter matched nothing in the log still ends its read at the head: it
+    pins no old seq and resumes from there, not from its last match (which retention may
+    prune while nothing it wants was)."""
+    config = make_config(url, **QUIET)
+    async with running(config) as (hub, harness):
+        seqs = await share_many(harness, "AI_Node_3", 10, "p")
+        quiet = pb.Subscription(contributors=["nobody"])
+        trainer = await harness.connect("AI_Node_2", hello("AI_Node_2", subscription=quiet))
+        connection = hub.router.connection("AI_Node_2")
+        assert connection is not None
+        async with asyncio.timeout(WAIT):
+            while connection.cursor < seqs[-1]:
+                await asyncio.sleep(0.01)
+        assert trainer.events == [], "the filter let nothing through"
+        await trainer.close()

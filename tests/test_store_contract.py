@@ -723,6 +723,26 @@ async def test_a_verdict_is_stored_with_the_artifact_and_announced(store: HubSto
     assert not nothing.lease and nothing.retry_at is None
 
 
+async def test_a_delivery_s_verdict_goes_to_its_requester_and_deliverer_only(
+    store: HubStore,
+) -> None:
+    """A feature delivery is private (its event went to the requester only): so is its
+    verdict, to the two agents of the exchange, whatever anyone subscribed to."""
+    await commit_ok(
+        store, [online("a"), online("b", pb.SPECIALIZATION_PROCESS_MANAGER, ["memory_management"])]
+    )
+    [request] = await commit_ok(store, [request_feature("a", "f1")])
+    delivery = pb.DeliverFeature(request_id=request.resource_id, component=os_component())
+    await commit_ok(store, [cmd.DeliverFeature("b", "d1", delivery)])
+    (claimed,) = await commit_ok(store, [claim("v1")])
+    (verdict,) = await commit_ok(store, [cmd.SubmitVerdict("v1", leased(claimed).lease_id, PASSED)])
+    (event,) = verdict.events
+    assert event.recipients == frozenset({"a", "b"})
+    for agent, entitled in (("a", True), ("b", True), ("c", False)):
+        seqs = [e.seq for e in await store.events_for(agent, verdict.seq - 1, 10)]
+        assert seqs == ([verdict.seq] if entitled else []), agent
+
+
 async def test_an_expired_lease_goes_to_the_next_validator_and_its_verdict_is_refused(
     store: HubStore,
 ) -> None:

@@ -996,6 +996,9 @@ class HubClient:
             self._last_seq = event.seq
         if response.HasField("replay_complete") and not closing:
             self._replay_seq = response.replay_complete.seq
+            # Everything up to it was sent: a reconnect resumes after it, not after the last
+            # event a filter let through (which may be long gone from the log).
+            self._last_seq = max(self._last_seq, self._replay_seq)
             self._replayed.set()
         if response.HasField("training_sync"):
             self._latest_sync = response.training_sync

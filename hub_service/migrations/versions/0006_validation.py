@@ -36,6 +36,7 @@ def upgrade() -> None:
         sa.Column("lease_id", sa.String(length=64), nullable=False),
         sa.Column("validator_id", sa.String(length=128), nullable=False),
         sa.Column("verdict_seq", sa.BigInteger(), nullable=False),
+        sa.Column("audience", sa.String(length=260), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("artifact_id"),
     )
