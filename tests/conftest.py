@@ -174,6 +174,7 @@ class RawTrainer:
     # Who is online as presence told it (roster, then changes), and whether the roster ended.
     online: dict[str, pb.AgentInfo] = field(default_factory=dict)
     roster_complete: bool = False
+    replay_complete: int | None = None  # the seq of the hub's end-of-replay marker
 
     async def send(self, message_id: str | None = None, **body: Any) -> str:
         message_id = message_id if message_id is not None else uuid.uuid4().hex
@@ -189,6 +190,8 @@ class RawTrainer:
         for error in response.errors:
             self.errors[error.message_id] = error
         self.events.extend(response.events)
+        if response.HasField("replay_complete"):
+            self.replay_complete = response.replay_complete.seq
         if response.HasField("training_sync"):
             self.syncs.append(response.training_sync)
         if response.HasField("presence"):
@@ -246,6 +249,11 @@ class RawTrainer:
                     return
             seen = len(self.presence)
             await self._read_one()
+
+    async def until_replayed(self) -> int:
+        while self.replay_complete is None:
+            await self._read_one()
+        return self.replay_complete
 
     async def until_roster(self) -> None:
         while not self.roster_complete:
