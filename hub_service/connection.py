@@ -111,7 +111,6 @@ class Connection:
         self._replayed = False
         # When the hub stored this agent's connect (AgentInfo.last_seen_time), once known.
         self.connected_time: Timestamp | None = None
-        # The seq of its own `agent_joined`, once committed: a later one is a newer stream.
         self._joining: list[pb.HubEvent] | None = None  # published during a log read
         self._retry_at = 0.0  # when the event log may be read again after a failure
         self.fell_behind = 0  # times the live queue overflowed

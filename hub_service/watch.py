@@ -3,8 +3,8 @@
 A watcher is a `Connection` that reads every event (not an agent's share of them) and has
 nothing to send but events: the same bounded queue, the same fall-back to the log when it
 is slow, the same byte budget per response. It is no agent: it never says Hello, is never
-online and never supersedes anyone. The filter is event kinds only; subscriptions bring a
-richer one.
+online and never supersedes anyone. Its filter is by event kind (a Watch sees the whole
+hub, so a trainer's subscription terms do not apply); presence comes as on Connect.
 """
 
 from __future__ import annotations

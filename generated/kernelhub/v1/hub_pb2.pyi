@@ -426,7 +426,10 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     EVENT_KIND_UNSPECIFIED: _EventKind.ValueType  # 0
     """Not set; rejected in a subscription."""
     EVENT_KIND_ARTIFACTS: _EventKind.ValueType  # 1
-    """`artifact_shared` events."""
+    """`artifact_shared` events, and `artifact_validated` (a verdict on a
+    shared component; one on a feature delivery always goes to its
+    requester and deliverer only).
+    """
     EVENT_KIND_FEATURE_REQUESTS: _EventKind.ValueType  # 2
     """`feature_requested` events broadcast to every agent (a request routed to
     you by capability always comes, as does `feature_delivered`).
@@ -447,7 +450,10 @@ class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
 EVENT_KIND_UNSPECIFIED: EventKind.ValueType  # 0
 """Not set; rejected in a subscription."""
 EVENT_KIND_ARTIFACTS: EventKind.ValueType  # 1
-"""`artifact_shared` events."""
+"""`artifact_shared` events, and `artifact_validated` (a verdict on a
+shared component; one on a feature delivery always goes to its
+requester and deliverer only).
+"""
 EVENT_KIND_FEATURE_REQUESTS: EventKind.ValueType  # 2
 """`feature_requested` events broadcast to every agent (a request routed to
 you by capability always comes, as does `feature_delivered`).
@@ -1535,8 +1541,9 @@ class Subscription(_message.Message):
     @_builtins.property
     def contributors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Optional: at most 64 agent ids (identifiers): only artifacts and
-        feature requests they sent. Presence is not narrowed by it. Empty:
-        every contributor.
+        feature requests they sent (for `artifact_validated`, the validator
+        that sent the verdict). Presence is not narrowed by it. Empty: every
+        contributor.
         """
 
     def __init__(
@@ -3185,10 +3192,11 @@ class WatchRequest(_message.Message):
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Optional: only events whose body is one of these `HubEvent.body` field
         names: "artifact_shared", "feature_requested", "feature_delivered",
-        "collaboration_updated", "agent_joined", "agent_left" (an `omitted`
-        marker passes when its `EventOmitted.body` does). Empty: every event.
-        At most 16 entries; another name is INVALID_ARGUMENT naming it. A
-        richer filter comes with subscriptions.
+        "collaboration_updated", "artifact_validated", "agent_joined",
+        "agent_left" (the last two ask for `presence`, which is not in the log;
+        an `omitted` marker passes when its `EventOmitted.body` does). Empty:
+        every event. At most 16 entries; another name is INVALID_ARGUMENT naming
+        it.
         """
 
     def __init__(
