@@ -198,6 +198,7 @@ async def test_without_the_sandbox_every_verdict_says_so_and_other_languages_are
     verdict = await builder.validate(good)
     assert verdict.state == pb.VALIDATION_STATE_PASSED and not verdict.sandboxed
     assert verdict.toolchain.startswith("gcc") and verdict.peak_memory_kib > 0
+    assert verdict.line_coverage == 1.0
     assert verdict.warning_count == 0
     sloppy = pb.Artifact(
         kind=pb.ARTIFACT_KIND_CODE_COMPONENT,
@@ -338,6 +339,22 @@ async def test_line_directives_do_not_hide_untested_lines(work: Path) -> None:
     covered = await builder.validate(artifact(elsewhere))
     assert covered.state == pb.VALIDATION_STATE_PASSED
     assert 0 < covered.line_coverage < 0.2, covered.line_coverage
+
+
+# Rewrites the notes gcov reads (what lines there are) from inside its own self-test.
+REWRITE_NOTES = (
+    "#include <stdio.h>\n"
+    'int t(void) {\n  FILE *f = fopen("component.gcno", "w");\n  if (f) { fputs("forged", f);'
+    " fclose(f); }\n  return 0;\n}\n"
+)
+
+
+@needs_tools
+async def test_the_self_tests_cannot_rewrite_what_lines_there_are(work: Path) -> None:
+    builder = await sandboxed(work)
+    verdict = await builder.validate(artifact(REWRITE_NOTES))
+    assert verdict.state == pb.VALIDATION_STATE_PASSED, verdict
+    assert verdict.line_coverage == 1.0, verdict.line_coverage
 
 
 @needs_tools

@@ -9,12 +9,12 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
-from .sandbox import Limits, RunResult, Sandbox
+from .sandbox import Limits, RunResult, Sandbox, read_capped
 
 CC = "/usr/bin/gcc"
 GCOV = "/usr/bin/gcov"
@@ -46,10 +46,12 @@ BUILD = (
     f" -o component.o && {CC} -std=c99 -O0 --coverage harness.c component.o -o selftest"
 )
 # Every file gcov reports for component.gcno: `#line` can put the component's lines under
-# any name, so all count. (Coverage is measured in the code's own process, from a .gcda it
-# writes: forgeable in principle; it is a hint, not a proof.)
+# any name, so all count. The .gcno (what lines there are) is moved out of the scratch dir
+# once built, where the self-tests cannot rewrite it. (The counts are measured in the code's
+# own process, in a .gcda it writes: forgeable in principle; coverage is a hint, not proof.)
 _COVERAGE = re.compile(rb"File '[^'\n]*'\s*\nLines executed:\s*([0-9.]+)% of (\d+)")
 _LOCATION = re.compile(rb"^([^:\n]*:\d+(?::\d+)?): (?:fatal )?(?:error|warning)", re.M)
+NOTES = "/coverage"  # where the validator's copy of the .gcno and .gcda appears to gcov
 _RETURNED = re.compile(rb"kernelhub-selftest returned (-?\d+)")
 
 
@@ -177,6 +179,40 @@ class Builder:
             verdict.diagnostics = f"build failed ({ended}):\n{text}"[:MAX_DIAGNOSTICS]
             return
         verdict.build_ok = True
+        kept = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="kh-gcno-", dir=self.work_dir))
+        try:
+            await self._test(scratch, entry_points, verdict, deadline, compiled, kept)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, kept, True)
+
+    def _keep_notes(self, scratch: Path, kept: Path) -> None:
+        """Move component.gcno out of the scratch dir (before any self-test runs) into
+        `kept`, the validator's: what lines there are is then not the code's to say."""
+        kept.chmod(0o755)
+        data = read_capped(scratch / "component.gcno", self.limits.build.file_bytes)
+        if data is not None:
+            (kept / "component.gcno").write_bytes(data)
+        (scratch / "component.gcno").unlink(missing_ok=True)
+
+    def _take_counts(self, scratch: Path, kept: Path) -> bool:
+        """Copy the self-tests' component.gcda beside the kept .gcno (read as if hostile:
+        the code could have made it anything); False if there is no such pair."""
+        data = read_capped(scratch / "component.gcda", self.limits.build.file_bytes)
+        if data is None or not (kept / "component.gcno").exists():
+            return False
+        (kept / "component.gcda").write_bytes(data)
+        return True
+
+    async def _test(
+        self,
+        scratch: Path,
+        entry_points: list[str],
+        verdict: pb.ValidationVerdict,
+        deadline: float | None,
+        compiled: RunResult,
+        kept: Path,
+    ) -> None:
+        await asyncio.to_thread(self._keep_notes, scratch, kept)
         if verdict.warning_count:
             verdict.diagnostics = self._diagnostics(compiled.stderr)[:MAX_DIAGNOSTICS]
         timed_out = False
@@ -203,8 +239,17 @@ class Builder:
                 detail = ran.why(test)
             timed_out = timed_out or ran.timed_out
             verdict.test_results.add(name=name, passed=passed, detail=detail[:MAX_DETAIL])
-        coverage = await self._run([GCOV, "-n", "component.c"], scratch, replace(build))
-        files = _COVERAGE.findall(coverage.stdout)
+        files: list[tuple[bytes, bytes]] = []
+        if await asyncio.to_thread(self._take_counts, scratch, kept):
+            seen = self.sandbox.outside(kept, NOTES)
+            coverage = await self.sandbox.run(
+                [GCOV, "-n", "-o", f"{seen}/component.gcno", "component.c"],
+                scratch,
+                self.limits.build,
+                self._uids[scratch],
+                [(kept, NOTES)],
+            )
+            files = _COVERAGE.findall(coverage.stdout)
         total = sum(int(lines) for _, lines in files)
         if total:
             executed = sum(float(pct) * int(lines) / 100.0 for pct, lines in files)

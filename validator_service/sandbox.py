@@ -128,6 +128,7 @@ class Sandbox:
         report: Path,
         uid: int,
         marker: str,
+        read_only: Sequence[tuple[Path, str]] = (),
     ) -> list[str]:
         limited = [
             SH,
@@ -161,6 +162,8 @@ class Sandbox:
                 jail += ["--symlink", f"usr/{link}", f"/{link}"]
         jail += ["--proc", "/proc", "--dev", "/dev", "--bind", str(scratch), SCRATCH]
         jail += ["--size", str(limits.shm_bytes), "--tmpfs", "/dev/shm"]
+        for host, seen in read_only:
+            jail += ["--ro-bind", str(host), seen]
         jail += ["--bind", str(report), REPORT, "--remount-ro", "/dev", "--remount-ro", "/"]
         jail += ["--chdir", SCRATCH, "--clearenv", "--setenv", "PATH", "/usr/bin:/bin"]
         jail += ["--setenv", "TMPDIR", f"{SCRATCH}/tmp", "--setenv", "HOME", SCRATCH]
@@ -181,14 +184,23 @@ class Sandbox:
         """A scratch path as the code sees it."""
         return f"{SCRATCH}/{path.relative_to(scratch)}" if self.enabled else str(path)
 
+    def outside(self, host: Path, seen: str) -> str:
+        """Where a `read_only` bind (`run`) appears to the code."""
+        return seen if self.enabled else str(host)
+
     async def run(
-        self, argv: Sequence[str], scratch: Path, limits: Limits, uid: int = NOBODY
+        self,
+        argv: Sequence[str],
+        scratch: Path,
+        limits: Limits,
+        uid: int = NOBODY,
+        read_only: Sequence[tuple[Path, str]] = (),
     ) -> RunResult:
         """Run `argv` (paths as the code sees them) in the sandbox, in `scratch`, as `uid`
-        (from `prepare`)."""
+        (from `prepare`); `read_only`: (host path, path inside) pairs bound read-only."""
         reports = await asyncio.to_thread(self._report_file, uid)
         try:
-            return await self._run(argv, scratch, limits, uid, reports / "time")
+            return await self._run(argv, scratch, limits, uid, reports / "time", read_only)
         finally:
             await asyncio.to_thread(shutil.rmtree, reports, True)
 
@@ -206,13 +218,19 @@ class Sandbox:
         return directory
 
     async def _run(
-        self, argv: Sequence[str], scratch: Path, limits: Limits, uid: int, report: Path
+        self,
+        argv: Sequence[str],
+        scratch: Path,
+        limits: Limits,
+        uid: int,
+        report: Path,
+        read_only: Sequence[tuple[Path, str]],
     ) -> RunResult:
         marker = f"kernelhub-sandbox-{secrets.token_hex(16)}"
         loop = asyncio.get_running_loop()
         start = loop.time()
         process = await asyncio.create_subprocess_exec(
-            *self._wrap(argv, scratch, limits, report, uid, marker),
+            *self._wrap(argv, scratch, limits, report, uid, marker, read_only),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -366,21 +384,9 @@ def _kill(process: asyncio.subprocess.Process) -> None:
 
 def _read_time(path: Path) -> tuple[int, int]:
     """GNU time's report: peak RSS in KiB, and the signal that killed the command (or 0).
-    Opened as if hostile (no symlink, no blocking on a FIFO, a regular file only, 4 KiB at
-    most): the code could write into it. Blocking: call it off the event loop."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return 0, 0
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return 0, 0
-        text = os.read(fd, REPORT_BYTES).decode(errors="replace")
-    except OSError:
-        return 0, 0
-    finally:
-        os.close(fd)
-    lines = text.splitlines()[-4:]
+    The code could write into it: read as `read_capped` reads. Blocking: off the loop."""
+    data = read_capped(path, REPORT_BYTES)
+    lines = (data or b"").decode(errors="replace").splitlines()[-4:]
     peak = int(lines[-1]) if lines and lines[-1].strip().isdigit() else 0
     killed = 0
     for line in lines:
@@ -388,3 +394,26 @@ def _read_time(path: Path) -> tuple[int, int]:
             with contextlib.suppress(ValueError):
                 killed = int(line.rsplit(" ", 1)[1])
     return peak, killed
+
+
+def read_capped(path: Path, most: int) -> bytes | None:
+    """A file the code could have made, read as if hostile: no symlink followed, no blocking
+    on a FIFO, a regular file only, `most` bytes at most (None: not such a file). Blocking:
+    call it off the event loop."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks = []
+        left = most
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
