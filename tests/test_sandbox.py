@@ -28,7 +28,12 @@ from .conftest import make_config
 LIMITS = BuildLimits(
     build=Limits(cpu_seconds=4, wall_seconds=20, memory_bytes=256 << 20, processes=16),
     test=Limits(
-        cpu_seconds=1, wall_seconds=3, memory_bytes=128 << 20, processes=16, disk_bytes=32 << 20
+        cpu_seconds=1,
+        wall_seconds=3,
+        memory_bytes=128 << 20,
+        processes=16,
+        disk_bytes=32 << 20,
+        total_memory_bytes=256 << 20,
     ),
 )
 FAILING = {pb.VALIDATION_STATE_FAILED, pb.VALIDATION_STATE_TIMED_OUT}
@@ -319,6 +324,37 @@ async def test_no_ram_backed_writes_nor_nested_namespaces(name: str, work: Path)
     verdict = await builder.validate(artifact(ESCAPES[name]))
     assert verdict.build_ok and verdict.state == pb.VALIDATION_STATE_FAILED, verdict
     assert "returned 1" in verdict.test_results[0].detail
+
+
+# Six processes of 100 MiB each: every one within its address-space limit (128 MiB), all
+# together past the run's 256 MiB.
+MANY_HOGS = r"""
+#define _DEFAULT_SOURCE
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+int t(void) {
+    int ok = 1, status;
+    for (int i = 0; i < 5; i++) if (fork() == 0) break;
+    char *p = malloc(100u << 20);
+    if (!p) return 1;
+    memset(p, 1, 100u << 20);
+    sleep(1);
+    while (wait(&status) > 0) ok = ok && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    return ok ? 0 : 1;
+}
+"""
+
+
+@needs_tools
+async def test_a_runs_processes_together_stay_within_its_memory(work: Path) -> None:
+    builder = await sandboxed(work)
+    if builder.sandbox.cgroups is None:
+        pytest.skip("no cgroup v1 memory and pids controllers to divide (needs root)")
+    verdict = await builder.validate(artifact(MANY_HOGS))
+    assert verdict.build_ok and verdict.state == pb.VALIDATION_STATE_FAILED, verdict
+    assert verdict.peak_memory_kib <= (256 << 10) + 1024, verdict.peak_memory_kib
 
 
 def test_limits_refuse_a_worst_case_past_the_memory_budget() -> None:

@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--test-wall-seconds", type=float, default=default.test.wall_seconds)
     run.add_argument("--memory-mib", type=int, default=default.test.memory_bytes >> 20)
     run.add_argument("--max-processes", type=int, default=default.test.processes)
+    run.add_argument(
+        "--total-memory-mib",
+        type=int,
+        default=default.test.total_memory_bytes >> 20,
+        help="all of one run's processes together (enforced where cgroups v1 can be divided)",
+    )
     run.add_argument("--file-mib", type=int, default=default.test.file_bytes >> 20)
     run.add_argument("--output-kib", type=int, default=default.test.output_bytes >> 10)
     run.add_argument("--disk-mib", type=int, default=default.test.disk_bytes >> 20)
@@ -58,6 +64,7 @@ def limits_from(args: argparse.Namespace) -> BuildLimits:
     common = {
         "memory_bytes": args.memory_mib << 20,
         "processes": args.max_processes,
+        "total_memory_bytes": args.total_memory_mib << 20,
         "file_bytes": args.file_mib << 20,
         "output_bytes": args.output_kib << 10,
         "disk_bytes": args.disk_mib << 20,

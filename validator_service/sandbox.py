@@ -4,8 +4,11 @@ dies with the validator) around prlimit (CPU, address space, processes, file siz
 and GNU time (peak memory), as an unprivileged uid, under a wall-clock timeout and an
 output cap. The validator only talks to it with asyncio subprocesses.
 
-Memory: the address-space limit is per process, so `processes` x `memory_bytes` (+ the
-/dev/shm cap) is what one run may take at most; Limits refuses more than MEMORY_BUDGET.
+Memory: run as root where the cgroup v1 memory and pids controllers are the validator's to
+divide, each run gets a cgroup of its own: `total_memory_bytes` for all its processes (the
+kernel kills past it), `processes` tasks, and the peak memory it reports. Everywhere, the
+address-space limit is per process, so `processes` x `memory_bytes` (+ the /dev/shm cap) is
+what one run may take at most; Limits refuses more than MEMORY_BUDGET.
 Inside, `/` and `/dev` are read-only (they are tmpfs: RAM), /dev/shm is capped, and no
 nested user namespace can be made.
 
@@ -21,15 +24,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import shutil
 import signal
 import stat
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
+
+log = logging.getLogger(__name__)
 
 BWRAP = "/usr/bin/bwrap"
 PRLIMIT = "/usr/bin/prlimit"
@@ -50,6 +57,11 @@ SH = "/bin/sh"
 STARTED = 'printf "%s\\n" "$0" >&2 && exec "$@"'
 MEMORY_BUDGET = 4 << 30  # processes x address space, per run
 REPORT_BYTES = 4096  # of GNU time's report read back
+CGROUPS = Path("/sys/fs/cgroup")
+# Joins the cgroups named by the first two arguments, then runs the rest (as root, before
+# the uid is dropped: the code cannot leave them).
+JOIN = 'echo $$ > "$1" && echo $$ > "$2" && shift 2 && exec "$@"'
+EMPTY_POLLS, EMPTY_POLL = 200, 0.005  # waiting (off the loop) for a killed cgroup to empty
 
 
 class SandboxUnavailable(RuntimeError):
@@ -71,6 +83,7 @@ class Limits:
     disk_bytes: int = 64 * 1024 * 1024
     disk_entries: int = 4096
     shm_bytes: int = 16 * 1024 * 1024  # /dev/shm inside (tmpfs: RAM)
+    total_memory_bytes: int = 1 << 30  # all the run's processes together (with cgroups)
 
     def __post_init__(self) -> None:
         """Refuse limits whose worst case (every process at its address-space limit) is
@@ -93,12 +106,15 @@ class RunResult:
     timed_out: bool = False  # the wall clock ran out
     output_exceeded: bool = False
     disk_exceeded: bool = False
+    memory_exceeded: bool = False  # the cgroup's memory limit killed a process
     started: bool = True  # the sandbox started (its marker came before the tool ran)
 
     def why(self, limits: Limits) -> str:
         """In words, what ended a run that did not exit 0."""
         if self.timed_out:
             return f"wall-clock limit ({limits.wall_seconds:g} s)"
+        if self.memory_exceeded:
+            return f"memory limit ({limits.total_memory_bytes} bytes in all)"
         if self.disk_exceeded:
             return f"disk limit ({limits.disk_bytes} bytes, {limits.disk_entries} files)"
         if self.output_exceeded:
@@ -119,6 +135,8 @@ class Sandbox:
         self.enabled = enabled
         self.bwrap = bwrap
         self._as_root = os.geteuid() == 0
+        # The validator's own memory and pids cgroups, if it may divide them (else None).
+        self.cgroups = _cgroup_bases() if self._as_root else None
 
     def _wrap(
         self,
@@ -129,6 +147,7 @@ class Sandbox:
         uid: int,
         marker: str,
         read_only: Sequence[tuple[Path, str]] = (),
+        cgroups: Sequence[Path] = (),
     ) -> list[str]:
         limited = [
             SH,
@@ -149,6 +168,9 @@ class Sandbox:
             *argv,
         ]
         drop = [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
+        if cgroups:
+            procs = [str(group / "cgroup.procs") for group in cgroups]
+            drop = [SH, "-c", JOIN, "sh", *procs, *drop]
         if not self.enabled:
             return (drop if self._as_root else []) + limited
         jail = [self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns"]
@@ -199,9 +221,20 @@ class Sandbox:
         """Run `argv` (paths as the code sees them) in the sandbox, in `scratch`, as `uid`
         (from `prepare`); `read_only`: (host path, path inside) pairs bound read-only."""
         reports = await asyncio.to_thread(self._report_file, uid)
+        cgroups: list[Path] = []
         try:
-            return await self._run(argv, scratch, limits, uid, reports / "time", read_only)
+            if self.cgroups is not None:
+                cgroups = await asyncio.to_thread(_make_cgroups, self.cgroups, limits)
+            result = await self._run(
+                argv, scratch, limits, uid, reports / "time", read_only, cgroups
+            )
+            if cgroups:
+                peak, oom = await asyncio.to_thread(_cgroup_memory, cgroups[0])
+                result = replace(result, peak_kib=peak, memory_exceeded=oom)
+            return result
         finally:
+            if cgroups:
+                await asyncio.to_thread(_remove_cgroups, cgroups)
             await asyncio.to_thread(shutil.rmtree, reports, True)
 
     def _report_file(self, uid: int) -> Path:
@@ -225,12 +258,13 @@ class Sandbox:
         uid: int,
         report: Path,
         read_only: Sequence[tuple[Path, str]],
+        cgroups: Sequence[Path],
     ) -> RunResult:
         marker = f"kernelhub-sandbox-{secrets.token_hex(16)}"
         loop = asyncio.get_running_loop()
         start = loop.time()
         process = await asyncio.create_subprocess_exec(
-            *self._wrap(argv, scratch, limits, report, uid, marker, read_only),
+            *self._wrap(argv, scratch, limits, report, uid, marker, read_only, cgroups),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -417,3 +451,80 @@ def read_capped(path: Path, most: int) -> bytes | None:
         return None
     finally:
         os.close(fd)
+
+
+def _cgroup_bases() -> dict[str, Path] | None:
+    """The validator's own cgroup v1 memory and pids directories, if it may make cgroups
+    in both; else None (and only the per-process limits apply)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    bases: dict[str, Path] = {}
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        for name in parts[1].split(","):
+            if name in ("memory", "pids"):
+                bases[name] = CGROUPS / name / parts[2].lstrip("/")
+    if set(bases) != {"memory", "pids"} or not all(
+        os.access(base, os.W_OK) and (base / "cgroup.procs").exists() for base in bases.values()
+    ):
+        return None
+    return bases
+
+
+def _make_cgroups(bases: dict[str, Path], limits: Limits) -> list[Path]:
+    """A memory and a pids cgroup for one run, limited; [memory, pids]."""
+    name = f"kernelhub-{secrets.token_hex(8)}"
+    made: list[Path] = []
+    try:
+        memory = bases["memory"] / name
+        memory.mkdir()
+        made.append(memory)
+        (memory / "memory.limit_in_bytes").write_text(str(limits.total_memory_bytes))
+        swap = memory / "memory.memsw.limit_in_bytes"
+        if swap.exists():
+            swap.write_text(str(limits.total_memory_bytes))
+        pids = bases["pids"] / name
+        pids.mkdir()
+        made.append(pids)
+        (pids / "pids.max").write_text(str(limits.processes))
+    except OSError:
+        _remove_cgroups(made)
+        raise
+    return made
+
+
+def _cgroup_memory(memory: Path) -> tuple[int, bool]:
+    """The run's peak memory in KiB (the kernel's count: not the code's word), and whether
+    the limit killed a process."""
+    try:
+        peak = int((memory / "memory.max_usage_in_bytes").read_text()) >> 10
+        control = (memory / "memory.oom_control").read_text().split()
+    except (OSError, ValueError):
+        return 0, False
+    kills = control[control.index("oom_kill") + 1] if "oom_kill" in control else "0"
+    return peak, kills.isdigit() and int(kills) > 0
+
+
+def _remove_cgroups(groups: Sequence[Path]) -> None:
+    """Kill what is left in them (the pid namespace's last processes die a moment after the
+    run) and remove them; a bounded wait, then left behind (logged) rather than hang."""
+    for group in reversed(groups):
+        for _ in range(EMPTY_POLLS):
+            try:
+                tasks = (group / "cgroup.procs").read_text().split()
+            except OSError:
+                break
+            if not tasks:
+                break
+            for task in tasks:
+                with contextlib.suppress(OSError, ValueError):
+                    os.kill(int(task), signal.SIGKILL)
+            time.sleep(EMPTY_POLL)  # the kernel's teardown: polled, bounded
+        try:
+            group.rmdir()
+        except OSError as error:
+            log.warning("cgroup %s not removed: %s", group, error)
