@@ -425,3 +425,11 @@ def test_the_validator_refuses_limits_past_the_memory_budget(
     argv = ["run", "--token-file", str(token), "--memory-mib", "1024", "--max-processes", "64"]
     assert main(argv) == 1
     assert "memory budget" in capsys.readouterr().err
+
+
+@needs_tools
+async def test_cgroups_that_cannot_be_made_leave_the_per_process_limits(tmp_path: Path) -> None:
+    sandbox = Sandbox()
+    sandbox.cgroups = {"memory": tmp_path / "absent", "pids": tmp_path / "absent"}
+    await sandbox.check()
+    assert sandbox.cgroups is None

@@ -357,6 +357,12 @@ class Sandbox:
                 f"{' '.join(sorted({packages.get(m, 'util-linux') for m in missing}))}); "
                 "or run with --no-sandbox, and every verdict will say it was not sandboxed"
             )
+        if self.cgroups is not None:
+            try:
+                await asyncio.to_thread(_probe_cgroups, self.cgroups)
+            except OSError as error:  # visible but not ours to divide (a container's view)
+                log.warning("no per-run cgroups (%s): per-process limits only", error)
+                self.cgroups = None
         if not self.enabled:
             return
         scratch = Path(tempfile_dir())
@@ -473,6 +479,11 @@ def _cgroup_bases() -> dict[str, Path] | None:
     ):
         return None
     return bases
+
+
+def _probe_cgroups(bases: dict[str, Path]) -> None:
+    """Make and remove one run's cgroups: OSError if they cannot be made here."""
+    _remove_cgroups(_make_cgroups(bases, Limits()))
 
 
 def _make_cgroups(bases: dict[str, Path], limits: Limits) -> list[Path]:
