@@ -14,7 +14,8 @@ nested user namespace can be made.
 
 GNU time's report goes to a file outside the scratch dir, bound in as a single file (which
 the code cannot unlink or replace) and read back defensively: the code may still write
-into it, so the peak memory it gives is the code's word, never trusted for a limit.
+into it, so the peak memory it gives is the code's word (used only without cgroups, and
+never for a limit).
 
 `--no-sandbox` keeps the rlimits, the timeout and the cap but drops bubblewrap: the code
 then sees the host (every verdict says `sandboxed: false`).
