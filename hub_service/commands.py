@@ -79,7 +79,8 @@ def emit(
     contributor = tx.agent(tagged.sender_id) if tagged.sender_id and recipients is None else None
     tags = tags_of(tagged, contributor.specialization if contributor else 0)
     if about is not None:
-        tags = replace(tags, contributor=sender)
+        # The contributor hears of its own artifact whatever it subscribed to.
+        tags = replace(tags, contributor=sender, also_to=frozenset({about.sender_id}) - {sender})
     tx.add_event(event, recipients, tags)
     outcome.events.append(RoutedEvent(event, recipients, tags))
     outcome.seq = seq

@@ -64,7 +64,9 @@ class _Event:
 
     def entitles(self, agent_id: str, subscription: Filter) -> bool:
         if self.recipients is None:
-            return self.sender_id != agent_id and subscription.matches(self.tags)
+            return (
+                self.sender_id != agent_id and subscription.matches(self.tags)
+            ) or agent_id in self.tags.also_to
         return agent_id in self.recipients
 
 

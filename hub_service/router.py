@@ -201,9 +201,15 @@ class Router:
             for watcher in self._watchers:
                 watcher.offer(event)
             if routed.recipients is None:
-                for connection in self._interested(routed.tags):
+                interested = self._interested(routed.tags)
+                for connection in interested:
                     if connection.agent_id != event.sender_id:
                         connection.offer(event)
+                if routed.tags.also_to:  # rare (a verdict): the set costs nothing otherwise
+                    offered = {c.agent_id for c in interested if c.agent_id != event.sender_id}
+                    for agent_id in routed.tags.also_to - offered:
+                        if (recipient := self._connections.get(agent_id)) is not None:
+                            recipient.offer(event)
             else:
                 for agent_id in routed.recipients:
                     if (recipient := self._connections.get(agent_id)) is not None:

@@ -301,18 +301,24 @@ class SqlStore:
                 return [], False
             audience: dict[int, set[str]] = {}
             last = page[-1][1].seq
-            if not all(row[1] for row, _ in page):
-                for seq, agent_id in s.exec(
-                    select(EventRecipientRow.seq, EventRecipientRow.agent_id).where(
-                        col(EventRecipientRow.seq) > after_seq, col(EventRecipientRow.seq) <= last
-                    )
-                ):
-                    audience.setdefault(seq, set()).add(agent_id)
+            # Directed events' audiences, and broadcasts' `also_to` (their recipient rows).
+            for seq, agent_id in s.exec(
+                select(EventRecipientRow.seq, EventRecipientRow.agent_id).where(
+                    col(EventRecipientRow.seq) > after_seq, col(EventRecipientRow.seq) <= last
+                )
+            ):
+                audience.setdefault(seq, set()).add(agent_id)
             return [
                 RoutedEvent(
                     event,
                     None if row[1] else frozenset(audience.get(event.seq, ())),
-                    Tags(row[3], row[4], row[5], row[6]),
+                    Tags(
+                        row[3],
+                        row[4],
+                        row[5],
+                        row[6],
+                        frozenset(audience.get(event.seq, ())) if row[1] else frozenset(),
+                    ),
                 )
                 for row, event in page
             ], more

@@ -72,7 +72,7 @@ class SqlTx:
             created_at=self.now,
             body=event.SerializeToString(),
         )
-        for agent_id in sorted(recipients or ()):
+        for agent_id in sorted(recipients or tags.also_to):
             self._append(EventRecipientRow, seq=event.seq, agent_id=agent_id)
 
     def add_artifact(self, artifact: pb.Artifact, seq: int) -> None:

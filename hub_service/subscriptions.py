@@ -48,6 +48,9 @@ class Tags:
     artifact_kind: int = 0
     spec_mask: int = 0  # the content's specializations and the contributor's, as bits
     contributor: str = ""
+    # Of a broadcast event, agents that get it whatever they subscribed to (a verdict's
+    # contributor), kept as recipient rows beside the broadcast.
+    also_to: frozenset[str] = frozenset()
 
 
 def tags_of(event: pb.HubEvent, contributor_specialization: int) -> Tags:

@@ -723,6 +723,24 @@ async def test_a_verdict_is_stored_with_the_artifact_and_announced(store: HubSto
     assert not nothing.lease and nothing.retry_at is None
 
 
+async def test_a_shares_verdict_reaches_its_contributor_whatever_it_subscribed_to(
+    store: HubStore,
+) -> None:
+    """To the contributor always; to others by their subscription (issue 15)."""
+    await commit_ok(store, [online("a"), share_os("a", "m1")])
+    (claimed,) = await commit_ok(store, [claim("v1")])
+    (verdict,) = await commit_ok(store, [cmd.SubmitVerdict("v1", leased(claimed).lease_id, PASSED)])
+    (event,) = verdict.events
+    assert event.recipients is None and event.tags.also_to == frozenset({"a"})
+    nothing = subscription(contributors=["nobody"])  # matches no artifact at all
+    after = verdict.seq - 1
+    assert [e.seq for e in await store.events_for("a", after, 10, subscription=nothing)] == [
+        verdict.seq
+    ]
+    assert [e.seq for e in await store.events_for("b", after, 10, subscription=nothing)] == []
+    assert [e.seq for e in await store.events_for("b", after, 10)] == [verdict.seq]
+
+
 async def test_a_delivery_s_verdict_goes_to_its_requester_and_deliverer_only(
     store: HubStore,
 ) -> None:

@@ -2322,10 +2322,13 @@ class HubEvent(_message.Message):
 
     @_builtins.property
     def artifact_validated(self) -> Global___ArtifactValidated:
-        """A component was validated. Subscriptions see it as an artifact event
-        (EVENT_KIND_ARTIFACTS) with the artifact's kind and specializations (its
-        contributor's too), so it reaches whoever receives such shares; its
-        `sender_id` (what `Subscription.contributors` matches) is the validator.
+        """A component was validated. Its contributor always gets it, whatever it
+        subscribed to; others by subscription, which sees it as an artifact
+        event (EVENT_KIND_ARTIFACTS) with the artifact's kind and
+        specializations (its contributor's too), so it reaches whoever receives
+        such shares; its `sender_id` (what `Subscription.contributors`
+        matches) is the validator. A verdict on a feature delivery goes to the
+        requester and the deliverer only.
         """
 
     def __init__(
