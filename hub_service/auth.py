@@ -177,9 +177,20 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  
     """Rejects RPCs without a valid `authorization: Bearer <token>` with UNAUTHENTICATED, and
     those the token's role may not call with PERMISSION_DENIED."""
 
-    def __init__(self, authenticate: Callable[[str], Awaitable[Principal | None]]) -> None:
+    def __init__(
+        self,
+        authenticate: Callable[[str], Awaitable[Principal | None]],
+        on_refusal: Callable[[str, grpc.StatusCode], None] = lambda _method, _code: None,
+    ) -> None:
         self._authenticate = authenticate
+        self._on_refusal = on_refusal  # counted (kernelhub_rpc_errors_total)
         self._decoding = _Decoding()
+
+    def _refuse(
+        self, handler: Handler, method: str, code: grpc.StatusCode, message: str
+    ) -> Handler:
+        self._on_refusal(method, code)
+        return _refusal(handler, code, message)
 
     async def intercept_service(
         self,
@@ -194,22 +205,26 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  
             return self._decoding.wrap(handler, method)
         token = bearer_token(handler_call_details.invocation_metadata)
         if token is None:
-            return _refusal(
+            return self._refuse(
                 handler,
+                method,
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing credentials: send metadata 'authorization: Bearer <token>'",
             )
         try:
             principal = await self._authenticate(token)
         except StatusError as error:  # the token store is unreachable
-            return _refusal(handler, error.code, error.message)
+            return self._refuse(handler, method, error.code, error.message)
         if principal is None:
-            return _refusal(
-                handler, grpc.StatusCode.UNAUTHENTICATED, "invalid, expired or revoked token"
+            return self._refuse(
+                handler,
+                method,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "invalid, expired or revoked token",
             )
         if not may_call(principal.role, method):
-            return _refusal(
-                handler, grpc.StatusCode.PERMISSION_DENIED, refusal(principal.role, method)
+            return self._refuse(
+                handler, method, grpc.StatusCode.PERMISSION_DENIED, refusal(principal.role, method)
             )
         # The interceptor and the handler share one contextvars.Context (grpc.aio docs).
         _identity.set((principal.agent_id, principal.role, hash_token(token)))

@@ -48,6 +48,10 @@ class MetricDoc:
     help: str
 
 
+SERVICE = pb.DESCRIPTOR.services_by_name["HubService"]
+SERVICE_METHODS = frozenset(f"/{SERVICE.full_name}/{m.name}" for m in SERVICE.methods)
+
+
 class HubMetrics:
     """Every metric of one hub, in its own registry."""
 
@@ -80,6 +84,13 @@ class HubMetrics:
             ("code",),
         )
         self.streams_ended = {code: ended.labels(code.name) for code in grpc.StatusCode}
+        self._rpc_errors = self._counter(
+            "kernelhub_rpc_errors_total",
+            "calls refused or failed, by RPC and gRPC status code: the token checks' refusals "
+            "(UNAUTHENTICATED, PERMISSION_DENIED) on every RPC, and the query, admin and "
+            "validator RPCs' errors (Connect's own are streams_ended and request_errors)",
+            ("method", "code"),
+        )
         self.receipts = self._counter(
             "kernelhub_receipts_total", "receipts written to trainers' streams"
         )
@@ -127,6 +138,12 @@ class HubMetrics:
     def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
         self.docs.append(MetricDoc(name, "histogram", (), doc))
         return Histogram(name, doc, buckets=buckets, registry=self.registry)
+
+    def rpc_error(self, method: str, code: grpc.StatusCode) -> None:
+        """One refused or failed call (`method` as gRPC names it; others count as "other",
+        so a caller cannot grow the label set)."""
+        name = method.rsplit("/", 1)[-1] if method in SERVICE_METHODS else "other"
+        self._rpc_errors.labels(name, code.name).inc()
 
     def observe_state(
         self, connections: Callable[[], int], queue: Callable[[], int], head: Callable[[], int]

@@ -126,7 +126,7 @@ class HubServer:
             await self.follower.start(await self.store.head_seq())
         await self.retention.load()
         self._server = grpc.aio.server(
-            interceptors=[BearerAuthInterceptor(self.store.authenticate)],
+            interceptors=[BearerAuthInterceptor(self.store.authenticate, self.metrics.rpc_error)],
             options=[
                 ("grpc.max_receive_message_length", self.config.max_message_bytes),
                 ("grpc.max_send_message_length", self.config.max_message_bytes),

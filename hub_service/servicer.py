@@ -22,6 +22,7 @@ from .errors import StatusError
 from .metrics import HubMetrics
 from .queries import Queries
 from .retention import Retention
+from .roles import SERVICE
 from .router import Router
 from .session import Context, Sessions
 from .state import HubStore
@@ -43,6 +44,7 @@ def _rich_errors(
         try:
             return await method(self, request, context)
         except StatusError as error:
+            self.metrics.rpc_error(SERVICE + method.__name__, error.code)
             await context.abort_with_status(error.to_status())
             raise  # abort_with_status raises; this keeps type checkers informed
 
@@ -59,6 +61,7 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         metrics: HubMetrics,
         retention: Retention,
     ) -> None:
+        self.metrics = metrics
         # What the items of one response may take: every response is built to fit.
         budget = paging.budget(config.max_message_bytes)
         self.syncs = TrainingSyncs(store, router, budget)

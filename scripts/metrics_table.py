@@ -22,6 +22,7 @@ LABEL_VALUES = {
     "outcome": " / ".join(f"`{o}`" for o in OUTCOMES),
     "code": "a gRPC status code name (`INVALID_ARGUMENT`...)",
     "limit": " / ".join(f"`{limit}`" for limit in LIMITS),
+    "method": "an RPC of HubService (`ListAgents`...), or `other`",
 }
 
 

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.config import HubConfig
 from hub_service.metrics import KINDS, HubMetrics, MetricsEndpoint
+from hub_service.roles import Role
 from hub_service.server import HubServer
 from hub_service.settings import SettingsError, load_settings
 from hub_service.testing import TestHub
@@ -231,6 +232,45 @@ async def test_refusals_by_each_limit_are_counted(database_url: str) -> None:
                     metric("kernelhub_streams_ended_total", code="RESOURCE_EXHAUSTED"): 2.0,
                     metric("kernelhub_streams_ended_total", code="FAILED_PRECONDITION"): 1.0,
                     metric("kernelhub_streams_ended_total", code="OK"): 0.0,
+                },
+            )
+        finally:
+            await harness.close()
+
+
+async def test_refused_and_failed_calls_are_counted_by_rpc_and_code(database_url: str) -> None:
+    """The token checks' refusals and the unary RPCs' errors, which no stream counter sees."""
+    config = make_config(database_url, metrics_port=0)
+    async with TestHub.in_process(config) as hub:
+        assert hub.server.metrics_endpoint is not None
+        harness = HubHarness(hub.server)
+        try:
+            stub = harness.stub
+            for metadata in (None, auth("kh_not_a_token")):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.ListAgents(pb.ListAgentsRequest(), metadata=metadata, timeout=WAIT)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            observer = auth(await harness.token("dash", role=Role.OBSERVER))
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await stub.ListTokens(pb.ListTokensRequest(), metadata=observer, timeout=WAIT)
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await stub.GetArtifact(
+                    pb.GetArtifactRequest(artifact_id="art_nope"), metadata=observer, timeout=WAIT
+                )
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+            await settle(
+                hub.server.metrics_endpoint.port,
+                {
+                    metric(
+                        "kernelhub_rpc_errors_total", method="ListAgents", code="UNAUTHENTICATED"
+                    ): 2.0,
+                    metric(
+                        "kernelhub_rpc_errors_total", method="ListTokens", code="PERMISSION_DENIED"
+                    ): 1.0,
+                    metric(
+                        "kernelhub_rpc_errors_total", method="GetArtifact", code="NOT_FOUND"
+                    ): 1.0,
                 },
             )
         finally:
