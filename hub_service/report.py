@@ -50,6 +50,10 @@ FIGURES = {
         "how long each request waited for its first delivery",
     ),
     "contributions": ("Contributions per agent", "artifacts by kind, the top contributors"),
+    "validation": (
+        "Validation outcomes",
+        "shared components by their latest verdict (pending: not validated yet)",
+    ),
 }
 SPECIALIZATIONS = [
     specialization_name(v) for v in pb.Specialization.values() if v != pb.SPECIALIZATION_UNSPECIFIED
@@ -240,12 +244,40 @@ def _contributions(ax: Axes, data: ReportData) -> bool:
     return True
 
 
+STATE_COLORS = {
+    "passed": "#2ca02c",
+    "failed": "#d62728",
+    "timed_out": "#ff7f0e",
+    "error": "#7f7f7f",
+    "unsupported": "#bcbd22",
+    "pending": "#1f77b4",
+}
+
+
+def _validation(ax: Axes, data: ReportData) -> bool:
+    if data.validation is None:
+        return False
+    states = sorted(data.validation["by_state"].items())
+    ax.bar(
+        [state for state, _ in states],
+        [n for _, n in states],
+        color=[STATE_COLORS.get(state, "#8c564b") for state, _ in states],
+    )
+    ax.set_ylabel("components")
+    rate = data.validation["pass_rate"]
+    ax.set_title(
+        "none judged yet" if rate is None else f"{rate:.0%} of those judged passed", fontsize=8
+    )
+    return True
+
+
 DRAW: dict[str, Callable[[Axes, ReportData], bool]] = {
     "shares": _shares,
     "collaboration-graph": _graph,
     "collaboration-durations": _durations,
     "feature-latency": _feature_latency,
     "contributions": _contributions,
+    "validation": _validation,
 }
 
 
@@ -311,22 +343,6 @@ def render_html(data: ReportData, title: str = "kernelhub run report") -> str:
         parts.append(f'<p class="caption">{html.escape(caption)}</p>')
         parts.append(_svg(figure) if figure is not None else '<p class="empty">no data</p>')
         parts.append("</section>")
-    parts.append('<section class="figure" id="fig-validation"><h2>Validation outcomes</h2>')
-    if data.validation is None:
-        parts.append('<p class="empty">no validation data: this database records no verdicts</p>')
-    else:
-        rate = data.validation["pass_rate"]
-        parts.append(
-            "<table>"
-            + "".join(
-                f"<tr><th>{html.escape(state)}</th><td>{n}</td></tr>"
-                for state, n in sorted(data.validation["by_state"].items())
-            )
-            + "<tr><th>pass rate of those judged</th><td>"
-            + ("none judged" if rate is None else f"{rate:.0%}")
-            + "</td></tr></table>"
-        )
-    parts.append("</section>")
     # The figures' numbers, for whoever wants them exactly (a test, a script); < > & as JSON
     # escapes, so no string in the data can end (or, with "<!--", derail) the script element.
     embedded = (
