@@ -154,17 +154,27 @@ class AgentOnline:
         return Outcome(resource_id=self.agent_id, agent=agent_to_proto(row))
 
 
+def _naive(moment: datetime) -> datetime:
+    """UTC without its zone: stores give back aware or naive UTC alike."""
+    return moment.replace(tzinfo=None)
+
+
 @dataclass
 class AgentOffline:
     agent_id: str
     message_id: str = ""
     fingerprint: bytes = b""
+    # When the ending stream came online (its AgentOnline's time); None: whatever came after.
+    # A later AgentOnline (a stream on another replica) wins: the agent stays online.
+    since: datetime | None = None
 
     def apply(self, tx: StateTx) -> Outcome:
         row = tx.agent(self.agent_id)
         outcome = Outcome(resource_id=self.agent_id)
         if row is None:
             return outcome
+        if self.since is not None and _naive(row.last_seen_at) > _naive(self.since):
+            return outcome  # it connected again since, elsewhere
         row.online = False
         row.last_seen_at = tx.now
         tx.put_agent(row)

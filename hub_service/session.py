@@ -222,7 +222,14 @@ class Sessions:
         if detached and not superseded:
             with contextlib.suppress(StatusError, TimeoutError):
                 await asyncio.wait_for(
-                    self._committer.submit(cmd.AgentOffline(connection.agent_id)),
+                    self._committer.submit(
+                        cmd.AgentOffline(
+                            connection.agent_id,
+                            since=connection.connected_time.ToDatetime()
+                            if connection.connected_time is not None
+                            else None,
+                        )
+                    ),
                     self._config.shutdown_grace,
                 )
         log.info("%s disconnected", connection.agent_id)

@@ -386,6 +386,23 @@ async def test_hub_raised_events_reach_both_partners(open_store: OpenStore) -> N
         assert [c.session_id for c in page.items] == [proposed.resource_id]
 
 
+async def test_an_older_stream_going_offline_leaves_a_newer_connect_online(
+    store: HubStore,
+) -> None:
+    """A stream on one replica ends after its agent connected again on another: the later
+    AgentOnline wins, so the agent stays online (and its partners keep no offline grace)."""
+    [first] = await commit_ok(store, [online("a")])
+    [second] = await commit_ok(store, [online("a")])
+    assert first.agent is not None and second.agent is not None
+    older, newer = first.agent.last_seen_time.ToDatetime(), second.agent.last_seen_time.ToDatetime()
+    assert newer > older  # two commits: two clock readings
+    await commit_ok(store, [cmd.AgentOffline("a", since=older)])
+    listed = await store.list_agents(True, 10, "")
+    assert [a.agent_id for a in listed.items] == ["a"], "still online: it connected again"
+    await commit_ok(store, [cmd.AgentOffline("a", since=newer)])
+    assert not (await store.list_agents(True, 10, "")).items
+
+
 # --- pagination ----------------------------------------------------------------------------------
 
 
