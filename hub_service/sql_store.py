@@ -198,28 +198,21 @@ class SqlStore:
             col(EventRecipientRow.agent_id) == agent_id,
         )
         entitled = or_(_broadcast_for(agent_id, subscription), direct)
-        query = (
-            select(EventRow.body)
-            .where(EventRow.seq > after_seq, entitled)
-            .order_by(col(EventRow.seq))
-            .limit(limit + 1)
-            .execution_options(yield_per=STREAM_ROWS)
-        )
-        page, more = await self._read(
-            lambda s: paging.take(
-                s.exec(query), partial(decode_stored, pb.HubEvent), limit, max_bytes
-            )
-        )
-        events = EventPage(event for _, event in page)
-        events.more = more
-        return events
+        return await self._log_page(after_seq, limit, max_bytes, entitled)
 
     async def events_after(
         self, after_seq: int, limit: int, max_bytes: int | None = None
     ) -> EventPage:
+        return await self._log_page(after_seq, limit, max_bytes)
+
+    async def _log_page(
+        self, after_seq: int, limit: int, max_bytes: int | None, *where: ColumnElement[bool]
+    ) -> EventPage:
+        """The events after `after_seq` that `where` admits, oldest first, within `limit`
+        and `max_bytes` (`paging.take`), and whether more follow."""
         query = (
             select(EventRow.body)
-            .where(EventRow.seq > after_seq)
+            .where(EventRow.seq > after_seq, *where)
             .order_by(col(EventRow.seq))
             .limit(limit + 1)
             .execution_options(yield_per=STREAM_ROWS)

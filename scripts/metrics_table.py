@@ -12,9 +12,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import readme_block  # noqa: E402  (this folder, first on sys.path when run as a script)
+
 from hub_service.metrics import KINDS, LIMITS, OUTCOMES, HubMetrics  # noqa: E402
 
-README = ROOT / "README.md"
 START = "<!-- metrics-table:start (made by scripts/metrics_table.py; edit metrics.py, not this) -->"
 END = "<!-- metrics-table:end -->"
 LABEL_VALUES = {
@@ -35,25 +36,5 @@ def table() -> str:
     return "\n".join(rows)
 
 
-def rewritten(text: str) -> str:
-    head, start, rest = text.partition(START)
-    _, end, tail = rest.partition(END)
-    if not start or not end:
-        raise SystemExit(f"{README}: the markers {START!r} and {END!r} are missing")
-    return f"{head}{START}\n{table()}\n{END}{tail}"
-
-
-def main() -> int:
-    text = README.read_text()
-    new = rewritten(text)
-    if "--check" in sys.argv[1:]:
-        if new != text:
-            print("README.md's metrics table is stale: run python scripts/metrics_table.py")
-            return 1
-        return 0
-    README.write_text(new)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(readme_block.main("metrics table", START, END, table))

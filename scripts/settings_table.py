@@ -12,6 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import readme_block  # noqa: E402  (this folder, first on sys.path when run as a script)
+
 from hub_service.settings import (  # noqa: E402 (the repository root first on the path)
     DURATIONS,
     FLAG_ALIASES,
@@ -22,7 +24,6 @@ from hub_service.settings import (  # noqa: E402 (the repository root first on t
     group_of,
 )
 
-README = ROOT / "README.md"
 START = (
     "<!-- settings-table:start (made by scripts/settings_table.py; edit the model, not this) -->"
 )
@@ -57,26 +58,5 @@ def table() -> str:
     return "\n".join(rows)
 
 
-def rewritten(text: str) -> str:
-    """`text` with the block between the markers replaced by the current table."""
-    head, start, rest = text.partition(START)
-    _, end, tail = rest.partition(END)
-    if not start or not end:
-        raise SystemExit(f"{README}: the markers {START!r} and {END!r} are missing")
-    return f"{head}{START}\n{table()}\n{END}{tail}"
-
-
-def main() -> int:
-    text = README.read_text()
-    new = rewritten(text)
-    if "--check" in sys.argv[1:]:
-        if new != text:
-            print("README.md's configuration table is stale: run python scripts/settings_table.py")
-            return 1
-        return 0
-    README.write_text(new)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(readme_block.main("configuration table", START, END, table))
