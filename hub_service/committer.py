@@ -82,6 +82,7 @@ class GroupCommitter:
         self._carried: _Pending | None = None  # the command that ended the last batch
         self._linger = linger
         self.commits = 0  # batches committed (or attempted), for stats and tests
+        self.last_commit_seconds = 0.0  # the latest batch's transaction (GetHubStats)
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(queue_size)
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -148,7 +149,8 @@ class GroupCommitter:
             except Exception as exc:  # the store could not even run the batch
                 log.exception("group commit failed")
                 results = [unavailable(f"commit failed: {exc}")] * len(batch)
-            self._commit_seconds.observe(loop.time() - started)
+            self.last_commit_seconds = loop.time() - started
+            self._commit_seconds.observe(self.last_commit_seconds)
             self._batch_sizes.observe(len(batch))
             down = any(
                 isinstance(r, StatusError) and r.code == grpc.StatusCode.UNAVAILABLE

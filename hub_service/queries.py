@@ -11,6 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from generated.kernelhub.v1 import hub_pb2 as pb
 
 from . import __version__, paging
+from .committer import GroupCommitter
 from .errors import invalid, not_found
 from .retention import Retention
 from .router import Router
@@ -22,8 +23,16 @@ Fetch = Callable[[int, str, int], Awaitable[Page]]
 
 
 class Queries:
-    def __init__(self, store: HubStore, router: Router, retention: Retention, budget: int) -> None:
+    def __init__(
+        self,
+        store: HubStore,
+        router: Router,
+        retention: Retention,
+        budget: int,
+        committer: GroupCommitter,
+    ) -> None:
         self._store = store
+        self._committer = committer  # its queue depth and latest commit time (GetHubStats)
         self._router = router
         self._retention = retention
         self._budget = budget  # what the items of one response may take
@@ -114,6 +123,8 @@ class Queries:
         stats.start_time.CopyFrom(self._start_time)
         stats.oldest_seq = self._retention.oldest_seq
         stats.idempotency_window_seconds = self._retention.policy.ledger_max_age
+        stats.commit_queue_depth = self._committer.queued()
+        stats.last_commit_seconds = self._committer.last_commit_seconds
         judged = stats.artifacts_by_validation_state
         passed = judged.get(pb.ValidationState.Name(pb.VALIDATION_STATE_PASSED), 0)
         failed = sum(

@@ -68,7 +68,7 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         self.sessions = Sessions(
             config, store, committer, router, self.syncs, retention, budget, metrics
         )
-        self.queries = Queries(store, router, retention, budget)
+        self.queries = Queries(store, router, retention, budget, committer)
         self.watches = Watches(config, store, router, retention, budget, metrics)
         self.admin = Admin(store, budget)
         self.verdicts = Verdicts(config, committer)

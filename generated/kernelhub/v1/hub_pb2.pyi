@@ -3095,6 +3095,8 @@ class GetHubStatsResponse(_message.Message):
     WATCH_STREAMS_FIELD_NUMBER: _builtins.int
     ARTIFACTS_BY_VALIDATION_STATE_FIELD_NUMBER: _builtins.int
     VALIDATION_PASS_RATE_FIELD_NUMBER: _builtins.int
+    COMMIT_QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
+    LAST_COMMIT_SECONDS_FIELD_NUMBER: _builtins.int
     agents_known: _builtins.int
     """Agents that ever said Hello."""
     agents_online: _builtins.int
@@ -3121,6 +3123,15 @@ class GetHubStatsResponse(_message.Message):
     """PASSED / (PASSED + FAILED + TIMED_OUT): how much of what validators
     judged passed (0 when nothing was judged; ERROR and UNSUPPORTED are not
     judgements on the code).
+    """
+    commit_queue_depth: _builtins.int
+    """Commands (from every stream and RPC on this hub) waiting in the queue
+    for a group commit, at most `commit_queue_size`; a queue near that bound
+    means the database is the bottleneck and writers are being held back.
+    """
+    last_commit_seconds: _builtins.float
+    """How long this hub's latest group commit (one transaction of a batch)
+    took, in seconds; 0 before its first commit.
     """
     @_builtins.property
     def knowledge_base(self) -> Global___KnowledgeBaseSummary:
@@ -3156,10 +3167,12 @@ class GetHubStatsResponse(_message.Message):
         watch_streams: _builtins.int = ...,
         artifacts_by_validation_state: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         validation_pass_rate: _builtins.float = ...,
+        commit_queue_depth: _builtins.int = ...,
+        last_commit_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["knowledge_base", b"knowledge_base", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents_known", b"agents_known", "agents_online", b"agents_online", "artifacts_by_validation_state", b"artifacts_by_validation_state", "collaborations_by_state", b"collaborations_by_state", "feature_delivery_count", b"feature_delivery_count", "head_seq", b"head_seq", "hub_version", b"hub_version", "idempotency_window_seconds", b"idempotency_window_seconds", "knowledge_base", b"knowledge_base", "oldest_seq", b"oldest_seq", "start_time", b"start_time", "validation_pass_rate", b"validation_pass_rate", "watch_streams", b"watch_streams"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents_known", b"agents_known", "agents_online", b"agents_online", "artifacts_by_validation_state", b"artifacts_by_validation_state", "collaborations_by_state", b"collaborations_by_state", "commit_queue_depth", b"commit_queue_depth", "feature_delivery_count", b"feature_delivery_count", "head_seq", b"head_seq", "hub_version", b"hub_version", "idempotency_window_seconds", b"idempotency_window_seconds", "knowledge_base", b"knowledge_base", "last_commit_seconds", b"last_commit_seconds", "oldest_seq", b"oldest_seq", "start_time", b"start_time", "validation_pass_rate", b"validation_pass_rate", "watch_streams", b"watch_streams"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
