@@ -24,6 +24,12 @@ GRAPH_EDGES = 150  # pairs the page draws
 MAX_CONTRIBUTORS = 20_000
 MAX_ONLINE = 20_000  # agents the online table holds
 TOP_CONTRIBUTORS = 10
+RECENT_FAILURES = 20  # failed verdicts the page lists, newest first
+MAX_VERDICT_STATES = 16  # states counted (a newer hub's unknown numbers included)
+DIAGNOSTIC_CHARS = 200  # of a failure's first diagnostic line
+# Verdicts on the code: the pass rate is PASSED over these (as GetHubStats' validation_pass_rate).
+JUDGED = frozenset({"PASSED", "FAILED", "TIMED_OUT"})
+FAILURES = frozenset({"FAILED", "ERROR", "TIMED_OUT"})
 KNOWN_KINDS = frozenset(
     {
         "artifact_shared",
@@ -32,6 +38,7 @@ KNOWN_KINDS = frozenset(
         "collaboration_updated",
         "agent_joined",
         "agent_left",
+        "artifact_validated",
         "omitted",
     }
 )
@@ -75,6 +82,8 @@ class Aggregate:
     _edges: Counter[tuple[str, str]] = field(default_factory=Counter)
     _contributors: Counter[str] = field(default_factory=Counter)
     _other_kinds: Counter[str] = field(default_factory=Counter)  # events this page predates
+    _verdicts: Counter[str] = field(default_factory=Counter)  # state -> verdicts seen
+    _failures: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT_FAILURES))
     events_seen: int = 0
     last_seq: int = 0
     watching: bool = False
@@ -119,6 +128,11 @@ class Aggregate:
                 pair = tuple(sorted((collab.initiator_id, collab.target_id)))
                 self._add_edge((pair[0], pair[1]))
             label = f"{collab.initiator_id} + {collab.target_id}: {state}"
+        elif kind == "artifact_validated":
+            label, link = (
+                self._verdict(event.artifact_validated, event.seq),
+                (event.artifact_validated.artifact_id),
+            )
         elif kind in ("agent_joined", "agent_left"):
             pass  # logged by hubs before presence was state: history, not who is online
         elif kind not in KNOWN_KINDS:
@@ -133,6 +147,27 @@ class Aggregate:
                 "artifact": link,
             }
         )
+
+    def _verdict(self, validated: pb.ArtifactValidated, seq: int) -> str:
+        """Counts the verdict by state; keeps it if it is a failure. Its label."""
+        state = enum_name(pb.ValidationState, validated.verdict.state, "VALIDATION_STATE_")
+        if state in self._verdicts or len(self._verdicts) < MAX_VERDICT_STATES:
+            self._verdicts[state] += 1
+        if state in FAILURES:
+            diagnostics = validated.verdict.diagnostics.strip()
+            self._failures.append(
+                {
+                    "seq": seq,
+                    "artifact_id": validated.artifact_id,
+                    "component_id": validated.component_id[:200],
+                    "contributor": validated.contributor_id,
+                    "state": state,
+                    "diagnostic": diagnostics.splitlines()[0][:DIAGNOSTIC_CHARS]
+                    if diagnostics
+                    else "",
+                }
+            )
+        return f"{validated.component_id}: {state}"
 
     def _trim_window(self, newest: int) -> None:
         if len(self._shares) > WINDOW_SECONDS:
@@ -217,6 +252,16 @@ class Aggregate:
             "top_contributors": self._contributors.most_common(TOP_CONTRIBUTORS),
             "recent_events": list(self._recent)[::-1],
             "other_events": dict(self._other_kinds),
+            "validation": self._validation(),
+        }
+
+    def _validation(self) -> dict[str, Any]:
+        judged = sum(n for state, n in self._verdicts.items() if state in JUDGED)
+        return {
+            "verdicts": sum(self._verdicts.values()),
+            "by_state": dict(sorted(self._verdicts.items())),
+            "pass_rate": self._verdicts["PASSED"] / judged if judged else None,
+            "recent_failures": list(self._failures)[::-1],
         }
 
     def agents_page(self, offset: int, limit: int) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The dashboard in headless Chromium, against a live hub with real trainers running: agents
-online and counts that grow without a reload, the agent and artifact pages, and agent-supplied
-markup rendered as inert text."""
+online and counts that grow without a reload, the Validation panel, the agent and artifact
+pages, and agent-supplied markup rendered as inert text; the aggregate's bounds; the hub
+health GetHubStats reports."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 from urllib.error import HTTPError
 from urllib.request import Request, urlopen
 
 import pytest
 from playwright.async_api import Browser, Page
 
-from dashboard_service.aggregate import MAX_ONLINE, Aggregate
+from dashboard_service.aggregate import MAX_ONLINE, RECENT_FAILURES, Aggregate
 from dashboard_service.cli import read_token
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.roles import Role
@@ -24,7 +26,7 @@ from trainer_service.simulation.dashboard import dashboard_beside
 from trainer_service.simulation.swarm import agent_ids, run_swarm
 
 from .browser import SCREENSHOTS, browser
-from .conftest import WAIT, HubHarness, code_component, hello
+from .conftest import WAIT, HubHarness, auth, code_component, hello
 
 __all__ = ["browser"]  # the fixture, imported to be used
 
@@ -32,6 +34,27 @@ TRAINERS = 4
 XSS_NAME = "<script>window.__xss = 1</script><img src=x onerror=window.__xss=2>"
 XSS_CODE = "</code></pre><script>window.__xss = 3</script>\nint main(void) { return 0; }\n"
 BROWSER_WAIT_MS = 20_000
+XSS_DIAGNOSTIC = "<img src=x onerror=window.__xss=4>: error: expected ';'\nsecond line"
+
+
+async def _fail_until(harness: HubHarness, artifact_id: str) -> None:
+    """A validator (no process: its RPCs) claims components and fails each, with markup in
+    its diagnostics, until it has failed `artifact_id` (the swarm's may come first)."""
+    validator = await harness.token("v1", role=Role.VALIDATOR)
+    verdict = pb.ValidationVerdict(state=pb.VALIDATION_STATE_FAILED, diagnostics=XSS_DIAGNOSTIC)
+    async with asyncio.timeout(WAIT):
+        while True:
+            claim = await harness.stub.ClaimValidation(
+                pb.ClaimValidationRequest(wait_seconds=5), metadata=auth(validator), timeout=15
+            )
+            if not claim.HasField("lease"):
+                continue
+            await harness.stub.SubmitVerdict(
+                pb.SubmitVerdictRequest(lease_id=claim.lease.lease_id, verdict=verdict),
+                metadata=auth(validator),
+            )
+            if claim.lease.artifact.artifact_id == artifact_id:
+                return
 
 
 @pytest.fixture
@@ -82,6 +105,7 @@ async def test_the_dashboard_is_live_and_renders_agent_text_inert(
 ) -> None:
     token = await hub.issue_token("dash", role=Role.OBSERVER)
     evil_artifact = await _malicious_share(harness)
+    await _fail_until(harness, evil_artifact)
     async with dashboard_beside(f"127.0.0.1:{hub.port}", token, 0) as dashboard:
         url = dashboard.url
         # Without the page's CSP, so the test proves the escaping alone keeps markup inert
@@ -114,6 +138,14 @@ async def test_the_dashboard_is_live_and_renders_agent_text_inert(
             ".textContent === 'live'",
             timeout=BROWSER_WAIT_MS,
         )
+        # The verdict: the Validation panel appears, the failure links to its artifact.
+        await page.wait_for_selector("#failures-table a", timeout=BROWSER_WAIT_MS)
+        assert not await page.is_hidden("#validation-section")
+        assert "failed" in (await page.text_content("#verdicts-table") or "")
+        assert await page.text_content("#pass-rate") == "0%"
+        failures = await page.text_content("#failures-table") or ""
+        assert XSS_DIAGNOSTIC.splitlines()[0] in failures and "second line" not in failures
+        assert await page.evaluate("window.__xss === undefined")
         SCREENSHOTS.mkdir(exist_ok=True)
         await page.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=True)
 
@@ -133,6 +165,9 @@ async def test_the_dashboard_is_live_and_renders_agent_text_inert(
         assert XSS_NAME[:200] in (await page.text_content("#title") or "")
         assert await page.text_content("#code") == XSS_CODE
         assert await page.text_content("#contributor") == "mallory"
+        assert await page.text_content("#validation-state") == "failed"
+        assert XSS_DIAGNOSTIC in (await page.text_content("#verdict") or "")
+        assert await page.evaluate("window.__xss === undefined")
         await page.screenshot(path=str(SCREENSHOTS / "dashboard-artifact.png"), full_page=True)
         # Mallory's page and the main page show its markup as text too.
         await page.goto(f"{url}agent/mallory")
@@ -172,6 +207,82 @@ def test_the_aggregate_stays_bounded_with_many_agents_and_events() -> None:
     assert len(snapshot["graph"]) == 150 and len(snapshot["recent_events"]) == 20
     assert sum(snapshot["shares"]["by_kind"]["pattern"]) > 0
     assert snapshot["feed"]["last_seq"] == 60_000
+
+
+def _validated(seq: int, state: int, diagnostics: str = "") -> pb.HubEvent:
+    event = pb.HubEvent(seq=seq, sender_id="v1")
+    validated = event.artifact_validated
+    validated.artifact_id, validated.component_id = f"art_{seq}", f"comp_{seq}"
+    validated.contributor_id = f"AI_Node_{seq % 7}"
+    validated.verdict.state = state  # type: ignore[assignment]  # a newer hub's number too
+    validated.verdict.diagnostics = diagnostics
+    return event
+
+
+def test_the_aggregate_counts_verdicts_and_keeps_the_newest_failures() -> None:
+    """Verdict events counted by state (unknown states bounded), the pass rate over those
+    judged, the newest failures with their first diagnostic line, truncated."""
+    aggregate = Aggregate()
+    assert aggregate.snapshot()["validation"]["pass_rate"] is None
+    states = [pb.VALIDATION_STATE_PASSED] * 3 + [
+        pb.VALIDATION_STATE_FAILED,
+        pb.VALIDATION_STATE_UNSUPPORTED,
+        pb.VALIDATION_STATE_TIMED_OUT,
+        pb.VALIDATION_STATE_ERROR,
+    ]
+    for i in range(700):
+        aggregate.event(_validated(i + 1, states[i % len(states)], f"{'x' * 300}\nline two"))
+    for i in range(100):  # states a newer hub may send: counted, but only so many of them
+        aggregate.event(_validated(1000 + i, 50 + i))
+    validation = aggregate.snapshot()["validation"]
+    assert validation["verdicts"] == 700 + 16 - 5
+    assert validation["by_state"]["PASSED"] == 300
+    assert validation["by_state"]["FAILED"] == validation["by_state"]["ERROR"] == 100
+    assert len(validation["by_state"]) == 16
+    assert validation["pass_rate"] == 300 / 500  # ERROR and UNSUPPORTED are not judged
+    failures = validation["recent_failures"]
+    assert len(failures) == RECENT_FAILURES
+    assert [f["seq"] for f in failures[:2]] == [700, 699]  # newest first; 700 is ERROR
+    assert failures[0]["state"] == "ERROR" and failures[0]["artifact_id"] == "art_700"
+    assert failures[0]["diagnostic"] == "x" * 200
+    assert {f["state"] for f in failures} == {"FAILED", "ERROR", "TIMED_OUT"}
+    assert aggregate.snapshot()["other_events"] == {}
+
+
+async def test_hub_stats_report_the_commit_queue_and_the_latest_commit(
+    hub: HubServer, harness: HubHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commands held behind a slow commit show as the queue's depth; the latest commit's
+    time is reported once it ends. (The gate delays the real store's commit; it fakes none.)"""
+    trainer = await harness.connect("AI_Node_1")
+    gate, entered = asyncio.Event(), asyncio.Event()
+    commit = hub.store.commit
+
+    async def slow_commit(commands: Any) -> Any:
+        entered.set()
+        await gate.wait()
+        return await commit(commands)
+
+    monkeypatch.setattr(hub.store, "commit", slow_commit)
+    sent = [
+        await trainer.send(
+            share_code_component=pb.ShareCodeComponent(code_component=code_component(f"c{i}"))
+        )
+        for i in range(4)
+    ]
+    async with asyncio.timeout(WAIT):
+        await entered.wait()
+        # The first is in the held commit. (The committer's state: no event to wait on.)
+        while hub.committer.queued() < 3:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    held = await harness.query("GetHubStats", pb.GetHubStatsRequest())
+    assert held.commit_queue_depth >= 3
+    gate.set()
+    for message_id in sent:
+        await trainer.receipt(message_id)
+    stats = await harness.query("GetHubStats", pb.GetHubStatsRequest())
+    assert stats.last_commit_seconds > 0
+    assert stats.commit_queue_depth < held.commit_queue_depth
 
 
 def test_presence_follows_the_roster_then_its_changes() -> None:

@@ -1,4 +1,4 @@
-// An artifact's page: its fields, its code shown as code, its contributor.
+// An artifact's page: its fields, its code shown as code, its contributor, its verdict.
 "use strict";
 
 const artifactId = decodeURIComponent(window.location.pathname.slice("/artifact/".length));
@@ -23,6 +23,12 @@ function show(artifact) {
   document.getElementById("code-section").hidden = !code;
   setText("language", content.language || "");
   document.getElementById("code").textContent = code;
+  const verdict = artifact.verdict || null;
+  const state = artifact.validation_state || (verdict && verdict.state) || "";
+  document.getElementById("verdict-section").hidden = !state && !verdict;
+  setText("validation-state", shortName(state, "VALIDATION_STATE_"));
+  fillRows(document.getElementById("verdict"), Object.entries(verdict || {}).map(([key, value]) => [
+    key, typeof value === "object" ? JSON.stringify(value) : value]));
 }
 
 getJson("/api/artifact/" + encodeURIComponent(artifactId)).then(show).catch((error) => {

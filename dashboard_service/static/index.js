@@ -91,6 +91,8 @@ function draw(snap) {
   setText("head-seq", hub.head_seq || 0);
   setText("lag", Math.max(0, Number(hub.head_seq || 0) - snap.feed.last_seq));
   setText("watch-streams", hub.watch_streams || 0);
+  setText("commit-queue", hub.commit_queue_depth || 0);
+  setText("last-commit", hub.last_commit_seconds ? (hub.last_commit_seconds * 1000).toFixed(1) + " ms" : "–");
   setText("patterns", kb.pattern_count || 0);
   setText("code-components", kb.code_component_count || 0);
   setText("os-components", kb.os_component_count || 0);
@@ -108,12 +110,23 @@ function draw(snap) {
   setText("requests-delivered", snap.requests.delivered);
   fillRows(document.getElementById("requests-table"), snap.requests.recent.map((r) => [r.feature, agentLink(r.requester), r.deliveries]));
   fillRows(document.getElementById("contributors-table"), snap.top_contributors.map(([id, n]) => [agentLink(id), n]));
+  drawValidation(snap.validation);
   const other = Object.entries(snap.other_events);
   document.getElementById("other-section").hidden = other.length === 0;
   fillRows(document.getElementById("other-table"), other.map(([kind, n]) => [kind || "unknown", n]));
   fillRows(document.getElementById("events-table"), snap.recent_events.map((e) => [
     e.seq, e.kind, agentLink(e.sender), e.artifact ? artifactLink(e.artifact, e.label) : e.label]));
   setText("agents-note", snap.online_truncated ? "(the first " + snap.online_count + ")" : "");
+}
+
+function drawValidation(validation) {
+  document.getElementById("validation-section").hidden = validation.verdicts === 0;
+  if (validation.verdicts === 0) return;
+  setText("verdicts-total", validation.verdicts);
+  setText("pass-rate", validation.pass_rate === null ? "none judged" : Math.round(validation.pass_rate * 100) + "%");
+  fillRows(document.getElementById("verdicts-table"), Object.entries(validation.by_state).map(([state, n]) => [state.toLowerCase(), n]));
+  fillRows(document.getElementById("failures-table"), validation.recent_failures.map((f) => [
+    artifactLink(f.artifact_id, f.component_id || f.artifact_id), agentLink(f.contributor), f.state.toLowerCase(), f.diagnostic]));
 }
 
 let ticks = 0;
