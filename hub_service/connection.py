@@ -156,6 +156,16 @@ class Connection:
             # The sender knows of the rest: it looks at the queue when its linger ends.
             self._wake.set()
 
+    def start_at(self, skip_history: bool, head: int, oldest: int) -> int:
+        """Where the stream starts, set before it is attached: after `head` (from now), after
+        its resume seq, or (0) from `oldest`, what the log still holds (a cursor below the
+        low-water mark would look like a reader pinning pruning far behind). Returns it."""
+        if skip_history:
+            self.cursor = max(self.cursor, head)
+        elif self.cursor == 0:
+            self.cursor = oldest - 1
+        return self.cursor
+
     def start_roster(self, presence: Presence) -> None:
         """Send the roster (everyone online but this agent), then the changes after it."""
         self._presence = presence

@@ -118,11 +118,8 @@ class Sessions:
             metrics=self._metrics,
             head=lambda: self._router.last_published_seq,
         )
-        if hello.skip_history:
-            connection.cursor = max(connection.cursor, self._router.last_published_seq)
-        elif connection.cursor == 0:
-            connection.cursor = oldest - 1  # from the beginning: what the log still holds
-        start = connection.cursor  # with skip_history, nothing at or below this is sent
+        # With skip_history, nothing at or below `start` is sent.
+        start = connection.start_at(hello.skip_history, self._router.last_published_seq, oldest)
         superseded = self._router.attach(connection)
         if superseded is not None:
             superseded.end(

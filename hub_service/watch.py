@@ -94,7 +94,10 @@ class Watches:
                 f"the hub carries at most {limit} Watch streams; retry later",
             )
         watcher = Connection(
-            pb.Hello(agent_id=current_agent(), resume_after_seq=request.after_seq),
+            pb.Hello(  # after_seq is ignored with skip_history
+                agent_id=current_agent(),
+                resume_after_seq=0 if request.skip_history else request.after_seq,
+            ),
             token_hash=current_token_hash(),
             store=self._store,
             max_inflight=1,  # it sends nothing to be answered
@@ -110,12 +113,7 @@ class Watches:
             head=lambda: self._router.last_published_seq,
         )
         head = self._router.last_published_seq
-        if request.skip_history:
-            watcher.cursor = head
-        elif watcher.cursor == 0:
-            # From the beginning: what the log still holds (a cursor below the mark would
-            # look like a reader pinning pruning far behind).
-            watcher.cursor = self._retention.oldest_seq - 1
+        watcher.start_at(request.skip_history, head, self._retention.oldest_seq)
         # Presence is state, not in the log: a watcher gets it as a trainer does.
         self._router.watch(watcher, kinds is None or bool(kinds & PRESENCE_KINDS))
         log.info("%s watching (after seq %d)", watcher.agent_id, watcher.cursor)
