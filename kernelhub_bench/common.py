@@ -123,6 +123,22 @@ def fake_tokens(count: int) -> list[tuple[str, str]]:
     return [(f"bench_{i:05d}", f"kh_baseline_{i}") for i in range(count)]
 
 
+def timed_id(point: int, index: int, due_ns: int) -> str:
+    """A latency probe's pattern id: which load point, which share, when it was due."""
+    return f"p.{point}.{index}.{due_ns}"
+
+
+def record_latency(
+    latencies: dict[int, list[int]], pattern_id: str, warmup: int, now_ns: int
+) -> None:
+    """The share -> delivery time of a probe (`timed_id`) past its point's warm-up."""
+    if not pattern_id.startswith("p."):
+        return
+    _, point, index, due = pattern_id.split(".")
+    if int(index) >= warmup:
+        latencies.setdefault(int(point), []).append(now_ns - int(due))
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0..100) by linear interpolation; NaN for no values."""
     if not values:

@@ -32,7 +32,7 @@ from nats.js.client import JetStreamContext
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
-from .common import SEND_WINDOW, percentile, share
+from .common import SEND_WINDOW, percentile, record_latency, share, timed_id
 from .load import BenchError, CpuMeter, Deadline, bounded, emit
 
 STREAM = "KERNELHUB_BENCH"
@@ -65,10 +65,7 @@ class Consumer:
         self.got += 1
         if self.record_latency:
             pattern_id = request.share_pattern.pattern.pattern_id
-            if pattern_id.startswith("p."):
-                _, point, index, due = pattern_id.split(".")
-                if int(index) >= self.warmup:
-                    self.latencies.setdefault(int(point), []).append(now - int(due))
+            record_latency(self.latencies, pattern_id, self.warmup, now)
         if self.want and self.got >= self.want and not self.reached.is_set():
             self.done_at = now / 1e9
             self.reached.set()
@@ -201,7 +198,7 @@ async def scenario_latency(
                 if delay > 0:
                     await asyncio.sleep(delay)
                 await swarm.publish(
-                    payload(f"{tag}-p{point}-{i}", f"p.{point}.{i}.{due}"), deadline
+                    payload(f"{tag}-p{point}-{i}", timed_id(point, i, due)), deadline
                 )
             sent += n
             await swarm.all_reached(deadline)

@@ -45,7 +45,9 @@ from .common import (
     pattern,
     percentile,
     read_tokens,
+    record_latency,
     share,
+    timed_id,
 )
 
 # How long any single expected message may take before the scenario fails.
@@ -322,10 +324,7 @@ class Receiver:
                 self.got += 1
                 if self.record_latency:
                     pattern_id = event.artifact_shared.pattern.pattern_id
-                    if pattern_id.startswith("p."):
-                        _, point, index, due = pattern_id.split(".")
-                        if int(index) >= self.warmup:
-                            self.latencies.setdefault(int(point), []).append(now - int(due))
+                    record_latency(self.latencies, pattern_id, self.warmup, now)
             if self.want and self.got >= self.want and not self._reached.is_set():
                 self.done_at = now / 1e9
                 self._reached.set()
@@ -629,7 +628,7 @@ async def scenario_latency(args: Context, deadline: Deadline) -> dict[str, Any]:
                 if delay > 0:
                     await asyncio.sleep(delay)
                 await swarm.sender.send(
-                    share(f"{args.tag}-p{point}-{i}", f"p.{point}.{i}.{due}"), deadline
+                    share(f"{args.tag}-p{point}-{i}", timed_id(point, i, due)), deadline
                 )
             sent += n
             await swarm.all_reached(deadline)
