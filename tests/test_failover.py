@@ -168,7 +168,10 @@ class _Recorded(HubClient):
 
     async def start(self) -> None:
         await super().start()
-        self.started_after = self.last_seq  # a fresh trainer starts from now
+        # A fresh trainer starts from now: after its first Welcome's head (last_seq may
+        # already be past it, by events read while start() returned).
+        assert self.welcome is not None
+        self.started_after = self.welcome.head_seq
         self.seqs: list[int] = []
         _Recorded.instances.append(self)
 
