@@ -201,5 +201,6 @@ async def test_the_sdk_loads_without_the_simulation_or_the_hub() -> None:
             "trainer_service.sdk",
             "trainer_service.sdk.client",
             "trainer_service.sdk.errors",
+            "trainer_service.sdk.targets",
         ]
     )

@@ -45,11 +45,14 @@ class NodeTrainer:
         self._stderr_task = asyncio.create_task(self._drain_stderr())
 
     @classmethod
-    async def start(cls, hub: HubServer, token: str, state_file: Path, **env: str) -> NodeTrainer:
+    async def start(
+        cls, hub: HubServer | str, token: str, state_file: Path, **env: str
+    ) -> NodeTrainer:
+        """`hub`: an in-process hub, or the address(es) to give the trainer."""
         assert NODE is not None
         environ = {k: v for k, v in os.environ.items() if not k.startswith("KERNELHUB_")}
         environ |= {
-            "KERNELHUB_HUB": target(hub),
+            "KERNELHUB_HUB": hub if isinstance(hub, str) else target(hub),
             "KERNELHUB_AGENT_ID": "AI_Node_2",
             "KERNELHUB_TOKEN": token,
             "KERNELHUB_SPECIALIZATION": "graphics",
@@ -121,7 +124,7 @@ class NodeTrainer:
 
 @contextlib.asynccontextmanager
 async def node_trainer(
-    hub: HubServer, token: str, state_file: Path, **env: str
+    hub: HubServer | str, token: str, state_file: Path, **env: str
 ) -> AsyncIterator[NodeTrainer]:
     trainer = await NodeTrainer.start(hub, token, state_file, **env)
     try:

@@ -25,11 +25,14 @@ from hub_service.durations import positive_duration
 from trainer_service import __version__
 from trainer_service.sdk.client import DEFAULT_TARGET
 from trainer_service.sdk.errors import HubError
+from trainer_service.sdk.targets import parse_hub_target
 from trainer_service.simulation.behavior import Behavior, load_behavior
 from trainer_service.simulation.capabilities import SPECIALIZATION_NAMES, parse_specialization
 from trainer_service.simulation.dashboard import OBSERVER, DashboardUnavailable, dashboard_beside
 from trainer_service.simulation.swarm import (
+    MAX_REPLICAS,
     MAX_SWARM_SIZE,
+    REPLICAS_NEED_POSTGRESQL,
     EmbeddedHubUnavailable,
     SwarmResult,
     agent_ids,
@@ -72,6 +75,25 @@ def _swarm_count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if not 1 <= value <= MAX_SWARM_SIZE:
         raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_SWARM_SIZE}, got {value}")
+    return value
+
+
+def _hub_address(text: str) -> str:
+    """One hub, or several replicas of one (checked here, so a typo is a usage error)."""
+    try:
+        parse_hub_target(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _replica_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= MAX_REPLICAS:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_REPLICAS}, got {value}")
     return value
 
 
@@ -205,9 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--hub",
+        type=_hub_address,
         default=os.environ.get(HUB_ENV, DEFAULT_TARGET),
         metavar="HOST:PORT",
-        help=f"hub address (default ${HUB_ENV} or {DEFAULT_TARGET})",
+        help=f"hub address (default ${HUB_ENV} or {DEFAULT_TARGET}); several replicas of one "
+        "hub as IP:PORT,IP:PORT or dns:///NAME:PORT: the trainer fails over between them",
     )
     token = run.add_mutually_exclusive_group()
     token.add_argument("--token", help=f"bearer token (default ${TOKEN_ENV})")
@@ -223,14 +247,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     swarm.add_argument(
         "--hub",
+        type=_hub_address,
         metavar="HOST:PORT",
-        help="use this hub (needs --tokens-file); without it the swarm runs its own",
+        help="use this hub (needs --tokens-file); without it the swarm runs its own. Several "
+        "replicas of one hub as IP:PORT,IP:PORT or dns:///NAME:PORT: the trainers spread "
+        "over them and fail over between them",
     )
     swarm.add_argument(
         "--tokens-file", type=Path, metavar="FILE", help="lines `agent_id token` for --hub"
     )
     swarm.add_argument(
         "--db", type=Path, metavar="PATH", help="SQLite file for the embedded hub (default: temp)"
+    )
+    swarm.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="database for the embedded hub instead of --db, e.g. postgresql+psycopg://..."
+        " (--replicas needs one)",
+    )
+    swarm.add_argument(
+        "--replicas",
+        type=_replica_count,
+        metavar="N",
+        help="run the embedded hub as N replica processes on --database-url (PostgreSQL) and "
+        "spread the trainers over them",
     )
     swarm.add_argument(
         "--report",
@@ -356,8 +396,19 @@ async def _run(args: argparse.Namespace) -> int:
 async def _swarm(args: argparse.Namespace, console: Console) -> int:
     if (args.hub is None) != (args.tokens_file is None):
         raise UsageError("--hub and --tokens-file go together")
-    if args.hub is not None and args.db is not None:
-        raise UsageError("--db is for the embedded hub; it cannot be used with --hub")
+    for flag, value in (("--db", args.db), ("--database-url", args.database_url)):
+        if args.hub is not None and value is not None:
+            raise UsageError(f"{flag} is for the embedded hub; it cannot be used with --hub")
+    if args.hub is not None and args.replicas is not None:
+        raise UsageError(
+            "--replicas starts the swarm's own hub replicas; it cannot be used with --hub"
+        )
+    if args.db is not None and args.database_url is not None:
+        raise UsageError(
+            "--db and --database-url both name the embedded hub's database: one of them"
+        )
+    if args.replicas is not None and not (args.database_url or "").startswith("postgresql"):
+        raise UsageError(REPLICAS_NEED_POSTGRESQL)
     if args.hub is not None and args.report is not None:
         raise UsageError(
             "--report reads the embedded hub's database; for another hub run "
@@ -415,6 +466,8 @@ async def _swarm(args: argparse.Namespace, console: Console) -> int:
                             agents=ids,
                             observers=observers,
                             validators=validators,
+                            database_url=args.database_url,
+                            replicas=args.replicas or 0,
                         )
                     )
                     if args.dashboard is not None:

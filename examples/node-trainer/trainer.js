@@ -4,6 +4,7 @@
 'use strict';
 const crypto = require('node:crypto');
 const fs = require('node:fs');
+const net = require('node:net');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
@@ -53,41 +54,86 @@ function saveSeq() {
   savedSeq = lastSeq;
 }
 
+// Several replicas of one hub: a list of IP addresses (10.0.0.1:50051,10.0.0.2:50051) or one DNS
+// name with a record per replica (dns:///hubs.internal:50051). gRPC resolves them itself (its
+// ipv4:/ipv6: and dns: resolvers) and its pick_first policy connects to one at random
+// (shuffleAddressList); when a stream is lost we open a new one on the same channel, and gRPC
+// connects it to a replica that answers. We never loop over the addresses ourselves.
+function grpcTarget(hub) {
+  if (!hub.includes(',')) return { target: hub, several: hub.startsWith('dns:') };
+  const list = hub.replace(/^ipv[46]:/, '').split(',').map((a) => a.trim());
+  const families = new Set(list.map((address) => {
+    const m = /^(?:\[([^\]]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(address);
+    const family = m && net.isIP(m[1] || m[2]);
+    if (!m || !family || (family === 6) !== Boolean(m[1]) || !(Number(m[3]) >= 1 && Number(m[3]) <= 65535)) {
+      fail(`hub address ${JSON.stringify(address)} in ${hub}: a list of hubs takes IP:PORT or `
+        + '[IPv6]:PORT (gRPC resolves no list of names); for names use dns:///NAME:PORT');
+    }
+    return family;
+  }));
+  if (families.size > 1) fail(`${hub} mixes IPv4 and IPv6 addresses; give one family`);
+  return { target: `ipv${[...families][0]}:${list.join(',')}`, several: true };
+}
+const { target: TARGET, several: SEVERAL } = grpcTarget(HUB);
+const client = new HubService(TARGET, grpc.credentials.createInsecure(), SEVERAL
+  ? { 'grpc.service_config': JSON.stringify({ loadBalancingConfig: [{ pick_first: { shuffleAddressList: true } }] }) }
+  : {});
+
 // 1. Every call carries the bearer token as metadata; without a valid one: UNAUTHENTICATED.
 const metadata = new grpc.Metadata();
 metadata.add('authorization', `Bearer ${TOKEN}`);
-const call = new HubService(HUB, grpc.credentials.createInsecure()).Connect(metadata);
+let call = null; // the current stream; a new one after a reconnect
+let reconnects = 0; // streams opened again after a loss
+let attempt = 0; // reconnect attempts since the last Welcome
+let failingSince = 0;
 
 // 2. Hello must be the first message: who we are and the last seq we processed. The hub answers
 // with Welcome (not a receipt), replays the events we missed since that seq, then goes live.
-call.write({ message_id: crypto.randomUUID(), hello: {
-  agent_id: AGENT_ID, specialization: SPEC, capabilities: ['rendering', 'display_management'],
-  version: 'node-example-1.0.0', resume_after_seq: lastSeq.toString(),
-  // Shares and requests of these specializations (content or contributor) only; what is
-  // addressed to us (collaborations, deliveries, routed requests) comes anyway. Unset: all.
-  // Send it in every Hello: the replay after a reconnect applies it too. A live stream can
-  // switch with send({ subscribe: { subscription } }): the receipt's seq is where it takes effect.
-  subscription: { specializations: SUBSCRIBE },
-} });
-log(`connecting to ${HUB} as ${AGENT_ID} (${SPEC}), resuming after seq ${lastSeq}`);
+function connect() {
+  call = client.Connect(metadata);
+  const stream = call;
+  call.on('data', onResponse);
+  call.on('error', (err) => onStreamError(stream, err));
+  call.on('status', (status) => onStatus(stream, status));
+  call.write({ message_id: crypto.randomUUID(), hello: {
+    agent_id: AGENT_ID, specialization: SPEC, capabilities: ['rendering', 'display_management'],
+    version: 'node-example-1.0.0', resume_after_seq: lastSeq.toString(),
+    // Shares and requests of these specializations (content or contributor) only; what is
+    // addressed to us (collaborations, deliveries, routed requests) comes anyway. Unset: all.
+    // Send it in every Hello: the replay after a reconnect applies it too. A live stream can
+    // switch with send({ subscribe: { subscription } }): the receipt's seq is where it takes effect.
+    subscription: { specializations: SUBSCRIBE },
+  } });
+  log(`connecting to ${HUB} as ${AGENT_ID} (${SPEC}), resuming after seq ${lastSeq}`);
+}
 
 // 3. Every other message carries a message_id we choose (a UUID). The hub answers each with a
 // Receipt once its effects are committed, or with a RequestError. Re-sending the same id (say
 // after a reconnect) is safe: the original receipt comes back with duplicate: true.
-const pending = new Map(); // message_id -> { what, then }: sent, not yet answered
+const pending = new Map(); // message_id -> { what, body, then }: sent, not yet answered
 let ending = false; // set once we call call.end(): nothing may be written after it
+let welcomed = false; // a stream is open and answered Hello: we may write
 function send(body, then) {
   if (ending) return log(`not sending ${Object.keys(body)[0]}: the stream is ending`);
   const message_id = crypto.randomUUID();
-  pending.set(message_id, { what: Object.keys(body)[0], then });
-  call.write({ message_id, ...body }); // a oneof is set by naming one of its fields
+  pending.set(message_id, { what: Object.keys(body)[0], body, then });
+  // a oneof is set by naming one of its fields; while reconnecting, the next Welcome sends it
+  if (welcomed) call.write({ message_id, ...body });
 }
 
 const specializations = new Map(); // agent id -> specialization, from presence and syncs
 
 function onWelcome(welcome) {
-  log(`welcome from hub ${welcome.hub_version}, head seq ${welcome.head_seq}`);
-  emit('welcome', { ...welcome, resume_after_seq: lastSeq.toString() });
+  const peer = call.getPeer(); // which replica this stream is on
+  log(`welcome from hub ${welcome.hub_version} at ${peer}, head seq ${welcome.head_seq}`);
+  emit('welcome', { ...welcome, resume_after_seq: lastSeq.toString(), peer, reconnects });
+  const first = reconnects === 0;
+  welcomed = true;
+  attempt = 0;
+  // After a reconnect: send again, with their ids, what was not answered (the hub answers a
+  // repeated id with the original receipt, duplicate: true, and stores nothing twice).
+  for (const [message_id, { body }] of pending) call.write({ message_id, ...body });
+  if (!first) return;
   send({ share_pattern: { pattern: {
     pattern_id: 'premultiplied_blend', pattern_type: 'graphics_pattern', specialization: SPEC,
     complexity: 0.4, reusability: 0.9, performance_impact: 0.7, confidence: 0.85,
@@ -147,7 +193,7 @@ function onEvent(event) {
 
 // 4. The hub coalesces what is waiting: one response may carry several receipts, errors and
 // events. Handle them in field order: welcome, receipts, errors, events, training sync.
-call.on('data', (response) => {
+function onResponse(response) {
   if (response.welcome) onWelcome(response.welcome);
   for (const receipt of response.receipts) {
     const { what, then } = pending.get(receipt.message_id) || {};
@@ -181,13 +227,20 @@ call.on('data', (response) => {
     log(`training sync: online ${agents.map((a) => a.agent_id).join(', ') || 'nobody else'}`);
   }
   saveSeq();
-});
+}
 
 // Ending: stop sending with call.end(); the hub answers what we sent, then closes with OK.
+let reconnectTimer = null;
 function finish(why) {
   if (ending) return;
   ending = true;
   log(`${why}: ending the stream`);
+  if (reconnectTimer) { // between streams: nothing to end
+    clearTimeout(reconnectTimer);
+    saveSeq();
+    emit('end', { last_seq: lastSeq.toString(), unanswered: pending.size });
+    process.exit(0);
+  }
   call.end();
   setTimeout(() => fail('the hub did not close the stream within 5 s'), 5000).unref();
 }
@@ -195,16 +248,33 @@ setTimeout(() => finish(`ran ${DURATION_S} s`), DURATION_S * 1000);
 process.on('SIGINT', () => finish('SIGINT'));
 process.on('SIGTERM', () => finish('SIGTERM'));
 
-call.on('error', (err) => { // the stream itself failed: UNAUTHENTICATED, PERMISSION_DENIED, ABORTED...
+// 8. A lost stream (the replica died or drains: UNAVAILABLE) is opened again after a jittered,
+// growing pause, resuming after our last seq; other failures (UNAUTHENTICATED, PERMISSION_DENIED,
+// ABORTED: another connection took over) would fail the same way again, so we stop.
+const TRANSIENT = new Set([grpc.status.UNAVAILABLE, grpc.status.INTERNAL, grpc.status.UNKNOWN,
+  grpc.status.RESOURCE_EXHAUSTED]);
+const GIVE_UP_MS = 60000;
+function onStreamError(stream, err) {
+  if (stream !== call) return;
   saveSeq();
+  welcomed = false;
   emit('stream_error', { code_name: grpc.status[err.code], message: err.details });
-  fail(`stream failed: ${grpc.status[err.code]}: ${err.details}`);
-});
-call.on('status', (status) => {
-  if (status.code !== grpc.status.OK) return; // reported by 'error' above
+  if (ending || !TRANSIENT.has(err.code)) fail(`stream failed: ${grpc.status[err.code]}: ${err.details}`);
+  const now = Date.now();
+  if (attempt === 0) failingSince = now;
+  if (now - failingSince > GIVE_UP_MS) fail(`could not reach the hub for ${GIVE_UP_MS / 1000} s: ${err.details}`);
+  const delay = Math.random() * Math.min(5000, 100 * 2 ** attempt);
+  attempt += 1;
+  log(`stream lost (${grpc.status[err.code]}: ${err.details}); reconnecting in ${Math.round(delay)} ms`);
+  reconnectTimer = setTimeout(() => { reconnectTimer = null; reconnects += 1; connect(); }, delay);
+}
+function onStatus(stream, status) {
+  if (stream !== call || status.code !== grpc.status.OK) return; // errors: onStreamError
   saveSeq();
   emit('end', { last_seq: lastSeq.toString(), unanswered: pending.size });
   if (!ending) fail('the hub ended the stream');
   log(`done, last seq ${lastSeq}`);
   process.exit(0);
-});
+}
+
+connect();

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
-import json
 import logging
 import random
 import uuid
@@ -45,6 +44,7 @@ from trainer_service.sdk.errors import (
     error_from_rpc,
     make_error,
 )
+from trainer_service.sdk.targets import parse_hub_target
 
 if TYPE_CHECKING:
     from generated.kernelhub.v1.hub_pb2_grpc import HubServiceAsyncStub
@@ -105,25 +105,23 @@ _QUERY_METHODS: Final = (
     "ListFeatureRequests",
     "GetHubStats",
 )
-_QUERY_SERVICE_CONFIG: Final = json.dumps(
-    {
-        "methodConfig": [
-            {
-                "name": [
-                    {"service": pb.DESCRIPTOR.services_by_name["HubService"].full_name, "method": m}
-                    for m in _QUERY_METHODS
-                ],
-                "retryPolicy": {
-                    "maxAttempts": 5,  # gRPC's own cap
-                    "initialBackoff": "0.2s",
-                    "maxBackoff": "2s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
-    }
-)
+_QUERY_SERVICE_CONFIG: Final = {
+    "methodConfig": [
+        {
+            "name": [
+                {"service": pb.DESCRIPTOR.services_by_name["HubService"].full_name, "method": m}
+                for m in _QUERY_METHODS
+            ],
+            "retryPolicy": {
+                "maxAttempts": 5,  # gRPC's own cap
+                "initialBackoff": "0.2s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
 
 
 @dataclass(frozen=True)
@@ -195,6 +193,11 @@ def _clone(error: HubError, message_id: str = "") -> HubError:
 class HubClient:
     """A trainer's connection to the hub. Use as `async with HubClient(...) as hub:`.
 
+    `target` is one hub (`host:port`, any gRPC target) or several replicas of one hub: IP
+    addresses `10.0.0.1:50051,10.0.0.2:50051`, or `dns:///name:port` for every record of a
+    name (`targets.parse_hub_target`). With several, the channel connects to one at random
+    and a lost stream reconnects to another (gRPC's pick_first policy), resuming by seq.
+
     With `stream=False` only the query RPCs are available (no Hello, no session),
     e.g. for dashboards and the swarm's final statistics.
     """
@@ -251,6 +254,8 @@ class HubClient:
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
 
+        # Raises ValueError for a malformed address or list, before anything is opened.
+        self._hub = parse_hub_target(target)
         self.target = target
         self.agent_id = agent_id
         self._specialization = specialization
@@ -455,11 +460,13 @@ class HubClient:
             ("grpc.max_send_message_length", self._max_message_bytes),
             ("grpc.primary_user_agent", f"kernelhub-trainer/{VERSION}"),
             ("grpc.enable_retries", 1),
-            ("grpc.service_config", _QUERY_SERVICE_CONFIG),
+            ("grpc.service_config", self._hub.service_config(_QUERY_SERVICE_CONFIG)),
+            *self._hub.channel_options(),
         ]
+        target = self._hub.target
         if self._credentials is not None:
-            return grpc.aio.secure_channel(self.target, self._credentials, options=options)
-        return grpc.aio.insecure_channel(self.target, options=options)
+            return grpc.aio.secure_channel(target, self._credentials, options=options)
+        return grpc.aio.insecure_channel(target, options=options)
 
     async def close(self) -> None:
         """Half-closes the stream so the hub can finish cleanly, fails whatever is

@@ -26,6 +26,7 @@ from rich.text import Text
 from generated.kernelhub.v1 import hub_pb2 as pb
 from trainer_service.sdk.client import HubClient
 from trainer_service.sdk.errors import HubError
+from trainer_service.sdk.targets import parse_hub_target
 from trainer_service.simulation.behavior import Behavior
 from trainer_service.simulation.capabilities import SPECIALIZATION_NAMES, parse_specialization
 from trainer_service.simulation.trainer import NetworkedKernelTrainer, TrainingMetrics
@@ -109,6 +110,13 @@ class EmbeddedHubUnavailable(RuntimeError):
     """hub_service is missing or broken, so the swarm cannot run its own hub."""
 
 
+MAX_REPLICAS: Final = 16
+REPLICAS_NEED_POSTGRESQL: Final = (
+    "hub replicas share one PostgreSQL database: --replicas needs "
+    "--database-url postgresql+psycopg://USER@HOST/DATABASE (SQLite is one process's)"
+)
+
+
 @contextlib.asynccontextmanager
 async def embedded_hub(
     db: Path | None,
@@ -117,11 +125,18 @@ async def embedded_hub(
     agents: Sequence[str],
     observers: Sequence[str] = (),
     validators: Sequence[str] = (),
+    database_url: str | None = None,
+    replicas: int = 0,
 ) -> AsyncIterator[tuple[str, dict[str, str], str]]:
-    """Starts a hub in this process on SQLite (a temp dir unless `db`) and
-    issues a token per agent, an observer token per `observers` name (a
-    dashboard's) and a validator's per validator; yields (target, tokens,
-    database URL)."""
+    """Starts a hub in this process on SQLite (a temp dir unless `db`) or on `database_url`,
+    or with `replicas`, that many hub replica processes on `database_url` (PostgreSQL), and
+    issues a token per agent, an observer token per `observers` name (a dashboard's) and a
+    validator's per validator; yields (target, tokens, database URL). The replicas' target
+    names them all: the trainers spread over them and fail over across them."""
+    if replicas and not (database_url or "").startswith("postgresql"):
+        raise EmbeddedHubUnavailable(REPLICAS_NEED_POSTGRESQL)
+    if not 0 <= replicas <= MAX_REPLICAS:
+        raise ValueError(f"replicas must be between 0 and {MAX_REPLICAS}, got {replicas}")
     try:
         from hub_service.config import HubConfig
         from hub_service.roles import Role
@@ -130,24 +145,50 @@ async def embedded_hub(
         raise EmbeddedHubUnavailable(
             f"the embedded hub needs hub_service, which failed to import: {exc}"
         ) from exc
+    sync_interval = max(1.0, BASE_SYNC_INTERVAL_SECONDS / tempo)
     async with contextlib.AsyncExitStack() as stack:
-        if db is None:
-            directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="kernelhub-swarm-"))
-            db = Path(directory) / "kernelhub.db"
-        database_url = f"sqlite:///{db}"
-        config = HubConfig(
-            host="127.0.0.1",
-            port=0,
-            database_url=database_url,
-            training_sync_interval=max(1.0, BASE_SYNC_INTERVAL_SECONDS / tempo),
-        )
-        hub = await stack.enter_async_context(TestHub.in_process(config))
-        tokens = await hub.issue_tokens(*agents)
+        if database_url is None:
+            if db is None:
+                directory = stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix="kernelhub-swarm-")
+                )
+                db = Path(directory) / "kernelhub.db"
+            database_url = f"sqlite:///{db}"
+        if replicas:
+            hubs = [
+                TestHub.subprocess(
+                    database_url,
+                    args=["--replica", "true", "--training-sync-interval", str(sync_interval)],
+                    env={"KERNELHUB_LOG_LEVEL": "WARNING"},
+                    name=f"replica{i + 1}",
+                )
+                for i in range(replicas)
+            ]
+            for hub in hubs:
+                stack.push_async_callback(hub.close)
+            try:
+                await asyncio.gather(*(hub.start() for hub in hubs))
+            except RuntimeError as exc:  # HubStartError: its stderr says why
+                raise EmbeddedHubUnavailable(f"a hub replica did not start: {exc}") from exc
+            issuer = hubs[0]
+            # gRPC's own form (ipv4:a,b), which the validators' and dashboard's plain
+            # channels take too (they connect to the first; the trainers spread).
+            target = parse_hub_target(",".join(hub.target for hub in hubs)).target
+        else:
+            config = HubConfig(
+                host="127.0.0.1",
+                port=0,
+                database_url=database_url,
+                training_sync_interval=sync_interval,
+            )
+            issuer = await stack.enter_async_context(TestHub.in_process(config))
+            target = issuer.target
+        tokens = await issuer.issue_tokens(*agents)
         if observers:
-            tokens |= await hub.issue_tokens(*observers, role=Role.OBSERVER)
+            tokens |= await issuer.issue_tokens(*observers, role=Role.OBSERVER)
         if validators:
-            tokens |= await hub.issue_tokens(*validators, role=Role.VALIDATOR)
-        yield hub.target, tokens, database_url
+            tokens |= await issuer.issue_tokens(*validators, role=Role.VALIDATOR)
+        yield target, tokens, database_url
 
 
 async def fetch_stats(
