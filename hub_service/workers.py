@@ -260,8 +260,10 @@ class Supervisor:
         assert worker.pipe is not None and worker.process is not None
         try:
             port, metrics_port = worker.pipe.recv()
-        except (EOFError, OSError):
-            return  # it died before saying so: its sentinel tells
+        except (EOFError, OSError):  # it died before saying so: its sentinel tells
+            worker.pipe.close()
+            worker.pipe = None  # not waited on again meanwhile
+            return
         worker.serving = True
         log.info(
             "worker %d (pid %s) serving on %s:%d%s",
@@ -274,10 +276,11 @@ class Supervisor:
 
     def _died(self, worker: Worker, now: float) -> bool:
         """Reaps a dead worker and schedules its restart; True when it died too often."""
-        assert worker.process is not None and worker.pipe is not None
+        assert worker.process is not None
         worker.process.join(KILL_WAIT)
         how, pid = worker.describe_exit(), worker.process.pid
-        worker.pipe.close()
+        if worker.pipe is not None:
+            worker.pipe.close()
         worker.process.close()
         worker.process = worker.pipe = None
         worker.serving = False

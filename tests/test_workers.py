@@ -166,9 +166,9 @@ async def test_two_workers_share_one_port_and_each_delivers_the_others_shares(
 ) -> None:
     async with workers_hub(replica_url) as running:
         hub, tokens = running.hub, running.tokens
-        running = serving_workers(hub)
-        assert len({w.pid for w in running.values()}) == 2
-        assert hub.pid not in {w.pid for w in running.values()}  # the parent serves nothing
+        pids = {w.pid for w in serving_workers(hub).values()}
+        assert len(pids) == 2
+        assert hub.pid not in pids  # the parent serves nothing
         placed = await place(hub, tokens, per_worker=2)
         try:
             on = {i: [p.trainer for p in placed if p.worker == i] for i in (0, 1)}
