@@ -8,20 +8,18 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from . import db_admin, report, report_data
+from . import db_admin, report, report_data, serving, workers
 from .config import HubConfig
 from .durations import parse_duration
 from .errors import StatusError
 from .roles import Role
 from .schema import SchemaError
-from .server import HubServer
 from .settings import (
     DURATIONS,
     FLAG_ALIASES,
@@ -192,28 +190,6 @@ def show_settings(resolved: Resolved) -> str:
     return "\n".join(lines)
 
 
-async def _serve(config: HubConfig) -> int:
-    hub = HubServer(config)
-    try:
-        await hub.start()
-    except Exception as exc:  # a port in use, a missing certificate, the database (StatusError)
-        # Whatever stops a start is the operator's to fix: say what, in one line, not a
-        # traceback.
-        logging.getLogger(__name__).error(
-            "kernelhub could not start: %s", exc or type(exc).__name__
-        )
-        return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"kernelhub serving on {config.host}:{hub.port}", flush=True)
-    await stop.wait()
-    logging.getLogger(__name__).info("signal received; draining")
-    await hub.stop()
-    return 0
-
-
 async def _tokens(args: argparse.Namespace, database_url: str, auto_upgrade: bool) -> int:
     if database_url.startswith("memory:"):
         print(
@@ -292,7 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "db":
         return db_admin.run(args.db_command, settings.database_url, getattr(args, "path", None))
     if args.command == "serve":
-        return asyncio.run(_serve(HubConfig.from_settings(settings)))
+        config = HubConfig.from_settings(settings)
+        if config.workers > 1:
+            return workers.supervise(config, settings.log_level)
+        return asyncio.run(serving.serve(config))
     if args.command == "report":
         return asyncio.run(_report(args, settings.database_url))
     if args.command == "config":

@@ -48,6 +48,8 @@ class HubConfig:
     reaper_interval: float = _D.reaper_interval
     shutdown_grace: float = _D.shutdown_grace
     metrics_port: int | None = _D.metrics_port
+    workers: int = _D.workers
+    worker_max_restarts: int = _D.worker_max_restarts
     max_message_bytes: int = _D.max_message_bytes
     keepalive_time: float = _D.keepalive_time
     keepalive_timeout: float = _D.keepalive_timeout

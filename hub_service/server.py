@@ -144,8 +144,9 @@ class HubServer:
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.bdp_probe", 0),
                 ("grpc.server_handshake_timeout_ms", int(self.config.handshake_timeout * 1000)),
-                # A second hub on the same port must fail to bind, not share the port.
-                ("grpc.so_reuseport", 0),
+                # A second hub on the same port must fail to bind, not share the port; the
+                # workers of one `serve --workers N` share theirs (workers.py).
+                ("grpc.so_reuseport", 1 if self.config.workers > 1 else 0),
             ],
         )
         hub_pb2_grpc.add_HubServiceServicer_to_server(self.servicer, self._server)

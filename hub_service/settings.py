@@ -128,9 +128,25 @@ class HubSettings(BaseSettings):
         None,
         "server",
         "port of the Prometheus `/metrics` endpoint, on the same interface (unset: none is "
-        "served; 0 picks a free one)",
+        "served; 0 picks a free one); with `workers` N, worker i serves its own on this port + i",
         ge=0,
         le=65535,
+    )
+    workers: int = _setting(
+        1,
+        "server",
+        "hub processes sharing the one port (SO_REUSEPORT), each a replica (`replica`) on the "
+        "one PostgreSQL database, started and restarted by a supervising parent "
+        "(docs/scaling.md); 1: this process is the hub, alone on its port",
+        ge=1,
+        le=256,
+    )
+    worker_max_restarts: int = _setting(
+        5,
+        "server",
+        "restarts of one worker within a minute after which the supervisor stops every worker "
+        "and exits non-zero rather than restart it forever (0: the first death ends the hub)",
+        ge=0,
     )
 
     # tls

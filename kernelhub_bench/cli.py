@@ -12,6 +12,7 @@ kernelhub-bench join [--events 1000000] [--joins 5] [--json results.json]
 kernelhub-bench validation [--quick] [--json results.json]
 kernelhub-bench replicas --database-url postgresql+psycopg://postgres@127.0.0.1:5432/postgres
                     [--replicas 0,1,2,3] [--senders 3] [--receivers 30] [--shares 1000] [--json F]
+kernelhub-bench replicas --database-url ... --workers 1,2  (one `serve --workers N` per count)
 """
 
 from __future__ import annotations
@@ -225,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[0, 1, 2, 3],
         help="replica counts, in turn; 0 is one hub without --replica (the baseline)",
     )
+    replicas_parser.add_argument(
+        "--workers",
+        type=lambda t: [int(x) for x in t.split(",")],
+        help="instead of --replicas: worker counts, in turn, each one `kernelhub-hub serve "
+        "--workers N` on one port (1: one plain process, the baseline), a connection per stream",
+    )
     replicas_parser.add_argument("--senders", type=int, default=3)
     replicas_parser.add_argument("--receivers", type=int, default=30)
     replicas_parser.add_argument("--shares", type=int, default=1000, help="per sender")
@@ -382,7 +389,14 @@ def cmd_replicas(args: argparse.Namespace) -> int:
     from .replicas import run_replicas
 
     rows = asyncio.run(
-        run_replicas(args.database_url, args.replicas, args.senders, args.receivers, args.shares)
+        run_replicas(
+            args.database_url,
+            args.workers or args.replicas,
+            args.senders,
+            args.receivers,
+            args.shares,
+            workers=bool(args.workers),
+        )
     )
     print(replicas_report(rows))
     print(f"machine: {_machine()}")

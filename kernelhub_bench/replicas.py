@@ -8,6 +8,11 @@ receiver on A gets B's shares through the shared log). The first count's figures
 baseline of the same run: the ratios are what replica mode and adding replicas changed here.
 The load runs in this process; on a small machine it competes with the hubs and PostgreSQL
 for the same cores, and the report says how busy each was.
+
+With `--workers 1,2`, each count N is one `kernelhub-hub serve --workers N` instead (N = 1: one
+plain process, the baseline), on its one address, every stream on a TCP connection of its own
+(the kernel spreads connections, not streams, over the workers); the report says how many
+streams each worker carried.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ STEP_SECONDS = 300.0  # one replica count's whole measurement
 @dataclass
 class ReplicaFigures:
     replicas: int  # 0: one hub without --replica
+    workers: int  # 0: replicas on their own ports; N: one `serve --workers N`
     senders: int
     receivers: int
     shares: int
@@ -44,6 +50,7 @@ class ReplicaFigures:
     db_cpu_ms_per_event: float  # every PostgreSQL process
     wal_bytes_per_event: float
     load_cores: float  # what this process (the load) used meanwhile
+    streams_per_worker: list[int]  # with workers: each worker's connections on the port
 
 
 def _libpq(url: str) -> str:
@@ -88,6 +95,18 @@ def _hub_processes(hubs: list[TestHub]) -> list[psutil.Process]:
     return found
 
 
+def _streams_per_worker(hub: TestHub) -> list[int]:
+    """Each worker's established connections on the hub's port (the workers are the
+    supervisor's children; their writer processes are theirs)."""
+    counts = []
+    for child in psutil.Process(hub.pid).children():
+        with contextlib.suppress(psutil.Error):
+            on_port = [c for c in child.net_connections(kind="tcp") if c.laddr[1] == hub.port]
+            if any(c.status == psutil.CONN_LISTEN for c in on_port):  # a worker
+                counts.append(sum(c.status == psutil.CONN_ESTABLISHED for c in on_port))
+    return sorted(counts, reverse=True)
+
+
 class Counter:
     """A receiver: counts the shares that reach it, until it has `want`."""
 
@@ -108,18 +127,20 @@ class Counter:
 
 
 async def measure(
-    admin_url: str, replicas: int, senders: int, receivers: int, shares: int
+    admin_url: str, replicas: int, senders: int, receivers: int, shares: int, workers: int = 0
 ) -> ReplicaFigures:
-    """One replica count (0: one plain hub): fresh database, hubs, load, figures."""
-    plain = replicas == 0
-    replicas = max(1, replicas)
+    """One replica count (0: one plain hub), or with `workers` one `serve --workers N`: fresh
+    database, hubs, load, figures."""
+    plain = replicas == 0 or workers == 1
+    replicas = 1 if workers else max(1, replicas)
     deadline = Deadline(STEP_SECONDS)
     async with fresh_database(admin_url) as url:
         hubs = [
             TestHub.subprocess(
                 url,
                 args=[
-                    *(() if plain else ("--replica", "true")),
+                    *(() if plain or workers else ("--replica", "true")),
+                    *(("--workers", str(workers)) if workers > 1 else ()),
                     "--training-sync-interval",
                     "0",
                 ],
@@ -128,7 +149,7 @@ async def measure(
             )
             for i in range(replicas)
         ]
-        channels = []
+        channels: list[Any] = []
         try:
             agents = [f"bench_s{i}" for i in range(senders)] + [
                 f"bench_r{i}" for i in range(receivers)
@@ -140,6 +161,9 @@ async def measure(
             channels = [make_channel(h.target) for h in hubs]
 
             def channel(index: int) -> Any:
+                if workers:  # a connection per stream: the kernel balances connections
+                    channels.append(make_channel(hubs[0].target))
+                    return channels[-1]
                 return channels[index % replicas]
 
             total = senders * shares
@@ -200,6 +224,7 @@ async def measure(
                     ).fetchone()
                     or [0]
                 )[0]
+            spread = _streams_per_worker(hubs[0]) if workers > 1 else []
             errors = sum(s.errors for s in streams)
             if errors:
                 raise BenchError(f"{errors} shares refused; first: {streams[0].first_error}")
@@ -210,6 +235,7 @@ async def measure(
                 counter.call.cancel()
             return ReplicaFigures(
                 replicas=0 if plain else replicas,
+                workers=workers,
                 senders=senders,
                 receivers=receivers,
                 shares=total,
@@ -219,6 +245,7 @@ async def measure(
                 db_cpu_ms_per_event=1000 * db_cpu / total,
                 wal_bytes_per_event=float(wal) / total,
                 load_cores=load_cpu / fanout,
+                streams_per_worker=spread,
             )
         finally:
             for c in channels:
@@ -229,12 +256,27 @@ async def measure(
 
 
 async def run_replicas(
-    admin_url: str, counts: list[int], senders: int, receivers: int, shares: int
+    admin_url: str,
+    counts: list[int],
+    senders: int,
+    receivers: int,
+    shares: int,
+    workers: bool = False,
 ) -> list[dict[str, Any]]:
-    """Every replica count in turn; each row also carries its ratios to the first count's."""
+    """Every replica count (with `workers`: worker count) in turn; each row also carries its
+    ratios to the first count's."""
     rows: list[dict[str, Any]] = []
     for count in counts:
-        figures = asdict(await measure(admin_url, count, senders, receivers, shares))
+        figures = asdict(
+            await measure(
+                admin_url,
+                0 if workers else count,
+                senders,
+                receivers,
+                shares,
+                workers=count if workers else 0,
+            )
+        )
         base = rows[0] if rows else figures
         figures["ingest_ratio"] = figures["ingest_per_s"] / base["ingest_per_s"]
         figures["deliveries_ratio"] = figures["deliveries_per_s"] / base["deliveries_per_s"]
@@ -243,14 +285,18 @@ async def run_replicas(
 
 
 def report(rows: list[dict[str, Any]]) -> str:
+    workers = any(r["workers"] for r in rows)
     lines = [
-        "replicas  ingest/s  (x)    deliveries/s  (x)    hub ms/ev  db ms/ev  WAL B/ev  load cores",
+        f"{'workers' if workers else 'replicas':>8}  ingest/s  (x)    deliveries/s  (x)    "
+        "hub ms/ev  db ms/ev  WAL B/ev  load cores" + ("  streams per worker" if workers else ""),
     ]
     for r in rows:
+        label = r["workers"] if workers else r["replicas"] or "plain"
+        spread = "  " + "/".join(map(str, r["streams_per_worker"])) if workers else ""
         lines.append(
-            f"{r['replicas'] or 'plain':>8}  {r['ingest_per_s']:>8.0f}  {r['ingest_ratio']:>4.2f}  "
+            f"{label:>8}  {r['ingest_per_s']:>8.0f}  {r['ingest_ratio']:>4.2f}  "
             f"{r['deliveries_per_s']:>12.0f}  {r['deliveries_ratio']:>4.2f}  "
             f"{r['hub_cpu_ms_per_event']:>9.3f}  {r['db_cpu_ms_per_event']:>8.3f}  "
-            f"{r['wal_bytes_per_event']:>8.0f}  {r['load_cores']:>10.2f}"
+            f"{r['wal_bytes_per_event']:>8.0f}  {r['load_cores']:>10.2f}{spread}"
         )
     return "\n".join(lines)

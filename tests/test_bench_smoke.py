@@ -233,6 +233,39 @@ async def test_the_replicas_benchmark_measures_each_replica_count(tmp_path: Path
     assert row["wal_bytes_per_event"] > 0  # every committed event is written ahead
 
 
+async def test_the_replicas_benchmark_measures_workers_on_one_port(tmp_path: Path) -> None:
+    """`kernelhub-bench replicas --workers 2` in miniature: one `serve --workers 2`, a
+    connection per stream, every share delivered, each worker's streams counted."""
+    out = tmp_path / "workers.json"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kernelhub_bench",
+        "replicas",
+        "--database-url",
+        POSTGRES_URL,
+        "--workers",
+        "2",
+        "--senders",
+        "2",
+        "--receivers",
+        "2",
+        "--shares",
+        "20",
+        "--json",
+        str(out),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 240)
+    assert process.returncode == 0, stdout.decode()[-2000:] + stderr.decode()[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["workers"] == 2 and row["shares"] == 40
+    assert row["ingest_per_s"] > 0 and row["deliveries_per_s"] > 0
+    # Both workers found, and between them every stream (2 senders, 2 receivers).
+    assert len(row["streams_per_worker"]) == 2 and sum(row["streams_per_worker"]) == 4
+
+
 PEER_FIGURES = {
     "peers_p50_20_vs_bare",
     "peers_p50_20_vs_jetstream",

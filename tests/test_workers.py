@@ -1,0 +1,319 @@
+"""`kernelhub-hub serve --workers N`: N replica processes on one port and one PostgreSQL
+database, supervised by their parent (hub_service/workers.py). Each test has a fresh database
+(`replica_url`) and runs the real command as a process; which worker carries a stream is read
+from that worker's own `/metrics` (worker i serves its own metrics port)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+import pytest
+
+from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service.testing import HubStartError, TestHub
+
+from .conftest import WAIT, RawTrainer, async_stub, auth, hello, pattern
+from .test_metrics import scrape, value
+from .test_replicas import _conninfo, ended_with, log_seqs, replica_url, wait_for
+
+__all__ = ["replica_url"]  # the fixture, imported for the tests here
+
+pytestmark = pytest.mark.timeout(120)
+
+WORKER_ARGS = (
+    "--metrics-port",
+    "0",
+    "--replica-catch-up-interval",
+    "0.2",
+    "--training-sync-interval",
+    "0",
+)
+# The supervisor's line for each worker that serves (it logs at INFO).
+_SERVING = re.compile(r"worker (\d+) \(pid (\d+)\) serving on \S+; metrics on :(\d+)/metrics")
+AGENTS = [f"AI_Node_{i}" for i in range(40)]
+
+
+@dataclass(frozen=True)
+class Worker:
+    index: int
+    pid: int
+    metrics_port: int
+
+
+def serving_workers(hub: TestHub) -> dict[int, Worker]:
+    """Each worker as the supervisor last said it serves (a restarted one: its new pid)."""
+    found: dict[int, Worker] = {}
+    for match in _SERVING.finditer(hub.stderr()):
+        index, pid, port = (int(g) for g in match.groups())
+        found[index] = Worker(index, pid, port)
+    return found
+
+
+async def eventually(what: str, check: object, timeout: float = 30.0) -> None:
+    """Polls `check()` (a callable, sync or not) until true, or fails saying `what`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        got = check()  # type: ignore[operator]
+        if asyncio.iscoroutine(got):
+            got = await got
+        if got:
+            return
+        if loop.time() > deadline:
+            pytest.fail(f"{what}: not within {timeout:g}s")
+        await asyncio.sleep(0.05)
+
+
+@dataclass
+class Running:
+    hub: TestHub  # the supervisor's process; its stderr has the workers' lines
+    tokens: dict[str, str]  # agent id -> its bearer token
+
+
+@contextlib.asynccontextmanager
+async def workers_hub(
+    url: str, count: int = 2, *extra: str, agents: Sequence[str] = AGENTS
+) -> AsyncIterator[Running]:
+    """`serve --workers count` on `url`, and tokens for `agents` (issued while it starts)."""
+    hub = TestHub.subprocess(
+        url,
+        args=["--workers", str(count), *WORKER_ARGS, *extra],
+        env={"KERNELHUB_LOG_LEVEL": "INFO"},
+        name="workers",
+    )
+    try:
+        issuing = [asyncio.ensure_future(hub.issue_tokens(*agents))] if agents else []
+        await asyncio.gather(*issuing, hub.start())
+        # The startup line comes once every worker said it serves.
+        assert len(serving_workers(hub)) == count, hub.stderr()[-3000:]
+        yield Running(hub, issuing[0].result() if issuing else {})
+    finally:
+        await hub.close()
+
+
+async def connections(worker: Worker) -> int:
+    samples = await asyncio.to_thread(scrape, worker.metrics_port)
+    return int(value(samples, "kernelhub_connections"))
+
+
+@dataclass
+class Placed:
+    """A trainer on its own channel (its own TCP connection), and the worker carrying it."""
+
+    trainer: RawTrainer
+    channel: grpc.aio.Channel
+    worker: int
+
+
+async def connect_fresh(hub: TestHub, agent_id: str, token: str) -> tuple[RawTrainer, Any]:
+    # Its own subchannel: a new TCP connection, which the kernel gives to either worker.
+    channel = grpc.aio.insecure_channel(hub.target, options=[("grpc.use_local_subchannel_pool", 1)])
+    call = async_stub(channel).Connect(metadata=auth(token))
+    await call.write(pb.ConnectRequest(message_id="hello", hello=hello(agent_id)))
+    first = await asyncio.wait_for(call.read(), WAIT)
+    assert first.HasField("welcome"), f"{agent_id}: no welcome: {first}"
+    return RawTrainer(agent_id, call, first.welcome), channel
+
+
+async def place(hub: TestHub, tokens: dict[str, str], per_worker: int) -> list[Placed]:
+    """Trainers (`tokens`' agents, in turn) on fresh connections until every worker carries
+    `per_worker` of them; which one took each is read from the workers' `kernelhub_connections`
+    gauges."""
+    running = sorted(serving_workers(hub).values(), key=lambda w: w.index)
+    placed: list[Placed] = []
+    counts = [await connections(w) for w in running]
+    for agent_id, token in tokens.items():
+        if all(sum(p.worker == w.index for p in placed) >= per_worker for w in running):
+            return placed
+        trainer, channel = await connect_fresh(hub, agent_id, token)
+        now = [await connections(w) for w in running]
+        grew = [w.index for w, a, b in zip(running, counts, now, strict=True) if b == a + 1]
+        assert len(grew) == 1 and sum(now) == sum(counts) + 1, (counts, now)
+        counts = now
+        placed.append(Placed(trainer, channel, grew[0]))
+    pytest.fail(
+        f"{len(tokens)} connections and not {per_worker} on each worker: "
+        f"{[p.worker for p in placed]}"
+    )
+
+
+async def close_all(placed: list[Placed]) -> None:
+    for p in placed:
+        p.trainer.call.cancel()
+        await p.channel.close(None)
+
+
+async def share(trainer: RawTrainer, name: str) -> pb.Receipt:
+    return await trainer.receipt(
+        await trainer.send(share_pattern=pb.SharePattern(pattern=pattern(name)))
+    )
+
+
+async def test_two_workers_share_one_port_and_each_delivers_the_others_shares(
+    replica_url: str,
+) -> None:
+    async with workers_hub(replica_url) as running:
+        hub, tokens = running.hub, running.tokens
+        pids = {w.pid for w in serving_workers(hub).values()}
+        assert len(pids) == 2
+        assert hub.pid not in pids  # the parent serves nothing
+        placed = await place(hub, tokens, per_worker=2)
+        try:
+            on = {i: [p.trainer for p in placed if p.worker == i] for i in (0, 1)}
+            # A share through each worker reaches every trainer, on either worker.
+            receipts = [await share(on[0][0], "from-worker-0"), await share(on[1][0], "from-1")]
+            for p in placed:
+                mine = {r.seq for r in receipts if r.message_id in p.trainer.receipts}
+                await wait_for(p.trainer, {r.seq for r in receipts} - mine)
+            assert len(await log_seqs(_conninfo(replica_url))) >= 2
+        finally:
+            await close_all(placed)
+
+
+async def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(replica_url: str) -> None:
+    async with workers_hub(replica_url) as running:
+        hub, tokens = running.hub, running.tokens
+        victim = serving_workers(hub)[1]
+        os.kill(victim.pid, signal.SIGKILL)
+        await eventually(
+            "the supervisor reaps the killed worker",
+            lambda: (
+                f"worker 1 (pid {victim.pid}) was killed by SIGKILL; restarting" in hub.stderr()
+            ),
+        )
+        # Meanwhile worker 0 alone takes every new connection on the port.
+        alone = [await connect_fresh(hub, agent_id, tokens[agent_id]) for agent_id in AGENTS[:4]]
+        await eventually(
+            "worker 1 serves again, a new process",
+            lambda: serving_workers(hub)[1].pid != victim.pid,
+        )
+        assert psutil.Process(hub.pid).is_running()  # the parent carried on
+        reborn = serving_workers(hub)[1]
+        placed = await place(hub, {a: tokens[a] for a in AGENTS[4:]}, per_worker=1)
+        try:
+            assert any(p.worker == 1 for p in placed)
+            assert await connections(reborn) >= 1  # the new worker 1 carries a stream
+            # And it delivers what the other worker committed.
+            on0 = next(p.trainer for p in placed if p.worker == 0)
+            on1 = next(p.trainer for p in placed if p.worker == 1)
+            receipt = await share(on0, "after-the-restart")
+            await wait_for(on1, {receipt.seq})
+        finally:
+            await close_all(placed)
+            for trainer, channel in alone:
+                trainer.call.cancel()
+                await channel.close(None)
+
+
+async def test_sigterm_drains_every_worker_and_loses_no_receipted_message(
+    replica_url: str,
+) -> None:
+    async with workers_hub(replica_url) as running:
+        hub, tokens = running.hub, running.tokens
+        placed = await place(hub, tokens, per_worker=1)
+        senders = [next(p for p in placed if p.worker == i) for i in (0, 1)]
+        sent = {
+            p.trainer.agent_id: [
+                await p.trainer.send(share_pattern=pb.SharePattern(pattern=pattern(f"{i}-{n}")))
+                for n in range(200)
+            ]
+            for i, p in enumerate(senders)
+        }
+        for p in senders:  # each worker is reading; now stop them all mid-stream
+            await p.trainer.receipt(sent[p.trainer.agent_id][0])
+        ended = [asyncio.ensure_future(ended_with(p.trainer)) for p in placed]
+        assert await hub.terminate() == 0, hub.stderr()[-3000:]
+        assert "every worker drained" in hub.stderr()
+        codes = await asyncio.gather(*ended)
+        assert set(codes) == {grpc.StatusCode.UNAVAILABLE}, codes
+        stored = set(await log_seqs(_conninfo(replica_url)))
+        for p in senders:
+            receipts = [r for m, r in p.trainer.receipts.items() if m in sent[p.trainer.agent_id]]
+            assert receipts, f"{p.trainer.agent_id}: nothing was acknowledged"
+            missing = {r.seq for r in receipts} - stored
+            assert not missing, f"receipted but not in the log: {sorted(missing)[:10]}"
+        await close_all(placed)
+        for worker in serving_workers(hub).values():
+            assert not psutil.pid_exists(worker.pid), f"worker {worker.index} outlived the parent"
+
+
+@pytest.mark.parametrize("database", ["sqlite", "memory://"])
+async def test_workers_are_refused_without_postgresql(database: str, tmp_path: Path) -> None:
+    where = (
+        ["--db", str(tmp_path / "hub.db")] if database == "sqlite" else ["--database-url", database]
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "hub_service",
+        "serve",
+        "--workers",
+        "2",
+        "--port",
+        "0",
+        *where,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2
+    assert "--workers 2 needs PostgreSQL" in err.decode(), err.decode()
+    assert b"serving" not in out
+    assert not (tmp_path / "hub.db").exists()  # refused before anything was opened
+
+
+async def test_a_plain_hub_cannot_take_the_workers_port(replica_url: str, tmp_path: Path) -> None:
+    async with workers_hub(replica_url, agents=()) as running:
+        hub = running.hub
+        plain = TestHub.subprocess(tmp_path / "plain.db", port=hub.port, name="plain")
+        with pytest.raises(HubStartError, match="exited"):
+            await plain.start()
+        assert "could not start" in plain.stderr()
+        await plain.close()
+
+
+async def test_a_crash_loop_makes_the_supervisor_give_up(replica_url: str) -> None:
+    # Worker 0's metrics port is taken: each of its starts fails, as a broken deploy would.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        hub = TestHub.subprocess(
+            replica_url,
+            args=["--workers", "2", "--metrics-port", str(port), "--worker-max-restarts", "1"],
+            env={"KERNELHUB_LOG_LEVEL": "INFO"},
+            name="crashing",
+        )
+        try:
+            with pytest.raises(HubStartError, match=r"exited \(1\)"):
+                await hub.start()
+            err = hub.stderr()
+            assert re.search(
+                r"worker \d \(pid \d+\) exited with code 1; restarting it in 0.5s", err
+            )
+            assert re.search(r"worker \d \(pid \d+\) exited with code 1, its death number 2", err)
+            assert "giving up, stopping the other workers" in err
+            assert "kernelhub serving on" not in hub.stdout_path.read_text()
+        finally:
+            await hub.close()
+
+
+async def test_workers_drain_when_their_parent_dies(replica_url: str) -> None:
+    async with workers_hub(replica_url, agents=()) as started:
+        hub = started.hub
+        running = [psutil.Process(w.pid) for w in serving_workers(hub).values()]
+        await hub.kill()  # SIGKILL to the parent: no signal is forwarded
+        _gone, alive = await asyncio.to_thread(psutil.wait_procs, running, 30)
+        assert not alive, f"workers still serving without a supervisor: {alive}"
