@@ -208,13 +208,20 @@ class LogFollower:
 
     def _apply(self, carrier: str, agent: pb.AgentInfo) -> None:
         presence = self._router.presence
-        if not agent.online or carrier == self._origin:
-            presence.remote(agent.agent_id, None)  # offline, or this replica's own word
+        local = self._router.connection(agent.agent_id)
+        if carrier == self._origin and agent.online:
+            # This replica's own word. While its stream is here (its AgentOnline may not have
+            # reached presence yet), what the others said stands in: dropping it first would
+            # tell a leave and a join; the stream's end changes the row again.
+            if local is None:
+                presence.remote(agent.agent_id, None)
+            return
+        if not agent.online:
+            presence.remote(agent.agent_id, None)
             return
         presence.remote(agent.agent_id, agent)
         # A local stream that came online before the agent did on `carrier` is superseded
         # (one whose AgentOnline is still committing will be the later one).
-        local = self._router.connection(agent.agent_id)
         if (
             local is not None
             and local.connected_time is not None
