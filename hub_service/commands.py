@@ -148,6 +148,7 @@ class AgentOnline:
         row.version = self.hello.version
         row.online = True
         row.last_seen_at = tx.now
+        row.replica_id = tx.origin
         tx.put_agent(row)
         _reset_deadlines(tx, self.agent_id)  # back in time: no longer held to the grace
         # Presence is state, not history: no event; the router tells who wants to know.
@@ -175,10 +176,43 @@ class AgentOffline:
             return outcome
         if self.since is not None and _naive(row.last_seen_at) > _naive(self.since):
             return outcome  # it connected again since, elsewhere
-        row.online = False
-        row.last_seen_at = tx.now
-        tx.put_agent(row)
-        _reset_deadlines(tx, self.agent_id)
+        _go_offline(tx, row)
+        return outcome
+
+
+def _go_offline(tx: StateTx, row: AgentRow) -> None:
+    """The agent left now: its partners' open sessions get the offline grace from now."""
+    row.online = False
+    row.last_seen_at = tx.now
+    row.replica_id = ""
+    tx.put_agent(row)
+    _reset_deadlines(tx, row.agent_id)
+
+
+@dataclass
+class ExpireReplicas:
+    """The leader's step: the agents whose streams a replica carried whose lease expired
+    (killed, or paused or cut off for longer than its lease) go offline, as if each had
+    disconnected now; once it carries none, its lease row goes. Replicas renewing wait for
+    this commit (the expired rows are locked), so none is reaped while it renews."""
+
+    batch_limit: int = 500
+    agent_id: str = ""
+    message_id: str = ""
+    fingerprint: bytes = b""
+
+    def apply(self, tx: StateTx) -> Outcome:
+        budget = self.batch_limit
+        outcome = Outcome()
+        for replica_id in tx.expired_replicas():
+            carried = tx.carried_by(replica_id, budget + 1)
+            for row in carried[:budget]:
+                _go_offline(tx, row)
+            if len(carried) > budget:
+                outcome.more = True  # the next run goes on
+                break
+            budget -= len(carried)
+            tx.drop_replica(replica_id)
         return outcome
 
 
@@ -196,6 +230,7 @@ class ResetPresence:
         for row in tx.agents(online_only=True):
             row.online = False
             row.last_seen_at = tx.now
+            row.replica_id = ""
             tx.put_agent(row)
         _reset_deadlines(tx, None)
         return Outcome()

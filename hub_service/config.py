@@ -45,6 +45,7 @@ class HubConfig:
     replica: bool = _D.replica
     replica_catch_up_interval: float = _D.replica_catch_up_interval
     replica_lock_idle_timeout: float = _D.replica_lock_idle_timeout
+    replica_lease: float = _D.replica_lease
     reaper_interval: float = _D.reaper_interval
     shutdown_grace: float = _D.shutdown_grace
     metrics_port: int | None = _D.metrics_port

@@ -100,6 +100,7 @@ class MemoryTx:
         self.now = now
         self.now_pb = now_pb
         self.policy = store.policy
+        self.origin = ""  # one process: no replica carries anything
         self._seq = store.head
         self._rows: dict[tuple[type[SQLModel], str], Any] = {}
         self._events: list[_Event] = []
@@ -169,6 +170,16 @@ class MemoryTx:
 
     def put_agent(self, row: AgentRow) -> None:
         self._put(AgentRow, row.agent_id, row)
+
+    # One process, no replicas: no leases to expire.
+    def expired_replicas(self) -> Sequence[str]:
+        return ()
+
+    def carried_by(self, replica_id: str, limit: int) -> Sequence[AgentRow]:
+        return ()
+
+    def drop_replica(self, replica_id: str) -> None:
+        pass
 
     def collaboration(self, session_id: str) -> CollaborationRow | None:
         return self._get(CollaborationRow, self._store.collaborations, session_id)
@@ -501,7 +512,7 @@ class MemoryStore:
             last = event.seq
         return last
 
-    async def prune_events(self, through_seq: int) -> int:
+    async def prune_events(self, through_seq: int, limit: int = 0) -> int:
         # Never the newest event, as in the SQL store (where it carries the head).
         end = bisect.bisect_right(self._event_seqs, min(through_seq, self.head - 1))
         del self._events[:end], self._event_seqs[:end]

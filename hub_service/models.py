@@ -50,6 +50,33 @@ class AgentRow(SQLModel, table=True):
     online: bool = False
     last_seen_at: datetime = Field(default_factory=utcnow)
     created_at: datetime = Field(default_factory=utcnow)
+    # Schema revision 0007 (replicas): the replica whose stream made it online ("" for a
+    # single hub, or offline), and the presence revision of its last change, hub-wide
+    # increasing (allocated under the log's lock), which replicas follow the roster by.
+    replica_id: str = Field(default="", max_length=64, index=True)
+    presence_rev: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, index=True))
+
+
+class ReplicaRow(SQLModel, table=True):
+    """A live replica's lease (schema revision 0007): renewed every third of
+    `replica_lease`; one expired is dead to the others, who mark its agents offline."""
+
+    __tablename__ = "replica"
+    replica_id: str = Field(primary_key=True, max_length=64)
+    expires_at: datetime  # by the database's clock (`now()`), as every lease comparison
+    # Retention across replicas: every event up to it may be pruned as far as this replica's
+    # readers go (it already refuses resumes below it); the leader prunes to the minimum.
+    prunable_seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    started_at: datetime = Field(default_factory=utcnow)
+
+
+class LeaderRow(SQLModel, table=True):
+    """The one leader lease (schema revision 0007): its holder runs the hub-wide jobs."""
+
+    __tablename__ = "leader"
+    id: int = Field(primary_key=True)
+    replica_id: str = Field(max_length=64)
+    expires_at: datetime
 
 
 class TokenRow(SQLModel, table=True):

@@ -34,3 +34,5 @@ class Outcome:
     retry_at: datetime | None = None
     # AgentOnline's answer: the agent as stored (its connect time), for presence.
     agent: pb.AgentInfo | None = None
+    # ExpireReplicas: agents of expired replicas are still to be marked offline.
+    more: bool = False

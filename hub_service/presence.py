@@ -4,6 +4,13 @@ its changes that every following stream reads from its own cursor.
 A change costs one append, whoever follows; followers are woken once per linger however
 many changes came meanwhile, so a burst of joins costs each stream a few writes. A stream
 too far behind the log's tail gets the roster again instead.
+
+Replicas on one PostgreSQL (`replica.LogFollower`) add the agents whose streams the other
+replicas carry (`remote`), as the shared agent rows tell; an agent is online here if either
+source says so, with this replica's own word first. Each source changes only on its own
+authority (a local stream's start and end; a row read back), so no order in which the two
+arrive leaves the roster wrong, and an agent moving between replicas with the same details
+is no change at all.
 """
 
 from __future__ import annotations
@@ -48,6 +55,9 @@ class Presence:
         self._linger = linger
         self._log_size = log_size
         self._online: dict[str, Entry] = {}
+        # Its sources: this hub's streams, and (replicas) the others' as last read.
+        self._local: dict[str, pb.AgentInfo] = {}
+        self._remote: dict[str, pb.AgentInfo] = {}
         self._log: list[Entry] = []
         self._base = 0  # the version of _log[0]: change n is _log[n - _base]
         self._followers: dict[Follower, None] = {}
@@ -82,16 +92,39 @@ class Presence:
         self._followers.pop(follower, None)
 
     def online(self, agent: pb.AgentInfo) -> None:
-        """`agent` is online; announced unless it already was, with the same details."""
+        """`agent`'s stream here came online; announced unless it already was, with the
+        same details."""
+        self._local[agent.agent_id] = agent
+        self._show(agent)
+
+    def offline(self, agent_id: str) -> None:
+        """`agent_id`'s stream here ended: offline, unless another replica carries it."""
+        if self._local.pop(agent_id, None) is not None:
+            self._settle(agent_id)
+
+    def remote(self, agent_id: str, agent: pb.AgentInfo | None) -> None:
+        """What the shared rows say of an agent carried elsewhere (None: by no other)."""
+        if agent is None:
+            if self._remote.pop(agent_id, None) is not None:
+                self._settle(agent_id)
+            return
+        self._remote[agent_id] = agent
+        if agent_id not in self._local:
+            self._show(agent)
+
+    def _settle(self, agent_id: str) -> None:
+        agent = self._local.get(agent_id) or self._remote.get(agent_id)
+        if agent is not None:
+            self._show(agent)
+        elif self._online.pop(agent_id, None) is not None:
+            self._change(Entry(agent_id, None, len(agent_id) + 3))
+
+    def _show(self, agent: pb.AgentInfo) -> None:
         before = self._online.pop(agent.agent_id, None)  # re-inserted last: roster order
         entry = Entry(agent.agent_id, agent, paging.entry_bytes(agent))
         self._online[agent.agent_id] = entry
         if before is None or before.info is None or not same(before.info, agent):
             self._change(entry)
-
-    def offline(self, agent_id: str) -> None:
-        if self._online.pop(agent_id, None) is not None:
-            self._change(Entry(agent_id, None, len(agent_id) + 3))
 
     def _change(self, entry: Entry) -> None:
         self._log.append(entry)

@@ -9,10 +9,15 @@ routes each event after it exactly once, in order. Local outcomes come from the 
 back from the log (`SqlStore.log_after`). A local answer (the receipt) waits until every
 event before it is routed, so a trainer's receipt still never precedes its events.
 
-It also carries "one live stream per agent" across replicas. Presence is state, not in the
-log, so every `SUPERSEDE_CHECK_SECONDS` it reads the agent rows of its live streams: an agent
-marked online since later than its local stream connected connected again on another
-replica, and the local stream ends with ABORTED (without marking the agent offline).
+It also follows presence, which is state, not in the log: each change of an agent row
+(AgentOnline, AgentOffline, a dead replica's agents marked offline) takes the next presence
+revision under the log's lock and NOTIFYs `kernelhub_presence`; the follower reads the rows
+changed after the last revision it has (`SqlStore.presence_after`, in pages), on a
+notification and every catch-up interval, so a lost one costs latency. The agents other
+replicas carry go into `Presence.remote`: every replica's roster and presence changes are
+hub-wide. The same rows carry "one live stream per agent": an agent that came online on
+another replica later than its local stream did connected again there, and the local stream
+ends with ABORTED (without marking the agent offline).
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from generated.kernelhub.v1 import hub_pb2 as pb
+
 from .errors import StatusError
 from .outcomes import Outcome, RoutedEvent
 from .ratelimit import ThrottledLog
 from .router import Router
-from .sql_write import LOG_CHANNEL, parse_notify
+from .sql_write import LOG_CHANNEL, PRESENCE_CHANNEL, parse_notify
 
 if TYPE_CHECKING:
     from .sql_store import SqlStore
@@ -41,9 +48,8 @@ _TROUBLE = ThrottledLog(log, 10.0)
 # Seconds before a lost LISTEN connection is opened again (the catch-up read goes on).
 LISTEN_RETRY_SECONDS = 1.0
 SUPERSEDED_ELSEWHERE = "superseded by a newer connection for this agent (on another replica)"
-# How often a replica looks for its streams' agents connecting elsewhere (one read of the
-# agent rows of its live streams).
-SUPERSEDE_CHECK_SECONDS = 1.0
+# Agent rows per presence read.
+PRESENCE_PAGE = 500
 
 
 class LogFollower:
@@ -57,8 +63,10 @@ class LogFollower:
         interval: float,
         page_size: int,
         max_bytes: int,
+        routed: Callable[[Outcome], None] = lambda _: None,
     ) -> None:
         self._store = store
+        self._routed = routed  # told of each outcome routed, local or not, in seq order
         assert store.shared is not None, "a replica's store shares the log"
         self._origin = store.shared.origin
         self._router = router
@@ -74,14 +82,17 @@ class LogFollower:
         self._heard = 0  # the highest seq a notification named
         self.notifications = 0  # other replicas' NOTIFYs received, for tests and stats
         self.reads = 0  # log reads that routed something
+        self.presence_rev = 0  # every agent row changed up to it has been read
+        self._presence_wake = asyncio.Event()
 
     async def start(self, head: int) -> None:
         """Route what commits after `head` (the log's head when the hub started)."""
         self.published = self._router.last_published_seq = head
+        await self._read_presence()  # the others' agents, before any newcomer's roster
         self.listener = asyncio.create_task(self._listen(), name="replica-listen")
         self._tasks = [
             asyncio.create_task(self._run(), name="replica-log"),
-            asyncio.create_task(self._supersede(), name="replica-supersede"),
+            asyncio.create_task(self._follow_presence(), name="replica-presence"),
             self.listener,
         ]
 
@@ -120,16 +131,19 @@ class LogFollower:
             except Exception:
                 log.exception("replica: routing the shared log failed")
 
-    async def _supersede(self) -> None:
+    async def _follow_presence(self) -> None:
         """Its own task, so its reads never hold up routing (or receipts)."""
         while True:
-            await asyncio.sleep(SUPERSEDE_CHECK_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._presence_wake.wait()
+            self._presence_wake.clear()
             try:
-                await self._end_superseded()
+                await self._read_presence()
             except StatusError as error:  # the database is down: the next round retries
                 _TROUBLE.warning("replica: cannot read presence: %s", error.message)
             except Exception:
-                log.exception("replica: the supersession check failed")
+                log.exception("replica: following presence failed")
 
     async def _advance(self, read: bool) -> None:
         """Route everything committed after `published`: local outcomes as they stand, the
@@ -175,23 +189,45 @@ class LogFollower:
         fresh = [r for r in events if r.event.seq > self.published]
         if not fresh:
             return
-        self._router.publish(Outcome(events=fresh))
+        outcome = Outcome(events=fresh)
+        self._routed(outcome)
+        self._router.publish(outcome)
         self.published = max(self.published, fresh[-1].event.seq)
 
-    # --- one live stream per agent, hub-wide ------------------------------------------
+    # --- presence, and one live stream per agent, hub-wide ------------------------------
 
-    async def _end_superseded(self) -> None:
-        """End each local stream whose agent came online again later, on another replica."""
-        live = {
-            c.agent_id: c.connected_time.ToDatetime()
-            for c in self._router.connections()
-            if c.connected_time is not None  # its own AgentOnline is still committing
-        }
-        if not live:
+    async def _read_presence(self) -> None:
+        """Apply every agent row changed since the last read, a page at a time."""
+        while True:
+            rows = await self._store.presence_after(self.presence_rev, PRESENCE_PAGE)
+            for rev, carrier, agent in rows:
+                self._apply(carrier, agent)
+                self.presence_rev = max(self.presence_rev, rev)
+            if len(rows) < PRESENCE_PAGE:
+                return
+
+    def _apply(self, carrier: str, agent: pb.AgentInfo) -> None:
+        presence = self._router.presence
+        local = self._router.connection(agent.agent_id)
+        if carrier == self._origin and agent.online:
+            # This replica's own word. While its stream is here (its AgentOnline may not have
+            # reached presence yet), what the others said stands in: dropping it first would
+            # tell a leave and a join; the stream's end changes the row again.
+            if local is None:
+                presence.remote(agent.agent_id, None)
             return
-        for agent_id, since in (await self._store.online_since(live)).items():
-            if since > live[agent_id] and (connection := self._router.connection(agent_id)):
-                connection.end(grpc.StatusCode.ABORTED, SUPERSEDED_ELSEWHERE)
+        if not agent.online:
+            presence.remote(agent.agent_id, None)
+            return
+        presence.remote(agent.agent_id, agent)
+        # A local stream that came online before the agent did on `carrier` is superseded
+        # (one whose AgentOnline is still committing will be the later one).
+        if (
+            local is not None
+            and local.connected_time is not None
+            and agent.last_seen_time.ToDatetime() > local.connected_time.ToDatetime()
+        ):
+            local.end(grpc.StatusCode.ABORTED, SUPERSEDED_ELSEWHERE)
 
     # --- notifications ----------------------------------------------------------------
 
@@ -212,13 +248,20 @@ class LogFollower:
                     keepalives_count=3,
                 ) as connection:
                     await connection.execute(f"LISTEN {LOG_CHANNEL}")
+                    await connection.execute(f"LISTEN {PRESENCE_CHANNEL}")
                     self._heard = self.published + 1  # read what committed while deaf
                     self._wake.set()
+                    self._presence_wake.set()
                     async for notify in connection.notifies():
                         try:
                             seq, origin = parse_notify(notify.payload)
                         except ValueError:
                             continue  # not a replica's
+                        if notify.channel == PRESENCE_CHANNEL:
+                            # Its own too: an agent that moved here leaves `remote` by it.
+                            if seq > self.presence_rev:
+                                self._presence_wake.set()
+                            continue
                         if origin == self._origin:
                             continue  # its outcome comes from the committer, no read needed
                         self.notifications += 1

@@ -20,11 +20,18 @@ in one loop turn, takes the connections' cursors and raises `oldest_seq` before 
 A Hello is checked against `oldest_seq` and attached in one loop turn too (`session.py`):
 either the round sees the newcomer's cursor, or the newcomer sees the raised mark and is
 refused with OUT_OF_RANGE instead of missing events.
+
+Replicas on one PostgreSQL: each raises its own mark by the same rule (its follower's
+position counts as the head, so what it has yet to route is kept) and publishes it with its
+lease (`leases.py`); only the leader deletes, and never past the lowest mark of the live
+replicas, read in the deleting transaction under the log's lock (`sql_write.PruneEvents`),
+under which a replica that starts reads where the log begins.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -50,11 +57,9 @@ class RetentionPolicy:
 
     @classmethod
     def of(cls, config: HubConfig) -> RetentionPolicy:
-        # A replica knows only its own readers, so it could prune what a slow reader on
-        # another replica still needs: replicas keep the whole log (the ledger is pruned).
         return cls(
-            0.0 if config.replica else config.event_retention,
-            0 if config.replica else config.event_retention_max_events,
+            config.event_retention,
+            config.event_retention_max_events,
             config.ledger_retention,
             config.retention_batch_size,
             config.retention_max_reader_lag,
@@ -64,10 +69,18 @@ class RetentionPolicy:
 class Retention:
     """The low-water mark, and the pruning rounds (`run`, every `retention_interval`)."""
 
-    def __init__(self, store: HubStore, router: Router, policy: RetentionPolicy) -> None:
+    def __init__(
+        self,
+        store: HubStore,
+        router: Router,
+        policy: RetentionPolicy,
+        leader: Callable[[], bool] | None = None,
+    ) -> None:
         self._store = store
         self._router = router
         self.policy = policy
+        # Replicas: whether this one leads (it alone deletes); None for a single hub.
+        self._leader = leader
         # The oldest seq a resume may need: every event from it on is held (1: none pruned).
         self.oldest_seq = 1
         self.events_pruned = 0  # since the hub started, for logs and tests
@@ -99,7 +112,7 @@ class Retention:
         events = ledger = 0
         while (pruned := await self._prune_events()) > 0:
             events += pruned
-        if self.policy.ledger_max_age > 0:
+        if self.policy.ledger_max_age > 0 and (self._leader is None or self._leader()):
             older_than = utcnow() - timedelta(seconds=self.policy.ledger_max_age)
             while (
                 forgotten := await self._store.prune_ledger(older_than, self.policy.batch_size)
@@ -142,7 +155,14 @@ class Retention:
                 continue
             pinned = min(pinned, pin)
         through = min(due, pinned, head - 1)
-        if through < self.oldest_seq:
+        if self._leader is None:  # one hub
+            if through < self.oldest_seq:
+                return 0
+            self.oldest_seq = through + 1
+            return await store.prune_events(through)
+        # A replica raises its own mark (published with its lease); the leader deletes up
+        # to its own, no further than every live replica's, a batch at a time.
+        self.oldest_seq = max(self.oldest_seq, through + 1)
+        if not self._leader():
             return 0
-        self.oldest_seq = through + 1
-        return await store.prune_events(through)
+        return await store.prune_events(self.oldest_seq - 1, policy.batch_size)

@@ -21,6 +21,7 @@ from .auth import BearerAuthInterceptor
 from .committer import GroupCommitter
 from .config import HubConfig
 from .errors import StatusError
+from .leases import Leases
 from .metrics import HubMetrics, MetricsEndpoint
 from .outcomes import Outcome
 from .presence import Presence
@@ -38,6 +39,10 @@ from .store_factory import make_store
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HubService"].full_name
+LEASE_LOST = (
+    "this hub replica lost its lease on the database (it was paused or cut off for longer "
+    "than replica_lease); reconnect and resume"
+)
 
 
 class HubServer:
@@ -48,18 +53,21 @@ class HubServer:
         self.store = store or make_store(config.database_url, config)
         self.router = Router(Presence(config.presence_linger))
         self.metrics = HubMetrics()
-        # Replica mode: the shared log feeds the router; else each commit's outcome does.
-        self.follower = (
-            LogFollower(
+        # Replica mode: the shared log feeds the router (and the validators); else each
+        # commit's outcome does. The leases say who runs the hub-wide jobs.
+        shared = self.store.shared if isinstance(self.store, SqlStore) and config.replica else None
+        self.leases = (
+            Leases(
                 self.store,
-                self.router,
-                interval=config.replica_catch_up_interval,
-                page_size=config.replay_page_size,
-                max_bytes=config.max_message_bytes,
+                shared.origin,
+                config.replica_lease,
+                prunable=lambda: self.retention.oldest_seq - 1,
+                on_lost=self._lease_lost,
             )
-            if config.replica and isinstance(self.store, SqlStore)
+            if shared is not None and isinstance(self.store, SqlStore)
             else None
         )
+        self.follower: LogFollower | None = None
         self.committer = GroupCommitter(
             self.store,
             self._publish,
@@ -74,10 +82,25 @@ class HubServer:
         self.metrics.observe_state(
             lambda: len(self.router), self.committer.queued, lambda: self.router.last_published_seq
         )
-        self.retention = Retention(self.store, self.router, RetentionPolicy.of(config))
+        self.retention = Retention(
+            self.store,
+            self.router,
+            RetentionPolicy.of(config),
+            self.leases.is_leader if self.leases is not None else None,
+        )
         self.servicer = HubServicer(
             config, self.store, self.committer, self.router, self.metrics, self.retention
         )
+        if self.leases is not None and isinstance(self.store, SqlStore):
+            self.follower = LogFollower(
+                self.store,
+                self.router,
+                interval=config.replica_catch_up_interval,
+                page_size=config.replay_page_size,
+                max_bytes=config.max_message_bytes,
+                # Every replica's components wake the validators waiting here.
+                routed=self.servicer.verdicts.notice,
+            )
         self.health = health.aio.HealthServicer()
         # Whether the last commit reached the database (through the writer): health says so.
         self._database_up = True
@@ -99,6 +122,8 @@ class HubServer:
             await self._stop_metrics()
             if self.follower is not None:
                 await self.follower.stop()
+            if self.leases is not None:
+                await self.leases.stop()
             if self._server is not None:
                 await self._server.stop(None)
                 self._server = None
@@ -107,24 +132,28 @@ class HubServer:
 
     def _publish(self, outcome: Outcome, answer: Callable[[], None]) -> None:
         """A committed outcome: its new components to the validators waiting here, its
-        events to the router (in replica mode, through the shared log's order), then its
-        answer."""
-        self.servicer.verdicts.notice(outcome)
+        events to the router, then its answer (in replica mode, both through the shared
+        log's order)."""
         if self.follower is not None:
             self.follower.committed(outcome, answer)
             return
+        self.servicer.verdicts.notice(outcome)
         self.router.publish(outcome)
         answer()
 
     async def _start_serving(self) -> int:
         self.committer.start()
-        if self.follower is None:
+        if self.follower is None or self.leases is None:
             await self.committer.submit(cmd.ResetPresence())
             self.router.last_published_seq = await self.store.head_seq()
+            await self.retention.load()
         else:
-            # Not ResetPresence: the agents online on the other replicas still are.
+            # Not ResetPresence: the agents online on the other replicas still are (those of
+            # a replica that died are the leader's to mark offline, when its lease expires).
+            self.retention.oldest_seq = await self.leases.register()
             await self.follower.start(await self.store.head_seq())
-        await self.retention.load()
+            await self.leases.renew()  # and lead, if nobody does
+            self.leases.start()
         self._server = grpc.aio.server(
             interceptors=[BearerAuthInterceptor(self.store.authenticate, self.metrics.rpc_error)],
             options=[
@@ -243,7 +272,25 @@ class HubServer:
             await self.health.set(service, status)
 
     async def _expire_due(self) -> None:
+        """Deadline expiry, and (replicas) a dead replica's agents going offline: on the
+        leader only. Another replica commits an empty batch while its commits fail, the
+        probe that notices the database's return."""
+        if self.leases is not None and not self.leases.is_leader():
+            if not self._database_up:
+                await self.committer.submit(cmd.ExpireDue(batch_limit=0))
+            return
         await self.committer.submit(cmd.ExpireDue())
+        if self.leases is not None:
+            while (await self.committer.submit(cmd.ExpireReplicas())).more:
+                pass
+
+    async def _lease_lost(self, oldest_seq: int) -> None:
+        """This replica's lease had expired (it was paused or cut off) and is taken again:
+        every stream it carried ends, since the others may have marked those agents offline
+        and pruned below `oldest_seq` what its readers needed; they reconnect and resume."""
+        self.retention.oldest_seq = max(self.retention.oldest_seq, oldest_seq)
+        for stream in (*self.router.connections(), *self.router.watchers()):
+            stream.end(grpc.StatusCode.UNAVAILABLE, LEASE_LOST)
 
     @staticmethod
     async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:
@@ -273,6 +320,8 @@ class HubServer:
         await self.servicer.drain(self.config.shutdown_grace)
         if self.follower is not None:
             await self.follower.stop()
+        if self.leases is not None:
+            await self.leases.stop()
         # Every stream has been ended: the server waits only for the handlers to send their
         # status (at least END_FLOOR, or a slow drain would have them cancelled before it).
         await self._server.stop(max(END_FLOOR, deadline - clock.time()))

@@ -209,6 +209,15 @@ class HubSettings(BaseSettings):
         "back, unanswered",
         gt=0,
     )
+    replica_lease: Seconds = _setting(
+        10.0,
+        "database",
+        "each replica holds a lease in the database, renewed every third of this: a replica "
+        "silent for longer (killed, paused, cut off) has its agents marked offline by another "
+        "replica, and one that comes back ends its streams (they reconnect); the leader lease "
+        "(deadline expiry, retention, offline marking) moves to another replica as fast",
+        gt=0,
+    )
     commit_batch_size: int = _setting(512, "database", "commands at most per group commit", gt=0)
     commit_batch_bytes: int = _setting(
         4 * 1024 * 1024,

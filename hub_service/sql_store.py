@@ -46,6 +46,7 @@ from .models import (
 from .outcomes import Outcome, RoutedEvent
 from .roles import Role
 from .sql_write import (
+    LOCK_STATEMENT,
     PruneEvents,
     PruneLedger,
     SharedLog,
@@ -64,9 +65,30 @@ T = TypeVar("T")
 # Rows a page query holds in memory at once: bodies are decoded one by one, and a page
 # ends at its byte budget, so a table of huge rows is never read whole.
 STREAM_ROWS = 16
-# Agent ids per IN list when a replica reads its streams' agents (`online_since`).
-ONLINE_CHUNK = 500
 WRITERS = ("thread", "process")
+_REGISTER = text(
+    "INSERT INTO replica (replica_id, expires_at, prunable_seq, started_at) "
+    "VALUES (:id, now() + :lease * interval '1 second', :prunable, now()) "
+    "ON CONFLICT (replica_id) DO UPDATE SET expires_at = excluded.expires_at, "
+    "prunable_seq = excluded.prunable_seq"
+)
+_RENEW = text(
+    "UPDATE replica SET expires_at = now() + :lease * interval '1 second', "
+    "prunable_seq = greatest(prunable_seq, :prunable) "
+    "WHERE replica_id = :id AND expires_at > now()"
+)
+_LEAD = text(
+    "INSERT INTO leader (id, replica_id, expires_at) "
+    "VALUES (1, :id, now() + :lease * interval '1 second') "
+    "ON CONFLICT (id) DO UPDATE SET replica_id = excluded.replica_id, "
+    "expires_at = excluded.expires_at "
+    "WHERE leader.replica_id = excluded.replica_id OR leader.expires_at <= now() "
+    "RETURNING replica_id"
+)
+_RELEASE = (
+    text("UPDATE replica SET expires_at = now() - interval '1 second' WHERE replica_id = :id"),
+    text("UPDATE leader SET expires_at = now() - interval '1 second' WHERE replica_id = :id"),
+)
 
 
 class SqlStore:
@@ -252,8 +274,8 @@ class SqlStore:
 
         return await self._read(scan)
 
-    async def prune_events(self, through_seq: int) -> int:
-        return await self._run(PruneEvents(through_seq))
+    async def prune_events(self, through_seq: int, limit: int = 0) -> int:
+        return await self._run(PruneEvents(through_seq, limit))
 
     async def prune_ledger(self, older_than: datetime, limit: int) -> int:
         return await self._run(PruneLedger(older_than, limit))
@@ -318,24 +340,69 @@ class SqlStore:
 
         return await self._read(read)
 
-    async def online_since(self, agent_ids: Collection[str]) -> dict[str, datetime]:
-        """When each of these agents that is marked online came online (naive UTC), read in
-        chunks of `ONLINE_CHUNK` ids (a replica checks its live streams with it)."""
-        ids = sorted(agent_ids)
+    async def presence_after(self, rev: int, limit: int) -> list[tuple[int, str, pb.AgentInfo]]:
+        """The agent rows changed after presence revision `rev`, oldest change first, at
+        most `limit`: (revision, the replica carrying it, the agent as stored)."""
+        query = (
+            select(AgentRow)
+            .where(col(AgentRow.presence_rev) > rev)
+            .order_by(col(AgentRow.presence_rev))
+            .limit(limit)
+        )
+        return await self._read(
+            lambda s: [(r.presence_rev, r.replica_id, agent_to_proto(r)) for r in s.exec(query)]
+        )
 
-        def read(s: Session) -> dict[str, datetime]:
-            found: dict[str, datetime] = {}
-            for start in range(0, len(ids), ONLINE_CHUNK):
-                chunk = ids[start : start + ONLINE_CHUNK]
-                rows = s.exec(
-                    select(AgentRow.agent_id, AgentRow.last_seen_at).where(
-                        col(AgentRow.agent_id).in_(chunk), col(AgentRow.online).is_(True)
-                    )
-                )
-                found.update({agent_id: seen.replace(tzinfo=None) for agent_id, seen in rows})
-            return found
+    # --- replica leases (by the database's clock) ------------------------------
 
-        return await self._read(read)
+    async def register_replica(self, replica_id: str, lease: float) -> int:
+        """This replica's lease, taken (again); returns where the log begins, read under the
+        log's lock (so retention's prune is wholly before or after), which is also how far
+        it lets the log be pruned until its retention says more."""
+
+        def register(s: Session) -> int:
+            s.connection().execute(LOCK_STATEMENT, self.sql_writer.lock_params)
+            oldest = int(s.exec(select(func.coalesce(func.min(EventRow.seq), 0))).one())
+            oldest = (
+                oldest or int(s.exec(select(func.coalesce(func.max(EventRow.seq), 0))).one()) + 1
+            )
+            s.execute(_REGISTER, {"id": replica_id, "lease": lease, "prunable": oldest - 1})
+            s.commit()
+            return oldest
+
+        return await self._read(register)
+
+    async def renew_lease(self, replica_id: str, lease: float, prunable: int) -> bool:
+        """Renew this replica's lease and publish how far the log may be pruned for its
+        readers; False if it had expired (the others may have marked its agents offline)."""
+
+        def renew(s: Session) -> bool:
+            done = s.execute(_RENEW, {"id": replica_id, "lease": lease, "prunable": prunable})
+            s.commit()
+            return bool(done.rowcount)  # type: ignore[attr-defined]
+
+        return await self._read(renew)
+
+    async def take_leadership(self, replica_id: str, lease: float) -> bool:
+        """Renew the leader lease if this replica holds it, or take it if it expired."""
+
+        def take(s: Session) -> bool:
+            holder = s.execute(_LEAD, {"id": replica_id, "lease": lease}).scalar()
+            s.commit()
+            return holder == replica_id
+
+        return await self._read(take)
+
+    async def release_leases(self, replica_id: str) -> None:
+        """A replica stopping: its leases end now, so the leader marks whatever it still
+        carries offline and another replica leads at once."""
+
+        def release(s: Session) -> None:
+            for statement in _RELEASE:
+                s.execute(statement, {"id": replica_id})
+            s.commit()
+
+        await self._read(release)
 
     def listen_conninfo(self) -> str:
         """The database URL as libpq takes it (for a LISTEN connection of psycopg's own)."""

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import false, func, or_, update
+from sqlalchemy import delete, false, func, or_, update
 from sqlmodel import Session, SQLModel, col, select
 
 from generated.kernelhub.v1 import hub_pb2 as pb
@@ -24,6 +24,7 @@ from .models import (
     FeatureDeliveryRow,
     FeatureRequestRow,
     ReceivedMessageRow,
+    ReplicaRow,
     ValidationJobRow,
     artifact_row,
 )
@@ -43,8 +44,10 @@ class SqlTx:
         next_seq: Callable[[], int],
         policy: collab.Policy,
         received: dict[tuple[str, str], Receipt],
+        origin: str = "",
     ) -> None:
         self.session = session
+        self.origin = origin
         self.now = now
         self.now_pb = Timestamp()
         self.now_pb.FromDatetime(now)
@@ -54,6 +57,7 @@ class SqlTx:
         # (agent_id, message_id) -> outcome: the ledger rows of this batch's ids, read in
         # one query before it, and those it adds.
         self._received = received
+        self._presence_rev: int | None = None  # the agents' newest, read at the first change
 
     def _append(self, model: type[SQLModel], **values: Any) -> None:
         self.appends[model].append(values)
@@ -106,7 +110,41 @@ class SqlTx:
         return self.session.exec(query).all()
 
     def put_agent(self, row: AgentRow) -> None:
+        # A presence change: the next revision, after every one committed (replicas take it
+        # under the log's lock, so revisions commit in order, as seqs do).
+        if self._presence_rev is None:
+            self._presence_rev = int(
+                self.session.exec(select(func.coalesce(func.max(AgentRow.presence_rev), 0))).one()
+            )
+        self._presence_rev += 1
+        row.presence_rev = self._presence_rev
         self.session.add(row)
+
+    @property
+    def presence_rev(self) -> int | None:
+        """The newest presence revision this transaction wrote (None: it changed none)."""
+        return self._presence_rev
+
+    def expired_replicas(self) -> Sequence[str]:
+        """The replicas whose lease has passed, by the database's clock, locked until the
+        commit: a replica renewing (or re-registering) then waits for this transaction."""
+        return self.session.exec(
+            select(ReplicaRow.replica_id)
+            .where(col(ReplicaRow.expires_at) < func.now())
+            .order_by(col(ReplicaRow.replica_id))
+            .with_for_update()
+        ).all()
+
+    def carried_by(self, replica_id: str, limit: int) -> Sequence[AgentRow]:
+        return self.session.exec(
+            select(AgentRow)
+            .where(col(AgentRow.online), col(AgentRow.replica_id) == replica_id)
+            .order_by(col(AgentRow.agent_id))
+            .limit(limit)
+        ).all()
+
+    def drop_replica(self, replica_id: str) -> None:
+        self.session.execute(delete(ReplicaRow).where(col(ReplicaRow.replica_id) == replica_id))
 
     def collaboration(self, session_id: str) -> CollaborationRow | None:
         return self.session.get(CollaborationRow, session_id)

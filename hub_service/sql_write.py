@@ -35,12 +35,17 @@ log = logging.getLogger(__name__)
 LOG_LOCK_KEY = 0x6B65726E656C6875
 # The channel each committed batch NOTIFYs (payload: the last seq it committed).
 LOG_CHANNEL = "kernelhub_log"
+# The channel a batch that changed presence NOTIFYs (payload: its last presence revision).
+PRESENCE_CHANNEL = "kernelhub_presence"
 LOCK_STATEMENT = text(
     "SELECT set_config('idle_in_transaction_session_timeout', :idle, true), "
     "pg_advisory_xact_lock(:key)"
 )
 _HEAD = text("SELECT coalesce(max(seq), 0) FROM event")
 _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
+_FIRST = text("SELECT coalesce(min(seq), 0) FROM event")
+# How far the live replicas' readers let the log be pruned (0: not at all).
+_PRUNABLE = text("SELECT coalesce(min(prunable_seq), 0) FROM replica WHERE expires_at > now()")
 
 
 def _sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
@@ -90,6 +95,7 @@ class PruneEvents:
     """A writer job: delete the events at or below `through_seq` and their recipients."""
 
     through_seq: int
+    limit: int = 0  # replicas: at most this many seqs from the log's start (0: no bound)
 
 
 @dataclass(frozen=True)
@@ -205,7 +211,8 @@ class SqlWriter:
                 self._seq = int(connection.execute(_HEAD).scalar_one())
             head = self._seq
             received = self._received(connection, commands)
-            tx = SqlTx(s, utcnow(), self._next_seq, self.policy, received)
+            origin = self.shared.origin if self.shared else ""
+            tx = SqlTx(s, utcnow(), self._next_seq, self.policy, received, origin)
             for command in commands:
                 try:
                     results.append(apply_command(tx, command))
@@ -218,6 +225,9 @@ class SqlWriter:
                 # Delivered at COMMIT, to every replica's listener.
                 payload = notify_payload(self._seq, self.shared.origin)
                 connection.execute(_NOTIFY, {"channel": LOG_CHANNEL, "payload": payload})
+            if self.shared and tx.presence_rev is not None:
+                payload = notify_payload(tx.presence_rev, self.shared.origin)
+                connection.execute(_NOTIFY, {"channel": PRESENCE_CHANNEL, "payload": payload})
             s.commit()
         return results
 
@@ -240,6 +250,15 @@ class SqlWriter:
             if isinstance(job, PruneEvents):
                 # Never the newest event: the next writer continues the log after it.
                 through = min(job.through_seq, self._seq - 1)
+                if self.shared:
+                    # Under the log's lock, so a replica registering (which reads where the
+                    # log begins under it too) sees the log before or after this, never
+                    # half-way; and no further than every live replica's readers allow.
+                    s.connection().execute(LOCK_STATEMENT, self.lock_params)
+                    through = min(through, int(s.execute(_PRUNABLE).scalar_one()))
+                    if job.limit:
+                        first = int(s.execute(_FIRST).scalar_one())
+                        through = min(through, first + job.limit - 1)
                 s.execute(delete(EventRecipientRow).where(col(EventRecipientRow.seq) <= through))
                 deleted = s.execute(delete(EventRow).where(col(EventRow.seq) <= through))
             else:

@@ -87,6 +87,7 @@ class StateTx(Protocol):
     now: datetime
     now_pb: Timestamp  # `now`, converted once for every event and artifact of the commit
     policy: Policy
+    origin: str  # the replica committing (its streams' agents are carried by it); "" alone
 
     def next_seq(self) -> int:
         """The next seq of the event log (strictly increasing)."""
@@ -101,6 +102,19 @@ class StateTx(Protocol):
     def agent(self, agent_id: str) -> AgentRow | None: ...
     def agents(self, online_only: bool = False) -> Sequence[AgentRow]: ...
     def put_agent(self, row: AgentRow) -> None: ...
+
+    def expired_replicas(self) -> Sequence[str]:
+        """Replicas (on one PostgreSQL) whose lease has passed; none for a single hub."""
+        ...
+
+    def carried_by(self, replica_id: str, limit: int) -> Sequence[AgentRow]:
+        """At most `limit` agents marked online on `replica_id`'s streams."""
+        ...
+
+    def drop_replica(self, replica_id: str) -> None:
+        """Forget an expired replica's lease (its agents are all offline)."""
+        ...
+
     def collaboration(self, session_id: str) -> CollaborationRow | None: ...
 
     def open_collaborations(self, agent_id: str | None) -> Sequence[CollaborationRow]:
@@ -234,9 +248,10 @@ class HubStore(Protocol):
         of them when None); 0 when there is none. Reads only."""
         ...
 
-    async def prune_events(self, through_seq: int) -> int:
+    async def prune_events(self, through_seq: int, limit: int = 0) -> int:
         """Delete the events at or below `through_seq` (never the newest) and their
-        recipients, in one transaction; returns how many events went."""
+        recipients, in one transaction; returns how many events went. Replicas: no further
+        than every live replica allows, and (`limit`) at most that many seqs."""
         ...
 
     async def prune_ledger(self, older_than: datetime, limit: int) -> int:

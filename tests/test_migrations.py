@@ -50,6 +50,7 @@ ADDED_COLUMNS: dict[str, dict[str, str | int | None]] = {
     "received_message": {"fingerprint": None},
     "token": {"role": "agent"},
     "artifact": {"validation_state": 0},
+    "agent": {"replica_id": "", "presence_rev": 0},
 }
 # Columns 0004 added to the event log: tags derived from each event's body (checked below).
 EVENT_TAGS = {"kind", "artifact_kind", "spec_mask"}
