@@ -169,6 +169,8 @@ class LogFollower:
             # Nothing in the log between `published` and a local commit: seqs that never
             # committed (pruned, or a log written by something else); do not wait for them.
             outcome, _ = self._local[0]
+            if not outcome.events:
+                continue  # committed during the read, with no events: answered at once
             first = min(r.event.seq for r in outcome.events)
             log.warning("replica: seqs %d..%d are not in the log", self.published + 1, first - 1)
             self.published = first - 1
