@@ -11,6 +11,7 @@ from typing import Any, NoReturn, TypeAlias
 import grpc
 from google.protobuf.message import DecodeError
 
+from . import wire
 from .errors import StatusError
 from .ratelimit import ThrottledLog
 from .roles import Role, may_call, refusal
@@ -74,7 +75,8 @@ def _same_kind(handler: Handler, behavior: Any, request_deserializer: Any) -> Ha
     return make(
         behavior,
         request_deserializer=request_deserializer,
-        response_serializer=handler.response_serializer,
+        # A handler may write a response it serialized itself (what many streams share).
+        response_serializer=wire.passthrough(handler.response_serializer),
     )
 
 

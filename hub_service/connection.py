@@ -20,13 +20,14 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
-from . import paging
+from . import paging, wire
 from .errors import StatusError
 from .metrics import HubMetrics
 from .outcomes import Outcome
@@ -46,6 +47,20 @@ LOG_RETRY_SECONDS = 0.5
 CATCH_UP_POLL_SECONDS = 0.05
 # Agents at most in one response's presence update (each is small: ~150 bytes).
 PRESENCE_PER_RESPONSE = 1024
+
+
+# A stream's write: a response, or one already serialized (`wire`).
+Write = Callable[[pb.ConnectResponse | bytes], Awaitable[None]]
+
+
+class PresencePart(NamedTuple):
+    """What of presence one response carries: its entries' wire bytes, their size, and
+    whether they are (the end of) the roster."""
+
+    entries: list[bytes]
+    used: int
+    roster: bool = False
+    roster_complete: bool = False
 
 
 class Connection:
@@ -251,9 +266,7 @@ class Connection:
 
     # --- the sender -----------------------------------------------------------
 
-    async def run_sender(
-        self, welcome: pb.Welcome, write: Callable[[pb.ConnectResponse], Awaitable[None]]
-    ) -> None:
+    async def run_sender(self, welcome: pb.Welcome, write: Write) -> None:
         """Write what waits, coalesced. Events to a stream written to less than `linger` ago
         wait out the rest of it (unless a full response is ready): at most one write of
         events per `linger`, since a write costs the same CPU for one event as for 64. An
@@ -313,52 +326,51 @@ class Connection:
             or self._presence_due()
         )
 
-    def _take_presence(self, update: pb.PresenceUpdate, room: int) -> int:
-        """Fill `update` with the roster's next part, or (once it is sent) the changes since
-        the last update, each agent once in its latest state, in at most `room` bytes;
-        returns the bytes used."""
+    def _take_presence(self, room: int) -> PresencePart | None:
+        """The roster's next part, or (once it is sent) the changes since the last update,
+        each agent once in its latest state, in at most `room` bytes (at least one entry)."""
         if self._presence is None:
-            return 0
-        used = 0
+            return None
         if self._roster is not None:
             roster = self._roster
-            update.roster = True
-            while self._roster_sent < len(roster) and len(update.online) < PRESENCE_PER_RESPONSE:
-                entry = roster[self._roster_sent]
-                if used + entry.cost > room and update.online:
-                    return used
-                used += entry.cost
-                assert entry.info is not None  # the roster holds those online
-                update.online.append(entry.info)
-                self._roster_sent += 1
-            if self._roster_sent == len(roster):
-                update.roster_complete = True
+            start = self._roster_sent
+            wires = [e.wire for e in roster[start : start + PRESENCE_PER_RESPONSE]]
+            used = sum(map(len, wires))
+            while used > room and len(wires) > 1:  # rare: a page is ~150 KB at most
+                used -= len(wires.pop())
+            self._roster_sent = end = start + len(wires)
+            complete = end == len(roster)
+            if complete:
                 self._roster = None
-            return used
+            return PresencePart(wires, used, True, complete)
         self._presence_ready = False
-        changes = self._presence.since(self._presence_cursor)
+        changes = self._presence.since(self._presence_cursor, PRESENCE_PER_RESPONSE + 1)
         if changes is None:  # too far behind the log: the roster again
             self.start_roster(self._presence)
-            return self._take_presence(update, room)
-        latest: dict[str, Entry] = {}
-        taken = 0
-        for entry in changes:
-            if len(latest) >= PRESENCE_PER_RESPONSE or (used + entry.cost > room and latest):
-                self._presence_ready = True  # the rest: the next response
-                break
-            taken += 1
-            if entry.agent_id != self.agent_id:
-                used += entry.cost
-                latest[entry.agent_id] = entry
-        self._presence_cursor += taken
-        for entry in latest.values():
-            if entry.info is None:
-                update.offline.append(entry.agent_id)
-            else:
-                update.online.append(entry.info)
-        return used
+            return self._take_presence(room)
+        # Each agent once, in its latest state (a dict keeps the first key's place and the
+        # last value), its own changes left out; at most a page, within `room` bytes.
+        page = changes[:PRESENCE_PER_RESPONSE]  # one more tells whether more wait
+        latest = {e.agent_id: e.wire for e in page}
+        latest.pop(self.agent_id, None)
+        wires = list(latest.values())
+        used = sum(map(len, wires))
+        if used > room and len(wires) > 1:  # rare: take fewer changes
+            page, used, latest = [], 0, {}
+            for entry in changes[:PRESENCE_PER_RESPONSE]:
+                if entry.agent_id not in latest and used + entry.cost > room and latest:
+                    break
+                page.append(entry)
+                if entry.agent_id != self.agent_id:
+                    used += entry.cost - len(latest.get(entry.agent_id, b""))
+                    latest[entry.agent_id] = entry.wire
+            wires = list(latest.values())
+        self._presence_cursor += len(page)
+        if len(page) < len(changes):
+            self._presence_ready = True  # the rest: the next response
+        return PresencePart(wires, used)
 
-    async def _flush(self, write: Callable[[pb.ConnectResponse], Awaitable[None]]) -> None:
+    async def _flush(self, write: Write) -> None:
         """Write one response of what waits, never more than `max_bytes` of it.
 
         Receipts and errors go first; events only once none is left behind, so a receipt
@@ -382,6 +394,7 @@ class Connection:
         errors = self._errors[: answers - len(receipts)]
         del self._errors[: len(errors)]
         response = pb.ConnectResponse(receipts=receipts, errors=errors)
+        presence: PresencePart | None = None
         if not (self._receipts or self._errors):
             if self._sync is not None:
                 cost = paging.entry_bytes(self._sync)
@@ -390,7 +403,9 @@ class Connection:
                     response.training_sync.CopyFrom(self._sync)
                     self._sync = None
             if self._presence_due():
-                room -= self._take_presence(response.presence, room // 2 if self._events else room)
+                presence = self._take_presence(room // 2 if self._events else room)
+                if presence is not None:
+                    room -= presence.used
             while self._events and len(response.events) < self._per_response:
                 event = self._events[0]
                 cost = paging.entry_bytes(event)
@@ -408,7 +423,17 @@ class Connection:
                 # Every replayed event is in this response or an earlier one.
                 response.replay_complete.seq = max(self._replay_end, self._replay_floor)
                 self._replay_end = None
-        await write(response)
+        if presence is None:
+            await write(response)
+        else:
+            await write(
+                wire.with_presence(
+                    response,
+                    presence.entries,
+                    roster=presence.roster,
+                    roster_complete=presence.roster_complete,
+                )
+            )
         if receipts:
             self._sent_receipts.inc(len(receipts))
         if response.events:
@@ -452,9 +477,14 @@ class Connection:
         sees it; everything published during the read was kept in `_joining`. Together
         they leave no gap, and `cursor` drops what both hold.
         """
+        head = self._head()  # every event up to it was committed before the read began
+        if self.cursor >= head:
+            # Nothing committed after the cursor (a fresh stream from now, or an empty
+            # log): level with the live feed without a read.
+            self._caught_up()
+            return
         self._joining = []
         epoch = self._epoch
-        head = self._head()  # every event up to it was committed before the read began
         try:
             events = await self._read_log(
                 self.cursor, self._replay_page, self._max_bytes, self.subscription
@@ -477,10 +507,13 @@ class Connection:
                 if event.seq > self.cursor:
                     self._events.append(event)
                     self.cursor = event.seq
-            self.catching_up = False
-            if not self._replayed:
-                self._replayed = True
-                self._replay_end = self.cursor
+            self._caught_up()
+
+    def _caught_up(self) -> None:
+        self.catching_up = False
+        if not self._replayed:
+            self._replayed = True
+            self._replay_end = self.cursor
 
 
 async def stop_sender(connection: Connection, sender: asyncio.Task[None]) -> None:

@@ -21,19 +21,25 @@ from typing import NamedTuple, Protocol
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
-from . import paging
-
 # Changes kept for followers that are behind; one further behind gets the roster again.
 LOG_SIZE = 16384
 
 
 class Entry(NamedTuple):
-    """An agent as presence tells it: `info` None once it went offline; `cost` its bytes
-    in a response, measured once."""
+    """An agent as presence tells it: `info` None once it went offline; `wire` its encoding
+    as a `PresenceUpdate` field (online or offline), serialized once for every stream that
+    gets it (a response's update is the concatenation of its entries' bytes); `cost` its
+    length."""
 
     agent_id: str
     info: pb.AgentInfo | None
+    wire: bytes
     cost: int
+
+    @classmethod
+    def of(cls, agent_id: str, update: pb.PresenceUpdate, info: pb.AgentInfo | None) -> Entry:
+        wire = update.SerializeToString()
+        return cls(agent_id, info, wire, len(wire))
 
 
 class Follower(Protocol):
@@ -51,8 +57,13 @@ def same(a: pb.AgentInfo, b: pb.AgentInfo) -> bool:
 
 
 class Presence:
-    def __init__(self, linger: float, log_size: int = LOG_SIZE) -> None:
+    def __init__(
+        self, linger: float, writes_per_second: float = 2000.0, log_size: int = LOG_SIZE
+    ) -> None:
         self._linger = linger
+        # Each wake-up costs one write per follower: with many followers they wake less
+        # often (and each write carries more), so a storm of joins cannot fill the loop.
+        self._writes_per_second = writes_per_second
         self._log_size = log_size
         self._online: dict[str, Entry] = {}
         # Its sources: this hub's streams, and (replicas) the others' as last read.
@@ -79,11 +90,13 @@ class Presence:
         """Everyone online now, oldest announcement first."""
         return list(self._online.values())
 
-    def since(self, cursor: int) -> Sequence[Entry] | None:
-        """The changes after `cursor`, in order; None if the log no longer holds them all."""
+    def since(self, cursor: int, limit: int) -> Sequence[Entry] | None:
+        """At most `limit` changes after `cursor`, in order; None if the log no longer holds
+        them all."""
         if cursor < self._base:
             return None
-        return self._log[cursor - self._base :]
+        start = cursor - self._base
+        return self._log[start : start + limit]
 
     def follow(self, follower: Follower) -> None:
         self._followers[follower] = None
@@ -117,11 +130,11 @@ class Presence:
         if agent is not None:
             self._show(agent)
         elif self._online.pop(agent_id, None) is not None:
-            self._change(Entry(agent_id, None, len(agent_id) + 3))
+            self._change(Entry.of(agent_id, pb.PresenceUpdate(offline=[agent_id]), None))
 
     def _show(self, agent: pb.AgentInfo) -> None:
         before = self._online.pop(agent.agent_id, None)  # re-inserted last: roster order
-        entry = Entry(agent.agent_id, agent, paging.entry_bytes(agent))
+        entry = Entry.of(agent.agent_id, pb.PresenceUpdate(online=[agent]), agent)
         self._online[agent.agent_id] = entry
         if before is None or before.info is None or not same(before.info, agent):
             self._change(entry)
@@ -133,7 +146,8 @@ class Presence:
             del self._log[:dropped]
             self._base += dropped
         if self._tick is None:
-            self._tick = asyncio.get_running_loop().call_later(self._linger, self._wake)
+            delay = max(self._linger, len(self._followers) / self._writes_per_second)
+            self._tick = asyncio.get_running_loop().call_later(delay, self._wake)
 
     def _wake(self) -> None:
         """Once per linger: every follower reads what came meanwhile."""

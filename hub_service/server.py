@@ -51,7 +51,7 @@ class HubServer:
     def __init__(self, config: HubConfig, store: HubStore | None = None) -> None:
         self.config = config
         self.store = store or make_store(config.database_url, config)
-        self.router = Router(Presence(config.presence_linger))
+        self.router = Router(Presence(config.presence_linger, config.presence_writes_per_second))
         self.metrics = HubMetrics()
         # Replica mode: the shared log feeds the router (and the validators); else each
         # commit's outcome does. The leases say who runs the hub-wide jobs.
@@ -173,6 +173,12 @@ class HubServer:
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.bdp_probe", 0),
                 ("grpc.server_handshake_timeout_ms", int(self.config.handshake_timeout * 1000)),
+                # gRPC core queues streams the event loop has not accepted yet, and past 1,000
+                # (hard limit 3,000) refuses them with a bare CANCELLED: a connect storm of a
+                # few thousand trainers lost a third of them. The hub's own bound is
+                # `max_connections`; let the queue hold that many.
+                ("grpc.server.max_pending_requests", self.config.max_connections),
+                ("grpc.server.max_pending_requests_hard_limit", self.config.max_connections),
                 # A second hub on the same port must fail to bind, not share the port; the
                 # workers of one `serve --workers N` share theirs (workers.py).
                 ("grpc.so_reuseport", 1 if self.config.workers > 1 else 0),

@@ -267,6 +267,14 @@ class HubSettings(BaseSettings):
         "first of them, so a burst of joins costs each agent one write, not one per join",
         ge=0,
     )
+    presence_writes_per_second: float = _setting(
+        2000.0,
+        "streams",
+        "presence updates the hub writes per second at most, over all its streams: with more "
+        "agents online than this times `presence_linger`, updates coalesce for longer (each "
+        "agent still learns of each change once), so a storm of joins cannot starve the hub",
+        gt=0,
+    )
     replay_page_size: int = _setting(
         512, "streams", "events read from the log per page while replaying", gt=0
     )

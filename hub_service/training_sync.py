@@ -59,6 +59,22 @@ class TrainingSyncs:
         self._store = store
         self._router = router
         self._budget = budget
+        # The knowledge base as of a log head, read once for it: it changes only with an
+        # event (an artifact, a feature request, a verdict), so a storm of connects while
+        # the head stands still costs one read, not one each.
+        self._kb: tuple[int, asyncio.Future[KnowledgeBase]] | None = None
+
+    async def knowledge_base(self) -> KnowledgeBase:
+        head = self._router.last_published_seq
+        if self._kb is None or self._kb[0] != head or self._kb[1].cancelled():
+            self._kb = (head, asyncio.ensure_future(knowledge_base(self._store)))
+        reading = self._kb[1]
+        try:
+            return await asyncio.shield(reading)
+        except BaseException:
+            if reading.done() and self._kb is not None and self._kb[1] is reading:
+                self._kb = None  # a failed read is not kept: the next caller reads again
+            raise
 
     def _roster(self) -> Roster:
         """Who is online, sampled once per sync round: at most ROSTER_SIZE agents in all and
@@ -93,7 +109,7 @@ class TrainingSyncs:
     ) -> pb.TrainingSync:
         """What `connection`'s agent should know: who is active, whom to pair with, the KB;
         in one response's budget, with as many of the newest artifacts as fit."""
-        kb = kb or await knowledge_base(self._store)
+        kb = kb or await self.knowledge_base()
         roster = roster or self._roster()
         me, my_spec = connection.agent_id, connection.hello.specialization
         candidates = [
@@ -118,7 +134,7 @@ class TrainingSyncs:
         return sync
 
     async def broadcast(self) -> None:
-        kb = await knowledge_base(self._store)
+        kb = await self.knowledge_base()
         roster = self._roster()
         for i, connection in enumerate(self._router.connections()):
             connection.send_sync(await self.compose(connection, kb, roster))

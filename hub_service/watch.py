@@ -119,8 +119,10 @@ class Watches:
         log.info("%s watching (after seq %d)", watcher.agent_id, watcher.cursor)
         written = False
 
-        async def write(response: pb.ConnectResponse) -> None:
+        async def write(response: pb.ConnectResponse | bytes) -> None:
             nonlocal written
+            if isinstance(response, bytes):  # presence, serialized once for every stream
+                response = pb.ConnectResponse.FromString(response)
             out = pb.WatchResponse(
                 head_seq=response.welcome.head_seq,
                 events=[e for e in response.events if kinds is None or event_kind(e) in kinds],
