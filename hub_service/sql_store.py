@@ -62,6 +62,8 @@ from .writer import WriterProcess, WriterSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# The token table's columns, for the reads every stream opens with (no ORM rows).
+_TOKENS = TokenRow.__table__.c  # type: ignore[attr-defined]
 # Rows a page query holds in memory at once: bodies are decoded one by one, and a page
 # ends at its byte budget, so a table of huge rows is never read whole.
 STREAM_ROWS = 16
@@ -431,8 +433,21 @@ class SqlStore:
     async def authenticate(self, token: str) -> Principal | None:
         """Whom the token speaks for, if it is valid, unrevoked and unexpired."""
         digest = hash_token(token)
+        # Columns, not an ORM row: every stream opens with this read (a connect storm's).
         row = await self._read(
-            lambda s: s.exec(select(TokenRow).where(TokenRow.token_hash == digest)).first()
+            lambda s: (
+                s.connection()
+                .execute(
+                    core_select(
+                        _TOKENS.token_hash,
+                        _TOKENS.agent_id,
+                        _TOKENS.role,
+                        _TOKENS.revoked_at,
+                        _TOKENS.expires_at,
+                    ).where(_TOKENS.token_hash == digest)
+                )
+                .first()
+            )
         )
         if row is None or not hmac.compare_digest(row.token_hash, digest):
             return None
@@ -446,11 +461,15 @@ class SqlStore:
             return set()
         now = utcnow()
         rows = await self._read(
-            lambda s: s.exec(
-                select(TokenRow).where(
-                    col(TokenRow.token_hash).in_(list(hashes)), col(TokenRow.revoked_at).is_(None)
+            lambda s: (
+                s.connection()
+                .execute(
+                    core_select(_TOKENS.token_hash, _TOKENS.expires_at).where(
+                        _TOKENS.token_hash.in_(list(hashes)), _TOKENS.revoked_at.is_(None)
+                    )
                 )
-            ).all()
+                .all()
+            )
         )
         return {r.token_hash for r in rows if r.expires_at is None or r.expires_at > now}
 
