@@ -28,6 +28,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from generated.kernelhub.v1 import hub_pb2 as pb
 
 from . import paging, wire
+from .complementarity import Candidate
 from .errors import StatusError
 from .metrics import HubMetrics
 from .outcomes import Outcome
@@ -126,6 +127,10 @@ class Connection:
         self._replayed = False
         # When the hub stored this agent's connect (AgentInfo.last_seen_time), once known.
         self.connected_time: Timestamp | None = None
+        # Its entry in the others' training syncs and its size, and as a partner candidate,
+        # built once (training_sync).
+        self.listing: tuple[pb.AgentInfo, int] | None = None
+        self.candidate = Candidate(self.agent_id, hello.specialization)
         self._joining: list[pb.HubEvent] | None = None  # published during a log read
         self._retry_at = 0.0  # when the event log may be read again after a failure
         self.fell_behind = 0  # times the live queue overflowed
@@ -184,7 +189,9 @@ class Connection:
     def start_roster(self, presence: Presence) -> None:
         """Send the roster (everyone online but this agent), then the changes after it."""
         self._presence = presence
-        self._roster = [e for e in presence.roster() if e.agent_id != self.agent_id]
+        self._roster = presence.roster()
+        if (mine := presence.entry(self.agent_id)) is not None:  # a reconnect: not itself
+            self._roster.remove(mine)
         self._roster_sent = 0
         self.roster_size = len(self._roster)
         self._presence_cursor = presence.version

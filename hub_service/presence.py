@@ -86,6 +86,9 @@ class Presence:
         entry = self._online.get(agent_id)
         return entry.info if entry is not None else None
 
+    def entry(self, agent_id: str) -> Entry | None:
+        return self._online.get(agent_id)
+
     def roster(self) -> list[Entry]:
         """Everyone online now, oldest announcement first."""
         return list(self._online.values())

@@ -18,7 +18,17 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, and_, exists, false, func, make_url, or_, text
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    bindparam,
+    exists,
+    false,
+    func,
+    make_url,
+    or_,
+    text,
+)
 from sqlalchemy import select as core_select
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, SQLModel, col, select
@@ -62,8 +72,12 @@ from .writer import WriterProcess, WriterSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# The token table's columns, for the reads every stream opens with (no ORM rows).
+# The token table's columns, for the reads every stream opens with (no ORM rows), and the
+# statement of the first, built once.
 _TOKENS = TokenRow.__table__.c  # type: ignore[attr-defined]
+_AUTHENTICATE = core_select(
+    _TOKENS.token_hash, _TOKENS.agent_id, _TOKENS.role, _TOKENS.revoked_at, _TOKENS.expires_at
+).where(_TOKENS.token_hash == bindparam("digest"))
 # Rows a page query holds in memory at once: bodies are decoded one by one, and a page
 # ends at its byte budget, so a table of huge rows is never read whole.
 STREAM_ROWS = 16
@@ -435,19 +449,7 @@ class SqlStore:
         digest = hash_token(token)
         # Columns, not an ORM row: every stream opens with this read (a connect storm's).
         row = await self._read(
-            lambda s: (
-                s.connection()
-                .execute(
-                    core_select(
-                        _TOKENS.token_hash,
-                        _TOKENS.agent_id,
-                        _TOKENS.role,
-                        _TOKENS.revoked_at,
-                        _TOKENS.expires_at,
-                    ).where(_TOKENS.token_hash == digest)
-                )
-                .first()
-            )
+            lambda s: s.connection().execute(_AUTHENTICATE, {"digest": digest}).first()
         )
         if row is None or not hmac.compare_digest(row.token_hash, digest):
             return None

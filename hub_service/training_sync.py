@@ -52,6 +52,25 @@ async def knowledge_base(store: HubStore) -> KnowledgeBase:
     return KnowledgeBase(summary, [paging.entry_bytes(a) for a in summary.recent_artifacts])
 
 
+def _listing(c: Connection) -> tuple[pb.AgentInfo, int]:
+    """`c`'s agent as a training sync lists it, and its size: built once per stream (every
+    newcomer's sync lists the oldest agents), once its connect time is known."""
+    if c.listing is not None:
+        return c.listing
+    info = pb.AgentInfo(
+        agent_id=c.agent_id,
+        specialization=c.hello.specialization,
+        capabilities=c.hello.capabilities,
+        version=c.hello.version,
+        online=True,
+    )
+    listing = (info, paging.entry_bytes(info))
+    if c.connected_time is not None:
+        info.last_seen_time.CopyFrom(c.connected_time)
+        listing = c.listing = (info, paging.entry_bytes(info))
+    return listing
+
+
 class TrainingSyncs:
     """Composes each agent's sync from one roster and one knowledge base per round."""
 
@@ -83,22 +102,12 @@ class TrainingSyncs:
         most half a response of them, so the knowledge base has room beside them."""
         roster = Roster()
         for c in self._router.sample(ROSTER_SIZE):
-            spec = c.hello.specialization
-            if len(roster.active) < ROSTER_SIZE:
-                info = pb.AgentInfo(
-                    agent_id=c.agent_id,
-                    specialization=spec,
-                    capabilities=c.hello.capabilities,
-                    version=c.hello.version,
-                    online=True,
-                )
-                if c.connected_time is not None:
-                    info.last_seen_time.CopyFrom(c.connected_time)
-                if roster.active_bytes + paging.entry_bytes(info) <= self._budget // 2:
-                    roster.active.append(info)
-                    roster.active_bytes += paging.entry_bytes(info)
+            info, size = _listing(c)
+            if roster.active_bytes + size <= self._budget // 2:
+                roster.active.append(info)
+                roster.active_bytes += size
         for kind, peers in self._router.sample_by_specialization(ROSTER_SIZE).items():
-            roster.by_specialization[kind] = [Candidate(c.agent_id, kind) for c in peers]
+            roster.by_specialization[kind] = [c.candidate for c in peers]
         return roster
 
     async def compose(

@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="trainers in the connect storm (default 1,000; quick: 100), e.g. 5000",
     )
+    run_parser.add_argument(
+        "--idle-trainers",
+        type=int,
+        metavar="N",
+        help="idle trainers connected for the RSS figure (default 1,000; quick: 50), e.g. 5000",
+    )
     run_parser.add_argument("--json", type=Path, help="write the results here")
     run_parser.add_argument(
         "--scenarios",
@@ -284,6 +290,8 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     sizes = QUICK if args.quick else FULL
     if args.connect_trainers is not None:
         sizes = dataclasses.replace(sizes, connect_trainers=args.connect_trainers)
+    if args.idle_trainers is not None:
+        sizes = dataclasses.replace(sizes, idle_trainers=args.idle_trainers)
     if args.peer_rates:
         sizes = dataclasses.replace(sizes, peer_rates=args.peer_rates)
     if args.peer_duration:
