@@ -80,12 +80,14 @@ class Connection:
         linger: float = 0.0,
         read_log: ReadLog | None = None,
         head: Callable[[], int] = lambda: 0,
+        wires: wire.EventWires | None = None,
     ) -> None:
         """`max_bytes`: what one response may carry (`paging.budget` of the message limit);
         `read_log`: where it catches up from (default: the events the agent is entitled to;
         a Watch stream reads every event); `head`: the newest seq published to the streams
         (a log read that reached the end leaves the cursor there, matches or not)."""
         self._head = head
+        self._wires = wires or wire.EventWires()  # shared by the hub's streams (the router's)
         self.agent_id = hello.agent_id
         self.subscription = Filter.of(hello.subscription)
         # Bumped by a Subscribe: a log read begun before it is not used.
@@ -402,6 +404,7 @@ class Connection:
         del self._errors[: len(errors)]
         response = pb.ConnectResponse(receipts=receipts, errors=errors)
         presence: PresencePart | None = None
+        events: list[bytes] = []  # entries of `response.events`, each encoded once (wire)
         if not (self._receipts or self._errors):
             if self._sync is not None:
                 cost = paging.entry_bytes(self._sync)
@@ -413,16 +416,15 @@ class Connection:
                 presence = self._take_presence(room // 2 if self._events else room)
                 if presence is not None:
                     room -= presence.used
-            while self._events and len(response.events) < self._per_response:
+            while self._events and len(events) < self._per_response:
                 event = self._events[0]
-                cost = paging.entry_bytes(event)
-                if cost > self._max_bytes:
-                    event = self._omitted(event)
-                    cost = paging.entry_bytes(event)
-                if cost > room:
+                entry = self._wires.of(event)
+                if len(entry) > self._max_bytes:
+                    entry = wire.event_entry(self._omitted(event))
+                if len(entry) > room:
                     break
-                room -= cost
-                response.events.append(event)
+                room -= len(entry)
+                events.append(entry)
                 self._events.popleft()
             if self._replay_end is not None and (
                 not self._events or self._events[0].seq > self._replay_end
@@ -430,12 +432,15 @@ class Connection:
                 # Every replayed event is in this response or an earlier one.
                 response.replay_complete.seq = max(self._replay_end, self._replay_floor)
                 self._replay_end = None
-        if presence is None:
+        if presence is None and not events:
             await write(response)
+        elif presence is None:
+            await write(wire.response(response, events))
         else:
             await write(
-                wire.with_presence(
+                wire.response(
                     response,
+                    events,
                     presence.entries,
                     roster=presence.roster,
                     roster_complete=presence.roster_complete,
@@ -443,8 +448,8 @@ class Connection:
             )
         if receipts:
             self._sent_receipts.inc(len(receipts))
-        if response.events:
-            self._sent_events.inc(len(response.events))
+        if events:
+            self._sent_events.inc(len(events))
         for _ in range(len(receipts) + len(errors)):
             self._window.release()
         self._unanswered -= len(receipts) + len(errors)

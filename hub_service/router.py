@@ -23,6 +23,7 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 from .outcomes import Outcome
 from .presence import Presence
 from .subscriptions import ARTIFACTS, BROADCAST_KINDS, Filter, Tags
+from .wire import EventWires
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -72,6 +73,8 @@ class Router:
         self._by_specialization: dict[int, dict[Connection, None]] = {}
         # Highest seq handed out; every event up to it is committed.
         self.last_published_seq = 0
+        # Each event's wire encoding, made once for every stream that carries it.
+        self.wires = EventWires()
 
     # --- connections and their subscriptions ----------------------------------
 

@@ -116,6 +116,7 @@ class Sessions:
             max_bytes=self._budget,
             linger=self._config.stream_linger,
             metrics=self._metrics,
+            wires=self._router.wires,
             head=lambda: self._router.last_published_seq,
         )
         # With skip_history, nothing at or below `start` is sent.

@@ -110,6 +110,7 @@ class Watches:
                 after, limit, max_bytes
             ),
             metrics=self._metrics,
+            wires=self._router.wires,
             head=lambda: self._router.last_published_seq,
         )
         head = self._router.last_published_seq

@@ -1,11 +1,11 @@
 """Responses as protobuf wire bytes: what many streams send alike is serialized once.
 
 Protobuf's wire format lets a message be the concatenation of its fields' encodings, and
-of a repeated field's entries. A presence change goes to every agent that follows presence:
-encoded once as a `PresenceUpdate` field, a stream's update is the join of the entries it
-carries, and its response is the rest serialized with that update appended, so no stream
-re-encodes what another already did. Handlers may write such bytes: `passthrough` serializes
-messages and leaves bytes as they are.
+of a repeated field's entries. An event goes to every stream entitled to it, a presence
+change to every agent that follows presence: each is encoded once as a field entry
+(`EventWires`, `Entry.wire`), and a stream's response is the rest of it serialized with
+those entries appended, so no stream re-encodes what another already did. Handlers may
+write such bytes: `passthrough` serializes messages and leaves bytes as they are.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 
 _WIRE_LENGTH_DELIMITED = 2
 _PRESENCE_FIELD = pb.ConnectResponse.DESCRIPTOR.fields_by_name["presence"].number
+_EVENTS_FIELD = pb.ConnectResponse.DESCRIPTOR.fields_by_name["events"].number
+# Events whose encoding is kept: every stream a live event goes to writes it within a few
+# lingers, and replays of recent events find theirs.
+EVENT_WIRES = 8192
 _ROSTER = pb.PresenceUpdate(roster=True).SerializeToString()
 _ROSTER_COMPLETE = pb.PresenceUpdate(roster_complete=True).SerializeToString()
 
@@ -41,21 +45,45 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def presence_entry(update: pb.PresenceUpdate) -> bytes:
-    """One change's encoding (an update with one online agent, or one offline id)."""
-    return update.SerializeToString()
+def _field(number: int, body: bytes) -> bytes:
+    return b"".join([_varint(number << 3 | _WIRE_LENGTH_DELIMITED), _varint(len(body)), body])
 
 
-def with_presence(
-    response: pb.ConnectResponse,
-    entries: Iterable[bytes],
+def event_entry(event: pb.HubEvent) -> bytes:
+    """`event` as one entry of `ConnectResponse.events`."""
+    return _field(_EVENTS_FIELD, event.SerializeToString())
+
+
+class EventWires:
+    """Each event's `event_entry`, made once for all the streams that carry it (by seq:
+    an event never changes once committed); the newest `size` are kept."""
+
+    def __init__(self, size: int = EVENT_WIRES) -> None:
+        self._size = size
+        self._wires: dict[int, bytes] = {}
+
+    def of(self, event: pb.HubEvent) -> bytes:
+        wire = self._wires.get(event.seq)
+        if wire is None:
+            wire = event_entry(event)
+            if len(self._wires) >= self._size:
+                del self._wires[next(iter(self._wires))]  # the first kept
+            self._wires[event.seq] = wire
+        return wire
+
+
+def response(
+    head: pb.ConnectResponse,
+    events: Iterable[bytes] = (),
+    presence: Iterable[bytes] | None = None,
     *,
     roster: bool = False,
     roster_complete: bool = False,
 ) -> bytes:
-    """`response` serialized, with a presence update of `entries` (and the roster flags)."""
-    body = b"".join(
-        [_ROSTER if roster else b"", _ROSTER_COMPLETE if roster_complete else b"", *entries]
-    )
-    tag = _varint(_PRESENCE_FIELD << 3 | _WIRE_LENGTH_DELIMITED)
-    return b"".join([response.SerializeToString(), tag, _varint(len(body)), body])
+    """`head` serialized, then `events` (entries of `events`), then (unless None) a presence
+    update of those entries and the roster flags."""
+    parts = [head.SerializeToString(), *events]
+    if presence is not None:
+        flags = [_ROSTER if roster else b"", _ROSTER_COMPLETE if roster_complete else b""]
+        parts.append(_field(_PRESENCE_FIELD, b"".join([*flags, *presence])))
+    return b"".join(parts)
