@@ -6,8 +6,11 @@ delivers every worker's events. The parent serves nothing itself:
 
 - It reserves the port: a socket bound with SO_REUSEPORT and never listening, held for the
   parent's life. `--port 0` thus gives one number every worker binds (gRPC's `so_reuseport`);
-  the kernel spreads new connections over the workers' listening sockets; and nothing else (a
-  plain hub, which binds without SO_REUSEPORT) can take the port while a worker restarts.
+  the kernel spreads new connections over the workers' listening sockets; and nothing else can
+  take the port while a worker restarts: a plain hub binds without SO_REUSEPORT, and a bind
+  without it is tried first, so a port anyone holds (another supervisor's, a gRPC server with
+  SO_REUSEPORT) is refused rather than shared. A wildcard host is reserved as gRPC binds it,
+  dual-stack on [::].
 - It starts each worker with multiprocessing's `spawn` (a fresh interpreter; its `HubConfig`
   pickled). The worker says it is serving over a socket pair, and reads EOF on it when the
   parent dies, which drains it: no worker serves unsupervised.
@@ -87,7 +90,14 @@ def supervise(config: HubConfig, log_level: str) -> int:
     """Runs `config.workers` workers until a signal drains them; the exit code."""
     try:
         check(config)
-        with _reserve(config.host, config.port) as reserved:
+        try:
+            reserved = _reserve(config.host, config.port)
+        except OSError as error:  # the port is taken, or the host is not this machine's
+            log.error(
+                "kernelhub could not start: %s:%d: %s", config.host, config.port, error.strerror
+            )
+            return 1
+        with reserved:
             port = int(reserved.getsockname()[1])
             if config.metrics_port and config.metrics_port <= port < (
                 config.metrics_port + config.workers
@@ -101,25 +111,63 @@ def supervise(config: HubConfig, log_level: str) -> int:
     except WorkersError as error:
         print(f"kernelhub-hub: {error}", file=sys.stderr)
         return 2
-    except OSError as error:  # the port is taken, or the host is not this machine's
-        log.error("kernelhub could not start: %s:%d: %s", config.host, config.port, error.strerror)
-        return 1
 
 
-@contextlib.contextmanager
-def _reserve(host: str, port: int) -> Iterator[socket.socket]:
+# gRPC binds a wildcard host as one dual-stack socket on [::] (IPv4 only where IPv6 is missing).
+_WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+
+
+def _reserve(host: str, port: int) -> socket.socket:
     """A SO_REUSEPORT socket bound to `host:port` (0: a free port) and never listened on: it
-    holds the port for the workers, and takes none of their connections."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    reserved = socket.socket(family, kind, proto)
+    holds the port for the workers, and takes none of their connections. Raises OSError
+    (EADDRINUSE) when anything holds the port already, SO_REUSEPORT or not: another
+    supervisor's reservation, a gRPC server with its default options."""
+    if host in _WILDCARDS and _has_ipv6():
+        family, kind, proto, address = socket.AF_INET6, socket.SOCK_STREAM, 0, ("::", port)
+    else:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            "0.0.0.0" if host in _WILDCARDS else host.removeprefix("[").removesuffix("]"),
+            port,
+            type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE,
+        )[0]
+    if port:
+        # A plain bind (SO_REUSEADDR, for connections in TIME_WAIT, but no SO_REUSEPORT) fails
+        # on a port anyone holds; the reservation alone would share it with their sockets.
+        with _socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    reserved = _socket(family, kind, proto)
     try:
         reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         reserved.bind(address)
-        yield reserved
-    finally:
+    except BaseException:
         reserved.close()
+        raise
+    return reserved
+
+
+def _has_ipv6() -> bool:
+    """Whether this kernel makes IPv6 sockets (Python may be built with IPv6 it lacks)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+    except OSError:
+        return False
+    return True
+
+
+def _socket(family: int, kind: int, proto: int) -> socket.socket:
+    """A socket; IPv6 ones dual-stack, as gRPC's wildcard listener is."""
+    made = socket.socket(family, kind, proto)
+    if family == socket.AF_INET6:
+        try:
+            made.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        except BaseException:
+            made.close()
+            raise
+    return made
 
 
 def _ignore(signum: int, frame: Any) -> None:

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import psutil
 import pytest
 
 from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service import workers
 from hub_service.testing import HubStartError, TestHub
 
 from .conftest import WAIT, RawTrainer, async_stub, auth, hello, pattern
@@ -274,14 +277,64 @@ async def test_workers_are_refused_without_postgresql(database: str, tmp_path: P
     assert not (tmp_path / "hub.db").exists()  # refused before anything was opened
 
 
-async def test_a_plain_hub_cannot_take_the_workers_port(replica_url: str, tmp_path: Path) -> None:
+def test_a_held_port_is_not_reserved_again() -> None:
+    # Another supervisor's reservation, or a gRPC server with its default options (which
+    # binds with SO_REUSEPORT): a second reservation would share the port, not take it.
+    with workers._reserve("127.0.0.1", 0) as held:
+        with pytest.raises(OSError) as refused:
+            workers._reserve("127.0.0.1", held.getsockname()[1]).close()
+        assert refused.value.errno == errno.EADDRINUSE
+    server = grpc.server(ThreadPoolExecutor(1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with pytest.raises(OSError) as refused:
+            workers._reserve("127.0.0.1", port).close()
+        assert refused.value.errno == errno.EADDRINUSE
+    finally:
+        server.stop(None)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::1", "127.0.0.1"])
+def test_a_wildcard_reservation_holds_the_port_on_both_families(host: str) -> None:
+    # gRPC binds a wildcard host dual-stack on [::]: the reservation must hold [::1] too.
+    with workers._reserve("0.0.0.0", 0) as held:
+        port = held.getsockname()[1]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family) as plain, pytest.raises(OSError) as refused:
+            plain.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            plain.bind((host, port))
+        assert refused.value.errno == errno.EADDRINUSE
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::1]"])
+async def test_a_plain_hub_cannot_take_a_reserved_port(host: str, tmp_path: Path) -> None:
+    # The reservation alone, as it stands while every worker restarts.
+    with workers._reserve("0.0.0.0", 0) as held:
+        port = held.getsockname()[1]
+        plain = TestHub.subprocess(
+            tmp_path / "plain.db", port=port, args=["--host", host], name="plain"
+        )
+        try:
+            with pytest.raises(HubStartError, match="exited"):
+                await plain.start()
+            assert "could not start" in plain.stderr()
+        finally:
+            await plain.close()
+
+
+async def test_a_second_supervisor_cannot_take_the_workers_port(replica_url: str) -> None:
     async with workers_hub(replica_url, agents=()) as running:
-        hub = running.hub
-        plain = TestHub.subprocess(tmp_path / "plain.db", port=hub.port, name="plain")
-        with pytest.raises(HubStartError, match="exited"):
-            await plain.start()
-        assert "could not start" in plain.stderr()
-        await plain.close()
+        second = TestHub.subprocess(
+            replica_url, port=running.hub.port, args=["--workers", "2"], name="second"
+        )
+        try:
+            with pytest.raises(HubStartError, match=r"exited \(1\)"):
+                await second.start()
+            assert "could not start" in second.stderr()
+            assert "Address already in use" in second.stderr()
+        finally:
+            await second.close()
 
 
 async def test_a_crash_loop_makes_the_supervisor_give_up(replica_url: str) -> None:
