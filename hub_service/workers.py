@@ -224,23 +224,33 @@ class Supervisor:
         self.announced = False
 
     def run(self) -> int:
+        """Every worker stopped whatever happens: a failure here (say, spawning a restart)
+        must not leave workers serving on their own."""
+        code: int | None = None
+        try:
+            code = self._supervise()
+        finally:
+            drained = self._stop_all()
+        return drained if code is None else code
+
+    def _supervise(self) -> int | None:
+        """Starts and tends the workers: 1 once one died too often, None at a signal."""
         for worker in self.workers:
             self._start(worker)
-        code = 0
-        while code == 0:
+        while True:
             now = time.monotonic()
             ready = wait(self._waitables(), timeout=self._next_deadline(now) - now)
             if self.wakeup in ready:
+                got = b""
                 with contextlib.suppress(BlockingIOError):
                     got = self.wakeup.recv(64)
                 names = ", ".join(
                     signal.Signals(b).name for b in got if b in signal.valid_signals()
                 )
                 log.info("%s received: draining %d workers", names or "a signal", len(self.workers))
-                return self._stop_all()
-            code = self._tend(set(ready))
-        self._stop_all()
-        return code
+                return None
+            if self._tend(set(ready)):
+                return 1
 
     def _waitables(self) -> list[Any]:
         waitables: list[Any] = [self.wakeup]
@@ -260,9 +270,9 @@ class Supervisor:
                 deadlines.append(worker.started + START_TIMEOUT)
         return max(now, min(deadlines))
 
-    def _tend(self, ready: set[Any]) -> int:
-        """One round: workers that said they serve, died, are overdue or due a restart. Returns
-        1 once a worker died too often (the supervisor gives up), else 0."""
+    def _tend(self, ready: set[Any]) -> bool:
+        """One round: workers that said they serve, died, are overdue or due a restart. True
+        once a worker died too often (the supervisor gives up)."""
         now = time.monotonic()
         for worker in self.workers:
             process = worker.process
@@ -274,7 +284,7 @@ class Supervisor:
                 self._heard(worker)
             if process.sentinel in ready:
                 if self._died(worker, now):
-                    return 1
+                    return True
             elif not worker.serving and now - worker.started > START_TIMEOUT:
                 log.error(
                     "worker %d (pid %s) is not serving %gs after its start: killing it",
@@ -290,7 +300,7 @@ class Supervisor:
                 f"({len(self.workers)} workers)",
                 flush=True,
             )
-        return 0
+        return False
 
     def _start(self, worker: Worker) -> None:
         ours, theirs = _SPAWN.Pipe()
