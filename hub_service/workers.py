@@ -16,7 +16,9 @@ delivers every worker's events. The parent serves nothing itself:
   parent dies, which drains it: no worker serves unsupervised.
 - A worker that exits is restarted after a backoff (0.5 s, doubling to 10 s with each death of
   that worker within a minute); more than `worker_max_restarts` deaths of one worker within a
-  minute stop every worker, and the parent exits 1 saying why.
+  minute, or more than that many starts in a row that never served (a worker killed
+  `START_TIMEOUT` after each start dies less often than once a minute), stop every worker,
+  and the parent exits 1 saying why.
 - SIGTERM or SIGINT is forwarded (SIGTERM) to every worker, each drains as one hub does; the
   parent waits `shutdown_grace` + `STOP_MARGIN`, then SIGKILLs what is left. It exits 0 when
   every worker drained.
@@ -204,6 +206,7 @@ class Worker:
     serving: bool = False
     restart_at: float | None = None
     deaths: deque[float] = field(default_factory=deque)
+    failed_starts: int = 0  # deaths in a row without serving, whenever they came
 
     def describe_exit(self) -> str:
         assert self.process is not None
@@ -341,11 +344,13 @@ class Supervisor:
             worker.pipe.close()
         worker.process.close()
         worker.process = worker.pipe = None
+        worker.failed_starts = 0 if worker.serving else worker.failed_starts + 1
         worker.serving = False
         worker.deaths.append(now)
         while worker.deaths and worker.deaths[0] < now - RESTART_WINDOW:
             worker.deaths.popleft()
-        if len(worker.deaths) > self.config.worker_max_restarts:
+        limit = self.config.worker_max_restarts
+        if len(worker.deaths) > limit:
             log.error(
                 "worker %d (pid %s) %s, its death number %d within %gs (--worker-max-restarts "
                 "%d): giving up, stopping the other workers",
@@ -354,7 +359,20 @@ class Supervisor:
                 how,
                 len(worker.deaths),
                 RESTART_WINDOW,
-                self.config.worker_max_restarts,
+                limit,
+            )
+            return True
+        # A worker killed START_TIMEOUT after each start dies less often than the window
+        # counts: its starts that never served count whenever they came.
+        if worker.failed_starts > limit:
+            log.error(
+                "worker %d (pid %s) %s, its start number %d in a row that never served "
+                "(--worker-max-restarts %d): giving up, stopping the other workers",
+                worker.index,
+                pid,
+                how,
+                worker.failed_starts,
+                limit,
             )
             return True
         backoff = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (len(worker.deaths) - 1))

@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import re
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import pytest
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service import workers
+from hub_service.config import HubConfig
 from hub_service.testing import HubStartError, TestHub
 
 from .conftest import WAIT, RawTrainer, async_stub, auth, hello, pattern
@@ -370,3 +372,73 @@ async def test_workers_drain_when_their_parent_dies(replica_url: str) -> None:
         await hub.kill()  # SIGKILL to the parent: no signal is forwarded
         _gone, alive = await asyncio.to_thread(psutil.wait_procs, running, 30)
         assert not alive, f"workers still serving without a supervisor: {alive}"
+
+
+@contextlib.contextmanager
+def supervisor(config: HubConfig) -> Iterator[tuple[workers.Supervisor, Future[int]]]:
+    """The supervisor itself, in a thread of this process (its workers are real processes);
+    its run()'s outcome. A signal byte ends it if it still runs at the end."""
+    receive, send = socket.socketpair()
+    running = workers.Supervisor(config, "INFO", receive)
+    pool = ThreadPoolExecutor(1)
+    try:
+        yield running, pool.submit(running.run)
+    finally:
+        send.send(bytes([signal.SIGTERM]))
+        pool.shutdown(wait=True)
+        receive.close()
+        send.close()
+
+
+def test_a_worker_that_never_serves_is_given_up_on(
+    replica_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Deaths never meet in the window, as a worker killed START_TIMEOUT after each start:
+    # only its starts in a row that never served can end the loop.
+    monkeypatch.setattr(workers, "RESTART_WINDOW", 0.01)
+    caplog.set_level(logging.INFO, logger="hub_service.workers")
+    with socket.socket() as taken:  # its metrics port: each start fails
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = HubConfig(
+            database_url=replica_url,
+            workers=1,
+            worker_max_restarts=1,
+            metrics_port=taken.getsockname()[1],
+        )
+        with supervisor(config) as (_, outcome):
+            assert outcome.result(timeout=60) == 1
+    assert "its start number 2 in a row that never served" in caplog.text
+
+
+def test_an_error_after_the_start_stops_every_worker(
+    replica_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Worker 1 cannot start (its metrics port is taken); spawning its restart fails.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        base = taken.getsockname()[1] - 1
+        config = HubConfig(
+            database_url=replica_url,
+            workers=2,
+            host="127.0.0.1",
+            metrics_port=base,
+            replica_catch_up_interval=0.2,
+        )
+        with supervisor(config) as (running, outcome):
+            start = running._start
+            started: list[int] = []
+
+            def flaky_start(worker: workers.Worker) -> None:
+                if worker.index == 1 and started.count(1):
+                    raise OSError(errno.EAGAIN, "no process to spawn")
+                started.append(worker.index)
+                start(worker)
+
+            monkeypatch.setattr(running, "_start", flaky_start)
+            with pytest.raises(OSError, match="no process to spawn"):
+                outcome.result(timeout=60)
+            first = running.workers[0]
+            assert first.process is not None
+            assert not first.process.is_alive(), "worker 0 outlived its supervisor"
