@@ -205,6 +205,7 @@ class Worker:
     started: float = 0.0
     serving: bool = False
     restart_at: float | None = None
+    killed_at: float | None = None  # when it was killed for not serving: reaped next
     deaths: deque[float] = field(default_factory=deque)
     failed_starts: int = 0  # deaths in a row without serving, whenever they came
 
@@ -269,8 +270,10 @@ class Supervisor:
         for worker in self.workers:
             if worker.restart_at is not None:
                 deadlines.append(worker.restart_at)
-            elif worker.process is not None and not worker.serving:
+            elif worker.process is not None and not worker.serving and worker.killed_at is None:
                 deadlines.append(worker.started + START_TIMEOUT)
+            # A killed worker's sentinel wakes the wait when it is reaped: no deadline, which
+            # would be past (a loop spinning) while the kernel takes its time.
         return max(now, min(deadlines))
 
     def _tend(self, ready: set[Any]) -> bool:
@@ -288,14 +291,19 @@ class Supervisor:
             if process.sentinel in ready:
                 if self._died(worker, now):
                     return True
-            elif not worker.serving and now - worker.started > START_TIMEOUT:
+            elif (
+                not worker.serving
+                and worker.killed_at is None
+                and now - worker.started > START_TIMEOUT
+            ):
                 log.error(
                     "worker %d (pid %s) is not serving %gs after its start: killing it",
                     worker.index,
                     process.pid,
                     START_TIMEOUT,
                 )
-                process.kill()  # its sentinel is ready at the next round: a death
+                process.kill()  # its sentinel is ready once it is reaped: a death
+                worker.killed_at = now
         if not self.announced and all(w.serving for w in self.workers):
             self.announced = True
             print(
@@ -316,6 +324,7 @@ class Supervisor:
         theirs.close()  # the worker's end lives in the worker: EOF here when it dies
         worker.process, worker.pipe = process, ours
         worker.started, worker.serving, worker.restart_at = time.monotonic(), False, None
+        worker.killed_at = None
 
     def _heard(self, worker: Worker) -> None:
         assert worker.pipe is not None and worker.process is not None

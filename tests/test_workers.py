@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -409,6 +410,32 @@ def test_a_worker_that_never_serves_is_given_up_on(
         with supervisor(config) as (_, outcome):
             assert outcome.result(timeout=60) == 1
     assert "its start number 2 in a row that never served" in caplog.text
+
+
+def test_a_killed_worker_is_not_killed_again_while_it_is_reaped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    running = workers.Supervisor(
+        HubConfig(database_url="postgresql+psycopg://unused/x", workers=1),
+        "INFO",
+        socket.socket(),
+    )
+    stuck = workers._SPAWN.Process(target=time.sleep, args=(60,))
+    stuck.start()
+    try:
+        (worker,) = running.workers
+        worker.process, worker.started = stuck, time.monotonic() - workers.START_TIMEOUT - 1
+        assert not running._tend(set())  # overdue: killed
+        now = time.monotonic()
+        # Not reaped yet, as a process in D state stays: no deadline now (a spinning loop),
+        # and no second kill.
+        assert running._next_deadline(now) > now
+        assert not running._tend(set())
+        assert caplog.text.count("killing it") == 1
+    finally:
+        stuck.kill()
+        stuck.join(10)
+        running.wakeup.close()
 
 
 def test_an_error_after_the_start_stops_every_worker(
