@@ -106,6 +106,7 @@ async def workers_hub(
         assert len(serving_workers(hub)) == count, hub.stderr()[-3000:]
         yield Running(hub, issuing[0].result() if issuing else {})
     finally:
+        await hub.stop()  # drained: no worker of this test still runs when the next starts
         await hub.close()
 
 
@@ -372,7 +373,12 @@ async def test_workers_drain_when_their_parent_dies(replica_url: str) -> None:
         running = [psutil.Process(w.pid) for w in serving_workers(hub).values()]
         await hub.kill()  # SIGKILL to the parent: no signal is forwarded
         _gone, alive = await asyncio.to_thread(psutil.wait_procs, running, 30)
-        assert not alive, f"workers still serving without a supervisor: {alive}"
+        try:
+            assert not alive, f"workers still serving without a supervisor: {alive}"
+        finally:
+            for worker in alive:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    worker.kill()
 
 
 @contextlib.contextmanager
