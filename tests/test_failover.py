@@ -109,6 +109,8 @@ def test_hub_addresses_become_grpc_targets(given: str, target: str) -> None:
         ("127.0.0.1,127.0.0.1:2", "no port"),
         ("127.0.0.1:1,127.0.0.1:70000", "1 to 65535"),
         ("127.0.0.1:1,127.0.0.1:x", "1 to 65535"),
+        ("127.0.0.1:1,127.0.0.1:\u00b2", "1 to 65535"),  # a digit to isdigit(), not to int()
+        ("[fe80::1%eth0]:1,[fe80::2%eth0]:2", "no IPv6 zone id"),
         ("127.0.0.1:1,[::1]:2", "mixes IPv4 and IPv6"),
         ("127.0.0.1:1,127.0.0.1:1", "twice"),
         ("::1:1,::1:2", "in brackets"),
