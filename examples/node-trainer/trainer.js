@@ -113,6 +113,7 @@ function connect() {
 const pending = new Map(); // message_id -> { what, body, then }: sent, not yet answered
 let ending = false; // set once we call call.end(): nothing may be written after it
 let welcomed = false; // a stream is open and answered Hello: we may write
+let introduced = false; // our opening shares went out (at the first Welcome, on any stream)
 function send(body, then) {
   if (ending) return log(`not sending ${Object.keys(body)[0]}: the stream is ending`);
   const message_id = crypto.randomUUID();
@@ -127,13 +128,13 @@ function onWelcome(welcome) {
   const peer = call.getPeer(); // which replica this stream is on
   log(`welcome from hub ${welcome.hub_version} at ${peer}, head seq ${welcome.head_seq}`);
   emit('welcome', { ...welcome, resume_after_seq: lastSeq.toString(), peer, reconnects });
-  const first = reconnects === 0;
   welcomed = true;
   attempt = 0;
   // After a reconnect: send again, with their ids, what was not answered (the hub answers a
   // repeated id with the original receipt, duplicate: true, and stores nothing twice).
   for (const [message_id, { body }] of pending) call.write({ message_id, ...body });
-  if (!first) return;
+  if (introduced) return;
+  introduced = true;
   send({ share_pattern: { pattern: {
     pattern_id: 'premultiplied_blend', pattern_type: 'graphics_pattern', specialization: SPEC,
     complexity: 0.4, reusability: 0.9, performance_impact: 0.7, confidence: 0.85,
