@@ -84,7 +84,8 @@ const metadata = new grpc.Metadata();
 metadata.add('authorization', `Bearer ${TOKEN}`);
 let call = null; // the current stream; a new one after a reconnect
 let reconnects = 0; // streams opened again after a loss
-let attempt = 0; // reconnect attempts since the last Welcome
+let attempt = 0; // reconnect attempts since a stream last stayed up STABLE_STREAM_MS
+let welcomedAt = 0; // when the current stream was welcomed (0: not yet)
 let failingSince = 0;
 
 // 2. Hello must be the first message: who we are and the last seq we processed. The hub answers
@@ -129,7 +130,7 @@ function onWelcome(welcome) {
   log(`welcome from hub ${welcome.hub_version} at ${peer}, head seq ${welcome.head_seq}`);
   emit('welcome', { ...welcome, resume_after_seq: lastSeq.toString(), peer, reconnects });
   welcomed = true;
-  attempt = 0;
+  welcomedAt = Date.now();
   // After a reconnect: send again, with their ids, what was not answered (the hub answers a
   // repeated id with the original receipt, duplicate: true, and stores nothing twice).
   for (const [message_id, { body }] of pending) call.write({ message_id, ...body });
@@ -255,6 +256,9 @@ process.on('SIGTERM', () => finish('SIGTERM'));
 const TRANSIENT = new Set([grpc.status.UNAVAILABLE, grpc.status.INTERNAL, grpc.status.UNKNOWN,
   grpc.status.RESOURCE_EXHAUSTED]);
 const GIVE_UP_MS = 60000;
+// A stream that stayed up this long resets the backoff; one lost sooner does not, or a replica
+// that welcomes and drops every stream would get a reconnect every 100 ms (as the Python SDK).
+const STABLE_STREAM_MS = 10000;
 function onStreamError(stream, err) {
   if (stream !== call) return;
   saveSeq();
@@ -262,7 +266,9 @@ function onStreamError(stream, err) {
   emit('stream_error', { code_name: grpc.status[err.code], message: err.details });
   if (ending || !TRANSIENT.has(err.code)) fail(`stream failed: ${grpc.status[err.code]}: ${err.details}`);
   const now = Date.now();
-  if (attempt === 0) failingSince = now;
+  if (welcomedAt && now - welcomedAt >= STABLE_STREAM_MS) attempt = 0;
+  if (welcomedAt || attempt === 0) failingSince = now;
+  welcomedAt = 0;
   if (now - failingSince > GIVE_UP_MS) fail(`could not reach the hub for ${GIVE_UP_MS / 1000} s: ${err.details}`);
   const delay = Math.random() * Math.min(5000, 100 * 2 ** attempt);
   attempt += 1;
