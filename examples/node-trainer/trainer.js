@@ -131,6 +131,7 @@ function onWelcome(welcome) {
   emit('welcome', { ...welcome, resume_after_seq: lastSeq.toString(), peer, reconnects });
   welcomed = true;
   welcomedAt = Date.now();
+  if (ending) return; // SIGTERM while this stream opened: it is ended, nothing may be written
   // After a reconnect: send again, with their ids, what was not answered (the hub answers a
   // repeated id with the original receipt, duplicate: true, and stores nothing twice).
   for (const [message_id, { body }] of pending) call.write({ message_id, ...body });
