@@ -75,9 +75,12 @@ function grpcTarget(hub) {
   return { target: `ipv${[...families][0]}:${list.join(',')}`, several: true };
 }
 const { target: TARGET, several: SEVERAL } = grpcTarget(HUB);
+// Keepalive pings (as the Python SDK's): a paused or partitioned replica fails the stream
+// within 50 s instead of holding it forever. The hub permits pings 5 s apart or more.
+const KEEPALIVE = { 'grpc.keepalive_time_ms': 30000, 'grpc.keepalive_timeout_ms': 20000 };
 const client = new HubService(TARGET, grpc.credentials.createInsecure(), SEVERAL
-  ? { 'grpc.service_config': JSON.stringify({ loadBalancingConfig: [{ pick_first: { shuffleAddressList: true } }] }) }
-  : {});
+  ? { ...KEEPALIVE, 'grpc.service_config': JSON.stringify({ loadBalancingConfig: [{ pick_first: { shuffleAddressList: true } }] }) }
+  : KEEPALIVE);
 
 // 1. Every call carries the bearer token as metadata; without a valid one: UNAUTHENTICATED.
 const metadata = new grpc.Metadata();
