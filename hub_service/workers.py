@@ -124,6 +124,7 @@ def _reserve(host: str, port: int) -> socket.socket:
     holds the port for the workers, and takes none of their connections. Raises OSError
     (EADDRINUSE) when anything holds the port already, SO_REUSEPORT or not: another
     supervisor's reservation, a gRPC server with its default options."""
+    address: tuple[Any, ...]
     if host in _WILDCARDS and _has_ipv6():
         family, kind, proto, address = socket.AF_INET6, socket.SOCK_STREAM, 0, ("::", port)
     else:
