@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import re
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -352,3 +354,14 @@ class TestHub:
     ) -> None:
         await self.stop()
         await self.close()
+
+
+def die_with_parent() -> None:
+    """preexec_fn for child processes (`TestHub.subprocess`'s, a benchmark's load): SIGTERM
+    when the process that started them dies (Linux only), so a killed run, swarm or test
+    leaves no hub or load behind."""
+    if sys.platform != "linux":
+        return
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)

@@ -6,14 +6,19 @@ delivers every worker's events. The parent serves nothing itself:
 
 - It reserves the port: a socket bound with SO_REUSEPORT and never listening, held for the
   parent's life. `--port 0` thus gives one number every worker binds (gRPC's `so_reuseport`);
-  the kernel spreads new connections over the workers' listening sockets; and nothing else (a
-  plain hub, which binds without SO_REUSEPORT) can take the port while a worker restarts.
+  the kernel spreads new connections over the workers' listening sockets; and nothing else can
+  take the port while a worker restarts: a plain hub binds without SO_REUSEPORT, and a bind
+  without it is tried first, so a port anyone holds (another supervisor's, a gRPC server with
+  SO_REUSEPORT) is refused rather than shared. A wildcard host is reserved as gRPC binds it,
+  dual-stack on [::].
 - It starts each worker with multiprocessing's `spawn` (a fresh interpreter; its `HubConfig`
   pickled). The worker says it is serving over a socket pair, and reads EOF on it when the
   parent dies, which drains it: no worker serves unsupervised.
 - A worker that exits is restarted after a backoff (0.5 s, doubling to 10 s with each death of
   that worker within a minute); more than `worker_max_restarts` deaths of one worker within a
-  minute stop every worker, and the parent exits 1 saying why.
+  minute, or more than that many starts in a row that never served (a worker killed
+  `START_TIMEOUT` after each start dies less often than once a minute), stop every worker,
+  and the parent exits 1 saying why.
 - SIGTERM or SIGINT is forwarded (SIGTERM) to every worker, each drains as one hub does; the
   parent waits `shutdown_grace` + `STOP_MARGIN`, then SIGKILLs what is left. It exits 0 when
   every worker drained.
@@ -87,7 +92,14 @@ def supervise(config: HubConfig, log_level: str) -> int:
     """Runs `config.workers` workers until a signal drains them; the exit code."""
     try:
         check(config)
-        with _reserve(config.host, config.port) as reserved:
+        try:
+            reserved = _reserve(config.host, config.port)
+        except OSError as error:  # the port is taken, or the host is not this machine's
+            log.error(
+                "kernelhub could not start: %s:%d: %s", config.host, config.port, error.strerror
+            )
+            return 1
+        with reserved:
             port = int(reserved.getsockname()[1])
             if config.metrics_port and config.metrics_port <= port < (
                 config.metrics_port + config.workers
@@ -101,25 +113,64 @@ def supervise(config: HubConfig, log_level: str) -> int:
     except WorkersError as error:
         print(f"kernelhub-hub: {error}", file=sys.stderr)
         return 2
-    except OSError as error:  # the port is taken, or the host is not this machine's
-        log.error("kernelhub could not start: %s:%d: %s", config.host, config.port, error.strerror)
-        return 1
 
 
-@contextlib.contextmanager
-def _reserve(host: str, port: int) -> Iterator[socket.socket]:
+# gRPC binds a wildcard host as one dual-stack socket on [::] (IPv4 only where IPv6 is missing).
+_WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+
+
+def _reserve(host: str, port: int) -> socket.socket:
     """A SO_REUSEPORT socket bound to `host:port` (0: a free port) and never listened on: it
-    holds the port for the workers, and takes none of their connections."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    reserved = socket.socket(family, kind, proto)
+    holds the port for the workers, and takes none of their connections. Raises OSError
+    (EADDRINUSE) when anything holds the port already, SO_REUSEPORT or not: another
+    supervisor's reservation, a gRPC server with its default options."""
+    address: tuple[Any, ...]
+    if host in _WILDCARDS and _has_ipv6():
+        family, kind, proto, address = socket.AF_INET6, socket.SOCK_STREAM, 0, ("::", port)
+    else:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            "0.0.0.0" if host in _WILDCARDS else host.removeprefix("[").removesuffix("]"),
+            port,
+            type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE,
+        )[0]
+    if port:
+        # A plain bind (SO_REUSEADDR, for connections in TIME_WAIT, but no SO_REUSEPORT) fails
+        # on a port anyone holds; the reservation alone would share it with their sockets.
+        with _socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    reserved = _socket(family, kind, proto)
     try:
         reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         reserved.bind(address)
-        yield reserved
-    finally:
+    except BaseException:
         reserved.close()
+        raise
+    return reserved
+
+
+def _has_ipv6() -> bool:
+    """Whether this kernel makes IPv6 sockets (Python may be built with IPv6 it lacks)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+    except OSError:
+        return False
+    return True
+
+
+def _socket(family: int, kind: int, proto: int) -> socket.socket:
+    """A socket; IPv6 ones dual-stack, as gRPC's wildcard listener is."""
+    made = socket.socket(family, kind, proto)
+    if family == socket.AF_INET6:
+        try:
+            made.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        except BaseException:
+            made.close()
+            raise
+    return made
 
 
 def _ignore(signum: int, frame: Any) -> None:
@@ -155,7 +206,9 @@ class Worker:
     started: float = 0.0
     serving: bool = False
     restart_at: float | None = None
+    killed_at: float | None = None  # when it was killed for not serving: reaped next
     deaths: deque[float] = field(default_factory=deque)
+    failed_starts: int = 0  # deaths in a row without serving, whenever they came
 
     def describe_exit(self) -> str:
         assert self.process is not None
@@ -176,23 +229,33 @@ class Supervisor:
         self.announced = False
 
     def run(self) -> int:
+        """Every worker stopped whatever happens: a failure here (say, spawning a restart)
+        must not leave workers serving on their own."""
+        code: int | None = None
+        try:
+            code = self._supervise()
+        finally:
+            drained = self._stop_all()
+        return drained if code is None else code
+
+    def _supervise(self) -> int | None:
+        """Starts and tends the workers: 1 once one died too often, None at a signal."""
         for worker in self.workers:
             self._start(worker)
-        code = 0
-        while code == 0:
+        while True:
             now = time.monotonic()
             ready = wait(self._waitables(), timeout=self._next_deadline(now) - now)
             if self.wakeup in ready:
+                got = b""
                 with contextlib.suppress(BlockingIOError):
                     got = self.wakeup.recv(64)
                 names = ", ".join(
                     signal.Signals(b).name for b in got if b in signal.valid_signals()
                 )
                 log.info("%s received: draining %d workers", names or "a signal", len(self.workers))
-                return self._stop_all()
-            code = self._tend(set(ready))
-        self._stop_all()
-        return code
+                return None
+            if self._tend(set(ready)):
+                return 1
 
     def _waitables(self) -> list[Any]:
         waitables: list[Any] = [self.wakeup]
@@ -208,13 +271,15 @@ class Supervisor:
         for worker in self.workers:
             if worker.restart_at is not None:
                 deadlines.append(worker.restart_at)
-            elif worker.process is not None and not worker.serving:
+            elif worker.process is not None and not worker.serving and worker.killed_at is None:
                 deadlines.append(worker.started + START_TIMEOUT)
+            # A killed worker's sentinel wakes the wait when it is reaped: no deadline, which
+            # would be past (a loop spinning) while the kernel takes its time.
         return max(now, min(deadlines))
 
-    def _tend(self, ready: set[Any]) -> int:
-        """One round: workers that said they serve, died, are overdue or due a restart. Returns
-        1 once a worker died too often (the supervisor gives up), else 0."""
+    def _tend(self, ready: set[Any]) -> bool:
+        """One round: workers that said they serve, died, are overdue or due a restart. True
+        once a worker died too often (the supervisor gives up)."""
         now = time.monotonic()
         for worker in self.workers:
             process = worker.process
@@ -226,15 +291,20 @@ class Supervisor:
                 self._heard(worker)
             if process.sentinel in ready:
                 if self._died(worker, now):
-                    return 1
-            elif not worker.serving and now - worker.started > START_TIMEOUT:
+                    return True
+            elif (
+                not worker.serving
+                and worker.killed_at is None
+                and now - worker.started > START_TIMEOUT
+            ):
                 log.error(
                     "worker %d (pid %s) is not serving %gs after its start: killing it",
                     worker.index,
                     process.pid,
                     START_TIMEOUT,
                 )
-                process.kill()  # its sentinel is ready at the next round: a death
+                process.kill()  # its sentinel is ready once it is reaped: a death
+                worker.killed_at = now
         if not self.announced and all(w.serving for w in self.workers):
             self.announced = True
             print(
@@ -242,7 +312,7 @@ class Supervisor:
                 f"({len(self.workers)} workers)",
                 flush=True,
             )
-        return 0
+        return False
 
     def _start(self, worker: Worker) -> None:
         ours, theirs = _SPAWN.Pipe()
@@ -255,6 +325,7 @@ class Supervisor:
         theirs.close()  # the worker's end lives in the worker: EOF here when it dies
         worker.process, worker.pipe = process, ours
         worker.started, worker.serving, worker.restart_at = time.monotonic(), False, None
+        worker.killed_at = None
 
     def _heard(self, worker: Worker) -> None:
         assert worker.pipe is not None and worker.process is not None
@@ -283,11 +354,13 @@ class Supervisor:
             worker.pipe.close()
         worker.process.close()
         worker.process = worker.pipe = None
+        worker.failed_starts = 0 if worker.serving else worker.failed_starts + 1
         worker.serving = False
         worker.deaths.append(now)
         while worker.deaths and worker.deaths[0] < now - RESTART_WINDOW:
             worker.deaths.popleft()
-        if len(worker.deaths) > self.config.worker_max_restarts:
+        limit = self.config.worker_max_restarts
+        if len(worker.deaths) > limit:
             log.error(
                 "worker %d (pid %s) %s, its death number %d within %gs (--worker-max-restarts "
                 "%d): giving up, stopping the other workers",
@@ -296,7 +369,20 @@ class Supervisor:
                 how,
                 len(worker.deaths),
                 RESTART_WINDOW,
-                self.config.worker_max_restarts,
+                limit,
+            )
+            return True
+        # A worker killed START_TIMEOUT after each start dies less often than the window
+        # counts: its starts that never served count whenever they came.
+        if worker.failed_starts > limit:
+            log.error(
+                "worker %d (pid %s) %s, its start number %d in a row that never served "
+                "(--worker-max-restarts %d): giving up, stopping the other workers",
+                worker.index,
+                pid,
+                how,
+                worker.failed_starts,
+                limit,
             )
             return True
         backoff = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (len(worker.deaths) - 1))

@@ -29,7 +29,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,21 @@ def _rates(text: str) -> tuple[float, ...]:
     if not rates or min(rates) <= 0:
         raise argparse.ArgumentTypeError("rates must be positive shares/s")
     return rates
+
+
+def _counts(least: int) -> Callable[[str], list[int]]:
+    """A comma-separated list of process counts, each at least `least`."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            counts = [int(c) for c in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a list of counts: {text!r}") from None
+        if min(counts) < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: each count must be {least} or more")
+        return counts
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,13 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replicas_parser.add_argument(
         "--replicas",
-        type=lambda t: [int(x) for x in t.split(",")],
+        type=_counts(0),
         default=[0, 1, 2, 3],
         help="replica counts, in turn; 0 is one hub without --replica (the baseline)",
     )
     replicas_parser.add_argument(
         "--workers",
-        type=lambda t: [int(x) for x in t.split(",")],
+        type=_counts(1),
         help="instead of --replicas: worker counts, in turn, each one `kernelhub-hub serve "
         "--workers N` on one port (1: one plain process, the baseline), a connection per stream",
     )

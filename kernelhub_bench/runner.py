@@ -24,9 +24,9 @@ from typing import IO, Any
 
 import psutil
 
-from hub_service.testing import HubStartError, TestHub
+from hub_service.testing import HubStartError, TestHub, die_with_parent
 
-from .common import LOOPBACK, die_with_parent, median
+from .common import LOOPBACK, median
 
 PYTHON = sys.executable
 HUB_READY = re.compile(r"kernelhub serving on 127\.0\.0\.1:(\d+)")

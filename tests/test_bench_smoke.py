@@ -284,6 +284,37 @@ PEER_FIGURES = {
 
 # A hang guard only: ~35 s on a loaded machine.
 @pytest.mark.timeout(400)
+@pytest.mark.parametrize(
+    ("flag", "given", "why"),
+    [
+        ("--workers", "0", "each count must be 1 or more"),
+        ("--workers", "1,-2", "each count must be 1 or more"),
+        ("--replicas", "-1", "each count must be 0 or more"),
+        ("--workers", "1,two", "not a list of counts"),
+    ],
+)
+def test_the_replicas_benchmark_refuses_counts_it_cannot_run(
+    flag: str, given: str, why: str
+) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kernelhub_bench",
+            "replicas",
+            "--database-url",
+            POSTGRES_URL,
+            flag,
+            given,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert why in done.stderr, done.stderr
+
+
 def test_quick_peers_run_reports_every_system_at_its_rate(tmp_path: Path) -> None:
     """kernelhub, the bare server and our own nats-server -js, at 20 shares/s to 10 receivers
     for 1.5 s each, then ingest and fan-out: every figure measured, with its baseline."""

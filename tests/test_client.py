@@ -4,13 +4,17 @@ by seq, resends unacknowledged messages with their original ids and never duplic
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
+import grpc.aio
 import pytest
 
 from generated.kernelhub.v1 import hub_pb2 as pb
+from generated.kernelhub.v1 import hub_pb2_grpc
 from hub_service.server import HubServer
 from hub_service.validation import Limits
 from trainer_service.sdk.client import HubClient
@@ -204,3 +208,50 @@ async def test_the_sdk_loads_without_the_simulation_or_the_hub() -> None:
             "trainer_service.sdk.targets",
         ]
     )
+
+
+class _DroppingHub(hub_pb2_grpc.HubServiceServicer):
+    """A replica that welcomes every stream and drops it at once."""
+
+    def __init__(self, streams: int) -> None:
+        self.streams = 0
+        self.enough = asyncio.Event()  # set at the stream number `streams`
+        self._wanted = streams
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[pb.ConnectRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ConnectResponse]:
+        await anext(aiter(request_iterator))  # the Hello
+        self.streams += 1
+        if self.streams >= self._wanted:
+            self.enough.set()
+        yield pb.ConnectResponse(welcome=pb.Welcome(hub_version="dropping", roster_size=0))
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "this replica drops every stream")
+
+
+class _Ceilings(random.Random):
+    """Records the ceiling of every jittered reconnect pause."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.ceilings: list[float] = []
+
+    def uniform(self, a: float, b: float) -> float:
+        self.ceilings.append(b)
+        return super().uniform(a, b)
+
+
+async def test_streams_lost_right_after_their_welcome_back_off() -> None:
+    dropping = _DroppingHub(streams=5)  # type: ignore[abstract]  # it serves Connect only
+    server = grpc.aio.server()
+    hub_pb2_grpc.add_HubServiceServicer_to_server(dropping, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    rng = _Ceilings()
+    try:
+        async with client(f"127.0.0.1:{port}", "AI_Node_1", "token", backoff_base=0.01, rng=rng):
+            await asyncio.wait_for(dropping.enough.wait(), WAIT)
+    finally:
+        await server.stop(None)
+    # Each Welcome did not reset the backoff: each pause may be twice the one before.
+    assert rng.ceilings[:4] == [0.01, 0.02, 0.04, 0.08], rng.ceilings

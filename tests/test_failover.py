@@ -109,6 +109,8 @@ def test_hub_addresses_become_grpc_targets(given: str, target: str) -> None:
         ("127.0.0.1,127.0.0.1:2", "no port"),
         ("127.0.0.1:1,127.0.0.1:70000", "1 to 65535"),
         ("127.0.0.1:1,127.0.0.1:x", "1 to 65535"),
+        ("127.0.0.1:1,127.0.0.1:\u00b2", "1 to 65535"),  # a digit to isdigit(), not to int()
+        ("[fe80::1%eth0]:1,[fe80::2%eth0]:2", "no IPv6 zone id"),
         ("127.0.0.1:1,[::1]:2", "mixes IPv4 and IPv6"),
         ("127.0.0.1:1,127.0.0.1:1", "twice"),
         ("::1:1,::1:2", "in brackets"),
@@ -351,7 +353,12 @@ async def test_the_node_trainer_fails_over_to_the_second_replica(
                 tokens["AI_Node_1"],
                 specialization=pb.SPECIALIZATION_NETWORKING,
             ) as python,
-            node_trainer(addresses(hubs), tokens["AI_Node_2"], tmp_path / "AI_Node_2.seq") as node,
+            node_trainer(
+                addresses(hubs),
+                tokens["AI_Node_2"],
+                tmp_path / "AI_Node_2.seq",
+                KERNELHUB_DURATION="170",  # ended by SIGTERM below; within the test's 180 s
+            ) as node,
         ):
             first = await node.expect("welcome", agent_id="AI_Node_2")
             assert first["reconnects"] == 0
@@ -361,14 +368,16 @@ async def test_the_node_trainer_fails_over_to_the_second_replica(
             await node.expect("artifact_shared", artifact_id=p1.resource_id)
             await hubs[on].kill()
             p2 = await python.share_pattern(pattern("during"))  # while node is away
-            again = await node.expect("welcome", reconnects=1)
+            await node.expect("artifact_shared", artifact_id=p2.resource_id)
+            # The stream that brought it (a first reconnect may fail while the kill settles).
+            again = node.of("welcome")[-1]
+            assert again["reconnects"] >= 1
             assert again["peer"].endswith(f":{hubs[1 - on].port}")
             assert int(again["resume_after_seq"]) >= p1.seq
-            await node.expect("artifact_shared", artifact_id=p2.resource_id)
             p3 = await python.share_pattern(pattern("after"))
             await node.expect("artifact_shared", artifact_id=p3.resource_id)
-            [lost] = node.of("stream_error")
-            assert lost["code_name"] == "UNAVAILABLE"
+            lost = node.of("stream_error")
+            assert lost and lost[0]["code_name"] == "UNAVAILABLE", lost
             node.process.send_signal(signal.SIGTERM)
             assert await node.wait() == 0, node.stderr
             # Each share once, whichever replica it came from; its own two stored once each.

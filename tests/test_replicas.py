@@ -24,7 +24,7 @@ from sqlalchemy import make_url
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.collaboration import Policy
 from hub_service.sql_write import LOCK_STATEMENT, SharedLog, SqlWriter, make_engine
-from hub_service.testing import TestHub
+from hub_service.testing import TestHub, die_with_parent
 
 from .conftest import (
     EOF,
@@ -99,6 +99,7 @@ async def replicas(
             args=[*REPLICA_ARGS, *extra],
             env={"KERNELHUB_LOG_LEVEL": "WARNING"},
             name=f"replica{i}",
+            preexec_fn=die_with_parent,  # a killed test run leaves no replica serving
         )
         for i in range(count)
     ]

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import os
 import re
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,8 @@ import psutil
 import pytest
 
 from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service import workers
+from hub_service.config import HubConfig
 from hub_service.testing import HubStartError, TestHub
 
 from .conftest import WAIT, RawTrainer, async_stub, auth, hello, pattern
@@ -100,6 +106,7 @@ async def workers_hub(
         assert len(serving_workers(hub)) == count, hub.stderr()[-3000:]
         yield Running(hub, issuing[0].result() if issuing else {})
     finally:
+        await hub.stop()  # drained: no worker of this test still runs when the next starts
         await hub.close()
 
 
@@ -274,14 +281,64 @@ async def test_workers_are_refused_without_postgresql(database: str, tmp_path: P
     assert not (tmp_path / "hub.db").exists()  # refused before anything was opened
 
 
-async def test_a_plain_hub_cannot_take_the_workers_port(replica_url: str, tmp_path: Path) -> None:
+def test_a_held_port_is_not_reserved_again() -> None:
+    # Another supervisor's reservation, or a gRPC server with its default options (which
+    # binds with SO_REUSEPORT): a second reservation would share the port, not take it.
+    with workers._reserve("127.0.0.1", 0) as held:
+        with pytest.raises(OSError) as refused:
+            workers._reserve("127.0.0.1", held.getsockname()[1]).close()
+        assert refused.value.errno == errno.EADDRINUSE
+    server = grpc.server(ThreadPoolExecutor(1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with pytest.raises(OSError) as refused:
+            workers._reserve("127.0.0.1", port).close()
+        assert refused.value.errno == errno.EADDRINUSE
+    finally:
+        server.stop(None)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::1", "127.0.0.1"])
+def test_a_wildcard_reservation_holds_the_port_on_both_families(host: str) -> None:
+    # gRPC binds a wildcard host dual-stack on [::]: the reservation must hold [::1] too.
+    with workers._reserve("0.0.0.0", 0) as held:
+        port = held.getsockname()[1]
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family) as plain, pytest.raises(OSError) as refused:
+            plain.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            plain.bind((host, port))
+        assert refused.value.errno == errno.EADDRINUSE
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::1]"])
+async def test_a_plain_hub_cannot_take_a_reserved_port(host: str, tmp_path: Path) -> None:
+    # The reservation alone, as it stands while every worker restarts.
+    with workers._reserve("0.0.0.0", 0) as held:
+        port = held.getsockname()[1]
+        plain = TestHub.subprocess(
+            tmp_path / "plain.db", port=port, args=["--host", host], name="plain"
+        )
+        try:
+            with pytest.raises(HubStartError, match="exited"):
+                await plain.start()
+            assert "could not start" in plain.stderr()
+        finally:
+            await plain.close()
+
+
+async def test_a_second_supervisor_cannot_take_the_workers_port(replica_url: str) -> None:
     async with workers_hub(replica_url, agents=()) as running:
-        hub = running.hub
-        plain = TestHub.subprocess(tmp_path / "plain.db", port=hub.port, name="plain")
-        with pytest.raises(HubStartError, match="exited"):
-            await plain.start()
-        assert "could not start" in plain.stderr()
-        await plain.close()
+        second = TestHub.subprocess(
+            replica_url, port=running.hub.port, args=["--workers", "2"], name="second"
+        )
+        try:
+            with pytest.raises(HubStartError, match=r"exited \(1\)"):
+                await second.start()
+            assert "could not start" in second.stderr()
+            assert "Address already in use" in second.stderr()
+        finally:
+            await second.close()
 
 
 async def test_a_crash_loop_makes_the_supervisor_give_up(replica_url: str) -> None:
@@ -316,4 +373,105 @@ async def test_workers_drain_when_their_parent_dies(replica_url: str) -> None:
         running = [psutil.Process(w.pid) for w in serving_workers(hub).values()]
         await hub.kill()  # SIGKILL to the parent: no signal is forwarded
         _gone, alive = await asyncio.to_thread(psutil.wait_procs, running, 30)
-        assert not alive, f"workers still serving without a supervisor: {alive}"
+        try:
+            assert not alive, f"workers still serving without a supervisor: {alive}"
+        finally:
+            for worker in alive:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    worker.kill()
+
+
+@contextlib.contextmanager
+def supervisor(config: HubConfig) -> Iterator[tuple[workers.Supervisor, Future[int]]]:
+    """The supervisor itself, in a thread of this process (its workers are real processes);
+    its run()'s outcome. A signal byte ends it if it still runs at the end."""
+    receive, send = socket.socketpair()
+    running = workers.Supervisor(config, "INFO", receive)
+    pool = ThreadPoolExecutor(1)
+    try:
+        yield running, pool.submit(running.run)
+    finally:
+        send.send(bytes([signal.SIGTERM]))
+        pool.shutdown(wait=True)
+        receive.close()
+        send.close()
+
+
+def test_a_worker_that_never_serves_is_given_up_on(
+    replica_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Deaths never meet in the window, as a worker killed START_TIMEOUT after each start:
+    # only its starts in a row that never served can end the loop.
+    monkeypatch.setattr(workers, "RESTART_WINDOW", 0.01)
+    caplog.set_level(logging.INFO, logger="hub_service.workers")
+    with socket.socket() as taken:  # its metrics port: each start fails
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = HubConfig(
+            database_url=replica_url,
+            workers=1,
+            worker_max_restarts=1,
+            metrics_port=taken.getsockname()[1],
+        )
+        with supervisor(config) as (_, outcome):
+            assert outcome.result(timeout=60) == 1
+    assert "its start number 2 in a row that never served" in caplog.text
+
+
+def test_a_killed_worker_is_not_killed_again_while_it_is_reaped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    running = workers.Supervisor(
+        HubConfig(database_url="postgresql+psycopg://unused/x", workers=1),
+        "INFO",
+        socket.socket(),
+    )
+    stuck = workers._SPAWN.Process(target=time.sleep, args=(60,))
+    stuck.start()
+    try:
+        (worker,) = running.workers
+        worker.process, worker.started = stuck, time.monotonic() - workers.START_TIMEOUT - 1
+        assert not running._tend(set())  # overdue: killed
+        now = time.monotonic()
+        # Not reaped yet, as a process in D state stays: no deadline now (a spinning loop),
+        # and no second kill.
+        assert running._next_deadline(now) > now
+        assert not running._tend(set())
+        assert caplog.text.count("killing it") == 1
+    finally:
+        stuck.kill()
+        stuck.join(10)
+        running.wakeup.close()
+
+
+def test_an_error_after_the_start_stops_every_worker(
+    replica_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Worker 1 cannot start (its metrics port is taken); spawning its restart fails.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        base = taken.getsockname()[1] - 1
+        config = HubConfig(
+            database_url=replica_url,
+            workers=2,
+            host="127.0.0.1",
+            metrics_port=base,
+            replica_catch_up_interval=0.2,
+        )
+        with supervisor(config) as (running, outcome):
+            start = running._start
+            started: list[int] = []
+
+            def flaky_start(worker: workers.Worker) -> None:
+                if worker.index == 1 and started.count(1):
+                    raise OSError(errno.EAGAIN, "no process to spawn")
+                started.append(worker.index)
+                start(worker)
+
+            monkeypatch.setattr(running, "_start", flaky_start)
+            with pytest.raises(OSError, match="no process to spawn"):
+                outcome.result(timeout=60)
+            first = running.workers[0]
+            assert first.process is not None
+            assert not first.process.is_alive(), "worker 0 outlived its supervisor"

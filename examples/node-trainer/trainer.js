@@ -75,16 +75,20 @@ function grpcTarget(hub) {
   return { target: `ipv${[...families][0]}:${list.join(',')}`, several: true };
 }
 const { target: TARGET, several: SEVERAL } = grpcTarget(HUB);
+// Keepalive pings (as the Python SDK's): a paused or partitioned replica fails the stream
+// within 50 s instead of holding it forever. The hub permits pings 5 s apart or more.
+const KEEPALIVE = { 'grpc.keepalive_time_ms': 30000, 'grpc.keepalive_timeout_ms': 20000 };
 const client = new HubService(TARGET, grpc.credentials.createInsecure(), SEVERAL
-  ? { 'grpc.service_config': JSON.stringify({ loadBalancingConfig: [{ pick_first: { shuffleAddressList: true } }] }) }
-  : {});
+  ? { ...KEEPALIVE, 'grpc.service_config': JSON.stringify({ loadBalancingConfig: [{ pick_first: { shuffleAddressList: true } }] }) }
+  : KEEPALIVE);
 
 // 1. Every call carries the bearer token as metadata; without a valid one: UNAUTHENTICATED.
 const metadata = new grpc.Metadata();
 metadata.add('authorization', `Bearer ${TOKEN}`);
 let call = null; // the current stream; a new one after a reconnect
 let reconnects = 0; // streams opened again after a loss
-let attempt = 0; // reconnect attempts since the last Welcome
+let attempt = 0; // reconnect attempts since a stream last stayed up STABLE_STREAM_MS
+let welcomedAt = 0; // when the current stream was welcomed (0: not yet)
 let failingSince = 0;
 
 // 2. Hello must be the first message: who we are and the last seq we processed. The hub answers
@@ -113,6 +117,7 @@ function connect() {
 const pending = new Map(); // message_id -> { what, body, then }: sent, not yet answered
 let ending = false; // set once we call call.end(): nothing may be written after it
 let welcomed = false; // a stream is open and answered Hello: we may write
+let introduced = false; // our opening shares went out (at the first Welcome, on any stream)
 function send(body, then) {
   if (ending) return log(`not sending ${Object.keys(body)[0]}: the stream is ending`);
   const message_id = crypto.randomUUID();
@@ -127,13 +132,14 @@ function onWelcome(welcome) {
   const peer = call.getPeer(); // which replica this stream is on
   log(`welcome from hub ${welcome.hub_version} at ${peer}, head seq ${welcome.head_seq}`);
   emit('welcome', { ...welcome, resume_after_seq: lastSeq.toString(), peer, reconnects });
-  const first = reconnects === 0;
   welcomed = true;
-  attempt = 0;
+  welcomedAt = Date.now();
+  if (ending) return; // SIGTERM while this stream opened: it is ended, nothing may be written
   // After a reconnect: send again, with their ids, what was not answered (the hub answers a
   // repeated id with the original receipt, duplicate: true, and stores nothing twice).
   for (const [message_id, { body }] of pending) call.write({ message_id, ...body });
-  if (!first) return;
+  if (introduced) return;
+  introduced = true;
   send({ share_pattern: { pattern: {
     pattern_id: 'premultiplied_blend', pattern_type: 'graphics_pattern', specialization: SPEC,
     complexity: 0.4, reusability: 0.9, performance_impact: 0.7, confidence: 0.85,
@@ -254,6 +260,9 @@ process.on('SIGTERM', () => finish('SIGTERM'));
 const TRANSIENT = new Set([grpc.status.UNAVAILABLE, grpc.status.INTERNAL, grpc.status.UNKNOWN,
   grpc.status.RESOURCE_EXHAUSTED]);
 const GIVE_UP_MS = 60000;
+// A stream that stayed up this long resets the backoff; one lost sooner does not, or a replica
+// that welcomes and drops every stream would get a reconnect every 100 ms (as the Python SDK).
+const STABLE_STREAM_MS = 10000;
 function onStreamError(stream, err) {
   if (stream !== call) return;
   saveSeq();
@@ -261,7 +270,9 @@ function onStreamError(stream, err) {
   emit('stream_error', { code_name: grpc.status[err.code], message: err.details });
   if (ending || !TRANSIENT.has(err.code)) fail(`stream failed: ${grpc.status[err.code]}: ${err.details}`);
   const now = Date.now();
-  if (attempt === 0) failingSince = now;
+  if (welcomedAt && now - welcomedAt >= STABLE_STREAM_MS) attempt = 0;
+  if (welcomedAt || attempt === 0) failingSince = now;
+  welcomedAt = 0;
   if (now - failingSince > GIVE_UP_MS) fail(`could not reach the hub for ${GIVE_UP_MS / 1000} s: ${err.details}`);
   const delay = Math.random() * Math.min(5000, 100 * 2 ** attempt);
   attempt += 1;

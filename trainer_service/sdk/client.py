@@ -79,6 +79,9 @@ _MAX_REQUEST_RETRIES: Final = 3
 # that message is failed: one that kills the stream every time must not loop forever.
 _MAX_STRIKES: Final = 5
 _MAX_BACKOFF_EXPONENT: Final = 16
+# A stream that stayed up this long (seconds) resets the reconnect backoff; one lost sooner
+# does not, or a replica that welcomes and drops every stream gets reconnects every 100 ms.
+_STABLE_STREAM_SECONDS: Final = 10.0
 # Caps for the bounded waits in shutdown.
 _WRITER_STOP_SECONDS: Final = 1.0
 _DONE_WRITING_SECONDS: Final = 1.0
@@ -696,17 +699,19 @@ class HubClient:
                 else:
                     if self._generation > 1:
                         self._reconnects += 1
-                    attempt = 0
                     give_up_after = self._reconnect_timeout
                     self._connected = True
                     if self._ready is not None and not self._ready.done():
                         self._ready.set_result(None)
+                    opened = loop.time()
                     try:
                         ended = await self._run_session(session)
                     finally:
                         self._connected = False
                     if ended is None:
                         return  # closed cleanly
+                    if loop.time() - opened >= _STABLE_STREAM_SECONDS:
+                        attempt = 0
                     self._strike_head_of_line(session)
                     last_error = ended
                     failing_since = loop.time()

@@ -103,12 +103,19 @@ def _ip_address(
             "addresses (gRPC resolves no list of names); for names, give one DNS name with a "
             "record per replica, dns:///NAME:PORT"
         ) from None
+    if "%" in host:
+        # gRPC's ipv6: list would need the zone percent-encoded (%25), and fails to resolve
+        # it otherwise: its calls hang until their deadline.
+        raise ValueError(
+            f"{element!r} in {text!r}: a list of hubs takes no IPv6 zone id (%...); give "
+            "one address alone, or a global address"
+        )
     if address.version == 6 and not bracketed:
         raise ValueError(
             f"{element!r} in {text!r}: write an IPv6 address in brackets, [{host}]:PORT"
         )
     if address.version == 4 and bracketed:
         raise ValueError(f"{element!r} in {text!r}: brackets are for IPv6 addresses")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise ValueError(f"{element!r} in {text!r}: the port must be 1 to 65535")
     return address, int(port_text)

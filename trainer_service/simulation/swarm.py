@@ -140,7 +140,7 @@ async def embedded_hub(
     try:
         from hub_service.config import HubConfig
         from hub_service.roles import Role
-        from hub_service.testing import TestHub
+        from hub_service.testing import TestHub, die_with_parent
     except ImportError as exc:
         raise EmbeddedHubUnavailable(
             f"the embedded hub needs hub_service, which failed to import: {exc}"
@@ -161,15 +161,21 @@ async def embedded_hub(
                     args=["--replica", "true", "--training-sync-interval", str(sync_interval)],
                     env={"KERNELHUB_LOG_LEVEL": "WARNING"},
                     name=f"replica{i + 1}",
+                    # A SIGKILLed swarm leaves no replica serving on its own.
+                    preexec_fn=die_with_parent,
                 )
                 for i in range(replicas)
             ]
             for hub in hubs:
                 stack.push_async_callback(hub.close)
-            try:
-                await asyncio.gather(*(hub.start() for hub in hubs))
-            except RuntimeError as exc:  # HubStartError: its stderr says why
-                raise EmbeddedHubUnavailable(f"a hub replica did not start: {exc}") from exc
+            try:  # one failing cancels the others' starts (gather would leave them running)
+                async with asyncio.TaskGroup() as starting:
+                    for hub in hubs:
+                        starting.create_task(hub.start())
+            except* RuntimeError as group:  # HubStartError: its stderr says why
+                raise EmbeddedHubUnavailable(
+                    f"a hub replica did not start: {group.exceptions[0]}"
+                ) from group.exceptions[0]
             issuer = hubs[0]
             # gRPC's own form (ipv4:a,b), which the validators' and dashboard's plain
             # channels take too (they connect to the first; the trainers spread).
