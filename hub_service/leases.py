@@ -9,6 +9,12 @@ offline marking, event-log deletion); it is leader while `is_leader()`, which tr
 renewal for a lease's time from when it was sent, by this process's monotonic clock, so a
 replica that was paused stops leading before it renews, never after another took over.
 
+A replica also trusts its own lease only for a lease's time from when its last renewal was
+sent (`holds()`): once that passes (its renewals stuck, or the process paused), it stops
+routing the shared log and ends every stream it carried at once (`on_expired`), without
+waiting for the database: by then the leader may have dropped it from the replicas whose
+readers bound pruning, and a stream it kept could be handed events after a hole.
+
 A replica that finds its own lease expired when it renews comes back as a newcomer: it takes
 its lease again, then ends every stream it carried (UNAVAILABLE: they reconnect and resume,
 to it or another replica), since the others may have marked those agents offline already
@@ -47,23 +53,57 @@ class Leases:
         *,
         prunable: Callable[[], int],
         on_lost: Callable[[int], Awaitable[None]],
+        on_expired: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
         self.replica_id = replica_id
         self.lease = lease
         self._prunable = prunable  # how far this replica's readers let the log go
         self._on_lost = on_lost  # the lease came back expired: given where the log begins
+        self._on_expired = on_expired  # its own lease ran out by this process's clock
         self._clock = time.monotonic
         self._leader_until = 0.0
+        self._held_until = 0.0  # its own lease, trusted until then (monotonic)
+        self._expiry: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self.lost = 0  # times this replica found its lease expired, for tests and logs
 
     def is_leader(self) -> bool:
         return self._clock() < self._leader_until
 
+    def holds(self) -> bool:
+        """Whether this replica's own lease is surely live: its last successful renewal was
+        sent less than a lease ago (the database set its expiry after that)."""
+        return self._clock() < self._held_until
+
     async def register(self) -> int:
         """Take this replica's lease; returns the oldest seq the log holds."""
-        return await self._store.register_replica(self.replica_id, self.lease)
+        sent = self._clock()
+        oldest = await self._store.register_replica(self.replica_id, self.lease)
+        self._held(sent)
+        return oldest
+
+    def _held(self, sent: float) -> None:
+        """A renewal sent at `sent` succeeded: held for a lease from then; `on_expired` is
+        called if nothing renews it by then."""
+        self._held_until = sent + self.lease
+        if self._expiry is not None:
+            self._expiry.cancel()
+        delay = max(0.0, self._held_until - self._clock())
+        self._expiry = asyncio.get_running_loop().call_later(delay, self._check_expiry)
+
+    def _check_expiry(self) -> None:
+        self._expiry = None
+        if self.holds():
+            return
+        self._leader_until = 0.0
+        log.warning(
+            "replica %s: its lease ran out (no renewal answered within %g s); ending its "
+            "streams until it is renewed",
+            self.replica_id,
+            self.lease,
+        )
+        self._on_expired()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="replica-leases")
@@ -75,7 +115,10 @@ class Leases:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        self._leader_until = 0.0
+        self._leader_until = self._held_until = 0.0
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         try:
             await self._store.release_leases(self.replica_id)
         except StatusError as error:  # the database is down: the leases expire by themselves
@@ -105,6 +148,8 @@ class Leases:
             oldest = await self.register()
             await self._on_lost(oldest)
             sent = self._clock()
+        else:
+            self._held(sent)
         if await self._store.take_leadership(self.replica_id, self.lease):
             if not self.is_leader():
                 log.info("replica %s leads (deadline expiry, retention, leases)", self.replica_id)

@@ -63,6 +63,7 @@ class HubServer:
                 config.replica_lease,
                 prunable=lambda: self.retention.oldest_seq - 1,
                 on_lost=self._lease_lost,
+                on_expired=self._end_streams,
             )
             if shared is not None and isinstance(self.store, SqlStore)
             else None
@@ -100,6 +101,8 @@ class HubServer:
                 max_bytes=config.max_message_bytes,
                 # Every replica's components wake the validators waiting here.
                 routed=self.servicer.verdicts.notice,
+                holds=self.leases.holds,
+                on_gap=self._log_gap,
             )
         self.health = health.aio.HealthServicer()
         # Whether the last commit reached the database (through the writer): health says so.
@@ -295,6 +298,19 @@ class HubServer:
         every stream it carried ends, since the others may have marked those agents offline
         and pruned below `oldest_seq` what its readers needed; they reconnect and resume."""
         self.retention.oldest_seq = max(self.retention.oldest_seq, oldest_seq)
+        if self.follower is not None:
+            self.follower.skip_to(oldest_seq)
+        self._end_streams()
+
+    def _log_gap(self, first_seq: int) -> None:
+        """The follower found events it owed pruned (this replica's lease ran out): resumes
+        below `first_seq` are refused from now on, and every stream ends as at a lost lease."""
+        self.retention.oldest_seq = max(self.retention.oldest_seq, first_seq)
+        self._end_streams()
+
+    def _end_streams(self) -> None:
+        """This replica's lease ran out (or was lost): every stream it carries ends now,
+        before it could be handed events after a hole; they reconnect and resume."""
         for stream in (*self.router.connections(), *self.router.watchers()):
             stream.end(grpc.StatusCode.UNAVAILABLE, LEASE_LOST)
 

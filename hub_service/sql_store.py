@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
+import grpc
 from sqlalchemy import ColumnElement, and_, exists, false, func, make_url, or_, text
 from sqlalchemy import select as core_select
 from sqlalchemy.exc import OperationalError
@@ -239,11 +240,26 @@ class SqlStore:
             .limit(limit + 1)
             .execution_options(yield_per=STREAM_ROWS)
         )
-        page, more = await self._read(
-            lambda s: paging.take(
+
+        def read(s: Session) -> tuple[list[tuple[Any, pb.HubEvent]], bool]:
+            taken = paging.take(
                 s.exec(query), partial(decode_stored, pb.HubEvent), limit, max_bytes
             )
-        )
+            if self.shared is not None:
+                # Replicas' seqs are dense (`sql_write`): a log that now begins above
+                # `after_seq + 1` lost events this reader may be owed (the replica's lease
+                # ran out and the leader pruned past its readers), read or not.
+                first = s.exec(select(func.min(EventRow.seq))).one()
+                if first is not None and first > after_seq + 1:
+                    raise StatusError(
+                        grpc.StatusCode.OUT_OF_RANGE,
+                        f"events after seq {after_seq} were pruned while this stream still "
+                        f"needed them (the log now begins at seq {first}); resume to get "
+                        "what is left, or start afresh with skip_history",
+                    )
+            return taken
+
+        page, more = await self._read(read)
         events = EventPage(event for _, event in page)
         events.more = more
         return events

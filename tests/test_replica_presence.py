@@ -147,21 +147,44 @@ async def test_a_killed_replica_s_agents_go_offline_and_their_sessions_follow_po
         await x.close()
 
 
+async def oldest_seq(url: str) -> int:
+    async with await psycopg.AsyncConnection.connect(_conninfo(url)) as db:
+        row = await (await db.execute("SELECT min(seq) FROM event")).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
 async def test_a_paused_replica_that_lost_its_lease_ends_its_streams(replica_url: str) -> None:
+    """While it is paused the survivor's sharer has the leader prune past what its trainer
+    had received; back, it ends that stream before handing it anything after the hole."""
     names = ["AI_Node_x", "AI_Node_y"]
-    async with replicas(replica_url, 2, *FAST, agents=names) as running:
+    keep_few = ("--event-retention", "0", "--event-retention-max-events", "4")
+    async with replicas(
+        replica_url, 2, *FAST, *keep_few, "--retention-interval", "0.1", agents=names
+    ) as running:
         (survivor, paused), issued = running.hubs, running.tokens
         x = await connect(survivor, "AI_Node_x", issued["AI_Node_x"])
         y = await connect(paused, "AI_Node_y", issued["AI_Node_y"])
         await x.joined("AI_Node_y")
+        (first,) = [r.seq for r in await share_all(x, 1)]
+        await asyncio.wait_for(wait_for(y, {first}), WAIT)
         os.kill(paused.pid, signal.SIGSTOP)
         try:
             await asyncio.wait_for(x.left("AI_Node_y"), float(LEASE) * 4 + WAIT)
+            later = [r.seq for r in await share_all(x, 12)]
+
+            async def pruned_past_first() -> None:
+                while await oldest_seq(replica_url) <= first + 1:  # noqa: ASYNC110 (the database)
+                    await asyncio.sleep(0.05)
+
+            await asyncio.wait_for(pruned_past_first(), WAIT)
         finally:
             os.kill(paused.pid, signal.SIGCONT)
-        # Back, it finds its lease gone: y's stream ends (not served as if nothing happened).
+        # Back, it finds its lease gone: y's stream ends (not served as if nothing happened),
+        # and nothing after the hole reached it first.
         assert await ended_with(y) == grpc.StatusCode.UNAVAILABLE
         assert "lost its lease" in (await y.call.details() or "")
+        after_hole = [e.seq for e in y.events if e.seq > first]
+        assert after_hole == [], f"sent across the hole {first + 1}..: {after_hole} of {later}"
         # And it serves again: y reconnects to it and is online for everyone.
         y = await connect(paused, "AI_Node_y", issued["AI_Node_y"])
         await x.joined("AI_Node_y")
