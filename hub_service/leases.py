@@ -1,5 +1,9 @@
 """Replica leases: each replica's own, and the one leader lease, both rows in the shared
-database renewed every third of `replica_lease`, by the database's clock.
+database, by the database's clock. They are renewed a third of `replica_lease` after the
+last renewal was sent (a deadline, not a sleep between renewals), on a thread and a
+database connection of their own (a connect storm's reads cannot queue a renewal), each
+given up on within a third of a lease (PostgreSQL's statement_timeout, and the caller's
+wait) and then tried again a tenth of a lease later.
 
 A replica whose lease expired (killed, or paused or cut off from the database for longer)
 is dead to the others: the leader marks the agents it carried offline (`ExpireReplicas`,
@@ -42,6 +46,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _TROUBLE = ThrottledLog(log, 10.0)
+# After a renewal that failed, the next is tried this many times a lease later.
+RETRIES = 10
 
 
 class Leases:
@@ -65,6 +71,9 @@ class Leases:
         self._leader_until = 0.0
         self._held_until = 0.0  # its own lease, trusted until then (monotonic)
         self._expiry: asyncio.TimerHandle | None = None
+        self._due = 0.0  # when the next renewal is to be sent (monotonic)
+        self._stopping = False
+        self._renewing = False
         self._task: asyncio.Task[None] | None = None
         self.lost = 0  # times this replica found its lease expired, for tests and logs
 
@@ -79,14 +88,16 @@ class Leases:
     async def register(self) -> int:
         """Take this replica's lease; returns the oldest seq the log holds."""
         sent = self._clock()
-        oldest = await self._store.register_replica(self.replica_id, self.lease)
+        # Under the log's lock, behind a batch: a lease's time at most.
+        oldest = await self._store.register_replica(self.replica_id, self.lease, self.lease)
         self._held(sent)
         return oldest
 
     def _held(self, sent: float) -> None:
         """A renewal sent at `sent` succeeded: held for a lease from then; `on_expired` is
-        called if nothing renews it by then."""
+        called if nothing renews it by then. The next renewal is due a third of it later."""
         self._held_until = sent + self.lease
+        self._due = sent + self.lease / 3
         if self._expiry is not None:
             self._expiry.cancel()
         delay = max(0.0, self._held_until - self._clock())
@@ -110,9 +121,12 @@ class Leases:
 
     async def stop(self) -> None:
         """End both leases now (the leader then marks what this replica carried offline,
-        and another replica leads at once)."""
+        and another replica leads at once): after the renewal in flight, if any, so that
+        it cannot take the leader lease again behind the release."""
+        self._stopping = True
         if self._task is not None:
-            self._task.cancel()
+            if not self._renewing:
+                self._task.cancel()  # between renewals: nothing to wait for
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         self._leader_until = self._held_until = 0.0
@@ -120,23 +134,33 @@ class Leases:
             self._expiry.cancel()
             self._expiry = None
         try:
-            await self._store.release_leases(self.replica_id)
+            await self._store.release_leases(self.replica_id, self.lease)
         except StatusError as error:  # the database is down: the leases expire by themselves
             log.warning("replica: cannot release its leases: %s", error.message)
 
     async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.lease / 3)
+        """Renew at each deadline: a third of a lease after the last successful renewal was
+        sent; after a failed one, again a little later, until the lease runs out."""
+        while not self._stopping:
+            await asyncio.sleep(max(0.0, self._due - self._clock()))
+            self._renewing = True
             try:
                 await self.renew()
-            except StatusError as error:  # the database is down: the next round retries
+            except StatusError as error:  # the database is down, or too slow to answer
                 _TROUBLE.warning("replica: cannot renew its lease: %s", error.message)
+                self._due = self._clock() + self.lease / RETRIES
             except Exception:
                 log.exception("replica: renewing its lease failed")
+                self._due = self._clock() + self.lease / RETRIES
+            finally:
+                self._renewing = False
 
     async def renew(self) -> None:
         sent = self._clock()
-        if not await self._store.renew_lease(self.replica_id, self.lease, self._prunable()):
+        held, leads = await self._store.renew_leases(
+            self.replica_id, self.lease, self._prunable(), self.lease / 3
+        )
+        if not held:
             self._leader_until = 0.0
             self.lost += 1
             log.warning(
@@ -147,10 +171,9 @@ class Leases:
             )
             oldest = await self.register()
             await self._on_lost(oldest)
-            sent = self._clock()
-        else:
-            self._held(sent)
-        if await self._store.take_leadership(self.replica_id, self.lease):
+            return  # it leads again, if nobody does, at the next renewal
+        self._held(sent)
+        if leads:
             if not self.is_leader():
                 log.info("replica %s leads (deadline expiry, retention, leases)", self.replica_id)
             self._leader_until = sent + self.lease

@@ -59,7 +59,7 @@ def _sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
     return on_connect
 
 
-def make_engine(database_url: str, busy_timeout_ms: int = 5000) -> Engine:
+def make_engine(database_url: str, busy_timeout_ms: int = 5000, pool_size: int = 8) -> Engine:
     if database_url.startswith("sqlite"):
         engine = create_engine(
             database_url,
@@ -69,7 +69,9 @@ def make_engine(database_url: str, busy_timeout_ms: int = 5000) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms))
         return engine
     connect_args = {"connect_timeout": 5} if database_url.startswith("postgresql") else {}
-    engine = create_engine(database_url, pool_size=8, pool_pre_ping=True, connect_args=connect_args)
+    engine = create_engine(
+        database_url, pool_size=pool_size, pool_pre_ping=True, connect_args=connect_args
+    )
     if database_url.startswith("postgresql"):
         event.listen(engine, "connect", _utc_session)
     return engine

@@ -330,3 +330,33 @@ async def test_a_component_shared_on_one_replica_wakes_a_validator_on_another(
         answer = await claim
         assert answer.lease.artifact.artifact_id == receipt.resource_id
         await sharer.close()
+
+
+async def test_lease_renewals_do_not_queue_behind_reads(replica_url: str) -> None:
+    """Every reader thread busy (a connect storm's token reads, say): a renewal still goes
+    through at once, on its own thread and connection, while those reads are running."""
+    from sqlalchemy import text
+
+    from hub_service.sql_store import SqlStore
+    from hub_service.sql_write import SharedLog
+
+    store = SqlStore(replica_url, writer="thread", reader_threads=2, shared=SharedLog("r1"))
+    await store.open()
+    try:
+        await store.register_replica("r1", 5.0, WAIT)
+        release = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def block(s: object) -> None:  # holds a reader thread until told (or its deadline)
+            while not release.is_set():
+                s.execute(text("SELECT pg_sleep(0.05)"))  # type: ignore[attr-defined]
+
+        busy = [asyncio.ensure_future(store._read(block)) for _ in range(4)]
+        try:
+            held, _ = await asyncio.wait_for(store.renew_leases("r1", 5.0, 0, WAIT), WAIT)
+            assert held and not any(b.done() for b in busy)
+        finally:
+            loop.call_soon_threadsafe(release.set)
+            await asyncio.wait_for(asyncio.gather(*busy), WAIT)
+    finally:
+        await store.close()
