@@ -152,12 +152,9 @@ class AgentOnline:
         tx.put_agent(row)
         _reset_deadlines(tx, self.agent_id)  # back in time: no longer held to the grace
         # Presence is state, not history: no event; the router tells who wants to know.
-        return Outcome(resource_id=self.agent_id, agent=agent_to_proto(row))
-
-
-def _naive(moment: datetime) -> datetime:
-    """UTC without its zone: stores give back aware or naive UTC alike."""
-    return moment.replace(tzinfo=None)
+        return Outcome(
+            resource_id=self.agent_id, agent=agent_to_proto(row), presence_rev=row.presence_rev
+        )
 
 
 @dataclass
@@ -165,17 +162,19 @@ class AgentOffline:
     agent_id: str
     message_id: str = ""
     fingerprint: bytes = b""
-    # When the ending stream came online (its AgentOnline's time); None: whatever came after.
-    # A later AgentOnline (a stream on another replica) wins: the agent stays online.
-    since: datetime | None = None
+    # The presence revision of the ending stream's AgentOnline; None: whatever came after.
+    # A later change of the row (a stream on another replica came online) wins.
+    rev: int | None = None
 
     def apply(self, tx: StateTx) -> Outcome:
         row = tx.agent(self.agent_id)
         outcome = Outcome(resource_id=self.agent_id)
         if row is None:
             return outcome
-        if self.since is not None and _naive(row.last_seen_at) > _naive(self.since):
+        if self.rev is not None and row.presence_rev > self.rev:
             return outcome  # it connected again since, elsewhere
+        if row.online and row.replica_id not in ("", tx.origin):
+            return outcome  # another replica carries it now
         _go_offline(tx, row)
         return outcome
 

@@ -126,6 +126,7 @@ class Connection:
         self._replayed = False
         # When the hub stored this agent's connect (AgentInfo.last_seen_time), once known.
         self.connected_time: Timestamp | None = None
+        self.presence_rev: int | None = None  # the revision its AgentOnline gave its row
         self._joining: list[pb.HubEvent] | None = None  # published during a log read
         self._retry_at = 0.0  # when the event log may be read again after a failure
         self.fell_behind = 0  # times the live queue overflowed

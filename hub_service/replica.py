@@ -234,12 +234,12 @@ class LogFollower:
         while True:
             rows = await self._store.presence_after(self.presence_rev, PRESENCE_PAGE)
             for rev, carrier, agent in rows:
-                self._apply(carrier, agent)
+                self._apply(rev, carrier, agent)
                 self.presence_rev = max(self.presence_rev, rev)
             if len(rows) < PRESENCE_PAGE:
                 return
 
-    def _apply(self, carrier: str, agent: pb.AgentInfo) -> None:
+    def _apply(self, rev: int, carrier: str, agent: pb.AgentInfo) -> None:
         presence = self._router.presence
         local = self._router.connection(agent.agent_id)
         if carrier == self._origin and agent.online:
@@ -253,13 +253,10 @@ class LogFollower:
             presence.remote(agent.agent_id, None)
             return
         presence.remote(agent.agent_id, agent)
-        # A local stream that came online before the agent did on `carrier` is superseded
-        # (one whose AgentOnline is still committing will be the later one).
-        if (
-            local is not None
-            and local.connected_time is not None
-            and agent.last_seen_time.ToDatetime() > local.connected_time.ToDatetime()
-        ):
+        # A local stream whose AgentOnline took an earlier revision than the agent's on
+        # `carrier` is superseded (one whose AgentOnline is still committing will be the
+        # later one). Revisions, not times: the hosts' clocks may differ.
+        if local is not None and local.presence_rev is not None and rev > local.presence_rev:
             local.end(grpc.StatusCode.ABORTED, SUPERSEDED_ELSEWHERE)
 
     # --- notifications ----------------------------------------------------------------

@@ -132,6 +132,7 @@ class Sessions:
             online = await self._committer.submit(cmd.AgentOnline(agent_id, hello))
             if online.agent is not None:
                 connection.connected_time = online.agent.last_seen_time
+                connection.presence_rev = online.presence_rev
                 self._router.came_online(connection, online.agent)
             welcome = pb.Welcome(
                 agent_id=agent_id,
@@ -222,9 +223,7 @@ class Sessions:
                     self._committer.submit(
                         cmd.AgentOffline(
                             connection.agent_id,
-                            since=connection.connected_time.ToDatetime()
-                            if connection.connected_time is not None
-                            else None,
+                            rev=connection.presence_rev,
                         )
                     ),
                     self._config.shutdown_grace,
