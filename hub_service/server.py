@@ -80,9 +80,6 @@ class HubServer:
             linger=config.commit_linger,
             metrics=self.metrics,
         )
-        self.metrics.observe_state(
-            lambda: len(self.router), self.committer.queued, lambda: self.router.last_published_seq
-        )
         self.retention = Retention(
             self.store,
             self.router,
@@ -91,6 +88,12 @@ class HubServer:
         )
         self.servicer = HubServicer(
             config, self.store, self.committer, self.router, self.metrics, self.retention
+        )
+        self.metrics.observe_state(
+            lambda: len(self.router),
+            self.committer.queued,
+            lambda: self.router.last_published_seq,
+            self.servicer.verdicts.waiting,
         )
         if self.leases is not None and isinstance(self.store, SqlStore):
             self.follower = LogFollower(
