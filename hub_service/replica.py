@@ -243,11 +243,15 @@ class LogFollower:
         presence = self._router.presence
         local = self._router.connection(agent.agent_id)
         if carrier == self._origin and agent.online:
-            # This replica's own word. While its stream is here (its AgentOnline may not have
-            # reached presence yet), what the others said stands in: dropping it first would
-            # tell a leave and a join; the stream's end changes the row again.
+            # This replica's own word: what the others said is stale. While its stream is
+            # here (its AgentOnline may not have reached presence yet) that stands in until
+            # the stream shows the agent (dropping it first would tell a leave and a join),
+            # but no longer: else, should the stream's AgentOffline fail, it would keep the
+            # agent online here after the stream ended.
             if local is None:
                 presence.remote(agent.agent_id, None)
+            else:
+                presence.carried_here(agent.agent_id)
             return
         if not agent.online:
             presence.remote(agent.agent_id, None)
