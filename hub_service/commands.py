@@ -19,7 +19,7 @@ import grpc
 from generated.kernelhub.v1 import hub_pb2 as pb
 
 from . import collaboration as collab
-from .errors import StatusError, failed_precondition, not_found, permission_denied
+from .errors import StatusError, failed_precondition, not_found, permission_denied, unavailable
 from .features import capable_agents, name_some
 from .models import (
     AgentRow,
@@ -142,6 +142,10 @@ class AgentOnline:
     fingerprint: bytes = b""
 
     def apply(self, tx: StateTx) -> Outcome:
+        if not tx.replica_live(tx.origin):
+            # Its lease ran out (or its row was dropped): the leader may have marked its
+            # agents offline already, and would never see this one, carried by no live replica.
+            raise unavailable("this replica's lease has lapsed; reconnect shortly")
         row = tx.agent(self.agent_id) or AgentRow(agent_id=self.agent_id, created_at=tx.now)
         row.specialization = self.hello.specialization
         row.capabilities = "\n".join(self.hello.capabilities)
@@ -193,9 +197,13 @@ class ExpireReplicas:
     """The leader's step: the agents whose streams a replica carried whose lease expired
     (killed, or paused or cut off for longer than its lease) go offline, as if each had
     disconnected now; once it carries none, its lease row goes. Replicas renewing wait for
-    this commit (the expired rows are locked), so none is reaped while it renews."""
+    this commit (the expired rows are locked), so none is reaped while it renews.
+
+    With `orphans` (at a takeover, and once per lease), also the agents left online on a
+    replica with no lease row at all, which no expiry would ever find."""
 
     batch_limit: int = 500
+    orphans: bool = False
     agent_id: str = ""
     message_id: str = ""
     fingerprint: bytes = b""
@@ -212,6 +220,11 @@ class ExpireReplicas:
                 break
             budget -= len(carried)
             tx.drop_replica(replica_id)
+        if self.orphans and not outcome.more:
+            orphaned = tx.orphaned(budget + 1)
+            for row in orphaned[:budget]:
+                _go_offline(tx, row)
+            outcome.more = len(orphaned) > budget
         return outcome
 
 

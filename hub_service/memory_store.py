@@ -184,6 +184,12 @@ class MemoryTx:
     def drop_replica(self, replica_id: str) -> None:
         pass
 
+    def orphaned(self, limit: int) -> Sequence[AgentRow]:
+        return ()
+
+    def replica_live(self, replica_id: str) -> bool:
+        return True
+
     def collaboration(self, session_id: str) -> CollaborationRow | None:
         return self._get(CollaborationRow, self._store.collaborations, session_id)
 

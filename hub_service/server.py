@@ -69,6 +69,8 @@ class HubServer:
             else None
         )
         self.follower: LogFollower | None = None
+        # When the leader next looks for agents online on no replica at all (loop time).
+        self._orphans_due = 0.0
         self.committer = GroupCommitter(
             self.store,
             self._publish,
@@ -288,12 +290,17 @@ class HubServer:
         leader only. Another replica commits an empty batch while its commits fail, the
         probe that notices the database's return."""
         if self.leases is not None and not self.leases.is_leader():
+            self._orphans_due = 0.0  # should it lead, at once
             if not self._database_up:
                 await self.committer.submit(cmd.ExpireDue(batch_limit=0))
             return
         await self.committer.submit(cmd.ExpireDue())
         if self.leases is not None:
-            while (await self.committer.submit(cmd.ExpireReplicas())).more:
+            clock = asyncio.get_running_loop().time()
+            orphans = clock >= self._orphans_due
+            if orphans:
+                self._orphans_due = clock + self.leases.lease
+            while (await self.committer.submit(cmd.ExpireReplicas(orphans=orphans))).more:
                 pass
 
     async def _lease_lost(self, oldest_seq: int) -> None:

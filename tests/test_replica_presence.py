@@ -395,3 +395,64 @@ async def test_lease_renewals_do_not_queue_behind_reads(replica_url: str) -> Non
             await asyncio.wait_for(asyncio.gather(*busy), WAIT)
     finally:
         await store.close()
+
+
+async def test_agent_online_needs_a_live_lease_and_the_leader_sweeps_orphans(
+    replica_url: str,
+) -> None:
+    """A replica whose lease row lapsed may not bring an agent online (the leader may have
+    marked its agents offline already); and an agent left online on a replica with no lease
+    row at all (dropped) is marked offline by the leader's sweep, which no expiry finds."""
+    from hub_service import commands as cmd
+    from hub_service.errors import StatusError
+    from hub_service.outcomes import Outcome
+    from hub_service.sql_store import SqlStore
+    from hub_service.sql_write import SharedLog
+
+    from .conftest import hello
+
+    stores = [SqlStore(replica_url, writer="thread", shared=SharedLog(r)) for r in ("r1", "r2")]
+    for store in stores:
+        await store.open()
+    one, two = stores
+    try:
+        for replica_id, store in zip(("r1", "r2"), stores, strict=True):
+            await store.register_replica(replica_id, 30.0, WAIT)
+        [online] = await one.commit([cmd.AgentOnline("AI_Node_a", hello("AI_Node_a"))])
+        assert isinstance(online, Outcome), online
+        async with await psycopg.AsyncConnection.connect(
+            _conninfo(replica_url), autocommit=True
+        ) as db:
+            await db.execute("DELETE FROM replica WHERE replica_id = 'r1'")
+        [refused] = await one.commit([cmd.AgentOnline("AI_Node_b", hello("AI_Node_b"))])
+        assert isinstance(refused, StatusError) and refused.code == grpc.StatusCode.UNAVAILABLE
+        assert await db_online(replica_url, "AI_Node_b") is None
+        # No expired lease row carries AI_Node_a: only the sweep finds it.
+        [plain] = await two.commit([cmd.ExpireReplicas()])
+        assert isinstance(plain, Outcome) and await db_online(replica_url, "AI_Node_a") is True
+        [swept] = await two.commit([cmd.ExpireReplicas(orphans=True)])
+        assert isinstance(swept, Outcome) and not swept.more
+        assert await db_online(replica_url, "AI_Node_a") is False
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_the_leader_marks_offline_an_agent_online_on_no_replica(replica_url: str) -> None:
+    """A row left online on a replica that has no lease row (as a replica dropped while a
+    late AgentOnline of its committed would leave it): the leader's sweep, once per lease,
+    marks it offline through the usual path, and the others hear it leave."""
+    names = ["AI_Node_x", "AI_Node_y"]
+    async with replicas(replica_url, 2, *FAST, agents=names) as running:
+        (a_hub, b_hub), issued = running.hubs, running.tokens
+        x = await connect(a_hub, "AI_Node_x", issued["AI_Node_x"])
+        y = await connect(b_hub, "AI_Node_y", issued["AI_Node_y"])
+        await x.joined("AI_Node_y")
+        async with await psycopg.AsyncConnection.connect(
+            _conninfo(replica_url), autocommit=True
+        ) as db:
+            await db.execute("UPDATE agent SET replica_id = 'gone' WHERE agent_id = 'AI_Node_y'")
+        await asyncio.wait_for(x.left("AI_Node_y"), float(LEASE) * 2 + WAIT)
+        assert await db_online(replica_url, "AI_Node_y") is False
+        await x.close()
+        await y.close()
