@@ -222,7 +222,8 @@ class Sessions:
         detached = self._router.detach(connection)
         if detached:
             self._router.went_offline(connection.agent_id)
-        if detached and not superseded and not await self._went_offline(connection):
+        failed = detached and not superseded and not await self._went_offline(connection)
+        if failed and not self._draining:
             # Else the agent would stay online hub-wide while this replica lives.
             retry = asyncio.create_task(
                 self._retry_offline(connection), name=f"offline-{connection.agent_id}"
