@@ -19,7 +19,7 @@ import grpc
 from generated.kernelhub.v1 import hub_pb2 as pb
 
 from . import collaboration as collab
-from .errors import StatusError, failed_precondition, not_found, permission_denied
+from .errors import StatusError, failed_precondition, not_found, permission_denied, unavailable
 from .features import capable_agents, name_some
 from .models import (
     AgentRow,
@@ -142,6 +142,10 @@ class AgentOnline:
     fingerprint: bytes = b""
 
     def apply(self, tx: StateTx) -> Outcome:
+        if not tx.replica_live(tx.origin):
+            # Its lease ran out (or its row was dropped): the leader may have marked its
+            # agents offline already, and would never see this one, carried by no live replica.
+            raise unavailable("this replica's lease has lapsed; reconnect shortly")
         row = tx.agent(self.agent_id) or AgentRow(agent_id=self.agent_id, created_at=tx.now)
         row.specialization = self.hello.specialization
         row.capabilities = "\n".join(self.hello.capabilities)
@@ -152,12 +156,9 @@ class AgentOnline:
         tx.put_agent(row)
         _reset_deadlines(tx, self.agent_id)  # back in time: no longer held to the grace
         # Presence is state, not history: no event; the router tells who wants to know.
-        return Outcome(resource_id=self.agent_id, agent=agent_to_proto(row))
-
-
-def _naive(moment: datetime) -> datetime:
-    """UTC without its zone: stores give back aware or naive UTC alike."""
-    return moment.replace(tzinfo=None)
+        return Outcome(
+            resource_id=self.agent_id, agent=agent_to_proto(row), presence_rev=row.presence_rev
+        )
 
 
 @dataclass
@@ -165,17 +166,19 @@ class AgentOffline:
     agent_id: str
     message_id: str = ""
     fingerprint: bytes = b""
-    # When the ending stream came online (its AgentOnline's time); None: whatever came after.
-    # A later AgentOnline (a stream on another replica) wins: the agent stays online.
-    since: datetime | None = None
+    # The presence revision of the ending stream's AgentOnline; None: whatever came after.
+    # A later change of the row (a stream on another replica came online) wins.
+    rev: int | None = None
 
     def apply(self, tx: StateTx) -> Outcome:
         row = tx.agent(self.agent_id)
         outcome = Outcome(resource_id=self.agent_id)
         if row is None:
             return outcome
-        if self.since is not None and _naive(row.last_seen_at) > _naive(self.since):
+        if self.rev is not None and row.presence_rev > self.rev:
             return outcome  # it connected again since, elsewhere
+        if row.online and row.replica_id not in ("", tx.origin):
+            return outcome  # another replica carries it now
         _go_offline(tx, row)
         return outcome
 
@@ -194,9 +197,13 @@ class ExpireReplicas:
     """The leader's step: the agents whose streams a replica carried whose lease expired
     (killed, or paused or cut off for longer than its lease) go offline, as if each had
     disconnected now; once it carries none, its lease row goes. Replicas renewing wait for
-    this commit (the expired rows are locked), so none is reaped while it renews."""
+    this commit (the expired rows are locked), so none is reaped while it renews.
+
+    With `orphans` (at a takeover, and once per lease), also the agents left online on a
+    replica with no lease row at all, which no expiry would ever find."""
 
     batch_limit: int = 500
+    orphans: bool = False
     agent_id: str = ""
     message_id: str = ""
     fingerprint: bytes = b""
@@ -213,6 +220,11 @@ class ExpireReplicas:
                 break
             budget -= len(carried)
             tx.drop_replica(replica_id)
+        if self.orphans and not outcome.more:
+            orphaned = tx.orphaned(budget + 1)
+            for row in orphaned[:budget]:
+                _go_offline(tx, row)
+            outcome.more = len(orphaned) > budget
         return outcome
 
 

@@ -133,6 +133,7 @@ class Connection:
         # built once (training_sync).
         self.listing: tuple[pb.AgentInfo, int] | None = None
         self.candidate = Candidate(self.agent_id, hello.specialization)
+        self.presence_rev: int | None = None  # the revision its AgentOnline gave its row
         self._joining: list[pb.HubEvent] | None = None  # published during a log read
         self._retry_at = 0.0  # when the event log may be read again after a failure
         self.fell_behind = 0  # times the live queue overflowed
@@ -169,6 +170,8 @@ class Connection:
             return
         if len(self._events) >= self._queue_size:
             self.catching_up = True  # the log has it; read it back when the queue drains
+            # Level with the feed up to here: the read (and retention's pin) starts after it.
+            self.cursor = max(self.cursor, event.seq - 1)
             self.fell_behind += 1
             self._fallbacks.inc()
             return
@@ -290,6 +293,9 @@ class Connection:
                 try:
                     await self._read_back()
                 except StatusError as error:
+                    if error.code == grpc.StatusCode.OUT_OF_RANGE:
+                        self.end(error.code, error.message)  # what it was owed is gone
+                        break
                     # The log is unreadable for now (database down): keep the stream, keep
                     # answering, and try again shortly.
                     log.debug("%s: cannot read the event log: %s", self.agent_id, error.message)
@@ -477,7 +483,10 @@ class Connection:
         return marker
 
     def resync(self) -> None:
-        """Distrust the live feed (a commit's outcome is unknown): read the log again."""
+        """Distrust the live feed (a commit's outcome is unknown): read the log again, after
+        what was published (all of it that it is owed is queued, if it was live)."""
+        if not self.catching_up:
+            self.cursor = max(self.cursor, self._head())
         self.catching_up = True
         self._joining = None
         self._wake.set()

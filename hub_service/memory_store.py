@@ -169,6 +169,9 @@ class MemoryTx:
         return [row for k in keys if (row := self.agent(k)) is not None]
 
     def put_agent(self, row: AgentRow) -> None:
+        # A presence change: the next revision (a refused command's is skipped, harmlessly).
+        self._store.presence_rev += 1
+        row.presence_rev = self._store.presence_rev
         self._put(AgentRow, row.agent_id, row)
 
     # One process, no replicas: no leases to expire.
@@ -180,6 +183,12 @@ class MemoryTx:
 
     def drop_replica(self, replica_id: str) -> None:
         pass
+
+    def orphaned(self, limit: int) -> Sequence[AgentRow]:
+        return ()
+
+    def replica_live(self, replica_id: str) -> bool:
+        return True
 
     def collaboration(self, session_id: str) -> CollaborationRow | None:
         return self._get(CollaborationRow, self._store.collaborations, session_id)
@@ -335,6 +344,7 @@ class MemoryStore:
     def __init__(self, policy: collab.Policy | None = None) -> None:
         self.policy = policy or collab.Policy()
         self.head = 0
+        self.presence_rev = 0  # the agents' newest presence revision
         self.agents: dict[str, AgentRow] = {}
         self.collaborations: dict[str, CollaborationRow] = {}
         self._session_ids: list[str] = []  # sorted

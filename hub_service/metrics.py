@@ -125,6 +125,10 @@ class HubMetrics:
         self.head_seq = self._gauge(
             "kernelhub_log_head_seq", "the seq of the newest event published to the streams"
         )
+        self.claims_waiting = self._gauge(
+            "kernelhub_validation_claims_waiting",
+            "ClaimValidation calls that found nothing to lease and wait for a component",
+        )
 
     def _counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
         self.docs.append(MetricDoc(name, "counter", labels, doc))
@@ -146,12 +150,17 @@ class HubMetrics:
         self._rpc_errors.labels(name, code.name).inc()
 
     def observe_state(
-        self, connections: Callable[[], int], queue: Callable[[], int], head: Callable[[], int]
+        self,
+        connections: Callable[[], int],
+        queue: Callable[[], int],
+        head: Callable[[], int],
+        claims: Callable[[], int],
     ) -> None:
         """The gauges read these when scraped (on the scrape's thread: each reads one int)."""
         self.connections.set_function(connections)
         self.commit_queue.set_function(queue)
         self.head_seq.set_function(head)
+        self.claims_waiting.set_function(claims)
 
 
 class _Handler(WSGIRequestHandler):

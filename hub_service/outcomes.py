@@ -34,5 +34,8 @@ class Outcome:
     retry_at: datetime | None = None
     # AgentOnline's answer: the agent as stored (its connect time), for presence.
     agent: pb.AgentInfo | None = None
+    # AgentOnline's answer: the presence revision its row took (replicas compare these, never
+    # the clocks of different hosts).
+    presence_rev: int = 0
     # ExpireReplicas: agents of expired replicas are still to be marked offline.
     more: bool = False

@@ -69,6 +69,9 @@ class Presence:
         # Its sources: this hub's streams, and (replicas) the others' as last read.
         self._local: dict[str, pb.AgentInfo] = {}
         self._remote: dict[str, pb.AgentInfo] = {}
+        # Agents whose `_remote` entry is stale (the shared row says this replica carries
+        # them now), dropped as soon as the local stream shows them: at most one per stream.
+        self._moved_here: set[str] = set()
         self._log: list[Entry] = []
         self._base = 0  # the version of _log[0]: change n is _log[n - _base]
         self._followers: dict[Follower, None] = {}
@@ -111,15 +114,30 @@ class Presence:
         """`agent`'s stream here came online; announced unless it already was, with the
         same details."""
         self._local[agent.agent_id] = agent
+        if agent.agent_id in self._moved_here:
+            self._moved_here.discard(agent.agent_id)
+            self._remote.pop(agent.agent_id, None)
         self._show(agent)
 
     def offline(self, agent_id: str) -> None:
         """`agent_id`'s stream here ended: offline, unless another replica carries it."""
+        self._moved_here.discard(agent_id)
         if self._local.pop(agent_id, None) is not None:
             self._settle(agent_id)
 
+    def carried_here(self, agent_id: str) -> None:
+        """The shared row says this replica carries `agent_id` now: what another replica
+        said of it is stale, and must not keep it online once the stream here ends. Dropped
+        now if the stream here shows it; else once it does (dropped before, the stream's
+        join would be told as a leave and a join)."""
+        if agent_id in self._local:
+            self._remote.pop(agent_id, None)
+        elif agent_id in self._remote:
+            self._moved_here.add(agent_id)
+
     def remote(self, agent_id: str, agent: pb.AgentInfo | None) -> None:
         """What the shared rows say of an agent carried elsewhere (None: by no other)."""
+        self._moved_here.discard(agent_id)  # a newer word than the stale one
         if agent is None:
             if self._remote.pop(agent_id, None) is not None:
                 self._settle(agent_id)

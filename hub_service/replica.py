@@ -18,6 +18,13 @@ replicas carry go into `Presence.remote`: every replica's roster and presence ch
 hub-wide. The same rows carry "one live stream per agent": an agent that came online on
 another replica later than its local stream did connected again there, and the local stream
 ends with ABORTED (without marking the agent offline).
+
+It routes only while this replica holds its lease (`holds`): a replica whose lease ran out
+may have been dropped from the replicas that bound pruning, and what it reads may have holes.
+The log's seqs are dense (each batch allocates its seqs after the head it reads under the
+log's lock, and commits them all or none), so a read after `published` that does not begin
+at `published + 1` means events it still owed were deleted: it says so (`on_gap`, which
+ends every stream as a lost lease does) instead of skipping them silently.
 """
 
 from __future__ import annotations
@@ -64,8 +71,12 @@ class LogFollower:
         page_size: int,
         max_bytes: int,
         routed: Callable[[Outcome], None] = lambda _: None,
+        holds: Callable[[], bool] = lambda: True,
+        on_gap: Callable[[int], None] = lambda _: None,
     ) -> None:
         self._store = store
+        self._holds = holds  # whether this replica's lease is surely live
+        self._on_gap = on_gap  # events it owed were pruned: given the first seq it found
         self._routed = routed  # told of each outcome routed, local or not, in seq order
         assert store.shared is not None, "a replica's store shares the log"
         self._origin = store.shared.origin
@@ -107,6 +118,13 @@ class LogFollower:
         while self._local:
             _, answer = self._local.popleft()
             answer()
+
+    def skip_to(self, oldest: int) -> None:
+        """Its lease was lost and taken again, every stream ended: the log now begins at
+        `oldest`, and what was pruned below it is owed to nobody here."""
+        if self.published < oldest - 1:
+            self.published = self._router.last_published_seq = oldest - 1
+        self._wake.set()
 
     def committed(self, outcome: Outcome, answer: Callable[[], None]) -> None:
         """A local commit's outcome: routed (and answered) once every event before it is."""
@@ -150,15 +168,18 @@ class LogFollower:
         rest read back from the log, in seq order. The log is read when told to, when a
         notification names a seq not yet routed, or when a local commit waits behind seqs
         it does not have."""
-        while True:
+        while self._holds():
             self._route_local()
             if not (read or self._local or self._heard > self.published):
                 return
             events, read = await self._store.log_after(
                 self.published, self._page_size, self._max_bytes
             )
+            if not self._holds():
+                return  # read while its lease ran out: the log may have a hole by now
             if events:
                 self.reads += 1
+                self._check_dense(events[0].event.seq)
                 self._route(events)
                 continue
             # A notification is sent at COMMIT, so what it named is in the log by now; only
@@ -166,14 +187,24 @@ class LogFollower:
             self._heard = min(self._heard, self.published)
             if not self._local:
                 return
-            # Nothing in the log between `published` and a local commit: seqs that never
-            # committed (pruned, or a log written by something else); do not wait for them.
+            # Nothing in the log between `published` and a local commit: they were pruned.
             outcome, _ = self._local[0]
             if not outcome.events:
                 continue  # committed during the read, with no events: answered at once
             first = min(r.event.seq for r in outcome.events)
-            log.warning("replica: seqs %d..%d are not in the log", self.published + 1, first - 1)
+            self._check_dense(first)
             self.published = first - 1
+
+    def _check_dense(self, first: int) -> None:
+        """The next seq found after `published` is `first`: any seq between was pruned,
+        though this replica's readers still needed it (its lease ran out meanwhile)."""
+        if first > self.published + 1:
+            log.warning(
+                "replica: seqs %d..%d were pruned before it routed them (its lease ran out)",
+                self.published + 1,
+                first - 1,
+            )
+            self._on_gap(first)
 
     def _route_local(self) -> None:
         """Route (and answer) the local outcomes that come next in seq order."""
@@ -203,32 +234,33 @@ class LogFollower:
         while True:
             rows = await self._store.presence_after(self.presence_rev, PRESENCE_PAGE)
             for rev, carrier, agent in rows:
-                self._apply(carrier, agent)
+                self._apply(rev, carrier, agent)
                 self.presence_rev = max(self.presence_rev, rev)
             if len(rows) < PRESENCE_PAGE:
                 return
 
-    def _apply(self, carrier: str, agent: pb.AgentInfo) -> None:
+    def _apply(self, rev: int, carrier: str, agent: pb.AgentInfo) -> None:
         presence = self._router.presence
         local = self._router.connection(agent.agent_id)
         if carrier == self._origin and agent.online:
-            # This replica's own word. While its stream is here (its AgentOnline may not have
-            # reached presence yet), what the others said stands in: dropping it first would
-            # tell a leave and a join; the stream's end changes the row again.
+            # This replica's own word: what the others said is stale. While its stream is
+            # here (its AgentOnline may not have reached presence yet) that stands in until
+            # the stream shows the agent (dropping it first would tell a leave and a join),
+            # but no longer: else, should the stream's AgentOffline fail, it would keep the
+            # agent online here after the stream ended.
             if local is None:
                 presence.remote(agent.agent_id, None)
+            else:
+                presence.carried_here(agent.agent_id)
             return
         if not agent.online:
             presence.remote(agent.agent_id, None)
             return
         presence.remote(agent.agent_id, agent)
-        # A local stream that came online before the agent did on `carrier` is superseded
-        # (one whose AgentOnline is still committing will be the later one).
-        if (
-            local is not None
-            and local.connected_time is not None
-            and agent.last_seen_time.ToDatetime() > local.connected_time.ToDatetime()
-        ):
+        # A local stream whose AgentOnline took an earlier revision than the agent's on
+        # `carrier` is superseded (one whose AgentOnline is still committing will be the
+        # later one). Revisions, not times: the hosts' clocks may differ.
+        if local is not None and local.presence_rev is not None and rev > local.presence_rev:
             local.end(grpc.StatusCode.ABORTED, SUPERSEDED_ELSEWHERE)
 
     # --- notifications ----------------------------------------------------------------

@@ -63,11 +63,14 @@ class HubServer:
                 config.replica_lease,
                 prunable=lambda: self.retention.oldest_seq - 1,
                 on_lost=self._lease_lost,
+                on_expired=self._end_streams,
             )
             if shared is not None and isinstance(self.store, SqlStore)
             else None
         )
         self.follower: LogFollower | None = None
+        # When the leader next looks for agents online on no replica at all (loop time).
+        self._orphans_due = 0.0
         self.committer = GroupCommitter(
             self.store,
             self._publish,
@@ -79,9 +82,6 @@ class HubServer:
             linger=config.commit_linger,
             metrics=self.metrics,
         )
-        self.metrics.observe_state(
-            lambda: len(self.router), self.committer.queued, lambda: self.router.last_published_seq
-        )
         self.retention = Retention(
             self.store,
             self.router,
@@ -90,6 +90,12 @@ class HubServer:
         )
         self.servicer = HubServicer(
             config, self.store, self.committer, self.router, self.metrics, self.retention
+        )
+        self.metrics.observe_state(
+            lambda: len(self.router),
+            self.committer.queued,
+            lambda: self.router.last_published_seq,
+            self.servicer.verdicts.waiting,
         )
         if self.leases is not None and isinstance(self.store, SqlStore):
             self.follower = LogFollower(
@@ -100,6 +106,8 @@ class HubServer:
                 max_bytes=config.max_message_bytes,
                 # Every replica's components wake the validators waiting here.
                 routed=self.servicer.verdicts.notice,
+                holds=self.leases.holds,
+                on_gap=self._log_gap,
             )
         self.health = health.aio.HealthServicer()
         # Whether the last commit reached the database (through the writer): health says so.
@@ -282,12 +290,17 @@ class HubServer:
         leader only. Another replica commits an empty batch while its commits fail, the
         probe that notices the database's return."""
         if self.leases is not None and not self.leases.is_leader():
+            self._orphans_due = 0.0  # should it lead, at once
             if not self._database_up:
                 await self.committer.submit(cmd.ExpireDue(batch_limit=0))
             return
         await self.committer.submit(cmd.ExpireDue())
         if self.leases is not None:
-            while (await self.committer.submit(cmd.ExpireReplicas())).more:
+            clock = asyncio.get_running_loop().time()
+            orphans = clock >= self._orphans_due
+            if orphans:
+                self._orphans_due = clock + self.leases.lease
+            while (await self.committer.submit(cmd.ExpireReplicas(orphans=orphans))).more:
                 pass
 
     async def _lease_lost(self, oldest_seq: int) -> None:
@@ -295,6 +308,19 @@ class HubServer:
         every stream it carried ends, since the others may have marked those agents offline
         and pruned below `oldest_seq` what its readers needed; they reconnect and resume."""
         self.retention.oldest_seq = max(self.retention.oldest_seq, oldest_seq)
+        if self.follower is not None:
+            self.follower.skip_to(oldest_seq)
+        self._end_streams()
+
+    def _log_gap(self, first_seq: int) -> None:
+        """The follower found events it owed pruned (this replica's lease ran out): resumes
+        below `first_seq` are refused from now on, and every stream ends as at a lost lease."""
+        self.retention.oldest_seq = max(self.retention.oldest_seq, first_seq)
+        self._end_streams()
+
+    def _end_streams(self) -> None:
+        """This replica's lease ran out (or was lost): every stream it carries ends now,
+        before it could be handed events after a hole; they reconnect and resume."""
         for stream in (*self.router.connections(), *self.router.watchers()):
             stream.end(grpc.StatusCode.UNAVAILABLE, LEASE_LOST)
 

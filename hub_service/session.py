@@ -48,6 +48,10 @@ SHUTTING_DOWN = "the hub is shutting down; reconnect shortly"
 # Seconds a stopping hub still gives each stream to get its answers out, however much of
 # the grace the last commits took.
 END_FLOOR = 1.0
+# A disconnect's AgentOffline that failed is tried again this many times, the first after
+# this many seconds, each wait twice the last (1 + 2 + 4 + 8 s: a database restart).
+OFFLINE_RETRIES = 4
+OFFLINE_BACKOFF = 1.0
 
 
 class Sessions:
@@ -78,6 +82,7 @@ class Sessions:
         self._budget = budget  # what one response may carry
         self._draining = False
         self._teardowns: set[asyncio.Task[None]] = set()  # referenced until done
+        self._retries: set[asyncio.Task[None]] = set()  # failed AgentOfflines, tried again
         # Per agent, so reconnecting does not refill a bucket; a bounded table, so memory
         # does not grow with every agent id ever seen.
         agents = 2 * config.max_connections
@@ -133,6 +138,7 @@ class Sessions:
             online = await self._committer.submit(cmd.AgentOnline(agent_id, hello))
             if online.agent is not None:
                 connection.connected_time = online.agent.last_seen_time
+                connection.presence_rev = online.presence_rev
                 self._router.came_online(connection, online.agent)
             welcome = pb.Welcome(
                 agent_id=agent_id,
@@ -217,20 +223,45 @@ class Sessions:
         detached = self._router.detach(connection)
         if detached:
             self._router.went_offline(connection.agent_id)
-        if detached and not superseded:
-            with contextlib.suppress(StatusError, TimeoutError):
-                await asyncio.wait_for(
-                    self._committer.submit(
-                        cmd.AgentOffline(
-                            connection.agent_id,
-                            since=connection.connected_time.ToDatetime()
-                            if connection.connected_time is not None
-                            else None,
-                        )
-                    ),
-                    self._config.shutdown_grace,
-                )
+        failed = detached and not superseded and not await self._went_offline(connection)
+        if failed and not self._draining:
+            # Else the agent would stay online hub-wide while this replica lives.
+            retry = asyncio.create_task(
+                self._retry_offline(connection), name=f"offline-{connection.agent_id}"
+            )
+            self._retries.add(retry)
+            retry.add_done_callback(self._retries.discard)
         log.info("%s disconnected", connection.agent_id)
+
+    async def _went_offline(self, connection: Connection) -> bool:
+        """AgentOffline for the ended stream (no-op if the agent connected again since);
+        False if it failed (the database down or too slow)."""
+        try:
+            await asyncio.wait_for(
+                self._committer.submit(
+                    cmd.AgentOffline(connection.agent_id, rev=connection.presence_rev)
+                ),
+                self._config.shutdown_grace,
+            )
+        except (StatusError, TimeoutError):
+            return False
+        return True
+
+    async def _retry_offline(self, connection: Connection) -> None:
+        """A failed AgentOffline, tried again a few times with backoff while no newer stream
+        for the agent is here (its own AgentOnline says where the agent is then) and the hub
+        is not stopping (its released lease has the leader mark the agent offline)."""
+        for attempt in range(OFFLINE_RETRIES):
+            await asyncio.sleep(OFFLINE_BACKOFF * 2**attempt)
+            if self._draining or self._router.connection(connection.agent_id) is not None:
+                return
+            if await self._went_offline(connection):
+                return
+        log.warning(
+            "%s: cannot mark it offline (%d tries); it stays online until this hub stops",
+            connection.agent_id,
+            OFFLINE_RETRIES + 1,
+        )
 
     async def _expect_hello(
         self, agent_id: str, requests: AsyncIterator[pb.ConnectRequest], context: Context
@@ -378,6 +409,8 @@ class Sessions:
         clock = asyncio.get_running_loop()
         deadline = clock.time() + timeout
         self._draining = True
+        for retry in self._retries:  # the stopping hub's leases say it now (or its restart)
+            retry.cancel()
         await self._committer.stop(timeout)
 
         async def finish(connection: Connection) -> None:

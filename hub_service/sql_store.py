@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
+import grpc
 from sqlalchemy import (
     ColumnElement,
     and_,
@@ -30,7 +31,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy import select as core_select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import Session, SQLModel, col, select
 
 from generated.kernelhub.v1 import hub_pb2 as pb
@@ -101,6 +102,7 @@ _LEAD = text(
     "WHERE leader.replica_id = excluded.replica_id OR leader.expires_at <= now() "
     "RETURNING replica_id"
 )
+_STATEMENT_TIMEOUT = text("SELECT set_config('statement_timeout', :ms, true)")
 _RELEASE = (
     text("UPDATE replica SET expires_at = now() - interval '1 second' WHERE replica_id = :id"),
     text("UPDATE leader SET expires_at = now() - interval '1 second' WHERE replica_id = :id"),
@@ -141,6 +143,11 @@ class SqlStore:
         self.sql_writer = SqlWriter(self._engine, self.policy, shared)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="kernelhub-writer")
         self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="kernelhub-reader")
+        # Replicas' leases: a thread and a connection of their own, so that a connect storm's
+        # reads never queue a renewal past its lease; one thread, so a release runs after
+        # any renewal still in flight, never before it.
+        self._lease_engine = make_engine(database_url, pool_size=1) if shared else None
+        self._leases = ThreadPoolExecutor(1, thread_name_prefix="kernelhub-lease")
         self.writer_process = (
             WriterProcess(
                 WriterSettings(
@@ -167,6 +174,27 @@ class SqlStore:
                 return fn(s)
 
         return await self._off_loop(self._readers, run)
+
+    async def _lease(self, fn: Callable[[Session], T], timeout: float) -> T:
+        """A lease statement on the lease thread, given up on (UNAVAILABLE) after `timeout`
+        seconds: PostgreSQL cancels it then (statement_timeout), and the caller does not wait
+        longer even if the connection itself is stuck."""
+        assert self._lease_engine is not None, "leases are a replica's"
+        engine = self._lease_engine
+
+        def run() -> T:
+            with session(engine) as s:
+                # A little under the caller's wait, so PostgreSQL gives up first.
+                s.execute(_STATEMENT_TIMEOUT, {"ms": str(max(1, int(timeout * 800)))})
+                return fn(s)
+
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._off_loop(self._leases, run)
+        except TimeoutError:
+            raise unavailable(f"the lease statement took over {timeout:g} s") from None
+        except DBAPIError as exc:  # canceled by statement_timeout, or the connection failed
+            raise unavailable(f"database unavailable: {exc.orig}") from exc
 
     async def _write(self, fn: Callable[[], T]) -> T:
         return await self._off_loop(self._writer, fn)
@@ -201,7 +229,10 @@ class SqlStore:
             await self.writer_process.close()
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
+        self._leases.shutdown(wait=True)
         self._engine.dispose()
+        if self._lease_engine is not None:
+            self._lease_engine.dispose()
 
     # --- writes -------------------------------------------------------------
 
@@ -255,11 +286,26 @@ class SqlStore:
             .limit(limit + 1)
             .execution_options(yield_per=STREAM_ROWS)
         )
-        page, more = await self._read(
-            lambda s: paging.take(
+
+        def read(s: Session) -> tuple[list[tuple[Any, pb.HubEvent]], bool]:
+            taken = paging.take(
                 s.exec(query), partial(decode_stored, pb.HubEvent), limit, max_bytes
             )
-        )
+            if self.shared is not None:
+                # Replicas' seqs are dense (`sql_write`): a log that now begins above
+                # `after_seq + 1` lost events this reader may be owed (the replica's lease
+                # ran out and the leader pruned past its readers), read or not.
+                first = s.exec(select(func.min(EventRow.seq))).one()
+                if first is not None and first > after_seq + 1:
+                    raise StatusError(
+                        grpc.StatusCode.OUT_OF_RANGE,
+                        f"events after seq {after_seq} were pruned while this stream still "
+                        f"needed them (the log now begins at seq {first}); resume to get "
+                        "what is left, or start afresh with skip_history",
+                    )
+            return taken
+
+        page, more = await self._read(read)
         events = EventPage(event for _, event in page)
         events.more = more
         return events
@@ -371,7 +417,7 @@ class SqlStore:
 
     # --- replica leases (by the database's clock) ------------------------------
 
-    async def register_replica(self, replica_id: str, lease: float) -> int:
+    async def register_replica(self, replica_id: str, lease: float, timeout: float) -> int:
         """This replica's lease, taken (again); returns where the log begins, read under the
         log's lock (so retention's prune is wholly before or after), which is also how far
         it lets the log be pruned until its retention says more."""
@@ -386,30 +432,28 @@ class SqlStore:
             s.commit()
             return oldest
 
-        return await self._read(register)
+        return await self._lease(register, timeout)
 
-    async def renew_lease(self, replica_id: str, lease: float, prunable: int) -> bool:
-        """Renew this replica's lease and publish how far the log may be pruned for its
-        readers; False if it had expired (the others may have marked its agents offline)."""
+    async def renew_leases(
+        self, replica_id: str, lease: float, prunable: int, timeout: float
+    ) -> tuple[bool, bool]:
+        """Renew this replica's lease, publishing how far the log may be pruned for its
+        readers, and the leader lease if it holds it (or take it if it expired), in one
+        transaction: (whether its own lease was still live, whether it leads). Not live: the
+        others may have marked its agents offline, and it does not lead."""
 
-        def renew(s: Session) -> bool:
+        def renew(s: Session) -> tuple[bool, bool]:
             done = s.execute(_RENEW, {"id": replica_id, "lease": lease, "prunable": prunable})
-            s.commit()
-            return bool(done.rowcount)  # type: ignore[attr-defined]
-
-        return await self._read(renew)
-
-    async def take_leadership(self, replica_id: str, lease: float) -> bool:
-        """Renew the leader lease if this replica holds it, or take it if it expired."""
-
-        def take(s: Session) -> bool:
+            if not done.rowcount:  # type: ignore[attr-defined]
+                s.commit()
+                return False, False
             holder = s.execute(_LEAD, {"id": replica_id, "lease": lease}).scalar()
             s.commit()
-            return holder == replica_id
+            return True, holder == replica_id
 
-        return await self._read(take)
+        return await self._lease(renew, timeout)
 
-    async def release_leases(self, replica_id: str) -> None:
+    async def release_leases(self, replica_id: str, timeout: float) -> None:
         """A replica stopping: its leases end now, so the leader marks whatever it still
         carries offline and another replica leads at once."""
 
@@ -418,7 +462,7 @@ class SqlStore:
                 s.execute(statement, {"id": replica_id})
             s.commit()
 
-        await self._read(release)
+        await self._lease(release, timeout)
 
     def listen_conninfo(self) -> str:
         """The database URL as libpq takes it (for a LISTEN connection of psycopg's own)."""

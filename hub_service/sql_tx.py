@@ -48,6 +48,7 @@ class SqlTx:
     ) -> None:
         self.session = session
         self.origin = origin
+        self._live: dict[str, bool] = {}  # whether a replica's lease is live, once asked
         self.now = now
         self.now_pb = Timestamp()
         self.now_pb.FromDatetime(now)
@@ -145,6 +146,32 @@ class SqlTx:
 
     def drop_replica(self, replica_id: str) -> None:
         self.session.execute(delete(ReplicaRow).where(col(ReplicaRow.replica_id) == replica_id))
+
+    def orphaned(self, limit: int) -> Sequence[AgentRow]:
+        leased = select(ReplicaRow.replica_id).where(
+            col(ReplicaRow.replica_id) == col(AgentRow.replica_id)
+        )
+        return self.session.exec(
+            select(AgentRow)
+            .where(col(AgentRow.online), col(AgentRow.replica_id) != "", ~leased.exists())
+            .order_by(col(AgentRow.agent_id))
+            .limit(limit)
+        ).all()
+
+    def replica_live(self, replica_id: str) -> bool:
+        if not replica_id:
+            return True  # a single hub
+        if replica_id not in self._live:  # once a transaction (now() is its start): a
+            self._live[replica_id] = (  # connect storm commits hundreds of AgentOnlines in one
+                self.session.exec(
+                    select(ReplicaRow.replica_id).where(
+                        col(ReplicaRow.replica_id) == replica_id,
+                        col(ReplicaRow.expires_at) > func.now(),
+                    )
+                ).first()
+                is not None
+            )
+        return self._live[replica_id]
 
     def collaboration(self, session_id: str) -> CollaborationRow | None:
         return self.session.get(CollaborationRow, session_id)

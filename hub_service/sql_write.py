@@ -44,6 +44,8 @@ LOCK_STATEMENT = text(
 _HEAD = text("SELECT coalesce(max(seq), 0) FROM event")
 _NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 _FIRST = text("SELECT coalesce(min(seq), 0) FROM event")
+# Seqs one prune deletes (with their recipients) while it holds the log's lock.
+LOCKED_PRUNE = 500
 # How far the live replicas' readers let the log be pruned (0: not at all).
 _PRUNABLE = text("SELECT coalesce(min(prunable_seq), 0) FROM replica WHERE expires_at > now()")
 
@@ -59,7 +61,7 @@ def _sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
     return on_connect
 
 
-def make_engine(database_url: str, busy_timeout_ms: int = 5000) -> Engine:
+def make_engine(database_url: str, busy_timeout_ms: int = 5000, pool_size: int = 8) -> Engine:
     if database_url.startswith("sqlite"):
         engine = create_engine(
             database_url,
@@ -69,7 +71,9 @@ def make_engine(database_url: str, busy_timeout_ms: int = 5000) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms))
         return engine
     connect_args = {"connect_timeout": 5} if database_url.startswith("postgresql") else {}
-    engine = create_engine(database_url, pool_size=8, pool_pre_ping=True, connect_args=connect_args)
+    engine = create_engine(
+        database_url, pool_size=pool_size, pool_pre_ping=True, connect_args=connect_args
+    )
     if database_url.startswith("postgresql"):
         event.listen(engine, "connect", _utc_session)
     return engine
@@ -256,9 +260,11 @@ class SqlWriter:
                     # half-way; and no further than every live replica's readers allow.
                     s.connection().execute(LOCK_STATEMENT, self.lock_params)
                     through = min(through, int(s.execute(_PRUNABLE).scalar_one()))
-                    if job.limit:
-                        first = int(s.execute(_FIRST).scalar_one())
-                        through = min(through, first + job.limit - 1)
+                    # Every replica's commits wait while this holds the lock: a short
+                    # batch (the retention round calls again), so theirs go in between.
+                    first = int(s.execute(_FIRST).scalar_one())
+                    limit = min(job.limit or LOCKED_PRUNE, LOCKED_PRUNE)
+                    through = min(through, first + limit - 1)
                 s.execute(delete(EventRecipientRow).where(col(EventRecipientRow.seq) <= through))
                 deleted = s.execute(delete(EventRow).where(col(EventRow.seq) <= through))
             else:

@@ -115,6 +115,15 @@ class StateTx(Protocol):
         """Forget an expired replica's lease (its agents are all offline)."""
         ...
 
+    def orphaned(self, limit: int) -> Sequence[AgentRow]:
+        """At most `limit` agents marked online on a replica that has no lease row at all
+        (dropped, or never taken); none for a single hub."""
+        ...
+
+    def replica_live(self, replica_id: str) -> bool:
+        """Whether `replica_id`'s lease is live by the database's clock (a single hub: yes)."""
+        ...
+
     def collaboration(self, session_id: str) -> CollaborationRow | None: ...
 
     def open_collaborations(self, agent_id: str | None) -> Sequence[CollaborationRow]:

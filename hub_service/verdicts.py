@@ -37,6 +37,10 @@ class Verdicts:
         # waits, so a component committed between the two is not missed.
         self._generation = 0
 
+    def waiting(self) -> int:
+        """Claims waiting for a component now (a gauge: a woken one has left the queue)."""
+        return len(self._waiters)
+
     def notice(self, outcome: Outcome) -> None:
         """A committed outcome (on the loop, in commit order): wake one waiting claim per
         component it queued."""

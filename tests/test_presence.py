@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from generated.kernelhub.v1 import hub_pb2 as pb
+from hub_service.presence import Presence
 from hub_service.server import HubServer
 from hub_service.testing import TestHub
 
@@ -144,3 +146,84 @@ async def test_a_roster_larger_than_one_response_comes_in_pages() -> None:
         assert all(u.ByteSize() <= limit for u in late.presence)
         assert [u.roster_complete for u in late.presence][-1]
         assert not any(u.roster_complete for u in late.presence[:-1])
+
+
+@pytest.mark.parametrize("row_first", [False, True], ids=["shown-first", "row-first"])
+async def test_an_agent_that_moved_here_is_not_kept_online_by_the_other_replica_s_word(
+    row_first: bool,
+) -> None:
+    """Replica presence: an agent carried elsewhere reconnects here. Once the shared row says
+    this replica carries it, what the other replica said is stale: when the stream here ends
+    (and its AgentOffline failed, so no row says offline) the agent is offline here; and the
+    move itself told nobody anything, whichever of the row and the stream came first."""
+    presence = Presence(linger=0.0)
+    agent = pb.AgentInfo(
+        agent_id="AI_Node_m", specialization=pb.SPECIALIZATION_FILE_SYSTEM, version="1"
+    )
+    presence.remote("AI_Node_m", agent)  # carried by another replica
+    moved = presence.version
+    if row_first:
+        presence.carried_here("AI_Node_m")  # the row, before the stream here shows it
+        presence.online(agent)
+    else:
+        presence.online(agent)
+        presence.carried_here("AI_Node_m")
+    assert presence.version == moved and presence.get("AI_Node_m") == agent
+    presence.offline("AI_Node_m")
+    assert presence.get("AI_Node_m") is None
+    assert [e.info for e in presence.since(moved, 10) or []] == [None]
+
+
+async def test_a_newer_word_from_another_replica_outranks_a_stale_mark() -> None:
+    """Marked as moved here before its stream showed it, then carried elsewhere again: the
+    other replica's newer word stands when the stream here ends."""
+    presence = Presence(linger=0.0)
+    agent = pb.AgentInfo(
+        agent_id="AI_Node_m", specialization=pb.SPECIALIZATION_FILE_SYSTEM, version="1"
+    )
+    presence.remote("AI_Node_m", agent)
+    presence.carried_here("AI_Node_m")
+    presence.remote("AI_Node_m", agent)  # a later row: another replica carries it again
+    presence.online(agent)
+    presence.offline("AI_Node_m")
+    assert presence.get("AI_Node_m") == agent
+
+
+async def test_a_disconnect_whose_agent_offline_failed_is_tried_again(
+    harness: HubHarness, database_url: str
+) -> None:
+    """The database refuses the AgentOffline of a stream's end (a trigger here; a database
+    down or too slow in life): the hub tries it again, in the background, until it commits;
+    else the agent would stay online for as long as the hub runs."""
+    trainer = await harness.connect("AI_Node_r")
+    path = database_url.removeprefix("sqlite:///")
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(
+            "CREATE TRIGGER refuse_offline BEFORE UPDATE OF online ON agent WHEN NEW.online = 0 "
+            "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+        )
+        db.commit()
+        await trainer.close()
+        sessions = harness.server.servicer.sessions
+
+        async def failed_once() -> None:  # the first AgentOffline failed: a retry waits
+            while not sessions._retries:  # noqa: ASYNC110 (the hub's own state)
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(failed_once(), WAIT)
+        online = "SELECT online FROM agent WHERE agent_id = 'AI_Node_r'"
+        assert db.execute(online).fetchone() == (1,)
+        db.execute("DROP TRIGGER refuse_offline")
+        db.commit()
+
+        async def offline() -> None:
+            while db.execute(online).fetchone() != (0,):  # noqa: ASYNC110 (the database)
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(offline(), WAIT)
+
+    async def retry_ended() -> None:
+        while sessions._retries:  # noqa: ASYNC110 (the hub's own state)
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(retry_ended(), WAIT)

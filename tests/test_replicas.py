@@ -89,14 +89,22 @@ class Replicas:
 
 @contextlib.asynccontextmanager
 async def replicas(
-    url: str, count: int, *extra: str, agents: Sequence[str] = ()
+    url: str,
+    count: int,
+    *extra: str,
+    agents: Sequence[str] = (),
+    metrics_ports: Sequence[int] = (),
 ) -> AsyncIterator[Replicas]:
     """`count` replica processes on `url`, and tokens for `agents` (issued on the database
-    while they start)."""
+    while they start); replica i serves /metrics on `metrics_ports[i]`, if given."""
     hubs = [
         TestHub.subprocess(
             url,
-            args=[*REPLICA_ARGS, *extra],
+            args=[
+                *REPLICA_ARGS,
+                *extra,
+                *(("--metrics-port", str(metrics_ports[i])) if metrics_ports else ()),
+            ],
             env={"KERNELHUB_LOG_LEVEL": "WARNING"},
             name=f"replica{i}",
             preexec_fn=die_with_parent,  # a killed test run leaves no replica serving

@@ -394,12 +394,12 @@ async def test_an_older_stream_going_offline_leaves_a_newer_connect_online(
     [first] = await commit_ok(store, [online("a")])
     [second] = await commit_ok(store, [online("a")])
     assert first.agent is not None and second.agent is not None
-    older, newer = first.agent.last_seen_time.ToDatetime(), second.agent.last_seen_time.ToDatetime()
-    assert newer > older  # two commits: two clock readings
-    await commit_ok(store, [cmd.AgentOffline("a", since=older)])
+    older, newer = first.presence_rev, second.presence_rev
+    assert newer > older  # two changes of the row: two revisions (no clock compared)
+    await commit_ok(store, [cmd.AgentOffline("a", rev=older)])
     listed = await store.list_agents(True, 10, "")
     assert [a.agent_id for a in listed.items] == ["a"], "still online: it connected again"
-    await commit_ok(store, [cmd.AgentOffline("a", since=newer)])
+    await commit_ok(store, [cmd.AgentOffline("a", rev=newer)])
     assert not (await store.list_agents(True, 10, "")).items
 
 
