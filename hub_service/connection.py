@@ -135,6 +135,7 @@ class Connection:
         self.candidate = Candidate(self.agent_id, hello.specialization)
         self.presence_rev: int | None = None  # the revision its AgentOnline gave its row
         self._joining: list[pb.HubEvent] | None = None  # published during a log read
+        self._must_read = False  # a commit's outcome is in doubt: read the log to its end
         self._retry_at = 0.0  # when the event log may be read again after a failure
         self.fell_behind = 0  # times the live queue overflowed
         self._events: deque[pb.HubEvent] = deque()
@@ -383,6 +384,8 @@ class Connection:
         self._presence_cursor += len(page)
         if len(page) < len(changes):
             self._presence_ready = True  # the rest: the next response
+        if not wires:
+            return None  # only its own changes: nothing to tell it
         return PresencePart(wires, used)
 
     async def _flush(self, write: Write) -> None:
@@ -439,6 +442,8 @@ class Connection:
                 response.replay_complete.seq = max(self._replay_end, self._replay_floor)
                 self._replay_end = None
         if presence is None and not events:
+            if response.ByteSize() == 0:
+                return  # nothing after all (only the agent's own presence change)
             await write(response)
         elif presence is None:
             await write(wire.response(response, events))
@@ -488,6 +493,7 @@ class Connection:
         if not self.catching_up:
             self.cursor = max(self.cursor, self._head())
         self.catching_up = True
+        self._must_read = True  # what landed may lie above the head: read, however level
         self._joining = None
         self._wake.set()
 
@@ -499,9 +505,9 @@ class Connection:
         they leave no gap, and `cursor` drops what both hold.
         """
         head = self._head()  # every event up to it was committed before the read began
-        if self.cursor >= head:
-            # Nothing committed after the cursor (a fresh stream from now, or an empty
-            # log): level with the live feed without a read.
+        if self.cursor >= head and not self._must_read:
+            # Nothing published after the cursor, and no commit in doubt (a fresh stream
+            # from now, or an empty log): level with the live feed without a read.
             self._caught_up()
             return
         self._joining = []
@@ -528,6 +534,7 @@ class Connection:
                 if event.seq > self.cursor:
                     self._events.append(event)
                     self.cursor = event.seq
+            self._must_read = False
             self._caught_up()
 
     def _caught_up(self) -> None:

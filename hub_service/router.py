@@ -75,6 +75,9 @@ class Router:
         self.last_published_seq = 0
         # Each event's wire encoding, made once for every stream that carries it.
         self.wires = EventWires()
+        # A commit's outcome is unknown (it may have landed unpublished): until the next
+        # event is published, the head may understate the log.
+        self.in_doubt = False
 
     # --- connections and their subscriptions ----------------------------------
 
@@ -87,6 +90,8 @@ class Router:
         self._connections[connection.agent_id] = connection
         self._by_specialization.setdefault(connection.hello.specialization, {})[connection] = None
         self._file(connection)
+        if self.in_doubt:
+            connection.resync()
         return old
 
     def detach(self, connection: Connection) -> bool:
@@ -142,6 +147,8 @@ class Router:
     def watch(self, watcher: Connection, presence: bool) -> None:
         """A Watch stream: every event, and (with `presence`) the roster, then its changes."""
         self._watchers.add(watcher)
+        if self.in_doubt:
+            watcher.resync()
         if presence:
             watcher.start_roster(self.presence)
             self.presence.follow(watcher)
@@ -193,11 +200,15 @@ class Router:
 
     def resync(self) -> None:
         """A commit failed in a way that may still have committed: every connection reads
-        the log again rather than trust that it saw every event."""
+        the log again rather than trust that it saw every event; so do streams attached
+        before the next event is published (what landed may lie above the head)."""
+        self.in_doubt = True
         for connection in (*self._connections.values(), *self._watchers):
             connection.resync()
 
     def publish(self, outcome: Outcome) -> None:
+        if outcome.events:
+            self.in_doubt = False  # its commit read the log's true head first
         for routed in outcome.events:
             event = routed.event
             self.last_published_seq = max(self.last_published_seq, event.seq)

@@ -184,9 +184,13 @@ class HubServer:
                 # gRPC core queues streams the event loop has not accepted yet, and past 1,000
                 # (hard limit 3,000) refuses them with a bare CANCELLED: a connect storm of a
                 # few thousand trainers lost a third of them. The hub's own bound is
-                # `max_connections`; let the queue hold that many.
-                ("grpc.server.max_pending_requests", self.config.max_connections),
-                ("grpc.server.max_pending_requests_hard_limit", self.config.max_connections),
+                # `max_connections`; let the queue hold that many (never fewer than gRPC's
+                # own defaults, which unary calls share).
+                ("grpc.server.max_pending_requests", max(1000, self.config.max_connections)),
+                (
+                    "grpc.server.max_pending_requests_hard_limit",
+                    max(3000, self.config.max_connections),
+                ),
                 # A second hub on the same port must fail to bind, not share the port; the
                 # workers of one `serve --workers N` share theirs (workers.py).
                 ("grpc.so_reuseport", 1 if self.config.workers > 1 else 0),

@@ -85,15 +85,18 @@ class TrainingSyncs:
 
     async def knowledge_base(self) -> KnowledgeBase:
         head = self._router.last_published_seq
-        if self._kb is None or self._kb[0] != head or self._kb[1].cancelled():
-            self._kb = (head, asyncio.ensure_future(knowledge_base(self._store)))
-        reading = self._kb[1]
-        try:
-            return await asyncio.shield(reading)
-        except BaseException:
-            if reading.done() and self._kb is not None and self._kb[1] is reading:
-                self._kb = None  # a failed read is not kept: the next caller reads again
-            raise
+        cached = self._kb
+        if (
+            cached is None
+            or cached[0] != head
+            or self._router.in_doubt  # what landed unpublished may be in the summary
+            or (cached[1].done() and (cached[1].cancelled() or cached[1].exception()))
+        ):
+            reading = asyncio.ensure_future(knowledge_base(self._store))
+            # Retrieved here, so a read whose every waiter left logs no "never retrieved".
+            reading.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._kb = cached = (head, reading)
+        return await asyncio.shield(cached[1])
 
     def _roster(self) -> Roster:
         """Who is online, sampled once per sync round: at most ROSTER_SIZE agents in all and

@@ -10,6 +10,7 @@ write such bytes: `passthrough` serializes messages and leaves bytes as they are
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,9 +19,10 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 _WIRE_LENGTH_DELIMITED = 2
 _PRESENCE_FIELD = pb.ConnectResponse.DESCRIPTOR.fields_by_name["presence"].number
 _EVENTS_FIELD = pb.ConnectResponse.DESCRIPTOR.fields_by_name["events"].number
-# Events whose encoding is kept: every stream a live event goes to writes it within a few
-# lingers, and replays of recent events find theirs.
-EVENT_WIRES = 8192
+# Bytes of event encodings kept: every stream a live event goes to writes it within a few
+# lingers, and replays of recent events find theirs; an event larger than a response (sent
+# as its `omitted` marker) or than a sixteenth of this is encoded each time instead.
+EVENT_WIRE_BYTES = 64 * 1024 * 1024
 _ROSTER = pb.PresenceUpdate(roster=True).SerializeToString()
 _ROSTER_COMPLETE = pb.PresenceUpdate(roster_complete=True).SerializeToString()
 
@@ -56,19 +58,23 @@ def event_entry(event: pb.HubEvent) -> bytes:
 
 class EventWires:
     """Each event's `event_entry`, made once for all the streams that carry it (by seq:
-    an event never changes once committed); the newest `size` are kept."""
+    an event never changes once committed); the newest, up to `max_bytes` in all."""
 
-    def __init__(self, size: int = EVENT_WIRES) -> None:
-        self._size = size
-        self._wires: dict[int, bytes] = {}
+    def __init__(self, max_bytes: int = EVENT_WIRE_BYTES) -> None:
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._wires: OrderedDict[int, bytes] = OrderedDict()
 
     def of(self, event: pb.HubEvent) -> bytes:
         wire = self._wires.get(event.seq)
         if wire is None:
             wire = event_entry(event)
-            if len(self._wires) >= self._size:
-                del self._wires[next(iter(self._wires))]  # the first kept
+            if len(wire) > self._max_bytes // 16:
+                return wire  # too large to keep (and seldom sent whole)
             self._wires[event.seq] = wire
+            self._bytes += len(wire)
+            while self._bytes > self._max_bytes:
+                self._bytes -= len(self._wires.popitem(last=False)[1])
         return wire
 
 

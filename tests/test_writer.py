@@ -25,11 +25,13 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service import commands as cmd
 from hub_service.errors import StatusError
 from hub_service.outcomes import Outcome
+from hub_service.settings import sqlite_url
 from hub_service.sql_store import SqlStore
 from hub_service.sql_tx import SqlTx
 from hub_service.state import StateTx
+from hub_service.testing import TestHub
 
-from .conftest import WAIT, os_component, pattern
+from .conftest import WAIT, RawTrainer, async_stub, auth, hello, make_config, os_component, pattern
 
 
 def share(message_id: str) -> cmd.ShareArtifact:
@@ -225,3 +227,33 @@ async def test_closing_the_store_ends_the_child(store_url: str) -> None:
 def test_an_unknown_writer_is_refused() -> None:
     with pytest.raises(ValueError, match="'thread' or 'process'"):
         SqlStore("sqlite://", writer="fiber")
+
+
+async def test_a_commit_whose_answer_was_lost_still_reaches_the_streams(tmp_path: Path) -> None:
+    """A batch answered UNAVAILABLE may have landed: its events were never published, so
+    the head understates the log. A live stream and one opened from now before the next
+    publish both read the log again, and get the event (no "already level" shortcut)."""
+    config = make_config(sqlite_url(tmp_path / "hub.db"), writer="process")
+    async with TestHub.in_process(config) as hub:
+        tokens = await hub.issue_tokens("AI_Node_1", "AI_Node_2", "AI_Node_3")
+        channel = hub.channel()
+
+        async def connect(agent_id: str, **hello_fields: Any) -> RawTrainer:
+            call = async_stub(channel).Connect(metadata=auth(tokens[agent_id]))
+            await call.write(
+                pb.ConnectRequest(message_id="hello", hello=hello(agent_id, **hello_fields))
+            )
+            first = await asyncio.wait_for(call.read(), WAIT)
+            assert first.HasField("welcome"), first
+            return RawTrainer(agent_id, call, first.welcome)
+
+        live = await connect("AI_Node_1")
+        lost = DieAfterCommit("AI_Node_3", "m1", share("m1").artifact)
+        with pytest.raises(StatusError) as raised:
+            await hub.server.committer.submit(lost)
+        assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+        assert hub.server.router.last_published_seq == 0  # landed, never published
+        fresh = await connect("AI_Node_2", skip_history=True)
+        for trainer in (live, fresh):
+            event = await trainer.event("artifact_shared")
+            assert event.seq == 1 and event.sender_id == "AI_Node_3"

@@ -2011,8 +2011,9 @@ class PresenceUpdate(_message.Message):
     the previous one, coalesced: an agent appears at most once per update, in
     its latest state (`online` with its latest AgentInfo, or `offline`), and a
     burst of joins reaches each agent in a few updates (the hub collects
-    changes for a presence linger, 0.25 s by default, then tells them), not
-    one per join. A reconnect that
+    changes for a presence linger, 0.25 s by default, and longer when many
+    agents follow presence, since it writes a bounded number of updates per
+    second in all, 2,000 by default), not one per join. A reconnect that
     changes nothing (the same specialization, capabilities and version while
     the older stream was still live) is not announced. A reconnecting trainer
     gets the roster again: replace what it knew.
