@@ -20,9 +20,10 @@ _WIRE_LENGTH_DELIMITED = 2
 _PRESENCE_FIELD = pb.ConnectResponse.DESCRIPTOR.fields_by_name["presence"].number
 _EVENTS_FIELD = pb.ConnectResponse.DESCRIPTOR.fields_by_name["events"].number
 # Bytes of event encodings kept: every stream a live event goes to writes it within a few
-# lingers, and replays of recent events find theirs; an event larger than a response (sent
-# as its `omitted` marker) or than a sixteenth of this is encoded each time instead.
-EVENT_WIRE_BYTES = 64 * 1024 * 1024
+# lingers (a window of recent events, not a history: memory the hub holds whatever its
+# readers do), and replays of recent events find theirs; an event larger than a sixteenth
+# of this is encoded each time instead.
+EVENT_WIRE_BYTES = 4 * 1024 * 1024
 _ROSTER = pb.PresenceUpdate(roster=True).SerializeToString()
 _ROSTER_COMPLETE = pb.PresenceUpdate(roster_complete=True).SerializeToString()
 
