@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -201,9 +202,9 @@ def test_the_validation_scenario_reports_its_figures(tmp_path: Path) -> None:
     assert positive(result["share_to_verdict"]["median_seconds"])
 
 
-async def test_the_replicas_benchmark_measures_each_replica_count(tmp_path: Path) -> None:
-    """`kernelhub-bench replicas` in miniature: two replicas on a fresh database, every share
-    delivered to every receiver, the database's cost per event measured."""
+async def _replicas_bench(tmp_path: Path, *args: str) -> dict[str, Any]:
+    """`kernelhub-bench replicas` in miniature (2 senders, 2 receivers, 20 shares each) with
+    `args`; its one row."""
     out = tmp_path / "replicas.json"
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -212,8 +213,7 @@ async def test_the_replicas_benchmark_measures_each_replica_count(tmp_path: Path
         "replicas",
         "--database-url",
         POSTGRES_URL,
-        "--replicas",
-        "2",
+        *args,
         "--senders",
         "2",
         "--receivers",
@@ -228,40 +228,24 @@ async def test_the_replicas_benchmark_measures_each_replica_count(tmp_path: Path
     stdout, stderr = await asyncio.wait_for(process.communicate(), 240)
     assert process.returncode == 0, stdout.decode()[-2000:] + stderr.decode()[-2000:]
     (row,) = json.loads(out.read_text())["rows"]
-    assert row["replicas"] == 2 and row["shares"] == 40
+    assert row["shares"] == 40
     assert row["ingest_per_s"] > 0 and row["deliveries_per_s"] > 0
+    return cast("dict[str, Any]", row)
+
+
+async def test_the_replicas_benchmark_measures_each_replica_count(tmp_path: Path) -> None:
+    """Two replicas on a fresh database, every share delivered to every receiver, the
+    database's cost per event measured."""
+    row = await _replicas_bench(tmp_path, "--replicas", "2")
+    assert row["replicas"] == 2
     assert row["wal_bytes_per_event"] > 0  # every committed event is written ahead
 
 
 async def test_the_replicas_benchmark_measures_workers_on_one_port(tmp_path: Path) -> None:
-    """`kernelhub-bench replicas --workers 2` in miniature: one `serve --workers 2`, a
-    connection per stream, every share delivered, each worker's streams counted."""
-    out = tmp_path / "workers.json"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "kernelhub_bench",
-        "replicas",
-        "--database-url",
-        POSTGRES_URL,
-        "--workers",
-        "2",
-        "--senders",
-        "2",
-        "--receivers",
-        "2",
-        "--shares",
-        "20",
-        "--json",
-        str(out),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 240)
-    assert process.returncode == 0, stdout.decode()[-2000:] + stderr.decode()[-2000:]
-    (row,) = json.loads(out.read_text())["rows"]
-    assert row["workers"] == 2 and row["shares"] == 40
-    assert row["ingest_per_s"] > 0 and row["deliveries_per_s"] > 0
+    """One `serve --workers 2`, a connection per stream, every share delivered, each
+    worker's streams counted."""
+    row = await _replicas_bench(tmp_path, "--workers", "2")
+    assert row["workers"] == 2
     # Both workers found, and between them every stream (2 senders, 2 receivers).
     assert len(row["streams_per_worker"]) == 2 and sum(row["streams_per_worker"]) == 4
 

@@ -78,13 +78,23 @@ def _swarm_count(text: str) -> int:
     return value
 
 
-def _hub_address(text: str) -> str:
-    """One hub, or several replicas of one (checked here, so a typo is a usage error)."""
-    try:
-        parse_hub_target(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+def _checked(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type: the text as given, once `parse` accepts it (so a typo is a usage
+    error with the parser's reason)."""
+
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return check
+
+
+# One hub, or several replicas of one.
+_hub_address = _checked(parse_hub_target)
+_specialization = _checked(parse_specialization)
 
 
 def _replica_count(text: str) -> int:
@@ -95,14 +105,6 @@ def _replica_count(text: str) -> int:
     if not 1 <= value <= MAX_REPLICAS:
         raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_REPLICAS}, got {value}")
     return value
-
-
-def _specialization(text: str) -> str:
-    try:
-        parse_specialization(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 def read_token_file(path: Path) -> str:
