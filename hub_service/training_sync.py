@@ -64,10 +64,11 @@ def _listing(c: Connection) -> tuple[pb.AgentInfo, int]:
         version=c.hello.version,
         online=True,
     )
-    listing = (info, paging.entry_bytes(info))
     if c.connected_time is not None:
         info.last_seen_time.CopyFrom(c.connected_time)
-        listing = c.listing = (info, paging.entry_bytes(info))
+    listing = (info, paging.entry_bytes(info))
+    if c.connected_time is not None:
+        c.listing = listing  # final: kept
     return listing
 
 
