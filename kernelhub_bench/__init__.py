@@ -7,5 +7,9 @@ of the baselines in `kernelhub_bench.baselines`) and the load
 """
 
 import importlib.metadata
+import os
+
+# Before gRPC loads: its fork support off (grpc/grpc#43055; why: hub_service/__init__.py).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 __version__ = importlib.metadata.version("kernelhub")  # pyproject.toml is the one source
