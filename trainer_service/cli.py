@@ -68,14 +68,23 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _swarm_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 1 <= value <= MAX_SWARM_SIZE:
-        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_SWARM_SIZE}, got {value}")
-    return value
+def _count(maximum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from 1 to `maximum`."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not 1 <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"must be between 1 and {maximum}, got {value}")
+        return value
+
+    return count
+
+
+_swarm_count = _count(MAX_SWARM_SIZE)
+_replica_count = _count(MAX_REPLICAS)
 
 
 def _checked(parse: Callable[[str], object]) -> Callable[[str], str]:
@@ -95,16 +104,6 @@ def _checked(parse: Callable[[str], object]) -> Callable[[str], str]:
 # One hub, or several replicas of one.
 _hub_address = _checked(parse_hub_target)
 _specialization = _checked(parse_specialization)
-
-
-def _replica_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 1 <= value <= MAX_REPLICAS:
-        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_REPLICAS}, got {value}")
-    return value
 
 
 def read_token_file(path: Path) -> str:
