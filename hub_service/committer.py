@@ -13,6 +13,7 @@ from functools import partial
 import grpc
 
 from .errors import StatusError, unavailable
+from .lingers import Linger
 from .metrics import HubMetrics
 from .outcomes import Outcome
 from .state import Command, HubStore
@@ -61,7 +62,7 @@ class GroupCommitter:
         on_health: Callable[[bool], None] = lambda ok: None,
         batch_size: int = 512,
         queue_size: int = 8192,
-        linger: float = 0.0,
+        linger: Linger | None = None,
         batch_bytes: int = 4 * 1024 * 1024,
         metrics: HubMetrics | None = None,
     ) -> None:
@@ -80,7 +81,7 @@ class GroupCommitter:
         # transaction, and its trip to and from the writer process, stay short.
         self._batch_bytes = batch_bytes
         self._carried: _Pending | None = None  # the command that ended the last batch
-        self._linger = linger
+        self._linger = linger or Linger(0.0)  # its length follows the load (lingers.py)
         self.commits = 0  # batches committed (or attempted), for stats and tests
         self.last_commit_seconds = 0.0  # the latest batch's transaction (GetHubStats)
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(queue_size)
@@ -130,7 +131,7 @@ class GroupCommitter:
             # Busy (the last commit ended less than `linger` ago): let more commands join this
             # one, since a commit's fixed cost dwarfs a command's. Idle, or a full batch
             # already waiting: commit at once.
-            wait = last_commit + self._linger - loop.time()
+            wait = last_commit + self._linger.seconds - loop.time()
             if wait > 0 and carried is None and self._queue.qsize() + 1 < self._batch_size:
                 await asyncio.sleep(wait)
             size = first.size

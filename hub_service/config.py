@@ -30,6 +30,7 @@ class HubConfig:
     max_events_per_response: int = _D.max_events_per_response
     stream_linger: float = _D.stream_linger
     presence_linger: float = _D.presence_linger
+    lingers_follow_load: bool = _D.lingers_follow_load
     presence_writes_per_second: float = _D.presence_writes_per_second
     replay_page_size: int = _D.replay_page_size
     max_watch_streams: int = _D.max_watch_streams

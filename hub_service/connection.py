@@ -30,6 +30,7 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 from . import paging, wire
 from .complementarity import Candidate
 from .errors import StatusError
+from .lingers import Linger
 from .metrics import HubMetrics
 from .outcomes import Outcome
 from .presence import Entry, Presence
@@ -77,7 +78,7 @@ class Connection:
         replay_page_size: int,
         max_bytes: int,
         metrics: HubMetrics,
-        linger: float = 0.0,
+        linger: Linger | None = None,
         read_log: ReadLog | None = None,
         head: Callable[[], int] = lambda: 0,
         wires: wire.EventWires | None = None,
@@ -114,7 +115,7 @@ class Connection:
         self._queue_size = queue_size
         self._per_response = events_per_response
         self._replay_page = replay_page_size
-        self._linger = linger
+        self._linger = linger or Linger(0.0)  # shared by the hub's streams (lingers.py)
         self._max_bytes = max_bytes
         self._sent_receipts = metrics.receipts
         self._sent_events = metrics.events
@@ -307,7 +308,7 @@ class Connection:
                 # Offers are not signalled while catching up: look at the log again soon.
                 await self._sleep(CATCH_UP_POLL_SECONDS if self.catching_up else None)
                 continue
-            wait = last_write + self._linger - loop.time()
+            wait = last_write + self._linger.seconds - loop.time()
             if (
                 wait > 0
                 and len(self._events) < self._per_response

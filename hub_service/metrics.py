@@ -125,6 +125,11 @@ class HubMetrics:
         self.head_seq = self._gauge(
             "kernelhub_log_head_seq", "the seq of the newest event published to the streams"
         )
+        self.linger_factor = self._gauge(
+            "kernelhub_linger_factor",
+            "how much of stream_linger and commit_linger applies now (0-1; it follows the "
+            "hub process's CPU use, or stays 1 with lingers_follow_load off)",
+        )
         self.claims_waiting = self._gauge(
             "kernelhub_validation_claims_waiting",
             "ClaimValidation calls that found nothing to lease and wait for a component",

@@ -22,6 +22,7 @@ from .committer import GroupCommitter
 from .config import HubConfig
 from .errors import StatusError
 from .leases import Leases
+from .lingers import Linger, LoadFollower
 from .metrics import HubMetrics, MetricsEndpoint
 from .outcomes import Outcome
 from .presence import Presence
@@ -51,7 +52,10 @@ class HubServer:
     def __init__(self, config: HubConfig, store: HubStore | None = None) -> None:
         self.config = config
         self.store = store or make_store(config.database_url, config)
-        self.router = Router(Presence(config.presence_linger, config.presence_writes_per_second))
+        stream_linger, commit_linger = Linger(config.stream_linger), Linger(config.commit_linger)
+        self.router = Router(
+            Presence(config.presence_linger, config.presence_writes_per_second), stream_linger
+        )
         self.metrics = HubMetrics()
         # Replica mode: the shared log feeds the router (and the validators); else each
         # commit's outcome does. The leases say who runs the hub-wide jobs.
@@ -79,7 +83,7 @@ class HubServer:
             batch_size=config.commit_batch_size,
             batch_bytes=config.commit_batch_bytes,
             queue_size=config.commit_queue_size,
-            linger=config.commit_linger,
+            linger=commit_linger,
             metrics=self.metrics,
         )
         self.retention = Retention(
@@ -109,6 +113,12 @@ class HubServer:
                 holds=self.leases.holds,
                 on_gap=self._log_gap,
             )
+        self.lingers = (
+            LoadFollower([stream_linger, commit_linger], on_factor=self.metrics.linger_factor.set)
+            if config.lingers_follow_load
+            else None
+        )
+        self.metrics.linger_factor.set(1.0 if self.lingers is None else self.lingers.factor)
         self.health = health.aio.HealthServicer()
         # Whether the last commit reached the database (through the writer): health says so.
         self._database_up = True
@@ -222,6 +232,8 @@ class HubServer:
             ),
             asyncio.create_task(self._every(self.config.retention_interval, self.retention.run)),
         ]
+        if self.lingers is not None:
+            self._loops.append(asyncio.create_task(self.lingers.run()))
         if self.config.training_sync_interval > 0:
             self._loops.append(
                 asyncio.create_task(

@@ -119,7 +119,7 @@ class Sessions:
             events_per_response=self._config.max_events_per_response,
             replay_page_size=self._config.replay_page_size,
             max_bytes=self._budget,
-            linger=self._config.stream_linger,
+            linger=self._router.stream_linger,
             metrics=self._metrics,
             wires=self._router.wires,
             head=lambda: self._router.last_published_seq,

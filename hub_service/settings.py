@@ -233,7 +233,8 @@ class HubSettings(BaseSettings):
         0.002,
         "database",
         "while busy, at most one group commit per this many seconds, so commands share commits "
-        "(an idle hub commits at once; 0 commits whatever waits at once)",
+        "(an idle hub commits at once; 0 commits whatever waits at once; the longest it gets "
+        "while lingers_follow_load is on)",
         ge=0,
     )
 
@@ -257,8 +258,16 @@ class HubSettings(BaseSettings):
         0.005,
         "streams",
         "a busy stream is written at most once per this many seconds, so events coalesce (an "
-        "idle stream's first event goes at once; 0 writes whatever waits at once)",
+        "idle stream's first event goes at once; 0 writes whatever waits at once; the longest it "
+        "gets while lingers_follow_load is on)",
         ge=0,
+    )
+    lingers_follow_load: bool = _setting(
+        True,
+        "streams",
+        "stream_linger and commit_linger apply in proportion to the hub process's CPU use: "
+        "not at all below half a core, in full from 0.8 of one, so a lightly loaded hub "
+        "answers at once and a busy one batches (false: they always apply in full)",
     )
     presence_linger: Seconds = _setting(
         0.25,

@@ -105,7 +105,7 @@ class Watches:
             events_per_response=self._config.max_events_per_response,
             replay_page_size=self._config.replay_page_size,
             max_bytes=self._budget,
-            linger=self._config.stream_linger,
+            linger=self._router.stream_linger,
             read_log=lambda after, limit, max_bytes, _: self._store.events_after(
                 after, limit, max_bytes
             ),

@@ -1,9 +1,11 @@
 """A busy stream's events coalesce into one response per linger, and a busy hub's commands into
-one commit per commit linger; an idle stream is written at once, an idle hub commits at once."""
+one commit per commit linger; an idle stream is written at once, an idle hub commits at once.
+Here the lingers are fixed (`lingers_follow_load` off); the last test has them follow the load."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from grpc.aio import EOF
@@ -12,15 +14,21 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.config import HubConfig
 from hub_service.server import HubServer
 
-from .conftest import WAIT, HubHarness, make_config, pattern
+from .conftest import WAIT, HubHarness, HubProcess, auth, free_port, hello, make_config, pattern
+from .test_metrics import scrape, value
 
 LINGER = 2.0
+FACTOR = "kernelhub_linger_factor"
 
 
 @pytest.fixture
 def hub_config(request: pytest.FixtureRequest, database_url: str) -> HubConfig:
-    """A stream linger of LINGER; tests override settings with indirect parameters."""
-    overrides = {"stream_linger": LINGER, **getattr(request, "param", {})}
+    """A fixed stream linger of LINGER; tests override settings with indirect parameters."""
+    overrides = {
+        "stream_linger": LINGER,
+        "lingers_follow_load": False,
+        **getattr(request, "param", {}),
+    }
     return make_config(database_url, **overrides)
 
 
@@ -101,3 +109,52 @@ async def test_a_commit_also_ends_at_its_byte_bound(hub: HubServer, harness: Hub
     first of a batch always goes), in order. (No expiry sweep: it would commit on its own
     within the linger.)"""
     assert await commits_for_three_shares(hub, harness) == 3
+
+
+async def test_a_hub_that_is_nearly_idle_does_not_linger(tmp_path: Path) -> None:
+    """Lingers following the load (the default): a hub process using a sliver of a core
+    writes each event at once, however long its stream linger. Fixed, this linger (ten
+    minutes) would hold the second share's event far past the test's deadline, as the first
+    test here shows with a shorter one."""
+    metrics_port = free_port()
+    hub = HubProcess(
+        tmp_path / "hub.db",
+        KERNELHUB_STREAM_LINGER="600",
+        KERNELHUB_METRICS_PORT=str(metrics_port),
+    )
+    tokens = await hub.issue_tokens("AI_Node_1", "AI_Node_2")
+    async with hub:
+        async with asyncio.timeout(WAIT):  # the hub's start-up CPU has faded from the average
+            while value(await asyncio.to_thread(scrape, metrics_port), FACTOR):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        calls = {}
+        for agent_id in tokens:
+            call = hub.stub().Connect(metadata=auth(tokens[agent_id]))
+            await call.write(pb.ConnectRequest(message_id="hello", hello=hello(agent_id)))
+            first = await asyncio.wait_for(call.read(), WAIT)
+            assert first is not EOF and first.HasField("welcome")
+            calls[agent_id] = call
+        sender, receiver = calls["AI_Node_1"], calls["AI_Node_2"]
+        shared = []
+        for i in range(2):  # two commits: each share waits for its receipt
+            await sender.write(
+                pb.ConnectRequest(
+                    message_id=f"m{i}", share_pattern=pb.SharePattern(pattern=pattern(f"p{i}"))
+                )
+            )
+            while True:
+                response = await asyncio.wait_for(sender.read(), WAIT)
+                assert response is not EOF
+                if receipts := [r.seq for r in response.receipts if r.message_id == f"m{i}"]:
+                    shared.extend(receipts)
+                    break
+        delivered: list[int] = []
+        async with asyncio.timeout(WAIT):
+            while delivered != shared:
+                response = await receiver.read()
+                assert response is not EOF
+                delivered += [
+                    e.seq for e in response.events if e.WhichOneof("body") == "artifact_shared"
+                ]
+        for call in calls.values():
+            call.cancel()
