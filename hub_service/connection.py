@@ -55,6 +55,46 @@ PRESENCE_PER_RESPONSE = 1024
 Write = Callable[[pb.ConnectResponse | bytes], Awaitable[None]]
 
 
+class Wake:
+    """The sender's wake-up: set by whoever queues output, awaited by the sender, with an
+    optional timeout. A future of the loop's own and a timer handle, not `asyncio.Event` and
+    `asyncio.timeout`: each of their calls looks the running loop up, and CPython 3.11 makes
+    a getpid system call per lookup (8% of the hub's samples at 200 shares/s to 50 streams,
+    docs/benchmarks.md). Not thread-safe, like the loop it runs on."""
+
+    __slots__ = ("_set", "_waiter")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._set = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self, loop: asyncio.AbstractEventLoop, timeout: float | None) -> None:
+        """Until set (at once if it is), or `timeout` seconds (None: no limit)."""
+        if self._set:
+            return
+        waiter = self._waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, _release, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+
+def _release(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class PresencePart(NamedTuple):
     """What of presence one response carries: its entries' wire bytes, their size, and
     whether they are (the end of) the roster."""
@@ -143,7 +183,8 @@ class Connection:
         self._receipts: list[pb.Receipt] = []
         self._errors: list[pb.RequestError] = []
         self._sync: pb.TrainingSync | None = None
-        self._wake = asyncio.Event()
+        self._wake = Wake()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the sender's, once it runs
         self.end_status: tuple[grpc.StatusCode, str] | None = None
         self.ended = asyncio.Event()
         self._stopping = False
@@ -286,7 +327,7 @@ class Connection:
         events per `linger`, since a write costs the same CPU for one event as for 64. An
         idle stream's first event goes out at once, and receipts and errors never wait:
         they are a trainer's round trip."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._replay_floor = welcome.head_seq
         await write(pb.ConnectResponse(welcome=welcome))
         last_write = loop.time()
@@ -326,9 +367,7 @@ class Connection:
     async def _sleep(self, timeout: float | None) -> None:
         """Until woken (or `timeout` seconds, if given)."""
         self._wake.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._wake.wait()
+        await self._wake.wait(self._loop or asyncio.get_running_loop(), timeout)
 
     def _presence_due(self) -> bool:
         return self._roster is not None or self._presence_ready
