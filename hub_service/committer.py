@@ -58,11 +58,12 @@ class GroupCommitter:
         self,
         store: HubStore,
         on_commit: Publish,
+        *,
+        linger: Linger,
         on_failure: Callable[[], None] = lambda: None,
         on_health: Callable[[bool], None] = lambda ok: None,
         batch_size: int = 512,
         queue_size: int = 8192,
-        linger: Linger | None = None,
         batch_bytes: int = 4 * 1024 * 1024,
         metrics: HubMetrics | None = None,
     ) -> None:
@@ -81,9 +82,11 @@ class GroupCommitter:
         # transaction, and its trip to and from the writer process, stay short.
         self._batch_bytes = batch_bytes
         self._carried: _Pending | None = None  # the command that ended the last batch
-        self._linger = linger or Linger(0.0)  # its length follows the load (lingers.py)
+        self._linger = linger  # its length may follow the load (lingers.py)
         self.commits = 0  # batches committed (or attempted), for stats and tests
         self.last_commit_seconds = 0.0  # the latest batch's transaction (GetHubStats)
+        # Seconds spent committing since the start: the commit linger's load (lingers.py).
+        self.busy_seconds = 0.0
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(queue_size)
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -151,6 +154,7 @@ class GroupCommitter:
                 log.exception("group commit failed")
                 results = [unavailable(f"commit failed: {exc}")] * len(batch)
             self.last_commit_seconds = loop.time() - started
+            self.busy_seconds += self.last_commit_seconds
             self._commit_seconds.observe(self.last_commit_seconds)
             self._batch_sizes.observe(len(batch))
             down = any(

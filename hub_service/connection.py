@@ -60,7 +60,8 @@ class Wake:
     optional timeout. A future of the loop's own and a timer handle, not `asyncio.Event` and
     `asyncio.timeout`: each of their calls looks the running loop up, and CPython 3.11 makes
     a getpid system call per lookup (8% of the hub's samples at 200 shares/s to 50 streams,
-    docs/benchmarks.md). Not thread-safe, like the loop it runs on."""
+    docs/benchmarks.md). One waiter at a time (the stream's sender); not thread-safe, like
+    the loop it runs on."""
 
     __slots__ = ("_set", "_waiter")
 
@@ -80,6 +81,7 @@ class Wake:
         """Until set (at once if it is), or `timeout` seconds (None: no limit)."""
         if self._set:
             return
+        assert self._waiter is None, "one waiter at a time"
         waiter = self._waiter = loop.create_future()
         timer = None if timeout is None else loop.call_later(timeout, _release, waiter)
         try:
@@ -118,7 +120,7 @@ class Connection:
         replay_page_size: int,
         max_bytes: int,
         metrics: HubMetrics,
-        linger: Linger | None = None,
+        linger: Linger,
         read_log: ReadLog | None = None,
         head: Callable[[], int] = lambda: 0,
         wires: wire.EventWires | None = None,
@@ -155,7 +157,7 @@ class Connection:
         self._queue_size = queue_size
         self._per_response = events_per_response
         self._replay_page = replay_page_size
-        self._linger = linger or Linger(0.0)  # shared by the hub's streams (lingers.py)
+        self._linger = linger  # shared by the hub's streams (lingers.py)
         self._max_bytes = max_bytes
         self._sent_receipts = metrics.receipts
         self._sent_events = metrics.events
@@ -184,7 +186,6 @@ class Connection:
         self._errors: list[pb.RequestError] = []
         self._sync: pb.TrainingSync | None = None
         self._wake = Wake()
-        self._loop: asyncio.AbstractEventLoop | None = None  # the sender's, once it runs
         self.end_status: tuple[grpc.StatusCode, str] | None = None
         self.ended = asyncio.Event()
         self._stopping = False
@@ -327,7 +328,7 @@ class Connection:
         events per `linger`, since a write costs the same CPU for one event as for 64. An
         idle stream's first event goes out at once, and receipts and errors never wait:
         they are a trainer's round trip."""
-        loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         self._replay_floor = welcome.head_seq
         await write(pb.ConnectResponse(welcome=welcome))
         last_write = loop.time()
@@ -347,7 +348,7 @@ class Connection:
                 if self.ended.is_set() or self._stopping:
                     break  # asked during the log read: its wake-up is not to be cleared
                 # Offers are not signalled while catching up: look at the log again soon.
-                await self._sleep(CATCH_UP_POLL_SECONDS if self.catching_up else None)
+                await self._sleep(loop, CATCH_UP_POLL_SECONDS if self.catching_up else None)
                 continue
             wait = last_write + self._linger.seconds - loop.time()
             if (
@@ -356,7 +357,7 @@ class Connection:
                 and not (self._receipts or self._errors)
             ):
                 # Linger, unless a receipt, an error or a full response turns up meanwhile.
-                await self._sleep(wait)
+                await self._sleep(loop, wait)
                 continue
             await self._flush(write)
             last_write = loop.time()
@@ -364,10 +365,10 @@ class Connection:
             # A graceful end: what the linger held goes out before the status.
             await self._flush(write)
 
-    async def _sleep(self, timeout: float | None) -> None:
+    async def _sleep(self, loop: asyncio.AbstractEventLoop, timeout: float | None) -> None:
         """Until woken (or `timeout` seconds, if given)."""
         self._wake.clear()
-        await self._wake.wait(self._loop or asyncio.get_running_loop(), timeout)
+        await self._wake.wait(loop, timeout)
 
     def _presence_due(self) -> bool:
         return self._roster is not None or self._presence_ready

@@ -16,13 +16,16 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from generated.kernelhub.v1 import hub_pb2 as pb
+
+if TYPE_CHECKING:
+    from .lingers import Linger
 
 # What a trainer may send after Hello (a batch carries these; a malformed one is `batch`),
 # and `none` for a message with no body.
@@ -127,8 +130,9 @@ class HubMetrics:
         )
         self.linger_factor = self._gauge(
             "kernelhub_linger_factor",
-            "how much of stream_linger and commit_linger applies now (0-1; it follows the "
-            "hub process's CPU use, or stays 1 with lingers_follow_load off)",
+            "how much of its setting a linger applies now, by linger (stream: stream_linger, "
+            "commit: commit_linger): 0-1, following the load, or 1 with lingers_follow_load off",
+            ("linger",),
         )
         self.claims_waiting = self._gauge(
             "kernelhub_validation_claims_waiting",
@@ -140,9 +144,13 @@ class HubMetrics:
         # prometheus_client appends `_total` itself: give it the name without.
         return Counter(name.removesuffix("_total"), doc, labels, registry=self.registry)
 
-    def _gauge(self, name: str, doc: str) -> Gauge:
-        self.docs.append(MetricDoc(name, "gauge", (), doc))
-        return Gauge(name, doc, registry=self.registry)
+    def linger_set(self, linger: Linger) -> None:
+        """A linger's new factor (lingers.py)."""
+        self.linger_factor.labels(linger.name).set(linger.factor)
+
+    def _gauge(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+        self.docs.append(MetricDoc(name, "gauge", labels, doc))
+        return Gauge(name, doc, labels, registry=self.registry)
 
     def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
         self.docs.append(MetricDoc(name, "histogram", (), doc))

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
-from .lingers import Linger
 from .outcomes import Outcome
 from .presence import Presence
 from .subscriptions import ARTIFACTS, BROADCAST_KINDS, Filter, Tags
@@ -60,7 +59,7 @@ def _event_keys(tags: Tags) -> Iterator[Key]:
 
 
 class Router:
-    def __init__(self, presence: Presence, stream_linger: Linger | None = None) -> None:
+    def __init__(self, presence: Presence) -> None:
         self._connections: dict[str, Connection] = {}
         # Watch streams: every event, whoever it is for; not agents, so never online.
         self._watchers: set[Connection] = set()
@@ -76,8 +75,6 @@ class Router:
         self.last_published_seq = 0
         # Each event's wire encoding, made once for every stream that carries it.
         self.wires = EventWires()
-        # How long a busy stream holds its events now: the same for every stream.
-        self.stream_linger = stream_linger or Linger(0.0)
         # A commit's outcome is unknown (it may have landed unpublished): until the next
         # event is published, the head may understate the log.
         self.in_doubt = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -52,9 +53,14 @@ class HubServer:
     def __init__(self, config: HubConfig, store: HubStore | None = None) -> None:
         self.config = config
         self.store = store or make_store(config.database_url, config)
-        stream_linger, commit_linger = Linger(config.stream_linger), Linger(config.commit_linger)
-        self.router = Router(
-            Presence(config.presence_linger, config.presence_writes_per_second), stream_linger
+        self.router = Router(Presence(config.presence_linger, config.presence_writes_per_second))
+        # A stream's linger follows the process's CPU; the commit's also the time spent
+        # committing (the writer's work, in its own process).
+        stream_linger = Linger("stream", config.stream_linger)
+        commit_linger = Linger(
+            "commit",
+            config.commit_linger,
+            (time.process_time, lambda: self.committer.busy_seconds),
         )
         self.metrics = HubMetrics()
         # Replica mode: the shared log feeds the router (and the validators); else each
@@ -93,7 +99,13 @@ class HubServer:
             self.leases.is_leader if self.leases is not None else None,
         )
         self.servicer = HubServicer(
-            config, self.store, self.committer, self.router, self.metrics, self.retention
+            config,
+            self.store,
+            self.committer,
+            self.router,
+            self.metrics,
+            self.retention,
+            stream_linger,
         )
         self.metrics.observe_state(
             lambda: len(self.router),
@@ -113,12 +125,14 @@ class HubServer:
                 holds=self.leases.holds,
                 on_gap=self._log_gap,
             )
-        self.lingers = (
-            LoadFollower([stream_linger, commit_linger], on_factor=self.metrics.linger_factor.set)
-            if config.lingers_follow_load
-            else None
-        )
-        self.metrics.linger_factor.set(1.0 if self.lingers is None else self.lingers.factor)
+        self.lingers: LoadFollower | None = None
+        if config.lingers_follow_load:
+            self.lingers = LoadFollower(
+                [stream_linger, commit_linger], on_factor=self.metrics.linger_set
+            )
+        else:
+            for linger in (stream_linger, commit_linger):
+                self.metrics.linger_set(linger)
         self.health = health.aio.HealthServicer()
         # Whether the last commit reached the database (through the writer): health says so.
         self._database_up = True

@@ -19,6 +19,7 @@ from .admin import Admin
 from .committer import GroupCommitter
 from .config import HubConfig
 from .errors import StatusError
+from .lingers import Linger
 from .metrics import HubMetrics
 from .queries import Queries
 from .retention import Retention
@@ -60,16 +61,17 @@ class HubServicer(hub_pb2_grpc.HubServiceServicer):
         router: Router,
         metrics: HubMetrics,
         retention: Retention,
+        stream_linger: Linger,
     ) -> None:
         self.metrics = metrics
         # What the items of one response may take: every response is built to fit.
         budget = paging.budget(config.max_message_bytes)
         self.syncs = TrainingSyncs(store, router, budget)
         self.sessions = Sessions(
-            config, store, committer, router, self.syncs, retention, budget, metrics
+            config, store, committer, router, self.syncs, retention, budget, metrics, stream_linger
         )
         self.queries = Queries(store, router, retention, budget, committer)
-        self.watches = Watches(config, store, router, retention, budget, metrics)
+        self.watches = Watches(config, store, router, retention, budget, metrics, stream_linger)
         self.admin = Admin(store, budget)
         self.verdicts = Verdicts(config, committer)
 

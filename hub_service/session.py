@@ -26,6 +26,7 @@ from .committer import GroupCommitter
 from .config import HubConfig
 from .connection import Connection, stop_sender
 from .errors import StatusError, permission_denied
+from .lingers import Linger
 from .messages import to_command
 from .metrics import HubMetrics
 from .outcomes import Outcome
@@ -67,8 +68,10 @@ class Sessions:
         retention: Retention,
         budget: int,
         metrics: HubMetrics,
+        stream_linger: Linger,
     ) -> None:
         self._config = config
+        self._linger = stream_linger  # every stream's (lingers.py)
         self._metrics = metrics
         self._received = metrics.received  # children resolved once, by (kind, outcome)
         self._errors = metrics.errors
@@ -119,7 +122,7 @@ class Sessions:
             events_per_response=self._config.max_events_per_response,
             replay_page_size=self._config.replay_page_size,
             max_bytes=self._budget,
-            linger=self._router.stream_linger,
+            linger=self._linger,
             metrics=self._metrics,
             wires=self._router.wires,
             head=lambda: self._router.last_published_seq,

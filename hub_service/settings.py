@@ -265,9 +265,11 @@ class HubSettings(BaseSettings):
     lingers_follow_load: bool = _setting(
         True,
         "streams",
-        "stream_linger and commit_linger apply in proportion to the hub process's CPU use: "
-        "not at all below half a core, in full from 0.8 of one, so a lightly loaded hub "
-        "answers at once and a busy one batches (false: they always apply in full)",
+        "stream_linger and commit_linger apply in proportion to the hub's load (its "
+        "process's CPU and how late its event loop runs; for commit_linger also the time "
+        "spent committing): not at all below 0.5 busy seconds per second, in full from 0.8, "
+        "so a lightly loaded hub answers at once and a busy one batches (false: they always "
+        "apply in full; kernelhub_linger_factor shows the factor)",
     )
     presence_linger: Seconds = _setting(
         0.25,

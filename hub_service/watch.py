@@ -20,6 +20,7 @@ from .auth import current_agent, current_token_hash
 from .config import HubConfig
 from .connection import Connection, stop_sender
 from .errors import StatusError, invalid
+from .lingers import Linger
 from .metrics import HubMetrics
 from .retention import Retention
 from .router import Router
@@ -70,8 +71,10 @@ class Watches:
         retention: Retention,
         budget: int,
         metrics: HubMetrics,
+        stream_linger: Linger,
     ) -> None:
         self._config = config
+        self._linger = stream_linger  # every stream's (lingers.py)
         self._retention = retention
         self._metrics = metrics
         self._store = store
@@ -105,7 +108,7 @@ class Watches:
             events_per_response=self._config.max_events_per_response,
             replay_page_size=self._config.replay_page_size,
             max_bytes=self._budget,
-            linger=self._router.stream_linger,
+            linger=self._linger,
             read_log=lambda after, limit, max_bytes, _: self._store.events_after(
                 after, limit, max_bytes
             ),

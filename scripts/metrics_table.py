@@ -24,6 +24,7 @@ LABEL_VALUES = {
     "code": "a gRPC status code name (`INVALID_ARGUMENT`...)",
     "limit": " / ".join(f"`{limit}`" for limit in LIMITS),
     "method": "an RPC of HubService (`ListAgents`...), or `other`",
+    "linger": "`stream` / `commit`",
 }
 
 
