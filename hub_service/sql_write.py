@@ -25,7 +25,7 @@ from .commands import apply_command
 from .errors import StatusError, unavailable
 from .models import EventRecipientRow, EventRow, ReceivedMessageRow, utcnow
 from .outcomes import Outcome
-from .sql_tx import SqlTx
+from .sql_tx import Specializations, SqlTx
 from .state import Command, Receipt
 
 log = logging.getLogger(__name__)
@@ -156,9 +156,14 @@ class SqlWriter:
         self.lock_params = {"key": LOG_LOCK_KEY, "idle": str(int(idle * 1000))}
         self._bulk = BulkWriter(engine.dialect)
         self._seq = 0
+        # Replicas: other writers change agents beneath this one, so nothing is kept.
+        self._specializations = None if shared else Specializations()
 
     def load_head(self) -> int:
-        """Continue the event log after its last `seq`."""
+        """Continue the event log after its last `seq` (and forget what another writer may
+        have changed since)."""
+        if self._specializations is not None:
+            self._specializations.clear()
         with session(self.engine) as s:
             self._seq = int(s.exec(select(func.max(EventRow.seq))).one() or 0)
         return self._seq
@@ -216,7 +221,9 @@ class SqlWriter:
             head = self._seq
             received = self._received(connection, commands)
             origin = self.shared.origin if self.shared else ""
-            tx = SqlTx(s, utcnow(), self._next_seq, self.policy, received, origin)
+            tx = SqlTx(
+                s, utcnow(), self._next_seq, self.policy, received, origin, self._specializations
+            )
             for command in commands:
                 try:
                     results.append(apply_command(tx, command))
