@@ -36,6 +36,7 @@ from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.util import Finalize
 from typing import Any
 
+from . import heap
 from .collaboration import Policy
 from .errors import StatusError, unavailable
 from .outcomes import Outcome
@@ -256,6 +257,7 @@ def _serve(sock: socket.socket, settings: WriterSettings) -> None:
         _reply(sock, ready)
         if isinstance(ready, StatusError):
             return
+        heap.settle()
         while len(header := incoming.read(_HEADER.size)) == _HEADER.size:
             (size,) = _HEADER.unpack(header)
             payload: list[Command] | WriterJob = pickle.loads(incoming.read(size))
