@@ -8,6 +8,7 @@ reads, so seq order is commit order hub-wide (docs/scaling.md, "One log, one ord
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -158,6 +159,8 @@ class SqlWriter:
         self._seq = 0
         # Replicas: other writers change agents beneath this one, so nothing is kept.
         self._specializations = None if shared else Specializations()
+        # SQLite: the connection the commits run on, kept between them (`_session`).
+        self._connection: Connection | None = None
 
     def load_head(self) -> int:
         """Continue the event log after its last `seq` (and forget what another writer may
@@ -209,9 +212,34 @@ class SqlWriter:
                 ]
         return [self.commit([command], head_checked=True)[0] for command in commands]
 
+    def _session(self) -> Session:
+        """The commit's session. On SQLite, on a connection kept from one commit to the next:
+        a checkout from the pool and its reset cost ~25 µs, an eighth of a one-share commit.
+        On PostgreSQL, from the pool each time, pinged first: a connection the server
+        dropped while the hub was idle is replaced, not failed on."""
+        if self.engine.dialect.name != "sqlite":
+            return session(self.engine)
+        if self._connection is None or self._connection.invalidated:
+            self._connection = self.engine.connect()
+        return Session(self._connection, expire_on_commit=False)
+
+    def _drop_connection(self) -> None:
+        """After a failed commit: the next one starts on a connection from the pool."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.close()
+
     def _transaction(self, commands: Sequence[Command]) -> list[Outcome | StatusError]:
+        try:
+            return self._apply(commands)
+        except BaseException:
+            self._drop_connection()
+            raise
+
+    def _apply(self, commands: Sequence[Command]) -> list[Outcome | StatusError]:
         results: list[Outcome | StatusError] = []
-        with session(self.engine) as s:
+        with self._session() as s:
             connection = s.connection()
             if self.shared:
                 # First, before any read: the ledger and the rows the rules read are then
@@ -290,4 +318,5 @@ class SqlWriter:
         return int(deleted.rowcount)  # type: ignore[attr-defined]
 
     def dispose(self) -> None:
+        self._drop_connection()
         self.engine.dispose()
