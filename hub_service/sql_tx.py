@@ -35,9 +35,9 @@ from .subscriptions import Tags
 class Specializations:
     """The committed specialization of agents, across commits: a share's event is tagged
     with its sender's, and a commit of one share spent a third of its CPU reading it. Only
-    for a writer that is the agent table's one writer (a single hub, not replicas, whose
-    peers change rows beneath it); a transaction that changes an agent forgets it at once.
-    Bounded: full, it starts over."""
+    for a writer that is the agent table's one writer (`SqlWriter` says when); a
+    transaction that changes an agent forgets it at once, before its COMMIT. Bounded: full,
+    it starts over."""
 
     def __init__(self, limit: int = 65536) -> None:
         self._limit = limit

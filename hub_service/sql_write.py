@@ -157,8 +157,13 @@ class SqlWriter:
         self.lock_params = {"key": LOG_LOCK_KEY, "idle": str(int(idle * 1000))}
         self._bulk = BulkWriter(engine.dialect)
         self._seq = 0
-        # Replicas: other writers change agents beneath this one, so nothing is kept.
-        self._specializations = None if shared else Specializations()
+        # Only on SQLite, where this writer is the agent table's one writer. Not for replicas
+        # (other writers change agents beneath this one), nor on PostgreSQL at all: the
+        # COMMIT of a writer process killed mid-commit may land after its successor has read
+        # (and kept) the rows it changes.
+        self._specializations = (
+            Specializations() if engine.dialect.name == "sqlite" and not shared else None
+        )
         # SQLite: the connection the commits run on, kept between them (`_session`).
         self._connection: Connection | None = None
 
