@@ -76,8 +76,8 @@ def emit(
     event = pb.HubEvent(seq=seq, sender_id=sender, **body)
     event.create_time.CopyFrom(tx.now_pb)
     tagged = about or event
-    contributor = tx.agent(tagged.sender_id) if tagged.sender_id and recipients is None else None
-    tags = tags_of(tagged, contributor.specialization if contributor else 0)
+    contributor = tagged.sender_id if recipients is None else ""
+    tags = tags_of(tagged, tx.specialization_of(contributor) if contributor else 0)
     if about is not None:
         # The contributor hears of its own artifact whatever it subscribed to.
         tags = replace(tags, contributor=sender, also_to=frozenset({about.sender_id}) - {sender})

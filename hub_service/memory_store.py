@@ -160,6 +160,10 @@ class MemoryTx:
     def agent(self, agent_id: str) -> AgentRow | None:
         return self._get(AgentRow, self._store.agents, agent_id)
 
+    def specialization_of(self, agent_id: str) -> int:
+        row = self._rows.get((AgentRow, agent_id)) or self._store.agents.get(agent_id)
+        return row.specialization if row is not None else 0
+
     def agents(self, online_only: bool = False) -> Sequence[AgentRow]:
         keys = [
             k

@@ -8,6 +8,7 @@ import logging
 import signal
 from collections.abc import Callable
 
+from . import heap
 from .config import HubConfig
 from .server import HubServer
 
@@ -37,6 +38,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    heap.settle()
     announce(config, hub)
     await stop.wait()
     log.info("signal received; draining")

@@ -36,6 +36,7 @@ from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.util import Finalize
 from typing import Any
 
+from . import heap
 from .collaboration import Policy
 from .errors import StatusError, unavailable
 from .outcomes import Outcome
@@ -208,8 +209,9 @@ class WriterProcess:
     async def _send(self, payload: object) -> None:
         assert self._writer is not None
         data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
-        self._writer.write(_HEADER.pack(len(data)))
-        self._writer.write(data)
+        # One write, so one send(): two cost a system call more, and could wake the child
+        # for the header alone.
+        self._writer.write(_HEADER.pack(len(data)) + data)
         await self._writer.drain()
 
     async def _receive(self) -> Any:
@@ -256,6 +258,7 @@ def _serve(sock: socket.socket, settings: WriterSettings) -> None:
         _reply(sock, ready)
         if isinstance(ready, StatusError):
             return
+        heap.settle()
         while len(header := incoming.read(_HEADER.size)) == _HEADER.size:
             (size,) = _HEADER.unpack(header)
             payload: list[Command] | WriterJob = pickle.loads(incoming.read(size))

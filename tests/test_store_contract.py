@@ -918,3 +918,23 @@ async def test_events_for_applies_the_subscription(store: HubStore, case: int) -
     assert [e.seq for e in first] == seqs[:1] and first.more == (len(seqs) > 1)
     rest = await store.events_for(reader, seqs[0], 100, subscription=subscription(**fields))
     assert [e.seq for e in rest] == seqs[1:]
+
+
+async def test_a_share_is_tagged_with_its_senders_specialization_at_its_commit(
+    store: HubStore,
+) -> None:
+    """A hello that changes the sender's specialization retags its later shares, in the same
+    commit and in the next ones (a writer that keeps specializations between commits must
+    forget the one a hello changes)."""
+    unspecified = pb.SPECIALIZATION_UNSPECIFIED  # the content adds no specialization
+    await commit_ok(store, [online("a", NET), share_as("a", "s1", unspecified)])
+    await commit_ok(store, [share_as("a", "s2", unspecified)])
+    await commit_ok(store, [online("a", SEC), share_as("a", "s3", unspecified)])
+    await commit_ok(store, [share_as("a", "s4", unspecified)])
+    await commit_ok(store, [online("a", FS)])
+    await commit_ok(store, [share_as("a", "s5", unspecified), share_as("a", "s6", unspecified)])
+    for spec, seqs in ((NET, [1, 2]), (SEC, [3, 4]), (FS, [5, 6])):
+        events = await store.events_for(
+            "c", 0, 100, subscription=subscription(specializations=[spec])
+        )
+        assert [e.seq for e in events] == seqs, spec
