@@ -164,8 +164,11 @@ class SqlWriter:
         self._specializations = (
             Specializations() if engine.dialect.name == "sqlite" and not shared else None
         )
-        # SQLite: the connection the commits run on, kept between them (`_session`).
+        # SQLite: the connection the commits run on, kept between them (`_session`), and
+        # the database's data_version on it as of the last commit: another connection's
+        # commit changes it (another process writing the same file).
         self._connection: Connection | None = None
+        self._data_version = -1
 
     def load_head(self) -> int:
         """Continue the event log after its last `seq` (and forget what another writer may
@@ -224,9 +227,33 @@ class SqlWriter:
         dropped while the hub was idle is replaced, not failed on."""
         if self.engine.dialect.name != "sqlite":
             return session(self.engine)
+        if self._connection is not None and self._connection.in_transaction():
+            # A session on it would join that transaction, and its commit would COMMIT
+            # nothing: acknowledged, never stored. Nothing here leaves one open; never trust it.
+            log.warning("the writer's connection was left in a transaction; replacing it")
+            self._drop_connection()
         if self._connection is None or self._connection.invalidated:
             self._connection = self.engine.connect()
+            self._data_version = -1
+        self._follow_other_writers(self._connection)
         return Session(self._connection, expire_on_commit=False)
+
+    def _follow_other_writers(self, connection: Connection) -> None:
+        """Forget the cached specializations if anyone else committed to the file since
+        this writer's last commit (a second hub on the same SQLite file is not refused).
+        On the DB-API connection: through SQLAlchemy the PRAGMA would begin a transaction."""
+        if self._specializations is None:
+            return
+        raw = connection.connection.driver_connection
+        assert raw is not None
+        version = int(raw.execute("PRAGMA data_version").fetchone()[0])
+        if version != self._data_version:
+            self._specializations.clear()
+            self._data_version = version
+
+    def close(self) -> None:
+        """Let go of the kept connection (a store closing in this process)."""
+        self._drop_connection()
 
     def _drop_connection(self) -> None:
         """After a failed commit: the next one starts on a connection from the pool."""

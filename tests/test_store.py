@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import create_engine, text
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.bulk import BulkWriter
@@ -24,7 +25,17 @@ from hub_service.sql_store import SqlStore
 from hub_service.state import Principal
 
 from .conftest import WAIT, HubHarness, free_port, hello, make_config, pattern
-from .test_store_contract import artifact_count, commit_ok, online, request_feature, share
+from .test_store_contract import (
+    NET,
+    SEC,
+    artifact_count,
+    commit_ok,
+    online,
+    request_feature,
+    share,
+    share_as,
+    subscription,
+)
 
 
 @pytest.fixture
@@ -233,3 +244,64 @@ async def test_the_cli_serves_an_ephemeral_hub_in_memory(tmp_path: Path) -> None
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_a_second_writer_on_the_same_file_retags_the_first_ones_shares(
+    tmp_path: Path,
+) -> None:
+    """Two hubs on one SQLite file (nothing refuses it): the first keeps its senders'
+    specializations between commits, and must notice that the second changed one."""
+    url = f"sqlite:///{tmp_path / 'hub.db'}"
+    first, second = SqlStore(url, writer="thread"), SqlStore(url, writer="thread")
+    await first.open()
+    await second.open()
+    try:
+        unspecified = pb.SPECIALIZATION_UNSPECIFIED
+        await commit_ok(first, [online("a", NET), share_as("a", "s1", unspecified)])
+        await commit_ok(first, [share_as("a", "s2", unspecified)])  # from the cache
+        await commit_ok(second, [online("a", SEC)])
+        await commit_ok(first, [share_as("a", "s3", unspecified)])
+        for spec, seqs in ((NET, [1, 2]), (SEC, [3])):
+            events = await first.events_for(
+                "c", 0, 100, subscription=subscription(specializations=[spec])
+            )
+            assert [e.seq for e in events] == seqs, spec
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_the_writer_never_joins_a_transaction_left_open_on_its_connection(
+    tmp_path: Path,
+) -> None:
+    """A session on a connection already in a transaction joins it, and its commit then
+    COMMITs nothing: a commit would be acknowledged and never stored. Nothing leaves one
+    open today (the writer keeps its connection between commits on SQLite); the writer
+    does not trust that."""
+    url = f"sqlite:///{tmp_path / 'hub.db'}"
+    store = SqlStore(url, writer="thread")
+    await store.open()
+    try:
+        await commit_ok(store, [online("a")])
+        kept = store.sql_writer._connection
+        assert kept is not None
+        kept.execute(text("select 1"))  # autobegins, and is left open
+        await commit_ok(store, [online("b")])
+    finally:
+        await store.close()
+    reader = create_engine(url)
+    try:
+        with reader.connect() as connection:
+            stored = connection.execute(text("select agent_id from agent order by 1")).all()
+        assert [row[0] for row in stored] == ["a", "b"]
+    finally:
+        reader.dispose()
+
+
+async def test_closing_a_store_lets_go_of_the_writers_connection(tmp_path: Path) -> None:
+    store = SqlStore(f"sqlite:///{tmp_path / 'hub.db'}", writer="thread")
+    await store.open()
+    await commit_ok(store, [online("a")])
+    assert store.sql_writer._connection is not None
+    await store.close()
+    assert store.sql_writer._connection is None
