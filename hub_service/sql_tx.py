@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import delete, false, func, or_, update
+from sqlalchemy import bindparam, delete, false, func, or_, update
 from sqlmodel import Session, SQLModel, col, select
 
 from generated.kernelhub.v1 import hub_pb2 as pb
@@ -58,6 +58,20 @@ class Specializations:
         self._known.clear()
 
 
+# One agent's open sessions as committed (bound: agent, now), built once.
+_OPEN_OF_AGENT = select(CollaborationRow).where(
+    col(CollaborationRow.state).in_(collab.OPEN_STATES),
+    or_(
+        col(CollaborationRow.expires_at).is_(None),
+        col(CollaborationRow.expires_at) > bindparam("now"),
+    ),
+    or_(
+        col(CollaborationRow.initiator_id) == bindparam("agent"),
+        col(CollaborationRow.target_id) == bindparam("agent"),
+    ),
+)
+
+
 class SqlTx:
     """One group-commit transaction: the session, its clock, and the event log's tail.
     Changed rows go through the ORM; append-only rows wait in `appends` for the bulk
@@ -91,6 +105,8 @@ class SqlTx:
         # tags need its sender's) was a SELECT of its own, ~70% of a 64-share commit's CPU.
         self._agents: dict[str, AgentRow] = {}
         self._specializations = specializations
+        # The collaboration rows this transaction added or changed (`put_collaboration`).
+        self._collaborations: dict[str, CollaborationRow] = {}
 
     def _append(self, model: type[SQLModel], **values: Any) -> None:
         self.appends[model].append(values)
@@ -233,6 +249,8 @@ class SqlTx:
         return self.session.get(CollaborationRow, session_id)
 
     def open_collaborations(self, agent_id: str | None) -> Sequence[CollaborationRow]:
+        if agent_id is not None:
+            return self._open_collaborations_of(agent_id)
         query = select(CollaborationRow).where(
             col(CollaborationRow.state).in_(collab.OPEN_STATES),
             or_(
@@ -240,14 +258,27 @@ class SqlTx:
                 col(CollaborationRow.expires_at) > self.now,
             ),
         )
-        if agent_id is not None:
-            query = query.where(
-                or_(
-                    col(CollaborationRow.initiator_id) == agent_id,
-                    col(CollaborationRow.target_id) == agent_id,
-                )
-            )
         return self.session.exec(query).all()
+
+    def _open_collaborations_of(self, agent_id: str) -> list[CollaborationRow]:
+        """The committed rows, read without a flush, with this transaction's own changes
+        laid over them (every change goes through `put_collaboration`). Every AgentOnline
+        asks: with autoflush each one flushed its agent row on its own, and this read was
+        half the writer's time in a connect storm."""
+        with self.session.no_autoflush:
+            committed = self.session.exec(
+                _OPEN_OF_AGENT, params={"agent": agent_id, "now": self.now}
+            ).all()
+        rows = {row.session_id: row for row in committed}
+        for row in self._collaborations.values():
+            if agent_id in (row.initiator_id, row.target_id):
+                rows[row.session_id] = row
+        return [  # as they stand now, in memory (a committed row may have changed since)
+            row
+            for row in rows.values()
+            if row.state in collab.OPEN_STATES
+            and (row.expires_at is None or row.expires_at > self.now)
+        ]
 
     def count_open(
         self, *, initiator: str | None = None, target: str | None = None, state: int | None = None
@@ -278,6 +309,7 @@ class SqlTx:
 
     def put_collaboration(self, row: CollaborationRow) -> None:
         self.session.add(row)
+        self._collaborations[row.session_id] = row
 
     def feature_request(self, request_id: str) -> FeatureRequestRow | None:
         return self.session.get(FeatureRequestRow, request_id)

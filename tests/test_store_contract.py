@@ -938,3 +938,22 @@ async def test_a_share_is_tagged_with_its_senders_specialization_at_its_commit(
             "c", 0, 100, subscription=subscription(specializations=[spec])
         )
         assert [e.seq for e in events] == seqs, spec
+
+
+async def test_a_partner_back_in_the_same_commit_gets_the_full_deadline(
+    open_store: OpenStore,
+) -> None:
+    """A proposal to an offline agent and that agent's hello in one group commit: the hello
+    sees the proposal its batch-mate made, so the deadline is the full proposal TTL, not the
+    offline grace, exactly as if they had come in two commits."""
+    policy = Policy(proposal_ttl=timedelta(seconds=600), partner_offline_grace=timedelta(seconds=5))
+    async with open_store(policy) as store:
+        await commit_ok(store, [online("a"), online("b")])
+        await commit_ok(store, [cmd.AgentOffline("b")])
+        # (c's hello first: whatever a first presence change reads has been read.)
+        [_, proposed, _] = await commit_ok(
+            store, [online("c"), propose("a", "p1", "b"), online("b")]
+        )
+        [row] = (await store.list_collaborations("", 0, 10, "")).items
+        assert row.session_id == proposed.resource_id
+        assert row.expire_time.ToDatetime() - row.create_time.ToDatetime() == timedelta(seconds=600)
