@@ -18,6 +18,7 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 from generated.kernelhub.v1 import hub_pb2_grpc
 
 from . import commands as cmd
+from . import heap
 from .auth import BearerAuthInterceptor
 from .committer import GroupCommitter
 from .config import HubConfig
@@ -248,6 +249,7 @@ class HubServer:
         ]
         if self.lingers is not None:
             self._loops.append(asyncio.create_task(self.lingers.run()))
+        self._loops.append(asyncio.create_task(heap.Trimmer().run()))
         if self.config.training_sync_interval > 0:
             self._loops.append(
                 asyncio.create_task(
