@@ -59,8 +59,7 @@ class Wake:
     """The sender's wake-up: set by whoever queues output, awaited by the sender, with an
     optional timeout. A future of the loop's own and a timer handle, not `asyncio.Event` and
     `asyncio.timeout`: each of their calls looks the running loop up, and CPython 3.11 makes
-    a getpid system call per lookup (8% of the hub's samples at 200 shares/s to 50 streams,
-    docs/benchmarks.md). One waiter at a time (the stream's sender); not thread-safe, like
+    a getpid system call per lookup (docs/benchmarks.md measured its share). One waiter at a time (the stream's sender); not thread-safe, like
     the loop it runs on."""
 
     __slots__ = ("_set", "_waiter")

@@ -52,8 +52,7 @@ class Trimmer:
 
     A connect storm builds rosters, welcomes and commits for thousands of streams at once;
     once sent, that memory is free but glibc keeps it, and the process's RSS stays at the
-    storm's high-water mark (measured: 61 KiB per idle trainer after a 1,000-trainer storm,
-    46 KiB once trimmed). So after at least `worth` seconds of CPU since the last trim, the
+    storm's high-water mark (docs/benchmarks.md has what trimming gives back). So after at least `worth` seconds of CPU since the last trim, the
     first sample in which the process is quiet (under `quiet` of a core) trims, on a thread
     (ctypes lets go of the GIL; the loop goes on)."""
 

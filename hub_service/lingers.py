@@ -72,10 +72,8 @@ class LoadFollower:
         """One reading: each clock's busy seconds since the last one over the time that
         passed, plus `late` (the seconds the sampler woke after it was due)."""
         now = self._clock()
-        since, self._last_sample = (
-            (None if self._last_sample is None else now - self._last_sample),
-            now,
-        )
+        since = None if self._last_sample is None else now - self._last_sample
+        self._last_sample = now
         for linger in self._lingers:
             readings = tuple(read() for read in linger.clocks)
             if since is not None and since > 0 and linger._last:

@@ -228,10 +228,9 @@ class SqlStore:
         if self.writer_process is not None:
             await self.writer_process.close()
         self._writer.shutdown(wait=True)
-        self.sql_writer.close()  # its kept connection (a writer thread's), not the pool's
         self._readers.shutdown(wait=True)
         self._leases.shutdown(wait=True)
-        self._engine.dispose()
+        self.sql_writer.dispose()  # its kept connection (a writer thread's), then the pool
         if self._lease_engine is not None:
             self._lease_engine.dispose()
 

@@ -251,10 +251,6 @@ class SqlWriter:
             self._specializations.clear()
             self._data_version = version
 
-    def close(self) -> None:
-        """Let go of the kept connection (a store closing in this process)."""
-        self._drop_connection()
-
     def _drop_connection(self) -> None:
         """After a failed commit: the next one starts on a connection from the pool."""
         connection, self._connection = self._connection, None
