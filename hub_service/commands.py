@@ -10,6 +10,7 @@ produced and who may receive them; the router delivers them once the commit is d
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -38,6 +39,12 @@ from .subscriptions import tags_of
 from .validation import COLLABORATION_SESSION_ATTRIBUTE
 
 State = pb.CollaborationState
+
+
+def presence_changes(commands: Sequence[Command]) -> set[str]:
+    """The agents whose rows (and open sessions) a batch's commands read for certain: a
+    store may read them all at once, before the first."""
+    return {c.agent_id for c in commands if isinstance(c, AgentOnline | AgentOffline)}
 
 
 def apply_command(tx: StateTx, command: Command) -> Outcome:

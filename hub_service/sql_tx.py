@@ -4,7 +4,7 @@ append-only rows (events, recipients, artifacts, the ledger) held for one bulk i
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -72,6 +72,22 @@ _OPEN_OF_AGENT = select(CollaborationRow).where(
 )
 
 
+# The same for many agents (bound: ids, a list; now), and their rows: `prefetch_agents`.
+_OPEN_OF_AGENTS = select(CollaborationRow).where(
+    col(CollaborationRow.state).in_(collab.OPEN_STATES),
+    or_(
+        col(CollaborationRow.expires_at).is_(None),
+        col(CollaborationRow.expires_at) > bindparam("now"),
+    ),
+    or_(
+        col(CollaborationRow.initiator_id).in_(bindparam("ids", expanding=True)),
+        col(CollaborationRow.target_id).in_(bindparam("ids", expanding=True)),
+    ),
+)
+_AGENTS = select(AgentRow).where(col(AgentRow.agent_id).in_(bindparam("ids", expanding=True)))
+_PREFETCH_CHUNK = 500  # ids in one IN list: SQLite's older builds allow 999 variables
+
+
 class SqlTx:
     """One group-commit transaction: the session, its clock, and the event log's tail.
     Changed rows go through the ORM; append-only rows wait in `appends` for the bulk
@@ -107,6 +123,10 @@ class SqlTx:
         self._specializations = specializations
         # The collaboration rows this transaction added or changed (`put_collaboration`).
         self._collaborations: dict[str, CollaborationRow] = {}
+        # `prefetch_agents`: the agents known to have no row, and the committed open
+        # sessions of each agent it read.
+        self._absent: set[str] = set()
+        self._open_committed: dict[str, list[CollaborationRow]] = {}
 
     def _append(self, model: type[SQLModel], **values: Any) -> None:
         self.appends[model].append(values)
@@ -149,9 +169,31 @@ class SqlTx:
 
     # --- rows the commands change ------------------------------------------------
 
+    def prefetch_agents(self, agent_ids: Collection[str]) -> None:
+        """Read the rows and open sessions of agents whose presence the batch changes, in a
+        few queries before its commands: each AgentOnline's own SELECTs (and the flush of
+        its predecessor's row each one forced) were most of a connect storm's commit."""
+        wanted = sorted(set(agent_ids) - self._agents.keys())
+        with self.session.no_autoflush:
+            for start in range(0, len(wanted), _PREFETCH_CHUNK):
+                chunk = wanted[start : start + _PREFETCH_CHUNK]
+                for row in self.session.exec(_AGENTS.params(ids=chunk)):
+                    self._agents[row.agent_id] = row
+                self._absent.update(a for a in chunk if a not in self._agents)
+                opened: dict[str, list[CollaborationRow]] = {a: [] for a in chunk}
+                for collaboration in self.session.exec(
+                    _OPEN_OF_AGENTS.params(ids=chunk, now=self.now)
+                ):
+                    for agent_id in {collaboration.initiator_id, collaboration.target_id}:
+                        if agent_id in opened:
+                            opened[agent_id].append(collaboration)
+                self._open_committed.update(opened)
+
     def agent(self, agent_id: str) -> AgentRow | None:
         row = self._agents.get(agent_id)
         if row is None:
+            if agent_id in self._absent:
+                return None
             row = self.session.get(AgentRow, agent_id)
             if row is not None:
                 self._agents[agent_id] = row
@@ -265,10 +307,14 @@ class SqlTx:
         laid over them (every change goes through `put_collaboration`). Every AgentOnline
         asks: with autoflush each one flushed its agent row on its own, and this read was
         half the writer's time in a connect storm."""
-        with self.session.no_autoflush:
-            committed = self.session.exec(
-                _OPEN_OF_AGENT, params={"agent": agent_id, "now": self.now}
-            ).all()
+        committed = self._open_committed.get(agent_id)
+        if committed is None:
+            with self.session.no_autoflush:
+                committed = list(
+                    self.session.exec(
+                        _OPEN_OF_AGENT, params={"agent": agent_id, "now": self.now}
+                    ).all()
+                )
         rows = {row.session_id: row for row in committed}
         for row in self._collaborations.values():
             if agent_id in (row.initiator_id, row.target_id):

@@ -22,7 +22,7 @@ from sqlmodel import Session, col, create_engine, select
 
 from . import collaboration as collab
 from .bulk import BulkWriter
-from .commands import apply_command
+from .commands import apply_command, presence_changes
 from .errors import StatusError, unavailable
 from .models import EventRecipientRow, EventRow, ReceivedMessageRow, utcnow
 from .outcomes import Outcome
@@ -280,6 +280,7 @@ class SqlWriter:
             tx = SqlTx(
                 s, utcnow(), self._next_seq, self.policy, received, origin, self._specializations
             )
+            tx.prefetch_agents(presence_changes(commands))
             for command in commands:
                 try:
                     results.append(apply_command(tx, command))

@@ -940,6 +940,36 @@ async def test_a_share_is_tagged_with_its_senders_specialization_at_its_commit(
         assert [e.seq for e in events] == seqs, spec
 
 
+async def test_presence_changes_of_many_agents_in_one_commit(open_store: OpenStore) -> None:
+    """A batch of presence changes (as a connect storm commits them, more agents than one
+    read of them takes): each sees its own agent as the commands before it left it, and
+    the partner of an open session going offline gives it the offline grace."""
+    policy = Policy(proposal_ttl=timedelta(seconds=600), partner_offline_grace=timedelta(seconds=5))
+    async with open_store(policy) as store:
+        await commit_ok(store, [online("a"), online("b")])
+        [proposed] = await commit_ok(store, [propose("a", "p1", "b")])
+        many = [f"n{i:04d}" for i in range(1100)]
+        await commit_ok(
+            store,
+            [
+                *(online(agent) for agent in many),
+                cmd.AgentOffline("b"),
+                cmd.AgentOffline("never_seen"),
+                online("fresh", SEC),
+                online("fresh", FS),  # the batch's own row, not "no such agent"
+                *(cmd.AgentOffline(agent) for agent in many[::2]),
+            ],
+        )
+        listed = await store.list_agents(True, 2000, "")
+        assert {a.agent_id for a in listed.items} == {"a", "fresh", *many[1::2]}
+        [fresh] = [a for a in listed.items if a.agent_id == "fresh"]
+        assert fresh.specialization == FS
+        [row] = (await store.list_collaborations("", 0, 10, "")).items
+        assert row.session_id == proposed.resource_id
+        grace = row.expire_time.ToDatetime() - row.create_time.ToDatetime()
+        assert grace < timedelta(seconds=600), "b went offline: the grace, not the TTL"
+
+
 async def test_a_partner_back_in_the_same_commit_gets_the_full_deadline(
     open_store: OpenStore,
 ) -> None:
