@@ -85,6 +85,7 @@ _OPEN_OF_AGENTS = select(CollaborationRow).where(
     ),
 )
 _AGENTS = select(AgentRow).where(col(AgentRow.agent_id).in_(bindparam("ids", expanding=True)))
+_NEWEST_PRESENCE_REV = select(func.coalesce(func.max(AgentRow.presence_rev), 0))
 _PREFETCH_CHUNK = 500  # ids in one IN list: SQLite's older builds allow 999 variables
 
 
@@ -174,15 +175,17 @@ class SqlTx:
         few queries before its commands: each AgentOnline's own SELECTs (and the flush of
         its predecessor's row each one forced) were most of a connect storm's commit."""
         wanted = sorted(set(agent_ids) - self._agents.keys())
+        if len(wanted) < 2:
+            return  # one agent: its own reads cost no more
         with self.session.no_autoflush:
             for start in range(0, len(wanted), _PREFETCH_CHUNK):
                 chunk = wanted[start : start + _PREFETCH_CHUNK]
-                for row in self.session.exec(_AGENTS.params(ids=chunk)):
+                for row in self.session.exec(_AGENTS, params={"ids": chunk}):
                     self._agents[row.agent_id] = row
                 self._absent.update(a for a in chunk if a not in self._agents)
                 opened: dict[str, list[CollaborationRow]] = {a: [] for a in chunk}
                 for collaboration in self.session.exec(
-                    _OPEN_OF_AGENTS.params(ids=chunk, now=self.now)
+                    _OPEN_OF_AGENTS, params={"ids": chunk, "now": self.now}
                 ):
                     for agent_id in {collaboration.initiator_id, collaboration.target_id}:
                         if agent_id in opened:
@@ -223,9 +226,8 @@ class SqlTx:
         # A presence change: the next revision, after every one committed (replicas take it
         # under the log's lock, so revisions commit in order, as seqs do).
         if self._presence_rev is None:
-            self._presence_rev = int(
-                self.session.exec(select(func.coalesce(func.max(AgentRow.presence_rev), 0))).one()
-            )
+            with self.session.no_autoflush:  # of committed rows: what is pending has none yet
+                self._presence_rev = int(self.session.exec(_NEWEST_PRESENCE_REV).one())
         self._presence_rev += 1
         row.presence_rev = self._presence_rev
         self.session.add(row)
