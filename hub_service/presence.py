@@ -16,13 +16,16 @@ is no change at all.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
 # Changes kept for followers that are behind; one further behind gets the roster again.
 LOG_SIZE = 16384
+# How much longer changes collect while the hub is busy (at `busy()` 1: three times the
+# pause), so the writes presence costs give way to the work that made it busy.
+BUSY_STRETCH = 2.0
 
 
 class Entry(NamedTuple):
@@ -58,9 +61,14 @@ def same(a: pb.AgentInfo, b: pb.AgentInfo) -> bool:
 
 class Presence:
     def __init__(
-        self, linger: float, writes_per_second: float = 2000.0, log_size: int = LOG_SIZE
+        self,
+        linger: float,
+        writes_per_second: float = 2000.0,
+        log_size: int = LOG_SIZE,
+        busy: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self._linger = linger
+        self._busy = busy
         # Each wake-up costs one write per follower: with many followers they wake less
         # often (and each write carries more), so a storm of joins cannot fill the loop.
         self._writes_per_second = writes_per_second
@@ -168,6 +176,7 @@ class Presence:
             self._base += dropped
         if self._tick is None:
             delay = max(self._linger, len(self._followers) / self._writes_per_second)
+            delay *= 1.0 + BUSY_STRETCH * self._busy()
             self._tick = asyncio.get_running_loop().call_later(delay, self._wake)
 
     def _wake(self) -> None:

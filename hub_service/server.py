@@ -54,10 +54,17 @@ class HubServer:
     def __init__(self, config: HubConfig, store: HubStore | None = None) -> None:
         self.config = config
         self.store = store or make_store(config.database_url, config)
-        self.router = Router(Presence(config.presence_linger, config.presence_writes_per_second))
         # A stream's linger follows the process's CPU; the commit's also the time spent
         # committing (the writer's work, in its own process).
         stream_linger = Linger("stream", config.stream_linger)
+        # Presence's pause follows the stream linger's load factor (if it follows the load).
+        self.router = Router(
+            Presence(
+                config.presence_linger,
+                config.presence_writes_per_second,
+                busy=(lambda: stream_linger.factor) if config.lingers_follow_load else lambda: 0.0,
+            )
+        )
         commit_linger = Linger(
             "commit",
             config.commit_linger,

@@ -283,7 +283,8 @@ class HubSettings(BaseSettings):
         "streams",
         "presence updates the hub writes per second at most, over all its streams: with more "
         "agents online than this times `presence_linger`, updates coalesce for longer (each "
-        "agent still learns of each change once), so a storm of joins cannot starve the hub",
+        "agent still learns of each change once), so a storm of joins cannot starve the hub; "
+        "while the hub is busy (lingers_follow_load), up to three times longer still",
         gt=0,
     )
     replay_page_size: int = _setting(

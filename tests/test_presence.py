@@ -148,6 +148,31 @@ async def test_a_roster_larger_than_one_response_comes_in_pages() -> None:
         assert not any(u.roster_complete for u in late.presence[:-1])
 
 
+@pytest.mark.parametrize(("busy", "stretch"), [(0.0, 1.0), (0.5, 2.0), (1.0, 3.0)])
+async def test_a_busy_hub_collects_presence_changes_for_longer(busy: float, stretch: float) -> None:
+    """Followers are woken once per pause however many changes came; the pause is the
+    linger (or the write budget's share per follower, if longer), up to three times as long
+    while the hub is busy, so a storm's presence writes give way to the joins themselves."""
+    loop = asyncio.get_running_loop()
+    presence = Presence(linger=0.25, writes_per_second=10.0, busy=lambda: busy)
+
+    class Follower:
+        woken = 0
+
+        def presence_ready(self) -> None:
+            self.woken += 1
+
+    followers = [Follower() for _ in range(5)]  # 5 followers at 10 writes/s: 0.5 s apart
+    for follower in followers:
+        presence.follow(follower)
+    before = loop.time()
+    for i in range(20):
+        presence.online(pb.AgentInfo(agent_id=f"agent_{i}", version="1"))
+    assert presence._tick is not None  # one wake-up for the burst, not one per change
+    assert presence._tick.when() - before == pytest.approx(0.5 * stretch, abs=0.05)
+    presence._tick.cancel()
+
+
 @pytest.mark.parametrize("row_first", [False, True], ids=["shown-first", "row-first"])
 async def test_an_agent_that_moved_here_is_not_kept_online_by_the_other_replica_s_word(
     row_first: bool,
