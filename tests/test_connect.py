@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import timedelta
 
 import grpc
@@ -16,13 +15,10 @@ from hub_service.server import HubServer
 
 from .conftest import WAIT, HubHarness, auth, hello, make_config, pattern
 
-
-async def _say_hello(call: grpc.aio.StreamStreamCall, agent_id: str) -> None:
-    """Write a Hello, which a refusal of the call itself may have overtaken: the hub can
-    refuse a bad token before the client writes, and the write then raises that status
-    (read again by `_first_status`)."""
-    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-        await call.write(pb.ConnectRequest(message_id="h", hello=hello(agent_id)))
+# A refused token ends the stream as it opens, before any message is read: these tests read
+# the status without writing a Hello first. A write that loses the race with that status
+# fails client-side, and grpc-python then marks the call INTERNAL ("Internal error from
+# Core"), so the refusal's own status would be lost (seen once in a full run under load).
 
 
 async def _first_status(call: grpc.aio.StreamStreamCall) -> grpc.aio.AioRpcError:
@@ -44,7 +40,6 @@ async def test_missing_token_is_unauthenticated_on_stream_and_unary(harness: Hub
 @pytest.mark.parametrize("header", ["Bearer kh_not_a_real_token", "Basic abc", "Bearer "])
 async def test_wrong_token_is_unauthenticated(harness: HubHarness, header: str) -> None:
     call = harness.stub.Connect(metadata=[("authorization", header)])
-    await _say_hello(call, "AI_Node_1")
     assert (await _first_status(call)).code() == grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -52,9 +47,8 @@ async def test_revoked_and_expired_tokens_are_refused(harness: HubHarness) -> No
     token = await harness.token("AI_Node_1")
     assert await harness.server.store.revoke_tokens("AI_Node_1") == 1
     expired = await harness.server.issue_token("AI_Node_2", ttl=timedelta(seconds=-1))
-    for agent, tok in (("AI_Node_1", token), ("AI_Node_2", expired)):
+    for tok in (token, expired):
         call = harness.stub.Connect(metadata=auth(tok))
-        await _say_hello(call, agent)
         error = await _first_status(call)
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "revoked" in (error.details() or "")
