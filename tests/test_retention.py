@@ -52,13 +52,23 @@ async def running(config: HubConfig) -> AsyncIterator[tuple[HubServer, HubHarnes
             await harness.close()
 
 
-async def share_many(harness: HubHarness, agent_id: str, count: int, tag: str) -> list[int]:
-    """`count` shares by one stream, five in flight; their seqs."""
+async def share_many(
+    harness: HubHarness, agent_id: str, count: int, tag: str, padding: int = 0
+) -> list[int]:
+    """`count` shares by one stream, five in flight, each with `padding` KiB of attributes;
+    their seqs."""
     sharer = await harness.connect(agent_id, hello(agent_id, skip_history=True))
+    pad = {f"pad{k}": "x" * 1024 for k in range(padding)}
+
+    def padded(pattern_id: str) -> pb.Pattern:
+        shared = pattern(pattern_id)
+        shared.attributes.update(pad)
+        return shared
+
     seqs: list[int] = []
     for start in range(0, count, 5):
         ids = [
-            await sharer.send(share_pattern=pb.SharePattern(pattern=pattern(f"{tag}{i}")))
+            await sharer.send(share_pattern=pb.SharePattern(pattern=padded(f"{tag}{i}")))
             for i in range(start, min(start + 5, count))
         ]
         seqs += [(await sharer.receipt(m)).seq for m in ids]
@@ -81,8 +91,7 @@ async def test_pruning_under_load_loses_nothing_a_connected_trainer_is_entitled_
         outbound_queue_size=4,
         replay_page_size=8,
         max_events_per_response=4,
-        # The slow reader's queue overflows because its busy stream lingers between
-        # writes: fixed here, as a test hub is too idle for lingers that follow the load.
+        # Fixed lingers: a test hub is too idle for lingers that follow the load.
         lingers_follow_load=False,
         **QUIET,
     )
@@ -102,7 +111,10 @@ async def test_pruning_under_load_loses_nothing_a_connected_trainer_is_entitled_
 
         pruner = asyncio.create_task(prune())
         try:
-            shares = await share_many(harness, "AI_Node_3", 120, "new")
+            # 4 KiB each: 480 KiB, far past the stream's flow-control window, which the slow
+            # reader does not open, so the hub's writes to it stall and its queue overflows
+            # whatever the timing of the commits.
+            shares = await share_many(harness, "AI_Node_3", 120, "new", padding=4)
             # The slow reader reads now and then, a response at a time.
             for _ in range(10):
                 await slow._read_one()
