@@ -58,21 +58,7 @@ class Specializations:
         self._known.clear()
 
 
-# One agent's open sessions as committed (bound: agent, now), built once.
-_OPEN_OF_AGENT = select(CollaborationRow).where(
-    col(CollaborationRow.state).in_(collab.OPEN_STATES),
-    or_(
-        col(CollaborationRow.expires_at).is_(None),
-        col(CollaborationRow.expires_at) > bindparam("now"),
-    ),
-    or_(
-        col(CollaborationRow.initiator_id) == bindparam("agent"),
-        col(CollaborationRow.target_id) == bindparam("agent"),
-    ),
-)
-
-
-# The same for many agents (bound: ids, a list; now), and their rows: `prefetch_agents`.
+# The open sessions of some agents as committed (bound: ids, a list; now), and their rows.
 _OPEN_OF_AGENTS = select(CollaborationRow).where(
     col(CollaborationRow.state).in_(collab.OPEN_STATES),
     or_(
@@ -314,7 +300,7 @@ class SqlTx:
             with self.session.no_autoflush:
                 committed = list(
                     self.session.exec(
-                        _OPEN_OF_AGENT, params={"agent": agent_id, "now": self.now}
+                        _OPEN_OF_AGENTS, params={"ids": [agent_id], "now": self.now}
                     ).all()
                 )
         rows = {row.session_id: row for row in committed}
