@@ -72,7 +72,9 @@ _OPEN_OF_AGENTS = select(CollaborationRow).where(
 )
 _AGENTS = select(AgentRow).where(col(AgentRow.agent_id).in_(bindparam("ids", expanding=True)))
 _NEWEST_PRESENCE_REV = select(func.coalesce(func.max(AgentRow.presence_rev), 0))
-_PREFETCH_CHUNK = 500  # ids in one IN list: SQLite's older builds allow 999 variables
+# Ids in one IN list: the sessions' query binds them twice, and SQLite's older builds
+# allow 999 variables in a statement.
+_PREFETCH_CHUNK = 400
 
 
 class SqlTx:
@@ -158,7 +160,7 @@ class SqlTx:
 
     def prefetch_agents(self, agent_ids: Collection[str]) -> None:
         """Read the rows and open sessions of agents whose presence the batch changes, in a
-        few queries before its commands: each AgentOnline's own SELECTs (and the flush of
+        few queries before its commands (400 ids a query): each AgentOnline's own SELECTs (and the flush of
         its predecessor's row each one forced) were most of a connect storm's commit."""
         wanted = sorted(set(agent_ids) - self._agents.keys())
         if len(wanted) < 2:
