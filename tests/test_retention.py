@@ -53,23 +53,31 @@ async def running(config: HubConfig) -> AsyncIterator[tuple[HubServer, HubHarnes
 
 
 async def share_many(
-    harness: HubHarness, agent_id: str, count: int, tag: str, padding: int = 0
+    harness: HubHarness, agent_id: str, count: int, tag: str, per_message: int = 1
 ) -> list[int]:
-    """`count` shares by one stream, five in flight, each with `padding` KiB of attributes;
-    their seqs."""
+    """`count` shares by one stream, five messages in flight, `per_message` shares in each
+    (a batch); their seqs."""
     sharer = await harness.connect(agent_id, hello(agent_id, skip_history=True))
-    pad = {f"pad{k}": "x" * 1024 for k in range(padding)}
 
-    def padded(pattern_id: str) -> pb.Pattern:
-        shared = pattern(pattern_id)
-        shared.attributes.update(pad)
-        return shared
+    async def send(i: int) -> list[str]:
+        shares = [
+            pb.ConnectRequest(
+                message_id=f"{tag}{j}",
+                share_pattern=pb.SharePattern(pattern=pattern(f"{tag}{j}")),
+            )
+            for j in range(i, min(i + per_message, count))
+        ]
+        if per_message == 1:
+            await sharer.send(shares[0].message_id, share_pattern=shares[0].share_pattern)
+        else:
+            await sharer.send(f"{tag}-batch{i}", batch=pb.RequestBatch(requests=shares))
+        return [r.message_id for r in shares]
 
     seqs: list[int] = []
-    for start in range(0, count, 5):
+    step = 5 * per_message
+    for start in range(0, count, step):
         ids = [
-            await sharer.send(share_pattern=pb.SharePattern(pattern=padded(f"{tag}{i}")))
-            for i in range(start, min(start + 5, count))
+            m for i in range(start, min(start + step, count), per_message) for m in await send(i)
         ]
         seqs += [(await sharer.receipt(m)).seq for m in ids]
     await sharer.close()
@@ -111,10 +119,10 @@ async def test_pruning_under_load_loses_nothing_a_connected_trainer_is_entitled_
 
         pruner = asyncio.create_task(prune())
         try:
-            # 4 KiB each: 480 KiB, far past the stream's flow-control window, which the slow
-            # reader does not open, so the hub's writes to it stall and its queue overflows
-            # whatever the timing of the commits.
-            shares = await share_many(harness, "AI_Node_3", 120, "new", padding=4)
+            # 12 shares a message: each batch is queued for one group commit at once, so a
+            # commit hands the slow reader more events at once than its queue of 4 holds,
+            # whatever the machine's timing.
+            shares = await share_many(harness, "AI_Node_3", 120, "new", per_message=12)
             # The slow reader reads now and then, a response at a time.
             for _ in range(10):
                 await slow._read_one()
