@@ -128,6 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="idle trainers connected for the RSS figure (default 1,000; quick: 50), e.g. 5000",
     )
+    run_parser.add_argument(
+        "--interest-trainers",
+        type=int,
+        metavar="N",
+        help="trainers in the interest-filtered fan-out (default 1,000; quick: 16)",
+    )
+    run_parser.add_argument(
+        "--interest-rate",
+        type=float,
+        metavar="SHARES_PER_S",
+        help="the interest-filtered fan-out's fixed offered rate, shares/s in all (default 10: "
+        "the broadcast run's 10,000 deliveries/s leave the load process room)",
+    )
     run_parser.add_argument("--json", type=Path, help="write the results here")
     run_parser.add_argument(
         "--scenarios",
@@ -307,6 +320,16 @@ def cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         sizes = dataclasses.replace(sizes, connect_trainers=args.connect_trainers)
     if args.idle_trainers is not None:
         sizes = dataclasses.replace(sizes, idle_trainers=args.idle_trainers)
+    if args.interest_trainers is not None:
+        if args.interest_trainers < 1:
+            print("--interest-trainers must be at least 1", file=sys.stderr)
+            return 2
+        sizes = dataclasses.replace(sizes, interest_receivers=args.interest_trainers)
+    if args.interest_rate is not None:
+        if args.interest_rate <= 0:
+            print("--interest-rate must be positive", file=sys.stderr)
+            return 2
+        sizes = dataclasses.replace(sizes, interest_rate=args.interest_rate)
     if args.peer_rates:
         sizes = dataclasses.replace(sizes, peer_rates=args.peer_rates)
     if args.peer_duration:

@@ -767,36 +767,42 @@ async def scenario_connect(args: Context, deadline: Deadline) -> dict[str, Any]:
 
 
 async def scenario_interest(args: Context, deadline: Deadline) -> dict[str, Any]:
-    """Interest-filtered fan-out: `receivers` trainers of the 8 specializations in turn, each
-    subscribed (with `filtered`) to its own specialization and its complements, as the
-    reference trainers are, or (without) to everything; 8 senders, one per specialization,
-    share `count` patterns of their own specialization in turn. Timed until every receiver
-    has every share it is entitled to; the hub's CPU per delivered event is the figure."""
-    count = int(args.params["count"])
+    """Interest-filtered fan-out at a fixed rate: `receivers` trainers of the 8
+    specializations in turn, each subscribed (with `filtered`) to its own specialization and
+    its complements, as the reference trainers are, or (without) to everything; 8 senders,
+    one per specialization, share `rate` patterns a second in all for `duration` seconds,
+    each specialization in turn, each stamped with the time it was due. Once everyone knows
+    everyone is online (the storm's presence is over), timed until every receiver has every
+    share it is entitled to: deliveries/s, due -> delivery past the first `warmup` of the
+    shares, and the hub's CPU per delivered event."""
     receivers = int(args.params["receivers"])
+    rate = float(args.params["rate"])
+    count = max(8, round(rate * float(args.params["duration"])))
+    warmup = int(count * float(args.params.get("warmup", 0.1)))
     filtered = bool(args.params.get("filtered", False))
     tokens = args.tokens(receivers + 8)
     sending, rest = tokens[:8], tokens[8:]
     sender_ids = {agent_id for agent_id, _ in sending}
     specs = [pb.Specialization.ValueType(1 + k) for k in range(8)]
     pool = ChannelPool(args.target, int(args.params.get("per_channel", 50)))
-    meter = CpuMeter(args.server_pid)
-    shares = [(i % 8, share(f"{args.tag}-n{i}", f"n.{i}", specs[i % 8])) for i in range(count)]
     tags = [
         tags_of(
             pb.HubEvent(
-                sender_id=sending[k][0],
+                sender_id=sending[i % 8][0],
                 artifact_shared=pb.Artifact(
-                    kind=pb.ARTIFACT_KIND_PATTERN, pattern=request.share_pattern.pattern
+                    kind=pb.ARTIFACT_KIND_PATTERN, pattern=pb.Pattern(specialization=specs[i % 8])
                 ),
             ),
-            specs[k],
+            specs[i % 8],
         )
-        for k, request in shares
+        for i in range(count)
     ]
     calls: list[Call] = []
     readers: list[asyncio.Task[float]] = []
     senders: list[Sender] = []
+    latencies: list[int] = []  # nanoseconds, every receiver's
+    knowing = [0]  # receivers that know everyone is online
+    all_known = asyncio.Event()
     try:
         head = await head_seq(pool.extra(), sending[0][1], deadline)
         for k, (sender_id, sender_token) in enumerate(sending):
@@ -807,13 +813,29 @@ async def scenario_interest(args: Context, deadline: Deadline) -> dict[str, Any]
             senders.append(Sender(call))
 
         async def receive(call: Call, expected: int) -> float:
+            online: set[str] = set()
+            everyone = receivers + 8 - 1
             got = 0
+            samples: dict[int, list[int]] = {}
             while got < expected:
                 response = await bounded(call.read(), deadline, "a share's delivery")
                 if response is EOF:
                     raise BenchError("a receiver's stream ended")
-                got += sum(1 for e in response.events if e.sender_id in sender_ids)
-            return time.perf_counter()
+                now = time.perf_counter_ns()
+                if response.HasField("presence") and len(online) < everyone:
+                    online.difference_update(response.presence.offline)
+                    online.update(a.agent_id for a in response.presence.online)
+                    if len(online) >= everyone:
+                        knowing[0] += 1
+                        if knowing[0] == receivers:
+                            all_known.set()
+                for event in response.events:
+                    if event.sender_id in sender_ids:
+                        got += 1
+                        pattern_id = event.artifact_shared.pattern.pattern_id
+                        record_latency(samples, pattern_id, warmup, now)
+            latencies.extend(samples.get(0, []))
+            return now / 1e9
 
         expected_total = 0
         for i, (agent_id, token) in enumerate(rest):
@@ -829,10 +851,28 @@ async def scenario_interest(args: Context, deadline: Deadline) -> dict[str, Any]
             call = await open_stream(pool.channel(i), agent_id, token, head, deadline, spec, wanted)
             calls.append(call)
             readers.append(asyncio.create_task(receive(call, expected)))
+        # The storm's presence is over before the clock starts (a reader that fails ends
+        # the wait at once, and the gather below says why).
+        knowing_all = asyncio.ensure_future(all_known.wait())
+        await asyncio.wait(
+            {knowing_all, *readers}, timeout=deadline.left(), return_when=asyncio.FIRST_COMPLETED
+        )
+        knowing_all.cancel()
+        if not all_known.is_set():
+            await bounded(asyncio.gather(*readers), deadline, "everyone knowing everyone")
+            raise BenchError("the receivers ended before they knew everyone was online")
+        meter = CpuMeter(args.server_pid)
         meter.start()
         start = time.perf_counter()
-        for k, request in shares:
-            await senders[k].send(request, deadline)
+        period_ns = int(1e9 / rate)
+        origin = time.perf_counter_ns() + 10_000_000
+        for i in range(count):
+            due = origin + i * period_ns
+            delay = (due - time.perf_counter_ns()) / 1e9
+            if delay > 0:
+                await asyncio.sleep(delay)
+            request = share(f"{args.tag}-n{i}", timed_id(0, i, due), specs[i % 8])
+            await senders[i % 8].send(request, deadline)
         end = max(await bounded(asyncio.gather(*readers), deadline, "every delivery"))
         cpu = meter.stop()
         for sender in senders:
@@ -841,9 +881,14 @@ async def scenario_interest(args: Context, deadline: Deadline) -> dict[str, Any]
         seconds = end - start
         return {
             "filtered": filtered,
+            "receivers": receivers,
+            "shares": count,
+            "offered_shares_per_s": rate,
             "deliveries": expected_total,
             "rate": expected_total / seconds,
-            "shares_per_s": count / seconds,
+            "p50_ms": percentile(latencies, 50) / 1e6,
+            "p99_ms": percentile(latencies, 99) / 1e6,
+            "samples": len(latencies),
             "hub_cpu_us_per_delivery": cpu["server_cores"] * seconds / expected_total * 1e6,
             "seconds": seconds,
             **cpu,

@@ -33,6 +33,8 @@ FIGURES = {
     "connect_storm_presence",
     "interest_cpu",
     "interest_rate",
+    "interest_p50",
+    "interest_p99",
     "replay",
 }
 
