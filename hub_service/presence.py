@@ -23,9 +23,12 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 
 # Changes kept for followers that are behind; one further behind gets the roster again.
 LOG_SIZE = 16384
-# How much longer changes collect while the hub is busy (at `busy()` 1: three times the
-# pause), so the writes presence costs give way to the work that made it busy.
-BUSY_STRETCH = 2.0
+# While the hub is busy (`busy()` at BUSY or over), a wake-up that falls due is put off, half
+# a pause at a time, for up to BUSY_PAUSES pauses more: the writes presence costs (one per
+# follower) give way to the work that made the hub busy, such as a connect storm's joins,
+# and go out as soon as it is not.
+BUSY = 0.5
+BUSY_PAUSES = 4
 
 
 class Entry(NamedTuple):
@@ -84,6 +87,7 @@ class Presence:
         self._base = 0  # the version of _log[0]: change n is _log[n - _base]
         self._followers: dict[Follower, None] = {}
         self._tick: asyncio.TimerHandle | None = None
+        self._latest = 0.0  # (loop time) the pending wake-up is put off no later than this
 
     @property
     def version(self) -> int:
@@ -175,12 +179,20 @@ class Presence:
             del self._log[:dropped]
             self._base += dropped
         if self._tick is None:
-            delay = max(self._linger, len(self._followers) / self._writes_per_second)
-            delay *= 1.0 + BUSY_STRETCH * self._busy()
-            self._tick = asyncio.get_running_loop().call_later(delay, self._wake)
+            pause = max(self._linger, len(self._followers) / self._writes_per_second)
+            loop = asyncio.get_running_loop()
+            self._latest = loop.time() + pause * (1 + BUSY_PAUSES)
+            self._tick = loop.call_later(pause, self._due, pause / 2)
+
+    def _due(self, step: float) -> None:
+        loop = asyncio.get_running_loop()
+        if self._busy() >= BUSY and loop.time() + step <= self._latest:
+            self._tick = loop.call_later(step, self._due, step)
+            return
+        self._wake()
 
     def _wake(self) -> None:
-        """Once per linger: every follower reads what came meanwhile."""
+        """Once per pause: every follower reads what came meanwhile."""
         self._tick = None
         for follower in self._followers:
             follower.presence_ready()

@@ -284,7 +284,8 @@ class HubSettings(BaseSettings):
         "presence updates the hub writes per second at most, over all its streams: with more "
         "agents online than this times `presence_linger`, updates coalesce for longer (each "
         "agent still learns of each change once), so a storm of joins cannot starve the hub; "
-        "while the hub is busy (lingers_follow_load), up to three times longer still",
+        "while the hub is busy (lingers_follow_load), they wait until it is not, up to five "
+        "times as long",
         gt=0,
     )
     replay_page_size: int = _setting(

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from generated.kernelhub.v1 import hub_pb2 as pb
-from hub_service.presence import Presence
+from hub_service import presence as presence_module
+from hub_service.presence import BUSY_PAUSES, Presence
 from hub_service.server import HubServer
 from hub_service.testing import TestHub
 
@@ -148,27 +149,75 @@ async def test_a_roster_larger_than_one_response_comes_in_pages() -> None:
         assert not any(u.roster_complete for u in late.presence[:-1])
 
 
-@pytest.mark.parametrize(("busy", "stretch"), [(0.0, 1.0), (0.5, 2.0), (1.0, 3.0)])
-async def test_a_busy_hub_collects_presence_changes_for_longer(busy: float, stretch: float) -> None:
+class Woken:
+    """A follower that notes when presence woke it."""
+
+    def __init__(self) -> None:
+        self.at: list[float] = []
+        self.event = asyncio.Event()
+
+    def presence_ready(self) -> None:
+        self.at.append(asyncio.get_running_loop().time())
+        self.event.set()
+
+
+async def test_a_burst_of_changes_wakes_followers_once_after_a_pause() -> None:
     """Followers are woken once per pause however many changes came; the pause is the
-    linger (or the write budget's share per follower, if longer), up to three times as long
-    while the hub is busy, so a storm's presence writes give way to the joins themselves."""
+    linger, or the write budget's share per follower if longer."""
     loop = asyncio.get_running_loop()
-    presence = Presence(linger=0.25, writes_per_second=10.0, busy=lambda: busy)
-
-    class Follower:
-        def presence_ready(self) -> None:
-            pass  # not reached: the wake-up is cancelled below
-
-    followers = [Follower() for _ in range(5)]  # 5 followers at 10 writes/s: 0.5 s apart
+    presence = Presence(linger=0.25, writes_per_second=10.0)
+    followers = [Woken() for _ in range(5)]  # 5 followers at 10 writes/s: 0.5 s apart
     for follower in followers:
         presence.follow(follower)
     before = loop.time()
     for i in range(20):
         presence.online(pb.AgentInfo(agent_id=f"agent_{i}", version="1"))
     assert presence._tick is not None  # one wake-up for the burst, not one per change
-    assert presence._tick.when() - before == pytest.approx(0.5 * stretch, abs=0.05)
+    assert presence._tick.when() - before == pytest.approx(0.5, abs=0.05)
     presence._tick.cancel()
+
+
+async def test_a_busy_hub_puts_presence_off_until_it_is_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the hub is busy, a wake-up that falls due waits (half a pause at a time), so a
+    storm's presence writes give way to the joins themselves; the first check that finds
+    the hub no longer busy wakes every follower, once."""
+    monkeypatch.setattr(presence_module, "BUSY_PAUSES", 10_000)  # the bound is not the test
+    loop = asyncio.get_running_loop()
+    readings = [1.0, 0.9, 0.0]  # busy at the pause's end and half a pause later; then not
+    asked: list[float] = []
+
+    def busy() -> float:
+        asked.append(loop.time())
+        return readings[len(asked) - 1]
+
+    presence = Presence(linger=0.02, writes_per_second=1e9, busy=busy)
+    followers = [Woken() for _ in range(3)]
+    for follower in followers:
+        presence.follow(follower)
+    start = loop.time()
+    for i in range(5):
+        presence.online(pb.AgentInfo(agent_id=f"agent_{i}", version="1"))
+    await asyncio.wait_for(asyncio.gather(*(f.event.wait() for f in followers)), 10)
+    assert len(asked) == 3  # woken at the third check, the first that found it not busy
+    assert all(len(f.at) == 1 for f in followers)  # once each
+    assert followers[0].at[0] >= start + 0.02 + 2 * 0.01  # the pause, then two half-pauses
+    assert asked[1] - asked[0] >= 0.01 and asked[2] - asked[1] >= 0.01
+
+
+async def test_a_hub_busy_throughout_still_wakes_followers_within_a_bound() -> None:
+    """However long the hub stays busy, followers are woken after at most BUSY_PAUSES
+    pauses more than the pause: each change still reaches each of them."""
+    loop = asyncio.get_running_loop()
+    presence = Presence(linger=0.02, writes_per_second=1e9, busy=lambda: 1.0)
+    follower = Woken()
+    presence.follow(follower)
+    start = loop.time()
+    presence.online(pb.AgentInfo(agent_id="agent_1", version="1"))
+    await asyncio.wait_for(follower.event.wait(), 10)
+    assert follower.at[0] - start >= 0.02 * (1 + BUSY_PAUSES) - 0.01 - 1e-3
+    assert presence._tick is None and len(follower.at) == 1
 
 
 @pytest.mark.parametrize("row_first", [False, True], ids=["shown-first", "row-first"])

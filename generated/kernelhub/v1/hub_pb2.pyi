@@ -2013,8 +2013,8 @@ class PresenceUpdate(_message.Message):
     burst of joins reaches each agent in a few updates (the hub collects
     changes for a presence linger, 0.25 s by default, and longer when many
     agents follow presence, since it writes a bounded number of updates per
-    second in all, 2,000 by default, and up to three times longer while the
-    hub is busy), not one per join. A reconnect that
+    second in all, 2,000 by default; while the hub is busy, until it is not,
+    up to five times as long), not one per join. A reconnect that
     changes nothing (the same specialization, capabilities and version while
     the older stream was still live) is not announced. A reconnecting trainer
     gets the roster again: replace what it knew.
