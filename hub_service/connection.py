@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -184,6 +185,7 @@ class Connection:
         self._receipts: list[pb.Receipt] = []
         self._errors: list[pb.RequestError] = []
         self._sync: pb.TrainingSync | None = None
+        self._welcome: pb.Welcome | None = None  # until the first response carries it
         self._wake = Wake()
         self.end_status: tuple[grpc.StatusCode, str] | None = None
         self.ended = asyncio.Event()
@@ -326,11 +328,13 @@ class Connection:
         wait out the rest of it (unless a full response is ready): at most one write of
         events per `linger`, since a write costs the same CPU for one event as for 64. An
         idle stream's first event goes out at once, and receipts and errors never wait:
-        they are a trainer's round trip."""
+        they are a trainer's round trip. The welcome goes out at once, in one write with
+        whatever is ready beside it (the first training sync, the roster's first part, the
+        replay's first page or its end)."""
         loop = asyncio.get_running_loop()
         self._replay_floor = welcome.head_seq
-        await write(pb.ConnectResponse(welcome=welcome))
-        last_write = loop.time()
+        self._welcome = welcome
+        last_write = -math.inf
         while not (self.ended.is_set() or self._stopping):
             if self.catching_up and not self._events and time.monotonic() >= self._retry_at:
                 try:
@@ -374,7 +378,8 @@ class Connection:
 
     def _has_output(self) -> bool:
         return bool(
-            self._events
+            self._welcome is not None
+            or self._events
             or self._receipts
             or self._errors
             or self._sync
@@ -436,6 +441,9 @@ class Connection:
         them, or alone. An event too large for any response goes as its `omitted` marker.
         """
         room = self._max_bytes
+        welcome, self._welcome = self._welcome, None
+        if welcome is not None:
+            room -= paging.entry_bytes(welcome)
         answers = 0  # receipts and errors: each is small, bounded by the in-flight window
         for waiting in (self._receipts, self._errors):
             taken = 0
@@ -451,7 +459,7 @@ class Connection:
         receipts, self._receipts = self._receipts[:answers], self._receipts[answers:]
         errors = self._errors[: answers - len(receipts)]
         del self._errors[: len(errors)]
-        response = pb.ConnectResponse(receipts=receipts, errors=errors)
+        response = pb.ConnectResponse(welcome=welcome, receipts=receipts, errors=errors)
         presence: PresencePart | None = None
         events: list[bytes] = []  # entries of `response.events`, each encoded once (wire)
         if not (self._receipts or self._errors):

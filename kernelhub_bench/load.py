@@ -177,6 +177,32 @@ class ChannelPool:
         self._channels.clear()
 
 
+class Opened:
+    """A Connect call once welcomed. The hub writes its welcome with whatever is ready beside
+    it (the first training sync, the roster's first part, replayed events): the first read
+    gives that back, so a reader misses nothing of the first response."""
+
+    def __init__(self, call: Call, first: pb.ConnectResponse) -> None:
+        self._call = call
+        first.ClearField("welcome")
+        self._first: pb.ConnectResponse | None = first if first.ByteSize() else None
+
+    async def read(self) -> Any:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await self._call.read()
+
+    async def write(self, request: pb.ConnectRequest) -> None:
+        await self._call.write(request)
+
+    async def done_writing(self) -> None:
+        await self._call.done_writing()
+
+    def cancel(self) -> bool:
+        return bool(self._call.cancel())
+
+
 async def open_stream(
     channel: grpc.aio.Channel,
     agent_id: str,
@@ -186,7 +212,7 @@ async def open_stream(
     specialization: pb.Specialization.ValueType = pb.SPECIALIZATION_NETWORKING,
     subscription: pb.Subscription | None = None,
 ) -> Call:
-    """Connect, say hello and wait for the welcome; returns the live call."""
+    """Connect, say hello and wait for the welcome; returns the live call (`Opened`)."""
     call = async_stub(channel).Connect(metadata=auth(token))
     request = hello(agent_id, resume)
     request.hello.specialization = specialization
@@ -200,7 +226,7 @@ async def open_stream(
     if first is EOF or not first.HasField("welcome"):
         call.cancel()
         raise BenchError(f"{agent_id}: no welcome (got {first!r:.200})")
-    return call
+    return Opened(call, first)
 
 
 async def head_seq(channel: grpc.aio.Channel, token: str, deadline: Deadline) -> int:

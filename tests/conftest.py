@@ -176,6 +176,17 @@ class RawTrainer:
     roster_complete: bool = False
     replay_complete: int | None = None  # the seq of the hub's end-of-replay marker
 
+    @classmethod
+    async def welcomed(cls, agent_id: str, call: grpc.aio.StreamStreamCall) -> RawTrainer:
+        """The trainer once its first response (the welcome, and whatever was ready beside
+        it) is read from `call`, whose Hello is written."""
+        first = await asyncio.wait_for(call.read(), WAIT)
+        assert first is not EOF and first.HasField("welcome"), f"no welcome: {first}"
+        assert isinstance(first, pb.ConnectResponse)
+        trainer = cls(agent_id, call, first.welcome)
+        trainer.take(first)
+        return trainer
+
     async def send(self, message_id: str | None = None, **body: Any) -> str:
         message_id = message_id if message_id is not None else uuid.uuid4().hex
         await self.call.write(pb.ConnectRequest(message_id=message_id, **body))
@@ -185,6 +196,10 @@ class RawTrainer:
         response = await asyncio.wait_for(self.call.read(), WAIT)
         if response is EOF:
             raise EOFError(f"{self.agent_id}: stream ended")
+        self.take(response)
+
+    def take(self, response: pb.ConnectResponse) -> None:
+        """What one response carries, in the contract's field order."""
         for receipt in response.receipts:
             self.receipts[receipt.message_id] = receipt
         for error in response.errors:
@@ -295,10 +310,7 @@ class HubHarness:
         await call.write(
             pb.ConnectRequest(message_id="hello", hello=hello_message or hello(agent_id))
         )
-        first = await asyncio.wait_for(call.read(), WAIT)
-        assert first is not EOF and first.HasField("welcome"), f"no welcome: {first}"
-        assert isinstance(first, pb.ConnectResponse)
-        return RawTrainer(agent_id, call, first.welcome)
+        return await RawTrainer.welcomed(agent_id, call)
 
     async def query(self, method: str, request: Any, agent_id: str = "observer") -> Any:
         return await getattr(self.stub, method)(

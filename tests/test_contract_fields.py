@@ -33,14 +33,15 @@ async def test_replay_ends_with_one_marker_then_live_events(harness: HubHarness)
 
     call = harness.stub.Connect(metadata=auth(await harness.token("AI_Node_2")))
     await call.write(pb.ConnectRequest(message_id="hello", hello=hello("AI_Node_2")))
-    welcome = (await _read(call)).welcome
+    response = await _read(call)  # the welcome, with what was ready beside it
+    welcome = response.welcome
     replayed: list[pb.HubEvent] = []
     while True:
-        response = await _read(call)
         replayed.extend(response.events)
         if response.HasField("replay_complete"):
             marker = response.replay_complete
             break
+        response = await _read(call)
     seqs = [e.seq for e in replayed]
     assert {r.seq for r in shared} <= set(seqs), "every share is replayed before the marker"
     assert seqs == sorted(seqs)
@@ -65,9 +66,11 @@ async def test_replay_marker_with_skip_history_is_the_welcome_head(harness: HubH
     await call.write(
         pb.ConnectRequest(message_id="hello", hello=hello("AI_Node_2", skip_history=True))
     )
-    welcome = (await _read(call)).welcome
-    while not (response := await _read(call)).HasField("replay_complete"):
+    response = await _read(call)  # the welcome, with what was ready beside it
+    welcome = response.welcome
+    while not response.HasField("replay_complete"):
         assert not response.events, "skip_history replays nothing"
+        response = await _read(call)
     assert not response.events
     assert response.replay_complete.seq == welcome.head_seq
     call.cancel()

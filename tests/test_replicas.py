@@ -27,7 +27,6 @@ from hub_service.sql_write import LOCK_STATEMENT, SharedLog, SqlWriter, make_eng
 from hub_service.testing import TestHub, die_with_parent
 
 from .conftest import (
-    EOF,
     POSTGRES_URL,
     WAIT,
     RawTrainer,
@@ -129,9 +128,7 @@ async def connect(
             message_id="hello", hello=hello(agent_id, resume_after_seq=resume_after, **kw)
         )
     )
-    first = await asyncio.wait_for(call.read(), WAIT)
-    assert first is not EOF and first.HasField("welcome"), f"no welcome: {first}"
-    return RawTrainer(agent_id, call, first.welcome)
+    return await RawTrainer.welcomed(agent_id, call)
 
 
 async def ended_with(trainer: RawTrainer) -> grpc.StatusCode:

@@ -200,11 +200,12 @@ async def test_a_resume_racing_a_prune_is_either_refused_or_complete(url: str) -
                 assert resume > 0 and first.welcome.oldest_seq <= resume + 1
                 head = first.welcome.head_seq
                 seen: set[int] = set()
+                response = first  # the welcome, with what was ready beside it
                 while True:  # the replay, up to its marker
-                    response = await asyncio.wait_for(call.read(), WAIT)
                     seen |= {e.seq for e in response.events}
                     if response.HasField("replay_complete"):
                         break
+                    response = await asyncio.wait_for(call.read(), WAIT)
                 call.cancel()
                 await observer.until_seq(head)
                 owed = {

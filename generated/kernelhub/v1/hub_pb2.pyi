@@ -1949,7 +1949,11 @@ class ConnectResponse(_message.Message):
     PRESENCE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome:
-        """Set on the first response only: the session is open."""
+        """Set on the first response only: the session is open. That response may
+        already carry what follows the welcome (the first training sync, the
+        roster's first part, replayed events, the end of the replay): handle it
+        in field order like any other.
+        """
 
     @_builtins.property
     def receipts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Receipt]:
@@ -2003,8 +2007,8 @@ Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
 @_typing.final
 class PresenceUpdate(_message.Message):
     """Presence is state, not history: it is not in the event log, has no `seq`
-    and is never replayed. After Welcome, a stream subscribed to presence (the
-    default) gets the roster: every agent online when it joined, other than
+    and is never replayed. After Welcome (from its own response on), a stream
+    subscribed to presence (the default) gets the roster: every agent online when it joined, other than
     itself (`Welcome.roster_size` of them), in `online`, over as many
     responses as its size needs (each within the response budget); the last
     of them has `roster_complete`. After that each update is a change since
