@@ -18,7 +18,7 @@ import pytest
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
-from .conftest import EOF, WAIT, HubProcess, RawTrainer, async_stub, auth, code_component, hello
+from .conftest import WAIT, HubProcess, RawTrainer, async_stub, auth, code_component, hello
 
 MiB = 2**20
 # Few writers, so that their own bounded queues (1,024 events each, and every share reaches
@@ -41,9 +41,7 @@ ARENAS = "2"
 async def open_trainer(stub: object, agent: str, token: str) -> RawTrainer:
     call = stub.Connect(metadata=auth(token))  # type: ignore[attr-defined]
     await call.write(pb.ConnectRequest(message_id="hello", hello=hello(agent)))
-    first = await asyncio.wait_for(call.read(), WAIT)
-    assert first is not EOF and first.HasField("welcome")
-    return RawTrainer(agent, call, first.welcome)
+    return await RawTrainer.welcomed(agent, call)
 
 
 async def share(writer: RawTrainer, first: int, count: int) -> pb.Receipt:

@@ -47,8 +47,8 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 from generated.kernelhub.v1 import hub_pb2_grpc
 from hub_service import paging
 
+from .conftest import KINDS as ALL_KINDS
 from .conftest import (
-    EOF,
     WAIT,
     HubHarness,
     RawTrainer,
@@ -58,7 +58,6 @@ from .conftest import (
     pattern,
     varint,
 )
-from .conftest import KINDS as ALL_KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 # Seconds a call may take before it counts as a hang. Every call here takes well under a
@@ -1064,9 +1063,8 @@ async def test_zz_hub_survived_and_the_database_is_sound(live_hub: LiveHub) -> N
     try:
         call = async_stub(channel).Connect(metadata=hub.metadata(FINAL_AGENT))
         await call.write(hello_request(FINAL_AGENT))
-        first = await asyncio.wait_for(call.read(), WAIT)
-        assert first is not EOF and first.welcome.agent_id == FINAL_AGENT, first
-        trainer = RawTrainer(FINAL_AGENT, call, first.welcome)
+        trainer = await RawTrainer.welcomed(FINAL_AGENT, call)
+        assert trainer.welcome.agent_id == FINAL_AGENT, trainer.welcome
         receipt = await trainer.receipt(
             await trainer.send(share_pattern=pb.SharePattern(pattern=pattern("after_fuzz")))
         )
@@ -1129,13 +1127,12 @@ async def test_regression_resume_after_seq_beyond_int64_is_answered(harness: Hub
         pb.ConnectRequest(message_id="m", share_pattern=pb.SharePattern(pattern=pattern()))
     )
     try:
-        first = await asyncio.wait_for(call.read(), WAIT)
+        trainer = await RawTrainer.welcomed("AI_Node_1", call)
     except grpc.aio.AioRpcError as error:
         assert error.code() is Code.INVALID_ARGUMENT, f"{error.code()}: {error.details()}"
         assert "resume_after_seq" in (error.details() or "")
         return
-    assert first is not EOF and first.welcome.agent_id == "AI_Node_1", first
-    trainer = RawTrainer("AI_Node_1", call, first.welcome)
+    assert trainer.welcome.agent_id == "AI_Node_1", trainer.welcome
     assert (await trainer.receipt("m")).seq > 0
     await trainer.close()
 

@@ -30,7 +30,7 @@ from hub_service import workers
 from hub_service.config import HubConfig
 from hub_service.testing import HubStartError, TestHub
 
-from .conftest import WAIT, RawTrainer, async_stub, auth, hello, pattern
+from .conftest import RawTrainer, async_stub, auth, hello, pattern
 from .test_metrics import scrape, value
 from .test_replicas import _conninfo, ended_with, log_seqs, replica_url, wait_for
 
@@ -129,9 +129,7 @@ async def connect_fresh(hub: TestHub, agent_id: str, token: str) -> tuple[RawTra
     channel = grpc.aio.insecure_channel(hub.target, options=[("grpc.use_local_subchannel_pool", 1)])
     call = async_stub(channel).Connect(metadata=auth(token))
     await call.write(pb.ConnectRequest(message_id="hello", hello=hello(agent_id)))
-    first = await asyncio.wait_for(call.read(), WAIT)
-    assert first.HasField("welcome"), f"{agent_id}: no welcome: {first}"
-    return RawTrainer(agent_id, call, first.welcome), channel
+    return await RawTrainer.welcomed(agent_id, call), channel
 
 
 async def place(hub: TestHub, tokens: dict[str, str], per_worker: int) -> list[Placed]:

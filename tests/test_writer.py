@@ -243,9 +243,7 @@ async def test_a_commit_whose_answer_was_lost_still_reaches_the_streams(tmp_path
             await call.write(
                 pb.ConnectRequest(message_id="hello", hello=hello(agent_id, **hello_fields))
             )
-            first = await asyncio.wait_for(call.read(), WAIT)
-            assert first.HasField("welcome"), first
-            return RawTrainer(agent_id, call, first.welcome)
+            return await RawTrainer.welcomed(agent_id, call)
 
         live = await connect("AI_Node_1")
         lost = DieAfterCommit("AI_Node_3", "m1", share("m1").artifact)
