@@ -24,9 +24,10 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 # Changes kept for followers that are behind; one further behind gets the roster again.
 LOG_SIZE = 16384
 # While the hub is busy (`busy()` at BUSY or over), a wake-up that falls due is put off, half
-# a pause at a time, for up to BUSY_PAUSES pauses more: the writes presence costs (one per
-# follower) give way to the work that made the hub busy, such as a connect storm's joins,
-# and go out as soon as it is not.
+# a pause at a time, until BUSY_PAUSES pauses more have passed since the first change it
+# carries (the pause as the followers now make it: a storm's joins lengthen it): the writes
+# presence costs (one per follower) give way to the work that made the hub busy, such as a
+# connect storm's joins, and go out as soon as it is not.
 BUSY = 0.5
 BUSY_PAUSES = 4
 
@@ -87,7 +88,7 @@ class Presence:
         self._base = 0  # the version of _log[0]: change n is _log[n - _base]
         self._followers: dict[Follower, None] = {}
         self._tick: asyncio.TimerHandle | None = None
-        self._latest = 0.0  # (loop time) the pending wake-up is put off no later than this
+        self._first_change = 0.0  # (loop time) the first change the pending wake-up carries
 
     @property
     def version(self) -> int:
@@ -179,15 +180,21 @@ class Presence:
             del self._log[:dropped]
             self._base += dropped
         if self._tick is None:
-            pause = max(self._linger, len(self._followers) / self._writes_per_second)
             loop = asyncio.get_running_loop()
-            self._latest = loop.time() + pause * (1 + BUSY_PAUSES)
-            self._tick = loop.call_later(pause, self._due, pause / 2)
+            self._first_change = loop.time()
+            self._tick = loop.call_later(self._pause(), self._due)
 
-    def _due(self, step: float) -> None:
+    def _pause(self) -> float:
+        """The linger, or the write budget's share per follower if longer."""
+        return max(self._linger, len(self._followers) / self._writes_per_second)
+
+    def _due(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._busy() >= BUSY and loop.time() + step <= self._latest:
-            self._tick = loop.call_later(step, self._due, step)
+        pause = self._pause()
+        step = pause / 2
+        latest = self._first_change + pause * (1 + BUSY_PAUSES)
+        if self._busy() >= BUSY and loop.time() + step <= latest:
+            self._tick = loop.call_later(step, self._due)
             return
         self._wake()
 

@@ -220,6 +220,22 @@ async def test_a_hub_busy_throughout_still_wakes_followers_within_a_bound() -> N
     assert presence._tick is None and len(follower.at) == 1
 
 
+async def test_the_bound_grows_with_the_followers_a_storm_brings() -> None:
+    """The bound is counted in pauses as the followers now make them: followers that come
+    while the wake-up waits (a connect storm's) lengthen it, so a long storm is not cut
+    short by a bound the first join set."""
+    loop = asyncio.get_running_loop()
+    presence = Presence(linger=0.02, writes_per_second=100.0, busy=lambda: 1.0)
+    first = Woken()
+    presence.follow(first)
+    start = loop.time()
+    presence.online(pb.AgentInfo(agent_id="agent_1", version="1"))
+    for _ in range(4):  # 5 followers at 100 writes/s: a pause of 0.05 s
+        presence.follow(Woken())
+    await asyncio.wait_for(first.event.wait(), 10)
+    assert first.at[0] - start >= 0.05 * (1 + BUSY_PAUSES) - 0.025 - 1e-3
+
+
 @pytest.mark.parametrize("row_first", [False, True], ids=["shown-first", "row-first"])
 async def test_an_agent_that_moved_here_is_not_kept_online_by_the_other_replica_s_word(
     row_first: bool,
