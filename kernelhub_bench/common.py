@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
@@ -123,6 +125,20 @@ def fake_tokens(count: int) -> list[tuple[str, str]]:
 def timed_id(point: int, index: int, due_ns: int) -> str:
     """A latency probe's pattern id: which load point, which share, when it was due."""
     return f"p.{point}.{index}.{due_ns}"
+
+
+async def paced(rate: float, count: int) -> AsyncIterator[tuple[int, int]]:
+    """`count` sends at `rate` a second, open loop: each index with the time it is due
+    (`perf_counter_ns`), yielded at that time, or at once when late (the lateness then
+    counts in the latency measured from the due time)."""
+    period_ns = int(1e9 / rate)
+    origin = time.perf_counter_ns() + 10_000_000
+    for i in range(count):
+        due = origin + i * period_ns
+        delay = (due - time.perf_counter_ns()) / 1e9
+        if delay > 0:
+            await asyncio.sleep(delay)
+        yield i, due
 
 
 def record_latency(

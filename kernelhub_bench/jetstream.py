@@ -32,7 +32,7 @@ from nats.js.client import JetStreamContext
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 
-from .common import SEND_WINDOW, percentile, record_latency, share, timed_id
+from .common import SEND_WINDOW, paced, percentile, record_latency, share, timed_id
 from .load import BenchError, CpuMeter, Deadline, bounded, emit
 
 STREAM = "KERNELHUB_BENCH"
@@ -190,13 +190,7 @@ async def scenario_latency(
             swarm.expect(sent + n)
             meter = CpuMeter(pid)
             meter.start()
-            period_ns = int(1e9 / rate)
-            origin = time.perf_counter_ns() + 10_000_000
-            for i in range(n):
-                due = origin + i * period_ns
-                delay = (due - time.perf_counter_ns()) / 1e9
-                if delay > 0:
-                    await asyncio.sleep(delay)
+            async for i, due in paced(rate, n):
                 await swarm.publish(
                     payload(f"{tag}-p{point}-{i}", timed_id(point, i, due)), deadline
                 )

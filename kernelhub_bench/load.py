@@ -42,6 +42,7 @@ from .common import (
     hello,
     make_channel,
     median,
+    paced,
     pattern,
     percentile,
     read_tokens,
@@ -646,13 +647,7 @@ async def scenario_latency(args: Context, deadline: Deadline) -> dict[str, Any]:
             responses = sum(r.responses for r in swarm.receivers)
             meter = CpuMeter(args.server_pid)
             meter.start()
-            period_ns = int(1e9 / rate)
-            origin = time.perf_counter_ns() + 10_000_000
-            for i in range(n):
-                due = origin + i * period_ns
-                delay = (due - time.perf_counter_ns()) / 1e9
-                if delay > 0:
-                    await asyncio.sleep(delay)
+            async for i, due in paced(rate, n):
                 await swarm.sender.send(
                     share(f"{args.tag}-p{point}-{i}", timed_id(point, i, due)), deadline
                 )
@@ -890,13 +885,7 @@ async def scenario_interest(args: Context, deadline: Deadline) -> dict[str, Any]
         meter = CpuMeter(args.server_pid)
         meter.start()
         start = time.perf_counter()
-        period_ns = int(1e9 / rate)
-        origin = time.perf_counter_ns() + 10_000_000
-        for i in range(count):
-            due = origin + i * period_ns
-            delay = (due - time.perf_counter_ns()) / 1e9
-            if delay > 0:
-                await asyncio.sleep(delay)
+        async for i, due in paced(rate, count):
             request = share(f"{args.tag}-n{i}", timed_id(0, i, due), specs[i % 8])
             await senders[i % 8].send(request, deadline)
         end = max(await bounded(asyncio.gather(*readers), deadline, "every delivery"))
