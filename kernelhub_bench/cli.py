@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="SHARES_PER_S",
         help="the interest-filtered fan-out's fixed offered rate, shares/s in all (default 10: "
-        "the broadcast run's 10,000 deliveries/s leave the load process room)",
+        "the load process reads every delivery, and at 1,000 trainers the broadcast run's "
+        "10,000 a second leave it room)",
     )
     run_parser.add_argument("--json", type=Path, help="write the results here")
     run_parser.add_argument(

@@ -2008,20 +2008,20 @@ Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
 class PresenceUpdate(_message.Message):
     """Presence is state, not history: it is not in the event log, has no `seq`
     and is never replayed. After Welcome (from its own response on), a stream
-    subscribed to presence (the default) gets the roster: every agent online when it joined, other than
-    itself (`Welcome.roster_size` of them), in `online`, over as many
-    responses as its size needs (each within the response budget); the last
-    of them has `roster_complete`. After that each update is a change since
-    the previous one, coalesced: an agent appears at most once per update, in
-    its latest state (`online` with its latest AgentInfo, or `offline`), and a
-    burst of joins reaches each agent in a few updates (the hub collects
-    changes for a presence linger, 0.25 s by default, and longer when many
-    agents follow presence, since it writes a bounded number of updates per
-    second in all, 2,000 by default; while the hub is busy, until it is not,
-    up to five times as long), not one per join. A reconnect that
-    changes nothing (the same specialization, capabilities and version while
-    the older stream was still live) is not announced. A reconnecting trainer
-    gets the roster again: replace what it knew.
+    subscribed to presence (the default) gets the roster: every agent online
+    when it joined, other than itself (`Welcome.roster_size` of them), in
+    `online`, over as many responses as its size needs (each within the
+    response budget); the last of them has `roster_complete`. After that each
+    update is a change since the previous one, coalesced: an agent appears at
+    most once per update, in its latest state (`online` with its latest
+    AgentInfo, or `offline`), and a burst of joins reaches each agent in a few
+    updates (the hub collects changes for a presence linger, 0.25 s by
+    default, and longer when many agents follow presence, since it writes a
+    bounded number of updates per second in all, 2,000 by default; while the
+    hub is busy, until it is not, up to five times as long), not one per join.
+    A reconnect that changes nothing (the same specialization, capabilities
+    and version while the older stream was still live) is not announced. A
+    reconnecting trainer gets the roster again: replace what it knew.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
