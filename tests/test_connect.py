@@ -130,6 +130,25 @@ async def test_welcome_then_presence_and_sync(harness: HubHarness) -> None:
     assert (stats.agents_known, stats.agents_online) == (2, 1)
 
 
+async def test_the_welcome_comes_in_one_write_with_what_is_ready_beside_it(
+    harness: HubHarness,
+) -> None:
+    """A connect's first response carries the welcome and what is ready with it: the first
+    training sync, the roster (small enough for one part) and the end of the (empty) replay,
+    handled in field order, so a connect costs the hub one stream write, not three."""
+    await harness.connect("AI_Node_1")
+    call = harness.stub.Connect(metadata=auth(await harness.token("AI_Node_2")))
+    await call.write(pb.ConnectRequest(message_id="hello", hello=hello("AI_Node_2")))
+    first = await asyncio.wait_for(call.read(), WAIT)
+    assert isinstance(first, pb.ConnectResponse)
+    assert first.welcome.agent_id == "AI_Node_2" and first.welcome.roster_size == 1
+    assert [a.agent_id for a in first.training_sync.active_agents] == ["AI_Node_1"]
+    assert first.presence.roster and first.presence.roster_complete
+    assert [a.agent_id for a in first.presence.online] == ["AI_Node_1"]
+    assert first.replay_complete.seq == first.welcome.head_seq
+    call.cancel()
+
+
 async def test_new_connection_supersedes_the_old_one(harness: HubHarness) -> None:
     old = await harness.connect("AI_Node_1")
     new = await harness.connect("AI_Node_1")
