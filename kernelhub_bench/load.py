@@ -20,7 +20,7 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,19 +78,20 @@ async def bounded(awaitable: Awaitable[Any], deadline: Deadline, what: str) -> A
 
 
 async def wait_unless_ended(
-    event: asyncio.Event, reader: asyncio.Task[None], deadline: Deadline, what: str
+    event: asyncio.Event, readers: Collection[asyncio.Task[Any]], deadline: Deadline, what: str
 ) -> None:
-    """Waits for `event`; fails at once, with the reason, if the stream's reader ends first."""
+    """Waits for `event`; fails at once, with the reason, if a stream's reader ends first."""
     waiter = asyncio.ensure_future(event.wait())
     try:
         done, _ = await asyncio.wait(
-            {waiter, reader}, timeout=deadline.left(), return_when=asyncio.FIRST_COMPLETED
+            {waiter, *readers}, timeout=deadline.left(), return_when=asyncio.FIRST_COMPLETED
         )
     finally:
         waiter.cancel()
     if event.is_set():
         return
-    if reader in done:
+    reader = next((r for r in readers if r in done), None)
+    if reader is not None:
         error = None if reader.cancelled() else reader.exception()
         if isinstance(error, grpc.aio.AioRpcError):
             reason = f"{error.code().name}: {error.details()}"
@@ -295,7 +296,7 @@ class Sender:
         while self.outstanding > 0:
             self._answered.clear()
             what = f"the last receipts ({self.outstanding} unanswered)"
-            await wait_unless_ended(self._answered, self._reader, deadline, what)
+            await wait_unless_ended(self._answered, (self._reader,), deadline, what)
 
     def close(self) -> None:
         self._reader.cancel()
@@ -331,7 +332,7 @@ class Receiver:
     async def reached(self, deadline: Deadline) -> float:
         if not self._reached.is_set():
             what = f"{self.want} deliveries (a receiver had {self.got})"
-            await wait_unless_ended(self._reached, self.task, deadline, what)
+            await wait_unless_ended(self._reached, (self.task,), deadline, what)
         return self.done_at
 
     async def _run(self) -> None:
@@ -822,7 +823,7 @@ async def scenario_interest(args: Context, deadline: Deadline) -> dict[str, Any]
     readers: list[asyncio.Task[float]] = []
     senders: list[Sender] = []
     latencies: list[int] = []  # nanoseconds, every receiver's
-    knowing = [0]  # receivers that know everyone is online
+    unaware = receivers  # receivers yet to know everyone is online
     all_known = asyncio.Event()
     try:
         head = await head_seq(pool.extra(), sending[0][1], deadline)
@@ -834,6 +835,7 @@ async def scenario_interest(args: Context, deadline: Deadline) -> dict[str, Any]
             senders.append(Sender(call))
 
         async def receive(call: Call, expected: int) -> float:
+            nonlocal unaware
             online: set[str] = set()
             everyone = receivers + 8 - 1
             got = 0
@@ -847,8 +849,8 @@ async def scenario_interest(args: Context, deadline: Deadline) -> dict[str, Any]
                     online.difference_update(response.presence.offline)
                     online.update(a.agent_id for a in response.presence.online)
                     if len(online) >= everyone:
-                        knowing[0] += 1
-                        if knowing[0] == receivers:
+                        unaware -= 1
+                        if not unaware:
                             all_known.set()
                 for event in response.events:
                     if event.sender_id in sender_ids:
@@ -872,16 +874,8 @@ async def scenario_interest(args: Context, deadline: Deadline) -> dict[str, Any]
             call = await open_stream(pool.channel(i), agent_id, token, head, deadline, spec, wanted)
             calls.append(call)
             readers.append(asyncio.create_task(receive(call, expected)))
-        # The storm's presence is over before the clock starts (a reader that fails ends
-        # the wait at once, and the gather below says why).
-        knowing_all = asyncio.ensure_future(all_known.wait())
-        await asyncio.wait(
-            {knowing_all, *readers}, timeout=deadline.left(), return_when=asyncio.FIRST_COMPLETED
-        )
-        knowing_all.cancel()
-        if not all_known.is_set():
-            await bounded(asyncio.gather(*readers), deadline, "everyone knowing everyone")
-            raise BenchError("the receivers ended before they knew everyone was online")
+        # The storm's presence is over before the clock starts.
+        await wait_unless_ended(all_known, readers, deadline, "everyone knowing everyone")
         meter = CpuMeter(args.server_pid)
         meter.start()
         start = time.perf_counter()
