@@ -32,10 +32,12 @@ Call: TypeAlias = Any
 
 def channel_options(local_pool: bool = True) -> list[tuple[str, int | str]]:
     """Client channel options: no BDP probing (a ping per data burst costs more than it
-    gains on loopback) and, with `local_pool`, a TCP connection of its own per channel
-    (grpc otherwise shares one connection between channels with the same arguments)."""
+    gains on loopback), a stream window that admits a whole response, as `HubClient`'s
+    does, and, with `local_pool`, a TCP connection of its own per channel (grpc otherwise
+    shares one connection between channels with the same arguments)."""
     options: list[tuple[str, int | str]] = [
         ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.primary_user_agent", "kernelhub-bench"),

@@ -446,6 +446,10 @@ class HubClient:
     def _make_channel(self) -> grpc.aio.Channel:
         options: list[tuple[str, int | str]] = [
             ("grpc.http2.bdp_probe", 0),
+            # A stream window of a whole response: with BDP probing off it stays at gRPC's
+            # 64 KiB, and a response over that (a roster, a replay page) waits a window
+            # update from this side midway, a round trip and extra writes on both sides.
+            ("grpc.http2.lookahead_bytes", self._max_message_bytes),
             ("grpc.keepalive_time_ms", self._keepalive_ms),
             ("grpc.keepalive_timeout_ms", self._keepalive_timeout_ms),
             # The ack deadline of a keepalive ping is this option (default 60 s) in
