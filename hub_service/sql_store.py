@@ -31,6 +31,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy import select as core_select
+from sqlalchemy.engine import Connection as DbConnection
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import Session, SQLModel, col, select
 
@@ -172,6 +173,16 @@ class SqlStore:
         def run() -> T:
             with self._session() as s:
                 return fn(s)
+
+        return await self._off_loop(self._readers, run)
+
+    async def _read_core(self, fn: Callable[[DbConnection], T]) -> T:
+        """`_read` for Core statements: a pooled connection, without the ORM session's
+        transaction bookkeeping, which every stream's token read paid for in a storm."""
+
+        def run() -> T:
+            with self._engine.connect() as connection:
+                return fn(connection)
 
         return await self._off_loop(self._readers, run)
 
@@ -492,9 +503,7 @@ class SqlStore:
         """Whom the token speaks for, if it is valid, unrevoked and unexpired."""
         digest = hash_token(token)
         # Columns, not an ORM row: every stream opens with this read (a connect storm's).
-        row = await self._read(
-            lambda s: s.connection().execute(_AUTHENTICATE, {"digest": digest}).first()
-        )
+        row = await self._read_core(lambda c: c.execute(_AUTHENTICATE, {"digest": digest}).first())
         if row is None or not hmac.compare_digest(row.token_hash, digest):
             return None
         if row.revoked_at is not None or (row.expires_at and row.expires_at <= utcnow()):
@@ -506,16 +515,12 @@ class SqlStore:
         if not hashes:
             return set()
         now = utcnow()
-        rows = await self._read(
-            lambda s: (
-                s.connection()
-                .execute(
-                    core_select(_TOKENS.token_hash, _TOKENS.expires_at).where(
-                        _TOKENS.token_hash.in_(list(hashes)), _TOKENS.revoked_at.is_(None)
-                    )
+        rows = await self._read_core(
+            lambda c: c.execute(
+                core_select(_TOKENS.token_hash, _TOKENS.expires_at).where(
+                    _TOKENS.token_hash.in_(list(hashes)), _TOKENS.revoked_at.is_(None)
                 )
-                .all()
-            )
+            ).all()
         )
         return {r.token_hash for r in rows if r.expires_at is None or r.expires_at > now}
 
