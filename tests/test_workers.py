@@ -442,14 +442,33 @@ def test_a_killed_worker_is_not_killed_again_while_it_is_reaped(
         running.wakeup.close()
 
 
+def _free_port_below_taken() -> tuple[int, socket.socket]:
+    """A port that was free a moment ago, and a listening socket on the port above it.
+
+    The free one comes from bind(0), not from below a port bind(0) gave: Linux gives bind(0)
+    odd ports and outgoing connections even ones, so the port below an odd one is where
+    the workers' own database connections land (the cause of a flaky failure here)."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = int(probe.getsockname()[1])
+        taken = socket.socket()
+        try:
+            taken.bind(("127.0.0.1", base + 1))
+        except OSError:
+            taken.close()
+            continue
+        taken.listen()
+        return base, taken
+    raise AssertionError("no free port with a free one above it in 100 tries")
+
+
 def test_an_error_after_the_start_stops_every_worker(
     replica_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Worker 1 cannot start (its metrics port is taken); spawning its restart fails.
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        base = taken.getsockname()[1] - 1
+    base, taken = _free_port_below_taken()
+    with taken:
         config = HubConfig(
             database_url=replica_url,
             workers=2,
