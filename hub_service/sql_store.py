@@ -39,6 +39,7 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 
 from . import collaboration as collab
 from . import paging, report_data
+from .batched_lookup import BatchedLookup
 from .errors import StatusError, unavailable
 from .models import (
     AgentRow,
@@ -79,7 +80,7 @@ T = TypeVar("T")
 _TOKENS = TokenRow.__table__.c  # type: ignore[attr-defined]
 _AUTHENTICATE = core_select(
     _TOKENS.token_hash, _TOKENS.agent_id, _TOKENS.role, _TOKENS.revoked_at, _TOKENS.expires_at
-).where(_TOKENS.token_hash == bindparam("digest"))
+).where(_TOKENS.token_hash.in_(bindparam("digests", expanding=True)))
 # Rows a page query holds in memory at once: bodies are decoded one by one, and a page
 # ends at its byte budget, so a table of huge rows is never read whole.
 STREAM_ROWS = 16
@@ -144,6 +145,8 @@ class SqlStore:
         self.sql_writer = SqlWriter(self._engine, self.policy, shared)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="kernelhub-writer")
         self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="kernelhub-reader")
+        # Token reads that arrive together go in one statement (a connect storm's).
+        self._tokens: BatchedLookup[str, Any] = BatchedLookup(self._token_rows)
         # Replicas' leases: a thread and a connection of their own, so that a connect storm's
         # reads never queue a renewal past its lease; one thread, so a release runs after
         # any renewal still in flight, never before it.
@@ -502,13 +505,18 @@ class SqlStore:
     async def authenticate(self, token: str) -> Principal | None:
         """Whom the token speaks for, if it is valid, unrevoked and unexpired."""
         digest = hash_token(token)
-        # Columns, not an ORM row: every stream opens with this read (a connect storm's).
-        row = await self._read_core(lambda c: c.execute(_AUTHENTICATE, {"digest": digest}).first())
+        row = await self._tokens.get(digest)
         if row is None or not hmac.compare_digest(row.token_hash, digest):
             return None
         if row.revoked_at is not None or (row.expires_at and row.expires_at <= utcnow()):
             return None
         return Principal(row.agent_id, Role(row.role))
+
+    async def _token_rows(self, digests: list[str]) -> dict[str, Any]:
+        """The token rows of these hashes, by hash: columns, not ORM rows, in one statement
+        for all (every stream opens with this read)."""
+        rows = await self._read_core(lambda c: c.execute(_AUTHENTICATE, {"digests": digests}).all())
+        return {row.token_hash: row for row in rows}
 
     async def valid_token_hashes(self, hashes: Collection[str]) -> set[str]:
         """Which of these token hashes are still valid (not revoked, not expired)."""
