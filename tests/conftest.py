@@ -340,12 +340,24 @@ def short_policy(**kw: Any) -> Policy:
     return Policy(**defaults)
 
 
-def free_port() -> int:
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports, free a moment ago. Each socket is held until all are bound:
+    bind(0) after a close may give the same port again (two hubs were once handed one
+    metrics port, and the second could not start)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 class HubProcess(TestHub):

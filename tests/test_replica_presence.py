@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import urllib.request
 
 import grpc
@@ -20,7 +19,7 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.roles import Role
 from hub_service.testing import TestHub
 
-from .conftest import WAIT, RawTrainer, async_stub, auth, code_component
+from .conftest import WAIT, RawTrainer, async_stub, auth, code_component, free_ports
 from .test_replicas import (
     _conninfo,
     connect,
@@ -195,12 +194,6 @@ async def test_a_paused_replica_that_lost_its_lease_ends_its_streams(replica_url
         await y.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def scrape(port: int, metric: str) -> float:
     """`metric`'s value on the replica serving /metrics on `port` (0 if not there yet)."""
 
@@ -232,7 +225,7 @@ async def test_deadline_expiry_runs_on_the_leader_only(replica_url: str) -> None
     """Idle replicas commit nothing but the reaper's batches (every 0.1 s): the leader's
     count grows, the other's stays still; when the leader dies, the other takes over.
     A window in which leadership moved (a stall on a loaded machine outlasting the lease) proves nothing either way: it is tried again, a few times."""
-    ports = [_free_port(), _free_port()]
+    ports = free_ports(2)
     hubs = [
         TestHub.subprocess(
             replica_url,
@@ -338,7 +331,7 @@ async def test_retention_prunes_across_replicas_and_loses_nothing_owed(
 async def test_a_component_shared_on_one_replica_wakes_a_validator_on_another(
     replica_url: str,
 ) -> None:
-    ports = [_free_port(), _free_port()]
+    ports = free_ports(2)
     async with replicas(replica_url, 2, agents=["AI_Node_v"], metrics_ports=ports) as running:
         (a_hub, b_hub), issued = running.hubs, running.tokens
         validator = await b_hub.issue_token("v1", role=Role.VALIDATOR)

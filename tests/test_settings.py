@@ -19,7 +19,7 @@ from hub_service.config import HubConfig
 from hub_service.settings import HubSettings, SettingsError, load_settings
 from hub_service.validation import Limits
 
-from .conftest import WAIT, free_port
+from .conftest import WAIT, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,7 +175,7 @@ async def test_a_hub_serves_on_the_port_the_flag_gives_over_env_and_file(tmp_pat
     """A real `serve`: the file's port and the env's port are both overridden by the flag; the
     host comes from the file; health answers SERVING on the flag's port."""
     toml = tmp_path / "hub.toml"
-    file_port, env_port, flag_port = free_port(), free_port(), free_port()
+    file_port, env_port, flag_port = free_ports(3)
     toml.write_text(
         f'[server]\nhost = "127.0.0.1"\nport = {file_port}\n'
         f'[database]\ndatabase_url = "sqlite:///{tmp_path / "hub.db"}"\n'
