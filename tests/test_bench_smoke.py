@@ -182,6 +182,15 @@ def test_join_reports_a_fresh_agent_going_live_beside_an_empty_hub(tmp_path: Pat
         assert positive(result[key]), (key, result[key])
     assert len(result["full"]["join_seconds"]) == len(result["empty"]["join_seconds"]) == 2
     assert positive(result["full"]["resume_seconds"])
+    # The replays were timed until these many events had reached the client (its tags
+    # as the hub writes them: a log filled without them would owe a resume nothing).
+    assert result["full"]["resume_events"] == 900
+    sparse = result["full"]["sparse_replays"]
+    assert {name: replay["events"] for name, replay in sparse.items()} == {
+        "one_sharer_of_50": 60,
+        "nothing_matches": 0,
+    }
+    assert all(positive(replay["seconds"]) for replay in sparse.values())
 
 
 @pytest.mark.timeout(180)
