@@ -33,6 +33,7 @@ class HubConfig:
     lingers_follow_load: bool = _D.lingers_follow_load
     presence_writes_per_second: float = _D.presence_writes_per_second
     replay_page_size: int = _D.replay_page_size
+    replay_scan_seqs: int = _D.replay_scan_seqs
     max_watch_streams: int = _D.max_watch_streams
     commit_batch_size: int = _D.commit_batch_size
     commit_batch_bytes: int = _D.commit_batch_bytes

@@ -36,7 +36,7 @@ from .metrics import HubMetrics
 from .outcomes import Outcome
 from .presence import Entry, Presence
 from .ratelimit import ThrottledLog
-from .state import EventPage, HubStore
+from .state import REPLAY_SCAN_SEQS, EventPage, HubStore
 from .subscriptions import Filter
 
 # (after_seq, limit, max_bytes, subscription) -> the next page of the log this stream reads back.
@@ -121,6 +121,7 @@ class Connection:
         max_bytes: int,
         metrics: HubMetrics,
         linger: Linger,
+        replay_scan_seqs: int = REPLAY_SCAN_SEQS,
         read_log: ReadLog | None = None,
         head: Callable[[], int] = lambda: 0,
         wires: wire.EventWires | None = None,
@@ -151,7 +152,7 @@ class Connection:
         self._all_answered.set()
         self._read_log: ReadLog = read_log or (
             lambda after, limit, max_bytes, subscription: store.events_for(
-                hello.agent_id, after, limit, max_bytes, subscription
+                hello.agent_id, after, limit, max_bytes, subscription, replay_scan_seqs
             )
         )
         self._queue_size = queue_size
@@ -336,9 +337,10 @@ class Connection:
         self._welcome = welcome
         last_write = -math.inf
         while not (self.ended.is_set() or self._stopping):
+            read_on = False
             if self.catching_up and not self._events and time.monotonic() >= self._retry_at:
                 try:
-                    await self._read_back()
+                    read_on = await self._read_back()
                 except StatusError as error:
                     if error.code == grpc.StatusCode.OUT_OF_RANGE:
                         self.end(error.code, error.message)  # what it was owed is gone
@@ -350,6 +352,8 @@ class Connection:
             if not self._has_output():
                 if self.ended.is_set() or self._stopping:
                     break  # asked during the log read: its wake-up is not to be cleared
+                if read_on:
+                    continue  # the read stopped at its scan bound: no wait to read on
                 # Offers are not signalled while catching up: look at the log again soon.
                 await self._sleep(loop, CATCH_UP_POLL_SECONDS if self.catching_up else None)
                 continue
@@ -545,8 +549,10 @@ class Connection:
         self._joining = None
         self._wake.set()
 
-    async def _read_back(self) -> None:
+    async def _read_back(self) -> bool:
         """Fill the queue from the event log; rejoin the live feed once level with it.
+        True when the log holds more to read at once (the read stopped at its bound, or a
+        Subscribe came during it).
 
         Everything published before the read began was committed before it, so the read
         sees it; everything published during the read was kept in `_joining`. Together
@@ -557,9 +563,9 @@ class Connection:
             # Nothing published after the cursor, and no commit in doubt (a fresh stream
             # from now, or an empty log): level with the live feed without a read.
             self._caught_up()
-            return
+            return False
         self._joining = []
-        epoch = self._epoch
+        epoch, start = self._epoch, self.cursor
         try:
             events = await self._read_log(
                 self.cursor, self._replay_page, self._max_bytes, self.subscription
@@ -568,12 +574,15 @@ class Connection:
             self._joining = None
             raise
         if epoch != self._epoch:
-            return  # a Subscribe came during the read: read again with the new one
+            return True  # a Subscribe came during the read: read again with the new one
         joining, self._joining = self._joining, None
         for event in events:
             if event.seq > self.cursor:
                 self._events.append(event)
                 self.cursor = event.seq
+        # A read cut short by its scan bound looked at every seq up to `through`; those
+        # up to `head` were committed before it began, so none it is owed lies below.
+        self.cursor = max(self.cursor, min(events.through, head))
         if not events.more and joining is not None:
             # The read reached the log's end: nothing up to `head` is owed any more, even
             # where the filter let nothing through (so a resume or a pin starts from here).
@@ -584,6 +593,8 @@ class Connection:
                     self.cursor = event.seq
             self._must_read = False
             self._caught_up()
+        # (No progress: what lies beyond is not yet published; look again after the poll.)
+        return events.more and self.cursor > start
 
     def _caught_up(self) -> None:
         self.catching_up = False

@@ -45,7 +45,16 @@ from .models import (
 )
 from .outcomes import Outcome
 from .roles import Role
-from .state import Command, EventPage, IssuedToken, Page, Principal, Receipt, decode_stored
+from .state import (
+    REPLAY_SCAN_SEQS,
+    Command,
+    EventPage,
+    IssuedToken,
+    Page,
+    Principal,
+    Receipt,
+    decode_stored,
+)
 from .subscriptions import EVERYTHING, Filter, Tags
 from .tokens import hash_token, issue
 
@@ -483,11 +492,13 @@ class MemoryStore:
         limit: int,
         max_bytes: int | None = None,
         subscription: Filter = EVERYTHING,
+        scan_seqs: int = REPLAY_SCAN_SEQS,
     ) -> EventPage:
         start = bisect.bisect_right(self._event_seqs, after_seq)
+        end = bisect.bisect_right(self._event_seqs, after_seq + scan_seqs)
         entitled = (
             self._events[i].body
-            for i in range(start, len(self._events))
+            for i in range(start, end)
             if self._events[i].entitles(agent_id, subscription)
         )
         page, more = paging.take(
@@ -495,6 +506,8 @@ class MemoryStore:
         )
         events = EventPage(event for _, event in page)
         events.more = more
+        if not more and end < len(self._events):
+            events.more, events.through = True, after_seq + scan_seqs
         return events
 
     async def events_after(

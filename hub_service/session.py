@@ -121,6 +121,7 @@ class Sessions:
             queue_size=self._config.outbound_queue_size,
             events_per_response=self._config.max_events_per_response,
             replay_page_size=self._config.replay_page_size,
+            replay_scan_seqs=self._config.replay_scan_seqs,
             max_bytes=self._budget,
             linger=self._linger,
             metrics=self._metrics,

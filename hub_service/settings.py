@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDic
 
 from .collaboration import Policy
 from .durations import parse_duration
+from .state import REPLAY_SCAN_SEQS
 from .validation import Limits
 
 ENV_PREFIX = "KERNELHUB_"
@@ -290,6 +291,14 @@ class HubSettings(BaseSettings):
     )
     replay_page_size: int = _setting(
         512, "streams", "events read from the log per page while replaying", gt=0
+    )
+    replay_scan_seqs: int = _setting(
+        REPLAY_SCAN_SEQS,
+        "streams",
+        "seqs of the log one read of a filtered replay looks at, at most: a filter that "
+        "matches little stops there and reads on in the next turn, so no replay holds a "
+        "reader thread for long",
+        gt=0,
     )
     max_watch_streams: int = _setting(
         64,

@@ -68,7 +68,15 @@ from .sql_write import (
     make_engine,
     session,
 )
-from .state import Command, EventPage, IssuedToken, Page, Principal, decode_stored
+from .state import (
+    REPLAY_SCAN_SEQS,
+    Command,
+    EventPage,
+    IssuedToken,
+    Page,
+    Principal,
+    decode_stored,
+)
 from .subscriptions import ARTIFACTS, EVERYTHING, Filter, Tags
 from .tokens import hash_token, issue
 from .writer import WriterProcess, WriterSettings
@@ -271,40 +279,54 @@ class SqlStore:
         limit: int,
         max_bytes: int | None = None,
         subscription: Filter = EVERYTHING,
+        scan_seqs: int = REPLAY_SCAN_SEQS,
     ) -> EventPage:
         """The events after `after_seq` that `agent_id` is entitled to, oldest first: at
         most `limit`, and no more than `max_bytes` of them beyond the first (an event too
         large for any response still comes, alone, for its reader to replace). The
-        subscription is a WHERE on the event's tag columns."""
+        subscription is a WHERE on the event's tag columns, over at most `scan_seqs` seqs."""
         direct = exists().where(
             col(EventRecipientRow.seq) == col(EventRow.seq),
             col(EventRecipientRow.agent_id) == agent_id,
         )
         entitled = or_(_broadcast_for(agent_id, subscription), direct)
-        return await self._log_page(after_seq, limit, max_bytes, entitled)
+        return await self._log_page(after_seq, limit, max_bytes, after_seq + scan_seqs, entitled)
 
     async def events_after(
         self, after_seq: int, limit: int, max_bytes: int | None = None
     ) -> EventPage:
-        return await self._log_page(after_seq, limit, max_bytes)
+        return await self._log_page(after_seq, limit, max_bytes, None)
 
     async def _log_page(
-        self, after_seq: int, limit: int, max_bytes: int | None, *where: ColumnElement[bool]
+        self,
+        after_seq: int,
+        limit: int,
+        max_bytes: int | None,
+        through: int | None,
+        *where: ColumnElement[bool],
     ) -> EventPage:
-        """The events after `after_seq` that `where` admits, oldest first, within `limit`
-        and `max_bytes` (`paging.take`), and whether more follow."""
+        """The events after `after_seq` (and up to `through`) that `where` admits, oldest
+        first, within `limit` and `max_bytes` (`paging.take`), and whether more follow."""
+        bound = () if through is None else (col(EventRow.seq) <= through,)
         query = (
             select(EventRow.body)
-            .where(EventRow.seq > after_seq, *where)
+            .where(EventRow.seq > after_seq, *bound, *where)
             .order_by(col(EventRow.seq))
             .limit(limit + 1)
             .execution_options(yield_per=STREAM_ROWS)
         )
 
-        def read(s: Session) -> tuple[list[tuple[Any, pb.HubEvent]], bool]:
-            taken = paging.take(
+        def read(s: Session) -> EventPage:
+            page, more = paging.take(
                 s.exec(query), partial(decode_stored, pb.HubEvent), limit, max_bytes
             )
+            events = EventPage(event for _, event in page)
+            events.more = more
+            if through is not None and not more:
+                beyond = select(EventRow.seq).where(EventRow.seq > through).limit(1)
+                if s.exec(beyond).first() is not None:
+                    # The bound, not the log's end, ended this page.
+                    events.more, events.through = True, through
             if self.shared is not None:
                 # Replicas' seqs are dense (`sql_write`): a log that now begins above
                 # `after_seq + 1` lost events this reader may be owed (the replica's lease
@@ -317,12 +339,9 @@ class SqlStore:
                         f"needed them (the log now begins at seq {first}); resume to get "
                         "what is left, or start afresh with skip_history",
                     )
-            return taken
+            return events
 
-        page, more = await self._read(read)
-        events = EventPage(event for _, event in page)
-        events.more = more
-        return events
+        return await self._read(read)
 
     # --- retention ----------------------------------------------------------
 

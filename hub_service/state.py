@@ -52,10 +52,20 @@ class Principal:
     role: Role
 
 
+# Seqs one read of a filtered replay looks at, at most: a filter that matches little makes a
+# read scan the log until it fills a page, and a reader thread is held while it does
+# (docs/benchmarks.md: ~0.35 µs a row skipped, so ~25 ms here).
+REPLAY_SCAN_SEQS = 65_536
+
+
 class EventPage(list[pb.HubEvent]):
-    """Events in seq order; `more` says whether the log holds more after the last one."""
+    """Events in seq order; `more` says whether the log holds more after the last one.
+    `through`, when a read stopped at its scan bound with the page not full: the seq up to
+    which it looked (everything entitled up to it is in the page), so the reader resumes
+    there, not after the last event it got; 0 otherwise."""
 
     more: bool = False
+    through: int = 0
 
 
 @dataclass(frozen=True)
@@ -226,13 +236,15 @@ class HubStore(Protocol):
         limit: int,
         max_bytes: int | None = None,
         subscription: Filter = EVERYTHING,
+        scan_seqs: int = REPLAY_SCAN_SEQS,
     ) -> EventPage:
         """The events after `after_seq` that `agent_id` is entitled to, oldest first: those
         addressed to it, and broadcasts by others that match `subscription` (never presence,
         which older hubs logged). At most `limit`, and no more than `max_bytes` of them
         beyond the first (an event too large for any response still comes, alone, for its
-        reader to replace). The filter is the store's to apply (indexed columns), not the
-        reader's."""
+        reader to replace). The filter is the store's to apply (tag columns), not the
+        reader's. The read looks no further than `after_seq + scan_seqs` (`EventPage.through`
+        says where it stopped when that cut it short)."""
         ...
 
     async def events_after(

@@ -920,6 +920,43 @@ async def test_events_for_applies_the_subscription(store: HubStore, case: int) -
     assert [e.seq for e in rest] == seqs[1:]
 
 
+@pytest.mark.parametrize("case", range(len(FILTERED)))
+async def test_a_filtered_read_looks_no_further_than_its_scan_bound(
+    store: HubStore, case: int
+) -> None:
+    """Reads of 2 seqs at a time: each stops at its bound and says so (`through`), and
+    reading on from where it looked yields every entitled event once, in order; the read
+    that reaches the log's end says there is no more."""
+    await commit_ok(
+        store,
+        [
+            online("a", NET),
+            online("b", SEC),
+            online("c", FS, ["memory_management"]),
+            share_as("a", "s1", NET),
+            share_as("b", "s2", AUDIO),
+            share_os("c", "s3"),
+            request_feature("a", "f1", "not_known"),
+            request_feature("b", "f2"),
+            propose("a", "c1", "c"),
+        ],
+    )
+    reader, fields, seqs = FILTERED[case]
+    got: list[int] = []
+    after, reads = 0, []
+    while True:
+        page = await store.events_for(reader, after, 100, None, subscription(**fields), 2)
+        assert all(after < e.seq <= after + 2 for e in page)
+        got += [e.seq for e in page]
+        reads.append((after, page.more, page.through))
+        if not page.more:
+            break
+        assert page.through == after + 2  # the page is not full: the bound cut it
+        after = page.through
+    assert got == seqs
+    assert reads == [(0, True, 2), (2, True, 4), (4, False, 0)]
+
+
 async def test_a_share_is_tagged_with_its_senders_specialization_at_its_commit(
     store: HubStore,
 ) -> None:

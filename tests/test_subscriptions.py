@@ -12,10 +12,11 @@ import pytest
 
 from generated.kernelhub.v1 import hub_pb2 as pb
 from hub_service.complementarity import complements
+from hub_service.testing import TestHub
 from trainer_service.sdk.client import HubClient
 from trainer_service.simulation.trainer import interests
 
-from .conftest import EOF, WAIT, HubHarness, RawTrainer, auth, hello, pattern
+from .conftest import EOF, WAIT, HubHarness, RawTrainer, auth, hello, make_config, pattern
 
 NET, SEC, FS = (
     pb.SPECIALIZATION_NETWORKING,
@@ -98,6 +99,34 @@ async def test_a_filtered_subscriber_gets_exactly_what_matches_live_and_after_re
         "collaboration_updated",
         "artifact_shared",
     ]
+
+
+async def test_a_sparse_replay_reads_the_log_in_bounded_steps_and_misses_nothing(
+    database_url: str,
+) -> None:
+    """With each read of the log bounded to 4 seqs, a replay from the beginning whose filter
+    matches one event in five reads on past the stretches where nothing matches (each read
+    cut short by the bound), and gets every match once, in order, then its end marker."""
+    config = make_config(database_url, replay_scan_seqs=4)
+    async with TestHub.in_process(config) as test_hub:
+        harness = HubHarness(test_hub.server)
+        try:
+            sharers = [
+                await harness.connect(f"sharer{i}", hello(f"sharer{i}", NET)) for i in range(5)
+            ]
+            wanted = []
+            for round_ in range(6):
+                for i, sharer in enumerate(sharers):
+                    seq = await share(sharer, NET, f"p{round_}_{i}")
+                    if i == 3:
+                        wanted.append(seq)
+            head = seq
+            reader = await harness.connect("reader", watching("reader", contributors=["sharer3"]))
+            assert await reader.until_replayed() == head
+            assert [e.seq for e in reader.events] == wanted
+            assert {e.sender_id for e in reader.events} == {"sharer3"}
+        finally:
+            await harness.close()
 
 
 async def _switch_while_sharing(harness: HubHarness, watcher: RawTrainer) -> None:
