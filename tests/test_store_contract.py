@@ -872,7 +872,7 @@ NET, SEC, FS, AUDIO = (
     pb.SPECIALIZATION_FILE_SYSTEM,
     pb.SPECIALIZATION_AUDIO,
 )
-# reader, subscription fields, the seqs it is entitled to (see the scenario below)
+# reader, subscription fields, the seqs it is entitled to (`commit_filtered_scenario`)
 FILTERED: list[tuple[str, dict[str, Any], list[int]]] = [
     ("c", {}, [1, 2, 4, 5, 6]),
     ("c", {"event_kinds": [ART]}, [1, 2, 5, 6]),
@@ -894,8 +894,8 @@ FILTERED: list[tuple[str, dict[str, Any], list[int]]] = [
 ]
 
 
-@pytest.mark.parametrize("case", range(len(FILTERED)))
-async def test_events_for_applies_the_subscription(store: HubStore, case: int) -> None:
+async def commit_filtered_scenario(store: HubStore) -> None:
+    """The six events FILTERED's cases are entitled to, or not."""
     await commit_ok(
         store,
         [
@@ -910,6 +910,11 @@ async def test_events_for_applies_the_subscription(store: HubStore, case: int) -
             propose("a", "c1", "c"),  # 6: to a and c
         ],
     )
+
+
+@pytest.mark.parametrize("case", range(len(FILTERED)))
+async def test_events_for_applies_the_subscription(store: HubStore, case: int) -> None:
+    await commit_filtered_scenario(store)
     reader, fields, seqs = FILTERED[case]
     events = await store.events_for(reader, 0, 100, subscription=subscription(**fields))
     assert [e.seq for e in events] == seqs
@@ -927,20 +932,7 @@ async def test_a_filtered_read_looks_no_further_than_its_scan_bound(
     """Reads of 2 seqs at a time: each stops at its bound and says so (`through`), and
     reading on from where it looked yields every entitled event once, in order; the read
     that reaches the log's end says there is no more."""
-    await commit_ok(
-        store,
-        [
-            online("a", NET),
-            online("b", SEC),
-            online("c", FS, ["memory_management"]),
-            share_as("a", "s1", NET),
-            share_as("b", "s2", AUDIO),
-            share_os("c", "s3"),
-            request_feature("a", "f1", "not_known"),
-            request_feature("b", "f2"),
-            propose("a", "c1", "c"),
-        ],
-    )
+    await commit_filtered_scenario(store)
     reader, fields, seqs = FILTERED[case]
     got: list[int] = []
     after, reads = 0, []
