@@ -580,9 +580,9 @@ class Connection:
             if event.seq > self.cursor:
                 self._events.append(event)
                 self.cursor = event.seq
-        # A read cut short by its scan bound looked at every seq up to `through`; those
-        # up to `head` were committed before it began, so none it is owed lies below.
-        self.cursor = max(self.cursor, min(events.through, head))
+        # A read cut short by its scan bound saw every row up to `through` that will ever
+        # exist (`HubStore.events_for`): what it is owed there is in this page.
+        self.cursor = max(self.cursor, events.through)
         if not events.more and joining is not None:
             # The read reached the log's end: nothing up to `head` is owed any more, even
             # where the filter let nothing through (so a resume or a pin starts from here).

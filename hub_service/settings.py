@@ -295,10 +295,11 @@ class HubSettings(BaseSettings):
     replay_scan_seqs: int = _setting(
         REPLAY_SCAN_SEQS,
         "streams",
-        "seqs of the log one read of a filtered replay looks at, at most: a filter that "
-        "matches little stops there and reads on in the next turn, so no replay holds a "
-        "reader thread for long",
+        "seqs of the log one read of an agent stream's replay looks at, at most: a read whose "
+        "filter matches little stops there and the next goes on from it, so no replay holds "
+        "a reader thread for long",
         gt=0,
+        le=1 << 40,
     )
     max_watch_streams: int = _setting(
         64,

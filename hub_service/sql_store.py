@@ -317,16 +317,22 @@ class SqlStore:
         )
 
         def read(s: Session) -> EventPage:
+            # Whether the log goes on past the bound, asked BEFORE the page: seqs commit in
+            # order, so once a row above `through` is seen, every row up to it that will
+            # ever exist is committed, and the page (read after, on PostgreSQL a later
+            # snapshot) sees them all; the reader may then skip to `through`.
+            beyond = through is not None and (
+                s.exec(select(EventRow.seq).where(EventRow.seq > through).limit(1)).first()
+                is not None
+            )
             page, more = paging.take(
                 s.exec(query), partial(decode_stored, pb.HubEvent), limit, max_bytes
             )
             events = EventPage(event for _, event in page)
             events.more = more
-            if through is not None and not more:
-                beyond = select(EventRow.seq).where(EventRow.seq > through).limit(1)
-                if s.exec(beyond).first() is not None:
-                    # The bound, not the log's end, ended this page.
-                    events.more, events.through = True, through
+            if beyond and not more:
+                # The bound, not the log's end, ended this page.
+                events.more, events.through = True, through or 0
             if self.shared is not None:
                 # Replicas' seqs are dense (`sql_write`): a log that now begins above
                 # `after_seq + 1` lost events this reader may be owed (the replica's lease

@@ -52,7 +52,7 @@ class Principal:
     role: Role
 
 
-# Seqs one read of a filtered replay looks at, at most: a filter that matches little makes a
+# Seqs one read of a replay looks at, at most: a filter that matches little would make a
 # read scan the log until it fills a page, and a reader thread is held while it does
 # (docs/benchmarks.md: ~0.35 µs a row skipped, so ~25 ms here).
 REPLAY_SCAN_SEQS = 65_536
@@ -61,8 +61,10 @@ REPLAY_SCAN_SEQS = 65_536
 class EventPage(list[pb.HubEvent]):
     """Events in seq order; `more` says whether the log holds more after the last one.
     `through`, when a read stopped at its scan bound with the page not full: the seq up to
-    which it looked (everything entitled up to it is in the page), so the reader resumes
-    there, not after the last event it got; 0 otherwise."""
+    which it looked, so the reader resumes there, not after the last event it got; 0
+    otherwise. Every event up to `through` that will ever be committed already was when
+    the page was read (a later seq was committed before it: seqs commit in order), so all
+    of them the reader is entitled to are in the page."""
 
     more: bool = False
     through: int = 0

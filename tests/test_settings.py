@@ -110,6 +110,9 @@ def test_a_bad_value_names_the_setting_and_its_source(
 def test_bounds_unknown_keys_and_bad_files_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match=r"KERNELHUB_COMMIT_BATCH_SIZE='0' \(env\).*greater"):
         load_settings({"KERNELHUB_COMMIT_BATCH_SIZE": "0"})
+    # A log read's bound (after_seq + it) must stay an integer every database can hold.
+    with pytest.raises(SettingsError, match=r"KERNELHUB_REPLAY_SCAN_SEQS=.*less than or equal"):
+        load_settings({"KERNELHUB_REPLAY_SCAN_SEQS": str(2**63)})
     with pytest.raises(SettingsError, match=r"KERNELHUB_WRITER='fork' \(env\).*'process' or"):
         load_settings({"KERNELHUB_WRITER": "fork"})
     with pytest.raises(SettingsError, match="invalid duration 'soon'"):

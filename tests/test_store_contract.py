@@ -947,6 +947,10 @@ async def test_a_filtered_read_looks_no_further_than_its_scan_bound(
         after = page.through
     assert got == seqs
     assert reads == [(0, True, 2), (2, True, 4), (4, False, 0)]
+    # A page that fills within the bound is an ordinary page: more, but no `through`.
+    full = await store.events_for(reader, 0, 1, None, subscription(**fields), 100)
+    assert [e.seq for e in full] == seqs[:1]
+    assert (full.more, full.through) == (len(seqs) > 1, 0)
 
 
 async def test_a_share_is_tagged_with_its_senders_specialization_at_its_commit(

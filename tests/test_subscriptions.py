@@ -102,12 +102,13 @@ async def test_a_filtered_subscriber_gets_exactly_what_matches_live_and_after_re
 
 
 async def test_a_sparse_replay_reads_the_log_in_bounded_steps_and_misses_nothing(
-    database_url: str,
+    store_url: str,
 ) -> None:
     """With each read of the log bounded to 4 seqs, a replay from the beginning whose filter
     matches one event in five reads on past the stretches where nothing matches (each read
-    cut short by the bound), and gets every match once, in order, then its end marker."""
-    config = make_config(database_url, replay_scan_seqs=4)
+    cut short by the bound), and gets every match once, in order, then its end marker
+    (test_replay_bound.py checks the interleavings a real hub cannot be made to show)."""
+    config = make_config(store_url, replay_scan_seqs=4)
     async with TestHub.in_process(config) as test_hub:
         harness = HubHarness(test_hub.server)
         try:
