@@ -137,21 +137,36 @@ async def _join(
     )
     try:
         await client.start()
-        await asyncio.wait_for(_receive(client, owed), 120)
+        await asyncio.wait_for(_receive(client, owed, resume_after_seq, subscription), 120)
         await asyncio.wait_for(client.replayed.wait(), 120)
         return time.perf_counter() - started
     finally:
         await client.close()
 
 
-async def _receive(client: HubClient, events: int) -> None:
+async def _receive(
+    client: HubClient, events: int, after: int, subscription: pb.Subscription | None
+) -> None:
+    """Until `events` events have come, each a share after `after`, in seq order, by a
+    contributor the subscription names (if it names any): the figure is of a replay that
+    delivered what it owed, not merely of one that ended."""
+    last = after
+    contributors = set(subscription.contributors) if subscription is not None else set()
     if events == 0:
         return
     async for item in client.events():
-        if isinstance(item, pb.HubEvent):
-            events -= 1
-            if events == 0:
-                return
+        if not isinstance(item, pb.HubEvent):
+            continue
+        if (
+            item.seq <= last
+            or not item.HasField("artifact_shared")
+            or (contributors and item.sender_id not in contributors)
+        ):
+            raise RuntimeError(f"{client.agent_id}: event {item.seq} is not one it was owed")
+        last = item.seq
+        events -= 1
+        if events == 0:
+            return
 
 
 def _sparse_replays(head: int) -> dict[str, tuple[pb.Subscription, int]]:
