@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 _OMITTED = ThrottledLog(log, 10.0)
 
 LOG_RETRY_SECONDS = 0.5
+# How long a stream's end waits for its sender's write in progress before cancelling it.
+STOP_SENDER_SECONDS = 1.0
 CATCH_UP_POLL_SECONDS = 0.05
 # Agents at most in one response's presence update (each is small: ~150 bytes).
 PRESENCE_PER_RESPONSE = 1024
@@ -611,7 +613,7 @@ async def stop_sender(connection: Connection, sender: asyncio.Task[None]) -> Non
     only a sender stuck behind a peer that does not read.
     """
     connection.stop_sending()
-    done, _ = await asyncio.wait([sender], timeout=1.0)
+    done, _ = await asyncio.wait([sender], timeout=STOP_SENDER_SECONDS)
     if not done:
         sender.cancel()
     # Whatever ended it (a write to a peer that vanished raises), teardown goes on.

@@ -397,6 +397,7 @@ class HubServer:
         # status (at least END_FLOOR, or a slow drain would have them cancelled before it).
         await self._server.stop(max(END_FLOOR, deadline - clock.time()))
         self._server = None
+        await self.servicer.sessions.settle()
         await self._stop_metrics()
         await self.store.close()
         log.info("kernelhub stopped")

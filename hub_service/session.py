@@ -24,7 +24,7 @@ from . import commands as cmd
 from .auth import current_agent, current_token_hash
 from .committer import GroupCommitter
 from .config import HubConfig
-from .connection import Connection, stop_sender
+from .connection import STOP_SENDER_SECONDS, Connection, stop_sender
 from .errors import StatusError, permission_denied
 from .lingers import Linger
 from .messages import to_command
@@ -424,6 +424,14 @@ class Sessions:
             connection.end(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
         await asyncio.gather(*(finish(c) for c in self._router.connections()))
+
+    async def settle(self) -> None:
+        """Wait for the streams' teardowns still under way once the server has stopped (each
+        at most as long as it waits for its sender): each collects its sender's end, which
+        the loop's close would otherwise cancel mid-way and leave unretrieved (a write into
+        the stopped server raises)."""
+        if self._teardowns:
+            await asyncio.wait(set(self._teardowns), timeout=STOP_SENDER_SECONDS + END_FLOOR)
 
 
 def _table(rate: float, burst: float, agents: int) -> BucketTable | None:
