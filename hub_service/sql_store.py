@@ -330,9 +330,9 @@ class SqlStore:
             )
             events = EventPage(event for _, event in page)
             events.more = more
-            if beyond and not more:
+            if through is not None and beyond and not more:
                 # The bound, not the log's end, ended this page.
-                events.more, events.through = True, through or 0
+                events.more, events.through = True, through
             if self.shared is not None:
                 # Replicas' seqs are dense (`sql_write`): a log that now begins above
                 # `after_seq + 1` lost events this reader may be owed (the replica's lease

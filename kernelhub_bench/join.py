@@ -150,10 +150,10 @@ async def _receive(
     """Until `events` events have come, each a share after `after`, in seq order, by a
     contributor the subscription names (if it names any): the figure is of a replay that
     delivered what it owed, not merely of one that ended."""
+    if events == 0:
+        return  # (the loop below would wait for an event that never comes)
     last = after
     contributors = set(subscription.contributors) if subscription is not None else set()
-    if events == 0:
-        return
     async for item in client.events():
         if not isinstance(item, pb.HubEvent):
             continue
@@ -207,18 +207,19 @@ async def _joins(db: Path, joins: int, resume: bool) -> dict[str, Any]:
                 )
             ).head_seq
             after = max(0, head - RESUME_BACK)
-            result["resume_events"] = owed = _broadcasts_after(after, head)
+            result["resume_events"] = resume_owed = _broadcasts_after(after, head)
             resumer = agents[joins + 1]
-            result["resume_seconds"] = await _join(hub, resumer, tokens[resumer], after, owed)
+            result["resume_seconds"] = await _join(
+                hub, resumer, tokens[resumer], after, resume_owed
+            )
+            replays = _sparse_replays(head)
             result["sparse_replays"] = {}
-            for agent, (name, (subscription, owed)) in zip(
-                sparse, _sparse_replays(head).items(), strict=True
-            ):
+            for agent, (name, (subscription, owed)) in zip(sparse, replays.items(), strict=True):
                 seconds = await _join(hub, agent, tokens[agent], 0, owed, subscription)
                 result["sparse_replays"][name] = {"events": owed, "seconds": seconds}
             # The same resume, arriving while that last replay runs once per reader thread
             # (begun BUSY_LEAD seconds before: the scenario's shape, not a wait for a state).
-            nothing, _ = _sparse_replays(head)["nothing_matches"]
+            nothing, _ = replays["nothing_matches"]
             beside = [
                 asyncio.create_task(_join(hub, agent, tokens[agent], 0, 0, nothing))
                 for agent in busy
@@ -226,7 +227,7 @@ async def _joins(db: Path, joins: int, resume: bool) -> dict[str, Any]:
             await asyncio.sleep(BUSY_LEAD)
             resumer = agents[joins + 2]
             result["resume_beside_sparse_seconds"] = await _join(
-                hub, resumer, tokens[resumer], after, result["resume_events"]
+                hub, resumer, tokens[resumer], after, resume_owed
             )
             await asyncio.gather(*beside)
     return result
