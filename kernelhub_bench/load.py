@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import psutil
@@ -107,24 +107,43 @@ async def wait_unless_ended(
 class CpuMeter:
     """CPU used over an interval, in cores: by the server process (with its children: the
     hub's writer process), by this load process, and by everything else on the machine
-    (other work competes for the same cores)."""
+    (other work competes for the same cores).
+
+    The server's share is also split three ways, so a reader sees which part of it was the
+    bottleneck: its main thread (the hub's and the bare server's event loop), its other
+    threads (gRPC's completion-queue poller and engine threads, the hub's reader threads) and
+    its child processes (the hub's writer). Threads are read where the platform lists them
+    (Linux, macOS, Windows); elsewhere everything counts as the main thread."""
 
     def __init__(self, server_pid: int | None) -> None:
         self._server = psutil.Process(server_pid) if server_pid else None
         self._wall = 0.0
-        self._server_cpu = 0.0
+        self._server_cpu = _ServerCpu()
         self._client_cpu = 0.0
         self._busy = 0.0
 
-    def _server_seconds(self) -> float:
+    def _server_seconds(self) -> _ServerCpu:
         if self._server is None:
-            return 0.0
-        total = 0.0
-        for process in [self._server, *self._server.children(recursive=True)]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                times = process.cpu_times()
-                total += times.user + times.system
-        return total
+            return _ServerCpu()
+        main = threads = children = 0.0
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = self._server.cpu_times()
+            own = times.user + times.system
+            try:
+                by_thread = {t.id: t.user_time + t.system_time for t in self._server.threads()}
+            except (psutil.AccessDenied, NotImplementedError):
+                by_thread = {}
+            # On Linux the main thread's id is the process id; elsewhere the first listed.
+            main_id = (
+                self._server.pid if self._server.pid in by_thread else next(iter(by_thread), None)
+            )
+            main = by_thread.get(main_id, own) if main_id is not None else own
+            threads = max(0.0, own - main)
+            for child in self._server.children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    times = child.cpu_times()
+                    children += times.user + times.system
+        return _ServerCpu(main, threads, children)
 
     @staticmethod
     def _machine_busy() -> float:
@@ -140,14 +159,27 @@ class CpuMeter:
 
     def stop(self) -> dict[str, float]:
         wall = max(time.perf_counter() - self._wall, 1e-9)
-        server = (self._server_seconds() - self._server_cpu) / wall
+        end, start = self._server_seconds(), self._server_cpu
+        main, threads, children = (max(0.0, b - a) / wall for a, b in zip(start, end, strict=True))
+        server = main + threads + children
         client = (time.process_time() - self._client_cpu) / wall
         busy = (self._machine_busy() - self._busy) / wall
         return {
             "server_cores": round(server, 3),
+            "server_main_thread_cores": round(main, 3),
+            "server_other_threads_cores": round(threads, 3),
+            "server_children_cores": round(children, 3),
             "client_cores": round(client, 3),
             "other_cores": round(max(0.0, busy - server - client), 3),
         }
+
+
+class _ServerCpu(NamedTuple):
+    """Cumulative CPU seconds of the server's main thread, other threads and children."""
+
+    main: float = 0.0
+    threads: float = 0.0
+    children: float = 0.0
 
 
 # --- streams ------------------------------------------------------------------------

@@ -507,8 +507,7 @@ class Runner:
         )
         sqlite = json.loads(out.strip().splitlines()[-1])["result"]
         self.log(
-            f"  ingest: kernelhub {durable['rate']:,.0f}/s (cores hub/load/other "
-            f"{_cores(durable)}), one-way {oneway['rate']:,.0f}/s ({_cores(oneway)}), "
+            f"  ingest: kernelhub {durable['rate']:,.0f}/s ({_cores(durable)}), one-way {oneway['rate']:,.0f}/s ({_cores(oneway)}), "
             f"sqlite {sqlite['rate']:,.0f}/s; {batch} per message: kernelhub "
             f"{batched['rate']:,.0f}/s ({_cores(batched)}), one-way "
             f"{oneway_batched['rate']:,.0f}/s ({_cores(oneway_batched)})"
@@ -533,7 +532,7 @@ class Runner:
             f"  fan-out N={receivers}: kernelhub {mine['rate']:,.0f}/s "
             f"({mine['events_per_response']:.1f} events/response), "
             f"bare {theirs['rate']:,.0f}/s ({theirs['events_per_response']:.1f}); "
-            f"cores hub/load/other {_cores(mine)}, bare/load/other {_cores(theirs)}"
+            f"kernelhub {_cores(mine)}; bare {_cores(theirs)}"
         )
         return {"kernelhub": mine, "baseline": theirs}
 
@@ -649,9 +648,10 @@ class Runner:
             f"  interest fan-out, {receivers} trainers, {sizes.interest_rate:g} shares/s: "
             f"filtered {mine['rate']:,.0f} deliveries/s ({mine['deliveries']:,}), "
             f"{mine['hub_cpu_us_per_delivery']:.1f} µs hub CPU each, p50/p99 "
-            f"{mine['p50_ms']:.1f}/{mine['p99_ms']:.1f} ms; broadcast {theirs['rate']:,.0f}/s "
-            f"({theirs['deliveries']:,}), {theirs['hub_cpu_us_per_delivery']:.1f} µs each, "
-            f"p50/p99 {theirs['p50_ms']:.1f}/{theirs['p99_ms']:.1f} ms"
+            f"{mine['p50_ms']:.1f}/{mine['p99_ms']:.1f} ms ({_cores(mine)}); broadcast "
+            f"{theirs['rate']:,.0f}/s ({theirs['deliveries']:,}), "
+            f"{theirs['hub_cpu_us_per_delivery']:.1f} µs each, p50/p99 "
+            f"{theirs['p50_ms']:.1f}/{theirs['p99_ms']:.1f} ms ({_cores(theirs)})"
         )
         return {"kernelhub": mine, "baseline": theirs}
 
@@ -752,8 +752,22 @@ class Runner:
 
 
 def _cores(result: dict[str, Any]) -> str:
-    return "/".join(
-        f"{result.get(k, 0.0):.2f}" for k in ("server_cores", "client_cores", "other_cores")
+    """Cores of the server (its main thread + other threads + child processes), of the
+    load process and of everything else."""
+    server, main, threads, children, client, other = (
+        result.get(k, 0.0)
+        for k in (
+            "server_cores",
+            "server_main_thread_cores",
+            "server_other_threads_cores",
+            "server_children_cores",
+            "client_cores",
+            "other_cores",
+        )
+    )
+    return (
+        f"server {server:.2f} = {main:.2f} main thread + {threads:.2f} threads + "
+        f"{children:.2f} children; load {client:.2f}; other {other:.2f}"
     )
 
 
