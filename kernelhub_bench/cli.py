@@ -138,9 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--interest-rate",
         type=float,
         metavar="SHARES_PER_S",
-        help="the interest-filtered fan-out's fixed offered rate, shares/s in all (default 10: "
+        help="the interest-filtered fan-out's fixed offered rate, shares/s in all (default 5: "
         "the load process reads every delivery, and at 1,000 trainers the broadcast run's "
-        "10,000 a second leave it room)",
+        "5,000 a second leave it room on a slow day of a 2-core machine)",
     )
     run_parser.add_argument("--json", type=Path, help="write the results here")
     run_parser.add_argument(
