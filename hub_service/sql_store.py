@@ -40,6 +40,7 @@ from generated.kernelhub.v1 import hub_pb2 as pb
 from . import collaboration as collab
 from . import paging, report_data
 from .batched_lookup import BatchedLookup
+from .bulk import BulkWriter
 from .errors import StatusError, unavailable
 from .models import (
     AgentRow,
@@ -155,6 +156,8 @@ class SqlStore:
         self._readers = ThreadPoolExecutor(reader_threads, thread_name_prefix="kernelhub-reader")
         # Token reads that arrive together go in one statement (a connect storm's).
         self._tokens: BatchedLookup[str, Any] = BatchedLookup(self._token_rows)
+        # The live streams' token re-check, below the ORM (`bulk.BulkWriter.valid_tokens`).
+        self._bulk = BulkWriter(self._engine.dialect)
         # Replicas' leases: a thread and a connection of their own, so that a connect storm's
         # reads never queue a renewal past its lease; one thread, so a release runs after
         # any renewal still in flight, never before it.
@@ -547,15 +550,8 @@ class SqlStore:
         """Which of these token hashes are still valid (not revoked, not expired)."""
         if not hashes:
             return set()
-        now = utcnow()
-        rows = await self._read_core(
-            lambda c: c.execute(
-                core_select(_TOKENS.token_hash, _TOKENS.expires_at).where(
-                    _TOKENS.token_hash.in_(list(hashes)), _TOKENS.revoked_at.is_(None)
-                )
-            ).all()
-        )
-        return {r.token_hash for r in rows if r.expires_at is None or r.expires_at > now}
+        digests, now = list(hashes), utcnow()
+        return await self._read_core(lambda c: self._bulk.valid_tokens(c, digests, now))
 
     async def list_tokens(self) -> list[TokenRow]:
         return await self._read(

@@ -26,6 +26,7 @@ from hub_service.roles import Role
 from hub_service.sql_store import SqlStore
 from hub_service.state import HubStore, Page, Principal, StateTx
 from hub_service.subscriptions import Filter
+from hub_service.tokens import hash_token
 
 from .conftest import hello, os_component, pattern
 
@@ -558,6 +559,31 @@ async def test_token_lifecycle(store: HubStore) -> None:
     expired = await store.issue_token("AI_Node_3", ttl=timedelta(seconds=-1))
     assert expired.expires_at is not None
     assert await store.authenticate(expired.token) is None
+
+
+async def test_the_live_streams_token_recheck_keeps_only_unrevoked_unexpired_tokens(
+    store: HubStore,
+) -> None:
+    """`valid_token_hashes`, which ends the streams of revoked and expired tokens: the hashes
+    asked for that are still good, across more than one of the SQL store's statements (512
+    hashes each), unknown hashes and repeats included."""
+    good = [await store.issue_token(f"AI_Node_{i}") for i in range(600)]
+    later = await store.issue_token("AI_Node_later", ttl=timedelta(hours=1))
+    expired = await store.issue_token("AI_Node_expired", ttl=timedelta(seconds=-1))
+    revoked = await store.issue_token("AI_Node_revoked")
+    assert await store.revoke_tokens(revoked.token_id) == 1
+    kept = {hash_token(t.token) for t in [*good, later]}
+    asked = [
+        *kept,
+        hash_token(expired.token),
+        hash_token(revoked.token),
+        hash_token("kh_never_issued"),
+        hash_token(good[0].token),  # a repeat
+    ]
+    assert await store.valid_token_hashes(asked) == kept
+    assert await store.valid_token_hashes([hash_token(later.token)]) == {hash_token(later.token)}
+    assert await store.valid_token_hashes([hash_token(expired.token)]) == set()
+    assert await store.valid_token_hashes([]) == set()
 
 
 async def test_tokens_page_by_id_without_secrets(store: HubStore) -> None:
