@@ -209,10 +209,10 @@ class BulkWriter:
     def valid_tokens(
         self, connection: Connection, hashes: Sequence[str], now: datetime
     ) -> set[str]:
-        """Which of these token hashes are unrevoked and unexpired at `now`: a unique-index
-        lookup each, ~2 µs a hash on SQLite. Through SQLAlchemy's expanding IN the same
-        re-check cost ~10 µs a hash (its parameters and rows processed one by one): 107 ms
-        every re-check interval at 10,000 live streams."""
+        """Which of these token hashes are unrevoked and unexpired at `now`, each a
+        unique-index lookup. Below the ORM because SQLAlchemy's expanding IN processed each
+        parameter and row in Python: at ten thousand live streams that held a reader thread
+        for a tenth of a second every re-check (docs/benchmarks.md)."""
         at = now if self._expiry is None else self._expiry(now)
         valid: set[str] = set()
         for chunk in _padded_chunks(hashes, self.TOKEN_CHUNK):

@@ -509,7 +509,8 @@ class Runner:
         )
         sqlite = json.loads(out.strip().splitlines()[-1])["result"]
         self.log(
-            f"  ingest: kernelhub {durable['rate']:,.0f}/s ({_cores(durable)}), one-way {oneway['rate']:,.0f}/s ({_cores(oneway)}), "
+            f"  ingest: kernelhub {durable['rate']:,.0f}/s ({_cores(durable)}), "
+            f"one-way {oneway['rate']:,.0f}/s ({_cores(oneway)}), "
             f"sqlite {sqlite['rate']:,.0f}/s; {batch} per message: kernelhub "
             f"{batched['rate']:,.0f}/s ({_cores(batched)}), one-way "
             f"{oneway_batched['rate']:,.0f}/s ({_cores(oneway_batched)})"
