@@ -775,8 +775,9 @@ async def scenario_connect(args: Context, deadline: Deadline) -> dict[str, Any]:
     calls: list[Call] = []
     welcomed_at: list[float] = []
     live_at: list[float] = []
-    # Per trainer, each presence update with when it came.
-    timelines: list[tuple[str, list[tuple[float, pb.PresenceUpdate]]]] = []
+    # Per trainer, each presence update (serialized: a parsed one holds several times its
+    # bytes, and a storm of n trainers is told of n² agents) with when it came.
+    timelines: list[tuple[str, list[tuple[float, bytes]]]] = []
     start = time.perf_counter()
 
     async def join(index: int, agent_id: str, token: str) -> None:
@@ -789,7 +790,7 @@ async def scenario_connect(args: Context, deadline: Deadline) -> dict[str, Any]:
             return
         # Told apart after the storm (`_known_at`): during it, only counted, so that
         # the load's own bookkeeping takes as little as it can of the cores it shares.
-        updates: list[tuple[float, pb.PresenceUpdate]] = []
+        updates: list[tuple[float, bytes]] = []
         told = 0
         while told < count - 1:
             response = await bounded(call.read(), deadline, f"{agent_id}'s presence")
@@ -799,7 +800,7 @@ async def scenario_connect(args: Context, deadline: Deadline) -> dict[str, Any]:
                 continue
             now = time.perf_counter()
             presence = response.presence
-            updates.append((now, presence))
+            updates.append((now, presence.SerializeToString()))
             told += len(presence.online) - len(presence.offline)
             if presence.roster_complete:
                 live_at.append(now)
@@ -823,11 +824,12 @@ async def scenario_connect(args: Context, deadline: Deadline) -> dict[str, Any]:
         await pool.close()
 
 
-def _known_at(agent_id: str, count: int, updates: list[tuple[float, pb.PresenceUpdate]]) -> float:
+def _known_at(agent_id: str, count: int, updates: list[tuple[float, bytes]]) -> float:
     """When the trainer first knew each of the `count - 1` others online, told apart by id
     (a count alone would take an agent told of twice for two)."""
     online: set[str] = set()
-    for at, presence in updates:
+    for at, serialized in updates:
+        presence = pb.PresenceUpdate.FromString(serialized)
         online.difference_update(presence.offline)
         online.update(a.agent_id for a in presence.online)
         if len(online) >= count - 1:
