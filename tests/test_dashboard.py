@@ -150,9 +150,11 @@ async def test_the_dashboard_is_live_and_renders_agent_text_inert(
         await page.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=True)
 
         # The agent page of the top contributor (so it has shared something): what it shared.
+        # Its name and link are read at once, and the link clicked by its address: the live
+        # table may re-rank its rows between a read and a click.
         top = page.locator("#contributors-table a").first
-        name = await top.text_content()
-        await top.click()
+        name, href = await top.evaluate("a => [a.textContent, a.getAttribute('href')]")
+        await page.locator(f"#contributors-table a[href={json.dumps(href)}]").click()
         await page.wait_for_selector("#artifacts-table a", timeout=BROWSER_WAIT_MS)
         assert await page.text_content("#agent-id") == name
         await page.screenshot(path=str(SCREENSHOTS / "dashboard-agent.png"), full_page=True)
