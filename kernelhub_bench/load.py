@@ -127,22 +127,17 @@ class CpuMeter:
             return _ServerCpu()
         main = threads = children = 0.0
         with contextlib.suppress(psutil.NoSuchProcess):
-            times = self._server.cpu_times()
-            own = times.user + times.system
+            own = _cpu_seconds(self._server)
             try:
                 by_thread = {t.id: t.user_time + t.system_time for t in self._server.threads()}
             except (psutil.AccessDenied, NotImplementedError):
                 by_thread = {}
             # On Linux the main thread's id is the process id; elsewhere the first listed.
-            main_id = (
-                self._server.pid if self._server.pid in by_thread else next(iter(by_thread), None)
-            )
-            main = by_thread.get(main_id, own) if main_id is not None else own
+            main = by_thread.get(self._server.pid, next(iter(by_thread.values()), own))
             threads = max(0.0, own - main)
             for child in self._server.children(recursive=True):
                 with contextlib.suppress(psutil.NoSuchProcess):
-                    times = child.cpu_times()
-                    children += times.user + times.system
+                    children += _cpu_seconds(child)
         return _ServerCpu(main, threads, children)
 
     @staticmethod
@@ -172,6 +167,11 @@ class CpuMeter:
             "client_cores": round(client, 3),
             "other_cores": round(max(0.0, busy - server - client), 3),
         }
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
 
 
 class _ServerCpu(NamedTuple):
