@@ -37,6 +37,7 @@ class HubConfig:
     max_watch_streams: int = _D.max_watch_streams
     commit_batch_size: int = _D.commit_batch_size
     commit_batch_bytes: int = _D.commit_batch_bytes
+    commit_pipeline_depth: int = _D.commit_pipeline_depth
     commit_queue_size: int = _D.commit_queue_size
     commit_linger: float = _D.commit_linger
     hello_timeout: float = _D.hello_timeout

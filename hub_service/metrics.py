@@ -114,7 +114,8 @@ class HubMetrics:
         self.rate_limited = {limit: limited.labels(limit) for limit in LIMITS}
         self.commit_seconds = self._histogram(
             "kernelhub_commit_duration_seconds",
-            "seconds one group commit took (the store's commit, writer round trip included)",
+            "seconds one group commit took (the store's commit, writer round trip included; "
+            "counted from the answer before it when it was sent while that one committed)",
             COMMIT_SECONDS,
         )
         self.batch_size = self._histogram(

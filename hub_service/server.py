@@ -96,6 +96,7 @@ class HubServer:
             on_health=self._commit_answered,
             batch_size=config.commit_batch_size,
             batch_bytes=config.commit_batch_bytes,
+            depth=config.commit_pipeline_depth,
             queue_size=config.commit_queue_size,
             linger=commit_linger,
             metrics=self.metrics,

@@ -227,6 +227,14 @@ class HubSettings(BaseSettings):
         "transaction, and its trip to the writer, stays short",
         gt=0,
     )
+    commit_pipeline_depth: int = _setting(
+        2,
+        "database",
+        "group commits sent to the writer at once: the next goes while one commits, so the "
+        "writer starts it the moment it has answered (1: one at a time)",
+        ge=1,
+        le=8,
+    )
     commit_queue_size: int = _setting(
         8192, "database", "commands waiting for a group commit; enqueueing waits beyond", gt=0
     )

@@ -228,7 +228,9 @@ class HubStore(Protocol):
 
     async def commit(self, commands: Sequence[Command]) -> list[Outcome | StatusError]:
         """Apply the commands in order (group commit): a refused command yields its StatusError
-        and the others still commit; a store that cannot commit yields UNAVAILABLE."""
+        and the others still commit; a store that cannot commit yields UNAVAILABLE. A call
+        may start before the one before it has returned (the committer's pipe): the store
+        applies calls in the order they were made."""
         ...
 
     async def events_for(

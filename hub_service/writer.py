@@ -8,11 +8,14 @@ work), and SQLAlchemy's share of the hub's single core of Python was about a qua
 during ingest. A child process has an interpreter of its own: the loop keeps its core
 and the commit runs beside it.
 
-One pipe, one commit at a time: the commands go over pickled, the outcomes (or errors)
-come back pickled. Retention's deletes (`sql_write.WriterJob`) take the same pipe between
-commits, so they never hold the database's write lock beside a commit. Every exchange has a deadline. A child that dies or stops answering
-is killed and the commit it held is answered UNAVAILABLE (its outcome is unknown, so the
-committer distrusts the live feed; a resend is deduplicated by its message_id); the next
+One pipe: the commands go over pickled, the outcomes (or errors) come back pickled, in the
+order sent. The child commits one batch at a time, but the next may already wait in its
+pipe, so it starts on it the moment it has answered (the group committer keeps up to
+`commit_pipeline_depth` in flight). Retention's deletes (`sql_write.WriterJob`) take the
+same pipe between commits, so they never hold the database's write lock beside a commit.
+Every answer has a deadline. A child that dies or stops answering is killed and every
+commit it owed is answered UNAVAILABLE (its outcome is unknown, so the committer distrusts
+the live feed; a resend is deduplicated by its message_id); the next
 commit starts a new child, which reads the event log's head again (a start that failed
 is not retried for a second). The child ignores SIGINT and SIGTERM (the hub drains first,
 then closes the pipe) and exits when the pipe closes, so it never outlives the hub, even
@@ -22,6 +25,7 @@ one killed with SIGKILL.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import multiprocessing
@@ -30,7 +34,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.util import Finalize
@@ -72,8 +76,9 @@ class WriterSettings:
 
 
 class WriterProcess:
-    """The parent's end: start, commit, close. Not safe for concurrent commits by design:
-    the group committer sends one batch at a time (a lock makes that a guarantee)."""
+    """The parent's end: start, commit, close. Commits may overlap: each is sent as soon as
+    the one before it has been (one at a time, under a lock), and their answers come back in
+    the order sent, so the child can start the next batch the moment it has answered one."""
 
     def __init__(
         self, settings: WriterSettings, commit_timeout: float, retry_interval: float = 1.0
@@ -86,11 +91,12 @@ class WriterProcess:
         # must not be forked again for every commit.
         self._retry_interval = retry_interval
         self._retry_at = 0.0
-        self._lock = asyncio.Lock()
+        self._sending = asyncio.Lock()  # one frame at a time into the pipe
         self._closed = False
         self._process: Any = None  # multiprocessing's Process (typed loosely by its stubs)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._owed: _Owed | None = None  # what the live child still has to answer
         # Closes our end of the pipe when the interpreter exits, before multiprocessing
         # joins its children: however the hub ends, the child then sees end of input.
         self._at_exit: Finalize | None = None
@@ -100,8 +106,13 @@ class WriterProcess:
     def pid(self) -> int | None:
         return None if self._process is None else int(self._process.pid)
 
+    @property
+    def owed(self) -> int:
+        """Answers the live child still owes: commits and jobs sent, not yet answered."""
+        return 0 if self._owed is None else len(self._owed.futures)
+
     async def start(self) -> None:
-        async with self._lock:
+        async with self._sending:
             await self._start()
 
     async def commit(self, commands: Sequence[Command]) -> list[Outcome | StatusError]:
@@ -116,29 +127,58 @@ class WriterProcess:
         return result
 
     async def _exchange(self, payload: list[Command] | WriterJob) -> Any:
-        async with self._lock:
+        async with self._sending:
             if self._closed:
                 raise unavailable("the hub's store is closed")
             try:
                 async with asyncio.timeout(self._commit_timeout):
                     await self._deliver(payload)
-                    results = await self._receive()
             except TimeoutError:
                 self._discard()
                 raise unavailable(
-                    f"the writer process did not answer within {self._commit_timeout:g} s "
+                    f"the writer process did not take a commit within {self._commit_timeout:g} s "
                     "and was restarted; retry with the same message_id"
                 ) from None
+            except BaseException:
+                self._discard()  # the frame may be half-written: the pipe is out of step
+                raise
+            assert self._owed is not None  # a live child has its account
+            answer = self._owed.expect()
+        # A caller that stops waiting cancels only its own future: the collector still reads
+        # the answer, so the pipe stays in step.
+        return await answer
+
+    async def _collect(self, owed: _Owed) -> None:
+        """Read one child's answers in the order its frames were sent, each within the
+        commit timeout from the moment it is the oldest owed. A child that misses one, or
+        whose pipe ends, is killed, and every answer it owed is UNAVAILABLE (unknown)."""
+        while owed.futures:
+            try:
+                async with asyncio.timeout(self._commit_timeout):
+                    answer = await _receive(owed.reader)
+            except TimeoutError:
+                error = unavailable(
+                    f"the writer process did not answer within {self._commit_timeout:g} s "
+                    "and was restarted; retry with the same message_id"
+                )
             except (asyncio.IncompleteReadError, ConnectionError) as exc:
-                self._discard()
-                raise unavailable(
+                error = unavailable(
                     f"the writer process ended mid-commit ({type(exc).__name__}); "
                     "retry with the same message_id"
-                ) from None
-            except BaseException:
-                self._discard()  # cancelled mid-exchange: the pipe is out of step
-                raise
-            return results
+                )
+            except Exception as exc:  # an answer that does not unpickle: out of step
+                log.exception("the writer process's answer could not be read")
+                error = unavailable(f"the writer process's answer was lost ({exc}); retry")
+            else:
+                future = owed.futures.popleft()
+                if not future.done():  # its caller may have stopped waiting
+                    future.set_result(answer)
+                continue
+            if owed is self._owed:
+                self._discard(error)
+            else:
+                owed.fail(error)
+            return
 
     async def _deliver(self, payload: list[Command] | WriterJob) -> None:
         """Send the batch to a live child. A child found dead, or one whose end refuses the
@@ -159,8 +199,10 @@ class WriterProcess:
                     raise
 
     async def close(self) -> None:
-        async with self._lock:
+        async with self._sending:
             self._closed = True
+            if self._owed is not None and self._owed.task is not None:
+                await asyncio.wait([self._owed.task])  # the answers owed: each has its deadline
             process = self._process
             self._drop_pipe()  # end of input: the child finishes its commit and exits
             self._process = None
@@ -201,7 +243,8 @@ class WriterProcess:
         self.starts += 1
         self._process = process
         self._reader, self._writer = await asyncio.open_connection(sock=ours, limit=_BUFFER)
-        ready = await self._receive()
+        self._owed = _Owed(self._reader, self._collect)
+        ready = await _receive(self._reader)
         if isinstance(ready, StatusError):
             raise ready
         log.info("writer process %d ready (event log head: seq %d)", process.pid, ready)
@@ -214,11 +257,6 @@ class WriterProcess:
         self._writer.write(_HEADER.pack(len(data)) + data)
         await self._writer.drain()
 
-    async def _receive(self) -> Any:
-        assert self._reader is not None
-        (size,) = _HEADER.unpack(await self._reader.readexactly(_HEADER.size))
-        return pickle.loads(await self._reader.readexactly(size))
-
     def _drop_pipe(self) -> None:
         if self._writer is not None:
             self._writer.close()
@@ -226,12 +264,57 @@ class WriterProcess:
             self._at_exit()  # closes our end (if the transport has not) and unregisters
         self._reader = self._writer = self._at_exit = None
 
-    def _discard(self) -> None:
-        """Drop the pipe and kill the child (the fork server reaps it)."""
+    def _discard(self, error: StatusError | None = None) -> None:
+        """Drop the pipe and kill the child (the fork server reaps it); what it still owed
+        is `error`: unknown, since a batch it had read may have committed."""
+        owed, self._owed = self._owed, None
         self._drop_pipe()
         if self._process is not None and self._process.is_alive():
             self._process.kill()
         self._process = None
+        if owed is not None:
+            owed.fail(
+                error
+                or unavailable(
+                    "the writer process was replaced mid-commit; retry with the same message_id"
+                )
+            )
+            if owed.task is not None and owed.task is not asyncio.current_task():
+                owed.task.cancel()
+
+
+class _Owed:
+    """The answers one child still owes, oldest first, and the task that reads them: each
+    child has its own, so a replaced child's debts are never paid by the next one."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        collect: Callable[[_Owed], Coroutine[Any, Any, None]],
+    ) -> None:
+        self.reader = reader
+        self._collect = collect
+        self.futures: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.task: asyncio.Task[None] | None = None
+
+    def expect(self) -> asyncio.Future[Any]:
+        """One more answer, due after those already owed."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.futures.append(future)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._collect(self), name="writer-answers")
+        return future
+
+    def fail(self, error: StatusError) -> None:
+        while self.futures:
+            future = self.futures.popleft()
+            if not future.done():
+                future.set_exception(error)
+
+
+async def _receive(reader: asyncio.StreamReader) -> Any:
+    (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+    return pickle.loads(await reader.readexactly(size))
 
 
 # --- the child --------------------------------------------------------------

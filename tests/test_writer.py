@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,6 +155,96 @@ async def test_a_wedged_child_times_out_is_replaced_and_the_resend_commits_once(
         assert resent.seq == 2 and again.duplicate and again.seq == 2
         page = await store.events_for("AI_Node_2", 0, 10)
         assert [e.seq for e in page] == [1, 2]
+
+
+async def owing(store: SqlStore, count: int) -> None:
+    """Waits (bounded) until the child owes `count` answers: their frames are in its pipe."""
+    assert store.writer_process is not None
+    deadline = time.monotonic() + WAIT
+    while store.writer_process.owed < count:
+        assert time.monotonic() < deadline, f"{store.writer_process.owed} of {count} sent"
+        await asyncio.sleep(0.01)
+
+
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """The child alive but answering nothing, until the block ends."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+async def test_commits_sent_before_the_one_ahead_is_answered_are_answered_in_order(
+    store: SqlStore,
+) -> None:
+    """The group committer sends a batch while the one before it commits: the child takes
+    them in the order sent, and each caller gets its own batch's answer."""
+    await store.commit([share("m0")])
+    with stopped(child_pid(store)):
+        pending = [
+            asyncio.create_task(store.commit([share(f"m{i}a"), share(f"m{i}b")])) for i in (1, 2, 3)
+        ]
+        await owing(store, 3)  # all three sent, none answered
+    answers = await asyncio.gather(*pending)
+    seqs = [[r.seq for r in batch if isinstance(r, Outcome)] for batch in answers]
+    assert seqs == [[2, 3], [4, 5], [6, 7]]
+    ids = [[r.events[0].event.artifact_shared.pattern.pattern_id for r in b] for b in answers]  # type: ignore[union-attr]
+    assert ids == [["m1a", "m1b"], ["m2a", "m2b"], ["m3a", "m3b"]]
+
+
+async def test_a_caller_that_stops_waiting_leaves_the_pipe_in_step(store: SqlStore) -> None:
+    await store.commit([share("m0")])
+    with stopped(child_pid(store)):
+        abandoned = asyncio.create_task(store.commit([share("m1")]))
+        awaited = asyncio.create_task(store.commit([share("m2")]))
+        await owing(store, 2)
+        abandoned.cancel()
+    (second,) = await awaited
+    assert isinstance(second, Outcome) and second.seq == 3, "its own answer, not m1's"
+    (third,) = await store.commit([share("m3")])
+    assert isinstance(third, Outcome) and third.seq == 4
+    assert store.writer_process is not None and store.writer_process.starts == 1
+    page = await store.events_for("AI_Node_2", 0, 10)
+    assert [e.artifact_shared.pattern.pattern_id for e in page] == ["m0", "m1", "m2", "m3"]
+
+
+async def test_a_child_killed_owing_two_commits_fails_both_and_the_resends_commit_once(
+    store: SqlStore,
+) -> None:
+    await store.commit([share("m0")])
+    pid = child_pid(store)
+    with stopped(pid):
+        owed = [asyncio.create_task(store.commit([share(f"m{i}")])) for i in (1, 2)]
+        await owing(store, 2)
+        os.kill(pid, signal.SIGKILL)
+    for (lost,) in await asyncio.gather(*owed):
+        assert isinstance(lost, StatusError) and lost.code == grpc.StatusCode.UNAVAILABLE
+        assert "ended mid-commit" in lost.message
+    assert gone(pid)
+    first, second = await store.commit([share("m1"), share("m2")])  # a new child
+    assert isinstance(first, Outcome) and isinstance(second, Outcome)
+    assert (first.seq, second.seq) == (2, 3) and not first.duplicate
+    assert store.writer_process is not None and store.writer_process.starts == 2
+    page = await store.events_for("AI_Node_2", 0, 10)
+    assert [e.artifact_shared.pattern.pattern_id for e in page] == ["m0", "m1", "m2"]
+
+
+async def test_closing_the_store_waits_for_the_answers_owed(store_url: str) -> None:
+    store = SqlStore(store_url, writer="process")
+    await store.open()
+    try:
+        await store.commit([share("m0")])
+        with stopped(child_pid(store)):
+            owed = [asyncio.create_task(store.commit([share(f"m{i}")])) for i in (1, 2)]
+            await owing(store, 2)
+            closing = asyncio.create_task(store.close())
+        await asyncio.wait_for(closing, WAIT)
+        # Answered, not failed: the close let the child finish what it had been sent.
+        assert [r.seq for (r,) in await asyncio.gather(*owed)] == [2, 3]  # type: ignore[union-attr]
+    finally:
+        await store.close()  # a second close does nothing
 
 
 async def test_a_child_dying_after_its_commit_is_unknown_and_the_resend_is_a_duplicate(
