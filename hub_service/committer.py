@@ -202,7 +202,10 @@ class GroupCommitter:
         (the writer goes on to it the moment it has answered, rather than wait for this
         loop's turn): as many as went in the last one, so batches do not shrink for it.
         None: the pipe is full."""
-        return len(committing[-1].pendings) if len(committing) < self._depth else None
+        if len(committing) >= self._depth:
+            return None
+        last, room = len(committing[-1].pendings), self._queue.maxsize
+        return min(last, room) if room > 0 else last  # never more than the queue holds
 
     def _waiting(self) -> int:
         return self._queue.qsize() + (self._carried is not None)
@@ -262,11 +265,14 @@ class GroupCommitter:
             if batch.task.done() and not batch.task.cancelled() and not leftovers:
                 self._finish(batch)  # committed, and all before it published: answer it
             else:
+                # Unknown, or behind an unknown one (published out of order, its events
+                # would skip seqs): the resend is deduplicated against the ledger.
                 batch.task.cancel()
                 leftovers.extend(batch.pendings)
         leftovers.extend(self._inflight)
         if self._carried is not None:
             leftovers.append(self._carried)
+        self._inflight, self._carried = [], None
         while not self._queue.empty():
             leftovers.append(self._queue.get_nowait())
         for pending in leftovers:

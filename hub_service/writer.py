@@ -127,12 +127,16 @@ class WriterProcess:
         return result
 
     async def _exchange(self, payload: list[Command] | WriterJob) -> Any:
+        # Pickled before the lock: a payload that does not pickle fails alone, and costs
+        # neither the child nor the commits it owes.
+        data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+        frame = _HEADER.pack(len(data)) + data
         async with self._sending:
             if self._closed:
                 raise unavailable("the hub's store is closed")
             try:
                 async with asyncio.timeout(self._commit_timeout):
-                    await self._deliver(payload)
+                    owed = await self._deliver(frame)
             except TimeoutError:
                 self._discard()
                 raise unavailable(
@@ -142,8 +146,7 @@ class WriterProcess:
             except BaseException:
                 self._discard()  # the frame may be half-written: the pipe is out of step
                 raise
-            assert self._owed is not None  # a live child has its account
-            answer = self._owed.expect()
+            answer = owed.expect()
         # A caller that stops waiting cancels only its own future: the collector still reads
         # the answer, so the pipe stays in step.
         return await answer
@@ -180,23 +183,37 @@ class WriterProcess:
                 owed.fail(error)
             return
 
-    async def _deliver(self, payload: list[Command] | WriterJob) -> None:
-        """Send the batch to a live child. A child found dead, or one whose end refuses the
-        write, cannot have applied this batch (a batch is applied only once all of it is
-        read): it is replaced and the batch sent once more. Life is judged by the pipe,
-        not by multiprocessing, which reports a live child dead once its fork server is
-        gone (a SIGTERM to the whole process group)."""
+    async def _deliver(self, frame: bytes) -> _Owed:
+        """Send the frame to a live child; the account its answer will be owed on. A child
+        found dead, or one whose end refuses the write, cannot have applied this batch (a
+        batch is applied only once all of it is read): it is replaced and the batch sent
+        once more. Life is judged by the pipe, not by multiprocessing, which reports a live
+        child dead once its fork server is gone (a SIGTERM to the whole process group)."""
         for attempt in range(2):
             if self._reader is None or self._reader.at_eof():
                 self._discard()
                 await self._start()
+            owed = self._owed
+            assert self._writer is not None and owed is not None  # a live child
             try:
-                await self._send(payload)
-                return
+                # One write, so one send(): two cost a system call more, and could wake
+                # the child for the header alone.
+                self._writer.write(frame)
+                await self._writer.drain()
             except ConnectionError:
                 self._discard()
                 if attempt:
                     raise
+                continue
+            if owed is not self._owed:
+                # Replaced while the frame waited for room in the pipe (the child ahead of
+                # it wedged): the new child never saw it, and the old one is gone.
+                raise unavailable(
+                    "the writer process was replaced while this commit was sent; "
+                    "retry with the same message_id"
+                )
+            return owed
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def close(self) -> None:
         async with self._sending:
@@ -249,17 +266,12 @@ class WriterProcess:
             raise ready
         log.info("writer process %d ready (event log head: seq %d)", process.pid, ready)
 
-    async def _send(self, payload: object) -> None:
-        assert self._writer is not None
-        data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
-        # One write, so one send(): two cost a system call more, and could wake the child
-        # for the header alone.
-        self._writer.write(_HEADER.pack(len(data)) + data)
-        await self._writer.drain()
-
     def _drop_pipe(self) -> None:
         if self._writer is not None:
-            self._writer.close()
+            # Aborted, not closed: a close waits to flush what is buffered, and keeps the
+            # socket in the selector after `_at_exit` has closed it, so the next socket to
+            # get its number could not be watched.
+            self._writer.transport.abort()
         if self._at_exit is not None:
             self._at_exit()  # closes our end (if the transport has not) and unregisters
         self._reader = self._writer = self._at_exit = None

@@ -90,8 +90,10 @@ class Pipe:
             asyncio.get_running_loop().create_task(self.committer.enqueue(Note(number), reply))
 
 
-@pytest.fixture(params=[2], ids=["depth2"])
+@pytest.fixture(params=[{}], ids=["depth2"])
 async def pipe(request: pytest.FixtureRequest) -> AsyncIterator[Pipe]:
+    """A committer of depth 2 and no linger, unless the test's parameters say otherwise."""
+    options = {"depth": 2, "linger": 0.0, **request.param}
     store = GatedStore()
     published: list[int] = []
 
@@ -102,8 +104,8 @@ async def pipe(request: pytest.FixtureRequest) -> AsyncIterator[Pipe]:
     committer = GroupCommitter(
         store,  # type: ignore[arg-type]  # only commit() is used
         publish,
-        linger=Linger("commit", 0.0),
-        depth=request.param,
+        linger=Linger("commit", options["linger"]),
+        depth=options["depth"],
     )
     committer.start()
     yield Pipe(store, committer, published, [])
@@ -153,7 +155,7 @@ async def test_outcomes_are_published_in_the_order_sent_whatever_finishes_first(
     assert pipe.answered == [1, 2]
 
 
-@pytest.mark.parametrize("pipe", [1], ids=["depth1"], indirect=True)
+@pytest.mark.parametrize("pipe", [{"depth": 1}], ids=["depth1"], indirect=True)
 async def test_a_depth_of_one_commits_one_batch_at_a_time(pipe: Pipe) -> None:
     pipe.submit(1)
     await until(lambda: pipe.store.sent() == [[1]])
@@ -175,3 +177,19 @@ async def test_stopping_answers_every_batch_in_flight_and_what_waits(pipe: Pipe)
     unavailable = grpc.StatusCode.UNAVAILABLE.name
     assert sorted(map(str, pipe.answered)) == [f"{n}: {unavailable}" for n in (1, 2, 3)]
     assert pipe.published == []
+
+
+@pytest.mark.parametrize("pipe", [{"linger": WAIT * 10}], ids=["lingering"], indirect=True)
+async def test_a_stop_during_the_linger_answers_once_and_a_second_stop_has_nothing_left(
+    pipe: Pipe,
+) -> None:
+    pipe.submit(1)
+    await until(lambda: pipe.store.sent() == [[1]])
+    pipe.store.finish(0)
+    await until(lambda: pipe.published == [1])
+    pipe.submit(2)  # just after a commit: it lingers for company
+    await settled()
+    assert pipe.store.sent() == [[1]]
+    await pipe.committer.stop(0.05)
+    await pipe.committer.stop(0.05)  # nothing left to answer, nothing to count twice
+    assert pipe.answered == [1, f"2: {grpc.StatusCode.UNAVAILABLE.name}"]

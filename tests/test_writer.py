@@ -8,6 +8,7 @@ import contextlib
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -173,7 +174,8 @@ def stopped(pid: int) -> Iterator[None]:
     try:
         yield
     finally:
-        os.kill(pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):  # killed meanwhile
+            os.kill(pid, signal.SIGCONT)
 
 
 async def test_commits_sent_before_the_one_ahead_is_answered_are_answered_in_order(
@@ -229,6 +231,38 @@ async def test_a_child_killed_owing_two_commits_fails_both_and_the_resends_commi
     assert store.writer_process is not None and store.writer_process.starts == 2
     page = await store.events_for("AI_Node_2", 0, 10)
     assert [e.artifact_shared.pattern.pattern_id for e in page] == ["m0", "m1", "m2"]
+
+
+async def test_a_large_commit_behind_a_wedged_one_fails_and_the_next_child_starts(
+    store_url: str,
+) -> None:
+    """The large frame waits for room in the wedged child's pipe when the child ahead of it
+    is given up: both fail, and nothing of the old pipe is left to trip its successor."""
+    async with process_store(store_url, commit_timeout=1.0) as store:
+        await store.commit([share("m0")])
+        large = [share(f"large{i}") for i in range(12000)]
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            room = ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) + theirs.getsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVBUF
+            )
+        assert len(pickle.dumps(large)) > 2 * room, "more than the pipe's buffers hold"
+        pid = child_pid(store)
+        with stopped(pid):
+            wedged = asyncio.create_task(store.commit([share("m1")]))
+            await owing(store, 1)
+            behind = asyncio.create_task(store.commit(large))
+            answers = await asyncio.gather(wedged, behind)
+        for lost in (answers[0][0], answers[1][0]):
+            assert isinstance(lost, StatusError) and lost.code == grpc.StatusCode.UNAVAILABLE
+        assert gone(pid)
+        assert store.writer_process is not None
+        await store.writer_process.start()  # under its own deadline, as in the test above
+        (after,) = await store.commit([share("m2")])
+        assert isinstance(after, Outcome) and not after.duplicate
+        page = await store.events_for("AI_Node_2", 0, 10)
+        assert {e.artifact_shared.pattern.pattern_id for e in page} <= {"m0", "m1", "m2"}
+        assert page[-1].artifact_shared.pattern.pattern_id == "m2"
 
 
 async def test_closing_the_store_waits_for_the_answers_owed(store_url: str) -> None:
