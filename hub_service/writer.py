@@ -34,7 +34,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.context import ForkServerContext, SpawnContext
 from multiprocessing.util import Finalize
@@ -147,6 +147,8 @@ class WriterProcess:
                 self._discard()  # the frame may be half-written: the pipe is out of step
                 raise
             answer = owed.expect()
+            if owed.task is None or owed.task.done():
+                owed.task = asyncio.create_task(self._collect(owed), name="writer-answers")
         # A caller that stops waiting cancels only its own future: the collector still reads
         # the answer, so the pipe stays in step.
         return await answer
@@ -177,10 +179,8 @@ class WriterProcess:
                 if not future.done():  # its caller may have stopped waiting
                     future.set_result(answer)
                 continue
-            if owed is self._owed:
-                self._discard(error)
-            else:
-                owed.fail(error)
+            # Still the live child's: a replaced child's collector is cancelled first.
+            self._discard(error)
             return
 
     async def _deliver(self, frame: bytes) -> _Owed:
@@ -260,7 +260,7 @@ class WriterProcess:
         self.starts += 1
         self._process = process
         self._reader, self._writer = await asyncio.open_connection(sock=ours, limit=_BUFFER)
-        self._owed = _Owed(self._reader, self._collect)
+        self._owed = _Owed(self._reader)
         ready = await _receive(self._reader)
         if isinstance(ready, StatusError):
             raise ready
@@ -299,22 +299,15 @@ class _Owed:
     """The answers one child still owes, oldest first, and the task that reads them: each
     child has its own, so a replaced child's debts are never paid by the next one."""
 
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        collect: Callable[[_Owed], Coroutine[Any, Any, None]],
-    ) -> None:
+    def __init__(self, reader: asyncio.StreamReader) -> None:
         self.reader = reader
-        self._collect = collect
         self.futures: collections.deque[asyncio.Future[Any]] = collections.deque()
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None  # the collector (`WriterProcess._collect`)
 
     def expect(self) -> asyncio.Future[Any]:
         """One more answer, due after those already owed."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.futures.append(future)
-        if self.task is None or self.task.done():
-            self.task = asyncio.create_task(self._collect(self), name="writer-answers")
         return future
 
     def fail(self, error: StatusError) -> None:
